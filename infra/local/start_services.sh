@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Start the local services vitscale needs: an S3 endpoint and a Ray head, both on 127.0.0.1.
+#
+#   infra/local/start_services.sh            # state (pids, logs, env.sh) in $VITSCALE_STATE_DIR or .smoke/
+#   source .smoke/env.sh                     # AWS_ENDPOINT_URL, RAY_ADDRESS, MLFLOW_TRACKING_URI, ...
+#   infra/local/stop_services.sh             # stops exactly what this script started (by pid)
+#
+# S3: a moto server (real S3 wire protocol) unless AWS_ENDPOINT_URL already points at a real
+# store (MinIO, S3), which is then used as is with the caller's credentials.
+# Ray: `ray start --head --block` in the background with its own temp dir and free ports, so it
+# never collides with (or attaches to) another Ray on the machine; SIGTERM to that one pid
+# shuts its whole process tree down. Both get a health check before this script returns.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+STATE="${VITSCALE_STATE_DIR:-$ROOT/.smoke}"
+PY="${PYTHON:-python}"
+RAY_BIN="${RAY_BIN:-ray}"
+mkdir -p "$STATE/logs"
+ENV_FILE="$STATE/env.sh"
+
+log() { printf '[services] %s\n' "$*" >&2; }
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# wait_http URL SECONDS NAME PID: poll until URL answers (any HTTP status), or fail if PID died.
+wait_http() {
+  local url=$1 secs=$2 name=$3 pid=$4 i
+  for ((i = 0; i < secs * 4; i++)); do
+    if "$PY" - "$url" <<'PYEOF' 2>/dev/null; then return 0; fi
+import sys, urllib.request, urllib.error
+try:
+    urllib.request.urlopen(sys.argv[1], timeout=2)
+except urllib.error.HTTPError:
+    pass  # the server answered
+PYEOF
+    if ! kill -0 "$pid" 2>/dev/null; then
+      log "$name (pid $pid) exited during start-up; see $STATE/logs/$name.log"
+      tail -20 "$STATE/logs/$name.log" >&2 || true
+      return 1
+    fi
+    sleep 0.25
+  done
+  log "$name did not answer on $url within ${secs}s; see $STATE/logs/$name.log"
+  return 1
+}
+
+if [[ -f "$STATE/ray.pid" ]] && kill -0 "$(cat "$STATE/ray.pid")" 2>/dev/null; then
+  log "services already running (state in $STATE); stop them with infra/local/stop_services.sh"
+  exit 0
+fi
+: > "$ENV_FILE"
+
+# ---- S3 -------------------------------------------------------------------------------------
+if [[ -n "${AWS_ENDPOINT_URL:-}" ]]; then
+  log "using the S3 endpoint from AWS_ENDPOINT_URL (${AWS_ENDPOINT_URL}); no moto server started"
+  echo "export AWS_ENDPOINT_URL='${AWS_ENDPOINT_URL}'" >> "$ENV_FILE"
+else
+  S3_PORT=$(free_port)
+  "$PY" -m moto.server -H 127.0.0.1 -p "$S3_PORT" > "$STATE/logs/moto.log" 2>&1 &
+  echo $! > "$STATE/moto.pid"
+  wait_http "http://127.0.0.1:$S3_PORT/" 60 moto "$(cat "$STATE/moto.pid")"
+  log "moto S3 on http://127.0.0.1:$S3_PORT (pid $(cat "$STATE/moto.pid"))"
+  # Dummy credentials for the local moto server only (never real secrets).
+  cat >> "$ENV_FILE" <<EOT
+export AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT
+export AWS_ACCESS_KEY_ID=testing
+export AWS_SECRET_ACCESS_KEY=testing
+export AWS_DEFAULT_REGION=us-east-1
+EOT
+fi
+
+# ---- MLflow / storage defaults (inherited by the Ray head, hence by every job and worker) ----
+echo "export MLFLOW_TRACKING_URI='${MLFLOW_TRACKING_URI:-sqlite:///$STATE/mlflow.db}'" >> "$ENV_FILE"
+echo "export VITSCALE_STORAGE='${VITSCALE_STORAGE:-$STATE/runs}'" >> "$ENV_FILE"
+echo "export VITSCALE_RAY_STORAGE='$STATE/ray_results'" >> "$ENV_FILE"
+# shellcheck disable=SC1090
+source "$ENV_FILE"
+
+# ---- Ray head -------------------------------------------------------------------------------
+GCS_PORT=$(free_port); DASH_PORT=$(free_port); CLIENT_PORT=$(free_port)
+AGENT_HTTP=$(free_port); AGENT_GRPC=$(free_port); RTENV_PORT=$(free_port); METRICS_PORT=$(free_port)
+RAY_TMP="/tmp/vsray-$(date +%s)-$$"  # short: Ray's unix socket paths must stay < 108 bytes
+echo "$RAY_TMP" > "$STATE/ray.tmpdir"
+NUM_CPUS="${VITSCALE_RAY_CPUS:-4}"  # logical slots (2 train workers + fine-tune + spare), not cores
+RAY_DEDUP_LOGS=0 "$RAY_BIN" start --head --block \
+  --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
+  --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" --include-dashboard=true \
+  --ray-client-server-port="$CLIENT_PORT" --dashboard-agent-listen-port="$AGENT_HTTP" \
+  --dashboard-agent-grpc-port="$AGENT_GRPC" --runtime-env-agent-port="$RTENV_PORT" \
+  --metrics-export-port="$METRICS_PORT" --num-cpus="$NUM_CPUS" \
+  --temp-dir="$RAY_TMP" --disable-usage-stats > "$STATE/logs/ray.log" 2>&1 &
+echo $! > "$STATE/ray.pid"
+wait_http "http://127.0.0.1:$DASH_PORT/api/version" 180 ray "$(cat "$STATE/ray.pid")"
+# The job API answers a little after the dashboard itself.
+for _ in $(seq 1 120); do
+  if RAY_ADDRESS="http://127.0.0.1:$DASH_PORT" "$RAY_BIN" job list > /dev/null 2>&1; then break; fi
+  sleep 0.5
+done
+log "Ray head: GCS 127.0.0.1:$GCS_PORT, dashboard/jobs http://127.0.0.1:$DASH_PORT (pid $(cat "$STATE/ray.pid"))"
+cat >> "$ENV_FILE" <<EOT
+export RAY_ADDRESS=http://127.0.0.1:$DASH_PORT
+export VITSCALE_RAY_GCS=127.0.0.1:$GCS_PORT
+EOT
+log "environment written to $ENV_FILE"

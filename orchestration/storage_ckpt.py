@@ -1,0 +1,78 @@
+"""A ``training.checkpoint.CheckpointStore`` on ``pipeline.storage`` (S3, MinIO, moto, or a path).
+
+``training`` must not import boto3, so orchestration hands the Trainer this object: it mirrors
+the local checkpoint directory to ``<url>/<relative key>`` and back. Used by Ray workers so a
+restarted (or re-scheduled) worker group resumes from the newest *complete* checkpoint even
+when it lands on another node.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.storage import Storage, open_storage
+
+
+class StorageCheckpointStore:
+    """CheckpointStore rooted at ``url`` (``s3://bucket/prefix``, ``file://...`` or a local path)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self._storage: Storage | None = None
+
+    @property
+    def storage(self) -> Storage:
+        # Lazily: the object is pickled into Ray workers, boto3 clients are not picklable.
+        if self._storage is None:
+            self._storage = open_storage(self.url)
+        return self._storage
+
+    def __getstate__(self) -> dict[str, str]:
+        return {"url": self.url}
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self.url = state["url"]
+        self._storage = None
+
+    def __repr__(self) -> str:
+        return f"StorageCheckpointStore({self.url!r})"
+
+    def upload_dir(self, local_dir: str, remote_key_prefix: str) -> None:
+        """Upload every file under ``local_dir`` to ``<remote_key_prefix>/<relative path>``."""
+        root = Path(local_dir)
+        prefix = remote_key_prefix.strip("/")
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                rel = path.relative_to(root).as_posix()
+                self.storage.upload_file(path, f"{prefix}/{rel}" if prefix else rel)
+
+    def download_dir(self, prefix: str, local_dir: str) -> None:
+        """Download every key under ``<prefix>/`` into ``local_dir/<relative path>``."""
+        prefix = prefix.strip("/") + "/"
+        out = Path(local_dir)
+        for key in self.storage.list(prefix):
+            dst = out / key[len(prefix) :]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            self.storage.download_file(key, dst)
+
+    def list_dirs(self) -> list[str]:
+        """Top-level 'directory' names, e.g. ``["step100", "step200"]``."""
+        return sorted({k.split("/", 1)[0] for k in self.storage.list("") if "/" in k})
+
+    def read_text(self, key: str) -> str | None:
+        """Contents of ``key``, or None if it does not exist."""
+        try:
+            if not self.storage.exists(key):
+                return None
+            return self.storage.read_bytes(key).decode()
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, key: str, text: str) -> None:
+        self.storage.write_bytes(key, text.encode())
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Delete every key under ``<prefix>/``."""
+        prefix = prefix.strip("/") + "/"
+        for key in self.storage.list(prefix):
+            self.storage.delete(key)

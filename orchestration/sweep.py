@@ -1,0 +1,788 @@
+"""Scaling-law and hyper-parameter studies: a Ray Tune grid of full training runs.
+
+``--study scaling`` runs every combination of model size × training length (× training-set
+size × seed) as one Tune trial. Each trial is a complete single-process training run (a Tune
+*function trainable*: ``model.create_model`` + ``pipeline.build_loader`` + ``training.Trainer``,
+world size 1) on the resources Tune gives it (``--cpus-per-trial`` / ``--gpus-per-trial``), so a
+cluster of N GPUs runs N trials at once. At every evaluation (``--evals-per-trial`` times per
+run) the trial reports a *point* to Tune and to its MLflow run: images seen, training FLOPs
+(``model.flops.train_flops_per_image`` × images), eval loss and eval error (1 − top-1).
+
+The driver collects all points into a Parquet table (``orchestration.scaling.POINTS_SCHEMA``),
+fits the saturating power law E = a·(C + d)^(−b) + c of Zhai et al. 2021 on the
+compute-efficient frontier (``orchestration.scaling``), draws the plots, and logs table, fit
+and plots to the study's MLflow run; every trial is an MLflow run nested under it.
+
+``--study hparams`` searches learning rate and weight decay per model size (log-uniform,
+``--num-samples`` trials per size, at the longest ``--steps``) with ASHA early stopping on
+eval loss, and writes ``best_hparams.json``; pass that file to a scaling study with
+``--hparams`` so every size is trained at its own tuned setting (a fair comparison).
+
+Interrupted studies resume with ``--resume`` (``tune.Tuner.restore``): finished trials are
+not re-run, unfinished or errored trials continue from their newest Trainer checkpoint.
+
+Examples::
+
+    # laptop: digits shards, three tiny-to-small sizes, two lengths
+    python orchestration/sweep.py --study scaling --variants mu,Ti,S --steps 500,1000,2000 \\
+        --data /tmp/digits-shards --image-size 32
+    # cluster: submit the driver as a Ray job; storage must be shared by all nodes
+    ray job submit --working-dir . -- python orchestration/sweep.py --study scaling \\
+        --variants Ti,S,B --steps 10000,30000,100000 --data s3://bucket/i21k \\
+        --image-size 224 --gpus-per-trial 1 --storage s3://bucket/studies --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+
+from orchestration import scaling
+from pipeline.storage import url_join
+
+log = logging.getLogger(__name__)
+
+STUDIES = ("scaling", "hparams")
+#: Points-table identity columns reported with every Tune result (the rest are measurements).
+POINT_FIELDS = tuple(scaling.POINTS_SCHEMA.names)
+
+
+# ---------------------------------------------------------------------------------------------
+# The study specification (everything a trial needs travels in it: DESIGN.md rule 9)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudySpec:
+    """One study: the grid, the fixed training recipe of every trial, and where things go.
+
+    ``variants`` are size specs (see :func:`parse_size`): ``"Ti"``, ``"B/16"`` or
+    ``"mu/4:width=64:mlp_dim=128"``. ``samples`` entries of ``None`` use the whole train
+    split. ``batch_size`` is the global batch of every trial (one process, no
+    accumulation). ``hparams`` maps a size spec to ``{"lr": .., "weight_decay": ..}`` and
+    overrides ``lr`` / ``weight_decay`` for that size.
+    """
+
+    name: str
+    study: Literal["scaling", "hparams"] = "scaling"
+    data_url: str
+    variants: tuple[str, ...]
+    steps: tuple[int, ...]
+    samples: tuple[int | None, ...] = (None,)
+    seeds: int = 1
+    image_size: int = 32
+    patch_size: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.05
+    decay: Literal["linear", "cosine"] = "cosine"
+    evals_per_trial: int = 4
+    train_split: str = "train"
+    eval_split: str = "val"
+    crop_min: float = 0.35
+    hflip: bool = True
+    loader_workers: int = 1
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    hparams: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    # --study hparams
+    num_samples: int = 8
+    lr_range: tuple[float, float] = (1e-4, 1e-2)
+    wd_range: tuple[float, float] = (1e-3, 0.3)
+    # bookkeeping
+    storage: str = "studies"  # Tune storage_path: absolute path or URI shared by all nodes
+    checkpoint_root: str = ""  # per-trial Trainer checkpoints; default <storage>/<name>-trials
+    out_dir: str = ""  # table, plots, fit; default <storage>/<name>-analysis (local storage)
+    keep_checkpoints: bool = False  # delete a trial's checkpoints once it finished
+    experiment: str = "vitscale-scaling"  # MLflow experiment
+    tracking_uri: str = ""  # default orchestration.tracking.tracking_uri()
+    metric: str = "eval_error"  # what the law is fitted to
+    n_boot: int = 200
+    max_failures: int = 1  # Tune retries per trial (each retry resumes from its checkpoint)
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.study not in STUDIES:
+            errors.append(f"study {self.study!r}: choose one of {STUDIES}")
+        if not self.variants:
+            errors.append("variants is empty: name at least one model size, e.g. --variants mu,Ti,S")
+        if not self.steps or any(int(s) < 1 for s in self.steps):
+            errors.append(f"steps {self.steps} must be positive integers")
+        if any(s is not None and s < self.batch_size for s in self.samples):
+            errors.append(f"samples {self.samples}: each limit must be >= batch_size {self.batch_size}")
+        if self.seeds < 1:
+            errors.append(f"seeds {self.seeds} must be >= 1")
+        if self.evals_per_trial < 1:
+            errors.append(f"evals_per_trial {self.evals_per_trial} must be >= 1")
+        if not 0 <= self.warmup_frac < 1:
+            errors.append(f"warmup_frac {self.warmup_frac} must be in [0, 1)")
+        if self.metric not in scaling.METRICS:
+            errors.append(f"metric {self.metric!r}: choose one of {scaling.METRICS}")
+        for v in self.variants:
+            try:
+                parse_size(v, image_size=self.image_size, patch_size=self.patch_size)
+            except ValueError as e:
+                errors.append(str(e))
+        if errors:
+            raise ValueError("invalid study:\n  " + "\n  ".join(errors))
+
+    # Where things go --------------------------------------------------------------------------
+    @property
+    def storage_path(self) -> str:
+        """Tune wants an absolute path or a URI."""
+        return self.storage if "://" in self.storage else str(Path(self.storage).expanduser().resolve())
+
+    @property
+    def experiment_path(self) -> str:
+        return url_join(self.storage_path, self.name)
+
+    @property
+    def trials_root(self) -> str:
+        return self.checkpoint_root or url_join(self.storage_path, f"{self.name}-trials")
+
+    @property
+    def analysis_dir(self) -> Path:
+        if self.out_dir:
+            return Path(self.out_dir)
+        if "://" in self.storage:
+            return Path(f"{self.name}-analysis").resolve()
+        return Path(self.storage_path) / f"{self.name}-analysis"
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StudySpec:
+        tuples = {"variants", "steps", "samples", "lr_range", "wd_range"}
+        return cls(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
+
+    def grid_hash(self) -> str:
+        """Short hash of what defines the trials (a default study name: same command, same study)."""
+        keys = ("study", "data_url", "variants", "steps", "samples", "seeds", "image_size", "patch_size",
+                "batch_size", "lr", "weight_decay", "warmup_frac", "decay", "hparams", "num_samples")
+        blob = json.dumps({k: self.to_dict()[k] for k in keys}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def parse_size(spec: str, *, image_size: int, patch_size: int | None = None) -> tuple[str, dict[str, int]]:
+    """Size spec -> (``model.create_model`` name with patch, shape overrides).
+
+    ``"Ti"`` -> ``("Ti/4", {})`` at 32 px (default patch: image_size // 8 below 128 px,
+    else 16); ``"B/16"`` keeps its patch; ``"mu/4:width=64:mlp_dim=128"`` overrides
+    width / depth / heads / mlp_dim of the named size (custom small sizes for CPU studies).
+    """
+    from model import parse_variant
+
+    name, *extra = spec.split(":")
+    if "/" not in name:
+        p = patch_size or (max(1, image_size // 8) if image_size < 128 else 16)
+        name = f"{name}/{p}"
+    parse_variant(name)  # ValueError naming the known sizes
+    _, p = name.split("/")
+    if image_size % int(p):
+        raise ValueError(f"size {spec!r}: image_size {image_size} is not divisible by patch size {p}")
+    overrides: dict[str, int] = {}
+    for item in extra:
+        k, sep, v = item.partition("=")
+        if not sep or k not in ("width", "depth", "heads", "mlp_dim") or not v.isdigit():
+            raise ValueError(f"size {spec!r}: override {item!r} must be width|depth|heads|mlp_dim=<int>")
+        overrides[k] = int(v)
+    return name, overrides
+
+
+def size_label(spec: str, *, image_size: int, patch_size: int | None = None) -> str:
+    """Canonical label of a size spec for tables and plots: ``"Ti/4"``, ``"mu/4:width=64"``."""
+    name, overrides = parse_size(spec, image_size=image_size, patch_size=patch_size)
+    return name + "".join(f":{k}={v}" for k, v in overrides.items())
+
+
+def trial_key(variant: str, steps: int, samples: int | None, seed: int, suffix: str = "") -> str:
+    """Stable, path-safe id of one grid cell: ``"mu4-width64_s500_nall_seed0"``."""
+    slug = variant.replace("/", "").replace(":", "-").replace("=", "")
+    key = f"{slug}_s{steps}_n{'all' if samples is None else samples}_seed{seed}"
+    return f"{key}_{suffix}" if suffix else key
+
+
+def param_space(spec: StudySpec, study_run_id: str | None) -> dict[str, Any]:
+    """Tune's param_space: grid axes (scaling) or sampled lr/wd per size (hparams) + the spec."""
+    from ray import tune
+
+    labels = [size_label(v, image_size=spec.image_size, patch_size=spec.patch_size) for v in spec.variants]
+    fixed = {"spec": spec.to_dict(), "study_run_id": study_run_id}
+    if spec.study == "scaling":
+        return {
+            **fixed,
+            "variant": tune.grid_search(labels),
+            "steps": tune.grid_search([int(s) for s in spec.steps]),
+            "samples": tune.grid_search(list(spec.samples)),
+            "seed": tune.grid_search(list(range(spec.seeds))),
+        }
+    return {
+        **fixed,
+        "variant": tune.grid_search(labels),
+        "steps": max(int(s) for s in spec.steps),
+        "samples": spec.samples[0],
+        "seed": 0,
+        "lr": tune.loguniform(*spec.lr_range),
+        "weight_decay": tune.loguniform(*spec.wd_range),
+    }
+
+
+def grid_size(spec: StudySpec) -> int:
+    """Number of trials the study runs."""
+    if spec.study == "scaling":
+        return len(spec.variants) * len(spec.steps) * len(spec.samples) * spec.seeds
+    return len(spec.variants) * spec.num_samples
+
+
+# ---------------------------------------------------------------------------------------------
+# Points: what every evaluation of every trial contributes to the study table
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialInfo:
+    """Identity of one trial, repeated on each of its points."""
+
+    study: str
+    trial: str
+    variant: str
+    params: int
+    steps: int
+    samples: int | None
+    seed: int
+    lr: float
+    weight_decay: float
+
+
+def make_point(info: TrialInfo, *, step: int, global_batch: int, flops_per_image: float,
+               eval_metrics: Mapping[str, float]) -> dict[str, Any]:
+    """One row of the points table from an evaluation at ``step``.
+
+    images = step × global_batch (every optimizer step consumes one global batch);
+    flops = train_flops_per_image × images (forward + backward ≈ 3 forwards, 2 FLOPs/MAC);
+    eval_error = 1 − top-1 (1 − precision@1 for sigmoid/multi-label runs).
+    """
+    top1 = eval_metrics.get("eval_top1", eval_metrics.get("eval_prec1", math.nan))
+    images = int(step) * int(global_batch)
+    return {
+        **dataclasses.asdict(info),
+        "step": int(step),
+        "images": images,
+        "flops": float(flops_per_image) * images,
+        "eval_loss": float(eval_metrics.get("eval_loss", math.nan)),
+        "eval_error": 1.0 - float(top1),
+    }
+
+
+def points_from_rows(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """Study table from reported results (Tune result rows, or ``make_point`` dicts).
+
+    Keeps rows that carry a point (have ``trial`` and ``eval_loss``), drops Tune's own
+    columns, and keeps the last report of each (trial, step): a trial that was restarted
+    from scratch (its checkpoints gone) re-reports its steps and the newest run wins.
+    Rows are sorted by trial, then step.
+    """
+    latest: dict[tuple[str, int], dict[str, Any]] = {}
+    for row in rows:
+        if row.get("trial") is None or row.get("eval_loss") is None or row.get("step") is None:
+            continue
+        point = {k: _plain(k, row.get(k)) for k in POINT_FIELDS}
+        latest[(str(point["trial"]), int(point["step"]))] = point
+    ordered = [latest[k] for k in sorted(latest)]
+    return scaling.points_table(ordered)
+
+
+def _plain(name: str, v: Any) -> Any:
+    """A reported value coerced to its schema column type; NaN/None (pandas fills) -> null."""
+    if hasattr(v, "item"):
+        v = v.item()
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    t = scaling.POINTS_SCHEMA.field(name).type
+    if pa.types.is_integer(t):
+        return int(v)
+    if pa.types.is_floating(t):
+        return float(v)
+    return str(v)
+
+
+class StudySink:
+    """The trial's ``MetricsSink``: forwards everything to ``inner`` (MLflow) and turns each
+    evaluation into a point that goes to ``report`` (``ray.tune.report`` in a trial)."""
+
+    def __init__(
+        self,
+        info: TrialInfo,
+        *,
+        global_batch: int,
+        flops_per_image: float,
+        report: Callable[[dict[str, Any]], None],
+        inner: Any | None = None,
+    ) -> None:
+        from training import NullSink
+
+        self.info = info
+        self.global_batch = global_batch
+        self.flops_per_image = flops_per_image
+        self.report = report
+        self.inner = inner if inner is not None else NullSink()
+        self.points: list[dict[str, Any]] = []
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.inner.log_params(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.inner.log_metrics(metrics, step)
+        if "eval_loss" not in metrics:
+            return
+        point = make_point(self.info, step=step, global_batch=self.global_batch,
+                           flops_per_image=self.flops_per_image, eval_metrics=metrics)
+        self.points.append(point)
+        self.inner.log_metrics({"images": point["images"], "flops": point["flops"],
+                                "eval_error": point["eval_error"]}, step)
+        self.report(point)
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        self.inner.log_artifact(local_path, artifact_path)
+
+    def on_eval(self, model: Any, step: int) -> None:
+        self.inner.on_eval(model, step)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# One trial (runs inside a Ray Tune worker process; also callable directly)
+# ---------------------------------------------------------------------------------------------
+
+
+def train_trial(
+    spec: StudySpec,
+    *,
+    variant: str,
+    steps: int,
+    samples: int | None,
+    seed: int,
+    key: str,
+    report: Callable[[dict[str, Any]], None],
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    study_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Train one grid cell to ``steps`` (resuming from its checkpoints) and return its result.
+
+    ``variant`` is a canonical size label. The trial's MLflow run (nested under
+    ``study_run_id``) is found by its ``vitscale.trial`` tag, so a resumed trial keeps
+    appending to the run it started.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from model import create_model
+    from model.flops import train_flops_per_image
+    from pipeline import DataConfig, build_loader
+    from training import TrainConfig, Trainer, get_profile
+
+    tuned = spec.hparams.get(variant, {})
+    lr = float(lr if lr is not None else tuned.get("lr", spec.lr))
+    wd = float(weight_decay if weight_decay is not None else tuned.get("weight_decay", spec.weight_decay))
+    if spec.cpus_per_trial >= 1:
+        torch.set_num_threads(int(spec.cpus_per_trial))
+
+    data = DataConfig(
+        url=spec.data_url, split=spec.train_split, image_size=spec.image_size, batch_size=spec.batch_size,
+        num_workers=spec.loader_workers, seed=seed, limit_samples=samples,
+        crop_scale=(spec.crop_min, 1.0), hflip=spec.hflip,
+    )
+    train_loader = build_loader(data, rank=0, world_size=1)
+    eval_loader = build_loader(dataclasses.replace(data, split=spec.eval_split, train=False, limit_samples=None),
+                               rank=0, world_size=1)
+    name, overrides = parse_size(variant, image_size=spec.image_size, patch_size=spec.patch_size)
+    torch.manual_seed(seed)
+    model = create_model(name, num_classes=int(train_loader.num_classes), image_size=spec.image_size, **overrides)
+    n_params = sum(p.numel() for p in model.parameters())
+    profile = get_profile("auto")
+    every = max(1, steps // spec.evals_per_trial)
+    cfg = TrainConfig(
+        global_batch=spec.batch_size, micro_batch=spec.batch_size, lr=lr, weight_decay=wd,
+        warmup_steps=min(int(spec.warmup_frac * steps), steps - 1), total_steps=steps, decay=spec.decay,
+        precision=profile.precision, zero_stage=0, seed=seed, log_every=max(1, min(50, every)),
+        eval_every=every, checkpoint_every=every, keep_checkpoints=1,
+    )
+    info = TrialInfo(study=spec.name, trial=key, variant=variant, params=n_params, steps=steps,
+                     samples=samples, seed=seed, lr=lr, weight_decay=wd)
+
+    mlflow_sink, run_id = None, None
+    if study_run_id:
+        mlflow_sink, run_id = _trial_run(spec, info, study_run_id)
+    sink = StudySink(info, global_batch=cfg.global_batch, flops_per_image=train_flops_per_image(model.cfg),
+                     report=report, inner=mlflow_sink)
+    ckpt_dir, store, cleanup = _checkpoint_location(spec.trials_root, key)
+    status = "FAILED"
+    try:
+        trainer = Trainer(model, cfg, train_loader, eval_loader=eval_loader, sink=sink,
+                          checkpoint_dir=ckpt_dir, checkpoint_store=store)
+        t0 = time.perf_counter()
+        result = trainer.fit(resume="auto")
+        sink.inner.log_metrics({"train_time_s": time.perf_counter() - t0, "params": float(n_params)}, trainer.step)
+        status = "FINISHED"
+    finally:
+        sink.close()
+        if run_id is not None:
+            from orchestration import tracking
+
+            tracking.end_run(run_id, status, uri=spec.tracking_uri or None)
+    if not spec.keep_checkpoints:
+        cleanup()
+    return {**{k: v for k, v in result.items() if isinstance(v, (int, float))}, "params": n_params,
+            "points": len(sink.points)}
+
+
+def _trial_run(spec: StudySpec, info: TrialInfo, study_run_id: str) -> tuple[Any, str]:
+    """(MLflowSink, run id) of the trial's nested run: the existing one on resume, else new."""
+    from orchestration import tracking
+
+    uri = spec.tracking_uri or None
+    c = tracking.client(uri)
+    exp_id = tracking.get_or_create_experiment(spec.experiment, uri)
+    found = c.search_runs(
+        [exp_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{study_run_id}' and tags.`vitscale.trial` = '{info.trial}'",
+        max_results=1,
+    )
+    if found:
+        run_id = found[0].info.run_id
+        c.update_run(run_id, status="RUNNING")
+    else:
+        run_id = tracking.start_run(
+            spec.experiment, run_name=info.trial, parent_run_id=study_run_id,
+            tags={"vitscale.trial": info.trial, "vitscale.study": spec.name, "vitscale.variant": info.variant},
+            uri=uri,
+        )
+    sink = tracking.MLflowSink(run_id, uri=uri, system_metrics=False)
+    sink.log_params({f"trial.{k}": v for k, v in dataclasses.asdict(info).items()})
+    return sink, run_id
+
+
+def _checkpoint_location(root: str, key: str) -> tuple[str, Any, Callable[[], None]]:
+    """(local checkpoint_dir, CheckpointStore or None, delete-it-all) for one trial."""
+    url = url_join(root, key)
+    if url.startswith("s3://"):
+        from orchestration.storage_ckpt import StorageCheckpointStore
+
+        local = Path(tempfile.gettempdir()) / "vitscale-sweep-ckpt" / key
+        store = StorageCheckpointStore(url)
+
+        def cleanup() -> None:
+            shutil.rmtree(local, ignore_errors=True)
+            store.delete_prefix("")
+
+        return str(local), store, cleanup
+    path = url[len("file://"):] if url.startswith("file://") else url
+    return path, None, lambda: shutil.rmtree(path, ignore_errors=True)
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable: one grid cell, all state from ``config``."""
+    from ray import tune
+
+    from orchestration import tracking
+
+    tracking.install_log_redaction()
+    spec = StudySpec.from_dict(config["spec"])
+    suffix = tune.get_context().get_trial_id() if spec.study == "hparams" else ""
+    key = trial_key(config["variant"], int(config["steps"]), config["samples"], int(config["seed"]), suffix)
+    train_trial(
+        spec, variant=config["variant"], steps=int(config["steps"]), samples=config["samples"],
+        seed=int(config["seed"]), key=key, report=tune.report, lr=config.get("lr"),
+        weight_decay=config.get("weight_decay"), study_run_id=config.get("study_run_id"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """What a finished study produced."""
+
+    table: pa.Table
+    table_path: Path
+    files: dict[str, Path]
+    summary: dict[str, Any]
+    study_run_id: str | None
+    errored_trials: list[str]
+
+
+def _tuner(spec: StudySpec, study_run_id: str | None, resume: bool) -> Any:
+    from ray import tune
+
+    trainable = tune.with_resources(run_trial, {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})
+    path = spec.experiment_path
+    if tune.Tuner.can_restore(path):
+        if not resume:
+            raise FileExistsError(
+                f"study {spec.name!r} already exists at {path}; pass --resume to continue it "
+                "(finished trials are kept) or choose another --name"
+            )
+        log.info("restoring study %s from %s", spec.name, path)
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                  param_space=param_space(spec, study_run_id))
+    scheduler, num_samples = None, 1
+    if spec.study == "hparams":
+        from ray.tune.schedulers import ASHAScheduler
+
+        steps = max(spec.steps)
+        first_eval = max(1, steps // spec.evals_per_trial)
+        scheduler = ASHAScheduler(time_attr="step", max_t=steps, grace_period=first_eval, reduction_factor=2)
+        num_samples = spec.num_samples
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(spec, study_run_id),
+        tune_config=tune.TuneConfig(metric="eval_loss", mode="min", scheduler=scheduler, num_samples=num_samples,
+                                    reuse_actors=False),
+        run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_path,
+                                  failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
+    )
+
+
+def _study_run(spec: StudySpec, state_file: Path, resume: bool) -> str:
+    """The study's MLflow run: reused on resume (id kept in ``study.json``), else created."""
+    from orchestration import tracking
+
+    uri = spec.tracking_uri or None
+    if resume and state_file.exists():
+        run_id = json.loads(state_file.read_text())["study_run_id"]
+        tracking.client(uri).update_run(run_id, status="RUNNING")
+        return run_id
+    run_id = tracking.start_run(spec.experiment, run_name=spec.name, uri=uri,
+                                tags={"vitscale.study": spec.name, "vitscale.kind": spec.study,
+                                      "vitscale.git_commit": tracking.git_commit()})
+    tracking.log_params_once(run_id, {**tracking.flatten({"study": spec.to_dict()}), "trials": grid_size(spec)},
+                             uri=uri)
+    return run_id
+
+
+def run_study(spec: StudySpec, *, resume: bool = False, ray_address: str | None = None,
+              tracking: bool = True) -> StudyResult:
+    """Run (or resume) the study on Ray Tune, then write and log its table, fit and plots."""
+    from orchestration.ray_launch import connect_ray
+
+    out = spec.analysis_dir
+    out.mkdir(parents=True, exist_ok=True)
+    state_file = out / "study.json"
+    log.info("Ray: %s", connect_ray(ray_address))
+    run_id = _study_run(spec, state_file, resume) if tracking else None
+    state_file.write_text(json.dumps({"study_run_id": run_id, "spec": spec.to_dict()}, indent=2))
+    status = "FAILED"
+    try:
+        tuner = _tuner(spec, run_id, resume)
+        grid = tuner.fit()
+        rows, errored = [], []
+        for res in grid:
+            trial = res.metrics.get("trial") if res.metrics else None
+            if res.error is not None:
+                errored.append(str(trial or res.path))
+                log.warning("trial %s failed: %s", trial or res.path, res.error)
+            if res.metrics_dataframe is not None:
+                rows.extend(res.metrics_dataframe.to_dict("records"))
+        table = points_from_rows(rows)
+        table_path = scaling.write_points(table, out / "points.parquet")
+        files: dict[str, Path] = {"points": table_path}
+        summary: dict[str, Any] = {"trials": grid_size(spec), "errored": errored, "points": table.num_rows}
+        if spec.study == "hparams":
+            best = best_hparams(table)
+            files["best_hparams"] = out / "best_hparams.json"
+            files["best_hparams"].write_text(json.dumps(best, indent=2))
+            summary["best_hparams"] = best
+        if table.num_rows:
+            report = scaling.analyze(table, out, metric=spec.metric, n_boot=spec.n_boot, strict=False,
+                                     drop_nonfinite=True)
+            files.update(report.files)
+            summary["fit"] = report.summary
+            log.info("%s", scaling.format_report(report))
+        if run_id is not None:
+            _log_study(spec, run_id, files, summary)
+        status = "FINISHED" if not errored else "FAILED"
+        return StudyResult(table, table_path, files, summary, run_id, errored)
+    finally:
+        if run_id is not None:
+            from orchestration import tracking as tr
+
+            tr.end_run(run_id, status, uri=spec.tracking_uri or None)
+
+
+def best_hparams(table: pa.Table) -> dict[str, dict[str, float]]:
+    """Per size: lr / weight decay of the trial with the lowest eval loss at its final step.
+
+    Only trials that reached the longest step count compete (ASHA stops the others early).
+    """
+    rows = table.to_pylist()
+    final: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["step"] == r["steps"] and r["eval_loss"] is not None and math.isfinite(r["eval_loss"]):
+            cur = final.get(r["variant"])
+            if cur is None or r["eval_loss"] < cur["eval_loss"]:
+                final[r["variant"]] = r
+    return {v: {"lr": r["lr"], "weight_decay": r["weight_decay"], "eval_loss": r["eval_loss"],
+                "eval_error": r["eval_error"], "trial": r["trial"]} for v, r in sorted(final.items())}
+
+
+def _log_study(spec: StudySpec, run_id: str, files: Mapping[str, Path], summary: Mapping[str, Any]) -> None:
+    from orchestration import tracking
+
+    sink = tracking.MLflowSink(run_id, uri=spec.tracking_uri or None, system_metrics=False)
+    for path in files.values():
+        if Path(path).exists():
+            sink.log_artifact(str(path), "study")
+    fit = summary.get("fit", {}).get("frontier_fit")
+    if fit:
+        metrics = {f"law.{k}": v for k, v in fit["params"].items()}
+        metrics["law.rmse_log"] = fit["rmse_log"]
+        hold = fit.get("holdout") or {}
+        if hold.get("law") is not None:
+            metrics["law.holdout_mean_abs_rel_error"] = hold["mean_abs_rel_error"]
+        sink.log_metrics(metrics, 0)
+        sink.set_tags({"vitscale.law": fit["law"]})
+    sink.log_metrics({"study.points": float(summary.get("points", 0)),
+                      "study.errored_trials": float(len(summary.get("errored", [])))}, 0)
+    sink.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def _samples(text: str) -> tuple[int | None, ...]:
+    return tuple(None if x in ("all", "none", "") else int(x) for x in text.split(","))
+
+
+def _floats2(text: str) -> tuple[float, float]:
+    lo, hi = (float(x) for x in text.split(","))
+    return lo, hi
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python orchestration/sweep.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--study", choices=STUDIES, default="scaling")
+    p.add_argument("--variants", required=True,
+                   help="comma-separated sizes: mu,Ti,S,B[/patch][:width=..:depth=..:heads=..:mlp_dim=..]")
+    p.add_argument("--steps", type=_ints, required=True, help="training lengths (optimizer steps), e.g. 500,1000")
+    p.add_argument("--data", required=True, help="dataset URL (path, file:// or s3://) from pipeline.write_shards")
+    p.add_argument("--samples", type=_samples, default=(None,), help="training-set sizes, e.g. 400,all")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--patch-size", type=int, default=None, help="for sizes without /P (default: size//8 below 128 px, else 16)")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch of every trial")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-frac", type=float, default=0.05)
+    p.add_argument("--decay", choices=("linear", "cosine"), default="cosine")
+    p.add_argument("--evals-per-trial", type=int, default=4, help="points per trial")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--eval-split", default="val")
+    p.add_argument("--crop-min", type=float, default=0.35, help="RandomResizedCrop lower scale")
+    p.add_argument("--no-hflip", dest="hflip", action="store_false")
+    p.add_argument("--loader-workers", type=int, default=1)
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=None, help="default: 1 when the cluster has GPUs")
+    p.add_argument("--hparams", default=None, help="best_hparams.json of a --study hparams run")
+    p.add_argument("--num-samples", type=int, default=8, help="hparams: trials per size")
+    p.add_argument("--lr-range", type=_floats2, default=(1e-4, 1e-2))
+    p.add_argument("--wd-range", type=_floats2, default=(1e-3, 0.3))
+    p.add_argument("--name", default=None, help="study name (default: <study>-<hash of the grid>)")
+    p.add_argument("--storage", default=os.environ.get("VITSCALE_STUDY_STORAGE", "studies"),
+                   help="Tune storage: a path or s3:// URI every node can reach")
+    p.add_argument("--out", default="", help="table/plots directory (default <storage>/<name>-analysis)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep trial checkpoints after they finish")
+    p.add_argument("--experiment", default="vitscale-scaling", help="MLflow experiment")
+    p.add_argument("--metric", choices=scaling.METRICS, default="eval_error", help="what the law is fitted to")
+    p.add_argument("--n-boot", type=int, default=200)
+    p.add_argument("--max-failures", type=int, default=1)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted study (tune.Tuner.restore)")
+    p.add_argument("--address", default=None, help="Ray address (default $RAY_ADDRESS, else a local instance)")
+    p.add_argument("--no-tracking", dest="tracking", action="store_false", help="no MLflow runs")
+    return p
+
+
+def spec_from_args(args: argparse.Namespace) -> StudySpec:
+    """StudySpec from parsed CLI arguments."""
+    gpus = args.gpus_per_trial
+    if gpus is None:
+        import ray
+
+        gpus = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    hp = json.loads(Path(args.hparams).read_text()) if args.hparams else {}
+    spec = StudySpec(
+        name=args.name or "pending", study=args.study, data_url=args.data,
+        variants=tuple(v for v in args.variants.split(",") if v), steps=args.steps, samples=args.samples,
+        seeds=args.seeds, image_size=args.image_size, patch_size=args.patch_size, batch_size=args.batch_size,
+        lr=args.lr, weight_decay=args.weight_decay, warmup_frac=args.warmup_frac, decay=args.decay,
+        evals_per_trial=args.evals_per_trial, train_split=args.train_split, eval_split=args.eval_split,
+        crop_min=args.crop_min, hflip=args.hflip, loader_workers=args.loader_workers,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=float(gpus),
+        hparams={v: {k: float(x[k]) for k in ("lr", "weight_decay")} for v, x in hp.items()},
+        num_samples=args.num_samples, lr_range=args.lr_range, wd_range=args.wd_range, storage=args.storage,
+        out_dir=args.out, keep_checkpoints=args.keep_checkpoints, experiment=args.experiment,
+        metric=args.metric, n_boot=args.n_boot, max_failures=args.max_failures,
+    )
+    if not args.name:
+        spec = dataclasses.replace(spec, name=f"{spec.study}-{spec.grid_hash()}")
+    return spec
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    from orchestration.ray_launch import connect_ray
+
+    try:
+        connect_ray(args.address)
+        spec = spec_from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"study {spec.name}: {grid_size(spec)} trials -> {spec.experiment_path}; analysis in {spec.analysis_dir}")
+    try:
+        result = run_study(spec, resume=args.resume, ray_address=args.address, tracking=args.tracking)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for k, v in result.files.items():
+        print(f"{k}: {v}")
+    if result.errored_trials:
+        print(f"{len(result.errored_trials)} trial(s) failed: {result.errored_trials}; rerun with --resume",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,455 @@
+"""MLflow tracking, model registry and secret redaction.
+
+* Tracking URI: ``$MLFLOW_TRACKING_URI``, else an embedded ``sqlite:///<project>/mlflow.db``
+  (the model registry works on sqlite). Artifacts of sqlite stores go to ``mlruns/`` next to
+  the database file, so a ``ray job submit --working-dir`` copy of the repo never swallows them.
+* :class:`MLflowSink` implements ``training.metrics.MetricsSink`` for rank 0. It talks to one
+  run by id through :class:`mlflow.MlflowClient` (no global "active run"), so the driver creates
+  the run and any Ray worker - including a restarted one - keeps appending to it.
+* :func:`register_model` logs a loadable ``mlflow.pytorch`` model and registers it as
+  ``vit-<variant>-<dataset>`` with lineage tags.
+* Redaction: no environment variable whose *name* contains KEY/SECRET/TOKEN/PASSWORD (nor its
+  value) ever reaches params, tags or log records; URL user-info is masked too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD")
+REDACTED = "***"
+_MIN_SECRET_LEN = 4  # shorter values ("1", "on") would mask half the config
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]+:[^/@\s]+@")
+_MAX_PARAM_LEN = 6000  # MLflow's param value limit
+
+
+# ---------------------------------------------------------------------------------------------
+# Redaction
+# ---------------------------------------------------------------------------------------------
+
+
+def is_secret_name(name: str) -> bool:
+    """True for names like ``AWS_SECRET_ACCESS_KEY``, ``HF_TOKEN``, ``db_password``."""
+    upper = name.upper()
+    return any(w in upper for w in SECRET_WORDS)
+
+
+def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Values of secret-named environment variables, longest first (so substrings mask cleanly)."""
+    env = os.environ if environ is None else environ
+    vals = {v for k, v in env.items() if is_secret_name(k) and v and len(v) >= _MIN_SECRET_LEN}
+    return sorted(vals, key=len, reverse=True)
+
+
+def redact_text(text: str, environ: Mapping[str, str] | None = None) -> str:
+    """``text`` with every secret env value and URL credential replaced by ``***``."""
+    out = _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
+    for value in secret_values(environ):
+        out = out.replace(value, REDACTED)
+    return out
+
+
+def redact(mapping: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Stringify and redact a params/tags mapping: secret-named keys are dropped entirely."""
+    out: dict[str, str] = {}
+    for key, value in mapping.items():
+        # A secret-named key ("AWS_SECRET_ACCESS_KEY", "api_token") is dropped outright unless its
+        # value is a plain number/bool (config fields such as "num_prefix_tokens=1" are no secret).
+        if is_secret_name(str(key)) and not isinstance(value, (bool, int, float)):
+            continue
+        out[redact_text(str(key), environ)] = redact_text(_to_str(value), environ)
+    return out
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that masks secrets in every record passing through a handler/logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: A003 - logging API name
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken record must not kill logging
+            return True
+        clean = redact_text(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def install_log_redaction() -> None:
+    """Attach :class:`RedactingFilter` to the root logger's handlers and the mlflow/ray loggers."""
+    flt = RedactingFilter()
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for handler in root.handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(flt)
+    for name in ("", "mlflow", "ray", "orchestration", "training", "pipeline"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in lg.filters):
+            lg.addFilter(flt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracking URI, experiments, runs
+# ---------------------------------------------------------------------------------------------
+
+
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` or ``sqlite:///<project>/mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+def artifact_root(uri: str) -> str | None:
+    """Default artifact location for new experiments: ``mlruns/`` next to a sqlite file, else None."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        return (db.parent / "mlruns").resolve().as_uri()
+    return None
+
+
+def client(uri: str | None = None) -> MlflowClient:
+    """An MlflowClient on ``uri`` (default :func:`tracking_uri`); also sets the fluent API's URI."""
+    uri = uri or tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def get_or_create_experiment(name: str, uri: str | None = None) -> str:
+    """Experiment id of ``name``, created (with the sqlite-adjacent artifact root) if missing."""
+    uri = uri or tracking_uri()
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name, artifact_location=artifact_root(uri))
+    except mlflow.exceptions.MlflowException:  # created concurrently
+        exp = c.get_experiment_by_name(name)
+        assert exp is not None
+        return exp.experiment_id
+
+
+def start_run(
+    experiment: str,
+    *,
+    run_name: str,
+    tags: Mapping[str, Any] | None = None,
+    parent_run_id: str | None = None,
+    uri: str | None = None,
+) -> str:
+    """Create a RUNNING run (nested under ``parent_run_id`` when given) and return its id."""
+    c = client(uri)
+    exp_id = get_or_create_experiment(experiment, uri)
+    all_tags = {"mlflow.runName": run_name, **redact(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = c.create_run(exp_id, run_name=run_name, tags=all_tags)
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:
+    """Mark ``run_id`` FINISHED / FAILED / KILLED."""
+    client(uri).set_terminated(run_id, status=status)
+
+
+def git_commit(root: Path = PROJECT_ROOT) -> str:
+    """HEAD commit of the checkout (``+dirty`` when modified), or "unknown" outside git."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root, capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("VITSCALE_GIT_COMMIT", "unknown")
+
+
+# ---------------------------------------------------------------------------------------------
+# The rank-0 MetricsSink
+# ---------------------------------------------------------------------------------------------
+
+
+class MLflowSink:
+    """``training.metrics.MetricsSink`` that writes to one existing MLflow run (rank 0 only).
+
+    Metrics are buffered and flushed with ``log_batch`` (one sqlite transaction per log
+    interval, not one per value). ``on_eval`` renders [CLS] attention maps of a fixed image
+    batch and logs the PNGs under ``attention/step_<N>/``. System metrics (CPU, memory, GPU)
+    are sampled by MLflow's monitor thread when ``system_metrics`` is True and psutil exists.
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        *,
+        uri: str | None = None,
+        attention_images: Any | None = None,
+        system_metrics: bool = True,
+        system_metrics_interval_s: float = 10.0,
+    ) -> None:
+        self.run_id = run_id
+        self.uri = uri or tracking_uri()
+        self.client = client(self.uri)
+        self.attention_images = attention_images  # (B, 3, S, S) tensor or None
+        self._buffer: list[Metric] = []
+        self._monitor = None
+        if system_metrics:
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                self._monitor = SystemMetricsMonitor(
+                    run_id,
+                    sampling_interval=system_metrics_interval_s,
+                    resume_logging=True,
+                    tracking_uri=self.uri,
+                )
+                self._monitor.start()
+            except Exception as e:  # noqa: BLE001 - psutil/pynvml missing is not an error
+                log.info("system metrics disabled: %s", e)
+                self._monitor = None
+
+    # MetricsSink protocol -------------------------------------------------------------------
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log (redacted, stringified) params; values longer than MLflow's limit are truncated.
+
+        Params already logged with the same value are skipped (a restarted worker re-logs them).
+        """
+        existing = self.client.get_run(self.run_id).data.params
+        clean = {k: v[:_MAX_PARAM_LEN] for k, v in redact(params).items()}
+        fresh = [Param(k, v) for k, v in clean.items() if existing.get(k) is None]
+        for i in range(0, len(fresh), 100):
+            self.client.log_batch(self.run_id, params=fresh[i : i + 100])
+        # Params are immutable in MLflow; a changed value (e.g. after a resume) becomes a tag.
+        changed = {f"param_override.{k}": v for k, v in clean.items() if existing.get(k) not in (None, v)}
+        if changed:
+            self.set_tags(changed)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Buffer finite metrics at ``step`` and flush them in one batch."""
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            try:
+                v = float(value)
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(v):
+                self._buffer.append(Metric(_metric_key(key), v, now, int(step)))
+        self.flush()
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        """Upload a file or directory to the run's artifacts."""
+        if Path(local_path).is_dir():
+            self.client.log_artifacts(self.run_id, local_path, artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, local_path, artifact_path)
+
+    def on_eval(self, model: Any, step: int) -> None:
+        """Log attention-map PNGs of the fixed probe images at this eval step (best effort)."""
+        if self.attention_images is None:
+            return
+        try:
+            from orchestration.visualize import attention_figures
+
+            with tempfile.TemporaryDirectory() as tmp:
+                attention_figures(_unwrap(model), self.attention_images, Path(tmp), max_images=1)
+                self.client.log_artifacts(self.run_id, tmp, f"attention/step_{step:07d}")
+        except Exception as e:  # noqa: BLE001 - a plot must never kill a training run
+            log.warning("attention maps at step %d failed: %s", step, redact_text(str(e)))
+
+    def close(self) -> None:
+        """Flush metrics and stop the system-metrics thread. Does not end the run (the driver does)."""
+        self.flush()
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            except Exception:  # noqa: BLE001
+                pass
+            self._monitor = None
+
+    # Extras -----------------------------------------------------------------------------------
+    def flush(self) -> None:
+        while self._buffer:
+            chunk, self._buffer = self._buffer[:900], self._buffer[900:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        items = [RunTag(k, v[:_MAX_PARAM_LEN]) for k, v in redact(tags).items()]
+        if items:
+            self.client.log_batch(self.run_id, tags=items)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        """Log a JSON document (redacted) as an artifact file."""
+        text = redact_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            path.write_text(text)
+            parent = str(Path(artifact_file).parent)
+            self.log_artifact(str(path), None if parent in ("", ".") else parent)
+
+
+def _metric_key(key: str) -> str:
+    # MLflow keys allow alphanumerics, _ - . space / ; map anything else to "_".
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", str(key))
+
+
+def _unwrap(model: Any) -> Any:
+    """The nn.Module inside a DeepSpeed engine / DDP wrapper."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+
+def run_metrics(run_id: str, uri: str | None = None) -> dict[str, float]:
+    """Latest value of every metric of the run."""
+    return dict(client(uri).get_run(run_id).data.metrics)
+
+
+def metric_history(run_id: str, key: str, uri: str | None = None) -> list[tuple[int, float]]:
+    """``[(step, value), ...]`` of one metric, sorted by step."""
+    hist = client(uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in hist)
+
+
+def log_and_register_model(
+    model: Any,
+    *,
+    run_id: str,
+    name: str,
+    tags: Mapping[str, Any],
+    description: str = "",
+    uri: str | None = None,
+) -> int:
+    """Log ``model`` (a VisionTransformer) to the run as an ``mlflow.pytorch`` model and register it.
+
+    The model is pickled with the ``model`` package shipped alongside (``code_paths``) so
+    ``mlflow.pytorch.load_model("models:/NAME/VERSION")`` works without this repository on the
+    path. Returns the new version number. ``tags`` (lineage) go on the model version.
+    """
+    c = client(uri)
+    clean = redact(tags)
+    with mlflow.start_run(run_id=run_id, nested=True, log_system_metrics=False):
+        info = mlflow.pytorch.log_model(
+            model.cpu().eval(),
+            name="model",
+            serialization_format="pickle",
+            code_paths=[str(PROJECT_ROOT / "model")],
+            pip_requirements=[f"torch=={_torch_version()}", "safetensors"],
+            metadata={k: v for k, v in clean.items() if len(v) < 500},
+        )
+    try:
+        c.create_registered_model(name, description=description or None)
+    except mlflow.exceptions.MlflowException:
+        pass  # already exists
+    mv = c.create_model_version(
+        name, source=info.model_uri, run_id=run_id, tags=clean, description=description or None
+    )
+    _wait_ready(c, name, mv.version)
+    return int(mv.version)
+
+
+def _wait_ready(c: MlflowClient, name: str, version: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if c.get_model_version(name, version).status == "READY":
+            return
+        time.sleep(0.2)
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__.split("+")[0]
+
+
+def resolve_model_source(source: str, uri: str | None = None) -> dict[str, Any]:
+    """Describe a ``models:/NAME/VERSION``, ``runs:/ID/PATH`` or local ``.safetensors`` source.
+
+    Returns ``{"kind", "run_id" (or None), "tags" (version/run lineage tags), "uri"}``.
+    ``models:/NAME/latest`` picks the highest version.
+    """
+    if source.startswith("models:/"):
+        c = client(uri)
+        parts = source[len("models:/") :].strip("/").split("/")
+        name = parts[0]
+        if len(parts) < 2 or parts[1] in ("latest", ""):
+            versions = c.search_model_versions(f"name='{name}'")
+            if not versions:
+                raise ValueError(f"registered model {name!r} has no versions (source {source!r})")
+            mv = max(versions, key=lambda v: int(v.version))
+        else:
+            mv = c.get_model_version(name, parts[1])
+        return {
+            "kind": "registry",
+            "run_id": mv.run_id,
+            "tags": dict(mv.tags),
+            "uri": f"models:/{name}/{mv.version}",
+            "name": name,
+            "version": int(mv.version),
+        }
+    if source.startswith("runs:/"):
+        run_id = source[len("runs:/") :].split("/")[0]
+        tags = dict(client(uri).get_run(run_id).data.tags)
+        return {"kind": "run", "run_id": run_id, "tags": tags, "uri": source}
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"model source {source!r}: not a models:/ or runs:/ URI and no such file")
+    return {"kind": "file", "run_id": None, "tags": {}, "uri": str(path.resolve())}
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}`` (lists/tuples stay values)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def log_params_once(run_id: str, params: Mapping[str, Any], uri: str | None = None) -> None:
+    """Driver-side params logging (same rules as :meth:`MLflowSink.log_params`)."""
+    sink = MLflowSink(run_id, uri=uri, system_metrics=False)
+    sink.log_params(params)
+
+
+def iter_secret_env(environ: Mapping[str, str] | None = None) -> Iterable[str]:
+    """Names of secret-looking environment variables (for warnings; values never printed)."""
+    env = os.environ if environ is None else environ
+    return sorted(k for k in env if is_secret_name(k))

@@ -1,0 +1,122 @@
+"""JPEG bytes -> fixed-size uint8 RGB arrays, cropping *before* decoding where it pays.
+
+The train path is the Inception crop (torchvision ``RandomResizedCrop`` parameters, sampled
+from the image size in the JPEG header, i.e. before any pixel is decoded) fused with PIL's
+JPEG *draft* mode: libjpeg scales by 1/2, 1/4 or 1/8 in the DCT domain while decoding, and we
+ask for the largest reduction that still leaves at least ``size`` pixels across the crop, so
+quality is unchanged and large images decode several times faster. Eval is resize (shorter
+side to ``size / crop_pct``) + center crop, also through draft mode.
+
+Problems raise :class:`BadSample` with a short ``reason`` used as the stats key.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import warnings
+
+import numpy as np
+from PIL import Image
+
+# Our own pixel cap (cfg.max_image_pixels) is checked from the header before decoding; PIL's
+# global one would only warn (or raise at 2x), so it is turned off in favour of ours.
+Image.MAX_IMAGE_PIXELS = None
+
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's historical default (~ 0.25 GB of RGB pixels)
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; ``reason`` is one of the ``loader.stats()`` keys."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im = Image.open(io.BytesIO(data))
+    except Exception as exc:  # noqa: BLE001 - any header failure means a corrupt image
+        raise BadSample("corrupt_image", f"{type(exc).__name__}: {exc}") from exc
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise BadSample("corrupt_image", f"size {w}x{h}")
+    if max_pixels and w * h > max_pixels:
+        raise BadSample("too_many_pixels", f"{w}x{h} > {max_pixels}")
+    return im
+
+
+def _draft(im: Image.Image, need_w: float, need_h: float) -> tuple[float, float]:
+    """Let libjpeg downscale while decoding as long as >= (need_w, need_h) remain.
+
+    Returns the (x, y) factors from original to drafted coordinates.
+    """
+    w, h = im.size
+    if im.format == "JPEG" and need_w * 2 <= w and need_h * 2 <= h:
+        mode = "RGB" if im.mode in ("RGB", "YCbCr") else im.mode
+        im.draft(mode, (math.ceil(need_w), math.ceil(need_h)))
+    return im.size[0] / w, im.size[1] / h
+
+
+def _finish(im: Image.Image, box: tuple[float, float, float, float], size: int) -> Image.Image:
+    try:
+        if im.mode != "RGB":
+            # L, CMYK, P, RGBA, I;16 ... -> RGB (alpha dropped: JPEG carries none anyway).
+            im = im.convert("RGBA").convert("RGB") if im.mode == "P" else im.convert("RGB")
+        return im.resize((size, size), Image.BILINEAR, box=box)
+    except BadSample:
+        raise
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt entropy data surfaces here
+        raise BadSample("corrupt_image", f"{type(exc).__name__}: {exc}") from exc
+
+
+def sample_crop(w: int, h: int, scale: tuple[float, float], ratio: tuple[float, float],
+                rng: random.Random) -> tuple[int, int, int, int]:
+    """torchvision ``RandomResizedCrop.get_params`` with a seeded Python RNG: (x, y, cw, ch)."""
+    area = w * h
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        ar = math.exp(rng.uniform(*log_r))
+        cw = int(round(math.sqrt(target * ar)))
+        ch = int(round(math.sqrt(target / ar)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return rng.randint(0, w - cw), rng.randint(0, h - ch), cw, ch
+    in_ratio = w / h  # fallback: central crop
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
+    else:
+        cw, ch = w, h
+    return (w - cw) // 2, (h - ch) // 2, cw, ch
+
+
+def decode_train(data: bytes, *, size: int, scale: tuple[float, float] = (0.05, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True, rng: random.Random,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Inception crop + optional horizontal flip: ``(size, size, 3)`` uint8."""
+    im = _open(data, max_pixels)
+    w, h = im.size
+    x, y, cw, ch = sample_crop(w, h, scale, ratio, rng)
+    flip = hflip and rng.random() < 0.5
+    fx, fy = _draft(im, w * size / cw, h * size / ch)
+    out = _finish(im, (x * fx, y * fy, (x + cw) * fx, (y + ch) * fy), size)
+    if flip:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.array(out)  # writable copy, (S, S, 3) uint8
+
+
+def decode_eval(data: bytes, *, size: int, crop_pct: float = 0.875,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Resize the shorter side to ``size / crop_pct``, center crop ``size``: ``(size, size, 3)`` uint8."""
+    im = _open(data, max_pixels)
+    w, h = im.size
+    side = min(w, h) * crop_pct  # the center square, in original pixels
+    fx, fy = _draft(im, w * size / side, h * size / side)
+    x0, y0 = (w - side) / 2, (h - side) / 2
+    return np.array(_finish(im, (x0 * fx, y0 * fy, (x0 + side) * fx, (y0 + side) * fy), size))

@@ -1,0 +1,448 @@
+"""``build_loader``: deterministic, resumable, rank-balanced batches from a sharded dataset.
+
+The stages are composed in exactly one place, :meth:`ShardStream.__iter__`, in order:
+shard plan -> split by rank -> split by worker -> read -> decode -> transform -> batch.
+
+* Each (rank, DataLoader worker) pair is a *slot* of the :class:`~pipeline.plan.EpochPlan`.
+* Batching happens inside the worker (``DataLoader(batch_size=None)``), and the DataLoader
+  returns worker results round robin, so the batch sequence of a rank is a pure function of
+  ``(seed, epoch, world_size, num_workers, batch_size)``. The resume cursor is therefore just
+  ``(epoch, batches yielded)``: on restore each worker recomputes its emission order and skips
+  the samples it already produced *without reading or decoding them*.
+* A bad sample in a train batch is replaced by a good one of the same batch (counted as
+  ``filled``) rather than shortening the batch: batch counts, and hence collectives, never
+  depend on data quality. In eval batches it is masked (``valid=False``) instead.
+* Each batch carries the worker's stats delta back to the main process, so
+  ``loader.stats()`` aggregates over workers; above ``max_bad_fraction`` the loader raises
+  :class:`BadDataError` naming the worst shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .decode import DEFAULT_MAX_PIXELS, BadSample, decode_eval, decode_train
+from .plan import EpochPlan, consumed_ids, epoch_order, mix, worker_batches_done
+from .storage import open_storage
+from .stream import Truncated, iter_runs, make_runs
+from .transforms import make_randaugment, mix_batch, sample_transform, to_float_batch
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+#: Bad samples logged (with shard and key) per worker per epoch before going quiet.
+LOG_FIRST_BAD = 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """How to read one split of a sharded dataset; see the module docstring for semantics.
+
+    ``batch_size`` is per rank. ``read_retries`` / ``read_backoff_s``: attempts (each resuming
+    with a Range GET from the byte reached) and initial backoff for a shard stream. ``train=False`` selects the eval preset (resize + center crop,
+    no shuffle, no drop, padded last batches with a ``valid`` mask). ``limit_samples`` keeps
+    only the first N samples of the split (writer order is already shuffled across classes),
+    for data-size scaling studies.
+    """
+
+    url: str
+    split: str = "train"
+    image_size: int = 224
+    batch_size: int = 32
+    num_workers: int = 2
+    seed: int = 0
+    shuffle_buffer: int = 512
+    train: bool = True
+    crop_scale: tuple[float, float] = (0.05, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    randaugment: tuple[int, int] | None = None
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    eval_crop_pct: float = 0.875
+    max_bad_fraction: float = 0.01
+    min_samples_for_bad_check: int = 200
+    prefetch_shards: int = 2
+    read_retries: int = 6
+    read_backoff_s: float = 0.2
+    prefetch_batches: int = 2
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    limit_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_size <= 0 or self.batch_size <= 0:
+            raise ValueError(f"image_size {self.image_size} and batch_size {self.batch_size} must be positive")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers {self.num_workers} must be >= 0")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction {self.max_bad_fraction} must be in [0, 1]")
+
+
+class BadDataError(RuntimeError):
+    """Too many bad samples; the message names the worst shards."""
+
+
+@dataclass
+class Meta:
+    """The split's per-sample index as flat numpy arrays (shared copy-on-write with workers)."""
+
+    shard_names: list[str]
+    shard_start: np.ndarray  # (n_shards + 1,) first id of each shard
+    shard_of: np.ndarray  # (T,) int32
+    offsets: np.ndarray  # (T,) int64 byte offset of the image member's data
+    sizes: np.ndarray  # (T,) int64
+    labels: np.ndarray  # (T,) int32 single-label (-1: missing)
+    ml_offsets: np.ndarray | None  # (T + 1,) CSR into ml_values for multi-label
+    ml_values: np.ndarray | None
+    keys: Any  # pyarrow string array (T,)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.shard_start[-1])
+
+
+def load_meta(url: str, split: str, limit: int | None = None) -> Meta:
+    """Read index.parquet (must exist: written last) and the split's rows of samples.parquet."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    st = open_storage(url)
+    if not st.exists("index.parquet"):
+        raise FileNotFoundError(f"{st.url_for('index.parquet')} not found: not a dataset, or its writer has "
+                                "not finished (run python -m pipeline.write_shards SRC DEST)")
+    info = json.loads(st.read_bytes("dataset.json"))
+    import pyarrow as pa
+
+    index = pq.read_table(pa.BufferReader(st.read_bytes("index.parquet")))
+    index = index.filter(pc.equal(index["split"], split))
+    if index.num_rows == 0:
+        raise ValueError(f"split {split!r} not in {url} (has {sorted(info.get('counts', {}))})")
+    samples = pq.read_table(pa.BufferReader(st.read_bytes(info.get("samples_file", "samples.parquet"))))
+    samples = samples.filter(pc.equal(samples["split"], split))
+    names = index["shard"].to_pylist()
+    pos = {n: i for i, n in enumerate(names)}
+    shard_of = np.asarray([pos[s] for s in samples["shard"].to_pylist()], dtype=np.int32)
+    order = np.lexsort((samples["offset"].to_numpy(), shard_of))  # canonical: shard, then file order
+    samples = samples.take(pa.array(order))
+    shard_of = shard_of[order]
+    counts = np.bincount(shard_of, minlength=len(names))
+    shard_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    if limit is not None and limit < shard_start[-1]:
+        shard_start = np.minimum(shard_start, limit)
+        keep = int(np.searchsorted(shard_start, limit, side="left")) + 1
+        shard_start = shard_start[:keep]
+        names = names[: keep - 1]
+        samples = samples.slice(0, limit)
+        shard_of = shard_of[:limit]
+    ml_off = ml_val = None
+    if info.get("multi_label"):
+        col = samples["labels"].combine_chunks()
+        ml_off = col.offsets.to_numpy().astype(np.int64)
+        ml_off = ml_off - ml_off[0]
+        ml_val = col.flatten().to_numpy().astype(np.int64)
+    return Meta(
+        shard_names=names, shard_start=shard_start, shard_of=shard_of,
+        offsets=samples["offset"].to_numpy().astype(np.int64), sizes=samples["size"].to_numpy().astype(np.int64),
+        labels=samples["label"].to_numpy().astype(np.int32), ml_offsets=ml_off, ml_values=ml_val,
+        keys=samples["key"].combine_chunks(), info=info,
+    )
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A finished part of the current epoch under an earlier layout (see pipeline.plan)."""
+
+    world_size: int
+    num_workers: int
+    batch_size: int
+    batches: int
+
+
+class ShardStream(IterableDataset):
+    """One rank's epoch as an IterableDataset; every DataLoader worker plays one slot."""
+
+    def __init__(self, cfg: DataConfig, meta: Meta, plan: EpochPlan, rank: int, skip: int) -> None:
+        super().__init__()
+        self.cfg, self.meta, self.plan, self.rank, self.skip = cfg, meta, plan, rank, skip
+        self.num_classes = int(meta.info["num_classes"])
+        self.multi_label = bool(meta.info.get("multi_label"))
+
+    # ---------------------------------------------------------------- labels
+    def _target(self, i: int) -> int | np.ndarray:
+        c = self.num_classes
+        if self.multi_label:
+            assert self.meta.ml_offsets is not None and self.meta.ml_values is not None
+            ids = self.meta.ml_values[self.meta.ml_offsets[i]: self.meta.ml_offsets[i + 1]]
+            if len(ids) == 0:
+                raise BadSample("missing_label")
+            if ids.min() < 0 or ids.max() >= c:
+                raise BadSample("label_out_of_range", str(ids.tolist()))
+            v = np.zeros(c, np.float32)
+            v[ids] = 1.0
+            return v
+        y = int(self.meta.labels[i])
+        if y < 0:
+            raise BadSample("missing_label")
+        if y >= c:
+            raise BadSample("label_out_of_range", f"{y} >= num_classes {c}")
+        return y
+
+    # ---------------------------------------------------------------- the pipeline
+    def __iter__(self) -> Iterator[tuple]:
+        cfg, meta, plan = self.cfg, self.meta, self.plan
+        wi = get_worker_info()
+        n_workers = plan.num_workers
+        # DataLoader always starts its round robin at worker 0; after resuming at batch k the
+        # next batch belongs to logical worker k % W, so worker i plays logical (i + k) % W.
+        phys = wi.id if wi is not None else 0
+        logical = (phys + self.skip) % n_workers
+        if wi is not None:
+            torch.set_num_threads(1)
+        slot = self.rank * n_workers + logical
+        B = cfg.batch_size
+        done = min(worker_batches_done(self.skip, logical, n_workers), plan.batches_per_slot)
+        emission = plan.slot_emission(slot)[done * B:]  # (n_batches * B,) ids, -1 = eval padding
+        wanted = emission[emission >= 0]
+        stream = plan.slot_stream(slot)
+        stream = stream[np.isin(stream, wanted)]
+        runs = make_runs(stream, meta.shard_of, meta.shard_names, meta.offsets, meta.sizes)
+        source = iter_runs(open_storage(cfg.url), runs, prefetch=cfg.prefetch_shards, retries=cfg.read_retries,
+                           backoff=cfg.read_backoff_s)
+        randaug = make_randaugment(cfg.randaugment) if cfg.train else None
+        fetched: dict[int, bytes | Truncated] = {}
+        logged = 0
+        last_good: tuple[torch.Tensor, Any] | None = None
+        S = cfg.image_size
+
+        for b0 in range(0, len(emission), B):
+            batch_ids = emission[b0: b0 + B].tolist()
+            imgs: list[torch.Tensor | None] = []
+            tgts: list[Any] = []
+            reasons: Counter[str] = Counter()
+            bad_shards: Counter[str] = Counter()
+            for i in batch_ids:
+                if i < 0:
+                    imgs.append(None)
+                    tgts.append(None)
+                    continue
+                while i not in fetched:
+                    j, data = next(source)
+                    fetched[j] = data
+                data = fetched.pop(i)
+                try:
+                    if isinstance(data, Truncated):
+                        raise BadSample("truncated", "shard ended inside this member")
+                    target = self._target(i)
+                    sseed = mix(cfg.seed, plan.epoch, i)
+                    if cfg.train:
+                        arr = decode_train(data, size=S, scale=cfg.crop_scale, ratio=cfg.crop_ratio,
+                                           hflip=cfg.hflip, rng=random.Random(sseed),
+                                           max_pixels=cfg.max_image_pixels)
+                    else:
+                        arr = decode_eval(data, size=S, crop_pct=cfg.eval_crop_pct, max_pixels=cfg.max_image_pixels)
+                    imgs.append(sample_transform(arr, randaug, sseed))
+                    tgts.append(target)
+                except BadSample as exc:
+                    reasons[exc.reason] += 1
+                    shard = meta.shard_names[int(meta.shard_of[i])]
+                    bad_shards[shard] += 1
+                    if logged < LOG_FIRST_BAD:
+                        logged += 1
+                        log.warning("skipping bad sample: shard %s key %s: %s", shard, meta.keys[i].as_py(), exc)
+                    imgs.append(None)
+                    tgts.append(None)
+            yield self._collate(imgs, tgts, batch_ids, b0 // B + done, slot, reasons, bad_shards, last_good)
+            for im, t in zip(imgs, tgts, strict=True):
+                if im is not None:
+                    last_good = (im, t)
+
+    def _collate(self, imgs: list[torch.Tensor | None], tgts: list[Any], ids: list[int], batch_idx: int,
+                 slot: int, reasons: Counter[str], bad_shards: Counter[str],
+                 last_good: tuple[torch.Tensor, Any] | None) -> tuple:
+        cfg, S, C = self.cfg, self.cfg.image_size, self.num_classes
+        valid = [im is not None for im in imgs]
+        n_good = sum(valid)
+        stats: dict[str, Any] = {"samples": n_good, "reasons": dict(reasons), "shards": dict(bad_shards)}
+        if cfg.train:
+            # Fill bad slots with good samples of the same batch so every batch has B rows.
+            good = [k for k, v in enumerate(valid) if v]
+            pool = [(imgs[k], tgts[k]) for k in good] or ([last_good] if last_good is not None else [])
+            filled = 0
+            for k, v in enumerate(valid):
+                if not v:
+                    filled += 1
+                    if pool:
+                        imgs[k], tgts[k] = pool[filled % len(pool)]
+                    else:  # a whole bad batch at the very start of a slot: blank rows, label 0
+                        imgs[k] = torch.zeros(3, S, S, dtype=torch.uint8)
+                        tgts[k] = np.zeros(C, np.float32) if self.multi_label else 0
+            if filled:
+                stats["filled"] = filled
+        else:
+            for k, v in enumerate(valid):
+                if not v:
+                    imgs[k] = torch.zeros(3, S, S, dtype=torch.uint8)
+                    tgts[k] = np.zeros(C, np.float32) if self.multi_label else 0
+            stats["padded"] = sum(1 for i in ids if i < 0)
+        x = to_float_batch(torch.stack(imgs), cfg.mean, cfg.std)  # type: ignore[arg-type]  # (B, 3, S, S)
+        if self.multi_label:
+            y = torch.from_numpy(np.stack(tgts))  # (B, C) float32 multi-hot
+        else:
+            y = torch.tensor(tgts, dtype=torch.int64)  # (B,)
+        if cfg.train and (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0):
+            if y.dtype == torch.int64:
+                y = torch.nn.functional.one_hot(y, C).float()
+            x, y = mix_batch(x, y, mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
+                             seed=mix(cfg.seed, self.plan.epoch, self.plan.segment, slot, batch_idx, 0x313))
+        if cfg.train:
+            return x, y, stats
+        return x, y, torch.tensor(valid, dtype=torch.bool), stats
+
+
+class Loader:
+    """One rank's view of a split: iterate for an epoch of batches; resumable; see module doc."""
+
+    def __init__(self, cfg: DataConfig, *, rank: int, world_size: int, epoch: int = 0) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.meta = load_meta(cfg.url, cfg.split, cfg.limit_samples)
+        self.info: dict[str, Any] = self.meta.info
+        self.num_classes = int(self.info["num_classes"])
+        self.multi_label = bool(self.info.get("multi_label"))
+        self.epoch = epoch
+        self._batches = 0  # yielded in the current segment of the current epoch
+        self._segments: list[Segment] = []
+        self._stats: Counter[str] = Counter()
+        self._bad_shards: Counter[str] = Counter()
+        self._plan_cache: tuple[tuple, EpochPlan] | None = None
+        self._check_size()
+
+    @property
+    def workers(self) -> int:
+        return max(1, self.cfg.num_workers)
+
+    def _check_size(self) -> None:
+        p = self.plan()
+        if p.batches_per_slot == 0 and not self._segments:
+            T, S, B = len(p.order), p.num_slots, self.cfg.batch_size
+            raise ValueError(f"split {self.cfg.split!r} has {T} samples, fewer than world_size*num_workers*"
+                             f"batch_size = {S}*{B} = {S * B}: lower batch_size or num_workers")
+
+    # ---------------------------------------------------------------- plan
+    def plan(self) -> EpochPlan:
+        """The plan of the current segment of the current epoch (cached)."""
+        key = (self.epoch, tuple(self._segments), self.world_size, self.workers, self.cfg.batch_size)
+        if self._plan_cache is not None and self._plan_cache[0] == key:
+            return self._plan_cache[1]
+        cfg = self.cfg
+        order = epoch_order(self.meta.shard_start, seed=cfg.seed, epoch=self.epoch, train=cfg.train)
+        for s, seg in enumerate(self._segments):
+            p = EpochPlan(order, seg.world_size, seg.num_workers, seg.batch_size, cfg.train, cfg.seed,
+                          self.epoch, s, cfg.shuffle_buffer)
+            order = order[~np.isin(order, consumed_ids(p, seg.batches))]
+        plan = EpochPlan(order, self.world_size, self.workers, cfg.batch_size, cfg.train, cfg.seed, self.epoch,
+                         len(self._segments), cfg.shuffle_buffer)
+        self._plan_cache = (key, plan)
+        return plan
+
+    def __len__(self) -> int:
+        """Batches in the current epoch for this rank (identical on every rank)."""
+        return sum(s.batches for s in self._segments) + self.plan().batches_per_rank
+
+    # ---------------------------------------------------------------- iteration
+    def __iter__(self) -> Iterator[tuple]:
+        plan = self.plan()
+        if self._batches >= plan.batches_per_rank:
+            self._advance_epoch()
+            plan = self.plan()
+        ds = ShardStream(self.cfg, self.meta, plan, self.rank, self._batches)
+        nw = self.cfg.num_workers
+        dl = DataLoader(ds, batch_size=None, num_workers=nw, prefetch_factor=self.cfg.prefetch_batches if nw else None,
+                        multiprocessing_context="fork" if nw else None, persistent_workers=False)
+        for item in dl:
+            *batch, stats = item
+            self._account(stats)
+            self._batches += 1
+            yield tuple(batch)
+        if self._batches >= plan.batches_per_rank:
+            self._advance_epoch()
+
+    def _advance_epoch(self) -> None:
+        self.epoch += 1
+        self._batches = 0
+        self._segments = []
+
+    def _account(self, stats: dict[str, Any]) -> None:
+        self._stats["samples"] += stats["samples"]
+        for k in ("filled", "padded"):
+            if stats.get(k):
+                self._stats[k] += stats[k]
+        for r, n in stats["reasons"].items():
+            self._stats[f"skipped_{r}"] += n
+            self._stats["skipped"] += n
+        self._bad_shards.update(stats["shards"])
+        bad, seen = self._stats["skipped"], self._stats["samples"] + self._stats["skipped"]
+        if bad and seen >= self.cfg.min_samples_for_bad_check and bad > self.cfg.max_bad_fraction * seen:
+            worst = ", ".join(f"{s} ({n} bad)" for s, n in self._bad_shards.most_common(5))
+            raise BadDataError(
+                f"{bad} of {seen} samples were bad ({bad / seen:.1%} > max_bad_fraction "
+                f"{self.cfg.max_bad_fraction:.1%}); worst shards: {worst}; reasons: "
+                f"{ {k[8:]: v for k, v in self._stats.items() if k.startswith('skipped_')} }")
+
+    # ---------------------------------------------------------------- state
+    def set_epoch(self, epoch: int) -> None:
+        """Jump to the start of ``epoch``."""
+        self.epoch, self._batches, self._segments = int(epoch), 0, []
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able cursor: epoch, batches yielded, layout (and earlier layouts this epoch)."""
+        return {
+            "version": STATE_VERSION, "epoch": self.epoch, "batches": self._batches,
+            "world_size": self.world_size, "num_workers": self.workers, "batch_size": self.cfg.batch_size,
+            "seed": self.cfg.seed, "split": self.cfg.split, "num_samples": self.meta.num_samples,
+            "segments": [vars(s).copy() for s in self._segments],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a cursor. Same layout: exact. Different world/workers/batch: no repeats."""
+        if state.get("num_samples") != self.meta.num_samples or state.get("seed") != self.cfg.seed:
+            raise ValueError(f"loader state is for a different dataset or seed (num_samples "
+                             f"{state.get('num_samples')} vs {self.meta.num_samples}, seed {state.get('seed')} "
+                             f"vs {self.cfg.seed})")
+        self.epoch = int(state["epoch"])
+        self._segments = [Segment(**s) for s in state.get("segments", [])]
+        layout = (state["world_size"], state["num_workers"], state["batch_size"])
+        if layout == (self.world_size, self.workers, self.cfg.batch_size):
+            self._batches = int(state["batches"])
+        else:
+            if state["batches"]:
+                self._segments.append(Segment(*layout, int(state["batches"])))
+            self._batches = 0
+        self._plan_cache = None
+
+    def stats(self) -> dict[str, int]:
+        """Samples delivered and bad samples per reason (``skipped_<reason>``), over all workers."""
+        return dict(self._stats)
+
+    def bad_shards(self) -> dict[str, int]:
+        """Bad-sample counts per shard."""
+        return dict(self._bad_shards)
+
+
+def build_loader(cfg: DataConfig, *, rank: int, world_size: int, epoch: int = 0) -> Loader:
+    """The :class:`Loader` for ``rank`` of ``world_size`` (see module docstring)."""
+    return Loader(cfg, rank=rank, world_size=world_size, epoch=epoch)

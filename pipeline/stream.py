@@ -1,0 +1,117 @@
+"""Read sample bytes out of tar shards by byte range, prefetching upcoming shards in threads.
+
+The writer recorded, for every sample, the byte range of its image member inside its shard
+(``samples.parquet``), so a reader never parses tar headers: for each shard a slot touches it
+opens one streaming ``Range`` GET from the first wanted sample to the end of the last one and
+slices members out of the stream, skipping (or, for big gaps, re-ranging over) unwanted ones.
+That is what lets a slot start in the middle of a shard and resume without reading what came
+before. Up to ``prefetch`` shard runs stream concurrently, each into a bounded queue.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .storage import DEFAULT_RETRIES, Storage
+
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class Run:
+    """Consecutive wanted samples of one shard: ids (ascending offsets) and their byte ranges."""
+
+    shard: str
+    ids: np.ndarray
+    offsets: np.ndarray
+    sizes: np.ndarray
+
+
+class Truncated(Exception):
+    """The shard ended before this sample's bytes (a truncated member / short shard)."""
+
+
+def make_runs(ids: np.ndarray, shard_of: np.ndarray, shard_names: Sequence[str], offsets: np.ndarray,
+              sizes: np.ndarray) -> list[Run]:
+    """Group ``ids`` (already in stream order) into per-shard runs."""
+    runs: list[Run] = []
+    if len(ids) == 0:
+        return runs
+    sh = shard_of[ids]
+    cuts = np.flatnonzero(np.diff(sh)) + 1
+    for part in np.split(ids, cuts):
+        runs.append(Run(shard_names[int(shard_of[part[0]])], part, offsets[part], sizes[part]))
+    return runs
+
+
+def _read_run(storage: Storage, run: Run, q: queue.Queue, stop: threading.Event, retries: int,
+              backoff: float) -> None:
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        start = int(run.offsets[0])
+        end = int(run.offsets[-1] + run.sizes[-1])
+        with storage.open_range(run.shard, start, end, retries=retries, backoff=backoff) as f:
+            truncated = False
+            for i, off, size in zip(run.ids.tolist(), run.offsets.tolist(), run.sizes.tolist(), strict=True):
+                if stop.is_set():
+                    return
+                if not truncated:
+                    f.skip(off - f.pos)
+                    data = f.read_exact(size) if f.pos == off else b""
+                    truncated = len(data) < size
+                if not put((i, Truncated() if truncated else data)):
+                    return
+    except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread, re-raised there
+        put(exc)
+        return
+    put(_DONE)
+
+
+def iter_runs(storage: Storage, runs: list[Run], *, prefetch: int = 2, queue_items: int = 64,
+              retries: int = DEFAULT_RETRIES, backoff: float = 0.2) -> Iterator[tuple[int, bytes | Truncated]]:
+    """Yield ``(id, bytes)`` (or ``(id, Truncated())``) for every id of ``runs`` in order.
+
+    Shard-level failures that survived the storage retries re-raise here, naming the shard.
+    """
+    stop = threading.Event()
+    active: list[tuple[queue.Queue, threading.Thread]] = []
+    nxt = 0
+
+    def launch() -> None:
+        nonlocal nxt
+        while nxt < len(runs) and len(active) < max(1, prefetch):
+            q: queue.Queue = queue.Queue(maxsize=queue_items)
+            t = threading.Thread(target=_read_run, args=(storage, runs[nxt], q, stop, retries, backoff), daemon=True,
+                                 name=f"shard-reader-{nxt}")
+            t.start()
+            active.append((q, t))
+            nxt += 1
+
+    try:
+        launch()
+        while active:
+            q, _ = active[0]
+            while True:
+                item = q.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item  # type: ignore[misc]
+            active.pop(0)
+            launch()
+    finally:
+        stop.set()

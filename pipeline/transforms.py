@@ -1,0 +1,72 @@
+"""Per-sample and per-batch transforms (torchvision.transforms.v2) after decoding.
+
+* :func:`sample_transform` - optional RandAugment on the uint8 crop (seeded per sample, so
+  resume never needs to replay earlier samples' randomness).
+* :func:`to_float_batch` - ``ToDtype(float32, scale=True)`` + ``Normalize`` over a whole
+  ``(B, 3, S, S)`` uint8 batch at once (one vectorised op instead of B small ones).
+* :func:`mix_batch` - batch-level mixup / cutmix producing soft targets, seeded per batch.
+
+The geometric part of the train/eval presets (Inception crop + flip; resize + center crop)
+is fused with JPEG decoding in :mod:`pipeline.decode`, where it can use draft mode.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+
+def make_randaugment(randaugment: tuple[int, int] | None) -> v2.Transform | None:
+    """``v2.RandAugment(num_ops, magnitude)`` or ``None``."""
+    if not randaugment:
+        return None
+    num_ops, magnitude = randaugment
+    return v2.RandAugment(num_ops=int(num_ops), magnitude=int(magnitude))
+
+
+def sample_transform(img: np.ndarray, randaug: v2.Transform | None, sample_seed: int) -> torch.Tensor:
+    """``(S, S, 3)`` uint8 array -> ``(3, S, S)`` uint8 tensor, RandAugment'ed if configured."""
+    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)  # (3, S, S)
+    if randaug is not None:
+        # v2 transforms draw from torch's global RNG: reseed it per sample (worker-local state).
+        torch.manual_seed(sample_seed & ((1 << 63) - 1))
+        t = randaug(t)
+    return t
+
+
+def to_float_batch(batch_u8: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """``(B, 3, S, S)`` uint8 -> normalized float32."""
+    x = v2.functional.to_dtype(batch_u8, torch.float32, scale=True)
+    return v2.functional.normalize(x, list(mean), list(std))
+
+
+def mix_batch(images: torch.Tensor, targets: torch.Tensor, *, mixup_alpha: float, cutmix_alpha: float,
+              seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or cutmix (one per batch, chosen at random when both are on) with the reversed batch.
+
+    ``targets`` must already be float ``(B, C)`` (one-hot or multi-hot); returns soft targets
+    ``lam * y + (1 - lam) * y.flip(0)`` with ``lam`` the exact mixed-area fraction for cutmix.
+    """
+    rng = np.random.default_rng(seed)
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
+    alpha = cutmix_alpha if use_cutmix else mixup_alpha
+    if alpha <= 0:
+        return images, targets
+    lam = float(rng.beta(alpha, alpha))
+    flipped = images.flip(0)
+    if use_cutmix:
+        _, _, h, w = images.shape
+        cut = math.sqrt(1.0 - lam)
+        ch, cw = int(h * cut), int(w * cut)
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        images = images.clone()
+        images[:, :, y0:y1, x0:x1] = flipped[:, :, y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)
+    else:
+        images = images * lam + flipped * (1.0 - lam)
+    return images, targets * lam + targets.flip(0) * (1.0 - lam)

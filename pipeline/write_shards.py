@@ -1,0 +1,483 @@
+"""Write an image collection as WebDataset tar shards plus a per-sample index.
+
+``python -m pipeline.write_shards SRC DEST [options]``
+
+SRC is either an ImageNet-21k-style folder (``SRC/<synset>/<image>``; one label per image,
+classes = sorted sub-folder names) or a JFT-style manifest (``.parquet`` or ``.csv``) with an
+image path/URL column and a labels column holding one or several labels per image
+(multi-label). DEST is a local folder, ``file://`` or ``s3://bucket/prefix``.
+
+Layout written at DEST::
+
+    shards/{split}-NNNNNN.tar   plain tar, members {key}.jpg + {key}.cls (int) or {key}.json
+                                (list of ints, multi-label); readable by stock webdataset
+    markers/{shard}.json        per-shard completion marker (sha256, plan hash, sample rows)
+    samples.parquet             one row per sample: split, shard, key, offset, size (byte range
+                                of the JPEG member inside the tar), label(s), src
+    classes.json, dataset.json, rejects.parquet
+    index.parquet               one row per shard: split, shard, samples, bytes, sha256
+                                -- written LAST, so a reader never sees a half-written dataset
+
+Samples are shuffled across classes with ``--seed`` before being cut into shards. Original
+JPEG bytes are kept unless ``--max-side`` asks for a resize; other formats are re-encoded.
+Re-running with the same arguments resumes: a shard whose marker matches the plan and whose
+stored bytes hash to the recorded sha256 is not re-encoded. Images that cannot be read or
+decoded are skipped and listed in ``rejects.parquet`` with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .storage import Storage, open_storage
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+FORMAT_VERSION = 1
+#: Refuse to even look at images above this many pixels when writing (decompression bombs).
+WRITER_MAX_PIXELS = 1 << 28
+
+
+@dataclass
+class Item:
+    """One source image: where it lives, its labels (class ids) and its planned split."""
+
+    src: str
+    labels: list[int] | None
+    split: str = "train"
+
+
+@dataclass
+class Source:
+    """A scanned SRC: items, the class vocabulary and whether labels are multi-label."""
+
+    items: list[Item]
+    classes: list[str]
+    multi_label: bool
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- reading SRC
+def scan_folder(root: Path) -> Source:
+    """An I21k-style folder: ``root/<class>/<file>``; classes are the sorted sub-folders."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{root} has no class sub-folders (expected SRC/<synset>/<image>.JPEG)")
+    items, rejects = [], []
+    for ci, c in enumerate(classes):
+        for p in sorted((root / c).rglob("*")):
+            if not p.is_file() or p.name.startswith("."):
+                continue
+            if p.suffix.lower() not in IMAGE_EXTS:
+                rejects.append({"src": str(p), "reason": "not_an_image", "detail": p.suffix})
+                continue
+            items.append(Item(str(p), [ci]))
+    return Source(items, classes, multi_label=False, rejects=rejects)
+
+
+def _parse_label_cell(v: Any) -> list[Any] | None:
+    if v is None:
+        return None
+    if isinstance(v, float) and np.isnan(v):
+        return None
+    if isinstance(v, list | tuple | np.ndarray):
+        return [x for x in v if x is not None and str(x) != ""]
+    s = str(v).strip()
+    if not s:
+        return None
+    if s.startswith("["):
+        return list(json.loads(s))
+    for sep in ("|", ";", ","):
+        if sep in s:
+            return [x.strip() for x in s.split(sep) if x.strip()]
+    return [s]
+
+
+def scan_manifest(path: Path, *, path_column: str | None = None, labels_column: str | None = None,
+                  multi_label: bool | None = None) -> Source:
+    """A JFT-style manifest (parquet or csv): an image path/URL column and a labels column.
+
+    Labels may be lists or scalars, strings (class names; vocabulary = sorted names) or ints
+    (class ids; ``num_classes = max + 1``). Relative paths are relative to the manifest.
+    An optional ``split`` column assigns splits explicitly.
+    """
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path) if path.suffix == ".parquet" else pcsv.read_csv(path)
+    cols = table.column_names
+    pc = path_column or next((c for c in ("path", "image", "image_path", "url", "file", "filename") if c in cols), None)
+    lc = labels_column or next((c for c in ("labels", "label", "classes", "class") if c in cols), None)
+    if pc is None or lc is None:
+        raise ValueError(f"{path}: need an image path column and a labels column; found {cols} "
+                         "(use --path-column / --labels-column)")
+    paths = table.column(pc).to_pylist()
+    raw = [_parse_label_cell(v) for v in table.column(lc).to_pylist()]
+    splits = table.column("split").to_pylist() if "split" in cols else None
+    flat = [x for r in raw if r for x in r]
+    if flat and all(isinstance(x, int | np.integer) or (isinstance(x, str) and x.isdigit()) for x in flat) \
+            and not any(isinstance(x, str) for x in flat):
+        classes = [str(i) for i in range(max(int(x) for x in flat) + 1)]
+        to_id = {str(i): i for i in range(len(classes))}
+    else:
+        classes = sorted({str(x) for x in flat})
+        to_id = {c: i for i, c in enumerate(classes)}
+    ml = multi_label if multi_label is not None else any(r is not None and len(r) != 1 for r in raw)
+    items, rejects = [], []
+    for i, (p, r) in enumerate(zip(paths, raw, strict=True)):
+        src = str(p)
+        if "://" not in src and not os.path.isabs(src):
+            src = str(path.parent / src)
+        if not r:
+            rejects.append({"src": src, "reason": "missing_label", "detail": ""})
+            continue
+        ids = sorted({to_id[str(x)] for x in r})
+        if not ml and len(ids) != 1:
+            rejects.append({"src": src, "reason": "multiple_labels", "detail": str(r)})
+            continue
+        items.append(Item(src, ids, split=str(splits[i]) if splits else "train"))
+    return Source(items, classes, multi_label=ml, rejects=rejects)
+
+
+def read_source_bytes(src: str) -> bytes:
+    """Bytes of one source image: a local path, ``s3://`` or ``http(s)://`` URL."""
+    if src.startswith("s3://"):
+        bucket_end = src.index("/", 5)
+        return open_storage(src[:bucket_end]).read_bytes(src[bucket_end + 1:])
+    if src.startswith(("http://", "https://")):
+        with urllib.request.urlopen(src, timeout=60) as r:  # noqa: S310 - user-provided manifest URL
+            return r.read()
+    return Path(src.removeprefix("file://")).read_bytes()
+
+
+# ----------------------------------------------------------------------------- encoding
+class Reject(Exception):
+    """A source image that will not be written; ``reason`` is the rejects.parquet category."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def prepare_image(data: bytes, *, max_side: int | None, quality: int) -> bytes:
+    """Validate ``data`` and return JPEG bytes (original bytes when already a JPEG that fits)."""
+    try:
+        im = Image.open(io.BytesIO(data))
+        w, h = im.size
+        if w * h > WRITER_MAX_PIXELS:
+            raise Reject("too_many_pixels", f"{w}x{h}")
+        resize = max_side is not None and max(w, h) > max_side
+        if im.format == "JPEG" and not resize:
+            # A 1/8-scale DCT decode is enough to catch truncated or corrupt entropy data.
+            im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+            im.load()
+            return data
+        if resize:
+            s = max_side / max(w, h)  # type: ignore[operator]
+            tw, th = max(1, round(w * s)), max(1, round(h * s))
+            if im.format == "JPEG":
+                im.draft("RGB", (tw, th))
+            im = im.convert("RGB").resize((tw, th), Image.BICUBIC, reducing_gap=3.0)
+        else:
+            im = im.convert("RGB")
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=quality)
+        return buf.getvalue()
+    except Reject:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise Reject("too_many_pixels", str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a reject, not a crash
+        raise Reject("undecodable", f"{type(exc).__name__}: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------- shards
+@dataclass
+class ShardJob:
+    """One shard to write: its name and the (key, item) pairs in order."""
+
+    split: str
+    index: int
+    members: list[tuple[str, Item]]
+
+    @property
+    def name(self) -> str:
+        return f"shards/{self.split}-{self.index:06d}.tar"
+
+    def plan_hash(self, options: dict[str, Any]) -> str:
+        h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+        for key, it in self.members:
+            h.update(f"{key}\t{it.src}\t{it.labels}\n".encode())
+        return h.hexdigest()
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o644, 0, 0, "", ""
+    return ti
+
+
+def _sha256_of(storage: Storage, key: str) -> str:
+    h = hashlib.sha256()
+    with storage.open_range(key) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_shard(job: ShardJob, dest: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Encode, tar, upload one shard and its marker; or reuse it when already complete.
+
+    Returns ``{"shard": index row, "samples": [rows], "rejects": [rows], "resumed": bool}``.
+    """
+    storage = open_storage(dest)
+    marker_key = f"markers/{Path(job.name).name}.json"
+    plan = job.plan_hash(options)
+    if storage.exists(marker_key) and storage.exists(job.name):
+        try:
+            marker = json.loads(storage.read_bytes(marker_key))
+            if (marker.get("plan") == plan and storage.size(job.name) == marker["shard"]["bytes"]
+                    and _sha256_of(storage, job.name) == marker["shard"]["sha256"]):
+                return {**marker, "resumed": True}
+        except (ValueError, KeyError, OSError):
+            pass  # an unreadable marker: rewrite the shard
+    multi = options["multi_label"]
+    samples: list[dict[str, Any]] = []
+    rejects: list[dict[str, Any]] = []
+    with tempfile.NamedTemporaryFile(suffix=".tar", delete=False) as tmp:
+        tmp_path = tmp.name
+    try:
+        with tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for key, it in job.members:
+                try:
+                    try:
+                        raw = read_source_bytes(it.src)
+                    except Exception as exc:  # noqa: BLE001 - unreadable source is a reject
+                        raise Reject("unreadable", f"{type(exc).__name__}: {exc}") from exc
+                    jpg = prepare_image(raw, max_side=options["max_side"], quality=options["quality"])
+                except Reject as r:
+                    rejects.append({"src": it.src, "reason": r.reason, "detail": r.detail[:500]})
+                    continue
+                start = tf.offset
+                tf.addfile(_tarinfo(f"{key}.jpg", len(jpg)), io.BytesIO(jpg))
+                data_off = start + tarfile.BLOCKSIZE  # USTAR, short names: one 512-byte header
+                assert tf.offset == data_off + -(-len(jpg) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                labels = it.labels or []
+                lab = json.dumps(labels).encode() if multi else str(labels[0]).encode()
+                tf.addfile(_tarinfo(f"{key}.{'json' if multi else 'cls'}", len(lab)), io.BytesIO(lab))
+                row: dict[str, Any] = {"split": job.split, "shard": job.name, "key": key, "offset": data_off,
+                                       "size": len(jpg), "label": -1 if multi else labels[0], "src": it.src}
+                if multi:
+                    row["labels"] = labels
+                samples.append(row)
+        h = hashlib.sha256()
+        with open(tmp_path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        nbytes = os.path.getsize(tmp_path)
+        storage.upload_file(tmp_path, job.name)
+    finally:
+        os.unlink(tmp_path)
+    shard = {"split": job.split, "shard": job.name, "samples": len(samples), "bytes": nbytes, "sha256": h.hexdigest()}
+    result = {"shard": shard, "samples": samples, "rejects": rejects, "plan": plan}
+    storage.write_bytes(marker_key, json.dumps(result).encode())
+    return {**result, "resumed": False}
+
+
+def _write_shard_star(args: tuple[ShardJob, str, dict[str, Any]]) -> dict[str, Any]:
+    return write_shard(*args)
+
+
+# ----------------------------------------------------------------------------- planning
+def plan_shards(items: list[Item], *, seed: int, val_fraction: float, samples_per_shard: int | None,
+                shard_bytes: int | None, val_split: str = "val") -> list[ShardJob]:
+    """Shuffle across classes with ``seed``, split off validation, cut into shards.
+
+    With ``shard_bytes`` shards are cut by source file size (an estimate: re-encoded images
+    may come out smaller); otherwise by ``samples_per_shard``.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(items))
+    items = [items[i] for i in order]
+    if val_fraction > 0:
+        n_val = round(len(items) * val_fraction)
+        for it in items[:n_val]:
+            it.split = val_split
+    by_split: dict[str, list[Item]] = {}
+    for it in items:
+        by_split.setdefault(it.split, []).append(it)
+    jobs: list[ShardJob] = []
+    for split in sorted(by_split):
+        members = [(f"{split}-{n:09d}", it) for n, it in enumerate(by_split[split])]
+        cur: list[tuple[str, Item]] = []
+        cur_bytes = 0
+        for m in members:
+            size = _src_size(m[1].src) if shard_bytes else 0
+            full = (len(cur) >= samples_per_shard) if samples_per_shard else (cur and cur_bytes + size > shard_bytes)
+            if cur and full:
+                jobs.append(ShardJob(split, sum(j.split == split for j in jobs), cur))
+                cur, cur_bytes = [], 0
+            cur.append(m)
+            cur_bytes += size + 2 * tarfile.BLOCKSIZE
+        if cur:
+            jobs.append(ShardJob(split, sum(j.split == split for j in jobs), cur))
+    return jobs
+
+
+def _src_size(src: str) -> int:
+    try:
+        return os.path.getsize(src.removeprefix("file://"))
+    except OSError:
+        return 100_000  # remote sources: assume a typical ImageNet JPEG
+
+
+# ----------------------------------------------------------------------------- driver
+def write_dataset(src: str | Path, dest: str, *, samples_per_shard: int | None = 1000, shard_bytes: int | None = None,
+                  val_fraction: float = 0.0, seed: int = 0, max_side: int | None = None, quality: int = 90,
+                  workers: int = 1, path_column: str | None = None, labels_column: str | None = None,
+                  multi_label: bool | None = None, progress: bool = True) -> dict[str, Any]:
+    """Write SRC as shards at DEST (see module docstring); returns the dataset.json dict."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t0 = time.monotonic()
+    srcp = Path(str(src).removeprefix("file://"))
+    if srcp.is_dir():
+        source = scan_folder(srcp)
+    elif srcp.suffix in {".parquet", ".csv"}:
+        source = scan_manifest(srcp, path_column=path_column, labels_column=labels_column, multi_label=multi_label)
+    else:
+        raise ValueError(f"SRC {src} is neither a class folder nor a .parquet/.csv manifest")
+    if shard_bytes:
+        samples_per_shard = None
+    jobs = plan_shards(source.items, seed=seed, val_fraction=val_fraction, samples_per_shard=samples_per_shard,
+                       shard_bytes=shard_bytes)
+    options = {"max_side": max_side, "quality": quality, "multi_label": source.multi_label,
+               "version": FORMAT_VERSION}
+    storage = open_storage(dest)
+    results: list[dict[str, Any]] = []
+    tasks = [(j, dest, options) for j in jobs]
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None  # type: ignore[assignment]
+    bar = tqdm(total=len(jobs), unit="shard", desc="write_shards", disable=not progress, file=sys.stderr) \
+        if tqdm else None
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+            for r in pool.imap_unordered(_write_shard_star, tasks):
+                results.append(r)
+                if bar:
+                    bar.update(1)
+    else:
+        for t in tasks:
+            results.append(_write_shard_star(t))
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+    results.sort(key=lambda r: (r["shard"]["split"], r["shard"]["shard"]))
+
+    rows = [s for r in results for s in r["samples"]]
+    rejects = source.rejects + [x for r in results for x in r["rejects"]]
+    cols: dict[str, Any] = {k: [s[k] for s in rows] for k in ("split", "shard", "key", "offset", "size", "label", "src")}
+    schema_fields = [("split", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("offset", pa.int64()),
+                     ("size", pa.int64()), ("label", pa.int32()), ("src", pa.string())]
+    if source.multi_label:
+        cols["labels"] = [s["labels"] for s in rows]
+        schema_fields.append(("labels", pa.list_(pa.int32())))
+    pq.write_table(pa.table(cols, schema=pa.schema(schema_fields)), buf := pa.BufferOutputStream())
+    storage.write_bytes("samples.parquet", buf.getvalue().to_pybytes())
+    rej_schema = pa.schema([("src", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
+    pq.write_table(pa.table({k: [r[k] for r in rejects] for k in ("src", "reason", "detail")}, schema=rej_schema),
+                   buf := pa.BufferOutputStream())
+    storage.write_bytes("rejects.parquet", buf.getvalue().to_pybytes())
+    storage.write_bytes("classes.json", json.dumps(source.classes).encode())
+
+    splits: dict[str, dict[str, int]] = {}
+    for r in results:
+        s = splits.setdefault(r["shard"]["split"], {"samples": 0, "shards": 0, "bytes": 0})
+        s["samples"] += r["shard"]["samples"]
+        s["shards"] += 1
+        s["bytes"] += r["shard"]["bytes"]
+    info = {
+        "format": "vitscale-webdataset", "version": FORMAT_VERSION, "num_classes": len(source.classes),
+        "multi_label": source.multi_label, "counts": {k: v["samples"] for k, v in splits.items()}, "splits": splits,
+        "source": str(src), "seed": seed, "max_side": max_side, "image_ext": "jpg",
+        "label_ext": "json" if source.multi_label else "cls", "samples_file": "samples.parquet",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    storage.write_bytes("dataset.json", json.dumps(info, indent=2).encode())
+    shards = [r["shard"] for r in results]
+    index_schema = pa.schema([("split", pa.string()), ("shard", pa.string()), ("samples", pa.int64()),
+                              ("bytes", pa.int64()), ("sha256", pa.string())])
+    pq.write_table(pa.table({k: [s[k] for s in shards] for k in index_schema.names}, schema=index_schema),
+                   buf := pa.BufferOutputStream())
+    storage.write_bytes("index.parquet", buf.getvalue().to_pybytes())  # last: the dataset is now complete
+
+    resumed = sum(r["resumed"] for r in results)
+    reasons = Counter(r["reason"] for r in rejects)
+    info["summary"] = {"shards_written": len(results) - resumed, "shards_resumed": resumed,
+                       "rejects": dict(reasons), "seconds": round(time.monotonic() - t0, 2)}
+    return info
+
+
+def _summary_lines(info: dict[str, Any], dest: str) -> Iterable[str]:
+    yield f"wrote {dest}: {info['num_classes']} classes, multi_label={info['multi_label']}"
+    for split, s in info["splits"].items():
+        yield f"  {split}: {s['samples']} samples in {s['shards']} shards, {s['bytes'] / 1e6:.1f} MB"
+    sm = info["summary"]
+    yield (f"  shards written {sm['shards_written']}, resumed (already complete) {sm['shards_resumed']}, "
+           f"{sm['seconds']}s")
+    rej = sm["rejects"]
+    yield f"  rejects: {sum(rej.values())}" + (f" ({', '.join(f'{k}={v}' for k, v in sorted(rej.items()))})"
+                                               if rej else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.write_shards", description=__doc__.split("\n\n")[0])
+    ap.add_argument("src", help="I21k-style folder SRC/<class>/<img> or a .parquet/.csv manifest")
+    ap.add_argument("dest", help="local folder, file:// or s3://bucket/prefix")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--samples-per-shard", type=int, default=1000)
+    g.add_argument("--shard-bytes", type=float, default=None, help="target shard size in bytes (e.g. 1e9)")
+    ap.add_argument("--val-fraction", type=float, default=0.0, help="fraction held out as split 'val'")
+    ap.add_argument("--seed", type=int, default=0, help="shuffle/split seed")
+    ap.add_argument("--max-side", type=int, default=None, help="resize so the longer side is at most this")
+    ap.add_argument("--quality", type=int, default=90, help="JPEG quality for re-encoded images")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--path-column", default=None)
+    ap.add_argument("--labels-column", default=None)
+    ap.add_argument("--multi-label", action=argparse.BooleanOptionalAction, default=None,
+                    help="force (or forbid) multi-label targets for a manifest")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = ap.parse_args(argv)
+    info = write_dataset(a.src, a.dest, samples_per_shard=a.samples_per_shard,
+                         shard_bytes=int(a.shard_bytes) if a.shard_bytes else None, val_fraction=a.val_fraction,
+                         seed=a.seed, max_side=a.max_side, quality=a.quality, workers=a.workers,
+                         path_column=a.path_column, labels_column=a.labels_column, multi_label=a.multi_label,
+                         progress=not a.quiet)
+    for line in _summary_lines(info, a.dest):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""Multi-process DeepSpeed (gloo, CPU) tests of training.Trainer.
+
+To fit the budget every scenario shares processes: one 1-process run and one 2-process run each
+train ZeRO stages 1, 2 and 3 (10 steps straight; 5 steps + fresh process state + resume + 5),
+and a 1-process run is killed (os._exit) in the middle of a checkpoint save, then resumed by a
+second process. The worker side is this file's `main()`, run as `python <this file> ...`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = (1, 2, 3)
+GLOBAL_BATCH = 8
+MICRO = 4
+N_SAMPLES = 256
+TOTAL = 10
+HALF = 5
+
+
+# ---------------------------------------------------------------------------- worker side
+class MemLoader:
+    """Deterministic, resumable in-memory loader of `(images, targets)` micro-batches.
+
+    Each epoch draws a seeded permutation; this rank's k-th micro-batch is global slot
+    `k * world + rank`, so 1 rank x accumulation 2 sees exactly the samples that 2 ranks x
+    accumulation 1 see in each optimizer step. `nan_slots`: slots whose images are NaN.
+    """
+
+    def __init__(self, rank: int, world: int, micro: int = MICRO, seed: int = 0, nan_slots: frozenset = frozenset()):
+        g = torch.Generator().manual_seed(1234)
+        self.x = torch.randn(N_SAMPLES, 3, 32, 32, generator=g)
+        # A learnable rule: the class is the argmax of 10 fixed projections of the image.
+        proj = torch.randn(3 * 32 * 32, 10, generator=g)
+        self.y = (self.x.flatten(1) @ proj).argmax(-1)
+        self.rank, self.world, self.micro, self.seed = rank, world, micro, seed
+        self.nan_slots = nan_slots
+        self.epoch, self.pos = 0, 0
+
+    def __len__(self) -> int:
+        return N_SAMPLES // (self.micro * self.world)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        perm = torch.randperm(N_SAMPLES, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        while self.pos < len(self):
+            slot = self.pos * self.world + self.rank
+            self.pos += 1
+            idx = perm[slot * self.micro : (slot + 1) * self.micro]
+            images = self.x[idx].clone()
+            if (self.epoch, slot) in self.nan_slots:
+                images.fill_(float("nan"))
+            yield images, self.y[idx]
+        self.epoch, self.pos = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, d: dict[str, int]) -> None:
+        self.epoch, self.pos = d["epoch"], d["pos"]
+
+
+class ListSink:
+    """Collects every logged metric (rank 0)."""
+
+    def __init__(self) -> None:
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        pass
+
+    def on_eval(self, model: torch.nn.Module, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def losses(self) -> dict[int, float]:
+        return {s: m["loss"] for s, m in self.metrics if "loss" in m}
+
+
+def make_cfg(stage: int, **kw: Any) -> Any:
+    from training import TrainConfig
+
+    base = dict(
+        global_batch=GLOBAL_BATCH, micro_batch=MICRO, lr=2e-3, warmup_steps=3, total_steps=TOTAL,
+        zero_stage=stage, log_every=1, checkpoint_every=HALF, weight_decay=0.05, profile="cpu",
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def make_model() -> torch.nn.Module:
+    from model import create_model
+
+    torch.manual_seed(0)
+    return create_model("mu/8", num_classes=10, image_size=32)
+
+
+def run_fit(cfg: Any, rank: int, world: int, ckdir: str | None, resume: str | None = None,
+            max_steps: int | None = None, nan_slots: frozenset = frozenset()) -> tuple[Any, ListSink, dict]:
+    from training import Trainer
+
+    sink = ListSink()
+    trainer = Trainer(make_model(), cfg, MemLoader(rank, world, nan_slots=nan_slots), sink=sink, checkpoint_dir=ckdir)
+    result = trainer.fit(resume=resume, max_steps=max_steps)
+    return trainer, sink, result
+
+
+def scenario_dp(out: Path, rank: int, world: int) -> None:
+    """Per ZeRO stage: 10 steps straight; 5 steps + checkpoint + new Trainer resuming + 5 steps."""
+    from training import export_weights
+
+    results: dict[str, Any] = {}
+    for stage in STAGES:
+        cfg = make_cfg(stage)
+        _, sink_a, _ = run_fit(cfg, rank, world, None)
+        ckdir = str(out / f"ck_w{world}_z{stage}")
+        t_b, sink_b, _ = run_fit(cfg, rank, world, ckdir, max_steps=HALF)
+        export_weights(t_b.engine, out / f"w{world}_z{stage}.safetensors")
+        del t_b
+        t_c, sink_c, res_c = run_fit(cfg, rank, world, ckdir, resume="auto")
+        results[str(stage)] = {
+            "straight": sink_a.losses(), "first": sink_b.losses(), "resumed": sink_c.losses(),
+            "final_step": res_c["step"], "grad_norm": [m.get("grad_norm") for _, m in sink_a.metrics],
+        }
+    # NaN guard across ranks: one rank's NaN batch is skipped by every rank, training goes on.
+    _, sink_n, res_n = run_fit(make_cfg(2, total_steps=4), rank, world, None, nan_slots=frozenset({(0, 2)}))
+    results["nan"] = {"losses": sink_n.losses(), "bad_steps": res_n["bad_steps"], "step": res_n["step"]}
+    if rank == 0:
+        (out / f"dp_w{world}.json").write_text(json.dumps(results))
+
+
+def scenario_kill(out: Path, phase: str) -> None:
+    """Phase 1 dies (os._exit) while saving step 6, after DeepSpeed wrote its files; phase 2 resumes."""
+    import training.checkpoint as ckpt
+    from training import NonFiniteLossError
+
+    cfg = make_cfg(1, checkpoint_every=3)
+    ckdir = out / "ck_kill"
+    if phase == "1":
+        real = ckpt.save_rank_state
+
+        def dying_save(tag_dir: Any, rank: int, state: dict) -> None:
+            if state["step"] == 6:
+                os._exit(17)  # like SIGKILL: no cleanup, no marker
+            real(tag_dir, rank, state)
+
+        ckpt.save_rank_state = dying_save
+        run_fit(cfg, 0, 1, str(ckdir))
+        raise AssertionError("unreachable: the process should have died in the step-6 save")
+    assert ckpt.latest_complete(ckdir) == "step3", ckpt.complete_tags(ckdir)
+    assert (ckdir / "step6").is_dir() and not ckpt.is_complete(ckdir / "step6")
+    trainer, sink, res = run_fit(cfg, 0, 1, str(ckdir), resume="auto")
+    record: dict[str, Any] = {"resumed": sink.losses(), "step": res["step"], "tags": ckpt.complete_tags(ckdir)}
+    record["lr"] = {s: m["lr"] for s, m in sink.metrics if "lr" in m}
+    del trainer
+    # Config changed (lr) -> refuse with a diff; a step-count change (total_steps) is allowed.
+    try:
+        run_fit(make_cfg(1, checkpoint_every=3, lr=4e-3), 0, 1, str(ckdir), resume="auto")
+        record["refusal"] = None
+    except ValueError as e:
+        record["refusal"] = str(e)
+    _, _, res_more = run_fit(make_cfg(1, checkpoint_every=3, total_steps=12), 0, 1, str(ckdir), resume="auto")
+    record["extended_step"] = res_more["step"]
+    # NaN guard abort: every batch NaN -> NonFiniteLossError after max_bad_steps in a row.
+    all_nan = frozenset((0, s) for s in range(64))
+    try:
+        run_fit(make_cfg(1, max_bad_steps=3), 0, 1, None, nan_slots=all_nan)
+        record["abort"] = None
+    except NonFiniteLossError as e:
+        record["abort"] = str(e)
+    (out / "kill.json").write_text(json.dumps(record))
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if scenario == "dp":
+        scenario_dp(out, rank, world)
+    else:
+        scenario_kill(out, scenario.removeprefix("kill"))
+
+
+# ---------------------------------------------------------------------------- test side
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(scenario: str, out: Path, world: int, log: Path) -> list[subprocess.Popen]:
+    """`world` worker processes with torchrun-style env vars (world 1: no env, like a bare run)."""
+    port = str(_free_port())
+    procs = []
+    for rank in range(world):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+        env.update(PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        if world > 1:
+            env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        f = open(log.with_suffix(f".r{rank}.log"), "w")  # noqa: SIM115 - closed with the process
+        procs.append(subprocess.Popen([sys.executable, __file__, scenario, str(out)], env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT))
+    return procs
+
+
+def _wait(procs: list[subprocess.Popen], log: Path, timeout: float = 300) -> list[int]:
+    deadline = time.monotonic() + timeout
+    codes = []
+    for i, p in enumerate(procs):
+        try:
+            codes.append(p.wait(timeout=max(deadline - time.monotonic(), 1)))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError(f"worker timed out; log:\n{log.with_suffix(f'.r{i}.log').read_text()[-3000:]}") from None
+    return codes
+
+
+def _tail(log: Path, rank: int = 0) -> str:
+    return log.with_suffix(f".r{rank}.log").read_text()[-4000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run every worker scenario once (concurrently where independent); returns the output dir."""
+    out = tmp_path_factory.mktemp("train_dist")
+    logs = {name: out / f"{name}.log" for name in ("dp1", "dp2", "kill1", "kill2")}
+    dp2 = _spawn("dp", out, 2, logs["dp2"])
+    dp1 = _spawn("dp", out, 1, logs["dp1"])
+    kill1 = _spawn("kill1", out, 1, logs["kill1"])
+    assert _wait(kill1, logs["kill1"]) == [17], _tail(logs["kill1"])
+    kill2 = _spawn("kill2", out, 1, logs["kill2"])
+    for procs, name in ((dp1, "dp1"), (dp2, "dp2"), (kill2, "kill2")):
+        codes = _wait(procs, logs[name])
+        assert codes == [0] * len(procs), f"{name} failed {codes}:\n" + "\n".join(_tail(logs[name], r) for r in range(len(procs)))
+    return out
+
+
+def _losses(d: dict[str, float]) -> list[float]:
+    return [d[k] for k in sorted(d, key=int)]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_ranks_match_one_rank(runs: Path, stage: int) -> None:
+    """Same global batch: 2 ranks x accumulation 1 == 1 rank x accumulation 2 (losses, weights)."""
+    from safetensors.torch import load_file
+
+    one = json.loads((runs / "dp_w1.json").read_text())[str(stage)]
+    two = json.loads((runs / "dp_w2.json").read_text())[str(stage)]
+    l1, l2 = _losses(one["straight"]), _losses(two["straight"])
+    assert len(l1) == TOTAL and len(l2) == TOTAL
+    assert max(abs(a - b) for a, b in zip(l1, l2, strict=True)) <= 1e-5, (l1, l2)
+    w1, w2 = load_file(runs / f"w1_z{stage}.safetensors"), load_file(runs / f"w2_z{stage}.safetensors")
+    assert w1.keys() == w2.keys() and len(w1) > 10
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=f"{k} differs")
+    # and every stage trains the same model as stage 1 (export works from ZeRO-3 shards too)
+    ref = load_file(runs / "w1_z1.safetensors")
+    for k in ref:
+        torch.testing.assert_close(w2[k], ref[k], rtol=0, atol=1e-5, msg=f"{k} differs from ZeRO-1")
+    assert all(g == g and g > 0 for g in one["grad_norm"]), "grad_norm missing"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("stage", STAGES)
+def test_resume_equals_straight(runs: Path, stage: int, world: int) -> None:
+    """10 steps straight == 5 steps + new Trainer resuming from the checkpoint + 5 steps."""
+    r = json.loads((runs / f"dp_w{world}.json").read_text())[str(stage)]
+    straight = _losses(r["straight"])
+    pieced = _losses(r["first"]) + _losses(r["resumed"])
+    assert sorted(map(int, r["resumed"])) == list(range(HALF + 1, TOTAL + 1))
+    assert r["final_step"] == TOTAL
+    assert max(abs(a - b) for a, b in zip(straight, pieced, strict=True)) <= 1e-6, (straight, pieced)
+
+
+@pytest.mark.integration
+def test_kill_during_save_then_resume(runs: Path) -> None:
+    """A process killed mid-save (step 6) leaves step 3 as newest complete; resuming from it
+    reproduces the straight run loss by loss (so the data order is restored too)."""
+    k = json.loads((runs / "kill.json").read_text())
+    straight = json.loads((runs / "dp_w1.json").read_text())["1"]["straight"]
+    assert sorted(map(int, k["resumed"])) == list(range(4, TOTAL + 1))
+    for s, loss in k["resumed"].items():
+        assert abs(loss - straight[s]) <= 1e-6, (s, loss, straight[s])
+    assert k["step"] == TOTAL
+    assert k["tags"][-1] == "step10" and "step6" in k["tags"]
+    assert len(k["tags"]) <= 3  # keep_checkpoints
+
+
+@pytest.mark.integration
+def test_lr_schedule_in_a_run(runs: Path) -> None:
+    from training import lr_at
+
+    k = json.loads((runs / "kill.json").read_text())
+    cfg = make_cfg(1, checkpoint_every=3)
+    assert k["lr"][str(TOTAL)] == pytest.approx(lr_at(cfg, TOTAL - 1)) == pytest.approx(cfg.min_lr)
+    assert k["lr"]["4"] == pytest.approx(lr_at(cfg, 3))
+
+
+@pytest.mark.integration
+def test_resume_refuses_changed_config(runs: Path) -> None:
+    k = json.loads((runs / "kill.json").read_text())
+    assert k["refusal"] is not None and "lr: 0.002 -> 0.004" in k["refusal"], k["refusal"]
+    assert k["extended_step"] == 12  # total_steps may change
+
+
+@pytest.mark.integration
+def test_nan_guard(runs: Path) -> None:
+    for world in (1, 2):
+        n = json.loads((runs / f"dp_w{world}.json").read_text())["nan"]
+        assert n["bad_steps"] == 1 and n["step"] == 4
+        assert all(v == v for v in n["losses"].values())
+    k = json.loads((runs / "kill.json").read_text())
+    assert k["abort"] is not None and "3 consecutive batches" in k["abort"]
+
+
+if __name__ == "__main__":
+    main()

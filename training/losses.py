@@ -1,0 +1,38 @@
+"""Classification losses: softmax cross-entropy (hard or soft targets) and sigmoid multi-label."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from training.config import TrainConfig
+
+
+def softmax_xent(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy. `targets`: int64 (B,) labels, or float (B, C) soft targets (mixup/cutmix)."""
+    logits = logits.float()
+    if targets.dtype.is_floating_point:
+        targets = targets.float()
+        if label_smoothing:
+            targets = targets * (1 - label_smoothing) + label_smoothing / logits.shape[-1]
+        return -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+
+
+def sigmoid_xent(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Multi-label sigmoid cross-entropy, summed over classes and averaged over the batch.
+
+    As big_vision does for I21k/JFT pre-training. Int (B,) targets are one-hot encoded.
+    """
+    logits = logits.float()
+    if not targets.dtype.is_floating_point:
+        targets = F.one_hot(targets, logits.shape[-1])
+    bce = F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none")  # (B, C)
+    return bce.sum(-1).mean()
+
+
+def loss_fn(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The loss `cfg.loss` selects, as a scalar fp32 tensor."""
+    if cfg.loss == "sigmoid":
+        return sigmoid_xent(logits, targets)
+    return softmax_xent(logits, targets, cfg.label_smoothing)

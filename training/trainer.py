@@ -1,0 +1,410 @@
+"""Trainer: a DeepSpeed engine over a ViT; `fit()` reads batch -> step -> log -> eval -> checkpoint.
+
+Works the same under torchrun, the deepspeed launcher, Ray Train or a bare `python` (rank and
+world come from the environment; see training.dist). Every rank runs the same loop; only rank 0
+talks to the MetricsSink.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from training import checkpoint as ckpt
+from training.config import RESUMABLE_FIELDS, TrainConfig, config_diff
+from training.deepspeed_config import deepspeed_config
+from training.dist import DistInfo, all_reduce_sum, barrier, init_distributed
+from training.losses import loss_fn
+from training.metrics import MetricsSink, NullSink, device_name, mfu, peak_tflops
+from training.optim import build_optimizer, lr_at, param_groups, set_lr
+from training.profiles import get_profile
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after `max_bad_steps` consecutive micro-batches with a NaN/Inf loss."""
+
+
+def _train_flops_per_image(model: nn.Module) -> float | None:
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:
+        return None
+    try:
+        from model.flops import train_flops_per_image
+
+        return float(train_flops_per_image(cfg))
+    except Exception:  # a stand-in module without a ViTConfig: no MFU
+        return None
+
+
+def _set_sdpa(kind: str) -> None:
+    """Enable the attention kernels a profile asks for (CUDA only)."""
+    if not torch.cuda.is_available() or kind == "auto":
+        return
+    torch.backends.cuda.enable_flash_sdp(kind == "flash")
+    torch.backends.cuda.enable_mem_efficient_sdp(kind in ("flash", "mem_efficient"))
+    torch.backends.cuda.enable_math_sdp(True)
+
+
+class Trainer:
+    """Pre-train / fine-tune `model` with DeepSpeed ZeRO according to `cfg`.
+
+    `train_loader`: any re-iterable of `(images, targets)` batches of `cfg.micro_batch` per
+    rank (each `iter()` = one epoch from the current cursor) with `state_dict()` /
+    `load_state_dict()`; `stats()` is logged when present. `eval_loader` yields
+    `(images, targets, valid)` exactly once per sample over all ranks. `checkpoint_dir` is a
+    local (or shared) directory; `checkpoint_store` mirrors it remotely (needs checkpoint_dir).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        train_loader: Iterable,
+        *,
+        eval_loader: Iterable | None = None,
+        sink: MetricsSink | None = None,
+        checkpoint_dir: str | None = None,
+        checkpoint_store: ckpt.CheckpointStore | None = None,
+    ) -> None:
+        import deepspeed
+
+        if checkpoint_store is not None and checkpoint_dir is None:
+            raise ValueError("checkpoint_store needs a local checkpoint_dir to stage files in")
+        self.cfg = cfg
+        self.dist: DistInfo = init_distributed()
+        self.accum = cfg.accum_for(self.dist.world_size)  # clear error if the batch doesn't fit
+        self.train_loader = train_loader
+        self.eval_loader = eval_loader
+        self.sink: MetricsSink = sink if (sink is not None and self.dist.is_main) else NullSink()
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.store = checkpoint_store
+        self._seed(cfg.seed + self.dist.rank)
+        if cfg.profile in ("auto", "cpu", "t4", "a100", "h100"):
+            _set_sdpa(get_profile(cfg.profile).sdpa)
+
+        if hasattr(model, "set_grad_checkpointing"):
+            model.set_grad_checkpointing(cfg.activation_checkpointing)
+        model.to(self.dist.device)
+        self._broadcast_params(model)  # ZeRO-3 partitions each rank's own copy: make them equal
+        self.flops_per_image = _train_flops_per_image(model)
+        optimizer = build_optimizer(cfg, param_groups(model, cfg.weight_decay), self.dist.device.type)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.dist.world_size)
+        )
+        self.input_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision, torch.float32)
+        self.device_name = device_name(self.dist.device)
+        self.peak = peak_tflops(self.device_name, cfg.precision)
+
+        self._step = 0
+        self.bad_steps = 0  # micro-batches skipped for a non-finite loss, in total
+        self._bad_in_row = 0
+        self._epoch_iter: Iterator | None = None
+        self.last_loss = float("nan")
+
+    # ------------------------------------------------------------------ public
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far (the global step)."""
+        return self._step
+
+    @property
+    def model(self) -> nn.Module:
+        """The wrapped module (partitioned under ZeRO-3; use export_weights for full weights)."""
+        return self.engine.module
+
+    def fit(self, resume: str | None = None, *, max_steps: int | None = None) -> dict[str, float]:
+        """Train until `cfg.total_steps` (or `max_steps`, for time-boxed jobs); return final metrics.
+
+        `resume`: None (fresh), "auto" (newest complete checkpoint in checkpoint_dir / the store,
+        fresh if none), a tag ("step500") or a checkpoint directory path.
+        """
+        if resume is not None:
+            self.restore(resume)
+        stop = min(self.cfg.total_steps, max_steps if max_steps is not None else self.cfg.total_steps)
+        self.sink.log_params(
+            {**self.cfg.to_dict(), "world_size": self.dist.world_size, "grad_accum": self.accum, "device": self.device_name}
+        )
+        result: dict[str, float] = {"step": float(self._step)}
+        window = _Window()
+        while self._step < stop:
+            loss, wait = self._train_step()  # batch -> step
+            window.add(loss, wait)
+            if self._step % self.cfg.log_every == 0 or self._step == stop:  # log
+                self.sink.log_metrics(self._log_metrics(window), self._step)
+                window = _Window()
+            if self.eval_loader is not None and self._due(self.cfg.eval_every, stop):  # eval
+                result.update(self.evaluate())
+            if self.checkpoint_dir is not None and self._due(self.cfg.checkpoint_every, stop):  # checkpoint
+                self.save_checkpoint()
+        result.update(step=float(self._step), loss=self.last_loss, bad_steps=float(self.bad_steps))
+        return result
+
+    # ------------------------------------------------------------------ steps
+    def _train_step(self) -> tuple[float, float]:
+        """One optimizer step over `accum` good micro-batches; returns (mean loss, data wait s)."""
+        set_lr(self.optimizer, lr_at(self.cfg, self._step))
+        losses: list[float] = []
+        wait = 0.0
+        while len(losses) < self.accum:
+            t0 = time.perf_counter()
+            images, targets = self._next_batch()[:2]
+            wait += time.perf_counter() - t0
+            loss = self._micro_step(images, targets)
+            if math.isfinite(loss):
+                self._bad_in_row = 0
+                losses.append(loss)
+                continue
+            self.bad_steps += 1
+            self._bad_in_row += 1
+            if self._bad_in_row >= self.cfg.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"{self._bad_in_row} consecutive batches had a NaN/Inf loss at step {self._step} "
+                    f"(max_bad_steps={self.cfg.max_bad_steps}); lower lr ({self.cfg.lr}), check the data, "
+                    f"or use precision='bf16'/'fp32' instead of {self.cfg.precision!r}"
+                )
+        self._step += 1
+        self.last_loss = sum(losses) / len(losses)
+        return self.last_loss, wait
+
+    def _micro_step(self, images: torch.Tensor, targets: torch.Tensor) -> float:
+        """Forward, then backward + engine.step unless any rank's loss is non-finite.
+
+        Returns the loss averaged over ranks, or NaN when the batch was skipped on every rank
+        (no backward, no update, DeepSpeed's accumulation counter untouched).
+        """
+        images = images.to(self.dist.device, self.input_dtype, non_blocking=True)
+        targets = targets.to(self.dist.device, non_blocking=True)
+        loss = loss_fn(self.cfg, self.engine(images), targets)
+        finite = bool(torch.isfinite(loss))
+        # One all-reduce gives the global mean loss and whether any rank must skip.
+        stats = torch.tensor([loss.item() if finite else 0.0, 0.0 if finite else 1.0], dtype=torch.float64)
+        all_reduce_sum(stats)
+        if stats[1] > 0:
+            return float("nan")
+        self.engine.backward(loss)
+        self.engine.step()
+        return float(stats[0]) / self.dist.world_size
+
+    def _next_batch(self) -> tuple:
+        """Next training batch; a new epoch starts when the loader's epoch is exhausted."""
+        for _ in range(2):
+            if self._epoch_iter is None:
+                self._epoch_iter = iter(self.train_loader)
+            try:
+                return next(self._epoch_iter)
+            except StopIteration:
+                self._epoch_iter = None
+        raise RuntimeError("train_loader yielded no batches for a whole epoch")
+
+    def _due(self, every: int, stop: int) -> bool:
+        return self._step == stop or (every > 0 and self._step % every == 0)
+
+    # ------------------------------------------------------------------ metrics
+    def _log_metrics(self, window: _Window) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - window.start, 1e-9)
+        images_per_s = window.steps * self.cfg.global_batch / elapsed
+        grad_norm = self.engine.get_global_grad_norm()
+        scale = getattr(self.optimizer, "cur_scale", None) if self.cfg.precision == "fp16" else 1.0
+        out: dict[str, float] = {
+            "loss": window.loss_sum / max(window.steps, 1),
+            "lr": lr_at(self.cfg, self._step - 1),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "loss_scale": float(scale) if scale is not None else float("nan"),
+            "images_per_s": images_per_s,
+            "data_wait_frac": window.wait / elapsed,
+            "bad_steps": float(self.bad_steps),
+            "skipped_updates": float(getattr(self.engine, "skipped_steps", 0)),
+        }
+        if self.flops_per_image is not None:
+            achieved = self.flops_per_image * images_per_s / self.dist.world_size  # per device
+            out["tflops_per_device"] = achieved / 1e12
+            out["mfu"] = mfu(self.flops_per_image, images_per_s / self.dist.world_size, self.peak)
+        stats = getattr(self.train_loader, "stats", None)
+        if callable(stats):
+            out.update({f"data/{k}": float(v) for k, v in stats().items()})
+        return out
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Top-1/top-5 (softmax) or precision@1 (sigmoid) over the whole eval set, all ranks.
+
+        Counts are summed over ranks with all_reduce; padding rows (valid=False) are ignored, so
+        each sample of the exactly-once eval loader counts once.
+        """
+        assert self.eval_loader is not None
+        self.engine.eval()
+        sums = torch.zeros(4, dtype=torch.float64)  # top1, top5, loss, n
+        for batch in self.eval_loader:
+            images, targets, valid = batch
+            images = images.to(self.dist.device, self.input_dtype)
+            targets, valid = targets.to(self.dist.device), valid.to(self.dist.device).bool()
+            logits = self.engine(images).float()  # (B, C)
+            if valid.sum() == 0:
+                continue
+            logits, targets = logits[valid], targets[valid]
+            if targets.dtype.is_floating_point:  # multi-hot / soft targets: precision@1
+                top1 = targets.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1) > 0
+                top5 = top1
+                label = targets.argmax(-1)
+            else:
+                top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (B, 5)
+                top1 = top[:, 0] == targets
+                top5 = (top == targets[:, None]).any(-1)
+                label = targets
+            loss = torch.nn.functional.cross_entropy(logits, label, reduction="sum") if self.cfg.loss == "softmax" else (
+                loss_fn(self.cfg, logits, targets) * len(targets)
+            )
+            sums += torch.tensor([top1.sum().item(), top5.sum().item(), loss.item(), len(targets)], dtype=torch.float64)
+        all_reduce_sum(sums)
+        self.engine.train()
+        n = max(sums[3].item(), 1.0)
+        key = "eval_prec1" if self.cfg.loss == "sigmoid" else "eval_top1"
+        out = {key: sums[0].item() / n, "eval_loss": sums[2].item() / n, "eval_samples": sums[3].item()}
+        if self.cfg.loss == "softmax":
+            out["eval_top5"] = sums[1].item() / n
+        self.sink.log_metrics(out, self._step)
+        self._on_eval()
+        return out
+
+    def _on_eval(self) -> None:
+        """Give the sink the model (gathered under ZeRO-3, so every rank takes part)."""
+        gathered: Any = nullcontext()
+        if self.engine.zero_optimization_stage() == 3:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+        with gathered:
+            self.engine.module.eval()
+            self.sink.on_eval(self.engine.module, self._step)
+            self.engine.module.train()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> str:
+        """Save the engine + per-rank state as tag `step{N}` and commit it (all ranks call this)."""
+        assert self.checkpoint_dir is not None, "Trainer was built without checkpoint_dir"
+        tag = ckpt.tag_for(self._step)
+        root = self.checkpoint_dir
+        if self.dist.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            ckpt.prepare_tag_dir(root, tag)
+        barrier()
+        loader_state = self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None
+        client = {"step": self._step, "config_hash": self.cfg.config_hash()}
+        self.engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
+        ckpt.save_rank_state(
+            root / tag,
+            self.dist.rank,
+            {
+                "step": self._step,
+                "loader": loader_state,
+                "rng": ckpt.rng_state(),
+                "config": self.cfg.to_dict(),
+                "config_hash": self.cfg.config_hash(),
+                "bad_steps": self.bad_steps,
+                "world_size": self.dist.world_size,
+            },
+        )
+        barrier()  # every rank has finished writing: only now may the checkpoint count
+        if self.store is not None:
+            if self.dist.local_rank == 0:
+                self.store.upload_dir(str(root / tag), tag)
+            barrier()
+        if self.dist.is_main:
+            ckpt.commit(root, tag, self._step, self.dist.world_size)
+            if self.store is not None:
+                info = (root / tag / ckpt.MARKER).read_text()
+                self.store.write_text(f"{tag}/{ckpt.MARKER}", info)
+                self.store.write_text(ckpt.POINTER, info)
+            ckpt.prune(root, self.cfg.keep_checkpoints, self.store)
+        barrier()
+        return tag
+
+    def restore(self, resume: str) -> bool:
+        """Load a checkpoint (see `fit`); returns False when "auto" finds none."""
+        tag_dir = self._resolve(resume)
+        if tag_dir is None:
+            return False
+        state = ckpt.load_rank_state(tag_dir, self.dist.rank)
+        if state["config_hash"] != self.cfg.config_hash():
+            diff = config_diff(state["config"], self.cfg.to_dict())
+            raise ValueError(
+                f"refusing to resume from {tag_dir}: the config changed since it was written "
+                f"(only {sorted(RESUMABLE_FIELDS)} may change):\n  " + "\n  ".join(diff)
+            )
+        load_path, _ = self.engine.load_checkpoint(
+            str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+        self._step = int(state["step"])
+        self.bad_steps = int(state.get("bad_steps", 0))
+        if state["loader"] is not None:
+            self.train_loader.load_state_dict(state["loader"])
+        self._epoch_iter = None
+        ckpt.set_rng_state(state["rng"])
+        return True
+
+    def _resolve(self, resume: str) -> Path | None:
+        """Directory of the checkpoint `resume` names; downloads from the store if it is newer."""
+        if resume != "auto":
+            p = Path(resume)
+            if not p.is_dir() and self.checkpoint_dir is not None:
+                p = self.checkpoint_dir / resume
+            if not ckpt.is_complete(p):
+                raise FileNotFoundError(f"{p} is not a complete checkpoint (no {ckpt.MARKER})")
+            return p
+        if self.checkpoint_dir is None:
+            raise ValueError("resume='auto' needs checkpoint_dir")
+        local = ckpt.latest_complete(self.checkpoint_dir)
+        if self.store is not None:
+            remote = ckpt.latest_remote(self.store)
+            if remote is not None and (local is None or ckpt.step_of(remote) > ckpt.step_of(local)):  # type: ignore[operator]
+                if self.dist.local_rank == 0:
+                    dst = self.checkpoint_dir / remote
+                    self.store.download_dir(remote, str(dst))
+                barrier()
+                local = remote
+        # Every rank must agree: take rank 0's view (its files are what the others load).
+        agreed = [local]
+        if torch.distributed.get_world_size() > 1:
+            torch.distributed.broadcast_object_list(agreed, src=0)
+        return self.checkpoint_dir / agreed[0] if agreed[0] else None
+
+    # ------------------------------------------------------------------ helpers
+    def _broadcast_params(self, model: nn.Module) -> None:
+        if self.dist.world_size == 1:
+            return
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                torch.distributed.broadcast(t.data, src=0)
+
+    @staticmethod
+    def _seed(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+
+class _Window:
+    """Accumulates step losses and data-wait time between two log lines."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.steps = 0
+        self.loss_sum = 0.0
+        self.wait = 0.0
+
+    def add(self, loss: float, wait: float) -> None:
+        self.steps += 1
+        self.loss_sum += loss
+        self.wait += wait
