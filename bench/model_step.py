@@ -41,7 +41,7 @@ def make_pair(batch: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
 
     ref = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=1000)
     with torch.no_grad():
-        ref.head.weight.normal_(std=0.02)  # timm zero-inits nothing here, but be explicit
+        ref.head.weight.normal_(std=0.02)  # a non-zero head, so backward reaches the whole network
     ours = create_model("S/16", num_classes=1000)
     ours.load_state_dict(from_timm_state_dict(ref.state_dict()))
     ours.to(device).eval()

@@ -250,7 +250,7 @@ class VisionTransformer(nn.Module):
                 x = torch.cat([cls, x], dim=1)
             x = x + self.pos_embed  # (B, N, D)
         else:
-            x = x + self.pos_embed.to(x.dtype)  # patches only; the cls token gets no position
+            x = x + self.pos_embed  # patches only (big_vision): the cls token gets no position
             if cls is not None:
                 x = torch.cat([cls, x], dim=1)
         return self.pos_drop(x)

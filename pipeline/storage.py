@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 DEFAULT_RETRIES = 6
 #: Chunk used when streaming objects (bytes).
 CHUNK = 1 << 20
+#: Bytes read successfully after a failure before the retry budget is refilled.
+PROGRESS_RESET = 1 << 20
 
 
 class StorageError(IOError):
@@ -121,7 +123,9 @@ class RangeReader(io.RawIOBase):
     ``opener(pos, end)`` returns ``(raw_stream, object_size)`` for bytes ``pos..end-1``.
     Whenever reading fails (or the stream ends before the expected byte), the reader waits
     ``backoff * 2**attempt`` (jittered) and calls ``opener`` again from the first byte not
-    yet returned. ``retries`` bounds consecutive failures without progress.
+    yet returned. ``retries`` bounds failures that are not separated by at least
+    :data:`PROGRESS_RESET` bytes of successful reading (a link that drops every few KB is
+    as dead as one that never connects).
     """
 
     def __init__(
@@ -143,6 +147,8 @@ class RangeReader(io.RawIOBase):
         self.backoff = backoff
         self.size: int | None = None
         self.reconnects = 0
+        self._failures = 0
+        self._progress = 0
         self._raw: BinaryIO | None = None
 
     # --- io.RawIOBase ------------------------------------------------------------------
@@ -177,7 +183,6 @@ class RangeReader(io.RawIOBase):
         limit = self._limit()
         if n == 0 or (limit is not None and self.pos >= limit):
             return b""
-        failures = 0
         while True:
             try:
                 if self._raw is None:
@@ -193,12 +198,18 @@ class RangeReader(io.RawIOBase):
                         return b""
                     raise EOFError(f"stream ended at byte {self.pos} of {limit}")
                 self.pos += len(data)
+                if self._failures:
+                    self._progress += len(data)
+                    if self._progress >= PROGRESS_RESET:
+                        self._failures = self._progress = 0
                 return data
             except Exception as exc:  # noqa: BLE001 - classified below
                 self._drop()
                 if not _retryable(exc):
                     raise
-                failures += 1
+                self._failures += 1
+                self._progress = 0
+                failures = self._failures
                 if failures > self.retries:
                     raise StorageError(
                         f"giving up on {self.name_} at byte {self.pos} after {self.retries} retries: {exc!r}"

@@ -290,6 +290,11 @@ def test_no_weight_decay_names() -> None:
     assert not any(n.endswith(".weight") and names[n].ndim > 1 for n in nwd)
 
 
+def test_headless_model_returns_pooled_features() -> None:
+    m = create_model("mu/8", num_classes=0, image_size=32, pool="gap")
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 32)
+
+
 def test_reset_classifier() -> None:
     m = mu()
     m.reset_classifier(7)
@@ -378,3 +383,18 @@ def test_macs_formula_by_hand() -> None:
     want = 16 * d * 3 * 64 + 2 * (n * d * 4 * d + 2 * n * n * d + 2 * n * d * m) + d * 5
     assert macs_per_image(cfg) == want
     assert math.isclose(train_flops_per_image(cfg), 6 * want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_sdpa_paths_agree_and_train_in_bf16() -> None:
+    m = create_model("S/16", num_classes=10).cuda().eval()
+    with torch.no_grad():
+        m.head.weight.normal_(std=0.05)
+        x = torch.randn(2, 3, 224, 224, device="cuda")
+        logits, _ = m.forward_with_attention(x)
+        torch.testing.assert_close(logits, m(x), atol=1e-4, rtol=0)  # fp32 SDPA kernel vs explicit
+    m.train().set_grad_checkpointing(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # flash attention path
+        loss = F.cross_entropy(m(x).float(), torch.tensor([1, 2], device="cuda"))
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())

@@ -59,8 +59,9 @@ class CuttingProxy:
     @staticmethod
     def _reset(*socks: socket.socket) -> None:
         for s in socks:
-            try:
+            try:  # linger 0: RST on close; shutdown first wakes the other pump thread's recv
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.shutdown(socket.SHUT_RDWR)
                 s.close()
             except OSError:
                 pass

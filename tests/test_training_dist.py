@@ -272,10 +272,13 @@ def test_two_ranks_match_one_rank(runs: Path, stage: int) -> None:
     assert w1.keys() == w2.keys() and len(w1) > 10
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=f"{k} differs")
-    # and every stage trains the same model as stage 1 (export works from ZeRO-3 shards too)
+    # Every stage trains the same model as ZeRO-1 (so export from ZeRO-3 shards is complete).
+    # Not bitwise across stages: the key part of qkv.bias has a true gradient of 0 (softmax is
+    # shift-invariant), and Adam turns stage-specific roundoff there into lr-sized steps.
     ref = load_file(runs / "w1_z1.safetensors")
     for k in ref:
-        torch.testing.assert_close(w2[k], ref[k], rtol=0, atol=1e-5, msg=f"{k} differs from ZeRO-1")
+        atol = 1e-4 if k.endswith("qkv.bias") else 1e-6
+        torch.testing.assert_close(w2[k], ref[k], rtol=0, atol=atol, msg=f"{k} differs from ZeRO-1")
     assert all(g == g and g > 0 for g in one["grad_norm"]), "grad_norm missing"
 
 

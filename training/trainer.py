@@ -136,7 +136,7 @@ class Trainer:
         result: dict[str, float] = {"step": float(self._step)}
         window = _Window()
         while self._step < stop:
-            loss, wait = self._train_step()  # batch -> step
+            loss, wait = self.train_step()  # batch -> step
             window.add(loss, wait)
             if self._step % self.cfg.log_every == 0 or self._step == stop:  # log
                 self.sink.log_metrics(self._log_metrics(window), self._step)
@@ -149,7 +149,7 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ steps
-    def _train_step(self) -> tuple[float, float]:
+    def train_step(self) -> tuple[float, float]:
         """One optimizer step over `accum` good micro-batches; returns (mean loss, data wait s)."""
         set_lr(self.optimizer, lr_at(self.cfg, self._step))
         losses: list[float] = []

@@ -8,7 +8,8 @@ The job's cluster is the head and one GPU worker group copied from ``base/rayclu
 single source of pod shapes), with the group pinned to the number of pods the recipe needs:
 ``workers * gpus_per_worker`` GPUs, packed ``gpus-per-pod / gpus_per_worker`` ranks to a pod.
 KubeRay deletes that cluster when the job ends (``shutdownAfterJobFinishes``). The entrypoint is
-``orchestration/pretrain.py`` with ``--resume auto``, so a retried job (``backoffLimit``)
+``python -m orchestration.pretrain`` (the image installs the project, so this works from any
+working directory) with ``--resume auto``, so a retried job (``backoffLimit``)
 continues from the newest checkpoint under ``--storage``.
 
 The experiment is checked here, before anything reaches the cluster: unknown ``--set`` keys,
@@ -37,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RAYCLUSTER = HERE / "base" / "raycluster.yaml"
 
-PRETRAIN = "orchestration/pretrain.py"
+PRETRAIN = ("python", "-m", "orchestration.pretrain")
 DEFAULT_STORAGE = "s3://vitscale/runs"
 NAMESPACE = "vitscale"
 
@@ -111,10 +112,9 @@ def entrypoint_args(
     workers: int | None = None,
     overrides: Sequence[str] = (),
 ) -> list[str]:
-    """The pretrain.py command line of the job (argv, not yet shell-quoted)."""
+    """The pretrain command line of the job (argv, not yet shell-quoted)."""
     args = [
-        "python",
-        PRETRAIN,
+        *PRETRAIN,
         "--recipe",
         recipe_name,
         "--data",

@@ -81,6 +81,10 @@ AGENT_HTTP=$(free_port); AGENT_GRPC=$(free_port); RTENV_PORT=$(free_port); METRI
 RAY_TMP="/tmp/vsray-$(date +%s)-$$"  # short: Ray's unix socket paths must stay < 108 bytes
 echo "$RAY_TMP" > "$STATE/ray.tmpdir"
 NUM_CPUS="${VITSCALE_RAY_CPUS:-4}"  # logical slots (2 train workers + fine-tune + spare), not cores
+# Token auth (Ray >= 2.5x): head and clients share ~/.ray/auth_token; `ray job submit` needs
+# RAY_AUTH_MODE=token in the client's environment too (env.sh exports it).
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+echo "export RAY_AUTH_MODE=$RAY_AUTH_MODE" >> "$ENV_FILE"
 RAY_DEDUP_LOGS=0 "$RAY_BIN" start --head --block \
   --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
   --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" --include-dashboard=true \
@@ -90,11 +94,8 @@ RAY_DEDUP_LOGS=0 "$RAY_BIN" start --head --block \
   --temp-dir="$RAY_TMP" --disable-usage-stats > "$STATE/logs/ray.log" 2>&1 &
 echo $! > "$STATE/ray.pid"
 wait_http "http://127.0.0.1:$DASH_PORT/api/version" 180 ray "$(cat "$STATE/ray.pid")"
-# The job API answers a little after the dashboard itself.
-for _ in $(seq 1 120); do
-  if RAY_ADDRESS="http://127.0.0.1:$DASH_PORT" "$RAY_BIN" job list > /dev/null 2>&1; then break; fi
-  sleep 0.5
-done
+# The job API answers (401 without a token counts as "up") a little after the dashboard itself.
+wait_http "http://127.0.0.1:$DASH_PORT/api/jobs/" 120 ray "$(cat "$STATE/ray.pid")"
 log "Ray head: GCS 127.0.0.1:$GCS_PORT, dashboard/jobs http://127.0.0.1:$DASH_PORT (pid $(cat "$STATE/ray.pid"))"
 cat >> "$ENV_FILE" <<EOT
 export RAY_ADDRESS=http://127.0.0.1:$DASH_PORT

@@ -8,17 +8,36 @@ STATE="${VITSCALE_STATE_DIR:-$ROOT/.smoke}"
 
 log() { printf '[services] %s\n' "$*" >&2; }
 
-# stop NAME: SIGTERM the pid in $STATE/NAME.pid, wait, then SIGKILL if it is still there.
+# descendants PID: every process below PID (recursively), printed one pid per line.
+descendants() {
+  local child
+  for child in $(ps -o pid= --ppid "$1" 2>/dev/null); do
+    echo "$child"
+    descendants "$child"
+  done
+}
+
+# stop NAME: SIGTERM the pid in $STATE/NAME.pid, wait, then SIGKILL it and any of the
+# descendants recorded before the SIGTERM (raylet, workers) that outlived it. By pid only.
 stop() {
-  local name=$1 file="$STATE/$1.pid" pid i
+  local name=$1 file="$STATE/$1.pid" pid i tree left
   [[ -f "$file" ]] || return 0
   pid=$(cat "$file")
   if kill -0 "$pid" 2>/dev/null; then
+    tree=$(descendants "$pid")
     kill -TERM "$pid" 2>/dev/null || true
     for ((i = 0; i < 120; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
     if kill -0 "$pid" 2>/dev/null; then
       log "$name (pid $pid) ignored SIGTERM for 30s: SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
+    fi
+    sleep 1
+    left=""
+    for p in $tree; do kill -0 "$p" 2>/dev/null && left="$left $p"; done
+    if [[ -n "$left" ]]; then
+      log "$name: SIGKILL to leftover processes:$left"
+      # shellcheck disable=SC2086
+      kill -KILL $left 2>/dev/null || true
     fi
     log "stopped $name (pid $pid)"
   fi
@@ -26,14 +45,12 @@ stop() {
 }
 
 stop ray
-# `ray start --block` tears down its node on SIGTERM; anything left in its session (a raylet
-# or worker that outlived it) is found by the temp dir only this head used.
 if [[ -f "$STATE/ray.tmpdir" ]]; then
   tmp=$(cat "$STATE/ray.tmpdir")
-  if [[ -n "$tmp" && "$tmp" == /tmp/vsray-* ]]; then
-    for pid in $(pgrep -f -- "$tmp" 2>/dev/null); do
-      [[ "$pid" == "$$" ]] || kill -KILL "$pid" 2>/dev/null || true
-    done
+  # Keep the Ray logs next to ours, then drop the session folder (it holds sockets and spill).
+  if [[ -n "$tmp" && "$tmp" == /tmp/vsray-* && -d "$tmp" ]]; then
+    mkdir -p "$STATE/logs/ray-session"
+    cp -r "$tmp"/session_latest/logs/. "$STATE/logs/ray-session/" 2>/dev/null || true
     rm -rf "$tmp"
   fi
   rm -f "$STATE/ray.tmpdir"

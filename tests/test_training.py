@@ -1,0 +1,198 @@
+"""Unit tests of training/ that need no process group (config, schedule, losses, checkpoints)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from training import (
+    PROFILES,
+    LocalDirStore,
+    NullSink,
+    TrainConfig,
+    config_diff,
+    deepspeed_config,
+    export_weights,
+    from_profile,
+    get_profile,
+    lr_at,
+    mfu,
+    param_groups,
+)
+from training import checkpoint as ckpt
+from training.losses import loss_fn, sigmoid_xent, softmax_xent
+from training.metrics import MetricsSink, peak_tflops
+
+
+def test_accumulation_is_derived_and_checked() -> None:
+    cfg = TrainConfig(global_batch=4096, micro_batch=32)
+    assert cfg.accum_for(8) == 16
+    with pytest.raises(ValueError, match=r"global_batch 4096 is not divisible by micro_batch 32 x world_size 3 = 96"):
+        cfg.accum_for(3)
+    fixed = TrainConfig(global_batch=4096, micro_batch=32, grad_accum=4)
+    with pytest.raises(ValueError, match=r"4096 != micro_batch 32 x grad_accum 4 x world_size 8 = 1024; set grad_accum=16"):
+        fixed.accum_for(8)
+    assert fixed.accum_for(32) == 4
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(global_batch=100, micro_batch=32), "global_batch 100 is not a multiple of micro_batch 32"),
+        (dict(zero_stage=4), "zero_stage=4 must be 0, 1, 2 or 3"),
+        (dict(precision="fp8"), "precision='fp8': use fp32, fp16 or bf16"),
+        (dict(warmup_steps=10, total_steps=10), "warmup_steps=10 must be in [0, total_steps=10)"),
+        (dict(min_lr=1.0, lr=0.1), "min_lr=1.0 must be in [0, lr=0.1]"),
+        (dict(loss="sigmoid", label_smoothing=0.1), "label_smoothing only applies to loss='softmax'"),
+        (dict(offload="cpu", zero_stage=0), "offload='cpu' needs zero_stage >= 1"),
+    ],
+)
+def test_config_errors_are_clear(kw: dict, message: str) -> None:
+    with pytest.raises(ValueError, match="invalid TrainConfig") as e:
+        TrainConfig(**kw)
+    assert message in str(e.value)
+
+
+def test_config_hash_ignores_step_counts_and_diff_names_changes() -> None:
+    a = TrainConfig(lr=1e-3, total_steps=100)
+    assert a.config_hash() == dataclasses.replace(a, total_steps=500, log_every=7, checkpoint_every=50).config_hash()
+    b = dataclasses.replace(a, lr=2e-3, zero_stage=2)
+    assert a.config_hash() != b.config_hash()
+    assert config_diff(a.to_dict(), b.to_dict()) == ["lr: 0.001 -> 0.002", "zero_stage: 1 -> 2"]
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine"])
+def test_lr_schedule_warmup_end_and_last_step(decay: str) -> None:
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-5, warmup_steps=10, total_steps=100, decay=decay)
+    assert lr_at(cfg, 0) == pytest.approx(1e-4)
+    assert lr_at(cfg, 9) == pytest.approx(1e-3)  # warmup ends exactly at the peak
+    assert lr_at(cfg, 99) == pytest.approx(1e-5)  # last update at min_lr
+    mid = lr_at(cfg, 54)  # halfway through the decay
+    assert mid == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)
+    lrs = [lr_at(cfg, s) for s in range(9, 100)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def test_deepspeed_config_is_consistent() -> None:
+    cfg = TrainConfig(global_batch=256, micro_batch=32, zero_stage=3, precision="bf16", offload="cpu", grad_clip=1.0)
+    ds = deepspeed_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == 256 == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 4
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["gradient_clipping"] == 1.0
+    json.dumps(ds)
+
+
+def test_profiles() -> None:
+    t4 = from_profile("t4", lr=1e-3)
+    assert (t4.precision, t4.zero_stage, t4.micro_batch, t4.grad_accum, t4.global_batch) == ("fp16", 2, 32, 4, 128)
+    ds = deepspeed_config(t4, world_size=1)
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+    assert from_profile("h100", global_batch=4096).precision == "bf16"
+    assert from_profile("t4", global_batch=4096).accum_for(1) == 128  # accumulation re-derived
+    assert get_profile("auto").name in PROFILES
+    with pytest.raises(ValueError, match="unknown profile 'tpu'"):
+        get_profile("tpu")
+
+
+def test_param_groups_skip_no_weight_decay() -> None:
+    from model import create_model
+
+    model = create_model("mu/8", num_classes=10, image_size=32)
+    groups = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for p in groups[1]["params"]}
+    decay = {names[id(p)] for p in groups[0]["params"]}
+    assert set(model.no_weight_decay()) <= no_decay and {"pos_embed", "cls_token"} <= no_decay
+    assert all(n.endswith("weight") for n in decay) and "head.weight" in decay
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))
+
+
+def test_losses() -> None:
+    logits = torch.randn(6, 5)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    hard = softmax_xent(logits, y)
+    assert hard == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), abs=1e-6)
+    soft = softmax_xent(logits, torch.nn.functional.one_hot(y, 5).float())  # mixup targets
+    assert soft.item() == pytest.approx(hard.item(), abs=1e-6)
+    smooth = softmax_xent(logits, y, 0.1)
+    assert smooth.item() == pytest.approx(softmax_xent(logits, torch.nn.functional.one_hot(y, 5).float(), 0.1).item(), abs=1e-6)
+    multi = torch.zeros(6, 5)
+    multi[:, 1] = 1
+    sig = sigmoid_xent(logits, multi)
+    want = torch.nn.functional.binary_cross_entropy_with_logits(logits, multi, reduction="sum") / 6
+    assert sig.item() == pytest.approx(want.item(), abs=1e-5)
+    assert loss_fn(TrainConfig(loss="sigmoid"), logits, y).item() == pytest.approx(
+        sigmoid_xent(logits, torch.nn.functional.one_hot(y, 5).float()).item()
+    )
+
+
+def test_mfu_and_peaks() -> None:
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert peak_tflops("Tesla T4", "fp16") == 65.0
+    assert math.isnan(peak_tflops("cpu", "fp32"))
+    assert mfu(1e12, 400.0, 800.0) == pytest.approx(0.5)
+    assert math.isnan(mfu(1e12, 400.0, float("nan")))
+    assert isinstance(NullSink(), MetricsSink)
+
+
+def _fake_checkpoint(root: Path, step: int, complete: bool) -> None:
+    d = root / ckpt.tag_for(step)
+    d.mkdir(parents=True)
+    (d / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    if complete:
+        ckpt.commit(root, d.name, step, world_size=1)
+
+
+def test_checkpoint_commit_prune_and_store(tmp_path: Path) -> None:
+    root = tmp_path / "ck"
+    for step, complete in [(10, True), (20, True), (30, True), (40, False), (50, True), (60, False)]:
+        _fake_checkpoint(root, step, complete)
+    assert ckpt.latest_complete(root) == "step50"  # step60 is a crashed save
+    assert json.loads((root / ckpt.POINTER).read_text())["tag"] == "step50"
+    store = LocalDirStore(tmp_path / "remote")
+    for tag in ckpt.complete_tags(root):
+        store.upload_dir(str(root / tag), tag)
+    assert ckpt.latest_remote(store) == "step50"
+    deleted = ckpt.prune(root, keep=2, store=store)
+    assert sorted(deleted) == ["step10", "step20", "step40"]
+    assert ckpt.complete_tags(root) == ["step30", "step50"] and (root / "step60").is_dir()
+    assert store.list_dirs() == ["step30", "step50"]
+    store.download_dir("step50", str(tmp_path / "down"))
+    assert ckpt.is_complete(tmp_path / "down")
+    ckpt.prepare_tag_dir(root, "step50")  # re-saving a tag un-commits it first
+    assert ckpt.latest_complete(root) == "step30"
+
+
+def test_rng_state_roundtrip() -> None:
+    import random
+
+    state = ckpt.rng_state()
+    a = (random.random(), torch.rand(3))
+    ckpt.set_rng_state(state)
+    b = (random.random(), torch.rand(3))
+    assert a[0] == b[0] and torch.equal(a[1], b[1])
+
+
+def test_export_weights_plain_module(tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from model import create_model
+
+    model = create_model("mu/8", num_classes=10, image_size=32)
+    path = export_weights(model, tmp_path / "w.safetensors", dtype="bf16", metadata={"variant": "mu/8"})
+    sd = load_file(path)
+    assert sd.keys() == model.state_dict().keys() and sd["head.weight"].dtype == torch.bfloat16
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["variant"] == "mu/8"
+    with pytest.raises(ValueError, match="dtype 'int8'"):
+        export_weights(model, tmp_path / "x.safetensors", dtype="int8")
