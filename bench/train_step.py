@@ -95,13 +95,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="steps per round")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--profile", action="store_true", help="print the top ops of 3 steps of each side")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1: stable timings on a shared box)")
     a = p.parse_args()
     cuda = a.device == "cuda"
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        torch.set_num_threads(a.threads)
     variant = a.variant or ("B/16" if cuda else "Ti/16")
     size = a.image_size or (224 if cuda else 64)
-    batch = a.batch or (256 if cuda else 16)
+    batch = a.batch or (256 if cuda else 8)
     rounds = a.rounds or 5
     steps = a.steps or (10 if cuda else 5)
     precision = "bf16" if cuda else "fp32"
@@ -146,11 +149,21 @@ def main() -> None:
     print(f"plain PyTorch AdamW loop : {pl * 1e3:8.1f} ms/step  {batch / pl:8.1f} images/s")
     print(f"Trainer (DeepSpeed ZeRO-1): {tr * 1e3:8.1f} ms/step  {batch / tr:8.1f} images/s")
     print(f"ratio Trainer / plain = {tr / pl:.3f}  (goal <= 1.10)")
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        for label, fn in (("Trainer", trainer.train_step), ("plain", plain)):
+            with profile(activities=acts) as prof:
+                timed(fn, 3, device)
+            print(f"--- {label}: top ops over 3 steps")
+            print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
     flops = train_flops_per_image(model.cfg)
     peak = peak_tflops(name, precision)
     for label, t in (("Trainer", tr), ("plain", pl)):
-        achieved = flops * batch / t / 1e12
-        print(f"{label:8s}: {achieved:7.2f} TFLOP/s achieved, MFU = {mfu(flops, batch / t, peak):.1%} "
+        achieved = flops * batch / t / 1e9
+        print(f"{label:8s}: {achieved:9.1f} GFLOP/s achieved, MFU = {mfu(flops, batch / t, peak):.1%} "
               f"(peak {peak} TFLOP/s {precision}; NaN on CPU: no nominal CPU peak)")
 
 

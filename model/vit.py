@@ -116,9 +116,8 @@ def vit_config(name: str, *, num_classes: int, image_size: int = 224, **override
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown ViTConfig field(s) {unknown}; known: {sorted(fields)}")
-    dims: dict[str, Any] = parse_variant(name)
-    dims.update(overrides)
-    return ViTConfig(variant=name, num_classes=num_classes, image_size=image_size, **dims)
+    kw: dict[str, Any] = {**parse_variant(name), "variant": name, **overrides}
+    return ViTConfig(num_classes=num_classes, image_size=image_size, **kw)
 
 
 def create_model(name: str, *, num_classes: int, image_size: int = 224, **overrides: Any) -> VisionTransformer:

@@ -441,8 +441,11 @@ def train_trial(
     try:
         trainer = Trainer(model, cfg, train_loader, eval_loader=eval_loader, sink=sink,
                           checkpoint_dir=ckpt_dir, checkpoint_store=store)
+        trainer.restore("auto")  # a restored / retried trial continues from its newest checkpoint
+        # One value per attempt: > 0 shows the trial resumed instead of starting over.
+        sink.inner.log_metrics({"resumed_from_step": float(trainer.step)}, trainer.step)
         t0 = time.perf_counter()
-        result = trainer.fit(resume="auto")
+        result = trainer.fit()
         sink.inner.log_metrics({"train_time_s": time.perf_counter() - t0, "params": float(n_params)}, trainer.step)
         status = "FINISHED"
     finally:
@@ -533,6 +536,7 @@ class StudyResult:
     summary: dict[str, Any]
     study_run_id: str | None
     errored_trials: list[str]
+    complete: bool  # False when the sweep was interrupted (resume with --resume)
 
 
 def _tuner(spec: StudySpec, study_run_id: str | None, resume: bool) -> Any:
@@ -599,6 +603,7 @@ def run_study(spec: StudySpec, *, resume: bool = False, ray_address: str | None 
     try:
         tuner = _tuner(spec, run_id, resume)
         grid = tuner.fit()
+        complete, n_done = _all_trials_done(spec.experiment_path)
         rows, errored = [], []
         for res in grid:
             trial = res.metrics.get("trial") if res.metrics else None
@@ -610,7 +615,8 @@ def run_study(spec: StudySpec, *, resume: bool = False, ray_address: str | None 
         table = points_from_rows(rows)
         table_path = scaling.write_points(table, out / "points.parquet")
         files: dict[str, Path] = {"points": table_path}
-        summary: dict[str, Any] = {"trials": grid_size(spec), "errored": errored, "points": table.num_rows}
+        summary: dict[str, Any] = {"trials": grid_size(spec), "terminated": n_done,
+                                   "errored": errored, "points": table.num_rows, "complete": complete}
         if spec.study == "hparams":
             best = best_hparams(table)
             files["best_hparams"] = out / "best_hparams.json"
@@ -624,13 +630,26 @@ def run_study(spec: StudySpec, *, resume: bool = False, ray_address: str | None 
             log.info("%s", scaling.format_report(report))
         if run_id is not None:
             _log_study(spec, run_id, files, summary)
-        status = "FINISHED" if not errored else "FAILED"
-        return StudyResult(table, table_path, files, summary, run_id, errored)
+        status = "KILLED" if not complete else "FINISHED" if not errored else "FAILED"
+        return StudyResult(table, table_path, files, summary, run_id, errored, complete)
     finally:
         if run_id is not None:
             from orchestration import tracking as tr
 
             tr.end_run(run_id, status, uri=spec.tracking_uri or None)
+
+
+def _all_trials_done(experiment_path: str) -> tuple[bool, int]:
+    """(every trial terminated or errored, number terminated), from the saved experiment state.
+
+    After Ctrl-C, ``Tuner.fit`` returns normally; the state it saved (unfinished trials
+    PENDING, to be resumed) is the reliable record of what is left to do.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(experiment_path).trials
+    done = sum(t.status == "TERMINATED" for t in trials)
+    return all(t.status in ("TERMINATED", "ERROR") for t in trials), done
 
 
 def best_hparams(table: pa.Table) -> dict[str, dict[str, float]]:
@@ -777,6 +796,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for k, v in result.files.items():
         print(f"{k}: {v}")
+    if not result.complete:
+        print(f"study {spec.name} was interrupted ({result.summary['terminated']}/{grid_size(spec)} trials "
+              "finished); run the same command with --resume to continue it", file=sys.stderr)
+        return 130
     if result.errored_trials:
         print(f"{len(result.errored_trials)} trial(s) failed: {result.errored_trials}; rerun with --resume",
               file=sys.stderr)

@@ -109,6 +109,8 @@ def install_log_redaction() -> None:
     for handler in root.handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(flt)
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)  # "Found credentials in ..." per client
     for name in ("", "mlflow", "ray", "orchestration", "training", "pipeline"):
         lg = logging.getLogger(name)
         if not any(isinstance(f, RedactingFilter) for f in lg.filters):

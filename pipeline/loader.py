@@ -297,7 +297,7 @@ class ShardStream(IterableDataset):
                     imgs[k] = torch.zeros(3, S, S, dtype=torch.uint8)
                     tgts[k] = np.zeros(C, np.float32) if self.multi_label else 0
             stats["padded"] = sum(1 for i in ids if i < 0)
-        x = to_float_batch(torch.stack(imgs), cfg.mean, cfg.std)  # type: ignore[arg-type]  # (B, 3, S, S)
+        x = to_float_batch(imgs, cfg.mean, cfg.std, shared=get_worker_info() is not None)  # type: ignore[arg-type]
         if self.multi_label:
             y = torch.from_numpy(np.stack(tgts))  # (B, C) float32 multi-hot
         else:

@@ -37,10 +37,25 @@ def sample_transform(img: np.ndarray, randaug: v2.Transform | None, sample_seed:
     return t
 
 
-def to_float_batch(batch_u8: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """``(B, 3, S, S)`` uint8 -> normalized float32."""
-    x = v2.functional.to_dtype(batch_u8, torch.float32, scale=True)
-    return v2.functional.normalize(x, list(mean), list(std))
+def to_float_batch(samples: list[torch.Tensor], mean: tuple[float, ...], std: tuple[float, ...], *,
+                   shared: bool = False) -> torch.Tensor:
+    """``B`` uint8 ``(3, S, S)`` tensors -> one normalized float32 ``(B, 3, S, S)`` batch.
+
+    Equivalent to ``v2.ToDtype(float32, scale=True)`` + ``v2.Normalize(mean, std)`` per sample,
+    but done as one in-place affine map on a single output allocation: fresh 38 MB tensors
+    (B=64 at 224 px) cost more in page faults than the arithmetic. With ``shared=True`` the
+    output is allocated in shared memory, so handing it from a DataLoader worker to the main
+    process needs no further copy.
+    """
+    c, h, w = samples[0].shape
+    out = torch.empty((len(samples), c, h, w), dtype=torch.float32)
+    if shared:
+        out.share_memory_()
+    for k, t in enumerate(samples):
+        out[k].copy_(t)  # uint8 -> float32 while copying
+    m = torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1)
+    sd = torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1)
+    return out.mul_(1.0 / (255.0 * sd)).sub_(m / sd)  # (B, C, S, S)
 
 
 def mix_batch(images: torch.Tensor, targets: torch.Tensor, *, mixup_alpha: float, cutmix_alpha: float,

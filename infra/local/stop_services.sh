@@ -26,9 +26,9 @@ stop() {
   if kill -0 "$pid" 2>/dev/null; then
     tree=$(descendants "$pid")
     kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 120; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    for ((i = 0; i < 60; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
     if kill -0 "$pid" 2>/dev/null; then
-      log "$name (pid $pid) ignored SIGTERM for 30s: SIGKILL"
+      log "$name (pid $pid) still up 15s after SIGTERM: SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
     fi
     sleep 1

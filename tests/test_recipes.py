@@ -1,0 +1,141 @@
+"""Recipes and typed --set overrides (unit tests: no Ray, no services)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from orchestration.recipes import (
+    RECIPES,
+    Experiment,
+    OverrideError,
+    apply_overrides,
+    experiment_from_dict,
+    experiment_to_dict,
+    flatten_experiment,
+    get_recipe,
+    validate,
+    vit_b16_i21k,
+    vit_h14_jft,
+    vit_l16_i21k,
+    vit_mu_smoke,
+    vit_s16_t4,
+)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_is_valid_and_documents_its_launch(name: str) -> None:
+    exp = RECIPES[name]()
+    validate(exp)
+    assert exp.name == name
+    assert "orchestration/pretrain.py" in (RECIPES[name].__doc__ or ""), "launch command in the docstring"
+    assert exp.global_batch == exp.train.global_batch
+    assert experiment_from_dict(experiment_to_dict(exp)) == exp
+
+
+def test_paper_table3_settings() -> None:
+    for exp in (vit_b16_i21k(), vit_l16_i21k(), vit_h14_jft()):
+        t = exp.train
+        assert (t.global_batch, t.warmup_steps, t.decay, t.betas, t.optimizer) == (4096, 10_000, "linear", (0.9, 0.999), "adamw")
+        assert t.grad_clip == 1.0 and exp.image_size == 224
+    b, h = vit_b16_i21k(), vit_h14_jft()
+    assert (b.train.lr, b.train.weight_decay, b.model_overrides["dropout"]) == (1e-3, 0.03, 0.1)
+    assert (h.train.lr, h.train.weight_decay, h.model_overrides["dropout"]) == (3e-4, 0.1, 0.0)
+    assert RECIPES["vit_b16_jft"]().train.lr == 8e-4 and RECIPES["vit_l16_jft"]().train.lr == 4e-4
+    assert vit_l16_i21k().train.lr == 1e-3
+    assert h.variant == "H/14" and h.model_name == "vit-h14-jft"
+
+
+def test_t4_recipe_is_exactly_the_t4_config() -> None:
+    exp = vit_s16_t4()
+    cfg = exp.model_config(num_classes=10)
+    assert (cfg.width, cfg.heads, cfg.depth, cfg.mlp_dim, cfg.patch_size, cfg.image_size) == (384, 6, 12, 1536, 16, 224)
+    t = exp.train
+    assert (t.micro_batch, t.lr, t.weight_decay, t.warmup_steps, t.total_steps, t.precision) == (
+        32, 1e-3, 0.1, 1000, 50_000, "fp16")
+    assert exp.grad_accum == 4 and (exp.workers, exp.gpus_per_worker) == (1, 1)
+    assert exp.data.batch_size == 32
+
+
+def test_mu_smoke_is_a_cpu_recipe() -> None:
+    exp = vit_mu_smoke()
+    assert (exp.workers, exp.gpus_per_worker, exp.image_size) == (2, 0, 32)
+    assert exp.train.total_steps <= 500
+    assert exp.model_name == "vit-mu4-digits"
+
+
+def test_overrides_are_typed_and_keep_duplicates_in_step() -> None:
+    exp = apply_overrides(
+        vit_b16_i21k(),
+        ["train.lr=3e-4", "data.batch_size=64", "workers=2", "model.dropout=0.2", "train.betas=0.9,0.95",
+         "data.randaugment=(2, 15)", "train.activation_checkpointing=true", "data.limit_samples=none"],
+    )
+    assert exp.train.lr == 3e-4 and isinstance(exp.train.lr, float)
+    assert exp.data.batch_size == exp.train.micro_batch == 64
+    assert exp.workers == 2 and exp.train.global_batch == 4096 and exp.grad_accum == 32
+    assert exp.model_overrides["dropout"] == 0.2 and exp.model_overrides["representation_size"] == 768
+    assert exp.train.betas == (0.9, 0.95) and exp.data.randaugment == (2, 15)
+    assert exp.train.activation_checkpointing is True and exp.data.limit_samples is None
+    resized = apply_overrides(vit_mu_smoke(), ["image_size=48"])
+    assert resized.image_size == resized.data.image_size == 48
+    assert vit_b16_i21k().train.lr == 1e-3, "recipes are not mutated"
+
+
+def test_unknown_key_lists_valid_keys_of_that_section() -> None:
+    with pytest.raises(OverrideError) as e:
+        apply_overrides(vit_mu_smoke(), ["train.lrr=1e-3"])
+    msg = str(e.value)
+    assert "'train.lrr'" in msg and "train.lr" in msg and "train.warmup_steps" in msg
+    with pytest.raises(OverrideError, match="valid keys of 'data'.*data.batch_size"):
+        apply_overrides(vit_mu_smoke(), ["data.batchsize=3"])
+    with pytest.raises(OverrideError, match="unknown section 'optim'"):
+        apply_overrides(vit_mu_smoke(), ["optim.lr=3"])
+    with pytest.raises(OverrideError, match="valid top-level keys: .*workers"):
+        apply_overrides(vit_mu_smoke(), ["worker=2"])
+    with pytest.raises(OverrideError, match="not of the form key=value"):
+        apply_overrides(vit_mu_smoke(), ["train.lr"])
+
+
+@pytest.mark.parametrize(
+    ("item", "key", "expected"),
+    [
+        ("train.lr=fast", "train.lr", "float"),
+        ("workers=2.5", "workers", "int"),
+        ("train.total_steps=1e3", "train.total_steps", "int"),
+        ("train.decay=step", "train.decay", "Literal['linear', 'cosine']"),
+        ("data.hflip=maybe", "data.hflip", "bool"),
+        ("train.betas=0.9", "train.betas", "tuple[float, float]"),
+    ],
+)
+def test_wrong_type_names_key_type_and_value(item: str, key: str, expected: str) -> None:
+    with pytest.raises(OverrideError) as e:
+        apply_overrides(vit_mu_smoke(), [item])
+    msg = str(e.value)
+    assert repr(key) in msg and expected in msg and repr(item.split("=", 1)[1]) in msg
+
+
+def test_inconsistent_values_fail_with_the_fix() -> None:
+    with pytest.raises(OverrideError, match="not divisible by micro_batch 32 x world_size 3"):
+        apply_overrides(vit_mu_smoke(), ["workers=3"])
+    with pytest.raises(OverrideError, match="image_size 33 is not divisible by patch_size 4"):
+        apply_overrides(vit_mu_smoke(), ["image_size=33"])
+    with pytest.raises(OverrideError, match="warmup_steps"):
+        apply_overrides(vit_mu_smoke(), ["train.total_steps=10"])
+
+
+def test_flattened_config_for_tracking() -> None:
+    flat = flatten_experiment(vit_mu_smoke())
+    assert flat["train.lr"] == 3e-3 and flat["data.image_size"] == 32 and flat["workers"] == 2
+    assert flat["registered_model_name"] == "vit-mu4-digits" and flat["grad_accum"] == 1
+
+
+def test_unknown_recipe_lists_recipes() -> None:
+    with pytest.raises(ValueError, match="vit_mu_smoke"):
+        get_recipe("vit_z16")
+
+
+def test_experiment_is_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        vit_mu_smoke().workers = 3  # type: ignore[misc]
+    assert dataclasses.is_dataclass(Experiment)

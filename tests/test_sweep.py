@@ -1,0 +1,278 @@
+"""orchestration.sweep: the study grid, points table logic, and (slow) a real interrupted sweep."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from model import vit_config
+from model.flops import macs_per_image, train_flops_per_image
+from orchestration.scaling import POINTS_SCHEMA
+from orchestration.sweep import (
+    StudySink,
+    StudySpec,
+    TrialInfo,
+    best_hparams,
+    build_parser,
+    grid_size,
+    make_point,
+    param_space,
+    parse_size,
+    points_from_rows,
+    size_label,
+    spec_from_args,
+    trial_key,
+)
+from training import JsonlSink
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _spec(**kw: object) -> StudySpec:
+    base: dict = dict(name="t", data_url="/data", variants=("mu", "Ti"), steps=(100, 200), image_size=32)
+    return StudySpec(**{**base, **kw})  # type: ignore[arg-type]
+
+
+INFO = TrialInfo(study="t", trial="mu4_s100_nall_seed0", variant="mu/4", params=1234, steps=100, samples=None,
+                 seed=0, lr=1e-3, weight_decay=0.05)
+
+
+# ---------------------------------------------------------------- sizes, keys, the grid
+
+
+def test_size_specs() -> None:
+    assert parse_size("Ti", image_size=32) == ("Ti/4", {})
+    assert parse_size("Ti", image_size=224) == ("Ti/16", {})
+    assert parse_size("S", image_size=32, patch_size=8) == ("S/8", {})
+    assert parse_size("B/16", image_size=224) == ("B/16", {})
+    assert parse_size("mu/4:width=64:mlp_dim=128", image_size=16) == ("mu/4", {"width": 64, "mlp_dim": 128})
+    assert size_label("mu:width=64", image_size=32) == "mu/4:width=64"
+    with pytest.raises(ValueError, match="unknown ViT size 'XL'"):
+        parse_size("XL", image_size=32)
+    with pytest.raises(ValueError, match="override 'dropout=1' must be"):
+        parse_size("mu:dropout=1", image_size=32)
+    with pytest.raises(ValueError, match="image_size 30 is not divisible by patch size 4"):
+        parse_size("mu/4", image_size=30)
+
+
+def test_trial_key_is_stable_and_path_safe() -> None:
+    assert trial_key("mu/4:width=64", 500, None, 0) == "mu4-width64_s500_nall_seed0"
+    assert trial_key("B/16", 10, 1000, 2, "abc") == "B16_s10_n1000_seed2_abc"
+
+
+def test_spec_validation_grid_and_round_trip() -> None:
+    spec = _spec(samples=(400, None), seeds=2)
+    assert grid_size(spec) == 2 * 2 * 2 * 2
+    assert grid_size(_spec(study="hparams", num_samples=5)) == 10
+    assert StudySpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert spec.grid_hash() == _spec(samples=(400, None), seeds=2, storage="elsewhere").grid_hash()
+    assert spec.grid_hash() != _spec(samples=(400, None), seeds=3).grid_hash()
+    with pytest.raises(ValueError, match="variants is empty"):
+        _spec(variants=())
+    with pytest.raises(ValueError, match=r"samples \(10,\): each limit must be >= batch_size 64"):
+        _spec(samples=(10,))
+    with pytest.raises(ValueError, match="unknown ViT size"):
+        _spec(variants=("mu", "Huge"))
+
+
+def test_param_space_axes() -> None:
+    space = param_space(_spec(samples=(400, None), seeds=2), "run123")
+    assert space["variant"] == {"grid_search": ["mu/4", "Ti/4"]}
+    assert space["steps"] == {"grid_search": [100, 200]}
+    assert space["samples"] == {"grid_search": [400, None]}
+    assert space["seed"] == {"grid_search": [0, 1]}
+    assert space["study_run_id"] == "run123" and space["spec"]["name"] == "t"
+    hp = param_space(_spec(study="hparams"), None)
+    assert hp["steps"] == 200 and "lr" in hp and "weight_decay" in hp
+
+
+def test_cli_arguments_make_a_spec(tmp_path: Path) -> None:
+    hp = tmp_path / "best.json"
+    hp.write_text(json.dumps({"mu/4": {"lr": 0.003, "weight_decay": 0.01, "eval_loss": 1.0}}))
+    args = build_parser().parse_args(
+        ["--variants", "mu,Ti", "--steps", "500,1000", "--data", "/d", "--samples", "400,all", "--seeds", "2",
+         "--gpus-per-trial", "0", "--hparams", str(hp), "--storage", str(tmp_path)]
+    )
+    spec = spec_from_args(args)
+    assert spec.steps == (500, 1000) and spec.samples == (400, None) and spec.seeds == 2
+    assert spec.hparams == {"mu/4": {"lr": 0.003, "weight_decay": 0.01}}
+    assert spec.name == f"scaling-{spec.grid_hash()}"  # same command -> same study (for --resume)
+    assert spec.analysis_dir == tmp_path / f"{spec.name}-analysis"
+
+
+# ---------------------------------------------------------------- points
+
+
+def test_make_point_counts_images_and_flops() -> None:
+    cfg = vit_config("mu/4", num_classes=10, image_size=32)
+    fpi = train_flops_per_image(cfg)
+    p = make_point(INFO, step=50, global_batch=64, flops_per_image=fpi,
+                   eval_metrics={"eval_top1": 0.75, "eval_loss": 0.9, "eval_top5": 1.0})
+    assert p["images"] == 50 * 64
+    assert fpi == 3 * 2 * macs_per_image(cfg)  # forward + backward = 3 forwards, 2 FLOPs per MAC
+    assert p["flops"] == pytest.approx(fpi * 3200)
+    assert p["eval_error"] == pytest.approx(0.25) and p["eval_loss"] == 0.9
+    assert set(p) == set(POINTS_SCHEMA.names)
+    ml = make_point(INFO, step=1, global_batch=1, flops_per_image=1.0, eval_metrics={"eval_prec1": 0.6, "eval_loss": 1})
+    assert ml["eval_error"] == pytest.approx(0.4)
+
+
+def test_sink_forwards_everything_and_reports_only_evals(tmp_path: Path) -> None:
+    reported: list[dict] = []
+    inner = JsonlSink(tmp_path / "m.jsonl")
+    sink = StudySink(INFO, global_batch=32, flops_per_image=1e6, report=reported.append, inner=inner)
+    sink.log_params({"lr": 1e-3})
+    sink.log_metrics({"loss": 2.0, "lr": 1e-3}, 10)
+    sink.log_metrics({"eval_top1": 0.5, "eval_loss": 1.5}, 50)
+    sink.close()
+    assert [r["step"] for r in reported] == [50] and reported[0]["flops"] == 1e6 * 50 * 32
+    lines = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert lines[1]["loss"] == 2.0 and lines[2]["eval_loss"] == 1.5
+    assert lines[3]["images"] == 1600 and lines[3]["eval_error"] == 0.5  # the point, also to MLflow
+
+
+def test_points_from_rows_filters_dedupes_and_coerces() -> None:
+    base = make_point(INFO, step=50, global_batch=32, flops_per_image=1.0, eval_metrics={"eval_top1": 0.5, "eval_loss": 1.0})
+    rows = [
+        {**base, "done": False, "training_iteration": 1, "samples": math.nan},  # pandas fills None with NaN
+        {"trial": "x", "loss": 2.0},  # not a point
+        {**base, "step": 100, "images": 3200, "eval_loss": 0.8, "params": 1234.0},  # pandas floats
+        {**base, "eval_loss": 0.95},  # the same (trial, step) reported again after a restart: last wins
+        {**base, "trial": "a_first", "samples": 400.0},
+    ]
+    table = points_from_rows(rows)
+    assert table.schema == POINTS_SCHEMA
+    got = table.to_pylist()
+    assert [(r["trial"], r["step"]) for r in got] == [("a_first", 50), (INFO.trial, 50), (INFO.trial, 100)]
+    assert got[1]["eval_loss"] == 0.95 and got[1]["samples"] is None and got[0]["samples"] == 400
+    assert got[2]["params"] == 1234
+
+
+def test_best_hparams_only_counts_trials_that_finished() -> None:
+    def pt(trial: str, variant: str, step: int, loss: float, lr: float) -> dict:
+        info = TrialInfo(study="h", trial=trial, variant=variant, params=1, steps=100, samples=None, seed=0,
+                         lr=lr, weight_decay=0.1)
+        return make_point(info, step=step, global_batch=1, flops_per_image=1.0,
+                          eval_metrics={"eval_top1": 0.5, "eval_loss": loss})
+
+    table = points_from_rows([
+        pt("a", "mu/4", 100, 1.0, 1e-3), pt("b", "mu/4", 100, 0.7, 3e-3),
+        pt("c", "mu/4", 25, 0.1, 1e-2),  # stopped early by ASHA: does not compete
+        pt("d", "Ti/4", 100, 0.5, 1e-4),
+    ])
+    best = best_hparams(table)
+    assert best["mu/4"]["lr"] == 3e-3 and best["mu/4"]["trial"] == "b"
+    assert best["Ti/4"]["lr"] == 1e-4
+
+
+# ---------------------------------------------------------------- a real sweep (slow)
+
+# Three tiny sizes (1.3k, 20k, 0.2M parameters) at 16 px / patch 4 on the digits shards. At
+# lr 2e-3 their eval losses at 150 and 300 steps were ~2.1 / 1.5 / 1.1 and ~1.8 / 0.95 / 0.45
+# (two seeds), so "bigger is better at equal steps" holds with a wide margin.
+SIZES = "mu/4:width=8:depth=1:mlp_dim=16,mu/4:width=32:mlp_dim=64,mu/4:width=96:depth=3:heads=4:mlp_dim=192"
+
+
+@pytest.fixture(scope="module")
+def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from pipeline.demo_data import make_digits_folder
+
+    tmp = tmp_path_factory.mktemp("digits")
+    make_digits_folder(tmp / "folder", image_size=16)
+    subprocess.run(
+        [sys.executable, "-m", "pipeline.write_shards", str(tmp / "folder"), str(tmp / "shards"),
+         "--val-fraction", "0.1", "--samples-per-shard", "400", "--workers", "1", "--quiet"],
+        cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120,
+    )
+    return str(tmp / "shards")
+
+
+def _trial_runs(client: object, exp_name: str) -> dict[str, object]:
+    exp = client.get_experiment_by_name(exp_name)  # type: ignore[attr-defined]
+    if exp is None:
+        return {}
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`vitscale.trial` != ''")  # type: ignore[attr-defined]
+    return {r.data.tags["vitscale.trial"]: r for r in runs}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_scaling_sweep_on_digits_survives_interruption(tmp_path: Path, digits_shards: str) -> None:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "orchestration/sweep.py", "--study", "scaling", "--variants", SIZES,
+           "--steps", "150,300", "--data", digits_shards, "--image-size", "16", "--batch-size", "32",
+           "--lr", "2e-3", "--evals-per-trial", "3", "--crop-min", "0.6", "--no-hflip", "--loader-workers", "0",
+           "--cpus-per-trial", "1", "--gpus-per-trial", "0", "--storage", str(tmp_path / "studies"),
+           "--name", "digits", "--experiment", "sweep-test", "--n-boot", "50"]
+    client = MlflowClient(tracking_uri=uri)
+    t0 = time.monotonic()
+
+    # 1. Start the study and interrupt it (Ctrl-C) once one trial finished and another is mid-run.
+    with (tmp_path / "first.log").open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        finished_before: dict[str, int] = {}
+        while time.monotonic() - t0 < 200 and proc.poll() is None:
+            time.sleep(1.0)
+            runs = _trial_runs(client, "sweep-test")
+            done = {k: r for k, r in runs.items() if r.info.status == "FINISHED"}
+            mid = [r for r in runs.values() if r.info.status == "RUNNING" and "eval_loss" in r.data.metrics]
+            if done and mid:
+                time.sleep(1.0)  # let the mid-run trial commit the checkpoint after its eval
+                proc.send_signal(signal.SIGINT)
+                break
+        rc = proc.wait(timeout=120)
+    first_log = (tmp_path / "first.log").read_text()
+    assert rc == 130, first_log[-3000:]  # "interrupted; run the same command with --resume"
+    finished_before = {k: len(client.get_metric_history(r.info.run_id, "eval_loss"))
+                       for k, r in _trial_runs(client, "sweep-test").items() if r.info.status == "FINISHED"}
+    assert 1 <= len(finished_before) < 6
+
+    # 2. The same command refuses to start over; with --resume it finishes the rest.
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+    resumed = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+
+    runs = _trial_runs(client, "sweep-test")
+    assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs.values())
+    for key, n in finished_before.items():  # finished trials were not re-run
+        assert len(client.get_metric_history(runs[key].info.run_id, "eval_loss")) == n
+        assert len(client.get_metric_history(runs[key].info.run_id, "resumed_from_step")) == 1
+    resumed_from = [m.value for r in runs.values() for m in client.get_metric_history(r.info.run_id, "resumed_from_step")]
+    assert max(resumed_from) > 0  # the interrupted trial continued from its checkpoint
+
+    out = tmp_path / "studies" / "digits-analysis"
+    table = pq.read_table(out / "points.parquet")
+    rows = table.to_pylist()
+    assert table.num_rows == 6 * 3 and len({(r["trial"], r["step"]) for r in rows}) == 18
+    assert all(r["flops"] > 0 and r["images"] == r["step"] * 32 for r in rows)
+    assert (out / "scaling_eval_error.png").stat().st_size > 10_000
+    summary = json.loads((out / "fit_eval_error.json").read_text())
+    assert summary["n_trials"] == 6 and ("frontier_fit" in summary or "error" in summary)
+
+    # Larger models reach lower eval loss at equal steps.
+    for steps in (150, 300):
+        final = sorted((r["params"], r["eval_loss"]) for r in rows if r["steps"] == steps and r["step"] == steps)
+        assert len(final) == 3
+        losses = [loss for _, loss in final]
+        assert losses[0] > losses[1] > losses[2], (steps, final)
+
+    study = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id],
+                               filter_string="tags.`vitscale.study` = 'digits' and tags.`vitscale.kind` = 'scaling'")
+    assert len(study) == 1 and study[0].info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {study[0].info.run_id}
+    logged = {a.path for a in client.list_artifacts(study[0].info.run_id, "study")}
+    assert {"study/points.parquet", "study/scaling_eval_error.png"} <= logged
+    assert time.monotonic() - t0 < 400
