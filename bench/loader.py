@@ -100,8 +100,9 @@ def s3_bench(local_ds: Path, shards: list[str], rounds: int, prefetch: int) -> t
             return total / (time.perf_counter() - t0) / 1e6
 
         def ours() -> float:
-            from pipeline.stream import Run, iter_runs
             import numpy as np
+
+            from pipeline.stream import Run, iter_runs
 
             runs = [Run(k, np.array([0]), np.array([0]), np.array([st.size(k)])) for k in shards]
             t0 = time.perf_counter()

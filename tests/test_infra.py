@@ -34,7 +34,6 @@ K8S = INFRA / "k8s"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
 MLFLOW_DOCKERFILE = INFRA / "docker" / "mlflow.Dockerfile"
 RAY_UP = INFRA / "ray" / "cluster-aws.yaml"
-RENDERER = K8S / "render_rayjob.py"
 RENDERED_T4 = K8S / "jobs" / "pretrain-vit-s16-t4.yaml"
 KUBERAY_SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay"
 
@@ -88,11 +87,9 @@ def pyproject_pins() -> dict[str, str]:
 
 
 def load_renderer() -> Any:
-    spec = importlib.util.spec_from_file_location("render_rayjob", RENDERER)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from orchestration import rayjob
+
+    return rayjob
 
 
 # ---------------------------------------------------------------------------------------------
@@ -825,7 +822,7 @@ def test_committed_rayjob_is_the_rendered_one(renderer: Any) -> None:
     committed = yaml.safe_load(RENDERED_T4.read_text())
     assert committed == renderer.render_rayjob("vit_s16_t4", T4_DATA), (
         f"{RENDERED_T4.relative_to(ROOT)} is stale; regenerate it with "
-        f"`python infra/k8s/render_rayjob.py vit_s16_t4 --data {T4_DATA} -o {RENDERED_T4.relative_to(ROOT)}`"
+        f"`python -m orchestration.rayjob vit_s16_t4 --data {T4_DATA} -o {RENDERED_T4.relative_to(ROOT)}`"
     )
 
 
@@ -833,7 +830,7 @@ def test_render_cli(tmp_path: Path, renderer: Any, capsys: pytest.CaptureFixture
     """The script runs on its own (fresh interpreter, any cwd); errors exit 2 with the reason."""
     out = tmp_path / "job.yaml"
     proc = subprocess.run(
-        [sys.executable, str(RENDERER), "vit_s16_t4", "--data", T4_DATA, "-o", str(out)],
+        [sys.executable, "-m", "orchestration.rayjob", "vit_s16_t4", "--data", T4_DATA, "-o", str(out)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -334,3 +334,20 @@ def test_decode_modes_draft_and_caps() -> None:
     finally:
         dec._finish = orig  # type: ignore[assignment]
     assert seen == [(200, 150)]
+
+
+def test_csv_manifest_and_shard_bytes(tmp_path: Path) -> None:
+    make_digits_folder(tmp_path / "src", image_size=16, limit=40)
+    files = sorted((tmp_path / "src").rglob("*.jpg"))
+    lines = ["path,labels"] + [f"{p.relative_to(tmp_path)},{p.parent.name}|{'even' if int(p.parent.name) % 2 == 0 else 'odd'}"
+                               for p in files] + ["src/0/missing.jpg,", "src/0/gone.jpg,odd"]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    limit = 8 * 1024
+    info = write_dataset(tmp_path / "m.csv", str(tmp_path / "ds"), shard_bytes=limit, progress=False)
+    assert info["multi_label"] and info["counts"]["train"] == 40
+    assert info["summary"]["rejects"] == {"missing_label": 1, "unreadable": 1}
+    index = pq.read_table(tmp_path / "ds" / "index.parquet").to_pylist()
+    assert len(index) > 3 and all(r["bytes"] <= limit + 10240 + 2048 for r in index)
+    ld = build_loader(cfg_for(tmp_path / "ds", train=False, batch_size=40), rank=0, world_size=1)
+    _, y, _ = next(iter(ld))
+    assert y.shape == (40, 12) and (y.sum(1) == 2).all()

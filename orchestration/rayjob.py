@@ -1,6 +1,6 @@
 """Render the KubeRay RayJob that pre-trains one recipe on its own, right-sized Ray cluster.
 
-    python infra/k8s/render_rayjob.py vit_s16_t4 --data s3://vitscale/demo > rayjob.yaml
+    python -m orchestration.rayjob vit_s16_t4 --data s3://vitscale/demo > rayjob.yaml
     kubectl apply -n vitscale -f rayjob.yaml
     kubectl get rayjob -n vitscale -w
 
@@ -16,8 +16,8 @@ The experiment is checked here, before anything reaches the cluster: unknown ``-
 a recipe that asks for more CPUs per rank than the pod advertises, or a dataloader that would
 not fit in the pod's ``/dev/shm`` fail with a message that names the fix.
 
-This is a script, not a package module (``infra/`` has no Python package; DESIGN.md): the
-tests load it with importlib, and it imports ``orchestration.recipes`` from the checkout.
+It lives in ``orchestration/`` (which may import every package) rather than ``infra/``
+(which holds no Python imports, DESIGN.md); it reads the pod shapes from ``infra/k8s/``.
 """
 
 from __future__ import annotations
@@ -34,9 +34,8 @@ from typing import Any
 
 import yaml
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-RAYCLUSTER = HERE / "base" / "raycluster.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+RAYCLUSTER = ROOT / "infra" / "k8s" / "base" / "raycluster.yaml"
 
 PRETRAIN = ("python", "-m", "orchestration.pretrain")
 DEFAULT_STORAGE = "s3://vitscale/runs"
@@ -152,8 +151,6 @@ def render_rayjob(
     ``image`` replaces the image of every container (default: the one in raycluster.yaml, which
     kustomize's ``images:`` does not reach in a separately applied RayJob).
     """
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     from orchestration.recipes import apply_overrides, get_recipe, with_workers
 
     exp = get_recipe(recipe_name)
@@ -297,8 +294,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         data = args.data
         if data is None:
-            if str(ROOT) not in sys.path:
-                sys.path.insert(0, str(ROOT))
             from orchestration.recipes import get_recipe
 
             data = get_recipe(args.recipe).data.url
@@ -315,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"render_rayjob: {e}", file=sys.stderr)
         return 2
-    text = to_yaml(job, "python infra/k8s/" + shlex.join([Path(__file__).name, *(argv or sys.argv[1:])]))
+    text = to_yaml(job, "python -m orchestration.rayjob " + shlex.join(list(argv or sys.argv[1:])))
     if args.output:
         args.output.write_text(text)
     else:
