@@ -134,6 +134,7 @@ def main() -> None:
                     help="also compare at this size, where crops are >= 2x the target and JPEG draft mode "
                          "(DCT-domain downscaling) applies; 0 to skip")
     ap.add_argument("--skip-s3", action="store_true")
+    ap.add_argument("--skip-loader", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
@@ -147,7 +148,7 @@ def main() -> None:
         print(f"data: {a.images} photo JPEGs (~500x375) in {len(shards)} shards, {mb:.1f} MB "
               f"(prepared in {time.perf_counter() - t0:.1f}s); workers={a.workers} batch={a.batch} size={a.size}")
         urls = [str(ds / s) for s in shards]
-        sizes = [a.size] + ([a.low_res] if a.low_res else [])
+        sizes = [] if a.skip_loader else [a.size] + ([a.low_res] if a.low_res else [])
         for size in sizes:
             ours_r, stock_r = [], []
             for r in range(a.rounds):

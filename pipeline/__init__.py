@@ -1,13 +1,26 @@
 """vitscale data pipeline: WebDataset shards on object storage, streamed deterministically.
 
-Public API: :class:`DataConfig`, :func:`build_loader` / :class:`Loader`, :mod:`pipeline.storage`
-(``open_storage``, ``url_join``), :mod:`pipeline.write_shards` (``write_dataset`` and the
-``python -m pipeline.write_shards`` CLI) and :mod:`pipeline.demo_data`.
+Public API:
+
+* :class:`DataConfig`, :func:`build_loader` -> :class:`Loader` (``pipeline.loader``);
+* :mod:`pipeline.storage`: ``open_storage(url)``, ``url_join``, :class:`StorageError`;
+* :func:`write_dataset` and the ``python -m pipeline.write_shards SRC DEST`` CLI;
+* :mod:`pipeline.demo_data`: ``make_digits_folder`` and friends (``python -m pipeline.demo_data``).
 """
+
+from typing import Any
 
 from .loader import BadDataError, DataConfig, Loader, build_loader
 from .storage import StorageError, open_storage, url_join
-from .write_shards import write_dataset
 
 __all__ = ["BadDataError", "DataConfig", "Loader", "StorageError", "build_loader", "open_storage", "url_join",
            "write_dataset"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported lazily so `python -m pipeline.write_shards` does not import itself twice.
+    if name == "write_dataset":
+        from .write_shards import write_dataset
+
+        return write_dataset
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -20,11 +20,9 @@ import warnings
 import numpy as np
 from PIL import Image
 
-# Our own pixel cap (cfg.max_image_pixels) is checked from the header before decoding; PIL's
-# global one would only warn (or raise at 2x), so it is turned off in favour of ours.
-Image.MAX_IMAGE_PIXELS = None
-
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's historical default (~ 0.25 GB of RGB pixels)
+#: Pixel cap checked from the JPEG header, before any decoding (decompression bombs); the same
+#: value as PIL's ``Image.MAX_IMAGE_PIXELS`` default, but enforced as a counted skip.
+DEFAULT_MAX_PIXELS = 89_478_485
 
 
 class BadSample(Exception):
@@ -40,6 +38,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # PIL's own (global) cap, 2x MAX_IMAGE_PIXELS
+        raise BadSample("too_many_pixels", str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - any header failure means a corrupt image
         raise BadSample("corrupt_image", f"{type(exc).__name__}: {exc}") from exc
     w, h = im.size

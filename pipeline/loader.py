@@ -48,6 +48,9 @@ LOG_FIRST_BAD = 3
 class DataConfig:
     """How to read one split of a sharded dataset; see the module docstring for semantics.
 
+    Train epochs drop the remainder: at most ``world_size * num_workers * batch_size - 1``
+    samples per epoch (the tail of that epoch's shard permutation, so different samples each
+    epoch) are not read, which is what gives every rank the same batch count.
     ``batch_size`` is per rank. ``read_retries`` / ``read_backoff_s``: attempts (each resuming
     with a Range GET from the byte reached) and initial backoff for a shard stream. ``train=False`` selects the eval preset (resize + center crop,
     no shuffle, no drop, padded last batches with a ``valid`` mask). ``limit_samples`` keeps
@@ -133,8 +136,10 @@ def load_meta(url: str, split: str, limit: int | None = None) -> Meta:
     samples = pq.read_table(pa.BufferReader(st.read_bytes(info.get("samples_file", "samples.parquet"))))
     samples = samples.filter(pc.equal(samples["split"], split))
     names = index["shard"].to_pylist()
-    pos = {n: i for i, n in enumerate(names)}
-    shard_of = np.asarray([pos[s] for s in samples["shard"].to_pylist()], dtype=np.int32)
+    shard_idx = pc.index_in(samples["shard"], value_set=index["shard"].combine_chunks())  # vectorised lookup
+    if shard_idx.null_count:
+        raise ValueError(f"{url}: samples.parquet names shards missing from index.parquet")
+    shard_of = shard_idx.to_numpy(zero_copy_only=False).astype(np.int32)
     order = np.lexsort((samples["offset"].to_numpy(), shard_of))  # canonical: shard, then file order
     samples = samples.take(pa.array(order))
     shard_of = shard_of[order]

@@ -330,7 +330,7 @@ class LocalStorage(Storage):
             return []
         out = []
         for p in base.rglob("*"):
-            if p.is_file():
+            if p.is_file() and not (p.name.startswith(".") and ".tmp" in p.name):  # skip in-flight writes
                 k = p.relative_to(base).as_posix()
                 if k.startswith(prefix):
                     out.append(k)
@@ -418,7 +418,7 @@ class S3Storage(Storage):
         return int(r["ContentLength"])
 
     def list(self, prefix: str = "") -> list[str]:
-        full = self._k(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        full = (self.prefix + "/" if self.prefix else "") + prefix.lstrip("/")  # keeps a trailing "/"
         out = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
             for obj in page.get("Contents", []):
@@ -461,8 +461,9 @@ class S3Storage(Storage):
                     return io.BytesIO(b""), pos
                 raise
             total = int(r["ContentRange"].rsplit("/", 1)[1]) if "ContentRange" in r else int(r["ContentLength"])
-            # The urllib3 response underneath, read in chunks (no whole-object buffering).
-            return r["Body"]._raw_stream, total
+            # botocore's StreamingBody, read in chunks (no whole-object buffering); a short body
+            # raises IncompleteReadError, a reset ResponseStreamingError: both resume above.
+            return r["Body"], total
 
         return RangeReader(name, opener, start, end, **kw)
 

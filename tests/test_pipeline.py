@@ -351,3 +351,22 @@ def test_csv_manifest_and_shard_bytes(tmp_path: Path) -> None:
     ld = build_loader(cfg_for(tmp_path / "ds", train=False, batch_size=40), rank=0, world_size=1)
     _, y, _ = next(iter(ld))
     assert y.shape == (40, 12) and (y.sum(1) == 2).all()
+
+
+def test_two_layout_changes_in_one_epoch_no_repeats(id_ds: Path) -> None:
+    """world 2 -> 3 (batch 8 -> 5) -> 1 inside one epoch: nothing repeats, little is left out."""
+    seen: list[np.ndarray] = []
+    state = None
+    for world, batch, k in ((2, 8, 6), (3, 5, 7), (1, 8, None)):
+        states = []
+        for rank in range(world):
+            ld = build_loader(cfg_for(id_ds, batch_size=batch), rank=rank, world_size=world)
+            if state is not None:
+                ld.load_state_dict(state)
+            seen += run_ids(ld, k)
+            states.append(ld.state_dict())
+        state = states[0]
+    assert state["epoch"] == 1 and state["batches"] == 0
+    ids = np.concatenate(seen)
+    assert len(ids) == len(set(ids.tolist()))
+    assert N_IDS - len(ids) < 2 * 8 + 3 * 5 + 1 * 8
