@@ -53,7 +53,7 @@ class Batches:
 
 def plain_loop(model: torch.nn.Module, cfg: TrainConfig, batches: list, device: torch.device):  # noqa: ANN201
     """The baseline: AdamW (same param groups, schedule, clipping) in a hand-written loop."""
-    fused = device.type == "cuda"
+    fused = True  # same kernel as the Trainer uses
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
     amp = torch.autocast("cuda", torch.bfloat16) if cfg.precision == "bf16" else torch.autocast("cpu", enabled=False)
     state = {"step": 0, "i": 0}

@@ -35,13 +35,13 @@ def train_digits(workdir: Path) -> dict[str, float]:
     write_dataset(src, url, samples_per_shard=300, val_fraction=0.2, seed=0, progress=False)
     common = dict(url=url, image_size=IMAGE, num_workers=1, seed=0)
     train = build_loader(
-        DataConfig(**common, split="train", batch_size=64, crop_scale=(0.6, 1.0), hflip=False, shuffle_buffer=256),
+        DataConfig(**common, split="train", batch_size=64, crop_scale=(0.8, 1.0), hflip=False, shuffle_buffer=256),
         rank=0, world_size=1,
     )
     val = build_loader(DataConfig(**common, split="val", batch_size=128, train=False, eval_crop_pct=1.0), rank=0, world_size=1)
     cfg = TrainConfig(
-        global_batch=64, micro_batch=64, lr=3e-3, weight_decay=0.05, warmup_steps=40, total_steps=700,
-        decay="cosine", zero_stage=1, log_every=50, eval_every=350, profile="cpu", seed=0,
+        global_batch=64, micro_batch=64, lr=3e-3, weight_decay=0.05, warmup_steps=30, total_steps=450,
+        decay="cosine", zero_stage=1, log_every=50, eval_every=0, profile="cpu", seed=0,
     )
     torch.manual_seed(0)
     model = create_model("mu/4", num_classes=train.num_classes, image_size=IMAGE)

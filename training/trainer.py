@@ -3,6 +3,20 @@
 Works the same under torchrun, the deepspeed launcher, Ray Train or a bare `python` (rank and
 world come from the environment; see training.dist). Every rank runs the same loop; only rank 0
 talks to the MetricsSink.
+
+Under Ray Train, call it from `train_loop_per_worker` (TorchTrainer has already made the process
+group and set RANK/WORLD_SIZE/LOCAL_RANK)::
+
+    ctx = ray.train.get_context()
+    loader = build_loader(data_cfg, rank=ctx.get_world_rank(), world_size=ctx.get_world_size())
+    trainer = Trainer(create_model(...), train_cfg, loader, eval_loader=..., sink=sink_on_rank0,
+                      checkpoint_dir=local_dir, checkpoint_store=s3_store)
+    metrics = trainer.fit(resume="auto")   # every rank; rank 0's sink gets the metrics
+
+A NaN/Inf loss on any rank skips that micro-batch on every rank (no backward, no update, the
+next batch takes its place) and counts a bad step; `max_bad_steps` in a row raise
+NonFiniteLossError. fp16 overflow in the gradients is DeepSpeed's loss scaler's business (a
+skipped update, logged as `skipped_updates`).
 """
 
 from __future__ import annotations
