@@ -207,23 +207,25 @@ def launch(
             exp, data_url=data_url, run_id=run_id, run_dir=run_dir, tracking_uri=uri,
             eval_split=eval_split, init_weights=init_weights,
         )
+        summary: dict[str, Any] = {
+            "run_id": run_id,
+            "experiment": experiment,
+            "run_dir": run_dir,
+            "tracking_uri": uri,
+            "metrics": report,
+            "model_name": None,
+            "model_version": None,
+        }
+        if register:
+            version = register_from_run(
+                exp, run_id=run_id, run_dir=run_dir, report=report, lineage=lineage, uri=uri, extra_tags=extra_tags
+            )
+            summary.update(
+                model_name=exp.model_name, model_version=version, model_uri=f"models:/{exp.model_name}/{version}"
+            )
     except BaseException:
         tracking.end_run(run_id, "FAILED", uri=uri)
         raise
-    summary: dict[str, Any] = {
-        "run_id": run_id,
-        "experiment": experiment,
-        "run_dir": run_dir,
-        "tracking_uri": uri,
-        "metrics": report,
-        "model_name": None,
-        "model_version": None,
-    }
-    if register:
-        version = register_from_run(
-            exp, run_id=run_id, run_dir=run_dir, report=report, lineage=lineage, uri=uri, extra_tags=extra_tags
-        )
-        summary.update(model_name=exp.model_name, model_version=version, model_uri=f"models:/{exp.model_name}/{version}")
     tracking.end_run(run_id, "FINISHED", uri=uri)
     return summary
 

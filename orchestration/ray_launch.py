@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import replace
@@ -200,6 +201,7 @@ def train_worker(config: dict[str, Any]) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _use_plain_gloo_collectives()
 
     exp = experiment_from_dict(config["experiment"])
     data_cfg = replace(exp.data, url=config["data_url"])
@@ -268,7 +270,26 @@ def train_worker(config: dict[str, Any]) -> None:
     }
     if rank == 0:
         open_storage(config["run_dir"]).write_bytes(RESULT_KEY, json.dumps(report).encode())
-    ray.train.report(report)
+    ray.train.report(report)  # a barrier: every rank is past its last checkpoint save
+    if store is not None and local_rank == 0:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # local staging of the s3 mirror
+
+
+def _use_plain_gloo_collectives() -> None:
+    """CPU workers: keep DeepSpeed on the gloo group Ray Train made, without its shm comm op.
+
+    On CPU, DeepSpeed JIT-compiles ``deepspeed_shm_comm`` (ninja + c++, tens of seconds) in every
+    fresh worker process, serialised machine-wide by a lock in ``~/.cache/torch_extensions``;
+    with several jobs starting at once (a worker group restarting after a failure, parallel
+    tests) workers sit behind that lock far longer than a training step. gloo's all-reduce is
+    what a CPU run needs; marking the op incompatible makes DeepSpeed fall back to it.
+    """
+    try:
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    except Exception as e:  # noqa: BLE001 - an older/newer DeepSpeed without the table
+        log.info("could not disable DeepSpeed's shm comm op: %s", e)
 
 
 def _fetch(url: str, local: Path) -> Path:

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD")
 REDACTED = "***"
-_MIN_SECRET_LEN = 4  # shorter values ("1", "on") would mask half the config
+_MIN_SECRET_LEN = 6  # shorter values ("1", "on", "token") would mask half the config
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]+:[^/@\s]+@")
 _MAX_PARAM_LEN = 6000  # MLflow's param value limit
 
@@ -52,9 +52,16 @@ def is_secret_name(name: str) -> bool:
 
 
 def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
-    """Values of secret-named environment variables, longest first (so substrings mask cleanly)."""
+    """Values of secret environment variables, longest first (so substrings mask cleanly).
+
+    An env var is secret when KEY/SECRET/TOKEN/PASSWORD appears in its name *or* its value
+    (``DB_URL=postgres://app:password@db``); values shorter than 6 characters are ignored.
+    """
     env = os.environ if environ is None else environ
-    vals = {v for k, v in env.items() if is_secret_name(k) and v and len(v) >= _MIN_SECRET_LEN}
+    vals = {
+        v for k, v in env.items()
+        if v and len(v) >= _MIN_SECRET_LEN and (is_secret_name(k) or is_secret_name(v))
+    }
     return sorted(vals, key=len, reverse=True)
 
 
@@ -123,8 +130,21 @@ def install_log_redaction() -> None:
 
 
 def tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI`` or ``sqlite:///<project>/mlflow.db``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+    """``$MLFLOW_TRACKING_URI`` or ``sqlite:///<project>/mlflow.db``.
+
+    Under ``ray job submit --working-dir`` the "project" is a temporary unpacked copy, so a
+    default sqlite store there would vanish with the job: set MLFLOW_TRACKING_URI on the cluster
+    (infra/local/start_services.sh does) or pass ``--tracking-uri``.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    if "runtime_resources" in str(PROJECT_ROOT):
+        log.warning(
+            "MLFLOW_TRACKING_URI is not set and this code runs from a Ray working_dir copy (%s): "
+            "the default sqlite store there is deleted with the job", PROJECT_ROOT,
+        )
+    return f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
 
 
 def artifact_root(uri: str) -> str | None:

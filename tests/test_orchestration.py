@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,9 @@ SECRET = "sk-live-0123456789abcdef"
 def test_redaction_of_secret_env_values_and_url_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MY_API_TOKEN", SECRET)
     monkeypatch.setenv("DB_PASSWORD", "hunter2hunter2")
+    monkeypatch.setenv("LEGACY_DSN", "mysql://app-password-xyz")
     assert tracking.redact_text(f"key={SECRET} pw=hunter2hunter2") == "key=*** pw=***"
+    assert "app-password-xyz" not in tracking.redact_text("dsn=mysql://app-password-xyz")
     assert tracking.redact_text("s3://user:pa55word@host/bucket") == "s3://***@host/bucket"
     clean = tracking.redact(
         {"AWS_SECRET_ACCESS_KEY": "abc123456", "api_token": SECRET, "data.url": f"s3://b/{SECRET}",
@@ -75,6 +77,7 @@ def test_mlflow_sink_never_stores_secrets(tmp_path: Path, monkeypatch: pytest.Mo
     assert artifact.is_relative_to(tmp_path), "sqlite stores keep artifacts next to the database"
 
 
+@pytest.mark.integration
 def test_storage_checkpoint_store_on_s3(s3_bucket: str, tmp_path: Path) -> None:
     from orchestration.storage_ckpt import StorageCheckpointStore
     from training.checkpoint import CheckpointStore, latest_remote
@@ -204,19 +207,23 @@ def _result(output: str) -> dict[str, Any]:
     return json.loads(lines[-1].split(" ", 1)[1])
 
 
-def _kill_one_train_worker(env: dict[str, str], checkpoints: Path, timeout: float = 240) -> int:
+def _kill_one_train_worker(
+    env: dict[str, str], has_checkpoint: Callable[[], bool], proc: subprocess.Popen[str], timeout: float = 240
+) -> int:
     """Wait for a complete checkpoint, then SIGKILL one RayTrainWorker process of our head."""
     ray_pid = int(Path(env["STATE"], "ray.pid").read_text())
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(checkpoints.glob("step*/complete.json")):
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended before a worker could be killed:\n{proc.communicate()[0][-6000:]}")
+        if has_checkpoint():
             workers = [p for p in _descendants(ray_pid) if "RayTrainWorker" in " ".join(_cmdline(p))]
             if workers:
                 victim = sorted(workers, key=lambda p: p.pid)[-1]
                 os.kill(victim.pid, signal.SIGKILL)
                 return victim.pid
         time.sleep(0.3)
-    raise TimeoutError(f"no complete checkpoint under {checkpoints} within {timeout}s")
+    raise TimeoutError(f"no complete checkpoint within {timeout}s")
 
 
 def _cmdline(p: Any) -> list[str]:
@@ -227,26 +234,42 @@ def _cmdline(p: Any) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def pretrained(ray_cluster: dict[str, str], digits_url: str) -> dict[str, Any]:
+def storage_url(digits_url: str) -> str:
+    """Run storage (checkpoints, exports) in the same moto bucket: the S3 CheckpointStore path."""
+    return digits_url.rsplit("/", 1)[0] + "/runs"
+
+
+@pytest.fixture(scope="module")
+def pretrained(ray_cluster: dict[str, str], digits_url: str, storage_url: str) -> dict[str, Any]:
     """`ray job submit` of a short pre-training; one worker is killed after the first checkpoint."""
+    from pipeline.storage import open_storage
+
     env = ray_cluster
-    storage = Path(env["VITSCALE_STORAGE"])
+    store = open_storage(storage_url)
     proc = _submit(
         env, "orchestration/pretrain.py", "--recipe", "vit_mu_smoke", "--data", digits_url,
-        "--experiment", "orch-test",
+        "--experiment", "orch-test", "--storage", storage_url,
         "--set", "train.total_steps=90", "--set", "train.warmup_steps=5", "--set", "train.checkpoint_every=15",
         "--set", "train.eval_every=45", "--set", "train.log_every=5",
     )
-    pointer = storage / "vit_mu_smoke" / "latest_run.json"
+    pointer = "vit_mu_smoke/latest_run.json"
     deadline = time.monotonic() + 240
-    while not pointer.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.3)
-    assert pointer.exists(), f"the job never created its run:\n{proc.communicate()[0][-4000:]}"
-    run_dir = Path(json.loads(pointer.read_text())["run_dir"])
-    killed = _kill_one_train_worker(env, run_dir / "checkpoints")
+    while not store.exists(pointer) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert store.exists(pointer), f"the job never created its run:\n{proc.communicate()[0][-4000:]}"
+    run_id = json.loads(store.read_bytes(pointer))["run_id"]
+    marker = f"vit_mu_smoke/{run_id}/checkpoints/latest_complete.json"
+    try:
+        killed = _kill_one_train_worker(env, lambda: store.exists(marker), proc)
+    except TimeoutError:
+        proc.kill()
+        raise AssertionError(f"no checkpoint in time; job output:\n{proc.communicate()[0][-6000:]}") from None
     out, _ = proc.communicate(timeout=500)
     assert proc.returncode == 0, out[-6000:]
-    return {"result": _result(out), "killed_pid": killed, "output": out}
+    res = _result(out)
+    assert res["run_dir"] == f"{storage_url}/vit_mu_smoke/{run_id}"
+    assert store.exists(f"vit_mu_smoke/{run_id}/export/model.safetensors")
+    return {"result": res, "killed_pid": killed, "output": out}
 
 
 @pytest.mark.integration
@@ -260,7 +283,7 @@ def test_ray_job_pretraining_is_tracked_and_registered(pretrained: dict[str, Any
     assert run.info.status == "FINISHED"
     for key in ("loss", "lr", "grad_norm", "images_per_s", "eval_top1", "data_wait_frac"):
         assert key in run.data.metrics, key
-    assert run.data.params["train.total_steps"] == "90" and run.data.params["recipe"] if "recipe" in run.data.params else True
+    assert run.data.params["train.total_steps"] == "90" and run.data.tags["recipe"] == "vit_mu_smoke"
     assert run.data.tags["dataset_index_sha256"] != "missing" and len(run.data.tags["dataset_index_sha256"]) == 64
     artifacts = {a.path for a in c.list_artifacts(res["run_id"])}
     assert {"config", "dataset", "weights", "attention"} <= artifacts
@@ -284,10 +307,11 @@ def test_killed_worker_resumes_from_checkpoint(pretrained: dict[str, Any], ray_c
 
 @pytest.mark.integration
 def test_finetune_from_registry_at_higher_resolution(pretrained: dict[str, Any], ray_cluster: dict[str, str],
-                                                      digits_url: str) -> None:
+                                                      digits_url: str, storage_url: str) -> None:
     src = pretrained["result"]
     proc = _submit(
         ray_cluster, "orchestration/finetune.py", "--from", src["model_uri"], "--data", digits_url,
+        "--storage", storage_url,
         "--image-size", "48", "--workers", "1", "--gpus-per-worker", "0",
         "--set", "train.total_steps=20", "--set", "train.warmup_steps=2", "--set", "train.global_batch=32",
         "--set", "train.eval_every=20", "--set", "train.checkpoint_every=20",

@@ -23,11 +23,14 @@ if [[ -f "$STATE/ray.pid" ]] && kill -0 "$(cat "$STATE/ray.pid")" 2>/dev/null; t
   echo "services from an earlier run are still up in $STATE; run infra/local/stop_services.sh first" >&2
   exit 1
 fi
-rm -rf "$STATE"
+# Start from a clean slate, removing only what an earlier smoke run wrote there.
 mkdir -p "$STATE"
+(cd "$STATE" && rm -rf mlflow.db mlruns runs ray_results digits attention logs env.sh ./*.json ./*.log)
 trap 'say "stopping services"; bash "$ROOT/infra/local/stop_services.sh"' EXIT
 trap 'exit 130' INT TERM
 
+# Runs (checkpoints, exported weights) live in the bucket too: the S3 CheckpointStore path.
+export VITSCALE_STORAGE="${VITSCALE_STORAGE:-s3://$BUCKET/runs}"
 say "starting local services (moto S3 unless AWS_ENDPOINT_URL is set, Ray head)"
 bash infra/local/start_services.sh
 # shellcheck disable=SC1091
@@ -48,14 +51,14 @@ PYEOF
   --workers 1 --quiet
 
 if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-  RECIPE=vit_s16_t4; FT_SIZE=288; FT_GPUS=1
+  RECIPE=vit_s16_t4; FT_SIZE=288; FT_GPUS=1; FT_WORKERS=1  # one T4
   STEPS="${SMOKE_STEPS:-300}"; FT_STEPS="${SMOKE_FT_STEPS:-100}"
   PRE_SET=(--set "train.total_steps=$STEPS" --set train.warmup_steps=30 --set train.eval_every=100
            --set train.checkpoint_every=100 --set data.num_workers=2)
   FT_SET=(--set "train.total_steps=$FT_STEPS" --set train.warmup_steps=10 --set train.global_batch=64
           --set train.lr=0.01 --set train.eval_every=50 --set train.checkpoint_every=50 --set train.precision=fp16)
 else
-  RECIPE=vit_mu_smoke; FT_SIZE=48; FT_GPUS=0
+  RECIPE=vit_mu_smoke; FT_SIZE=48; FT_GPUS=0; FT_WORKERS=2
   STEPS="${SMOKE_STEPS:-300}"; FT_STEPS="${SMOKE_FT_STEPS:-120}"
   PRE_SET=(--set "train.total_steps=$STEPS")
   FT_SET=(--set "train.total_steps=$FT_STEPS" --set train.warmup_steps=12 --set train.global_batch=64
@@ -73,7 +76,7 @@ MODEL_URI=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["model
 say "ray job submit: fine-tuning $MODEL_URI at ${FT_SIZE}px ($FT_STEPS steps)"
 ray job submit --working-dir . --entrypoint-num-cpus 0 -- \
   python orchestration/finetune.py --from "$MODEL_URI" --data "$DATA" --image-size "$FT_SIZE" \
-  --workers 2 --gpus-per-worker "$FT_GPUS" "${FT_SET[@]}" \
+  --workers "$FT_WORKERS" --gpus-per-worker "$FT_GPUS" "${FT_SET[@]}" \
   2>&1 | tee "$STATE/finetune.log" | grep -E "VITSCALE_RESULT|Error|error:|Traceback|succeeded|failed" || true
 grep -q '^VITSCALE_RESULT ' "$STATE/finetune.log" || { echo "fine-tuning job failed; see $STATE/finetune.log" >&2; exit 1; }
 grep '^VITSCALE_RESULT ' "$STATE/finetune.log" | tail -1 | cut -d' ' -f2- > "$STATE/finetune.json"

@@ -85,7 +85,11 @@ NUM_CPUS="${VITSCALE_RAY_CPUS:-4}"  # logical slots (2 train workers + fine-tune
 # RAY_AUTH_MODE=token in the client's environment too (env.sh exports it).
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 echo "export RAY_AUTH_MODE=$RAY_AUTH_MODE" >> "$ENV_FILE"
-RAY_DEDUP_LOGS=0 "$RAY_BIN" start --head --block \
+# RAY_ADDRESS (GCS form) is inherited by every process of this cluster: Ray-internal actors
+# that resolve address="auto" then find this head, not "multiple active Ray instances".
+# No drain phase on SIGTERM (it exists for Serve proxies; nothing here needs it): stop is quick.
+RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 \
+RAY_ADDRESS="127.0.0.1:$GCS_PORT" RAY_DEDUP_LOGS=0 "$RAY_BIN" start --head --block \
   --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
   --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" --include-dashboard=true \
   --ray-client-server-port="$CLIENT_PORT" --dashboard-agent-listen-port="$AGENT_HTTP" \
