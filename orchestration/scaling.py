@@ -221,6 +221,24 @@ def _validate_xy(compute: np.ndarray, error: np.ndarray, n_min: int = N_PARAMS +
         )
 
 
+B_MAX = 4.0
+
+
+def bound_warnings(law: PowerLaw, compute: np.ndarray, error: np.ndarray) -> list[str]:
+    """Plain-language warnings when a fitted parameter sits on its bound (c = 0, d = 0 are fine)."""
+    out = []
+    if law.b >= B_MAX * 0.999:
+        out.append(f"b hit its upper bound {B_MAX}: the frontier still bends downwards (not yet in the "
+                   "power-law regime); extend the compute range (longer runs, bigger sizes) before trusting it")
+    if law.b <= 1.001e-3:
+        out.append("b hit its lower bound: error does not improve with compute on this frontier")
+    if law.c >= 0.999 * float(np.max(error)):
+        out.append("c reached the largest observed error: the law is flat; the frontier has no trend")
+    if law.d >= 9.99 * float(np.max(compute)):
+        out.append("d hit its upper bound (10x the largest compute): the data sit in the flat start of the curve")
+    return out
+
+
 def _residuals(theta: np.ndarray, x: np.ndarray, log_e: np.ndarray, sw: np.ndarray) -> np.ndarray:
     log_a, b, c, d = theta
     pred = np.exp(log_a - b * np.log(x + d)) + c
@@ -243,7 +261,7 @@ def _fit_scaled(
     x: np.ndarray, e: np.ndarray, w: np.ndarray, starts: Sequence[np.ndarray]
 ) -> tuple[np.ndarray, float]:
     lo = np.array([-60.0, 1e-3, 0.0, 0.0])
-    hi = np.array([60.0, 4.0, float(e.max()), 10.0 * float(x.max())])
+    hi = np.array([60.0, B_MAX, float(e.max()), 10.0 * float(x.max())])
     log_e, sw = np.log(e), np.sqrt(w)
     best, best_cost = None, np.inf
     for s in starts:
@@ -343,6 +361,7 @@ class FrontierFit:
     ci: dict[str, tuple[float, float]]  # parameter -> (lo, hi)
     boot: np.ndarray  # (n_boot_ok, 4) bootstrap parameter samples (a, b, c, d)
     holdout: Holdout | None
+    warnings: tuple[str, ...] = ()  # parameters on their bounds, in words
 
     def band(self, compute: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pointwise bootstrap band (lo, hi) of the fitted curve at ``compute``."""
@@ -365,6 +384,7 @@ class FrontierFit:
             "ci": {k: list(v) for k, v in self.ci.items()},
             "n_boot": len(self.boot),
             "holdout": None if self.holdout is None else self.holdout.as_dict(),
+            "warnings": list(self.warnings),
         }
 
 
@@ -430,6 +450,7 @@ def fit_frontier(
         ci=ci,
         boot=boot_arr,
         holdout=leave_largest_budget_out(points) if holdout else None,
+        warnings=tuple(bound_warnings(law, front.compute, front.error)),
     )
 
 
@@ -510,7 +531,12 @@ def optimal_size(curves: Mapping[str, SizeCurve], compute: float) -> str:
 
 
 def optimal_sizes(curves: Mapping[str, SizeCurve], compute: np.ndarray) -> list[str]:
-    """Vectorised ``optimal_size`` over a grid of budgets."""
+    """Vectorised ``optimal_size`` over a grid of budgets.
+
+    A size competes from the compute of its first measured point on: below that its curve
+    is an extrapolation towards zero training, not a measurement. (Budgets below every
+    size's first point fall back to the plain lowest curve.)
+    """
     fitted = [c for c in curves.values() if c.law is not None]
     if not fitted:
         raise ValueError("no size has a fitted curve; each size needs more than 4 points on its envelope")
@@ -518,7 +544,10 @@ def optimal_sizes(curves: Mapping[str, SizeCurve], compute: np.ndarray) -> list[
     if np.any(compute <= 0):
         raise ValueError("compute budgets must be > 0")
     errs = np.stack([c.law(compute) for c in fitted])  # (S, M)  # type: ignore[union-attr]
-    return [fitted[i].variant for i in np.argmin(errs, axis=0)]
+    starts = np.array([c.compute_range[0] for c in fitted])[:, None]  # (S, 1)
+    masked = np.where(compute[None, :] >= starts * (1 - 1e-9), errs, np.inf)
+    best = np.where(np.isfinite(masked.min(axis=0)), np.argmin(masked, axis=0), np.argmin(errs, axis=0))
+    return [fitted[i].variant for i in best]
 
 
 # --------------------------------------------------------------------------- plots
@@ -550,7 +579,7 @@ def plot_error_vs_compute(
     variants = sorted(set(points.variant), key=lambda v: (points.params.get(v, 0), v))
     cmap = plt.get_cmap("viridis")
     colors = {v: cmap(i / max(1, len(variants) - 1)) for i, v in enumerate(variants)}
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(12, 5.5))
     seen: set[str] = set()
     for t in sorted(set(points.trial)):
         m = points.trial == t
@@ -580,11 +609,14 @@ def plot_error_vs_compute(
                 label="compute-efficient frontier")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    # Frame the measurements; a wild extrapolation of the band must not squash them.
+    lo_e, hi_e = float(points.error.min()), float(points.error.max())
+    ax.set_ylim(lo_e / 2.5, hi_e * 1.6)
     ax.set_xlabel("training compute C (FLOPs)")
     ax.set_ylabel(points.metric.replace("_", " "))
-    ax.set_title(title or f"{points.metric} vs compute")
+    ax.set_title(title or f"{points.metric} vs compute: every trial, the compute-efficient frontier and the fit")
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -603,31 +635,26 @@ def plot_optimal_size(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     best = optimal_sizes(curves, compute)
-    ordered = sorted(curves, key=lambda v: (curves[v].params or 0, v))
-    rank = {v: i for i, v in enumerate(ordered)}
-    use_params = all(curves[v].params for v in best)
-    y = np.array([curves[v].params if use_params else rank[v] for v in best], dtype=float)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.step(compute, y, where="post", color="tab:blue", lw=2)
+    ordered = [v for v in sorted(curves, key=lambda v: (curves[v].params or 0, v)) if curves[v].law is not None]
+    use_params = all(curves[v].params for v in ordered)
+    ypos = {v: float(curves[v].params) if use_params else float(i) for i, v in enumerate(ordered)}  # type: ignore[arg-type]
+    y = np.array([ypos[v] for v in best])
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for v in ordered:  # where each size was measured
+        ax.plot(curves[v].compute_range, [ypos[v], ypos[v]], color="gray", alpha=0.35, lw=7, solid_capstyle="butt")
+    ax.step(compute, y, where="post", color="tab:blue", lw=2, label="compute-optimal size")
+    ax.plot([], [], color="gray", alpha=0.35, lw=7, label="measured compute range of the size")
     ax.set_xscale("log")
     if use_params:
         ax.set_yscale("log")
-        ax.set_ylabel("compute-optimal model size (parameters)")
-    else:
-        ax.set_yticks(range(len(ordered)), ordered)
-        ax.set_ylabel("compute-optimal model size")
-    # label each plateau with its variant
-    starts = [0] + [i for i in range(1, len(best)) if best[i] != best[i - 1]]
-    for i in starts:
-        ax.annotate(best[i], (compute[i], y[i]), textcoords="offset points", xytext=(3, 4), fontsize=8)
-    for v in ordered:  # where each size's data lies
-        c = curves[v]
-        if c.law is not None:
-            yy = c.params if use_params else rank[v]
-            ax.plot(c.compute_range, [yy, yy], color="gray", alpha=0.4, lw=6, solid_capstyle="butt")
+        ax.minorticks_off()
+    labels = [f"{v} ({_fmt_params(curves[v].params)})" if use_params else v for v in ordered]  # type: ignore[arg-type]
+    ax.set_yticks([ypos[v] for v in ordered], labels, fontsize=8)
+    ax.set_ylabel("model size")
     ax.set_xlabel("training compute budget C (FLOPs)")
-    ax.set_title(title or "compute-optimal size (lowest per-size fitted curve; grey = measured range)")
+    ax.set_title(title or "compute-optimal model size (lowest per-size fitted curve)")
     ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -657,12 +684,15 @@ def analyze(
     seed: int = 0,
     drop_nonfinite: bool = False,
     strict: bool = True,
+    fit_law: bool = True,
 ) -> Report:
     """Fit frontier + per-size curves, write ``fit.json`` and the two plots to ``out_dir``.
 
     With ``strict=False`` a frontier fit that cannot be made (e.g. one size, too few
     points) is recorded in the summary's ``"error"`` and the plots are still drawn
     without it; the sweep uses this so an analysis problem never loses a finished study.
+    ``fit_law=False`` only draws the points (e.g. a learning-rate search, whose frontier
+    mixes settings and is no scaling law).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -672,6 +702,11 @@ def analyze(
     summary: dict[str, Any] = {"metric": metric, "n_points": len(pts), "n_trials": len(set(pts.trial)),
                                "variants": sorted(set(pts.variant))}
     fit: FrontierFit | None = None
+    if not fit_law:
+        files = {"error_vs_compute": plot_error_vs_compute(pts, None, out / f"scaling_{metric}.png")}
+        files["fit"] = out / f"fit_{metric}.json"
+        files["fit"].write_text(json.dumps(summary, indent=2, default=_json_default))
+        return Report(None, {}, files, summary)
     try:
         fit = fit_frontier(pts, n_boot=n_boot, confidence=confidence, seed=seed)
         summary["frontier_fit"] = fit.as_dict()
@@ -683,7 +718,7 @@ def analyze(
     summary["per_size"] = {v: c.as_dict() for v, c in curves.items()}
     files = {"error_vs_compute": plot_error_vs_compute(pts, fit, out / f"scaling_{metric}.png")}
     if any(c.law is not None for c in curves.values()):
-        grid = _compute_grid(pts, extend=10.0, n=400)
+        grid = np.geomspace(float(pts.compute.min()), float(pts.compute.max()) * 10, 400)
         files["optimal_size"] = plot_optimal_size(curves, grid, out / f"optimal_size_{metric}.png")
         budgets = np.geomspace(grid[0], grid[-1], 9)
         summary["optimal_size"] = [
@@ -708,12 +743,13 @@ def format_report(report: Report) -> str:
     lines = [f"{s['n_trials']} trials, {s['n_points']} points, sizes {', '.join(s['variants'])}; metric {s['metric']}"]
     fit = report.fit
     if fit is None:
-        lines.append(f"frontier fit: not possible ({s.get('error')})")
+        lines.append(f"frontier fit: {'not possible (' + s['error'] + ')' if 'error' in s else 'not requested'}")
     else:
         lines.append(f"frontier fit ({len(fit.frontier)} points, rmse(log) {fit.rmse_log:.3f}): {fit.law}")
         for k in PARAM_NAMES:
             lo, hi = fit.ci[k]
             lines.append(f"  {k} = {getattr(fit.law, k):.4g}   {fit.confidence:.0%} CI [{lo:.4g}, {hi:.4g}]")
+        lines += [f"  warning: {w}" for w in fit.warnings]
         h = fit.holdout
         if h is not None:
             if h.law is None:

@@ -34,6 +34,12 @@ Examples::
 
 from __future__ import annotations
 
+if __package__ in (None, ""):  # run as a file (python orchestration/sweep.py, ray job submit -- ...)
+    import sys
+    from pathlib import Path as _P
+
+    sys.path.insert(0, str(_P(__file__).resolve().parents[1]))
+
 import argparse
 import dataclasses
 import hashlib
@@ -53,11 +59,12 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from orchestration import scaling
-from pipeline.storage import url_join
+from pipeline.storage import open_storage, url_join
 
 log = logging.getLogger(__name__)
 
 STUDIES = ("scaling", "hparams")
+POINTS_FILE = "points.json"  # a trial's points so far, next to its checkpoints
 #: Points-table identity columns reported with every Tune result (the rest are measurements).
 POINT_FIELDS = tuple(scaling.POINTS_SCHEMA.names)
 
@@ -74,7 +81,7 @@ class StudySpec:
     ``variants`` are size specs (see :func:`parse_size`): ``"Ti"``, ``"B/16"`` or
     ``"mu/4:width=64:mlp_dim=128"``. ``samples`` entries of ``None`` use the whole train
     split. ``batch_size`` is the global batch of every trial (one process, no
-    accumulation). ``hparams`` maps a size spec to ``{"lr": .., "weight_decay": ..}`` and
+    accumulation unless ``micro_batch`` is set). ``hparams`` maps a size spec to ``{"lr": .., "weight_decay": ..}`` and
     overrides ``lr`` / ``weight_decay`` for that size.
     """
 
@@ -88,6 +95,7 @@ class StudySpec:
     image_size: int = 32
     patch_size: int | None = None
     batch_size: int = 64
+    micro_batch: int | None = None  # per forward pass; batch_size / micro_batch = gradient accumulation
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_frac: float = 0.05
@@ -126,6 +134,8 @@ class StudySpec:
             errors.append(f"steps {self.steps} must be positive integers")
         if any(s is not None and s < self.batch_size for s in self.samples):
             errors.append(f"samples {self.samples}: each limit must be >= batch_size {self.batch_size}")
+        if self.micro_batch is not None and (self.micro_batch < 1 or self.batch_size % self.micro_batch):
+            errors.append(f"micro_batch {self.micro_batch} must divide batch_size {self.batch_size}")
         if self.seeds < 1:
             errors.append(f"seeds {self.seeds} must be >= 1")
         if self.evals_per_trial < 1:
@@ -150,7 +160,16 @@ class StudySpec:
 
     @property
     def experiment_path(self) -> str:
-        return url_join(self.storage_path, self.name)
+        """The (first) Tune experiment's folder."""
+        return url_join(self.storage_path, self.experiments()[0][0])
+
+    def experiments(self) -> list[tuple[str, str | None]]:
+        """Tune experiments as (name, size label or None): one grid for a scaling study; one per
+        size for an hparams study, so ASHA ranks learning rates among trials of the same size."""
+        if self.study == "scaling":
+            return [(self.name, None)]
+        labels = [size_label(v, image_size=self.image_size, patch_size=self.patch_size) for v in self.variants]
+        return [(f"{self.name}-{size_slug(v)}", v) for v in labels]
 
     @property
     def trials_root(self) -> str:
@@ -175,7 +194,7 @@ class StudySpec:
     def grid_hash(self) -> str:
         """Short hash of what defines the trials (a default study name: same command, same study)."""
         keys = ("study", "data_url", "variants", "steps", "samples", "seeds", "image_size", "patch_size",
-                "batch_size", "lr", "weight_decay", "warmup_frac", "decay", "hparams", "num_samples")
+                "batch_size", "micro_batch", "lr", "weight_decay", "warmup_frac", "decay", "hparams", "num_samples")
         blob = json.dumps({k: self.to_dict()[k] for k in keys}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
@@ -212,15 +231,19 @@ def size_label(spec: str, *, image_size: int, patch_size: int | None = None) -> 
     return name + "".join(f":{k}={v}" for k, v in overrides.items())
 
 
+def size_slug(label: str) -> str:
+    """Path-safe form of a size label: ``"mu/4:width=64"`` -> ``"mu4-width64"``."""
+    return label.replace("/", "").replace(":", "-").replace("=", "")
+
+
 def trial_key(variant: str, steps: int, samples: int | None, seed: int, suffix: str = "") -> str:
     """Stable, path-safe id of one grid cell: ``"mu4-width64_s500_nall_seed0"``."""
-    slug = variant.replace("/", "").replace(":", "-").replace("=", "")
-    key = f"{slug}_s{steps}_n{'all' if samples is None else samples}_seed{seed}"
+    key = f"{size_slug(variant)}_s{steps}_n{'all' if samples is None else samples}_seed{seed}"
     return f"{key}_{suffix}" if suffix else key
 
 
-def param_space(spec: StudySpec, study_run_id: str | None) -> dict[str, Any]:
-    """Tune's param_space: grid axes (scaling) or sampled lr/wd per size (hparams) + the spec."""
+def param_space(spec: StudySpec, study_run_id: str | None, variant: str | None = None) -> dict[str, Any]:
+    """Tune's param_space: grid axes (scaling) or sampled lr/wd for ``variant`` (hparams) + the spec."""
     from ray import tune
 
     labels = [size_label(v, image_size=spec.image_size, patch_size=spec.patch_size) for v in spec.variants]
@@ -233,9 +256,11 @@ def param_space(spec: StudySpec, study_run_id: str | None) -> dict[str, Any]:
             "samples": tune.grid_search(list(spec.samples)),
             "seed": tune.grid_search(list(range(spec.seeds))),
         }
+    if variant is None:
+        raise ValueError("an hparams study searches one size per Tune experiment: pass variant")
     return {
         **fixed,
-        "variant": tune.grid_search(labels),
+        "variant": variant,
         "steps": max(int(s) for s in spec.steps),
         "samples": spec.samples[0],
         "seed": 0,
@@ -335,10 +360,12 @@ class StudySink:
         flops_per_image: float,
         report: Callable[[dict[str, Any]], None],
         inner: Any | None = None,
+        persist: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
         from training import NullSink
 
         self.info = info
+        self.persist = persist
         self.global_batch = global_batch
         self.flops_per_image = flops_per_image
         self.report = report
@@ -355,9 +382,23 @@ class StudySink:
         point = make_point(self.info, step=step, global_batch=self.global_batch,
                            flops_per_image=self.flops_per_image, eval_metrics=metrics)
         self.points.append(point)
+        if self.persist is not None:
+            self.persist(self.points)
         self.inner.log_metrics({"images": point["images"], "flops": point["flops"],
                                 "eval_error": point["eval_error"]}, step)
         self.report(point)
+
+    def replay(self, points: Sequence[Mapping[str, Any]], upto_step: int) -> None:
+        """Re-report the points a resumed trial made before its checkpoint at ``upto_step``.
+
+        A restored Tune trial without a Tune checkpoint starts a fresh result history, so
+        the points from before the interruption would be lost from the study table.
+        MLflow already has them; they only go to ``report``.
+        """
+        for p in points:
+            if int(p["step"]) <= upto_step:
+                self.points.append(dict(p))
+                self.report(dict(p))
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         self.inner.log_artifact(local_path, artifact_path)
@@ -408,8 +449,9 @@ def train_trial(
     if spec.cpus_per_trial >= 1:
         torch.set_num_threads(int(spec.cpus_per_trial))
 
+    micro = spec.micro_batch or spec.batch_size
     data = DataConfig(
-        url=spec.data_url, split=spec.train_split, image_size=spec.image_size, batch_size=spec.batch_size,
+        url=spec.data_url, split=spec.train_split, image_size=spec.image_size, batch_size=micro,
         num_workers=spec.loader_workers, seed=seed, limit_samples=samples,
         crop_scale=(spec.crop_min, 1.0), hflip=spec.hflip,
     )
@@ -420,12 +462,14 @@ def train_trial(
     torch.manual_seed(seed)
     model = create_model(name, num_classes=int(train_loader.num_classes), image_size=spec.image_size, **overrides)
     n_params = sum(p.numel() for p in model.parameters())
+    # The device's profile sets precision and ZeRO stage (ZeRO-1 over a world of one process is
+    # a no-op partition, kept so trials take the optimizer path the profiles are tested with).
     profile = get_profile("auto")
     every = max(1, steps // spec.evals_per_trial)
     cfg = TrainConfig(
-        global_batch=spec.batch_size, micro_batch=spec.batch_size, lr=lr, weight_decay=wd,
+        global_batch=spec.batch_size, micro_batch=micro, lr=lr, weight_decay=wd,
         warmup_steps=min(int(spec.warmup_frac * steps), steps - 1), total_steps=steps, decay=spec.decay,
-        precision=profile.precision, zero_stage=0, seed=seed, log_every=max(1, min(50, every)),
+        precision=profile.precision, zero_stage=profile.zero_stage, seed=seed, log_every=max(1, min(50, every)),
         eval_every=every, checkpoint_every=every, keep_checkpoints=1,
     )
     info = TrialInfo(study=spec.name, trial=key, variant=variant, params=n_params, steps=steps,
@@ -434,20 +478,31 @@ def train_trial(
     mlflow_sink, run_id = None, None
     if study_run_id:
         mlflow_sink, run_id = _trial_run(spec, info, study_run_id)
+    trial_url = url_join(spec.trials_root, key)
+    trial_dir = open_storage(trial_url)  # points.json (+ the checkpoints, for local paths)
+    saved = json.loads(trial_dir.read_bytes(POINTS_FILE)) if trial_dir.exists(POINTS_FILE) else []
     sink = StudySink(info, global_batch=cfg.global_batch, flops_per_image=train_flops_per_image(model.cfg),
-                     report=report, inner=mlflow_sink)
-    ckpt_dir, store, cleanup = _checkpoint_location(spec.trials_root, key)
+                     report=report, inner=mlflow_sink,
+                     persist=lambda pts: trial_dir.write_bytes(POINTS_FILE, json.dumps(pts).encode()))
+    ckpt_dir, store = _checkpoint_location(trial_url, key)
     status = "FAILED"
+    trainer = None
     try:
         trainer = Trainer(model, cfg, train_loader, eval_loader=eval_loader, sink=sink,
                           checkpoint_dir=ckpt_dir, checkpoint_store=store)
         trainer.restore("auto")  # a restored / retried trial continues from its newest checkpoint
+        sink.replay(saved, trainer.step)
         # One value per attempt: > 0 shows the trial resumed instead of starting over.
         sink.inner.log_metrics({"resumed_from_step": float(trainer.step)}, trainer.step)
         t0 = time.perf_counter()
         result = trainer.fit()
         sink.inner.log_metrics({"train_time_s": time.perf_counter() - t0, "params": float(n_params)}, trainer.step)
         status = "FINISHED"
+    except SystemExit:
+        # Tune stops a trial (ASHA, or max_t reached at the last report) by exiting its thread
+        # inside report(): finished if that was the last step, else stopped early.
+        status = "FINISHED" if trainer is not None and trainer.step >= steps else "KILLED"
+        raise
     finally:
         sink.close()
         if run_id is not None:
@@ -455,7 +510,7 @@ def train_trial(
 
             tracking.end_run(run_id, status, uri=spec.tracking_uri or None)
     if not spec.keep_checkpoints:
-        cleanup()
+        _delete_tree(trial_url, ckpt_dir)
     return {**{k: v for k, v in result.items() if isinstance(v, (int, float))}, "params": n_params,
             "points": len(sink.points)}
 
@@ -486,22 +541,26 @@ def _trial_run(spec: StudySpec, info: TrialInfo, study_run_id: str) -> tuple[Any
     return sink, run_id
 
 
-def _checkpoint_location(root: str, key: str) -> tuple[str, Any, Callable[[], None]]:
-    """(local checkpoint_dir, CheckpointStore or None, delete-it-all) for one trial."""
-    url = url_join(root, key)
-    if url.startswith("s3://"):
+def _checkpoint_location(trial_url: str, key: str) -> tuple[str, Any]:
+    """(local checkpoint_dir, CheckpointStore or None) for one trial's folder (path or s3://)."""
+    if trial_url.startswith("s3://"):
         from orchestration.storage_ckpt import StorageCheckpointStore
 
         local = Path(tempfile.gettempdir()) / "vitscale-sweep-ckpt" / key
-        store = StorageCheckpointStore(url)
+        return str(local), StorageCheckpointStore(trial_url)
+    return (trial_url[len("file://"):] if trial_url.startswith("file://") else trial_url), None
 
-        def cleanup() -> None:
-            shutil.rmtree(local, ignore_errors=True)
-            store.delete_prefix("")
 
-        return str(local), store, cleanup
-    path = url[len("file://"):] if url.startswith("file://") else url
-    return path, None, lambda: shutil.rmtree(path, ignore_errors=True)
+def _delete_tree(url: str, local_dir: str) -> None:
+    """Remove a finished trial's (or the whole study's) checkpoints and points files."""
+    if local_dir:
+        shutil.rmtree(local_dir, ignore_errors=True)
+    if url.startswith("s3://"):
+        st = open_storage(url)
+        for k in st.list(""):
+            st.delete(k)
+    else:
+        shutil.rmtree(url[len("file://"):] if url.startswith("file://") else url, ignore_errors=True)
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -539,11 +598,11 @@ class StudyResult:
     complete: bool  # False when the sweep was interrupted (resume with --resume)
 
 
-def _tuner(spec: StudySpec, study_run_id: str | None, resume: bool) -> Any:
+def _tuner(spec: StudySpec, study_run_id: str | None, resume: bool, name: str, variant: str | None) -> Any:
     from ray import tune
 
     trainable = tune.with_resources(run_trial, {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})
-    path = spec.experiment_path
+    path = url_join(spec.storage_path, name)
     if tune.Tuner.can_restore(path):
         if not resume:
             raise FileExistsError(
@@ -552,7 +611,7 @@ def _tuner(spec: StudySpec, study_run_id: str | None, resume: bool) -> Any:
             )
         log.info("restoring study %s from %s", spec.name, path)
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                  param_space=param_space(spec, study_run_id))
+                                  param_space=param_space(spec, study_run_id, variant))
     scheduler, num_samples = None, 1
     if spec.study == "hparams":
         from ray.tune.schedulers import ASHAScheduler
@@ -563,12 +622,31 @@ def _tuner(spec: StudySpec, study_run_id: str | None, resume: bool) -> Any:
         num_samples = spec.num_samples
     return tune.Tuner(
         trainable,
-        param_space=param_space(spec, study_run_id),
+        param_space=param_space(spec, study_run_id, variant),
+        # reuse_actors: a worker process runs trial after trial, so torch / DeepSpeed are imported
+        # once per worker, not once per trial (each trial still builds its own model and engine).
         tune_config=tune.TuneConfig(metric="eval_loss", mode="min", scheduler=scheduler, num_samples=num_samples,
-                                    reuse_actors=False),
-        run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_path,
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(name=name, storage_path=spec.storage_path,
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
     )
+
+
+def _export_project_path() -> None:
+    """Put the project root on PYTHONPATH so the workers of a local Ray instance started by this
+    driver import it too (a cluster gets the code from ``ray job submit --working-dir .``)."""
+    root = str(Path(__file__).resolve().parents[1])
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *parts])
+
+
+def _check_same_study(spec: StudySpec, saved: Mapping[str, Any]) -> None:
+    """A resumed study must keep the grid and recipe it started with (``StudySpec.grid_hash``)."""
+    if StudySpec.from_dict(saved).grid_hash() != spec.grid_hash():
+        diff = sorted(k for k, v in spec.to_dict().items() if saved.get(k) != v)
+        raise ValueError(f"study {spec.name!r} was started with different settings ({', '.join(diff)}); "
+                         "resume it with the command that started it")
 
 
 def _study_run(spec: StudySpec, state_file: Path, resume: bool) -> str:
@@ -577,7 +655,11 @@ def _study_run(spec: StudySpec, state_file: Path, resume: bool) -> str:
 
     uri = spec.tracking_uri or None
     if resume and state_file.exists():
-        run_id = json.loads(state_file.read_text())["study_run_id"]
+        saved = json.loads(state_file.read_text())
+        _check_same_study(spec, saved["spec"])
+        run_id = saved["study_run_id"]
+        if run_id is None:
+            return _study_run(spec, state_file, resume=False)
         tracking.client(uri).update_run(run_id, status="RUNNING")
         return run_id
     run_id = tracking.start_run(spec.experiment, run_name=spec.name, uri=uri,
@@ -591,27 +673,48 @@ def _study_run(spec: StudySpec, state_file: Path, resume: bool) -> str:
 def run_study(spec: StudySpec, *, resume: bool = False, ray_address: str | None = None,
               tracking: bool = True) -> StudyResult:
     """Run (or resume) the study on Ray Tune, then write and log its table, fit and plots."""
+    from ray import tune
+
     from orchestration.ray_launch import connect_ray
 
+    existing = [n for n, _ in spec.experiments() if tune.Tuner.can_restore(url_join(spec.storage_path, n))]
+    if existing and not resume:
+        raise FileExistsError(
+            f"study {spec.name!r} already exists at {url_join(spec.storage_path, existing[0])}; pass --resume "
+            "to continue it (finished trials are kept) or choose another --name"
+        )
+    if tracking and not spec.tracking_uri:  # resolved once, here, so every trial logs to the same store
+        from orchestration import tracking as tr
+
+        spec = dataclasses.replace(spec, tracking_uri=tr.tracking_uri())
     out = spec.analysis_dir
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "study.json"
-    log.info("Ray: %s", connect_ray(ray_address))
+    if resume and state_file.exists():
+        _check_same_study(spec, json.loads(state_file.read_text())["spec"])
     run_id = _study_run(spec, state_file, resume) if tracking else None
     state_file.write_text(json.dumps({"study_run_id": run_id, "spec": spec.to_dict()}, indent=2))
+    _export_project_path()
+    log.info("Ray: %s", connect_ray(ray_address))
     status = "FAILED"
     try:
-        tuner = _tuner(spec, run_id, resume)
-        grid = tuner.fit()
-        complete, n_done = _all_trials_done(spec.experiment_path)
-        rows, errored = [], []
-        for res in grid:
-            trial = res.metrics.get("trial") if res.metrics else None
-            if res.error is not None:
-                errored.append(str(trial or res.path))
-                log.warning("trial %s failed: %s", trial or res.path, res.error)
-            if res.metrics_dataframe is not None:
-                rows.extend(res.metrics_dataframe.to_dict("records"))
+        rows: list[dict[str, Any]] = []
+        errored: list[str] = []
+        complete, n_done = True, 0
+        for name, variant in spec.experiments():
+            grid = _tuner(spec, run_id, resume, name, variant).fit()
+            done, n = _all_trials_done(url_join(spec.storage_path, name))
+            n_done += n
+            for res in grid:
+                trial = res.metrics.get("trial") if res.metrics else None
+                if res.error is not None:
+                    errored.append(str(trial or res.path))
+                    log.warning("trial %s failed: %s", trial or res.path, res.error)
+                if res.metrics_dataframe is not None:
+                    rows.extend(res.metrics_dataframe.to_dict("records"))
+            if not done:  # interrupted (Ctrl-C): leave the remaining experiments to --resume
+                complete = False
+                break
         table = points_from_rows(rows)
         table_path = scaling.write_points(table, out / "points.parquet")
         files: dict[str, Path] = {"points": table_path}
@@ -623,13 +726,16 @@ def run_study(spec: StudySpec, *, resume: bool = False, ray_address: str | None 
             files["best_hparams"].write_text(json.dumps(best, indent=2))
             summary["best_hparams"] = best
         if table.num_rows:
+            # A hparams study mixes learning rates: its frontier is not a scaling law, only plot it.
             report = scaling.analyze(table, out, metric=spec.metric, n_boot=spec.n_boot, strict=False,
-                                     drop_nonfinite=True)
+                                     drop_nonfinite=True, fit_law=spec.study == "scaling")
             files.update(report.files)
             summary["fit"] = report.summary
             log.info("%s", scaling.format_report(report))
         if run_id is not None:
             _log_study(spec, run_id, files, summary)
+        if complete and not spec.keep_checkpoints:  # early-stopped trials leave theirs behind
+            _delete_tree(spec.trials_root, "")
         status = "KILLED" if not complete else "FINISHED" if not errored else "FAILED"
         return StudyResult(table, table_path, files, summary, run_id, errored, complete)
     finally:
@@ -720,6 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--patch-size", type=int, default=None, help="for sizes without /P (default: size//8 below 128 px, else 16)")
     p.add_argument("--batch-size", type=int, default=64, help="global batch of every trial")
+    p.add_argument("--micro-batch", type=int, default=None, help="per forward pass (gradient accumulation)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-frac", type=float, default=0.05)
@@ -763,6 +870,7 @@ def spec_from_args(args: argparse.Namespace) -> StudySpec:
         name=args.name or "pending", study=args.study, data_url=args.data,
         variants=tuple(v for v in args.variants.split(",") if v), steps=args.steps, samples=args.samples,
         seeds=args.seeds, image_size=args.image_size, patch_size=args.patch_size, batch_size=args.batch_size,
+        micro_batch=args.micro_batch,
         lr=args.lr, weight_decay=args.weight_decay, warmup_frac=args.warmup_frac, decay=args.decay,
         evals_per_trial=args.evals_per_trial, train_split=args.train_split, eval_split=args.eval_split,
         crop_min=args.crop_min, hflip=args.hflip, loader_workers=args.loader_workers,
@@ -783,9 +891,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from orchestration.ray_launch import connect_ray
 
     try:
-        connect_ray(args.address)
+        if args.gpus_per_trial is None:  # ask the cluster
+            connect_ray(args.address)
         spec = spec_from_args(args)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # bad grid / recipe, unreadable --hparams file
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"study {spec.name}: {grid_size(spec)} trials -> {spec.experiment_path}; analysis in {spec.analysis_dir}")

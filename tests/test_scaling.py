@@ -225,6 +225,12 @@ def test_analyze_writes_plots_and_json_and_cli_refits(tmp_path: Path, capsys: py
     assert (tmp_path / "cli" / "optimal_size_eval_loss.png").exists()
 
 
+def test_analyze_without_law_only_plots(tmp_path: Path) -> None:
+    report = analyze(per_size_study(), tmp_path, fit_law=False)
+    assert report.fit is None and report.curves == {}
+    assert report.files["error_vs_compute"].exists() and "frontier_fit" not in report.summary
+
+
 def test_analyze_non_strict_still_plots_one_size(tmp_path: Path) -> None:
     rows = [_row("t0", "S", 1, float(c), float(TRUE(c)), j) for j, c in enumerate(np.geomspace(1e12, 1e15, 6))]
     report = analyze(points_table(rows), tmp_path, n_boot=5, strict=False)

@@ -28,6 +28,7 @@ from orchestration.sweep import (
     param_space,
     parse_size,
     points_from_rows,
+    run_study,
     size_label,
     spec_from_args,
     trial_key,
@@ -84,6 +85,21 @@ def test_spec_validation_grid_and_round_trip() -> None:
         _spec(variants=("mu", "Huge"))
 
 
+def test_micro_batch_must_divide_the_batch() -> None:
+    assert _spec(batch_size=64, micro_batch=16).micro_batch == 16
+    with pytest.raises(ValueError, match="micro_batch 24 must divide batch_size 64"):
+        _spec(batch_size=64, micro_batch=24)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
+    spec = _spec(storage=str(tmp_path), lr=1e-3)
+    spec.analysis_dir.mkdir(parents=True)
+    (spec.analysis_dir / "study.json").write_text(json.dumps({"study_run_id": None, "spec": spec.to_dict()}))
+    changed = _spec(storage=str(tmp_path), lr=3e-3)
+    with pytest.raises(ValueError, match=r"started with different settings \(lr\)"):
+        run_study(changed, resume=True, tracking=False)  # before Ray starts
+
+
 def test_param_space_axes() -> None:
     space = param_space(_spec(samples=(400, None), seeds=2), "run123")
     assert space["variant"] == {"grid_search": ["mu/4", "Ti/4"]}
@@ -91,8 +107,11 @@ def test_param_space_axes() -> None:
     assert space["samples"] == {"grid_search": [400, None]}
     assert space["seed"] == {"grid_search": [0, 1]}
     assert space["study_run_id"] == "run123" and space["spec"]["name"] == "t"
-    hp = param_space(_spec(study="hparams"), None)
-    assert hp["steps"] == 200 and "lr" in hp and "weight_decay" in hp
+    hp_spec = _spec(study="hparams")
+    assert [v for _, v in hp_spec.experiments()] == ["mu/4", "Ti/4"]  # ASHA ranks within one size
+    assert [n for n, _ in hp_spec.experiments()] == ["t-mu4", "t-Ti4"]
+    hp = param_space(hp_spec, None, "Ti/4")
+    assert hp["variant"] == "Ti/4" and hp["steps"] == 200 and "lr" in hp and "weight_decay" in hp
 
 
 def test_cli_arguments_make_a_spec(tmp_path: Path) -> None:
@@ -138,6 +157,23 @@ def test_sink_forwards_everything_and_reports_only_evals(tmp_path: Path) -> None
     lines = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert lines[1]["loss"] == 2.0 and lines[2]["eval_loss"] == 1.5
     assert lines[3]["images"] == 1600 and lines[3]["eval_error"] == 0.5  # the point, also to MLflow
+
+
+def test_sink_persists_points_and_replays_them_after_a_resume() -> None:
+    saved: list[list[dict]] = []
+    first: list[dict] = []
+    sink = StudySink(INFO, global_batch=32, flops_per_image=1.0, report=first.append,
+                     persist=lambda pts: saved.append(json.loads(json.dumps(pts))))
+    for step in (25, 50, 75):
+        sink.log_metrics({"eval_top1": 0.5, "eval_loss": 1.0}, step)
+    assert [p["step"] for p in saved[-1]] == [25, 50, 75]
+    # The trial is interrupted; its newest committed checkpoint is step 50 (the save after the
+    # eval at 75 never finished). The restarted trial re-reports 25 and 50, then trains on.
+    again: list[dict] = []
+    resumed = StudySink(INFO, global_batch=32, flops_per_image=1.0, report=again.append)
+    resumed.replay(saved[-1], upto_step=50)
+    resumed.log_metrics({"eval_top1": 0.6, "eval_loss": 0.9}, 75)
+    assert [p["step"] for p in again] == [25, 50, 75] and again[-1]["eval_loss"] == 0.9
 
 
 def test_points_from_rows_filters_dedupes_and_coerces() -> None:
@@ -204,44 +240,61 @@ def _trial_runs(client: object, exp_name: str) -> dict[str, object]:
     return {r.data.tags["vitscale.trial"]: r for r in runs}
 
 
+def _last_eval_step(client: object, run: object) -> int:
+    hist = client.get_metric_history(run.info.run_id, "eval_loss")  # type: ignore[attr-defined]
+    return max((m.step for m in hist), default=0)
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_scaling_sweep_on_digits_survives_interruption(tmp_path: Path, digits_shards: str) -> None:
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    # No PYTHONPATH: `python orchestration/sweep.py` must find the project by itself (and its
+    # local Ray workers too).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "orchestration/sweep.py", "--study", "scaling", "--variants", SIZES,
            "--steps", "150,300", "--data", digits_shards, "--image-size", "16", "--batch-size", "32",
            "--lr", "2e-3", "--evals-per-trial", "3", "--crop-min", "0.6", "--no-hflip", "--loader-workers", "0",
            "--cpus-per-trial", "1", "--gpus-per-trial", "0", "--storage", str(tmp_path / "studies"),
-           "--name", "digits", "--experiment", "sweep-test", "--n-boot", "50"]
+           "--name", "digits", "--experiment", "sweep-test", "--n-boot", "20"]
     client = MlflowClient(tracking_uri=uri)
     t0 = time.monotonic()
 
     # 1. Start the study and interrupt it (Ctrl-C) once one trial finished and another is mid-run.
     with (tmp_path / "first.log").open("w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        finished_before: dict[str, int] = {}
-        while time.monotonic() - t0 < 200 and proc.poll() is None:
+        while time.monotonic() - t0 < 300 and proc.poll() is None:
             time.sleep(1.0)
             runs = _trial_runs(client, "sweep-test")
-            done = {k: r for k, r in runs.items() if r.info.status == "FINISHED"}
-            mid = [r for r in runs.values() if r.info.status == "RUNNING" and "eval_loss" in r.data.metrics]
-            if done and mid:
-                time.sleep(1.0)  # let the mid-run trial commit the checkpoint after its eval
+            done = [r for r in runs.values() if r.info.status == "FINISHED"]
+            # a trial in its first half, so it is still running (with a checkpoint) when Tune stops
+            early = [r for r in runs.values() if r.info.status == "RUNNING" and "eval_loss" in r.data.metrics
+                     and _last_eval_step(client, r) <= int(r.data.params["trial.steps"]) // 2]
+            if done and early:
+                time.sleep(1.0)  # let it commit the checkpoint that follows its eval
                 proc.send_signal(signal.SIGINT)
                 break
         rc = proc.wait(timeout=120)
     first_log = (tmp_path / "first.log").read_text()
     assert rc == 130, first_log[-3000:]  # "interrupted; run the same command with --resume"
-    finished_before = {k: len(client.get_metric_history(r.info.run_id, "eval_loss"))
-                       for k, r in _trial_runs(client, "sweep-test").items() if r.info.status == "FINISHED"}
+    # What Tune recorded as finished must not run again (a trial stopped at its very last report
+    # is not recorded so: it restarts, restores its final checkpoint and only re-reports).
+    from ray.tune import ExperimentAnalysis
+
+    state = ExperimentAnalysis(str(tmp_path / "studies" / "digits")).trials
+    terminated = {trial_key(t.config["variant"], t.config["steps"], t.config["samples"], t.config["seed"])
+                  for t in state if t.status == "TERMINATED"}
+    runs = _trial_runs(client, "sweep-test")
+    finished_before = {k: len(client.get_metric_history(runs[k].info.run_id, "eval_loss")) for k in terminated}
     assert 1 <= len(finished_before) < 6
 
     # 2. The same command refuses to start over; with --resume it finishes the rest.
-    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and "pass --resume" in again.stderr
+    spec = spec_from_args(build_parser().parse_args(cmd[2:]))
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        run_study(spec)  # checked before Ray starts or any run is created
     resumed = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
 
@@ -275,4 +328,33 @@ def test_scaling_sweep_on_digits_survives_interruption(tmp_path: Path, digits_sh
     assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {study[0].info.run_id}
     logged = {a.path for a in client.list_artifacts(study[0].info.run_id, "study")}
     assert {"study/points.parquet", "study/scaling_eval_error.png"} <= logged
-    assert time.monotonic() - t0 < 400
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_hparams_study_ranks_lr_within_each_size(tmp_path: Path, digits_shards: str) -> None:
+    import ray
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = StudySpec(
+        name="hp", study="hparams", data_url=digits_shards, variants=("mu/4:width=16:mlp_dim=32",), steps=(40,),
+        image_size=16, batch_size=32, evals_per_trial=2, num_samples=3, lr_range=(1e-4, 1e-2),
+        crop_min=0.6, hflip=False, loader_workers=0, storage=str(tmp_path / "studies"),
+        experiment="hp-test", tracking_uri=uri,
+    )
+    try:
+        result = run_study(spec)  # a local Ray instance, in this process
+    finally:
+        ray.shutdown()
+    assert result.complete and not result.errored_trials
+    best = json.loads(result.files["best_hparams"].read_text())
+    assert set(best) == {"mu/4:width=16:mlp_dim=32"} and 1e-4 <= best["mu/4:width=16:mlp_dim=32"]["lr"] <= 1e-2
+    runs = MlflowClient(tracking_uri=uri).search_runs(
+        [MlflowClient(tracking_uri=uri).get_experiment_by_name("hp-test").experiment_id],
+        filter_string="tags.`vitscale.trial` != ''")
+    # ASHA stops trials by exiting them inside report(): they end KILLED (or FINISHED), never FAILED.
+    assert len(runs) == 3 and {r.info.status for r in runs} <= {"FINISHED", "KILLED"}
+    assert any(r.info.status == "FINISHED" for r in runs)
+    assert not (tmp_path / "studies" / "hp-trials").exists()  # checkpoints of stopped trials removed
+    assert "frontier_fit" not in result.summary["fit"]  # mixed learning rates: no law
