@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import timm  # a dev dependency: a missing install must fail, not skip
 import torch
 import torch.nn.functional as F
 
@@ -30,8 +31,6 @@ from model import (
 )
 from model.layers import posemb_sincos_2d
 from model.weights import read_config, timm_kwargs
-
-timm = pytest.importorskip("timm")
 
 
 @pytest.fixture(autouse=True)
