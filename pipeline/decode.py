@@ -18,6 +18,8 @@ import random
 import warnings
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 #: Pixel cap checked from the JPEG header, before any decoding (decompression bombs); the same
@@ -62,16 +64,35 @@ def _draft(im: Image.Image, need_w: float, need_h: float) -> tuple[float, float]
     return im.size[0] / w, im.size[1] / h
 
 
-def _finish(im: Image.Image, box: tuple[float, float, float, float], size: int) -> Image.Image:
+def _finish(im: Image.Image, box: tuple[float, float, float, float], size: int, flip: bool = False) -> np.ndarray:
+    """Decode ``im``, crop ``box``, resize to ``(size, size, 3)`` uint8, optionally mirror it.
+
+    The result is an HWC view of CHW memory (strides ``(S, 1, S*S)``): the loader turns it back
+    into a ``(3, S, S)`` tensor without a copy.
+
+    The resize runs in torch on uint8 channels-last data (bilinear with antialiasing, the same
+    filter as PIL's ``BILINEAR`` resize): 3-4x faster than PIL's resampler on 224 px crops,
+    which otherwise costs as much as the JPEG decode itself (bench/loader.py).
+    """
     try:
         if im.mode != "RGB":
             # L, CMYK, P, RGBA, I;16 ... -> RGB (alpha dropped: JPEG carries none anyway).
             im = im.convert("RGBA").convert("RGB") if im.mode == "P" else im.convert("RGB")
-        return im.resize((size, size), Image.BILINEAR, box=box)
-    except BadSample:
-        raise
+        arr = np.asarray(im)  # (H, W, 3) uint8; decodes here: corrupt data surfaces now
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt entropy data surfaces here
         raise BadSample("corrupt_image", f"{type(exc).__name__}: {exc}") from exc
+    h, w = arr.shape[:2]
+    # Whole pixels of the (possibly drafted) image: at most half a pixel off the exact box.
+    x0 = min(max(int(round(box[0])), 0), w - 1)
+    y0 = min(max(int(round(box[1])), 0), h - 1)
+    x1 = max(min(int(round(box[2])), w), x0 + 1)
+    y1 = max(min(int(round(box[3])), h), y0 + 1)
+    crop = torch.from_numpy(np.array(arr[y0:y1, x0:x1]))  # (h, w, 3) owned copy
+    nchw = crop.permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w), channels-last strides
+    out = F.interpolate(nchw, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    if flip:
+        out = out.flip(-1)  # (3, S, S)
+    return out.permute(1, 2, 0).numpy()  # (S, S, 3) uint8 view
 
 
 def sample_crop(w: int, h: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -105,10 +126,7 @@ def decode_train(data: bytes, *, size: int, scale: tuple[float, float] = (0.05, 
     x, y, cw, ch = sample_crop(w, h, scale, ratio, rng)
     flip = hflip and rng.random() < 0.5
     fx, fy = _draft(im, w * size / cw, h * size / ch)
-    out = _finish(im, (x * fx, y * fy, (x + cw) * fx, (y + ch) * fy), size)
-    if flip:
-        out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.array(out)  # writable copy, (S, S, 3) uint8
+    return _finish(im, (x * fx, y * fy, (x + cw) * fx, (y + ch) * fy), size, flip)  # (S, S, 3) uint8
 
 
 def decode_eval(data: bytes, *, size: int, crop_pct: float = 0.875,
@@ -119,4 +137,4 @@ def decode_eval(data: bytes, *, size: int, crop_pct: float = 0.875,
     side = min(w, h) * crop_pct  # the center square, in original pixels
     fx, fy = _draft(im, w * size / side, h * size / side)
     x0, y0 = (w - side) / 2, (h - side) / 2
-    return np.array(_finish(im, (x0 * fx, y0 * fy, (x0 + side) * fx, (y0 + side) * fy), size))
+    return _finish(im, (x0 * fx, y0 * fy, (x0 + side) * fx, (y0 + side) * fy), size)

@@ -35,7 +35,7 @@ from .decode import DEFAULT_MAX_PIXELS, BadSample, decode_eval, decode_train
 from .plan import EpochPlan, consumed_ids, epoch_order, mix, worker_batches_done
 from .storage import open_storage
 from .stream import Truncated, iter_runs, make_runs
-from .transforms import make_randaugment, mix_batch, sample_transform, to_float_batch
+from .transforms import make_randaugment, mix_batch, sample_transform, stack_uint8, to_float_batch
 
 log = logging.getLogger(__name__)
 
@@ -302,12 +302,18 @@ class ShardStream(IterableDataset):
                     imgs[k] = torch.zeros(3, S, S, dtype=torch.uint8)
                     tgts[k] = np.zeros(C, np.float32) if self.multi_label else 0
             stats["padded"] = sum(1 for i in ids if i < 0)
-        x = to_float_batch(imgs, cfg.mean, cfg.std, shared=get_worker_info() is not None)  # type: ignore[arg-type]
+        in_worker = get_worker_info() is not None
+        mixing = cfg.train and (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0)
+        if in_worker and not mixing:
+            # uint8 across the process boundary; Loader.__iter__ normalizes in the main process.
+            x = stack_uint8(imgs, shared=True)  # type: ignore[arg-type]
+        else:
+            x = to_float_batch(imgs, cfg.mean, cfg.std, shared=in_worker)  # type: ignore[arg-type]
         if self.multi_label:
             y = torch.from_numpy(np.stack(tgts))  # (B, C) float32 multi-hot
         else:
             y = torch.tensor(tgts, dtype=torch.int64)  # (B,)
-        if cfg.train and (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0):
+        if mixing:
             if y.dtype == torch.int64:
                 y = torch.nn.functional.one_hot(y, C).float()
             x, y = mix_batch(x, y, mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
@@ -381,6 +387,8 @@ class Loader:
         for item in dl:
             *batch, stats = item
             self._account(stats)
+            if batch[0].dtype == torch.uint8:  # from a worker: normalize here, once per batch
+                batch[0] = to_float_batch(batch[0], self.cfg.mean, self.cfg.std)
             self._batches += 1
             yield tuple(batch)
         if self._batches >= plan.batches_per_rank:

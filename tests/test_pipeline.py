@@ -328,7 +328,7 @@ def test_decode_modes_draft_and_caps() -> None:
 
     seen = []
     orig = dec._finish
-    dec._finish = lambda im, box, size: seen.append(im.size) or orig(im, box, size)  # type: ignore[assignment]
+    dec._finish = lambda im, *rest: seen.append(im.size) or orig(im, *rest)  # type: ignore[assignment]
     try:
         decode_train(_jpeg((1600, 1200)), size=64, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3), rng=random.Random(0))
     finally:
