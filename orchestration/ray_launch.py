@@ -168,7 +168,7 @@ def _probe_batch(data_cfg: Any, split: str | None, n: int) -> Any:
         return None
     from pipeline import build_loader
 
-    cfg = replace(data_cfg, split=split, train=False, batch_size=n, num_workers=0)
+    cfg = replace(data_cfg, split=split, train=False, batch_size=n, num_workers=0, output="float")
     try:
         loader = build_loader(cfg, rank=0, world_size=1)
         for batch in loader:
@@ -204,7 +204,8 @@ def train_worker(config: dict[str, Any]) -> None:
         _use_plain_gloo_collectives()
 
     exp = experiment_from_dict(config["experiment"])
-    data_cfg = replace(exp.data, url=config["data_url"])
+    # uint8 batches: the Trainer normalizes them on its device (a quarter of the host bytes).
+    data_cfg = replace(exp.data, url=config["data_url"], output="uint8")
     train_loader = build_loader(data_cfg, rank=rank, world_size=world)
     eval_split = config.get("eval_split")
     eval_loader = (

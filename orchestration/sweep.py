@@ -453,7 +453,7 @@ def train_trial(
     data = DataConfig(
         url=spec.data_url, split=spec.train_split, image_size=spec.image_size, batch_size=micro,
         num_workers=spec.loader_workers, seed=seed, limit_samples=samples,
-        crop_scale=(spec.crop_min, 1.0), hflip=spec.hflip,
+        crop_scale=(spec.crop_min, 1.0), hflip=spec.hflip, output="uint8",  # the Trainer normalizes
     )
     train_loader = build_loader(data, rank=0, world_size=1)
     eval_loader = build_loader(dataclasses.replace(data, split=spec.eval_split, train=False, limit_samples=None),

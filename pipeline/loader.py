@@ -35,7 +35,14 @@ from .decode import DEFAULT_MAX_PIXELS, BadSample, decode_eval, decode_train
 from .plan import EpochPlan, consumed_ids, epoch_order, mix, worker_batches_done
 from .storage import open_storage
 from .stream import Truncated, iter_runs, make_runs
-from .transforms import make_randaugment, mix_batch, sample_transform, stack_uint8, to_float_batch
+from .transforms import (
+    make_randaugment,
+    mix_batch,
+    normalize_uint8,
+    sample_transform,
+    stack_uint8,
+    to_float_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +62,12 @@ class DataConfig:
     with a Range GET from the byte reached) and initial backoff for a shard stream. ``train=False`` selects the eval preset (resize + center crop,
     no shuffle, no drop, padded last batches with a ``valid`` mask). ``limit_samples`` keeps
     only the first N samples of the split (writer order is already shuffled across classes),
-    for data-size scaling studies.
+    for data-size scaling studies. ``output="float"`` yields normalized float32 images;
+    ``"uint8"`` yields the raw uint8 pixels and leaves ``loader.normalize(x)`` to the consumer,
+    after its copy to the accelerator (the Trainer does this): a quarter of the bytes through
+    host memory and the host-to-device copy, and no float conversion on the host, the way
+    timm's PrefetchLoader and FFCV normalize on the GPU. With mixup/cutmix the batches are
+    float either way (mixing needs float; ``normalize`` passes float through).
     """
 
     url: str
@@ -83,8 +95,11 @@ class DataConfig:
     prefetch_batches: int = 2
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     limit_samples: int | None = None
+    output: str = "float"
 
     def __post_init__(self) -> None:
+        if self.output not in ("float", "uint8"):
+            raise ValueError(f"output {self.output!r} must be 'float' or 'uint8'")
         if self.image_size <= 0 or self.batch_size <= 0:
             raise ValueError(f"image_size {self.image_size} and batch_size {self.batch_size} must be positive")
         if self.num_workers < 0:
@@ -304,9 +319,10 @@ class ShardStream(IterableDataset):
             stats["padded"] = sum(1 for i in ids if i < 0)
         in_worker = get_worker_info() is not None
         mixing = cfg.train and (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0)
-        if in_worker and not mixing:
-            # uint8 across the process boundary; Loader.__iter__ normalizes in the main process.
-            x = stack_uint8(imgs, shared=True)  # type: ignore[arg-type]
+        if (in_worker or cfg.output == "uint8") and not mixing:
+            # uint8 across the process boundary; Loader.__iter__ normalizes in the main process
+            # unless the consumer does it on its device (output="uint8").
+            x = stack_uint8(imgs, shared=in_worker)  # type: ignore[arg-type]
         else:
             x = to_float_batch(imgs, cfg.mean, cfg.std, shared=in_worker)  # type: ignore[arg-type]
         if self.multi_label:
@@ -387,12 +403,21 @@ class Loader:
         for item in dl:
             *batch, stats = item
             self._account(stats)
-            if batch[0].dtype == torch.uint8:  # from a worker: normalize here, once per batch
+            if batch[0].dtype == torch.uint8 and self.cfg.output == "float":  # normalize once per batch
                 batch[0] = to_float_batch(batch[0], self.cfg.mean, self.cfg.std)
             self._batches += 1
             yield tuple(batch)
         if self._batches >= plan.batches_per_rank:
             self._advance_epoch()
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, 3, S, S)`` images (``output="uint8"``) -> normalized float32 on their device.
+
+        Float input is returned unchanged, so a consumer may call this on every batch.
+        """
+        if images.dtype != torch.uint8:
+            return images
+        return normalize_uint8(images, self.cfg.mean, self.cfg.std)
 
     def _advance_epoch(self) -> None:
         self.epoch += 1

@@ -6,6 +6,7 @@
   (a quarter of the bytes through shared memory).
 * :func:`to_float_batch` - ``ToDtype(float32, scale=True)`` + ``Normalize`` over a whole
   ``(B, 3, S, S)`` uint8 batch at once (one vectorised op instead of B small ones).
+* :func:`normalize_uint8` - the same map on the consumer's device (``DataConfig.output="uint8"``).
 * :func:`mix_batch` - batch-level mixup / cutmix producing soft targets, seeded per batch.
 
 The geometric part of the train/eval presets (Inception crop + flip; resize + center crop)
@@ -73,9 +74,22 @@ def to_float_batch(batch: list[torch.Tensor] | torch.Tensor, mean: tuple[float, 
     else:
         for k, t in enumerate(batch):
             out[k].copy_(t)  # uint8 -> float32 while copying
+    scale, shift = _affine(mean, std, c, out.device)
+    return out.mul_(scale).sub_(shift)  # (B, C, S, S)
+
+
+def _affine(mean: tuple[float, ...], std: tuple[float, ...], c: int,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x / 255 - mean) / std == x * scale - shift``: the (1, C, 1, 1) scale and shift."""
     m = torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1)
     sd = torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1)
-    return out.mul_(1.0 / (255.0 * sd)).sub_(m / sd)  # (B, C, S, S)
+    return (1.0 / (255.0 * sd)).to(device), (m / sd).to(device)
+
+
+def normalize_uint8(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 ``(B, C, S, S)`` -> normalized float32 on the same device (meant for the accelerator)."""
+    scale, shift = _affine(mean, std, images.shape[1], images.device)
+    return images.float().mul_(scale).sub_(shift)
 
 
 def mix_batch(images: torch.Tensor, targets: torch.Tensor, *, mixup_alpha: float, cutmix_alpha: float,

@@ -370,3 +370,87 @@ def test_two_layout_changes_in_one_epoch_no_repeats(id_ds: Path) -> None:
     ids = np.concatenate(seen)
     assert len(ids) == len(set(ids.tolist()))
     assert N_IDS - len(ids) < 2 * 8 + 3 * 5 + 1 * 8
+
+
+# ----------------------------------------------------------------------------- partial decode, uint8 output
+def _full_decode_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import decode as dec
+
+    monkeypatch.setattr(dec, "_decode_top", lambda *a: False)
+
+
+def _outcome(fn, *args, **kw) -> np.ndarray | str:
+    try:
+        return fn(*args, **kw)
+    except BadSample as exc:
+        return exc.reason
+
+
+def test_partial_decode_equals_full_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding only down to the crop's bottom row gives the full decode's pixels, and corrupt
+    or truncated data gets the same verdict (or valid pixels when the damage lies below the crop)."""
+    import random
+
+    from pipeline import decode as dec
+    from pipeline.demo_data import make_photos
+
+    photos = list(make_photos(12, size=(500, 375), seed=3, quality=90))
+    photos.append(_jpeg((333, 517), "L"))  # grayscale, odd size
+    photos.append(_jpeg((640, 480), "CMYK"))
+    cases = []
+    for k, data in enumerate(photos):
+        for size, scale in ((224, (0.08, 1.0)), (64, (0.3, 1.0))):  # 64 px: draft mode too
+            cases.append((data, size, scale, k))
+    damaged = []
+    for data in photos[:4]:
+        n = len(data)
+        damaged += [data[: n // 3], data[: n - 50], data[:300]]
+        flipped = bytearray(data)
+        for pos in range(n // 2, n // 2 + 40):
+            flipped[pos] ^= 0x5A
+        damaged.append(bytes(flipped))
+    cases += [(d, 224, (0.08, 1.0), 100 + i) for i, d in enumerate(damaged)]
+
+    calls = {"partial": 0}
+    orig = dec._decode_top
+
+    def counting(*a):
+        done = orig(*a)
+        calls["partial"] += bool(done)
+        return done
+
+    monkeypatch.setattr(dec, "_decode_top", counting)
+    partial = [[_outcome(decode_train, d, size=s, scale=sc, rng=random.Random(i)) for i in range(6)]
+               for d, s, sc, _ in cases]
+    assert calls["partial"] > len(cases)  # most crops end above the bottom: the partial path ran
+    _full_decode_only(monkeypatch)
+    for (d, s, sc, k), got in zip(cases, partial, strict=True):
+        for i, g in enumerate(got):
+            want = _outcome(decode_train, d, size=s, scale=sc, rng=random.Random(i))
+            if isinstance(want, str) and not isinstance(g, str):
+                assert k >= 100, f"case {k}: partial decode accepted an image the full decode rejects"
+                continue  # damage below the crop: the rows we need are intact
+            assert type(g) is type(want), f"case {k} crop {i}: {g if isinstance(g, str) else 'pixels'} vs {want}"
+            if isinstance(g, str):
+                assert g == want
+            else:
+                assert np.array_equal(g, want), f"case {k} crop {i}: pixels differ"
+    assert decode_eval(photos[0], size=224).shape == (224, 224, 3)
+
+
+def test_uint8_output_normalizes_to_float_output(digits_ds: Path) -> None:
+    for workers in (0, 2):
+        for train in (True, False):
+            kw = dict(num_workers=workers, train=train, batch_size=20, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4))
+            f = build_loader(cfg_for(digits_ds, **kw), rank=0, world_size=1)
+            u = build_loader(cfg_for(digits_ds, output="uint8", **kw), rank=0, world_size=1)
+            n = 0
+            for bf, bu in zip(f, u, strict=True):
+                assert bf[0].dtype == torch.float32 and bu[0].dtype == torch.uint8
+                assert torch.allclose(u.normalize(bu[0]), bf[0], atol=1e-6)
+                assert torch.equal(bf[1], bu[1])
+                assert u.normalize(bf[0]) is bf[0]  # float passes through
+                n += 1
+            assert n == len(f) > 0
+    with pytest.raises(ValueError, match="output"):
+        cfg_for(digits_ds, output="fp16")

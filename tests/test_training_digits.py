@@ -33,7 +33,8 @@ def train_digits(workdir: Path) -> dict[str, float]:
     src = make_digits_folder(workdir / "src", image_size=IMAGE)
     url = str(workdir / "ds")
     write_dataset(src, url, samples_per_shard=300, val_fraction=0.2, seed=0, progress=False)
-    common = dict(url=url, image_size=IMAGE, num_workers=1, seed=0)
+    # uint8 batches, normalized by the Trainer on its device: the path pretrain.py and sweeps use.
+    common = dict(url=url, image_size=IMAGE, num_workers=1, seed=0, output="uint8")
     train = build_loader(
         DataConfig(**common, split="train", batch_size=64, crop_scale=(0.8, 1.0), hflip=False, shuffle_buffer=256),
         rank=0, world_size=1,

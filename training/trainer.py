@@ -73,7 +73,8 @@ class Trainer:
 
     `train_loader`: any re-iterable of `(images, targets)` batches of `cfg.micro_batch` per
     rank (each `iter()` = one epoch from the current cursor) with `state_dict()` /
-    `load_state_dict()`; `stats()` is logged when present. `eval_loader` yields
+    `load_state_dict()`; `stats()` is logged when present; uint8 images are normalized on the
+    device by the loader's `normalize(images)` (pipeline's `DataConfig(output="uint8")`). `eval_loader` yields
     `(images, targets, valid)` exactly once per sample over all ranks. `checkpoint_dir` is a
     local (or shared) directory; `checkpoint_store` mirrors it remotely (needs checkpoint_dir).
     """
@@ -195,7 +196,7 @@ class Trainer:
         Returns the loss averaged over ranks, or NaN when the batch was skipped on every rank
         (no backward, no update, DeepSpeed's accumulation counter untouched).
         """
-        images = images.to(self.dist.device, self.input_dtype, non_blocking=True)
+        images = self._to_device(images, self.train_loader, non_blocking=True)
         targets = targets.to(self.dist.device, non_blocking=True)
         loss = loss_fn(self.cfg, self.engine(images), targets)
         finite = bool(torch.isfinite(loss))
@@ -207,6 +208,19 @@ class Trainer:
         self.engine.backward(loss)
         self.engine.step()
         return float(stats[0]) / self.dist.world_size
+
+    def _to_device(self, images: torch.Tensor, loader: Any, *, non_blocking: bool = False) -> torch.Tensor:
+        """Move a batch to the device; uint8 batches (``DataConfig(output="uint8")``) are
+        normalized there by the loader's ``normalize``: a quarter of the bytes on the host and
+        through the copy, and no float conversion on the host."""
+        images = images.to(self.dist.device, non_blocking=non_blocking)
+        if images.dtype == torch.uint8:
+            normalize = getattr(loader, "normalize", None)
+            if normalize is None:
+                raise TypeError(f"{type(loader).__name__} yielded uint8 images but has no normalize(images) "
+                                "method to turn them into model inputs; yield float images instead")
+            images = normalize(images)
+        return images.to(self.input_dtype)
 
     def _next_batch(self) -> tuple:
         """Next training batch; a new epoch starts when the loader's epoch is exhausted."""
@@ -260,7 +274,7 @@ class Trainer:
         sums = torch.zeros(4, dtype=torch.float64)  # top1, top5, loss, n
         for batch in self.eval_loader:
             images, targets, valid = batch
-            images = images.to(self.dist.device, self.input_dtype)
+            images = self._to_device(images, self.eval_loader)
             targets, valid = targets.to(self.dist.device), valid.to(self.dist.device).bool()
             logits = self.engine(images).float()  # (B, C)
             if valid.sum() == 0:
