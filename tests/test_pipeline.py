@@ -454,3 +454,32 @@ def test_uint8_output_normalizes_to_float_output(digits_ds: Path) -> None:
             assert n == len(f) > 0
     with pytest.raises(ValueError, match="output"):
         cfg_for(digits_ds, output="fp16")
+
+
+def test_batch_memory_reuses_only_unreferenced_mappings() -> None:
+    import gc
+
+    from pipeline.transforms import BatchMemory
+
+    mem = BatchMemory(keep=3)
+    shape = (16, 3, 224, 224)  # 9.6 MB: above LARGE_BATCH_BYTES
+    a = mem.empty(shape)
+    a.fill_(1.0)
+    b = mem.empty(shape)
+    assert a.data_ptr() != b.data_ptr()
+    pa, view = a.data_ptr(), a[3:5]
+    del a
+    c = mem.empty(shape)
+    assert c.data_ptr() not in (pa, b.data_ptr()), "a view of the first batch is alive: no reuse"
+    del view
+    gc.collect()
+    d = mem.empty(shape)
+    assert d.data_ptr() == pa, "every view died: the mapping is reused"
+    arr, pd = d.numpy(), d.data_ptr()
+    del d
+    assert mem.empty(shape).data_ptr() != pd, "a numpy view is alive: no reuse"
+    del arr
+    assert mem.empty(shape).data_ptr() == pd
+    assert len(mem._maps) <= 3
+    small = mem.empty((2, 3, 8, 8))  # small tensors are plain torch.empty
+    assert small.shape == (2, 3, 8, 8) and small.dtype == torch.float32
