@@ -20,6 +20,9 @@ import numpy as np
 from .storage import DEFAULT_RETRIES, Storage
 
 _DONE = object()
+#: Samples per queue item (fewer once CHUNK_BYTES are read, and at the end of a run).
+CHUNK_ITEMS = 16
+CHUNK_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ def _read_run(storage: Storage, run: Run, q: queue.Queue, stop: threading.Event,
         end = int(run.offsets[-1] + run.sizes[-1])
         with storage.open_range(run.shard, start, end, retries=retries, backoff=backoff) as f:
             truncated = False
+            chunk: list[tuple[int, bytes | Truncated]] = []
+            chunk_bytes = 0
             for i, off, size in zip(run.ids.tolist(), run.offsets.tolist(), run.sizes.tolist(), strict=True):
                 if stop.is_set():
                     return
@@ -72,15 +77,23 @@ def _read_run(storage: Storage, run: Run, q: queue.Queue, stop: threading.Event,
                     f.skip(off - f.pos)
                     data = f.read_exact(size) if f.pos == off else b""
                     truncated = len(data) < size
-                if not put((i, Truncated() if truncated else data)):
-                    return
+                chunk.append((i, Truncated() if truncated else data))
+                chunk_bytes += size
+                # Hand samples over in chunks: one queue operation (and thread wake-up) per
+                # CHUNK_ITEMS samples instead of per sample.
+                if len(chunk) >= CHUNK_ITEMS or chunk_bytes >= CHUNK_BYTES:
+                    if not put(chunk):
+                        return
+                    chunk, chunk_bytes = [], 0
+            if chunk and not put(chunk):
+                return
     except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread, re-raised there
         put(exc)
         return
     put(_DONE)
 
 
-def iter_runs(storage: Storage, runs: list[Run], *, prefetch: int = 2, queue_items: int = 64,
+def iter_runs(storage: Storage, runs: list[Run], *, prefetch: int = 2, queue_items: int = 4,
               retries: int = DEFAULT_RETRIES, backoff: float = 0.2) -> Iterator[tuple[int, bytes | Truncated]]:
     """Yield ``(id, bytes)`` (or ``(id, Truncated())``) for every id of ``runs`` in order.
 
@@ -110,7 +123,7 @@ def iter_runs(storage: Storage, runs: list[Run], *, prefetch: int = 2, queue_ite
                     break
                 if isinstance(item, BaseException):
                     raise item
-                yield item  # type: ignore[misc]
+                yield from item  # type: ignore[misc]
             active.pop(0)
             launch()
     finally:

@@ -51,12 +51,22 @@ def stack_uint8(samples: list[torch.Tensor], *, shared: bool = False) -> torch.T
     it to the main process without another copy; uint8 is a quarter of float32's bytes.
     """
     c, h, w = samples[0].shape
-    out = torch.empty((len(samples), c, h, w), dtype=torch.uint8)
-    if shared:
-        out.share_memory_()
+    shape = (len(samples), c, h, w)
+    out = _empty_shared_uint8(shape) if shared else torch.empty(shape, dtype=torch.uint8)
     for k, t in enumerate(samples):
         out[k].copy_(t)
     return out
+
+
+def _empty_shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
+    """A uint8 tensor allocated in shared memory from the start, as DataLoader's default_collate
+    does: ``torch.empty(...).share_memory_()`` would allocate, then copy into a new shm segment
+    (~5 ms per 9.6 MB batch)."""
+    try:
+        storage = torch.UntypedStorage._new_shared(math.prod(shape))
+        return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+    except (AttributeError, RuntimeError):
+        return torch.empty(shape, dtype=torch.uint8).share_memory_()
 
 
 def to_float_batch(batch: list[torch.Tensor] | torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], *,
