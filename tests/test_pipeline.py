@@ -397,6 +397,10 @@ def test_partial_decode_equals_full_decode(monkeypatch: pytest.MonkeyPatch) -> N
     photos = list(make_photos(12, size=(500, 375), seed=3, quality=90))
     photos.append(_jpeg((333, 517), "L"))  # grayscale, odd size
     photos.append(_jpeg((640, 480), "CMYK"))
+    for kw in ({"progressive": True}, {"subsampling": 0}, {"restart_marker_blocks": 4}):  # other JPEG layouts
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(photos[0])).save(buf, format="JPEG", quality=85, **kw)
+        photos.append(buf.getvalue())
     cases = []
     for k, data in enumerate(photos):
         for size, scale in ((224, (0.08, 1.0)), (64, (0.3, 1.0))):  # 64 px: draft mode too
@@ -435,7 +439,11 @@ def test_partial_decode_equals_full_decode(monkeypatch: pytest.MonkeyPatch) -> N
                 assert g == want
             else:
                 assert np.array_equal(g, want), f"case {k} crop {i}: pixels differ"
-    assert decode_eval(photos[0], size=224).shape == (224, 224, 3)
+    for data in photos:  # eval: resize + center crop also stops at the crop's bottom
+        _full_decode_only(monkeypatch)
+        want = decode_eval(data, size=96, crop_pct=0.6)
+        monkeypatch.setattr(dec, "_decode_top", orig)
+        assert np.array_equal(decode_eval(data, size=96, crop_pct=0.6), want)
 
 
 def test_uint8_output_normalizes_to_float_output(digits_ds: Path) -> None:
