@@ -36,6 +36,7 @@ from .plan import EpochPlan, consumed_ids, epoch_order, mix, worker_batches_done
 from .storage import open_storage
 from .stream import Truncated, iter_runs, make_runs
 from .transforms import (
+    affine_for,
     make_randaugment,
     mix_batch,
     normalize_uint8,
@@ -356,6 +357,7 @@ class Loader:
         self._stats: Counter[str] = Counter()
         self._bad_shards: Counter[str] = Counter()
         self._plan_cache: tuple[tuple, EpochPlan] | None = None
+        self._affine: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._check_size()
 
     @property
@@ -417,7 +419,11 @@ class Loader:
         """
         if images.dtype != torch.uint8:
             return images
-        return normalize_uint8(images, self.cfg.mean, self.cfg.std)
+        affine = self._affine.get(images.device)
+        if affine is None:  # built once per device: no small host->device copies per step
+            affine = self._affine[images.device] = affine_for(self.cfg.mean, self.cfg.std, images.shape[1],
+                                                              images.device)
+        return normalize_uint8(images, affine)
 
     def _advance_epoch(self) -> None:
         self.epoch += 1

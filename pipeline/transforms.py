@@ -88,7 +88,7 @@ def to_float_batch(batch: list[torch.Tensor] | torch.Tensor, mean: tuple[float, 
     else:
         for k, t in enumerate(batch):
             out[k].copy_(t)  # uint8 -> float32 while copying
-    scale, shift = _affine(mean, std, c, out.device)
+    scale, shift = affine_for(mean, std, c, out.device)
     return out.mul_(scale).sub_(shift)  # (B, C, S, S)
 
 
@@ -144,7 +144,7 @@ class BatchMemory:
 BATCH_MEMORY = BatchMemory()
 
 
-def _affine(mean: tuple[float, ...], std: tuple[float, ...], c: int,
+def affine_for(mean: tuple[float, ...], std: tuple[float, ...], c: int,
             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x / 255 - mean) / std == x * scale - shift``: the (1, C, 1, 1) scale and shift."""
     m = torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1)
@@ -152,9 +152,10 @@ def _affine(mean: tuple[float, ...], std: tuple[float, ...], c: int,
     return (1.0 / (255.0 * sd)).to(device), (m / sd).to(device)
 
 
-def normalize_uint8(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 ``(B, C, S, S)`` -> normalized float32 on the same device (meant for the accelerator)."""
-    scale, shift = _affine(mean, std, images.shape[1], images.device)
+def normalize_uint8(images: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """uint8 ``(B, C, S, S)`` -> normalized float32 on the same device (meant for the accelerator);
+    ``affine`` is :func:`affine_for` on that device."""
+    scale, shift = affine
     return images.float().mul_(scale).sub_(shift)
 
 
