@@ -145,7 +145,7 @@ BATCH_MEMORY = BatchMemory()
 
 
 def affine_for(mean: tuple[float, ...], std: tuple[float, ...], c: int,
-            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x / 255 - mean) / std == x * scale - shift``: the (1, C, 1, 1) scale and shift."""
     m = torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1)
     sd = torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1)

@@ -74,9 +74,10 @@ class Trainer:
     `train_loader`: any re-iterable of `(images, targets)` batches of `cfg.micro_batch` per
     rank (each `iter()` = one epoch from the current cursor) with `state_dict()` /
     `load_state_dict()`; `stats()` is logged when present; uint8 images are normalized on the
-    device by the loader's `normalize(images)` (pipeline's `DataConfig(output="uint8")`). `eval_loader` yields
-    `(images, targets, valid)` exactly once per sample over all ranks. `checkpoint_dir` is a
-    local (or shared) directory; `checkpoint_store` mirrors it remotely (needs checkpoint_dir).
+    device by the loader's `normalize(images)` (pipeline's `DataConfig(output="uint8")`).
+    `eval_loader` yields `(images, targets, valid)` exactly once per sample over all ranks.
+    `checkpoint_dir` is a local (or shared) directory; `checkpoint_store` mirrors it remotely
+    (needs checkpoint_dir).
     """
 
     def __init__(
@@ -213,14 +214,13 @@ class Trainer:
         """Move a batch to the device; uint8 batches (``DataConfig(output="uint8")``) are
         normalized there by the loader's ``normalize``: a quarter of the bytes on the host and
         through the copy, and no float conversion on the host."""
-        images = images.to(self.dist.device, non_blocking=non_blocking)
-        if images.dtype == torch.uint8:
-            normalize = getattr(loader, "normalize", None)
-            if normalize is None:
-                raise TypeError(f"{type(loader).__name__} yielded uint8 images but has no normalize(images) "
-                                "method to turn them into model inputs; yield float images instead")
-            images = normalize(images)
-        return images.to(self.input_dtype)
+        if images.dtype != torch.uint8:  # one copy, converting to the input dtype on the way
+            return images.to(self.dist.device, self.input_dtype, non_blocking=non_blocking)
+        normalize = getattr(loader, "normalize", None)
+        if normalize is None:
+            raise TypeError(f"{type(loader).__name__} yielded uint8 images but has no normalize(images) "
+                            "method to turn them into model inputs; yield float images instead")
+        return normalize(images.to(self.dist.device, non_blocking=non_blocking)).to(self.input_dtype)
 
     def _next_batch(self) -> tuple:
         """Next training batch; a new epoch starts when the loader's epoch is exhausted."""
