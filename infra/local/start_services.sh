@@ -17,6 +17,7 @@ STATE="${VITSCALE_STATE_DIR:-$ROOT/.smoke}"
 PY="${PYTHON:-python}"
 RAY_BIN="${RAY_BIN:-ray}"
 mkdir -p "$STATE/logs"
+STATE="$(cd "$STATE" && pwd)"  # absolute: env.sh is sourced from anywhere
 ENV_FILE="$STATE/env.sh"
 
 log() { printf '[services] %s\n' "$*" >&2; }
@@ -81,10 +82,19 @@ AGENT_HTTP=$(free_port); AGENT_GRPC=$(free_port); RTENV_PORT=$(free_port); METRI
 RAY_TMP="/tmp/vsray-$(date +%s)-$$"  # short: Ray's unix socket paths must stay < 108 bytes
 echo "$RAY_TMP" > "$STATE/ray.tmpdir"
 NUM_CPUS="${VITSCALE_RAY_CPUS:-4}"  # logical slots (2 train workers + fine-tune + spare), not cores
-# Token auth (Ray >= 2.5x): head and clients share ~/.ray/auth_token; `ray job submit` needs
-# RAY_AUTH_MODE=token in the client's environment too (env.sh exports it).
-export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
-echo "export RAY_AUTH_MODE=$RAY_AUTH_MODE" >> "$ENV_FILE"
+# Token auth stays on: a loopback head still runs code for every local user who reaches its
+# ports. The cluster's token is made here, for this cluster only, inside the state dir (0600,
+# never printed); RAY_AUTH_TOKEN_PATH points the head, every worker, `ray job submit` and the
+# job drivers at it, so nothing is read from or written to ~/.ray. stop_services.sh removes it.
+TOKEN_FILE="$STATE/ray_auth_token"
+( umask 077; rm -f "$TOKEN_FILE"; "$PY" -c 'import secrets, sys; sys.stdout.write(secrets.token_hex(32))' > "$TOKEN_FILE" )
+chmod 600 "$TOKEN_FILE"
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN_FILE"
+unset RAY_AUTH_TOKEN  # a token inherited from the caller's shell would override the file
+cat >> "$ENV_FILE" <<EOT
+export RAY_AUTH_MODE=token
+export RAY_AUTH_TOKEN_PATH='$TOKEN_FILE'
+EOT
 # RAY_ADDRESS (GCS form) is inherited by every process of this cluster: Ray-internal actors
 # that resolve address="auto" then find this head, not "multiple active Ray instances".
 # No drain phase on SIGTERM (it exists for Serve proxies; nothing here needs it): stop is quick.

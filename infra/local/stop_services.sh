@@ -56,3 +56,5 @@ if [[ -f "$STATE/ray.tmpdir" ]]; then
   rm -f "$STATE/ray.tmpdir"
 fi
 stop moto
+# The cluster is gone: its token authenticates nothing any more, and must not outlive it.
+rm -f "$STATE/ray_auth_token"

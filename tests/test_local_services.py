@@ -1,0 +1,81 @@
+"""The local services start on a clean machine: fresh HOME, no Ray/AWS/MLflow variables.
+
+`infra/local/start_services.sh` makes the Ray cluster's auth token itself, inside its state
+dir; `ray job submit` and the job's driver authenticate with it; the token never reaches a log
+or stdout, nothing is written to HOME, and `stop_services.sh` removes it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def _clean_env(home: Path, state: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_", "AWS_", "MLFLOW_", "VITSCALE_"))}
+    env.update(HOME=str(home), VITSCALE_STATE_DIR=str(state), PYTHON=sys.executable,
+               RAY_BIN=str(VENV_BIN / "ray"), VITSCALE_RAY_CPUS="1",
+               PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    return env
+
+
+def _load_env_sh(env: dict[str, str], state: Path) -> dict[str, str]:
+    out = dict(env)
+    for line in (state / "env.sh").read_text().splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        out[key] = value.strip("'")
+    return out
+
+
+@pytest.mark.integration
+def test_services_make_their_own_token_on_a_fresh_home(tmp_path: Path) -> None:
+    home, state, job = tmp_path / "home", tmp_path / "state", tmp_path / "job"
+    home.mkdir()
+    job.mkdir()
+    (job / "whoami.py").write_text(
+        "import os, ray\n"
+        "ray.init()\n"  # the job's driver joins the cluster with the token too
+        "print('JOB-OK', int(ray.cluster_resources()['CPU']), os.environ['RAY_AUTH_MODE'])\n"
+    )
+    env = _clean_env(home, state)
+    subprocess.run(["bash", str(ROOT / "infra/local/start_services.sh")], env=env, check=True,
+                   timeout=300, capture_output=True, text=True)
+    token_file = state / "ray_auth_token"
+    try:
+        env = _load_env_sh(env, state)
+        assert env["RAY_AUTH_MODE"] == "token" and Path(env["RAY_AUTH_TOKEN_PATH"]) == token_file
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        token = token_file.read_text()
+        assert len(token) == 64 and token not in (state / "env.sh").read_text()
+
+        submit = [str(VENV_BIN / "ray"), "job", "submit", "--working-dir", str(job),
+                  "--entrypoint-num-cpus", "0", "--", "python", "whoami.py"]
+        ok = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+        assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+        assert "JOB-OK 1 token" in ok.stdout
+        assert token not in ok.stdout + ok.stderr
+
+        # Auth is really on: a client without the token is refused.
+        no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"}
+        refused = subprocess.run([str(VENV_BIN / "ray"), "job", "list"], env=no_token,
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0
+        assert "JOB-OK" not in refused.stdout
+    finally:
+        subprocess.run(["bash", str(ROOT / "infra/local/stop_services.sh")], env=env, timeout=120)
+
+    assert not token_file.exists(), "stop_services.sh must remove the cluster's token"
+    logs = [p for p in state.rglob("*") if p.is_file()]
+    assert any("ray-session" in str(p) for p in logs), "Ray's own logs were not kept"
+    leaked = [str(p) for p in logs if token.encode() in p.read_bytes()]
+    assert not leaked, f"token found in {leaked}"
+    assert not (home / ".ray").exists() and sorted(os.listdir(home)) == [], os.listdir(home)
