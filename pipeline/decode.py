@@ -13,6 +13,7 @@ Problems raise :class:`BadSample` with a short ``reason`` used as the stats key.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import random
 import warnings
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 #: Pixel cap checked from the JPEG header, before any decoding (decompression bombs); the same
 #: value as PIL's ``Image.MAX_IMAGE_PIXELS`` default, but enforced as a counted skip.
@@ -69,7 +72,7 @@ def _draft(im: Image.Image, need_w: float, need_h: float) -> tuple[float, float]
 _MARK = {"RGB": (1, 254, 3), "L": 7, "CMYK": (1, 254, 3, 252)}
 
 
-def _decode_top(im: Image.Image, data: bytes, rows: int) -> bool:
+def _decode_top_internal(im: Image.Image, data: bytes, rows: int) -> bool:
     """Decode only rows ``[0, rows)`` of a sequential JPEG into ``im``; False if not done.
 
     libjpeg produces scanlines top to bottom, so rows below a crop never need their IDCT,
@@ -99,6 +102,74 @@ def _decode_top(im: Image.Image, data: bytes, rows: int) -> bool:
         return False  # failed before the last row we need: let a full decode decide
     im.im, im._size, im.tile = core, (w, rows), []  # what ImageFile.load() leaves behind
     return True
+
+
+class _PartialDecode:
+    """Whether :func:`_decode_top` may use PIL's internals (decided once per process).
+
+    Partial decoding drives private PIL API (``Image.core.new``, ``Image._getdecoder``,
+    ``im.im``/``im._size``/``im.tile``), tested on the Pillow major pinned in pyproject.toml. A
+    Pillow that changed them must not turn every sample into a ``corrupt_image`` skip (the
+    loader would blame the shards): an import-time self-check compares a partial decode with a
+    full one on a generated JPEG; if the API is missing or the pixels differ, partial decoding
+    is switched off with a warning naming why and every image is fully decoded (slower, same
+    pixels). The same happens if the internals fail with a non-data error at run time.
+    """
+
+    enabled: bool = True
+    reason: str = ""
+    fallbacks: int = 0  # images fully decoded because partial decoding is off
+
+    @classmethod
+    def disable(cls, reason: str) -> None:
+        if cls.enabled:
+            log.warning("partial JPEG decoding disabled, decoding whole images instead (slower, same "
+                        "pixels): %s. Pillow %s; pin the tested major in pyproject.toml.", reason,
+                        getattr(Image, "__version__", "?"))
+        cls.enabled, cls.reason = False, reason
+
+
+def partial_decode_status() -> dict[str, object]:
+    """``{"enabled", "reason", "fallbacks"}`` of partial decoding in this process."""
+    return {"enabled": _PartialDecode.enabled, "reason": _PartialDecode.reason,
+            "fallbacks": _PartialDecode.fallbacks}
+
+
+def _decode_top(im: Image.Image, data: bytes, rows: int) -> bool:
+    """:func:`_decode_top_internal` if PIL's internals work here, else False (full decode)."""
+    if not _PartialDecode.enabled:
+        _PartialDecode.fallbacks += 1
+        return False
+    try:
+        return _decode_top_internal(im, data, rows)
+    except BadSample:
+        raise
+    except (AttributeError, TypeError, NameError, ValueError) as exc:  # API drift, not bad data
+        _PartialDecode.disable(f"{type(exc).__name__}: {exc}")
+        _PartialDecode.fallbacks += 1
+        return False
+
+
+def _self_check_partial_decode() -> None:
+    """Partial decode of a generated JPEG must equal the full decode's top rows, pixel for pixel."""
+    try:
+        yy, xx = np.mgrid[0:64, 0:48]
+        pixels = np.stack([xx * 5, yy * 3, (xx + yy) * 2], axis=-1).astype(np.uint8)  # (64, 48, 3)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+        data = buf.getvalue()
+        full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        im = Image.open(io.BytesIO(data))
+        if not _decode_top_internal(im, data, 40):
+            raise ValueError("partial decode of a valid baseline JPEG did not complete")
+        part = np.asarray(im)
+        if part.shape != (40, 48, 3) or not np.array_equal(part, full[:40]):
+            raise ValueError(f"partial decode differs from the full decode (shape {part.shape})")
+    except Exception as exc:  # noqa: BLE001 - any failure here means: do not use the internals
+        _PartialDecode.disable(f"self-check failed: {type(exc).__name__}: {exc}")
+
+
+_self_check_partial_decode()
 
 
 def _finish(im: Image.Image, data: bytes, box: tuple[float, float, float, float], size: int,
