@@ -44,10 +44,11 @@ NAMESPACE = "vitscale"
 # Accelerator of a worker group -> the groupName in base/raycluster.yaml.
 GROUPS = ("t4", "a100", "h100")
 
-# Dataloader batches in flight per loader process (torch DataLoader's prefetch_factor default)
-# and headroom for decode buffers: /dev/shm must hold this many batches per process.
-_PREFETCH = 2
+# Headroom for decode buffers and the eval loader over the train batches in flight.
 _SHM_HEADROOM = 2.0
+# Bytes per pixel channel of the batches that cross /dev/shm: the training workers build their
+# loaders with output="uint8" (ray_launch.train_worker; the Trainer normalizes on the device).
+_WORKER_BATCH_ITEMSIZE = 1
 
 _QUANTITY = re.compile(r"^(?P<num>[0-9.]+)(?P<unit>Ki|Mi|Gi|Ti|k|M|G|T|m)?$")
 _UNITS = {
@@ -192,14 +193,15 @@ def render_rayjob(
             f"set cpus_per_worker <= {int(ray_cpus) // ranks_per_pod} or pick a larger accelerator"
         )
 
-    # (B, 3, S, S) float32 batches, _PREFETCH in flight per dataloader process, per rank.
-    batch_bytes = exp.data.batch_size * 3 * exp.image_size**2 * 4
-    shm_need = ranks_per_pod * max(exp.data.num_workers, 1) * _PREFETCH * batch_bytes * _SHM_HEADROOM
+    # (B, 3, S, S) uint8 batches, data.prefetch_batches in flight per dataloader process, per rank.
+    batch_bytes = exp.data.batch_size * 3 * exp.image_size**2 * _WORKER_BATCH_ITEMSIZE
+    in_flight = max(exp.data.num_workers, 1) * exp.data.prefetch_batches
+    shm_need = ranks_per_pod * in_flight * batch_bytes * _SHM_HEADROOM
     shm_have = quantity(_volume(pod, "dshm")["emptyDir"]["sizeLimit"])
     if shm_need > shm_have:
         raise ValueError(
             f"dataloaders need ~{shm_need / 2**30:.1f} GiB of /dev/shm per {accel!r} pod but it has "
-            f"{shm_have / 2**30:.1f} GiB; lower data.num_workers or data.batch_size"
+            f"{shm_have / 2**30:.1f} GiB; lower data.num_workers, data.prefetch_batches or data.batch_size"
         )
 
     # A job-sized, fixed cluster: no autoscaling, exactly the pods the ranks need.

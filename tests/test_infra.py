@@ -818,6 +818,19 @@ def test_recipe_knobs_reach_the_rayjob(renderer: Any, t4_recipe: Any, crds: CRDs
         renderer.render_rayjob("vit_mu_smoke", T4_DATA)
 
 
+def test_rayjob_sizes_shm_for_the_uint8_batches_workers_really_use(renderer: Any) -> None:
+    """Workers load uint8 batches with data.prefetch_batches in flight: size /dev/shm for those."""
+    # 8 workers x 2 prefetched x 256 x 3 x 224^2 uint8 = 1.2 GB x headroom 2: fits the T4 pod's 4 GiB
+    # (float32 accounting said 4.9 GB and refused a layout that runs).
+    fits = ["data.num_workers=8", "train.global_batch=256", "train.micro_batch=256", "data.prefetch_batches=2"]
+    job = renderer.render_rayjob("vit_s16_t4", T4_DATA, overrides=fits)
+    assert "train.micro_batch=256" in job["spec"]["entrypoint"]
+    # ... while a deep prefetch queue is counted (it was ignored): 8 x 32 x 64 x 3 x 224^2 x 2 > 4 GiB.
+    with pytest.raises(ValueError, match="prefetch_batches"):
+        renderer.render_rayjob("vit_s16_t4", T4_DATA, overrides=["data.num_workers=8", "train.micro_batch=64",
+                                                                 "data.prefetch_batches=32"])
+
+
 def test_committed_rayjob_is_the_rendered_one(renderer: Any) -> None:
     committed = yaml.safe_load(RENDERED_T4.read_text())
     assert committed == renderer.render_rayjob("vit_s16_t4", T4_DATA), (
