@@ -371,13 +371,14 @@ def reseal(url: str) -> None:
     import pyarrow as pa
 
     res = resolve(url)
+    edited = Resolved(url=url, version=res.version, manifest={k: v for k, v in res.manifest.items() if k != "files"})
     st = res.storage()
-    samples = read_samples(res).to_pylist()
+    samples = read_samples(edited).to_pylist()
     shard_bytes = {}
     for r in samples:
         data = shard_bytes.setdefault(r["shard"], st.read_bytes(r["shard"]))
         r["sha256"] = hashlib.sha256(data[r["offset"]: r["offset"] + r["size"]]).digest()
-    index = read_index(res).to_pylist()
+    index = read_index(edited).to_pylist()
     for r in index:
         data = st.read_bytes(r["shard"])
         r["bytes"], r["sha256"] = len(data), sha256_hex(data)
