@@ -138,6 +138,8 @@ def run_training(
     config = {
         "experiment": experiment_to_dict(exp),
         "data_url": data_url,
+        # Resolved once here, so every rank (and restart) reads the same dataset version.
+        "dataset_version": exp.data.dataset_version or dataset_lineage(data_url)["version"],
         "eval_split": eval_split,
         "run_id": run_id,
         "tracking_uri": tracking_uri,
@@ -230,7 +232,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     exp = experiment_from_dict(config["experiment"])
     # uint8 batches: the Trainer normalizes them on its device (a quarter of the host bytes).
-    data_cfg = replace(exp.data, url=config["data_url"], output="uint8")
+    data_cfg = replace(exp.data, url=config["data_url"], output="uint8", dataset_version=config.get("dataset_version"))
     train_loader = build_loader(data_cfg, rank=rank, world_size=world)
     eval_split = config.get("eval_split")
     eval_loader = (

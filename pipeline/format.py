@@ -285,10 +285,11 @@ class Published:
 def published(st: Storage) -> Published:
     """The currently published version of the dataset root ``st`` (format 1 counts)."""
     try:
-        data = st.read_bytes(MANIFEST)
+        # S3: body and ETag from ONE response, so the token is the version we looked at.
+        data, token = _get_s3(st) if isinstance(st, S3Storage) else (st.read_bytes(MANIFEST), None)
     except FileNotFoundError:
         return Published(version=None, token=None)
-    token = _etag(st) if isinstance(st, S3Storage) else sha256_hex(data)
+    token = token or sha256_hex(data)
     try:
         version = json.loads(data).get("dataset_version", LEGACY_VERSION)
     except (ValueError, AttributeError):
@@ -296,13 +297,19 @@ def published(st: Storage) -> Published:
     return Published(version=str(version), token=token)
 
 
-def _etag(st: S3Storage) -> str | None:
+def _get_s3(st: S3Storage) -> tuple[bytes, str]:
     from botocore.exceptions import ClientError
 
+    def get() -> tuple[bytes, str]:
+        r = st.client.get_object(Bucket=st.bucket, Key=url_join(st.prefix, MANIFEST))
+        return r["Body"].read(), str(r["ETag"])
+
     try:
-        return str(st.client.head_object(Bucket=st.bucket, Key=url_join(st.prefix, MANIFEST))["ETag"])
-    except ClientError:
-        return None
+        return st._with_retries(f"read {st.url_for(MANIFEST)}", get)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404", "NotFound"}:
+            raise FileNotFoundError(st.url_for(MANIFEST)) from exc
+        raise
 
 
 def publish(st: Storage, manifest: bytes, version: str, seen: Published) -> None:
@@ -332,8 +339,12 @@ def _publish_s3(st: S3Storage, manifest: bytes, seen: Published) -> bool:
     from botocore.exceptions import ClientError
 
     cond = {"IfNoneMatch": "*"} if seen.token is None else {"IfMatch": seen.token}
+    key = url_join(st.prefix, MANIFEST)
     try:
-        st.client.put_object(Bucket=st.bucket, Key=url_join(st.prefix, MANIFEST), Body=manifest, **cond)
+        # A retried PUT whose first attempt landed fails its condition; publish() then finds
+        # its own version published and succeeds.
+        st._with_retries(f"publish {st.url_for(MANIFEST)}",
+                         lambda: st.client.put_object(Bucket=st.bucket, Key=key, Body=manifest, **cond))
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in {"PreconditionFailed", "ConditionalRequestConflict"}:
             return False
