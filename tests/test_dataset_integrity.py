@@ -322,3 +322,15 @@ def test_s3_swapped_sample_and_lineage_record_the_version(s3_bucket: str, id_src
     st.write_bytes(a["shard"], bytes(raw))
     with pytest.raises(IntegrityError, match=rf"sample {a['key']} in shard s3://.*{a['shard']}"):
         read_all(url)
+
+
+def test_damaged_classes_json_names_the_file(tmp_path: Path, id_src: Path) -> None:
+    from pipeline.format import read_classes
+
+    ds = tmp_path / "ds"
+    write(id_src, ds)
+    assert read_classes(resolve(str(ds))) == [f"c{i:03d}" for i in range(10)]
+    path = vdir(ds) / "classes.json"
+    path.write_text('["c000", "c001"]')  # valid JSON, but not what was published
+    with pytest.raises(DatasetFormatError, match=rf"{path}.* is damaged"):
+        read_classes(resolve(str(ds)))
