@@ -162,6 +162,19 @@ def test_writer_refuses_to_replace_a_dataset_without_overwrite(tmp_path: Path, i
     assert got == old and sorted(ids) == list(range(N)) and labels == [i % 10 for i in ids]
 
 
+def test_publish_is_compare_and_swap_and_idempotent_for_the_same_version(tmp_path: Path, id_src: Path) -> None:
+    from pipeline.format import PublishConflict, Published, publish, published
+
+    ds = tmp_path / "ds"
+    v1 = write(id_src, ds)["dataset_version"]
+    st = open_storage(ds)
+    manifest = (vdir(ds) / "dataset.json").read_bytes()
+    publish(st, manifest, v1, Published(version=None, token=None))  # same version already there: fine
+    with pytest.raises(PublishConflict, match=rf"another writer published dataset version {v1}.*NOT published"):
+        publish(st, b'{"dataset_version": "other"}', "other", Published(version=None, token=None))
+    assert published(st).version == v1
+
+
 # ----------------------------------------------------------------------------- shard bytes
 def test_same_length_swapped_sample_is_caught_naming_shard_and_key(tmp_path: Path, id_src: Path) -> None:
     ds = tmp_path / "ds"
@@ -271,10 +284,14 @@ def _to_legacy(ds: Path) -> None:
 
 
 def test_format1_dataset_still_loads_and_checks_shard_size(tmp_path: Path, id_src: Path) -> None:
+    from pipeline.format import DatasetExists
+
     ds = tmp_path / "ds"
     write(id_src, ds)
     _to_legacy(ds)
     assert_consistent(str(ds), "legacy")
+    with pytest.raises(DatasetExists, match="already publishes dataset version legacy"):
+        write(id_src, ds)  # upgrading an old dataset in place is explicit: --overwrite
     shard = sorted((ds / "shards").iterdir())[2]
     shard.write_bytes(shard.read_bytes()[:-700])
     with pytest.raises(IntegrityError, match=shard.name):
