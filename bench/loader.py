@@ -40,6 +40,7 @@ import torch  # noqa: E402
 
 from pipeline import DataConfig, build_loader, open_storage, write_dataset  # noqa: E402
 from pipeline.demo_data import make_photo_folder  # noqa: E402
+from pipeline.format import resolve  # noqa: E402
 
 
 def ours_epoch(url: str, *, workers: int, batch: int, size: int, buffer: int, epoch: int, output: str) -> float:
@@ -146,11 +147,12 @@ def main() -> None:
         info = write_dataset(src, str(Path(tmp) / "ds"), samples_per_shard=a.shard_size, workers=a.workers,
                              progress=False)
         ds = Path(tmp) / "ds"
-        shards = sorted(f"shards/{p.name}" for p in (ds / "shards").iterdir())
+        vds = Path(resolve(str(ds)).root_url)  # the published version's folder (pipeline.format)
+        shards = sorted(f"shards/{p.name}" for p in (vds / "shards").iterdir())
         mb = info["splits"]["train"]["bytes"] / 1e6
         print(f"data: {a.images} photo JPEGs (~500x375) in {len(shards)} shards, {mb:.1f} MB "
               f"(prepared in {time.perf_counter() - t0:.1f}s); workers={a.workers} batch={a.batch} size={a.size}")
-        urls = [str(ds / s) for s in shards]
+        urls = [str(vds / s) for s in shards]
         sizes = [] if a.skip_loader else [a.size] + ([a.low_res] if a.low_res else [])
         for size in sizes:
             runs: dict[str, list[float]] = {"uint8": [], "float": [], "stock": []}
@@ -169,7 +171,7 @@ def main() -> None:
             print(f"loader images/s at {size}px: ours {best['float']:.0f} (normalized float32 on the host) vs stock "
                   f"webdataset {best['stock']:.0f} -> ratio {best['float'] / best['stock']:.2f}")
         if not a.skip_s3:
-            o, r = s3_bench(ds, shards, a.rounds, prefetch=2)
+            o, r = s3_bench(vds, shards, a.rounds, prefetch=2)
             print(f"S3 read MB/s: ours {o:.1f} vs boto3 download_fileobj {r:.1f} -> ratio {o / r:.2f} (goal >= 0.9)")
 
 

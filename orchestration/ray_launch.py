@@ -18,7 +18,6 @@ failure, training continues from the newest complete checkpoint, not from step 0
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -94,24 +93,23 @@ def _private_auth_token() -> None:
 
 
 def dataset_lineage(data_url: str) -> dict[str, Any]:
-    """``dataset.json`` contents and the sha256 of ``index.parquet`` (streamed, any size)."""
-    store = open_storage(data_url)
-    info: dict[str, Any] = {}
+    """The published version of the dataset at ``data_url``, resolved once (pipeline.format).
+
+    Returns its manifest (``dataset``), ``version`` (the id loaders pin), the sha256 of its
+    ``index.parquet`` (checked against the manifest) and its ``splits``. A missing or damaged
+    dataset is logged (the error names the file) and gives empty lineage, so the run fails
+    later in the loader with the same message rather than here.
+    """
+    from pipeline import format as fmt
+
     try:
-        info = json.loads(store.read_bytes("dataset.json"))
-    except (FileNotFoundError, OSError, ValueError) as e:
-        log.warning("no readable dataset.json at %s: %s", data_url, e)
-    digest = hashlib.sha256()
-    try:
-        with store.open_range("index.parquet") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        index_sha = digest.hexdigest()
-    except (FileNotFoundError, OSError) as e:
-        log.warning("no index.parquet at %s: %s", data_url, e)
-        index_sha = "missing"
-    splits = sorted({k.split("/", 1)[1].rsplit("-", 1)[0] for k in store.list("shards/") if k.endswith(".tar")})
-    return {"dataset": info, "index_sha256": index_sha, "splits": splits}
+        res = fmt.resolve(data_url)
+        index_sha = fmt.sha256_hex(fmt.read_checked(res, fmt.INDEX))
+    except (fmt.DatasetFormatError, OSError) as e:
+        log.warning("no readable dataset at %s: %s", data_url, e)
+        return {"dataset": {}, "version": None, "index_sha256": "missing", "splits": []}
+    return {"dataset": res.manifest, "version": res.version, "index_sha256": index_sha,
+            "splits": sorted(res.manifest["splits"])}
 
 
 def run_training(
@@ -140,6 +138,8 @@ def run_training(
     config = {
         "experiment": experiment_to_dict(exp),
         "data_url": data_url,
+        # Resolved once here, so every rank (and restart) reads the same dataset version.
+        "dataset_version": exp.data.dataset_version or dataset_lineage(data_url)["version"],
         "eval_split": eval_split,
         "run_id": run_id,
         "tracking_uri": tracking_uri,
@@ -232,7 +232,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     exp = experiment_from_dict(config["experiment"])
     # uint8 batches: the Trainer normalizes them on its device (a quarter of the host bytes).
-    data_cfg = replace(exp.data, url=config["data_url"], output="uint8")
+    data_cfg = replace(exp.data, url=config["data_url"], output="uint8", dataset_version=config.get("dataset_version"))
     train_loader = build_loader(data_cfg, rank=rank, world_size=world)
     eval_split = config.get("eval_split")
     eval_loader = (

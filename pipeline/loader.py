@@ -19,7 +19,8 @@ shard plan -> split by rank -> split by worker -> read -> decode -> transform ->
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import hashlib
 import logging
 import random
 from collections import Counter
@@ -31,10 +32,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from . import format as fmt
 from .decode import DEFAULT_MAX_PIXELS, BadSample, decode_eval, decode_train
 from .plan import EpochPlan, consumed_ids, epoch_order, mix, worker_batches_done
-from .storage import open_storage
-from .stream import Truncated, iter_runs, make_runs
+from .storage import open_storage, url_join
+from .stream import Run, Truncated, iter_runs, make_runs
 from .transforms import (
     affine_for,
     make_randaugment,
@@ -69,6 +71,8 @@ class DataConfig:
     host memory and the host-to-device copy, and no float conversion on the host, the way
     timm's PrefetchLoader and FFCV normalize on the GPU. With mixup/cutmix the batches are
     float either way (mixing needs float; ``normalize`` passes float through).
+    ``dataset_version`` pins a version of the dataset at ``url`` (default: the published one,
+    resolved once when the loader is built; the loader's ``state_dict`` records it).
     """
 
     url: str
@@ -97,6 +101,7 @@ class DataConfig:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     limit_samples: int | None = None
     output: str = "float"
+    dataset_version: str | None = None
 
     def __post_init__(self) -> None:
         if self.output not in ("float", "uint8"):
@@ -127,39 +132,48 @@ class Meta:
     ml_values: np.ndarray | None
     keys: Any  # pyarrow string array (T,)
     info: dict[str, Any] = field(default_factory=dict)
+    version: str = fmt.LEGACY_VERSION  # the pinned dataset version
+    root_url: str = ""  # that version's folder; shard names are relative to it
+    digests: np.ndarray | None = None  # (T, 32) uint8 sha256 of each image; None for format 1
+    shard_samples: np.ndarray | None = None  # (n_shards,) samples of each whole shard (index.parquet)
+    shard_bytes: np.ndarray | None = None  # (n_shards,) recorded size
+    shard_sha256: list[str] = field(default_factory=list)  # (n_shards,) recorded sha256 hex
 
     @property
     def num_samples(self) -> int:
         return int(self.shard_start[-1])
 
 
-def load_meta(url: str, split: str, limit: int | None = None) -> Meta:
-    """Read index.parquet (must exist: written last) and the split's rows of samples.parquet."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+def load_meta(url: str, split: str, limit: int | None = None, version: str | None = None) -> Meta:
+    """Pin a version (``version``, else the published one) and read the split's rows.
 
-    st = open_storage(url)
-    if not st.exists("index.parquet"):
-        raise FileNotFoundError(f"{st.url_for('index.parquet')} not found: not a dataset, or its writer has "
-                                "not finished (run python -m pipeline.write_shards SRC DEST)")
-    info = json.loads(st.read_bytes("dataset.json"))
+    Every metadata file is checked against the manifest's size and sha256 and validated
+    through :mod:`pipeline.format`, so a damaged file fails here, naming it.
+    """
     import pyarrow as pa
+    import pyarrow.compute as pc
 
-    index = pq.read_table(pa.BufferReader(st.read_bytes("index.parquet")))
+    res = fmt.resolve(url, version)
+    info = res.manifest
+    index = fmt.read_index(res)
     index = index.filter(pc.equal(index["split"], split))
     if index.num_rows == 0:
         raise ValueError(f"split {split!r} not in {url} (has {sorted(info.get('counts', {}))})")
-    samples = pq.read_table(pa.BufferReader(st.read_bytes(info.get("samples_file", "samples.parquet"))))
+    samples = fmt.read_samples(res)
     samples = samples.filter(pc.equal(samples["split"], split))
     names = index["shard"].to_pylist()
     shard_idx = pc.index_in(samples["shard"], value_set=index["shard"].combine_chunks())  # vectorised lookup
     if shard_idx.null_count:
-        raise ValueError(f"{url}: samples.parquet names shards missing from index.parquet")
+        raise fmt.DatasetFormatError(f"{url_join(res.root_url, fmt.SAMPLES)} names shards missing from "
+                                     f"{url_join(res.root_url, fmt.INDEX)}; {fmt.REWRITE_HINT}")
     shard_of = shard_idx.to_numpy(zero_copy_only=False).astype(np.int32)
     order = np.lexsort((samples["offset"].to_numpy(), shard_of))  # canonical: shard, then file order
     samples = samples.take(pa.array(order))
     shard_of = shard_of[order]
     counts = np.bincount(shard_of, minlength=len(names))
+    if not np.array_equal(counts, index["samples"].to_numpy()):
+        raise fmt.DatasetFormatError(f"{url_join(res.root_url, fmt.INDEX)} sample counts disagree with "
+                                     f"{url_join(res.root_url, fmt.SAMPLES)}; {fmt.REWRITE_HINT}")
     shard_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     if limit is not None and limit < shard_start[-1]:
         shard_start = np.minimum(shard_start, limit)
@@ -174,12 +188,26 @@ def load_meta(url: str, split: str, limit: int | None = None) -> Meta:
         ml_off = col.offsets.to_numpy().astype(np.int64)
         ml_off = ml_off - ml_off[0]
         ml_val = col.flatten().to_numpy().astype(np.int64)
+    n = len(names)
     return Meta(
         shard_names=names, shard_start=shard_start, shard_of=shard_of,
         offsets=samples["offset"].to_numpy().astype(np.int64), sizes=samples["size"].to_numpy().astype(np.int64),
         labels=samples["label"].to_numpy().astype(np.int32), ml_offsets=ml_off, ml_values=ml_val,
-        keys=samples["key"].combine_chunks(), info=info,
+        keys=samples["key"].combine_chunks(), info=info, version=res.version, root_url=res.root_url,
+        digests=_digests(samples, url), shard_samples=index["samples"].to_numpy()[:n].astype(np.int64),
+        shard_bytes=index["bytes"].to_numpy()[:n].astype(np.int64), shard_sha256=index["sha256"].to_pylist()[:n],
     )
+
+
+def _digests(samples: Any, url: str) -> np.ndarray | None:
+    """The ``(T, 32)`` uint8 per-sample sha256 (zero-copy view of the arrow column), if any."""
+    if "sha256" not in samples.column_names:  # format 1 has no per-sample hashes
+        log.warning("%s is a format-1 dataset without per-sample sha256: samples are not verified; %s",
+                    url, fmt.REWRITE_HINT)
+        return None
+    col = samples["sha256"].combine_chunks()
+    digests = np.frombuffer(col.buffers()[1], np.uint8)[col.offset * 32:(col.offset + len(col)) * 32]
+    return digests.reshape(len(col), 32)
 
 
 @dataclass(frozen=True)
@@ -195,9 +223,11 @@ class Segment:
 class ShardStream(IterableDataset):
     """One rank's epoch as an IterableDataset; every DataLoader worker plays one slot."""
 
-    def __init__(self, cfg: DataConfig, meta: Meta, plan: EpochPlan, rank: int, skip: int) -> None:
+    def __init__(self, cfg: DataConfig, meta: Meta, plan: EpochPlan, rank: int, skip: int,
+                 verified: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.cfg, self.meta, self.plan, self.rank, self.skip = cfg, meta, plan, rank, skip
+        self.verified = verified  # shards whose whole-shard sha256 already passed in this run
         self.num_classes = int(meta.info["num_classes"])
         self.multi_label = bool(meta.info.get("multi_label"))
 
@@ -221,6 +251,41 @@ class ShardStream(IterableDataset):
             raise BadSample("label_out_of_range", f"{y} >= num_classes {c}")
         return y
 
+    # ---------------------------------------------------------------- integrity
+    def slot_work(self, logical: int) -> tuple[int, np.ndarray, list[Run]]:
+        """(batches already done, emission ids, shard runs with their checks) of a logical worker."""
+        plan, meta, B = self.plan, self.meta, self.cfg.batch_size
+        slot = self.rank * plan.num_workers + logical
+        done = min(worker_batches_done(self.skip, logical, plan.num_workers), plan.batches_per_slot)
+        emission = plan.slot_emission(slot)[done * B:]  # (n_batches * B,) ids, -1 = eval padding
+        wanted = emission[emission >= 0]
+        stream = plan.slot_stream(slot)
+        stream = stream[np.isin(stream, wanted)]
+        runs = make_runs(stream, meta.shard_of, meta.shard_names, meta.offsets, meta.sizes)
+        if meta.shard_bytes is None or meta.shard_samples is None:
+            return done, emission, runs
+        out = []
+        for r in runs:
+            s = int(meta.shard_of[r.ids[0]])
+            whole = len(r.ids) == meta.shard_samples[s] and r.shard not in self.verified
+            out.append(dataclasses.replace(r, expect_bytes=int(meta.shard_bytes[s]),
+                                           expect_sha256=meta.shard_sha256[s] if whole else None))
+        return done, emission, out
+
+    def whole_checked(self) -> set[str]:
+        """Shards this rank's epoch reads whole, and so checks against their recorded sha256."""
+        return {r.shard for w in range(self.plan.num_workers) for r in self.slot_work(w)[2] if r.expect_sha256}
+
+    def _verify(self, i: int, data: bytes) -> None:
+        # The image bytes are already in memory: one sha256 (~2 us/KB, bench/verify.py), no extra read.
+        digests = self.meta.digests
+        if digests is not None and hashlib.sha256(data).digest() != digests[i].tobytes():
+            shard = self.meta.shard_names[int(self.meta.shard_of[i])]
+            raise fmt.IntegrityError(
+                f"sample {self.meta.keys[i].as_py()} in shard {url_join(self.meta.root_url, shard)} does not match "
+                f"the sha256 recorded in samples.parquet: the shard was modified after publishing; "
+                f"{fmt.REWRITE_HINT}")
+
     # ---------------------------------------------------------------- the pipeline
     def __iter__(self) -> Iterator[tuple]:
         cfg, meta, plan = self.cfg, self.meta, self.plan
@@ -234,14 +299,9 @@ class ShardStream(IterableDataset):
             torch.set_num_threads(1)
         slot = self.rank * n_workers + logical
         B = cfg.batch_size
-        done = min(worker_batches_done(self.skip, logical, n_workers), plan.batches_per_slot)
-        emission = plan.slot_emission(slot)[done * B:]  # (n_batches * B,) ids, -1 = eval padding
-        wanted = emission[emission >= 0]
-        stream = plan.slot_stream(slot)
-        stream = stream[np.isin(stream, wanted)]
-        runs = make_runs(stream, meta.shard_of, meta.shard_names, meta.offsets, meta.sizes)
-        source = iter_runs(open_storage(cfg.url), runs, prefetch=cfg.prefetch_shards, retries=cfg.read_retries,
-                           backoff=cfg.read_backoff_s)
+        done, emission, runs = self.slot_work(logical)
+        source = iter_runs(open_storage(meta.root_url), runs, prefetch=cfg.prefetch_shards,
+                           retries=cfg.read_retries, backoff=cfg.read_backoff_s)
         randaug = make_randaugment(cfg.randaugment) if cfg.train else None
         fetched: dict[int, bytes | Truncated] = {}
         logged = 0
@@ -263,6 +323,8 @@ class ShardStream(IterableDataset):
                     j, data = next(source)
                     fetched[j] = data
                 data = fetched.pop(i)
+                if not isinstance(data, Truncated):
+                    self._verify(i, data)
                 try:
                     if isinstance(data, Truncated):
                         raise BadSample("truncated", "shard ended inside this member")
@@ -289,6 +351,8 @@ class ShardStream(IterableDataset):
             for im, t in zip(imgs, tgts, strict=True):
                 if im is not None:
                     last_good = (im, t)
+        for _ in source:  # the last run ends with its whole-shard check: let it report (no samples left)
+            pass
 
     def _collate(self, imgs: list[torch.Tensor | None], tgts: list[Any], ids: list[int], batch_idx: int,
                  slot: int, reasons: Counter[str], bad_shards: Counter[str],
@@ -347,18 +411,28 @@ class Loader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.meta = load_meta(cfg.url, cfg.split, cfg.limit_samples)
-        self.info: dict[str, Any] = self.meta.info
-        self.num_classes = int(self.info["num_classes"])
-        self.multi_label = bool(self.info.get("multi_label"))
+        self._plan_cache: tuple[tuple, EpochPlan] | None = None
+        self._pin(load_meta(cfg.url, cfg.split, cfg.limit_samples, cfg.dataset_version))
         self.epoch = epoch
         self._batches = 0  # yielded in the current segment of the current epoch
         self._segments: list[Segment] = []
         self._stats: Counter[str] = Counter()
         self._bad_shards: Counter[str] = Counter()
-        self._plan_cache: tuple[tuple, EpochPlan] | None = None
         self._affine: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._check_size()
+
+    def _pin(self, meta: Meta) -> None:
+        self.meta = meta
+        self.info: dict[str, Any] = meta.info
+        self.num_classes = int(self.info["num_classes"])
+        self.multi_label = bool(self.info.get("multi_label"))
+        self._verified: set[str] = set()  # shards whose whole sha256 passed (first read in this run)
+        self._plan_cache = None
+
+    @property
+    def dataset_version(self) -> str:
+        """The pinned dataset version (resolved once; saved in :meth:`state_dict`)."""
+        return self.meta.version
 
     @property
     def workers(self) -> int:
@@ -398,7 +472,8 @@ class Loader:
         if self._batches >= plan.batches_per_rank:
             self._advance_epoch()
             plan = self.plan()
-        ds = ShardStream(self.cfg, self.meta, plan, self.rank, self._batches)
+        ds = ShardStream(self.cfg, self.meta, plan, self.rank, self._batches, frozenset(self._verified))
+        checking = ds.whole_checked()
         nw = self.cfg.num_workers
         dl = DataLoader(ds, batch_size=None, num_workers=nw, prefetch_factor=self.cfg.prefetch_batches if nw else None,
                         multiprocessing_context="fork" if nw else None, persistent_workers=False)
@@ -410,6 +485,7 @@ class Loader:
             self._batches += 1
             yield tuple(batch)
         if self._batches >= plan.batches_per_rank:
+            self._verified |= checking  # every run finished, so every check passed
             self._advance_epoch()
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -458,11 +534,21 @@ class Loader:
             "version": STATE_VERSION, "epoch": self.epoch, "batches": self._batches,
             "world_size": self.world_size, "num_workers": self.workers, "batch_size": self.cfg.batch_size,
             "seed": self.cfg.seed, "split": self.cfg.split, "num_samples": self.meta.num_samples,
+            "dataset_version": self.meta.version,
             "segments": [vars(s).copy() for s in self._segments],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a cursor. Same layout: exact. Different world/workers/batch: no repeats."""
+        """Restore a cursor. Same layout: exact. Different world/workers/batch: no repeats.
+
+        A state that names a dataset version re-pins that version (a newer one may have been
+        published since the state was saved); if it was deleted the error says so.
+        """
+        pinned = state.get("dataset_version")
+        if pinned is not None and pinned != self.meta.version:
+            log.warning("loader state pins dataset version %s of %s (published now: %s); reading the pinned version",
+                        pinned, self.cfg.url, self.meta.version)
+            self._pin(load_meta(self.cfg.url, self.cfg.split, self.cfg.limit_samples, pinned))
         if state.get("num_samples") != self.meta.num_samples or state.get("seed") != self.cfg.seed:
             raise ValueError(f"loader state is for a different dataset or seed (num_samples "
                              f"{state.get('num_samples')} vs {self.meta.num_samples}, seed {state.get('seed')} "

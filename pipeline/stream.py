@@ -10,6 +10,7 @@ before. Up to ``prefetch`` shard runs stream concurrently, each into a bounded q
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .format import REWRITE_HINT, IntegrityError
 from .storage import DEFAULT_RETRIES, Storage
 
 _DONE = object()
@@ -27,12 +29,20 @@ CHUNK_BYTES = 4 << 20
 
 @dataclass(frozen=True)
 class Run:
-    """Consecutive wanted samples of one shard: ids (ascending offsets) and their byte ranges."""
+    """Consecutive wanted samples of one shard: ids (ascending offsets) and their byte ranges.
+
+    ``expect_bytes``: the shard's recorded size, checked when the stream opens (the size comes
+    with the GET response: no extra request). ``expect_sha256``: set when the run wants every
+    sample of the shard; the reader then streams the whole shard (gaps and tail too, ~1 KB per
+    sample) through sha256 and checks it at the end -- no second read.
+    """
 
     shard: str
     ids: np.ndarray
     offsets: np.ndarray
     sizes: np.ndarray
+    expect_bytes: int | None = None
+    expect_sha256: str | None = None
 
 
 class Truncated(Exception):
@@ -64,8 +74,9 @@ def _read_run(storage: Storage, run: Run, q: queue.Queue, stop: threading.Event,
         return False
 
     try:
-        start = int(run.offsets[0])
-        end = int(run.offsets[-1] + run.sizes[-1])
+        digest = hashlib.sha256() if run.expect_sha256 else None
+        start = 0 if digest else int(run.offsets[0])
+        end = None if digest else int(run.offsets[-1] + run.sizes[-1])
         with storage.open_range(run.shard, start, end, retries=retries, backoff=backoff) as f:
             truncated = False
             chunk: list[tuple[int, bytes | Truncated]] = []
@@ -74,9 +85,15 @@ def _read_run(storage: Storage, run: Run, q: queue.Queue, stop: threading.Event,
                 if stop.is_set():
                     return
                 if not truncated:
-                    f.skip(off - f.pos)
+                    if digest:
+                        digest.update(f.read_exact(off - f.pos))
+                    else:
+                        f.skip(off - f.pos)
                     data = f.read_exact(size) if f.pos == off else b""
                     truncated = len(data) < size
+                    _check_size(storage, run, f.size)
+                    if digest:
+                        digest.update(data)
                 chunk.append((i, Truncated() if truncated else data))
                 chunk_bytes += size
                 # Hand samples over in chunks: one queue operation (and thread wake-up) per
@@ -87,10 +104,24 @@ def _read_run(storage: Storage, run: Run, q: queue.Queue, stop: threading.Event,
                     chunk, chunk_bytes = [], 0
             if chunk and not put(chunk):
                 return
+            if digest:
+                while rest := f.read(1 << 20):
+                    digest.update(rest)
+                if digest.hexdigest() != run.expect_sha256:
+                    raise IntegrityError(
+                        f"shard {storage.url_for(run.shard)} has sha256 {digest.hexdigest()[:16]}..., but "
+                        f"index.parquet records {run.expect_sha256[:16]}...: it was modified after publishing; "
+                        f"{REWRITE_HINT}")
     except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread, re-raised there
         put(exc)
         return
     put(_DONE)
+
+
+def _check_size(storage: Storage, run: Run, size: int | None) -> None:
+    if run.expect_bytes is not None and size is not None and size != run.expect_bytes:
+        raise IntegrityError(f"shard {storage.url_for(run.shard)} is {size} bytes on storage, but index.parquet records "
+                             f"{run.expect_bytes}: it was truncated or modified after publishing; {REWRITE_HINT}")
 
 
 def iter_runs(storage: Storage, runs: list[Run], *, prefetch: int = 2, queue_items: int = 4,

@@ -7,20 +7,26 @@ classes = sorted sub-folder names) or a JFT-style manifest (``.parquet`` or ``.c
 image path/URL column and a labels column holding one or several labels per image
 (multi-label). DEST is a local folder, ``file://`` or ``s3://bucket/prefix``.
 
-Layout written at DEST::
+Layout written at DEST (defined in :mod:`pipeline.format`)::
 
-    shards/{split}-NNNNNN.tar   plain tar, members {key}.jpg + {key}.cls (int) or {key}.json
-                                (list of ints, multi-label); readable by stock webdataset
-    markers/{shard}.json        per-shard completion marker (sha256, plan hash, sample rows)
-    samples.parquet             one row per sample: split, shard, key, offset, size (byte range
-                                of the JPEG member inside the tar), label(s), src
-    classes.json, dataset.json, rejects.parquet
-    index.parquet               one row per shard: split, shard, samples, bytes, sha256
-                                -- written LAST, so a reader never sees a half-written dataset
+    versions/<version>/shards/{split}-NNNNNN.tar   plain tar, members {key}.jpg + {key}.cls (int)
+                                or {key}.json (list of ints, multi-label); stock webdataset reads it
+    versions/<version>/markers/{shard}.json   per-shard completion marker (sha256, plan, rows)
+    versions/<version>/samples.parquet   one row per sample: split, shard, key, offset, size (byte
+                                range of the JPEG member inside the tar), label(s), src, sha256
+    versions/<version>/{index.parquet, classes.json, rejects.parquet, dataset.json}
+    dataset.json                the published manifest, a copy of one version's dataset.json --
+                                written LAST with one atomic conditional PUT, so a reader never
+                                sees a half-written or mixed dataset
+
+``<version>`` is a hash of the plan (sources, labels, seed, options). A version is never
+changed once published; writing other data to a DEST that already publishes a version needs
+``--overwrite`` and publishes a new version (readers pinned to the old one keep reading it).
+Of two writers racing on one DEST, the one that publishes second fails with a clear message.
 
 Samples are shuffled across classes with ``--seed`` before being cut into shards. Original
 JPEG bytes are kept unless ``--max-side`` asks for a resize; other formats are re-encoded.
-Re-running with the same arguments resumes: a shard whose marker matches the plan and whose
+Re-running with the same arguments resumes the same version: a shard whose marker matches the plan and whose
 stored bytes hash to the recorded sha256 is not re-encoded. Images that cannot be read or
 decoded are skipped and listed in ``rejects.parquet`` with the reason.
 """
@@ -46,10 +52,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .storage import Storage, open_storage
+from . import format as fmt
+from .format import FORMAT_VERSION
+from .storage import Storage, open_storage, url_join
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-FORMAT_VERSION = 1
 #: Refuse to even look at images above this many pixels when writing (decompression bombs).
 WRITER_MAX_PIXELS = 1 << 28
 
@@ -218,7 +225,7 @@ class ShardJob:
 
     @property
     def name(self) -> str:
-        return f"shards/{self.split}-{self.index:06d}.tar"
+        return f"{fmt.SHARDS_DIR}/{self.split}-{self.index:06d}.tar"
 
     def plan_hash(self, options: dict[str, Any]) -> str:
         h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
@@ -242,12 +249,13 @@ def _sha256_of(storage: Storage, key: str) -> str:
 
 
 def write_shard(job: ShardJob, dest: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Encode, tar, upload one shard and its marker; or reuse it when already complete.
+    """Encode, tar, upload one shard and its marker to ``dest`` (a version's folder); or reuse
+    it when already complete.
 
     Returns ``{"shard": index row, "samples": [rows], "rejects": [rows], "resumed": bool}``.
     """
     storage = open_storage(dest)
-    marker_key = f"markers/{Path(job.name).name}.json"
+    marker_key = f"{fmt.MARKERS_DIR}/{Path(job.name).name}.json"
     plan = job.plan_hash(options)
     if storage.exists(marker_key) and storage.exists(job.name):
         try:
@@ -282,7 +290,8 @@ def write_shard(job: ShardJob, dest: str, options: dict[str, Any]) -> dict[str, 
                 lab = json.dumps(labels).encode() if multi else str(labels[0]).encode()
                 tf.addfile(_tarinfo(f"{key}.{'json' if multi else 'cls'}", len(lab)), io.BytesIO(lab))
                 row: dict[str, Any] = {"split": job.split, "shard": job.name, "key": key, "offset": data_off,
-                                       "size": len(jpg), "label": -1 if multi else labels[0], "src": it.src}
+                                       "size": len(jpg), "label": -1 if multi else labels[0], "src": it.src,
+                                       "sha256": fmt.sha256_hex(jpg)}
                 if multi:
                     row["labels"] = labels
                 samples.append(row)
@@ -351,11 +360,14 @@ def _src_size(src: str) -> int:
 def write_dataset(src: str | Path, dest: str, *, samples_per_shard: int | None = 1000, shard_bytes: int | None = None,
                   val_fraction: float = 0.0, seed: int = 0, max_side: int | None = None, quality: int = 90,
                   workers: int = 1, path_column: str | None = None, labels_column: str | None = None,
-                  multi_label: bool | None = None, progress: bool = True) -> dict[str, Any]:
-    """Write SRC as shards at DEST (see module docstring); returns the dataset.json dict."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+                  multi_label: bool | None = None, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Write SRC as a new version at DEST and publish it (see module docstring).
 
+    Returns the manifest (dataset.json) dict plus a ``summary``. Raises
+    :class:`~pipeline.format.DatasetExists` when DEST publishes a different version and
+    ``overwrite`` is false (before writing anything), and
+    :class:`~pipeline.format.PublishConflict` when another writer published meanwhile.
+    """
     t0 = time.monotonic()
     srcp = Path(str(src).removeprefix("file://"))
     if srcp.is_dir():
@@ -370,9 +382,34 @@ def write_dataset(src: str | Path, dest: str, *, samples_per_shard: int | None =
                        shard_bytes=shard_bytes)
     options = {"max_side": max_side, "quality": quality, "multi_label": source.multi_label,
                "version": FORMAT_VERSION}
+    version = fmt.version_id([j.plan_hash(options) for j in jobs], source.classes, options)
     storage = open_storage(dest)
+    seen = fmt.published(storage)  # what publishing will compare against (compare-and-swap)
+    if seen.version not in (None, version) and not overwrite:
+        raise fmt.DatasetExists(
+            f"{dest} already publishes dataset version {seen.version}; this write (different source, seed or "
+            f"options) would be version {version}. Pass --overwrite (overwrite=True) to publish it as a new "
+            "version (readers pinned to the old version keep reading it), or choose another DEST")
+    vdest = url_join(dest, fmt.version_root(version))
+    results = _write_shards(jobs, vdest, options, workers=workers, progress=progress)
+    info = _write_metadata(open_storage(vdest), results, source, version=version, src=src, seed=seed,
+                           max_side=max_side)
+    manifest = open_storage(vdest).read_bytes(fmt.MANIFEST)
+    fmt.publish(storage, manifest, version, seen)  # last: the version is now what readers get
+
+    resumed = sum(r["resumed"] for r in results)
+    rejects = source.rejects + [x for r in results for x in r["rejects"]]
+    reasons = Counter(r["reason"] for r in rejects)
+    info["summary"] = {"shards_written": len(results) - resumed, "shards_resumed": resumed,
+                       "rejects": dict(reasons), "seconds": round(time.monotonic() - t0, 2)}
+    return info
+
+
+def _write_shards(jobs: list[ShardJob], vdest: str, options: dict[str, Any], *, workers: int,
+                  progress: bool) -> list[dict[str, Any]]:
+    """Write (or resume) every shard of the plan into the version folder ``vdest``."""
     results: list[dict[str, Any]] = []
-    tasks = [(j, dest, options) for j in jobs]
+    tasks = [(j, vdest, options) for j in jobs]
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
@@ -395,53 +432,49 @@ def write_dataset(src: str | Path, dest: str, *, samples_per_shard: int | None =
     if bar:
         bar.close()
     results.sort(key=lambda r: (r["shard"]["split"], r["shard"]["shard"]))
+    return results
 
-    rows = [s for r in results for s in r["samples"]]
+
+def _write_metadata(vst: Storage, results: list[dict[str, Any]], source: Source, *, version: str,
+                    src: str | Path, seed: int, max_side: int | None) -> dict[str, Any]:
+    """samples/rejects/index parquet, classes.json, then the version's dataset.json (last)."""
+    rows = [{**s, "sha256": bytes.fromhex(s["sha256"])} for r in results for s in r["samples"]]
     rejects = source.rejects + [x for r in results for x in r["rejects"]]
-    cols: dict[str, Any] = {k: [s[k] for s in rows] for k in ("split", "shard", "key", "offset", "size", "label", "src")}
-    schema_fields = [("split", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("offset", pa.int64()),
-                     ("size", pa.int64()), ("label", pa.int32()), ("src", pa.string())]
-    if source.multi_label:
-        cols["labels"] = [s["labels"] for s in rows]
-        schema_fields.append(("labels", pa.list_(pa.int32())))
-    pq.write_table(pa.table(cols, schema=pa.schema(schema_fields)), buf := pa.BufferOutputStream())
-    storage.write_bytes("samples.parquet", buf.getvalue().to_pybytes())
-    rej_schema = pa.schema([("src", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
-    pq.write_table(pa.table({k: [r[k] for r in rejects] for k in ("src", "reason", "detail")}, schema=rej_schema),
-                   buf := pa.BufferOutputStream())
-    storage.write_bytes("rejects.parquet", buf.getvalue().to_pybytes())
-    storage.write_bytes("classes.json", json.dumps(source.classes).encode())
-
+    files: dict[str, dict[str, Any]] = {}
+    for name, data in (
+        (fmt.SAMPLES, fmt.parquet_bytes(rows, fmt.samples_schema(source.multi_label))),
+        (fmt.REJECTS, fmt.parquet_bytes(rejects, fmt.rejects_schema())),
+        (fmt.CLASSES, json.dumps(source.classes).encode()),
+        (fmt.INDEX, fmt.parquet_bytes([r["shard"] for r in results], fmt.index_schema())),
+    ):
+        vst.write_bytes(name, data)
+        files[name] = fmt.file_entry(data)
     splits: dict[str, dict[str, int]] = {}
     for r in results:
         s = splits.setdefault(r["shard"]["split"], {"samples": 0, "shards": 0, "bytes": 0})
         s["samples"] += r["shard"]["samples"]
         s["shards"] += 1
         s["bytes"] += r["shard"]["bytes"]
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    try:  # a resumed version keeps its creation time, so its manifest bytes do not change
+        created = json.loads(vst.read_bytes(fmt.MANIFEST)).get("created", created)
+    except (FileNotFoundError, ValueError, AttributeError):
+        pass
     info = {
-        "format": "vitscale-webdataset", "version": FORMAT_VERSION, "num_classes": len(source.classes),
-        "multi_label": source.multi_label, "counts": {k: v["samples"] for k, v in splits.items()}, "splits": splits,
+        "format": fmt.FORMAT, "version": FORMAT_VERSION, "dataset_version": version,
+        "num_classes": len(source.classes), "multi_label": source.multi_label,
+        "counts": {k: v["samples"] for k, v in splits.items()}, "splits": splits,
         "source": str(src), "seed": seed, "max_side": max_side, "image_ext": "jpg",
-        "label_ext": "json" if source.multi_label else "cls", "samples_file": "samples.parquet",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "label_ext": "json" if source.multi_label else "cls", "samples_file": fmt.SAMPLES,
+        "files": files, "created": created,
     }
-    storage.write_bytes("dataset.json", json.dumps(info, indent=2).encode())
-    shards = [r["shard"] for r in results]
-    index_schema = pa.schema([("split", pa.string()), ("shard", pa.string()), ("samples", pa.int64()),
-                              ("bytes", pa.int64()), ("sha256", pa.string())])
-    pq.write_table(pa.table({k: [s[k] for s in shards] for k in index_schema.names}, schema=index_schema),
-                   buf := pa.BufferOutputStream())
-    storage.write_bytes("index.parquet", buf.getvalue().to_pybytes())  # last: the dataset is now complete
-
-    resumed = sum(r["resumed"] for r in results)
-    reasons = Counter(r["reason"] for r in rejects)
-    info["summary"] = {"shards_written": len(results) - resumed, "shards_resumed": resumed,
-                       "rejects": dict(reasons), "seconds": round(time.monotonic() - t0, 2)}
+    vst.write_bytes(fmt.MANIFEST, json.dumps(info, indent=2).encode())
     return info
 
 
 def _summary_lines(info: dict[str, Any], dest: str) -> Iterable[str]:
-    yield f"wrote {dest}: {info['num_classes']} classes, multi_label={info['multi_label']}"
+    yield (f"wrote {dest}: version {info['dataset_version']} (published), {info['num_classes']} classes, "
+           f"multi_label={info['multi_label']}")
     for split, s in info["splits"].items():
         yield f"  {split}: {s['samples']} samples in {s['shards']} shards, {s['bytes'] / 1e6:.1f} MB"
     sm = info["summary"]
@@ -469,12 +502,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--multi-label", action=argparse.BooleanOptionalAction, default=None,
                     help="force (or forbid) multi-label targets for a manifest")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="DEST already publishes a different dataset: publish this one as a new version")
     a = ap.parse_args(argv)
-    info = write_dataset(a.src, a.dest, samples_per_shard=a.samples_per_shard,
-                         shard_bytes=int(a.shard_bytes) if a.shard_bytes else None, val_fraction=a.val_fraction,
-                         seed=a.seed, max_side=a.max_side, quality=a.quality, workers=a.workers,
-                         path_column=a.path_column, labels_column=a.labels_column, multi_label=a.multi_label,
-                         progress=not a.quiet)
+    try:
+        info = write_dataset(a.src, a.dest, samples_per_shard=a.samples_per_shard,
+                             shard_bytes=int(a.shard_bytes) if a.shard_bytes else None, val_fraction=a.val_fraction,
+                             seed=a.seed, max_side=a.max_side, quality=a.quality, workers=a.workers,
+                             path_column=a.path_column, labels_column=a.labels_column, multi_label=a.multi_label,
+                             progress=not a.quiet, overwrite=a.overwrite)
+    except (fmt.DatasetExists, fmt.PublishConflict) as exc:
+        print(f"write_shards: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     for line in _summary_lines(info, a.dest):
         print(line)
 

@@ -16,6 +16,7 @@ from PIL import Image
 from pipeline import BadDataError, DataConfig, build_loader, open_storage, write_dataset
 from pipeline.decode import BadSample, decode_eval, decode_train
 from pipeline.demo_data import decode_index, make_digits_folder, make_digits_manifest, make_index_folder
+from pipeline.format import reseal, resolve
 from pipeline.plan import EpochPlan, consumed_ids, epoch_order
 
 N_IDS = 500
@@ -41,11 +42,16 @@ def digits_ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "ds"
 
 
+def vdir(ds: Path) -> Path:
+    """The folder of the published version of the dataset at ``ds`` (pipeline.format layout)."""
+    return Path(resolve(str(ds)).root_url)
+
+
 def src_index(ds: Path, split: str = "train") -> np.ndarray:
     """Source index (from the file name) of each dataset sample id, canonical order."""
-    t = pq.read_table(ds / "samples.parquet")
+    t = pq.read_table(vdir(ds) / "samples.parquet")
     rows = [r for r in t.to_pylist() if r["split"] == split]
-    names = pq.read_table(ds / "index.parquet").to_pylist()
+    names = pq.read_table(vdir(ds) / "index.parquet").to_pylist()
     pos = {r["shard"]: i for i, r in enumerate(n for n in names if n["split"] == split)}
     rows.sort(key=lambda r: (pos[r["shard"]], r["offset"]))
     return np.asarray([int(Path(r["src"]).stem) for r in rows])
@@ -66,20 +72,20 @@ def test_roundtrip_local_bytes_and_labels(digits_ds: Path) -> None:
     import webdataset as wds
 
     info = json.loads((digits_ds / "dataset.json").read_text())
-    classes = json.loads((digits_ds / "classes.json").read_text())
+    classes = json.loads((vdir(digits_ds) / "classes.json").read_text())
     assert info["num_classes"] == 10 and classes == [str(i) for i in range(10)]
     assert info["counts"] == {"train": 240, "val": 60}
-    index = pq.read_table(digits_ds / "index.parquet").to_pylist()
-    assert {r["shard"] for r in index} == {f"shards/{p.name}" for p in (digits_ds / "shards").iterdir()}
-    st = open_storage(digits_ds)
-    samples = pq.read_table(digits_ds / "samples.parquet").to_pylist()
+    index = pq.read_table(vdir(digits_ds) / "index.parquet").to_pylist()
+    assert {r["shard"] for r in index} == {f"shards/{p.name}" for p in (vdir(digits_ds) / "shards").iterdir()}
+    st = open_storage(vdir(digits_ds))
+    samples = pq.read_table(vdir(digits_ds) / "samples.parquet").to_pylist()
     for r in samples:  # byte ranges in the index are exactly the source files
         src = Path(r["src"])
         assert st.open_range(r["shard"], r["offset"], r["offset"] + r["size"]).read() == src.read_bytes()
         assert classes[r["label"]] == src.parent.name
     # stock webdataset reads the same shards: same keys, bytes and labels
     by_key = {r["key"]: r for r in samples}
-    urls = [str(digits_ds / r["shard"]) for r in index]
+    urls = [str(vdir(digits_ds) / r["shard"]) for r in index]
     seen = 0
     for s in wds.WebDataset(urls, shardshuffle=False):
         r = by_key[s["__key__"]]
@@ -101,15 +107,15 @@ def test_writer_rejects_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture
     main([str(src), str(dest), "--samples-per-shard", "16", "--workers", "2", "--quiet"])
     out = capsys.readouterr().out
     assert "rejects: 2" in out and "undecodable=1" in out and "not_an_image=1" in out
-    rej = pq.read_table(dest / "rejects.parquet").to_pylist()
+    rej = pq.read_table(vdir(dest) / "rejects.parquet").to_pylist()
     assert sorted(r["reason"] for r in rej) == ["not_an_image", "undecodable"]
     info = json.loads((dest / "dataset.json").read_text())
     assert info["counts"]["train"] == 61
-    png_row = next(r for r in pq.read_table(dest / "samples.parquet").to_pylist() if r["src"].endswith(".png"))
-    data = open_storage(dest).open_range(png_row["shard"], png_row["offset"], png_row["offset"] + png_row["size"]).read()
+    png_row = next(r for r in pq.read_table(vdir(dest) / "samples.parquet").to_pylist() if r["src"].endswith(".png"))
+    data = open_storage(vdir(dest)).open_range(png_row["shard"], png_row["offset"], png_row["offset"] + png_row["size"]).read()
     assert Image.open(io.BytesIO(data)).format == "JPEG"
 
-    shards = sorted((dest / "shards").iterdir())
+    shards = sorted((vdir(dest) / "shards").iterdir())
     mtimes = {p.name: p.stat().st_mtime_ns for p in shards}
     main([str(src), str(dest), "--samples-per-shard", "16", "--workers", "2", "--quiet"])
     assert "shards written 0, resumed (already complete) 4" in capsys.readouterr().out
@@ -121,7 +127,7 @@ def test_writer_rejects_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture
     victim.write_bytes(bytes(raw))
     main([str(src), str(dest), "--samples-per-shard", "16", "--workers", "1", "--quiet"])
     assert "shards written 1, resumed (already complete) 3" in capsys.readouterr().out
-    got = {r["shard"]: r["sha256"] for r in pq.read_table(dest / "index.parquet").to_pylist()}
+    got = {r["shard"]: r["sha256"] for r in pq.read_table(vdir(dest) / "index.parquet").to_pylist()}
     import hashlib
 
     assert got[f"shards/{victim.name}"] == hashlib.sha256(victim.read_bytes()).hexdigest()
@@ -132,8 +138,8 @@ def test_max_side_resizes(tmp_path: Path) -> None:
     src.mkdir(parents=True)
     Image.new("RGB", (400, 100), (10, 200, 30)).save(src / "big.jpg")
     write_dataset(tmp_path / "src", str(tmp_path / "ds"), max_side=64, progress=False)
-    r = pq.read_table(tmp_path / "ds" / "samples.parquet").to_pylist()[0]
-    data = open_storage(tmp_path / "ds").open_range(r["shard"], r["offset"], r["offset"] + r["size"]).read()
+    r = pq.read_table(vdir(tmp_path / "ds") / "samples.parquet").to_pylist()[0]
+    data = open_storage(vdir(tmp_path / "ds")).open_range(r["shard"], r["offset"], r["offset"] + r["size"]).read()
     assert Image.open(io.BytesIO(data)).size == (64, 16)
 
 
@@ -238,13 +244,13 @@ def test_multilabel_targets(tmp_path: Path) -> None:
     man = make_digits_manifest(tmp_path / "src", image_size=16, limit=64)
     write_dataset(man, str(tmp_path / "ds"), samples_per_shard=20, progress=False)
     info = json.loads((tmp_path / "ds" / "dataset.json").read_text())
-    classes = json.loads((tmp_path / "ds" / "classes.json").read_text())
+    classes = json.loads((vdir(tmp_path / "ds") / "classes.json").read_text())
     assert info["multi_label"] and info["num_classes"] == 13 and "even" in classes
     ld = build_loader(cfg_for(tmp_path / "ds", train=False, batch_size=64), rank=0, world_size=1)
     assert ld.multi_label
     _, y, valid = next(iter(ld))
     assert y.shape == (64, 13) and y.dtype == torch.float32 and valid.all()
-    rows = pq.read_table(tmp_path / "ds" / "samples.parquet").to_pylist()
+    rows = pq.read_table(vdir(tmp_path / "ds") / "samples.parquet").to_pylist()
     want = {tuple(sorted(classes[i] for i in r["labels"])) for r in rows}
     got = {tuple(sorted(classes[i] for i in np.flatnonzero(v.numpy()))) for v in y}
     assert got == want and set(y.sum(1).tolist()) <= {2.0, 3.0}
@@ -253,13 +259,16 @@ def test_multilabel_targets(tmp_path: Path) -> None:
     # the stock webdataset view carries the labels as .json
     import webdataset as wds
 
-    s = next(iter(wds.WebDataset(str(tmp_path / "ds" / "shards" / "train-000000.tar"), shardshuffle=False)))
+    s = next(iter(wds.WebDataset(str(vdir(tmp_path / "ds") / "shards" / "train-000000.tar"), shardshuffle=False)))
     assert isinstance(json.loads(s["json"]), list)
 
 
 # ----------------------------------------------------------------------------- bad data
-def _corrupt(ds: Path) -> dict[str, int]:
-    """Damage a written dataset in place: garbage JPEGs, bad labels, a truncated shard."""
+def _corrupt(url: Path) -> dict[str, int]:
+    """Damage a written dataset in place: garbage JPEGs, bad labels, a truncated shard; then
+    re-record its checksums, as if the data had been bad when written (unsealed edits are
+    caught as tampering: tests/test_dataset_integrity.py)."""
+    ds = vdir(url)
     samples = pq.read_table(ds / "samples.parquet")
     rows = samples.to_pylist()
     train = [r for r in rows if r["split"] == "train"]
@@ -275,6 +284,7 @@ def _corrupt(ds: Path) -> dict[str, int]:
     cut = last[-2]["offset"] + 10  # last two members of the last shard are cut off
     (ds / last_shard).write_bytes((ds / last_shard).read_bytes()[:cut])
     pq.write_table(pa.Table.from_pylist(rows, schema=samples.schema), ds / "samples.parquet")
+    reseal(str(url))
     return {"skipped_corrupt_image": 3, "skipped_missing_label": 1, "skipped_label_out_of_range": 1,
             "skipped_truncated": 2}
 
@@ -346,7 +356,7 @@ def test_csv_manifest_and_shard_bytes(tmp_path: Path) -> None:
     info = write_dataset(tmp_path / "m.csv", str(tmp_path / "ds"), shard_bytes=limit, progress=False)
     assert info["multi_label"] and info["counts"]["train"] == 40
     assert info["summary"]["rejects"] == {"missing_label": 1, "unreadable": 1}
-    index = pq.read_table(tmp_path / "ds" / "index.parquet").to_pylist()
+    index = pq.read_table(vdir(tmp_path / "ds") / "index.parquet").to_pylist()
     assert len(index) > 3 and all(r["bytes"] <= limit + 10240 + 2048 for r in index)
     ld = build_loader(cfg_for(tmp_path / "ds", train=False, batch_size=40), rank=0, world_size=1)
     _, y, _ = next(iter(ld))

@@ -143,12 +143,19 @@ def proxy(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cutting
     p.close()
 
 
+def _vurl(url: str) -> str:
+    """The published version's folder of the dataset at ``url`` (pipeline.format layout)."""
+    from pipeline.format import resolve
+
+    return resolve(url).root_url
+
+
 def _table(url: str, key: str) -> list[dict]:
-    return pq.read_table(pa.BufferReader(open_storage(url).read_bytes(key))).to_pylist()
+    return pq.read_table(pa.BufferReader(open_storage(_vurl(url)).read_bytes(key))).to_pylist()
 
 
 def test_roundtrip_s3_bytes_labels_and_eval_loader(s3_ds: str, id_src: Path) -> None:
-    st = open_storage(s3_ds)
+    st = open_storage(_vurl(s3_ds))
     keys = st.list()
     assert "index.parquet" in keys and "dataset.json" in keys and any(k.startswith("shards/train-") for k in keys)
     classes = json.loads(st.read_bytes("classes.json"))
@@ -193,7 +200,7 @@ def test_connection_reset_mid_shard_loses_and_duplicates_nothing(s3_ds: str, s3_
 
 
 def test_range_reader_resumes_and_gives_up_naming_the_shard(s3_ds: str, proxy: CuttingProxy) -> None:
-    st = open_storage(s3_ds)
+    st = open_storage(_vurl(s3_ds))
     shard = _table(s3_ds, "index.parquet")[0]["shard"]
     whole = st.read_bytes(shard)  # one cut, resumed transparently
     assert proxy.cuts == 1

@@ -58,7 +58,10 @@ def test_two_ranks_two_workers_cover_epoch_exactly_once(id_ds: Path) -> None:
     p = ref.plan()
     import pyarrow.parquet as pq
 
-    src = [int(Path(s).stem) for s in pq.read_table(id_ds / "samples.parquet")["src"].to_pylist()]
+    from pipeline.format import resolve
+
+    samples = Path(resolve(str(id_ds)).root_url) / "samples.parquet"
+    src = [int(Path(s).stem) for s in pq.read_table(samples)["src"].to_pylist()]
     kept = np.concatenate([p.slot_emission(s) for s in range(p.num_slots)])
     assert sorted(ids.tolist()) == sorted(src[i] for i in kept.tolist())
     assert N_IDS - len(ids) == p.dropped < 2 * 2 * 8
