@@ -86,15 +86,16 @@ def dataset_problems(
     if problems:
         return problems
     cfg = replace(data, url=url)
+    num_classes = None
     try:
         num_classes = int(build_loader(cfg, rank=0, world_size=world_size).num_classes)
     except FileNotFoundError as e:
         return [f"{key} {url}: {one_line(e)}"]
     except ValueError as e:  # split missing, or too few samples for one batch per rank
-        return [f"{key} {url}, {split_key}={data.split!r}: {one_line(e)}"]
+        problems.append(f"{key} {url}, {split_key}={data.split!r}: {one_line(e)}")
     except Exception as e:  # noqa: BLE001 - unreadable metadata (denied, no bucket, damaged): one line
         return [f"{key} {url}: cannot read the dataset's metadata ({type(e).__name__}: {one_line(e)})"]
-    if num_classes < 1 or (num_classes < 2 and loss == "softmax"):
+    if num_classes is not None and (num_classes < 1 or (num_classes < 2 and loss == "softmax")):
         problems.append(f"{key} {url}: num_classes={num_classes}; training needs >= 1 class, and a softmax "
                         "over one class learns nothing (use train.loss=sigmoid or more classes)")
     if eval_split:
