@@ -974,7 +974,24 @@ def spec_from_args(args: argparse.Namespace) -> StudySpec:
     :func:`main` connects to Ray only after validation and then asks the cluster.
     """
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else _cluster_gpus()
-    spec = StudySpec(
+    errors: list[str] = []
+    try:
+        hparams = _read_hparams(args.hparams)
+    except ValueError as e:
+        hparams, errors = {}, [str(e)]
+    try:
+        spec = _spec_of(args, gpus, hparams)
+    except ValueError as e:
+        raise ValueError("\n".join([str(e), *errors])) from None
+    if errors:
+        raise ValueError(errors[0])
+    if not args.name:
+        spec = dataclasses.replace(spec, name=f"{spec.study}-{spec.grid_hash()}")
+    return spec
+
+
+def _spec_of(args: argparse.Namespace, gpus: float, hparams: dict[str, dict[str, float]]) -> StudySpec:
+    return StudySpec(
         name=args.name or "pending", study=args.study, data_url=args.data,
         variants=tuple(v for v in args.variants.split(",") if v), steps=args.steps, samples=args.samples,
         seeds=args.seeds, image_size=args.image_size, patch_size=args.patch_size, batch_size=args.batch_size,
@@ -982,14 +999,11 @@ def spec_from_args(args: argparse.Namespace) -> StudySpec:
         lr=args.lr, weight_decay=args.weight_decay, warmup_frac=args.warmup_frac, decay=args.decay,
         evals_per_trial=args.evals_per_trial, train_split=args.train_split, eval_split=args.eval_split,
         crop_min=args.crop_min, hflip=args.hflip, loader_workers=args.loader_workers,
-        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=float(gpus), hparams=_read_hparams(args.hparams),
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=float(gpus), hparams=hparams,
         num_samples=args.num_samples, lr_range=args.lr_range, wd_range=args.wd_range, storage=args.storage,
         out_dir=args.out, keep_checkpoints=args.keep_checkpoints, experiment=args.experiment,
         metric=args.metric, n_boot=args.n_boot, max_failures=args.max_failures,
     )
-    if not args.name:
-        spec = dataclasses.replace(spec, name=f"{spec.study}-{spec.grid_hash()}")
-    return spec
 
 
 def check_study(args: argparse.Namespace) -> tuple[StudySpec | None, list[str]]:
