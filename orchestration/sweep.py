@@ -761,16 +761,9 @@ def _study_run(spec: StudySpec, state_file: Path, resume: bool) -> str:
 def run_study(spec: StudySpec, *, resume: bool = False, ray_address: str | None = None,
               tracking: bool = True) -> StudyResult:
     """Run (or resume) the study on Ray Tune, then write and log its table, fit and plots."""
-    from ray import tune
-
     from orchestration.ray_launch import connect_ray
 
-    existing = [n for n, _ in spec.experiments() if tune.Tuner.can_restore(url_join(spec.storage_path, n))]
-    if existing and not resume:
-        raise FileExistsError(
-            f"study {spec.name!r} already exists at {url_join(spec.storage_path, existing[0])}; pass --resume "
-            "to continue it (finished trials are kept) or choose another --name"
-        )
+    check_existing_study(spec, resume)
     if tracking and not spec.tracking_uri:  # resolved once, here, so every trial logs to the same store
         from orchestration import tracking as tr
 
@@ -778,8 +771,6 @@ def run_study(spec: StudySpec, *, resume: bool = False, ray_address: str | None 
     out = spec.analysis_dir
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "study.json"
-    if resume and state_file.exists():
-        _check_same_study(spec, json.loads(state_file.read_text())["spec"])
     run_id = _study_run(spec, state_file, resume) if tracking else None
     state_file.write_text(json.dumps({"study_run_id": run_id, "spec": spec.to_dict()}, indent=2))
     _export_project_path()
@@ -1023,24 +1014,31 @@ def check_study(args: argparse.Namespace) -> tuple[StudySpec | None, list[str]]:
                                             eval_split=spec.eval_split, eval_key="--eval-split")
     if "://" not in spec.storage or spec.storage.startswith("file://"):
         problems += validation.storage_problems(spec.storage_path)
-    return spec, problems + _existing_study_problems(spec, args.resume)
+    try:
+        check_existing_study(spec, args.resume)
+    except (FileExistsError, ValueError) as e:
+        problems.append(str(e))
+    return spec, problems
 
 
-def _existing_study_problems(spec: StudySpec, resume: bool) -> list[str]:
-    """A study folder already there needs --resume, and --resume needs the settings it started with."""
-    from ray import tune  # importing Tune starts nothing
+def check_existing_study(spec: StudySpec, resume: bool) -> None:
+    """A study already on storage needs --resume (FileExistsError), and --resume needs the settings it
+    started with (ValueError). Reads Tune's saved state and ``study.json``; starts nothing."""
+    from ray import tune
 
     existing = [n for n, _ in spec.experiments() if tune.Tuner.can_restore(url_join(spec.storage_path, n))]
     if existing and not resume:
-        return [f"study {spec.name!r} already exists at {url_join(spec.storage_path, existing[0])}; pass --resume "
-                "to continue it (finished trials are kept) or choose another --name"]
+        raise FileExistsError(
+            f"study {spec.name!r} already exists at {url_join(spec.storage_path, existing[0])}; pass --resume "
+            "to continue it (finished trials are kept) or choose another --name"
+        )
     state_file = spec.analysis_dir / "study.json"
     if resume and state_file.exists():
         try:
-            _check_same_study(spec, json.loads(state_file.read_text())["spec"])
-        except (ValueError, KeyError, TypeError) as e:
-            return [f"{state_file}: {e}"]
-    return []
+            saved = json.loads(state_file.read_text())["spec"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{state_file} is not a study state file ({type(e).__name__}: {e})") from None
+        _check_same_study(spec, saved)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,7 @@ touched and ``latest_run.json`` unchanged. Bad settings given together are all r
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shlex
@@ -215,6 +216,17 @@ def test_sweep_reports_every_problem_at_once(digits: str, guard: Guard, tmp_path
     rc, err, out, elapsed = _run(sweep.main, _sweep_argv(str(tmp_path / "nowhere"), tmp_path, extra), capsys)
     guard.check(rc, err, out, ["batch_size=0", "train.lr=nan", "crop_min", "cpus_per_trial=0.0", "name='../x'",
                                "--hparams", "--data"], elapsed)
+
+
+def test_sweep_resume_with_other_settings_is_refused_before_ray(digits: str, guard: Guard, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    args = sweep.build_parser().parse_args(_sweep_argv(digits, tmp_path, ["--name", "s", "--lr", "1e-3"]))
+    spec = sweep.spec_from_args(args)
+    spec.analysis_dir.mkdir(parents=True)
+    (spec.analysis_dir / "study.json").write_text(json.dumps({"study_run_id": None, "spec": spec.to_dict()}))
+    argv = _sweep_argv(digits, tmp_path, ["--name", "s", "--lr", "3e-3", "--resume"])
+    rc, err, out, elapsed = _run(sweep.main, argv, capsys)
+    guard.check(rc, err, out, ["started with different settings (lr)"], elapsed)
 
 
 def test_sweep_trials_build_the_configs_that_were_validated() -> None:
