@@ -589,7 +589,7 @@ class ConfigError(OverrideError):
 
 
 def component_problems(section: str, error: Exception) -> list[str]:
-    """Lines of a component config's ValueError (``invalid TrainConfig:\n  lr=inf ...``), each
+    """Lines of a component config's ValueError (``invalid TrainConfig:`` then ``lr=inf ...``), each
     prefixed with ``section.`` so it names the key the user sets (``train.lr=inf ...``)."""
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
     if len(lines) > 1 and lines[0].startswith("invalid ") and lines[0].endswith(":"):
