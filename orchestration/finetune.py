@@ -6,7 +6,7 @@ Examples::
         --from models:/vit-b16-i21k/3 --data s3://bucket/imagenet1k --image-size 384
 
     python orchestration/finetune.py --from models:/vit-mu4-digits/latest --data s3://vitscale/digits \\
-        --image-size 48 --set train.total_steps=100 --set train.global_batch=32
+        --image-size 48 --set train.total_steps=100 --set train.warmup_steps=10 --set train.global_batch=32
 
 Recipe (Dosovitskiy et al. 2020, Section 3.2 and Appendix B.1.1 / Table 4): the pre-training
 head (and its hidden "pre-logits" layer) is replaced by one zero-initialised linear layer;
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from model import ViTConfig
-from orchestration import tracking
+from orchestration import tracking, validation
 from orchestration.recipes import RECIPES, Experiment, OverrideError, apply_overrides, variant_slug
 from pipeline import DataConfig
 from training import TrainConfig
@@ -140,8 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tracking.install_log_redaction()
     uri = args.tracking_uri or tracking.tracking_uri()
-    source = tracking.resolve_model_source(args.source, uri)
-    src_model = load_any_model(source["uri"] if source["kind"] != "file" else args.source, uri)
+    try:  # a bad --from is one line and exit 2, before anything starts
+        source = tracking.resolve_model_source(args.source, uri)
+        src_model = load_any_model(source["uri"] if source["kind"] != "file" else args.source, uri)
+    except Exception as e:  # noqa: BLE001 - missing file, unknown registry name, not a model: all one line
+        return validation.report([f"--from {args.source}: {validation.one_line(e)}",
+                                  *validation.location_problems(args.data)])
     src_cfg: ViTConfig = src_model.cfg
     tags = source["tags"]
     gpus = args.gpus_per_worker
@@ -150,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
         gpus = 1 if torch.cuda.is_available() else 0
     source_name = source.get("name") or f"vit-{variant_slug(src_cfg.variant or 'B/' + str(src_cfg.patch_size))}"
+    exp, problems = None, []
     try:
         exp = finetune_experiment(
             src_cfg,
@@ -162,8 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         exp = apply_overrides(exp, args.overrides)
     except (OverrideError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        exp, problems = None, validation.problems_of(e)
+    problems += validation.experiment_data_problems(exp, args.data)
+    problems += validation.storage_problems(args.storage or default_storage())
+    if exp is None or problems:  # nothing started: no Ray, no MLflow run
+        return validation.report(problems)
     if args.dry_run:
         print(json.dumps(flatten_experiment(exp), indent=2, default=str))
         return 0

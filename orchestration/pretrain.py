@@ -37,7 +37,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from orchestration import tracking
+from orchestration import tracking, validation
 from orchestration.recipes import (
     RECIPES,
     Experiment,
@@ -90,6 +90,18 @@ def resolve_experiment(recipe: str, overrides: list[str], workers: int | None) -
     if workers is not None:
         overrides = [*overrides, f"workers={workers}"]
     return apply_overrides(exp, overrides)
+
+
+def check_launch(args: argparse.Namespace) -> tuple[Experiment | None, list[str]]:
+    """The resolved experiment and every problem with it, its dataset and its storage (no Ray, no MLflow)."""
+    exp, problems = None, []
+    try:
+        exp = resolve_experiment(args.recipe, args.overrides, args.workers)
+    except (OverrideError, ValueError) as e:
+        problems += validation.problems_of(e)
+    problems += validation.experiment_data_problems(None if problems else exp, args.data)
+    problems += validation.storage_problems(args.storage or default_storage())
+    return exp, problems
 
 
 def register_from_run(
@@ -245,11 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.recipe or not args.data:
         build_parser().error("--recipe and --data are required")
-    try:  # everything is validated here, before Ray starts a single worker
-        exp = resolve_experiment(args.recipe, args.overrides, args.workers)
-    except (OverrideError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    exp, problems = check_launch(args)
+    if exp is None or problems:  # nothing started: no Ray, no MLflow run, no latest_run.json
+        return validation.report(problems)
     if args.dry_run:
         print(json.dumps({**flatten_experiment(exp), "data.url": args.data}, indent=2, default=str))
         return 0

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -484,6 +485,49 @@ def _valid_keys(cls: type, exclude: set[str] = frozenset()) -> list[str]:  # typ
     return sorted(f.name for f in dataclasses.fields(cls) if f.name not in exclude)
 
 
+def _parse_one(item: str, top: dict[str, Any], sections: dict[str, dict[str, Any]]) -> None:
+    """Parse one ``key=value`` into ``top`` / ``sections``; OverrideError names key, type and value."""
+    key, text = _split(item)
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section not in _SECTIONS:
+            raise OverrideError(
+                f"unknown section {section!r} in {key!r}; valid sections: data, model, train "
+                f"(or a top-level key: {', '.join(_valid_keys(Experiment, _EXP_FIXED))})"
+            )
+        cls = _SECTIONS[section]
+        exclude = _MODEL_FIXED if section == "model" else set()
+        hints = _hints(cls)
+        if name not in hints or name in exclude or name not in {f.name for f in dataclasses.fields(cls)}:
+            raise OverrideError(
+                f"unknown key {key!r}; valid keys of {section!r}: "
+                + ", ".join(f"{section}.{k}" for k in _valid_keys(cls, exclude))
+            )
+        tp, target = hints[name], sections[section]
+    else:
+        name = key
+        hints = _hints(Experiment)
+        if name not in hints or name in _EXP_FIXED:
+            raise OverrideError(
+                f"unknown key {key!r}; valid top-level keys: {', '.join(_valid_keys(Experiment, _EXP_FIXED))}"
+                " (and data.*, train.*, model.*)"
+            )
+        tp, target = hints[name], top
+    try:
+        target[name] = parse_typed(text, tp)
+    except (ValueError, SyntaxError, TypeError):
+        raise OverrideError(f"bad value for {key!r}: expected {_type_name(tp)}, got {text!r}") from None
+
+
+def _build(section: str, make: Callable[[], Any], problems: list[str]) -> Any:
+    """``make()`` a component config; on ValueError add its lines to ``problems`` and return None."""
+    try:
+        return make()
+    except (ValueError, TypeError) as e:
+        problems.extend(component_problems(section, e))
+        return None
+
+
 def apply_overrides(exp: Experiment, overrides: Sequence[str]) -> Experiment:
     """Return ``exp`` with ``["train.lr=3e-4", "data.batch_size=64", "workers=2", ...]`` applied.
 
@@ -494,44 +538,19 @@ def apply_overrides(exp: Experiment, overrides: Sequence[str]) -> Experiment:
     ``image_size`` and ``data.image_size`` move together, as do ``train.micro_batch`` and
     ``data.batch_size``; ``train.global_batch`` (the optimisation hyper-parameter) stays, and the
     gradient accumulation is re-derived from it. The result is checked with :func:`validate`.
+
+    Every problem is collected (unparsable overrides, each component config's own range checks,
+    the launch-level checks of :func:`experiment_problems`) and raised at once as a
+    :class:`ConfigError`, one line per problem.
     """
+    problems: list[str] = []
     top: dict[str, Any] = {}
     sections: dict[str, dict[str, Any]] = {"data": {}, "train": {}, "model": {}}
     for item in overrides:
-        key, text = _split(item)
-        if "." in key:
-            section, name = key.split(".", 1)
-            if section not in _SECTIONS:
-                raise OverrideError(
-                    f"unknown section {section!r} in {key!r}; valid sections: data, model, train "
-                    f"(or a top-level key: {', '.join(_valid_keys(Experiment, _EXP_FIXED))})"
-                )
-            cls = _SECTIONS[section]
-            exclude = _MODEL_FIXED if section == "model" else set()
-            hints = _hints(cls)
-            if name not in hints or name in exclude or name not in {f.name for f in dataclasses.fields(cls)}:
-                raise OverrideError(
-                    f"unknown key {key!r}; valid keys of {section!r}: "
-                    + ", ".join(f"{section}.{k}" for k in _valid_keys(cls, exclude))
-                )
-            tp = hints[name]
-            target = sections[section]
-        else:
-            name = key
-            hints = _hints(Experiment)
-            if name not in hints or name in _EXP_FIXED:
-                raise OverrideError(
-                    f"unknown key {key!r}; valid top-level keys: {', '.join(_valid_keys(Experiment, _EXP_FIXED))}"
-                    " (and data.*, train.*, model.*)"
-                )
-            tp = hints[name]
-            target = top
         try:
-            target[name] = parse_typed(text, tp)
-        except (ValueError, SyntaxError, TypeError):
-            raise OverrideError(
-                f"bad value for {key!r}: expected {_type_name(tp)}, got {text!r}"
-            ) from None
+            _parse_one(item, top, sections)
+        except OverrideError as e:
+            problems.append(str(e))
 
     # Keep the duplicated fields in step (one override moves both).
     if "image_size" in top and "image_size" not in sections["data"]:
@@ -543,14 +562,14 @@ def apply_overrides(exp: Experiment, overrides: Sequence[str]) -> Experiment:
     if "batch_size" in sections["data"] and "micro_batch" not in sections["train"]:
         sections["train"]["micro_batch"] = sections["data"]["batch_size"]
 
-    try:
-        data = replace(exp.data, **sections["data"]) if sections["data"] else exp.data
-        train = replace(exp.train, **sections["train"]) if sections["train"] else exp.train
-    except (ValueError, TypeError) as e:
-        raise OverrideError(f"invalid override: {e}") from None
+    data = _build("data", lambda: replace(exp.data, **sections["data"]), problems)
+    train = _build("train", lambda: replace(exp.train, **sections["train"]), problems)
     model_overrides = {**exp.model_overrides, **sections["model"]}
-    out = replace(exp, data=data, train=train, model_overrides=model_overrides, **top)
-    validate(out)
+    # A component that failed is replaced by the recipe's own, so the remaining checks still run.
+    out = replace(exp, data=data or exp.data, train=train or exp.train, model_overrides=model_overrides, **top)
+    problems += experiment_problems(out, consistency=data is not None and train is not None)
+    if problems:
+        raise ConfigError(problems)
     return out
 
 
@@ -561,28 +580,89 @@ def with_workers(exp: Experiment, workers: int) -> Experiment:
     return out
 
 
-def validate(exp: Experiment) -> None:
-    """Raise OverrideError naming the inconsistent fields and the fix; cheap, runs on the driver."""
-    if exp.workers < 1:
-        raise OverrideError(f"workers {exp.workers} must be >= 1")
-    if exp.data.image_size != exp.image_size:
-        raise OverrideError(
-            f"data.image_size {exp.data.image_size} != image_size {exp.image_size}; set image_size=N (moves both)"
-        )
-    if exp.data.batch_size != exp.train.micro_batch:
-        raise OverrideError(
-            f"data.batch_size {exp.data.batch_size} != train.micro_batch {exp.train.micro_batch}; "
-            "set one of them (the other follows)"
-        )
-    try:
-        exp.train.accum_for(exp.workers)
-    except ValueError as e:
-        raise OverrideError(f"{e} (workers={exp.workers})") from None
+class ConfigError(OverrideError):
+    """Everything wrong with one configuration; ``problems`` has one line per problem."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = [" ".join(p.split("\n")) for p in problems]  # one line each, whatever the source
+        super().__init__("\n".join(self.problems))
+
+
+def component_problems(section: str, error: Exception) -> list[str]:
+    """Lines of a component config's ValueError (``invalid TrainConfig:`` then ``lr=inf ...``), each
+    prefixed with ``section.`` so it names the key the user sets (``train.lr=inf ...``)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("invalid ") and lines[0].endswith(":"):
+        lines = lines[1:]
+    return [f"{section}.{ln}" if _SAFE_NAME.match(ln.split("=", 1)[0].split(" ", 1)[0]) else f"{section}: {ln}"
+            for ln in lines]
+
+
+#: A name that is safe as one path component, an MLflow name and a Ray Train run name.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def name_problems(key: str, value: Any) -> list[str]:
+    """``[]`` if ``value`` is safe as a path component (run folders, registry names), else one line."""
+    if isinstance(value, str) and _SAFE_NAME.match(value) and ".." not in value:
+        return []
+    return [f"{key}={value!r} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit "
+            "and without '..' (it names folders and registry entries)"]
+
+
+def experiment_problems(exp: Experiment, *, consistency: bool = True) -> list[str]:
+    """Launch-level problems of ``exp``, one line each (empty: it can be launched).
+
+    Ray resources, retries and names here; the component configs checked their own fields when
+    they were built. ``consistency=False`` skips the checks that read ``data``/``train`` (used
+    when one of them could not be built, so those lines would only repeat its errors).
+    """
+    p: list[str] = []
+    for key, low, why in (("workers", 1, ""), ("cpus_per_worker", 1, " (Ray packs workers without CPUs "
+                          "onto one node without limit)"), ("gpus_per_worker", 0, ""),
+                          ("max_failures", 0, " (-1, Ray's 'retry forever', would repeat a deterministic "
+                           "failure without end)"), ("image_size", 1, "")):
+        v = getattr(exp, key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            p.append(f"{key}={v!r} must be an int >= {low}{why}")
+    p += name_problems("name", exp.name) + name_problems("dataset_name", exp.dataset_name)
+    if exp.registered_model_name:
+        p += name_problems("registered_model_name", exp.registered_model_name)
+    if exp.eval_split is not None and not exp.eval_split:
+        p.append("eval_split='' must be a split name or none")
     try:
         parse_variant(exp.variant)
-        exp.model_config(num_classes=2)  # catches e.g. image_size not divisible by patch_size
-    except (ValueError, TypeError) as e:
-        raise OverrideError(f"model config is invalid: {e}") from None
+    except ValueError as e:
+        p.append(f"variant={exp.variant!r}: {e}")
+    else:
+        if not any(x.startswith("image_size=") for x in p):  # a bad image_size is reported once
+            _build("model", lambda: exp.model_config(num_classes=2), p)  # e.g. image_size % patch_size
+    if consistency:
+        p += _consistency_problems(exp)
+    return p
+
+
+def _consistency_problems(exp: Experiment) -> list[str]:
+    p: list[str] = []
+    if exp.data.image_size != exp.image_size:
+        p.append(f"data.image_size {exp.data.image_size} != image_size {exp.image_size}; "
+                 "set image_size=N (moves both)")
+    if exp.data.batch_size != exp.train.micro_batch:
+        p.append(f"data.batch_size {exp.data.batch_size} != train.micro_batch {exp.train.micro_batch}; "
+                 "set one of them (the other follows)")
+    if isinstance(exp.workers, int) and exp.workers >= 1:
+        try:
+            exp.train.accum_for(exp.workers)
+        except ValueError as e:
+            p.append(f"{e} (workers={exp.workers})")
+    return p
+
+
+def validate(exp: Experiment) -> None:
+    """Raise :class:`ConfigError` listing every launch-level problem of ``exp``; cheap, no I/O."""
+    problems = experiment_problems(exp)
+    if problems:
+        raise ConfigError(problems)
 
 
 def flatten_experiment(exp: Experiment) -> dict[str, Any]:

@@ -125,32 +125,9 @@ class StudySpec:
     max_failures: int = 1  # Tune retries per trial (each retry resumes from its checkpoint)
 
     def __post_init__(self) -> None:
-        errors = []
-        if self.study not in STUDIES:
-            errors.append(f"study {self.study!r}: choose one of {STUDIES}")
-        if not self.variants:
-            errors.append("variants is empty: name at least one model size, e.g. --variants mu,Ti,S")
-        if not self.steps or any(int(s) < 1 for s in self.steps):
-            errors.append(f"steps {self.steps} must be positive integers")
-        if any(s is not None and s < self.batch_size for s in self.samples):
-            errors.append(f"samples {self.samples}: each limit must be >= batch_size {self.batch_size}")
-        if self.micro_batch is not None and (self.micro_batch < 1 or self.batch_size % self.micro_batch):
-            errors.append(f"micro_batch {self.micro_batch} must divide batch_size {self.batch_size}")
-        if self.seeds < 1:
-            errors.append(f"seeds {self.seeds} must be >= 1")
-        if self.evals_per_trial < 1:
-            errors.append(f"evals_per_trial {self.evals_per_trial} must be >= 1")
-        if not 0 <= self.warmup_frac < 1:
-            errors.append(f"warmup_frac {self.warmup_frac} must be in [0, 1)")
-        if self.metric not in scaling.METRICS:
-            errors.append(f"metric {self.metric!r}: choose one of {scaling.METRICS}")
-        for v in self.variants:
-            try:
-                parse_size(v, image_size=self.image_size, patch_size=self.patch_size)
-            except ValueError as e:
-                errors.append(str(e))
+        errors = _study_errors(self)
         if errors:
-            raise ValueError("invalid study:\n  " + "\n  ".join(errors))
+            raise ValueError("invalid study:\n  " + "\n  ".join(dict.fromkeys(errors)))  # each line once
 
     # Where things go --------------------------------------------------------------------------
     @property
@@ -197,6 +174,127 @@ class StudySpec:
                 "batch_size", "micro_batch", "lr", "weight_decay", "warmup_frac", "decay", "hparams", "num_samples")
         blob = json.dumps({k: self.to_dict()[k] for k in keys}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+#: Which StudySpec field a trial's DataConfig / TrainConfig field comes from (to name it in errors).
+_SPEC_FIELD = {
+    "data.image_size": "image_size", "data.batch_size": "batch_size", "data.num_workers": "loader_workers",
+    "data.crop_scale": "crop_min", "data.split": "train_split", "data.limit_samples": "samples",
+    "train.global_batch": "batch_size", "train.micro_batch": "micro_batch", "train.lr": "lr",
+    "train.min_lr": "lr", "train.weight_decay": "weight_decay", "train.warmup_steps": "warmup_frac",
+    "train.total_steps": "steps", "train.decay": "decay",
+}
+
+
+def trial_data_config(spec: StudySpec, *, seed: int, samples: int | None) -> Any:
+    """The train split's ``DataConfig`` of one trial (the eval loader is this with ``train=False``)."""
+    from pipeline import DataConfig
+
+    return DataConfig(
+        url=spec.data_url, split=spec.train_split, image_size=spec.image_size,
+        batch_size=spec.micro_batch or spec.batch_size, num_workers=spec.loader_workers, seed=seed,
+        limit_samples=samples, crop_scale=(spec.crop_min, 1.0), hflip=spec.hflip,
+        output="uint8",  # the Trainer normalizes
+    )
+
+
+def trial_train_config(spec: StudySpec, *, steps: int, lr: float, weight_decay: float, seed: int,
+                       precision: str = "fp32", zero_stage: int = 1) -> Any:
+    """The ``TrainConfig`` of one trial: ``spec.evals_per_trial`` evaluations and checkpoints."""
+    from training import TrainConfig
+
+    every = max(1, steps // spec.evals_per_trial) if spec.evals_per_trial >= 1 else steps
+    return TrainConfig(
+        global_batch=spec.batch_size, micro_batch=spec.micro_batch or spec.batch_size, lr=lr,
+        weight_decay=weight_decay, warmup_steps=min(int(spec.warmup_frac * steps), steps - 1),
+        total_steps=steps, decay=spec.decay, precision=precision, zero_stage=zero_stage,  # type: ignore[arg-type]
+        seed=seed, log_every=max(1, min(50, every)), eval_every=every, checkpoint_every=every, keep_checkpoints=1,
+    )
+
+
+def _component_errors(s: StudySpec, section: str, make: Callable[[], Any]) -> list[str]:
+    """``make()``'s ValueError lines, each naming the study field it came from: ``lr: train.lr=nan ...``."""
+    from orchestration.recipes import component_problems
+
+    fields = dict(_SPEC_FIELD)
+    if s.micro_batch is None:  # the per-pass batch is the whole batch
+        fields.update({"data.batch_size": "batch_size", "train.micro_batch": "batch_size"})
+    else:
+        fields["data.batch_size"] = "micro_batch"
+    try:
+        make()
+    except (ValueError, TypeError) as e:
+        out = []
+        for line in component_problems(section, e):
+            key = line.split("=", 1)[0].split(" ", 1)[0]
+            out.append(f"{fields[key]}: {line}" if key in fields else line)
+        return out
+    return []
+
+
+def _range_errors(name: str, rng: Any) -> list[str]:
+    """A log-uniform search range: two finite numbers 0 < low < high."""
+    ok = len(rng) == 2 and all(isinstance(x, int | float) and math.isfinite(x) for x in rng)
+    return [] if ok and 0 < rng[0] < rng[1] else [f"{name}={tuple(rng)!r} must be low,high with 0 < low < high"]
+
+
+def _study_errors(s: StudySpec) -> list[str]:
+    """Every problem of a study, one line each: its own fields, then each trial's component configs."""
+    from orchestration.recipes import name_problems
+
+    errors = name_problems("name", s.name)
+    if s.study not in STUDIES:
+        errors.append(f"study {s.study!r}: choose one of {STUDIES}")
+    if not s.variants:
+        errors.append("variants is empty: name at least one model size, e.g. --variants mu,Ti,S")
+    if not s.steps or any(int(x) < 1 for x in s.steps):
+        errors.append(f"steps {s.steps} must be positive integers")
+    if any(x is not None and x < s.batch_size for x in s.samples):
+        errors.append(f"samples {s.samples}: each limit must be >= batch_size {s.batch_size}")
+    if s.micro_batch is not None and (s.micro_batch < 1 or s.batch_size % s.micro_batch):
+        errors.append(f"micro_batch {s.micro_batch} must divide batch_size {s.batch_size}")
+    for name, low in (("seeds", 1), ("evals_per_trial", 1), ("num_samples", 1), ("n_boot", 1), ("max_failures", 0)):
+        if getattr(s, name) < low:
+            errors.append(f"{name} {getattr(s, name)} must be >= {low}")
+    if not 0 <= s.warmup_frac < 1:
+        errors.append(f"warmup_frac {s.warmup_frac} must be in [0, 1)")
+    if not (math.isfinite(s.cpus_per_trial) and s.cpus_per_trial > 0):
+        errors.append(f"cpus_per_trial={s.cpus_per_trial} must be a finite number > 0")
+    if not (math.isfinite(s.gpus_per_trial) and s.gpus_per_trial >= 0):
+        errors.append(f"gpus_per_trial={s.gpus_per_trial} must be a finite number >= 0")
+    if s.metric not in scaling.METRICS:
+        errors.append(f"metric {s.metric!r}: choose one of {scaling.METRICS}")
+    if s.study == "hparams":
+        errors += _range_errors("lr_range", s.lr_range) + _range_errors("wd_range", s.wd_range)
+    return errors + _trial_config_errors(s)
+
+
+def _trial_config_errors(s: StudySpec) -> list[str]:
+    """Build what every trial would build (data, train and model configs) and collect their errors."""
+    from model import vit_config
+
+    limits = [x for x in s.samples if x is not None]
+    errors = _component_errors(s, "data", lambda: trial_data_config(s, seed=0, samples=min(limits, default=None)))
+    lrs = {s.lr, *(h.get("lr", s.lr) for h in s.hparams.values())}
+    wds = {s.weight_decay, *(h.get("weight_decay", s.weight_decay) for h in s.hparams.values())}
+    if s.study == "hparams":  # the search samples inside the ranges; their ends must be valid too
+        lrs |= set(s.lr_range)
+        wds |= set(s.wd_range)
+    for steps in sorted({int(x) for x in s.steps if int(x) >= 1}):
+        for lr in sorted(lrs, key=str):
+            for wd in sorted(wds, key=str):
+                errors += _component_errors(s, "train", lambda st=steps, lr=lr, wd=wd: trial_train_config(
+                    s, steps=st, lr=lr, weight_decay=wd, seed=0))
+    for v in s.variants:
+        try:
+            name, overrides = parse_size(v, image_size=s.image_size, patch_size=s.patch_size)
+        except ValueError as e:
+            errors.append(str(e))
+            continue
+        if s.image_size >= 1:  # else the data config already said so
+            errors += [f"variants: {v!r}: {e}" for e in _component_errors(
+                s, "model", lambda n=name, o=overrides: vit_config(n, num_classes=2, image_size=s.image_size, **o))]
+    return errors
 
 
 def parse_size(spec: str, *, image_size: int, patch_size: int | None = None) -> tuple[str, dict[str, int]]:
@@ -440,8 +538,8 @@ def train_trial(
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from model import create_model
     from model.flops import train_flops_per_image
-    from pipeline import DataConfig, build_loader
-    from training import TrainConfig, Trainer, get_profile
+    from pipeline import build_loader
+    from training import Trainer, get_profile
 
     tuned = spec.hparams.get(variant, {})
     lr = float(lr if lr is not None else tuned.get("lr", spec.lr))
@@ -449,12 +547,7 @@ def train_trial(
     if spec.cpus_per_trial >= 1:
         torch.set_num_threads(int(spec.cpus_per_trial))
 
-    micro = spec.micro_batch or spec.batch_size
-    data = DataConfig(
-        url=spec.data_url, split=spec.train_split, image_size=spec.image_size, batch_size=micro,
-        num_workers=spec.loader_workers, seed=seed, limit_samples=samples,
-        crop_scale=(spec.crop_min, 1.0), hflip=spec.hflip, output="uint8",  # the Trainer normalizes
-    )
+    data = trial_data_config(spec, seed=seed, samples=samples)
     train_loader = build_loader(data, rank=0, world_size=1)
     eval_loader = build_loader(dataclasses.replace(data, split=spec.eval_split, train=False, limit_samples=None),
                                rank=0, world_size=1)
@@ -465,13 +558,8 @@ def train_trial(
     # The device's profile sets precision and ZeRO stage (ZeRO-1 over a world of one process is
     # a no-op partition, kept so trials take the optimizer path the profiles are tested with).
     profile = get_profile("auto")
-    every = max(1, steps // spec.evals_per_trial)
-    cfg = TrainConfig(
-        global_batch=spec.batch_size, micro_batch=micro, lr=lr, weight_decay=wd,
-        warmup_steps=min(int(spec.warmup_frac * steps), steps - 1), total_steps=steps, decay=spec.decay,
-        precision=profile.precision, zero_stage=profile.zero_stage, seed=seed, log_every=max(1, min(50, every)),
-        eval_every=every, checkpoint_every=every, keep_checkpoints=1,
-    )
+    cfg = trial_train_config(spec, steps=steps, lr=lr, weight_decay=wd, seed=seed, precision=profile.precision,
+                             zero_stage=profile.zero_stage)
     info = TrialInfo(study=spec.name, trial=key, variant=variant, params=n_params, steps=steps,
                      samples=samples, seed=seed, lr=lr, weight_decay=wd)
 
@@ -673,16 +761,9 @@ def _study_run(spec: StudySpec, state_file: Path, resume: bool) -> str:
 def run_study(spec: StudySpec, *, resume: bool = False, ray_address: str | None = None,
               tracking: bool = True) -> StudyResult:
     """Run (or resume) the study on Ray Tune, then write and log its table, fit and plots."""
-    from ray import tune
-
     from orchestration.ray_launch import connect_ray
 
-    existing = [n for n, _ in spec.experiments() if tune.Tuner.can_restore(url_join(spec.storage_path, n))]
-    if existing and not resume:
-        raise FileExistsError(
-            f"study {spec.name!r} already exists at {url_join(spec.storage_path, existing[0])}; pass --resume "
-            "to continue it (finished trials are kept) or choose another --name"
-        )
+    check_existing_study(spec, resume)
     if tracking and not spec.tracking_uri:  # resolved once, here, so every trial logs to the same store
         from orchestration import tracking as tr
 
@@ -690,8 +771,6 @@ def run_study(spec: StudySpec, *, resume: bool = False, ray_address: str | None 
     out = spec.analysis_dir
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "study.json"
-    if resume and state_file.exists():
-        _check_same_study(spec, json.loads(state_file.read_text())["spec"])
     run_id = _study_run(spec, state_file, resume) if tracking else None
     state_file.write_text(json.dumps({"study_run_id": run_id, "spec": spec.to_dict()}, indent=2))
     _export_project_path()
@@ -858,15 +937,52 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def spec_from_args(args: argparse.Namespace) -> StudySpec:
-    """StudySpec from parsed CLI arguments."""
-    gpus = args.gpus_per_trial
-    if gpus is None:
-        import ray
+def _cluster_gpus() -> float:
+    """1 when the connected Ray cluster has GPUs, else 0 (0 when not connected: no Ray is started here)."""
+    import ray
 
-        gpus = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    hp = json.loads(Path(args.hparams).read_text()) if args.hparams else {}
-    spec = StudySpec(
+    return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def _read_hparams(path: str | None) -> dict[str, dict[str, float]]:
+    """``best_hparams.json`` of an hparams study as ``{size: {"lr": .., "weight_decay": ..}}``."""
+    if not path:
+        return {}
+    try:
+        raw = json.loads(Path(path).read_text())
+        return {str(v): {k: float(x[k]) for k in ("lr", "weight_decay")} for v, x in raw.items()}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--hparams {path}: {e}") from None
+    except (AttributeError, KeyError, TypeError) as e:
+        raise ValueError(f"--hparams {path}: not a best_hparams.json ({{size: {{lr, weight_decay}}}}): "
+                         f"{type(e).__name__} {e}") from None
+
+
+def spec_from_args(args: argparse.Namespace) -> StudySpec:
+    """StudySpec from parsed CLI arguments (raises ValueError listing every problem; no I/O but --hparams).
+
+    Without ``--gpus-per-trial`` the GPUs per trial come from an already connected cluster, else 0;
+    :func:`main` connects to Ray only after validation and then asks the cluster.
+    """
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else _cluster_gpus()
+    errors: list[str] = []
+    try:
+        hparams = _read_hparams(args.hparams)
+    except ValueError as e:
+        hparams, errors = {}, [str(e)]
+    try:
+        spec = _spec_of(args, gpus, hparams)
+    except ValueError as e:
+        raise ValueError("\n".join([str(e), *errors])) from None
+    if errors:
+        raise ValueError(errors[0])
+    if not args.name:
+        spec = dataclasses.replace(spec, name=f"{spec.study}-{spec.grid_hash()}")
+    return spec
+
+
+def _spec_of(args: argparse.Namespace, gpus: float, hparams: dict[str, dict[str, float]]) -> StudySpec:
+    return StudySpec(
         name=args.name or "pending", study=args.study, data_url=args.data,
         variants=tuple(v for v in args.variants.split(",") if v), steps=args.steps, samples=args.samples,
         seeds=args.seeds, image_size=args.image_size, patch_size=args.patch_size, batch_size=args.batch_size,
@@ -874,35 +990,74 @@ def spec_from_args(args: argparse.Namespace) -> StudySpec:
         lr=args.lr, weight_decay=args.weight_decay, warmup_frac=args.warmup_frac, decay=args.decay,
         evals_per_trial=args.evals_per_trial, train_split=args.train_split, eval_split=args.eval_split,
         crop_min=args.crop_min, hflip=args.hflip, loader_workers=args.loader_workers,
-        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=float(gpus),
-        hparams={v: {k: float(x[k]) for k in ("lr", "weight_decay")} for v, x in hp.items()},
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=float(gpus), hparams=hparams,
         num_samples=args.num_samples, lr_range=args.lr_range, wd_range=args.wd_range, storage=args.storage,
         out_dir=args.out, keep_checkpoints=args.keep_checkpoints, experiment=args.experiment,
         metric=args.metric, n_boot=args.n_boot, max_failures=args.max_failures,
     )
-    if not args.name:
-        spec = dataclasses.replace(spec, name=f"{spec.study}-{spec.grid_hash()}")
-    return spec
+
+
+def check_study(args: argparse.Namespace) -> tuple[StudySpec | None, list[str]]:
+    """The study and every problem with it and its dataset, before Ray or MLflow start."""
+    from orchestration import validation
+
+    spec, problems = None, []
+    try:
+        spec = spec_from_args(args)
+    except ValueError as e:
+        problems += validation.problems_of(e)
+    if spec is None:
+        return None, problems + validation.location_problems(args.data)
+    limits = [x for x in spec.samples if x is not None]
+    data = trial_data_config(spec, seed=0, samples=min(limits, default=None))
+    problems += validation.dataset_problems(spec.data_url, data, world_size=1, split_key="--train-split",
+                                            eval_split=spec.eval_split, eval_key="--eval-split")
+    if "://" not in spec.storage or spec.storage.startswith("file://"):
+        problems += validation.storage_problems(spec.storage_path)
+    try:
+        check_existing_study(spec, args.resume)
+    except (FileExistsError, ValueError) as e:
+        problems.append(str(e))
+    return spec, problems
+
+
+def check_existing_study(spec: StudySpec, resume: bool) -> None:
+    """A study already on storage needs --resume (FileExistsError), and --resume needs the settings it
+    started with (ValueError). Reads Tune's saved state and ``study.json``; starts nothing."""
+    from ray import tune
+
+    existing = [n for n, _ in spec.experiments() if tune.Tuner.can_restore(url_join(spec.storage_path, n))]
+    if existing and not resume:
+        raise FileExistsError(
+            f"study {spec.name!r} already exists at {url_join(spec.storage_path, existing[0])}; pass --resume "
+            "to continue it (finished trials are kept) or choose another --name"
+        )
+    state_file = spec.analysis_dir / "study.json"
+    if resume and state_file.exists():
+        try:
+            saved = json.loads(state_file.read_text())["spec"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{state_file} is not a study state file ({type(e).__name__}: {e})") from None
+        _check_same_study(spec, saved)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
+    from orchestration import validation
     from orchestration.ray_launch import connect_ray
 
-    try:
-        if args.gpus_per_trial is None:  # ask the cluster
-            connect_ray(args.address)
-        spec = spec_from_args(args)
-    except (ValueError, OSError) as e:  # bad grid / recipe, unreadable --hparams file
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    spec, problems = check_study(args)
+    if spec is None or problems:  # nothing started: no Ray, no MLflow run
+        return validation.report(problems)
+    if args.gpus_per_trial is None:  # only now ask the cluster (connecting may start a local Ray)
+        connect_ray(args.address)
+        spec = dataclasses.replace(spec, gpus_per_trial=_cluster_gpus())
     print(f"study {spec.name}: {grid_size(spec)} trials -> {spec.experiment_path}; analysis in {spec.analysis_dir}")
     try:
         result = run_study(spec, resume=args.resume, ray_address=args.address, tracking=args.tracking)
-    except FileExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except FileExistsError as e:  # created since check_study looked
+        return validation.report([str(e)])
     for k, v in result.files.items():
         print(f"{k}: {v}")
     if not result.complete:

@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a file (python orchestration/visualize.p
     sys.path.insert(0, str(_P(__file__).resolve().parents[1]))
 
 import argparse
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -202,7 +203,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of weakest links")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite)")
     args = p.parse_args(argv)
-    model = load_any_model(args.model, args.tracking_uri).float().eval()
+    from orchestration import validation
+
+    problems = [f"--image {path}: no such readable file" for path in args.image
+                if not (os.path.isfile(path) and os.access(path, os.R_OK))]
+    if not 0.0 <= args.discard_ratio < 1.0:  # also false for nan
+        problems.append(f"--discard-ratio {args.discard_ratio} must be in [0, 1)")
+    problems += validation.storage_problems(args.out, "--out")
+    try:
+        model = load_any_model(args.model, args.tracking_uri).float().eval()
+    except Exception as e:  # noqa: BLE001 - missing file, unknown registry name, not a model: one line
+        problems.insert(0, f"--model {args.model}: {validation.one_line(e)}")
+    if problems:
+        return validation.report(problems)
     for path in args.image:
         x = load_image(path, model.cfg.image_size)
         for out in attention_figures(model, x, Path(args.out), stem=Path(path).stem, discard_ratio=args.discard_ratio):

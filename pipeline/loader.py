@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -104,14 +105,63 @@ class DataConfig:
     dataset_version: str | None = None
 
     def __post_init__(self) -> None:
-        if self.output not in ("float", "uint8"):
-            raise ValueError(f"output {self.output!r} must be 'float' or 'uint8'")
-        if self.image_size <= 0 or self.batch_size <= 0:
-            raise ValueError(f"image_size {self.image_size} and batch_size {self.batch_size} must be positive")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers {self.num_workers} must be >= 0")
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction {self.max_bad_fraction} must be in [0, 1]")
+        # Every problem at once (a launch fails here, on the driver, not after Ray starts).
+        errors = _data_config_errors(self)
+        if errors:
+            raise ValueError("invalid DataConfig:\n  " + "\n  ".join(errors))
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _pair_errors(name: str, v: Any, *, upper: float | None) -> list[str]:
+    """``crop_scale`` / ``crop_ratio``: two finite numbers with 0 < min <= max (<= upper)."""
+    rng = f"0 < min <= max <= {upper}" if upper is not None else "0 < min <= max, finite"
+    ok = isinstance(v, tuple | list) and len(v) == 2 and all(_finite(x) for x in v)
+    if ok and 0 < v[0] <= v[1] and (upper is None or v[1] <= upper):
+        return []
+    return [f"{name}={v!r} must be two numbers with {rng}"]
+
+
+def _data_config_errors(c: DataConfig) -> list[str]:
+    """One line per out-of-range field of ``c``: field, value and the allowed range."""
+    errors: list[str] = []
+
+    def at_least(name: str, low: int) -> None:
+        v = getattr(c, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            errors.append(f"{name}={v!r} must be an int >= {low}")
+
+    if c.output not in ("float", "uint8"):
+        errors.append(f"output={c.output!r} must be 'float' or 'uint8'")
+    if not isinstance(c.split, str) or not c.split:
+        errors.append(f"split={c.split!r} must be a non-empty split name, e.g. 'train'")
+    for name in ("image_size", "batch_size", "prefetch_shards", "prefetch_batches", "max_image_pixels"):
+        at_least(name, 1)
+    for name in ("num_workers", "shuffle_buffer", "read_retries", "min_samples_for_bad_check"):
+        at_least(name, 0)
+    if c.limit_samples is not None:
+        at_least("limit_samples", 1)
+    errors += _pair_errors("crop_scale", c.crop_scale, upper=1.0)
+    errors += _pair_errors("crop_ratio", c.crop_ratio, upper=None)
+    if c.randaugment is not None and not (
+        len(c.randaugment) == 2 and c.randaugment[0] >= 1 and 0 <= c.randaugment[1] <= 30
+    ):
+        errors.append(f"randaugment={c.randaugment!r} must be None or (num_ops >= 1, magnitude in [0, 30])")
+    for name in ("mixup_alpha", "cutmix_alpha", "read_backoff_s"):
+        v = getattr(c, name)
+        if not _finite(v) or v < 0:
+            errors.append(f"{name}={v!r} must be a finite number >= 0")
+    if not (len(c.mean) == 3 and all(_finite(m) for m in c.mean)):
+        errors.append(f"mean={c.mean!r} must be three finite numbers (one per RGB channel)")
+    if not (len(c.std) == 3 and all(_finite(s) and s > 0 for s in c.std)):
+        errors.append(f"std={c.std!r} must be three finite numbers > 0 (images are divided by it)")
+    if not (_finite(c.eval_crop_pct) and 0 < c.eval_crop_pct <= 1):
+        errors.append(f"eval_crop_pct={c.eval_crop_pct!r} must be in (0, 1]")
+    if not (_finite(c.max_bad_fraction) and 0 <= c.max_bad_fraction <= 1):
+        errors.append(f"max_bad_fraction={c.max_bad_fraction!r} must be in [0, 1]")
+    return errors
 
 
 class BadDataError(RuntimeError):

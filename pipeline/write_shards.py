@@ -37,6 +37,7 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import os
 import sys
 import tarfile
@@ -485,6 +486,24 @@ def _summary_lines(info: dict[str, Any], dest: str) -> Iterable[str]:
                                                if rej else "")
 
 
+def _argument_problems(a: argparse.Namespace) -> list[str]:
+    """Out-of-range CLI arguments, one line each (flag, value, allowed range)."""
+    p: list[str] = []
+    if a.samples_per_shard is not None and a.samples_per_shard < 1:
+        p.append(f"--samples-per-shard {a.samples_per_shard} must be >= 1")
+    if a.shard_bytes is not None and not (math.isfinite(a.shard_bytes) and a.shard_bytes >= 1):
+        p.append(f"--shard-bytes {a.shard_bytes} must be a finite number >= 1")
+    if not 0.0 <= a.val_fraction < 1.0:  # also false for nan
+        p.append(f"--val-fraction {a.val_fraction} must be in [0, 1)")
+    if a.max_side is not None and a.max_side < 1:
+        p.append(f"--max-side {a.max_side} must be >= 1")
+    if not 1 <= a.quality <= 100:
+        p.append(f"--quality {a.quality} must be in [1, 100] (JPEG quality)")
+    if a.workers < 1:
+        p.append(f"--workers {a.workers} must be >= 1")
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pipeline.write_shards", description=__doc__.split("\n\n")[0])
     ap.add_argument("src", help="I21k-style folder SRC/<class>/<img> or a .parquet/.csv manifest")
@@ -505,6 +524,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--overwrite", action="store_true",
                     help="DEST already publishes a different dataset: publish this one as a new version")
     a = ap.parse_args(argv)
+    problems = _argument_problems(a)
+    if problems:  # one line each, before any source is read or anything is written
+        for line in problems:
+            print(f"error: {line}", file=sys.stderr)
+        raise SystemExit(2)
     try:
         info = write_dataset(a.src, a.dest, samples_per_shard=a.samples_per_shard,
                              shard_bytes=int(a.shard_bytes) if a.shard_bytes else None, val_fraction=a.val_fraction,

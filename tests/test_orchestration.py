@@ -117,10 +117,12 @@ def test_visualize_writes_layer_head_grid_and_rollout(tmp_path: Path) -> None:
     assert att["cls"].shape == (2, 2, 2, 8, 8) and att["rollout"].shape == (2, 8, 8)
 
 
-def test_bad_set_fails_before_ray_starts(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_set_fails_before_ray_starts(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     import ray
 
     from orchestration import pretrain
+    from pipeline import write_dataset
+    from pipeline.demo_data import make_digits_folder
 
     rc = pretrain.main(["--recipe", "vit_mu_smoke", "--data", "/nonexistent", "--set", "train.lr=fast"])
     err = capsys.readouterr().err
@@ -128,7 +130,13 @@ def test_bad_set_fails_before_ray_starts(capsys: pytest.CaptureFixture[str]) -> 
     rc = pretrain.main(["--recipe", "vit_mu_smoke", "--data", "/x", "--set", "train.warmup=5"])
     assert rc == 2 and "valid keys of 'train'" in capsys.readouterr().err
     assert not ray.is_initialized()
-    assert pretrain.main(["--recipe", "vit_mu_smoke", "--data", "/x", "--workers", "1", "--dry-run"]) == 0
+    # --dry-run validates the dataset too: a missing one fails, a real one passes.
+    assert pretrain.main(["--recipe", "vit_mu_smoke", "--data", "/x", "--workers", "1", "--dry-run"]) == 2
+    assert "--data /x" in capsys.readouterr().err
+    data = str(tmp_path / "ds")
+    write_dataset(make_digits_folder(tmp_path / "f", image_size=16, limit=60), data, samples_per_shard=100,
+                  workers=1, progress=False)
+    assert pretrain.main(["--recipe", "vit_mu_smoke", "--data", data, "--workers", "1", "--dry-run"]) == 0
     assert '"workers": 1' in capsys.readouterr().out
 
 

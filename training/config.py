@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -83,9 +84,20 @@ class TrainConfig:
         check(self.offload in ("none", "cpu"), f"offload={self.offload!r}: use 'none' or 'cpu'")
         check(self.zero_stage in (0, 1, 2, 3), f"zero_stage={self.zero_stage!r} must be 0, 1, 2 or 3")
         check(not (self.offload == "cpu" and self.zero_stage == 0), "offload='cpu' needs zero_stage >= 1")
-        check(self.lr > 0, f"lr={self.lr} must be > 0")
-        check(0 <= self.min_lr <= self.lr, f"min_lr={self.min_lr} must be in [0, lr={self.lr}]")
-        check(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
+        # inf / nan pass range comparisons (or fail them with a misleading message): a non-finite
+        # field gets one line saying so and its range checks are skipped.
+        finite = {}
+        for name in ("lr", "eps", "weight_decay", "momentum", "min_lr", "grad_clip", "label_smoothing"):
+            v = getattr(self, name)
+            finite[name] = isinstance(v, int | float) and math.isfinite(v)
+            check(finite[name], f"{name}={v!r} must be a finite number")
+        if finite["lr"]:
+            check(self.lr > 0, f"lr={self.lr} must be > 0")
+        check(not finite["eps"] or self.eps > 0, f"eps={self.eps} must be > 0")
+        check(not finite["momentum"] or 0 <= self.momentum < 1, f"momentum={self.momentum} must be in [0, 1)")
+        if finite["lr"] and finite["min_lr"] and self.lr > 0:
+            check(0 <= self.min_lr <= self.lr, f"min_lr={self.min_lr} must be in [0, lr={self.lr}]")
+        check(not finite["weight_decay"] or self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
         check(0 <= self.label_smoothing < 1, f"label_smoothing={self.label_smoothing} must be in [0, 1)")
         check(
             self.label_smoothing == 0 or self.loss == "softmax",

@@ -1,0 +1,139 @@
+"""Input checks that need I/O, and the one way every CLI reports a bad configuration.
+
+The range checks live with the configs (``DataConfig`` / ``TrainConfig`` / ``ViTConfig``
+``__post_init__``, launch-level ones in :func:`orchestration.recipes.experiment_problems`,
+study-level ones in ``StudySpec``). This module adds what can only be known by looking:
+the dataset exists and is readable, holds the split, enough samples for one batch per rank and
+a usable class count; run storage can be written. Dataset metadata is read only through
+``pipeline.build_loader`` (``pipeline.loader.load_meta`` plus the loader's own size check), so
+the driver judges the dataset exactly as every worker will, whatever its published layout.
+
+All of it runs on the driver before Ray or MLflow start; :func:`report` prints one
+``error: ...`` line per problem and returns exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from orchestration.recipes import ConfigError
+
+if TYPE_CHECKING:
+    from orchestration.recipes import Experiment
+    from pipeline import DataConfig
+
+#: Exit status of a CLI whose arguments or configuration are invalid (argparse uses it too).
+EXIT_USAGE = 2
+_SCHEMES = ("s3://", "file://")
+
+
+def problems_of(error: Exception) -> list[str]:
+    """One line per problem of a ConfigError / component ValueError / any other error."""
+    if isinstance(error, ConfigError):
+        return list(error.problems)
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("invalid ") and lines[0].endswith(":"):
+        lines = lines[1:]  # the "invalid StudySpec:" header of a component's error
+    return lines or [type(error).__name__]
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of an exception's text (MLflow and boto3 add pages of detail)."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def location_problems(url: str, key: str = "--data") -> list[str]:
+    """A local dataset folder exists and is readable; a URL has a supported scheme."""
+    if "://" in url and not url.startswith(_SCHEMES):
+        return [f"{key} {url}: unsupported URL scheme; use a local path, file://PATH or s3://BUCKET/PREFIX"]
+    if url.startswith("s3://"):
+        bucket = url[len("s3://"):].split("/", 1)[0]
+        return [] if bucket else [f"{key} {url}: no bucket; use s3://BUCKET/PREFIX"]
+    path = Path(url.removeprefix("file://")).expanduser()
+    if not path.exists():
+        return [f"{key} {url}: no such folder (write a dataset with python -m pipeline.write_shards SRC DEST)"]
+    if not path.is_dir():
+        return [f"{key} {url}: not a folder (a dataset is the folder python -m pipeline.write_shards writes)"]
+    if not os.access(path, os.R_OK | os.X_OK):
+        return [f"{key} {url}: not readable by this user"]
+    return []
+
+
+def dataset_problems(
+    url: str,
+    data: DataConfig,
+    *,
+    world_size: int,
+    loss: str = "softmax",
+    split_key: str = "data.split",
+    eval_split: str | None = None,
+    eval_key: str = "eval_split",
+    key: str = "--data",
+) -> list[str]:
+    """What a worker's ``build_loader`` would fail on, found on the driver, one line each.
+
+    ``data`` is the train split's config (``url`` is replaced by ``url``); ``eval_split``, when
+    given, must exist too. Also: the dataset has classes, and >= 2 of them for a softmax.
+    """
+    from pipeline import build_loader
+
+    problems = location_problems(url, key)
+    if problems:
+        return problems
+    cfg = replace(data, url=url)
+    num_classes = None
+    try:
+        num_classes = int(build_loader(cfg, rank=0, world_size=world_size).num_classes)
+    except FileNotFoundError as e:
+        return [f"{key} {url}: {one_line(e)}"]
+    except ValueError as e:  # split missing, or too few samples for one batch per rank
+        problems.append(f"{key} {url}, {split_key}={data.split!r}: {one_line(e)}")
+    except Exception as e:  # noqa: BLE001 - unreadable metadata (denied, no bucket, damaged): one line
+        return [f"{key} {url}: cannot read the dataset's metadata ({type(e).__name__}: {one_line(e)})"]
+    if num_classes is not None and (num_classes < 1 or (num_classes < 2 and loss == "softmax")):
+        problems.append(f"{key} {url}: num_classes={num_classes}; training needs >= 1 class, and a softmax "
+                        "over one class learns nothing (use train.loss=sigmoid or more classes)")
+    if eval_split:
+        try:
+            build_loader(replace(cfg, split=eval_split, train=False, limit_samples=None), rank=0,
+                         world_size=world_size)
+        except Exception as e:  # noqa: BLE001 - same reasons as above, for the eval split
+            problems.append(f"{key} {url}, {eval_key}={eval_split!r}: {one_line(e)}")
+    return problems
+
+
+def experiment_data_problems(exp: Experiment | None, url: str) -> list[str]:
+    """The dataset at ``url`` for a (valid) experiment; only its location when ``exp`` is None."""
+    if exp is None:
+        return location_problems(url)
+    return dataset_problems(url, exp.data, world_size=exp.workers, loss=exp.train.loss)
+
+
+def storage_problems(url: str, key: str = "--storage") -> list[str]:
+    """A local run-storage root can be created and written (s3:// is checked when first written)."""
+    if "://" in url and not url.startswith(_SCHEMES):
+        return [f"{key} {url}: unsupported URL scheme; use a local path, file://PATH or s3://BUCKET/PREFIX"]
+    if url.startswith("s3://"):
+        return location_problems(url, key)
+    path = Path(url.removeprefix("file://")).expanduser().absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return [f"{key} {url}: {existing} is not a folder"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"{key} {url}: {existing} is not writable by this user"]
+    return []
+
+
+def report(problems: list[str], stream: TextIO | None = None) -> int:
+    """Print ``error: <problem>`` per problem (credentials redacted) and return exit status 2."""
+    from orchestration.tracking import redact_text
+
+    out = stream or sys.stderr
+    for p in problems:
+        print(f"error: {redact_text(' '.join(str(p).splitlines()))}", file=out)
+    return EXIT_USAGE
