@@ -322,9 +322,11 @@ def scan_checkpoint(tag_dir: str | Path) -> int:
     Done before DeepSpeed loads anything, so a tampered file fails every rank at the same
     agreement point instead of one rank raising inside DeepSpeed's collective load.
     """
+    import zipfile
+
     files = sorted(Path(tag_dir).rglob("*.pt"))
     for f in files:
-        safe_torch_load(f, mmap=True)
+        safe_torch_load(f, mmap=zipfile.is_zipfile(f))  # torch can mmap only its zip format
     return len(files)
 
 
