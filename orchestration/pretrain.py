@@ -16,6 +16,7 @@ Every ``--set`` key/value is checked against the config dataclasses before Ray s
     <storage>/<recipe>/latest_run.json            pointer used by --resume auto
     <storage>/<recipe>/<run_id>/checkpoints/      DeepSpeed checkpoints (step{N}/, complete.json)
     <storage>/<recipe>/<run_id>/export/model.safetensors
+    <storage>/<recipe>/<run_id>/lease.json         held by the live run (another launch is refused)
 
 The last stdout line is ``VITSCALE_RESULT {json}`` (run id, registered name/version, metrics).
 """
