@@ -186,13 +186,13 @@ def launch(
         try:
             c.get_run(prev["run_id"])
             run_id = prev["run_id"]
+        except Exception:  # noqa: BLE001 - a pointer to a run of another tracking store
+            log.warning("latest run %s not found in %s: starting a new run", prev.get("run_id"), uri)
+        if run_id is not None:
+            # Before the run is touched: a second launch on a live run is refused (LeaseHeldError).
             lease = hold_run_lease(url_join(storage, exp.name, run_id), run_id, force=force)
             c.update_run(run_id, status="RUNNING")
             log.info("resuming run %s from %s", run_id, prev["run_dir"])
-        except LeaseHeldError:
-            raise
-        except Exception:  # noqa: BLE001 - a pointer to a run of another tracking store
-            log.warning("latest run %s not found in %s: starting a new run", prev.get("run_id"), uri)
     if run_id is None:
         tags = {
             "recipe": exp.name,
@@ -207,19 +207,9 @@ def launch(
         lease = hold_run_lease(url_join(storage, exp.name, run_id), run_id, force=force)  # a new prefix: free
     assert lease is not None
     run_dir = url_join(storage, exp.name, run_id)
-    pointer_store.write_bytes(pointer_key, json.dumps({"run_id": run_id, "run_dir": run_dir}).encode())
-
-    # Driver-side params and artifacts: resolved config, DeepSpeed config, dataset lineage.
-    from training.deepspeed_config import deepspeed_config
-
-    sink = tracking.MLflowSink(run_id, uri=uri, system_metrics=False)
-    sink.log_params({**flatten_experiment(exp), "data.url": data_url, **(extra_params or {})})
-    sink.log_dict({**experiment_to_dict(exp), "data_url": data_url}, "config/experiment.json")
-    sink.log_dict(deepspeed_config(exp.train, exp.workers), "config/deepspeed_config.json")
-    sink.log_dict(lineage["dataset"], "dataset/dataset.json")
-    sink.log_dict({"index_sha256": lineage["index_sha256"], "url": data_url}, "dataset/index_sha256.json")
-
     try:
+        pointer_store.write_bytes(pointer_key, json.dumps({"run_id": run_id, "run_dir": run_dir}).encode())
+        _log_run_inputs(exp, run_id=run_id, uri=uri, data_url=data_url, lineage=lineage, extra_params=extra_params)
         report = ray_launch.run_training(
             exp, data_url=data_url, run_id=run_id, run_dir=run_dir, tracking_uri=uri,
             eval_split=eval_split, init_weights=init_weights,
@@ -241,14 +231,31 @@ def launch(
                 model_name=exp.model_name, model_version=version, model_uri=f"models:/{exp.model_name}/{version}"
             )
     except BaseException:
-        if lease.release():  # only the lease's holder may decide the MLflow run's status
+        if not lease.lost:  # only the lease's holder may set the MLflow run's status
             tracking.end_run(run_id, "FAILED", uri=uri)
+        lease.release()  # after the status: a launch waiting for the lease must not be overwritten
         raise
-    if not lease.release():
+    if lease.lost:
         raise LeaseLostError(f"run {run_id} lost its lease {lease.url} to another run during training; "
                              "its MLflow status is left to that run")
     tracking.end_run(run_id, "FINISHED", uri=uri)
+    lease.release()
     return summary
+
+
+def _log_run_inputs(
+    exp: Experiment, *, run_id: str, uri: str, data_url: str, lineage: dict[str, Any],
+    extra_params: dict[str, Any] | None,
+) -> None:
+    """Driver-side params and artifacts: resolved config, DeepSpeed config, dataset lineage."""
+    from training.deepspeed_config import deepspeed_config
+
+    sink = tracking.MLflowSink(run_id, uri=uri, system_metrics=False)
+    sink.log_params({**flatten_experiment(exp), "data.url": data_url, **(extra_params or {})})
+    sink.log_dict({**experiment_to_dict(exp), "data_url": data_url}, "config/experiment.json")
+    sink.log_dict(deepspeed_config(exp.train, exp.workers), "config/deepspeed_config.json")
+    sink.log_dict(lineage["dataset"], "dataset/dataset.json")
+    sink.log_dict({"index_sha256": lineage["index_sha256"], "url": data_url}, "dataset/index_sha256.json")
 
 
 def emit(summary: dict[str, Any], path: str | None) -> None:
