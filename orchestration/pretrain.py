@@ -16,6 +16,7 @@ Every ``--set`` key/value is checked against the config dataclasses before Ray s
     <storage>/<recipe>/latest_run.json            pointer used by --resume auto
     <storage>/<recipe>/<run_id>/checkpoints/      DeepSpeed checkpoints (step{N}/, complete.json)
     <storage>/<recipe>/<run_id>/export/model.safetensors
+    <storage>/<recipe>/<run_id>/lease.json         held by the live run (another launch is refused)
 
 The last stdout line is ``VITSCALE_RESULT {json}`` (run id, registered name/version, metrics).
 """
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestration import tracking, validation
+from orchestration.lease import Lease, LeaseHeldError, LeaseLostError
 from orchestration.recipes import (
     RECIPES,
     Experiment,
@@ -70,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (one per GPU); keeps the global batch")
     p.add_argument("--resume", choices=["auto"], default=None,
                    help="auto: continue the recipe's latest run (same MLflow run, newest complete checkpoint)")
+    p.add_argument("--force", action="store_true",
+                   help="take over the run folder's lease if it has expired (its driver died without "
+                        "releasing it); a live lease is never taken over")
     p.add_argument("--experiment", default=None, help="MLflow experiment name (default: the recipe name)")
     p.add_argument("--storage", default=None, help="run storage root, path or s3:// (default $VITSCALE_STORAGE "
                    "or ~/.vitscale/runs); must be shared by all nodes")
@@ -168,9 +173,15 @@ def launch(
     parent_run_id: str | None = None,
     extra_tags: dict[str, Any] | None = None,
     extra_params: dict[str, Any] | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Create/continue the MLflow run, train on Ray, register; returns the summary dict."""
+    """Create/continue the MLflow run, train on Ray, register; returns the summary dict.
+
+    The run folder's lease is taken before a resumed MLflow run is touched: a second launch on
+    the same run raises LeaseHeldError and changes nothing. ``force`` takes over an expired lease.
+    """
     from orchestration import ray_launch
+    from orchestration.lease import hold_run_lease
     from pipeline.storage import url_join
 
     lineage = {**ray_launch.dataset_lineage(data_url), "data_url": data_url}
@@ -181,15 +192,19 @@ def launch(
     pointer_store, pointer_key = _run_pointer(storage, exp)
     c = tracking.client(uri)
     run_id = None
+    lease: Lease | None = None
     if resume == "auto" and pointer_store.exists(pointer_key):
         prev = json.loads(pointer_store.read_bytes(pointer_key))
         try:
             c.get_run(prev["run_id"])
             run_id = prev["run_id"]
-            c.update_run(run_id, status="RUNNING")
-            log.info("resuming run %s from %s", run_id, prev["run_dir"])
         except Exception:  # noqa: BLE001 - a pointer to a run of another tracking store
             log.warning("latest run %s not found in %s: starting a new run", prev.get("run_id"), uri)
+        if run_id is not None:
+            # Before the run is touched: a second launch on a live run is refused (LeaseHeldError).
+            lease = hold_run_lease(url_join(storage, exp.name, run_id), run_id, force=force)
+            c.update_run(run_id, status="RUNNING")
+            log.info("resuming run %s from %s", run_id, prev["run_dir"])
     if run_id is None:
         tags = {
             "recipe": exp.name,
@@ -201,20 +216,12 @@ def launch(
             **(extra_tags or {}),
         }
         run_id = tracking.start_run(experiment, run_name=run_name, tags=tags, parent_run_id=parent_run_id, uri=uri)
+        lease = hold_run_lease(url_join(storage, exp.name, run_id), run_id, force=force)  # a new prefix: free
+    assert lease is not None
     run_dir = url_join(storage, exp.name, run_id)
-    pointer_store.write_bytes(pointer_key, json.dumps({"run_id": run_id, "run_dir": run_dir}).encode())
-
-    # Driver-side params and artifacts: resolved config, DeepSpeed config, dataset lineage.
-    from training.deepspeed_config import deepspeed_config
-
-    sink = tracking.MLflowSink(run_id, uri=uri, system_metrics=False)
-    sink.log_params({**flatten_experiment(exp), "data.url": data_url, **(extra_params or {})})
-    sink.log_dict({**experiment_to_dict(exp), "data_url": data_url}, "config/experiment.json")
-    sink.log_dict(deepspeed_config(exp.train, exp.workers), "config/deepspeed_config.json")
-    sink.log_dict(lineage["dataset"], "dataset/dataset.json")
-    sink.log_dict({"index_sha256": lineage["index_sha256"], "url": data_url}, "dataset/index_sha256.json")
-
     try:
+        pointer_store.write_bytes(pointer_key, json.dumps({"run_id": run_id, "run_dir": run_dir}).encode())
+        _log_run_inputs(exp, run_id=run_id, uri=uri, data_url=data_url, lineage=lineage, extra_params=extra_params)
         report = ray_launch.run_training(
             exp, data_url=data_url, run_id=run_id, run_dir=run_dir, tracking_uri=uri,
             eval_split=eval_split, init_weights=init_weights,
@@ -236,10 +243,31 @@ def launch(
                 model_name=exp.model_name, model_version=version, model_uri=f"models:/{exp.model_name}/{version}"
             )
     except BaseException:
-        tracking.end_run(run_id, "FAILED", uri=uri)
+        if not lease.lost:  # only the lease's holder may set the MLflow run's status
+            tracking.end_run(run_id, "FAILED", uri=uri)
+        lease.release()  # after the status: a launch waiting for the lease must not be overwritten
         raise
+    if lease.lost:
+        raise LeaseLostError(f"run {run_id} lost its lease {lease.url} to another run during training; "
+                             "its MLflow status is left to that run")
     tracking.end_run(run_id, "FINISHED", uri=uri)
+    lease.release()
     return summary
+
+
+def _log_run_inputs(
+    exp: Experiment, *, run_id: str, uri: str, data_url: str, lineage: dict[str, Any],
+    extra_params: dict[str, Any] | None,
+) -> None:
+    """Driver-side params and artifacts: resolved config, DeepSpeed config, dataset lineage."""
+    from training.deepspeed_config import deepspeed_config
+
+    sink = tracking.MLflowSink(run_id, uri=uri, system_metrics=False)
+    sink.log_params({**flatten_experiment(exp), "data.url": data_url, **(extra_params or {})})
+    sink.log_dict({**experiment_to_dict(exp), "data_url": data_url}, "config/experiment.json")
+    sink.log_dict(deepspeed_config(exp.train, exp.workers), "config/deepspeed_config.json")
+    sink.log_dict(lineage["dataset"], "dataset/dataset.json")
+    sink.log_dict({"index_sha256": lineage["index_sha256"], "url": data_url}, "dataset/index_sha256.json")
 
 
 def emit(summary: dict[str, Any], path: str | None) -> None:
@@ -267,7 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     from orchestration.ray_launch import connect_ray
 
     log.info("Ray: %s", connect_ray(args.address))
-    summary = launch(
+    try:
+        summary = _launch_cli(args, exp, uri)
+    except LeaseHeldError as e:  # another run owns the run folder: nothing was changed
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    emit(summary, args.summary_json)
+    return 0
+
+
+def _launch_cli(args: argparse.Namespace, exp: Experiment, uri: str) -> dict[str, Any]:
+    return launch(
         exp,
         data_url=args.data,
         storage=args.storage or default_storage(),
@@ -276,9 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         run_name=args.run_name or exp.name,
         resume=args.resume,
         register=not args.no_register,
+        force=args.force,
     )
-    emit(summary, args.summary_json)
-    return 0
 
 
 if __name__ == "__main__":

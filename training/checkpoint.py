@@ -3,7 +3,7 @@
 Layout of `checkpoint_dir` (the same relative keys in a remote `CheckpointStore`):
 
     step{N}/                      DeepSpeed files (model/optimizer shards) written by all ranks
-    step{N}/trainer_rank{R}.pt    per-rank client state: step, loader cursor, RNG, config
+    step{N}/trainer_rank{R}.json  per-rank client state as JSON: step, loader cursor, RNG, config
     step{N}/complete.json         written by rank 0 after a barrier: the commit marker
     latest_complete.json          pointer {"tag", "step"} to the newest committed checkpoint
 
@@ -11,16 +11,23 @@ A checkpoint counts only once `complete.json` exists, and that file is written (
 os.replace) after every rank has returned from saving, so a crash at any point during a
 save leaves the previous checkpoint the newest complete one. DeepSpeed's own `latest` file
 is not written or used.
+
+Loading never unpickles arbitrary objects (anyone who can write run storage could otherwise
+run code in every worker): the client state is JSON, and DeepSpeed's `.pt` files are read with
+`torch.load(weights_only=True)` and the allow-list in `_safe_globals` (see `safe_torch_load`,
+installed into the engine by `install_safe_loader`).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
 import re
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -45,7 +52,11 @@ def step_of(tag: str) -> int | None:
 
 
 def rank_file(rank: int) -> str:
-    return f"trainer_rank{rank}.pt"
+    return f"trainer_rank{rank}.json"
+
+
+#: What a client-state file of an older vitscale was called (a pickle; never loaded now).
+LEGACY_RANK_FILE = "trainer_rank{rank}.pt"
 
 
 @runtime_checkable
@@ -197,39 +208,194 @@ def prune(checkpoint_dir: str | Path, keep: int, store: CheckpointStore | None =
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch (CPU + CUDA) RNG states of this process."""
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy and torch (CPU + CUDA) RNG states of this process, as JSON-able values
+    (torch's byte states base64-encoded) so a checkpoint needs no pickle to hold them."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": _b64(torch.get_rng_state()),
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    """Inverse of `rng_state` (also for its JSON round trip)."""
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((str(name), np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(_unb64(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
 
 
 def save_rank_state(tag_dir: str | Path, rank: int, state: dict[str, Any]) -> None:
-    """This rank's client state (loader cursor, RNG, step, config) next to DeepSpeed's files."""
-    path = Path(tag_dir) / rank_file(rank)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """This rank's client state (loader cursor, RNG, step, config) next to DeepSpeed's files,
+    as JSON: loading it can never run code (see `load_rank_state`)."""
+    _atomic_write(Path(tag_dir) / rank_file(rank), json.dumps(state, allow_nan=True))
 
 
 def load_rank_state(tag_dir: str | Path, rank: int) -> dict[str, Any]:
-    path = Path(tag_dir) / rank_file(rank)
+    """This rank's client state, parsed as JSON (no pickle)."""
+    tag_dir = Path(tag_dir)
+    path = tag_dir / rank_file(rank)
     if not path.is_file():
-        n = len(list(Path(tag_dir).glob("trainer_rank*.pt")))
+        if (tag_dir / LEGACY_RANK_FILE.format(rank=rank)).is_file():
+            raise FileNotFoundError(
+                f"{path} missing: checkpoint {tag_dir.name} was written by an older vitscale that pickled its "
+                f"client state ({LEGACY_RANK_FILE.format(rank=rank)}); pickles are not loaded (they can run code). "
+                "Start a fresh run, or resume from a checkpoint written by this version"
+            )
+        n = len(list(tag_dir.glob("trainer_rank*.json")))
         raise FileNotFoundError(
-            f"{path} missing: checkpoint {Path(tag_dir).name} was written by {n} ranks; resume with the "
+            f"{path} missing: checkpoint {tag_dir.name} was written by {n} ranks; resume with the "
             f"same world size (loader cursors are per rank)"
         )
-    # weights_only=False: numpy's RNG state is a tuple holding an ndarray. The file is ours.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the checkpoint is damaged: resume from an older one") from e
+    missing = {"step", "loader", "rng", "config", "config_hash"} - set(state if isinstance(state, dict) else {})
+    if missing:
+        raise ValueError(f"{path} lacks {sorted(missing)}; the checkpoint is damaged: resume from an older one")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading DeepSpeed's .pt files without running code
+# ---------------------------------------------------------------------------------------------
+
+
+def _safe_globals() -> list[Any]:
+    """Classes DeepSpeed 0.19 pickles into its optimizer-state files, beyond torch's defaults.
+
+    Each is rebuilt by the weights_only unpickler without calling code of the file's choosing:
+    the loss scalers are plain attribute holders (`__new__` + `__dict__` update, no
+    `__setstate__`), `ZeroStageEnum` is an int Enum (looked up by value), `fragment_address` a
+    two-int dataclass. Found by `torch.serialization.get_unsafe_globals_in_checkpoint` over
+    ZeRO 0-3 x fp32/bf16 x adamw/sgd checkpoints; fp16 (GPU) adds the dynamic loss scaler.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds a pickled object outside the allow-list (it is not loaded)."""
+
+
+def safe_torch_load(path: str | Path, map_location: Any = "cpu", *, mmap: bool = False) -> Any:
+    """`torch.load(weights_only=True)` with `_safe_globals()` allowed: tensors, containers,
+    numbers, strings and the listed DeepSpeed classes; anything else is refused, not run."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it needs a pickled object outside the allow-list, which could run "
+            f"code ({str(e).splitlines()[0]}). The file was not written by this Trainer or was tampered "
+            "with: resume from another checkpoint. If a new DeepSpeed version writes a new class here, "
+            "check that rebuilding it runs no code and add it to training.checkpoint._safe_globals"
+        ) from e
+
+
+def scan_checkpoint(tag_dir: str | Path) -> int:
+    """Check every `.pt` file of a checkpoint with the safe loader (memory-mapped, so only the
+    pickle part is read); raises UnsafeCheckpointError on the first bad one. Returns the count.
+
+    Done before DeepSpeed loads anything, so a tampered file fails every rank at the same
+    agreement point instead of one rank raising inside DeepSpeed's collective load.
+    """
+    import zipfile
+
+    files = sorted(Path(tag_dir).rglob("*.pt"))
+    for f in files:
+        safe_torch_load(f, mmap=zipfile.is_zipfile(f))  # torch can mmap only its zip format
+    return len(files)
+
+
+def install_safe_loader(engine: Any) -> None:
+    """Make DeepSpeed's checkpoint engine load through `safe_torch_load`.
+
+    DeepSpeed 0.19.8's `TorchCheckpointEngine.load` calls `torch.load(weights_only=False)` with
+    no option to change it; every file `engine.load_checkpoint` reads (model states, ZeRO
+    optimizer shards; universal checkpoints, which we never write, excepted) goes through
+    `engine.checkpoint_engine.load`. We replace that method on this engine's instance only.
+    Self-check: any other checkpoint engine is left alone and `assert_safe_loader` refuses to
+    load with it.
+    """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    ce = getattr(engine, "checkpoint_engine", None)
+    if type(ce) is TorchCheckpointEngine:
+
+        def load(path: str, map_location: Any = None) -> Any:
+            return safe_torch_load(path, map_location=map_location)
+
+        load.vitscale_safe = True  # type: ignore[attr-defined]
+        ce.load = load  # type: ignore[method-assign]
+
+
+def assert_safe_loader(engine: Any) -> None:
+    """Refuse to let DeepSpeed load a checkpoint unless `install_safe_loader` took effect."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    if not getattr(getattr(ce, "load", None), "vitscale_safe", False):
+        raise RuntimeError(
+            f"refusing to load a checkpoint: DeepSpeed's checkpoint engine is {type(ce).__name__}, not the "
+            "TorchCheckpointEngine whose load this project replaces with a weights_only=True loader, so it "
+            "could unpickle arbitrary objects. Remove the 'checkpoint' writer / datastates settings from the "
+            "DeepSpeed config, or teach training.checkpoint.install_safe_loader about this engine"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Staging a remote checkpoint on a node
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_from_store(store: CheckpointStore, tag: str, checkpoint_dir: str | Path) -> Path:
+    """Download `tag` from `store` into `checkpoint_dir/tag` so that it appears complete only
+    once every file is there: files go to a private temp folder, the marker is fetched last,
+    then the folder is renamed into place (replacing any earlier copy of the tag).
+
+    One process per node calls this (node-local rank 0); the others wait on a collective.
+    """
+    root = Path(checkpoint_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob(".staging-*"):  # a download killed mid-way, by any earlier attempt
+        shutil.rmtree(old, ignore_errors=True)
+    marker = store.read_text(f"{tag}/{MARKER}")
+    if marker is None:
+        raise FileNotFoundError(f"checkpoint {tag} in {store!r} has no {MARKER}: it is not complete (pruned or "
+                                "a crashed save); resume from another checkpoint")
+    tmp = root / f".staging-{tag}-{uuid.uuid4().hex[:8]}"
+    try:
+        store.download_dir(tag, str(tmp))
+        (tmp / MARKER).unlink(missing_ok=True)  # downloaded with the rest, maybe first: rewrite it last
+        _atomic_write(tmp / MARKER, marker)
+        dst = root / tag
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root / tag
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

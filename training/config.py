@@ -14,10 +14,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-# Fields that may change between a checkpoint and its resumption: they count steps or say how
-# often to log, not what is optimised. Everything else is part of the config hash.
+# Fields that may change between a checkpoint and its resumption: they count steps, say how
+# often to log or how long to wait, not what is optimised. Everything else is in the config hash.
 RESUMABLE_FIELDS: frozenset[str] = frozenset(
-    {"total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps"}
+    {"total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps",
+     "io_timeout_s"}
 )
 
 
@@ -29,6 +30,8 @@ class TrainConfig:
     per device and forward pass; `grad_accum=None` derives accumulation from the world size.
     `warmup_steps`/`total_steps` count optimizer steps. `eval_every`/`checkpoint_every` = 0
     means "only at the end of fit()". `max_bad_steps` consecutive non-finite losses abort.
+    `io_timeout_s` bounds every collective that waits on checkpoint I/O (upload, download,
+    staging): a rank waiting longer fails with a message instead of hanging.
     """
 
     global_batch: int = 32
@@ -57,6 +60,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 3
     max_bad_steps: int = 10
+    io_timeout_s: float = 1800.0
     profile: str = "auto"
 
     def __post_init__(self) -> None:
@@ -115,6 +119,10 @@ class TrainConfig:
         check(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
         check(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
         check(self.max_bad_steps >= 1, f"max_bad_steps={self.max_bad_steps} must be >= 1")
+        check(
+            isinstance(self.io_timeout_s, (int, float)) and 0 < self.io_timeout_s < float("inf"),
+            f"io_timeout_s={self.io_timeout_s!r} must be a finite number of seconds > 0",
+        )
         if errors:
             raise ValueError("invalid TrainConfig:\n  " + "\n  ".join(errors))
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -94,3 +97,59 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         else:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective that waits on another rank's I/O did not complete in time."""
+
+
+#: Bytes each rank may contribute to `exchange_json` (errors are truncated to fit).
+EXCHANGE_BYTES = 8192
+
+
+def exchange_json(obj: Any, *, what: str, timeout_s: float) -> list[Any]:
+    """Every rank's JSON-able `obj`, in rank order (an all-gather; `[obj]` without a group).
+
+    The one collective the checkpoint protocol agrees through: rank 0's entry is a decision
+    every rank then follows, the others' entries say whether each rank succeeded. Values travel
+    as JSON bytes in a tensor (no pickle), and the wait is bounded: after `timeout_s` this rank
+    raises CollectiveTimeout naming `what`, instead of hanging on a rank that died or is stuck.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [json.loads(json.dumps(obj))]
+    data = json.dumps(obj).encode()
+    if len(data) > EXCHANGE_BYTES:
+        raise ValueError(f"{what}: {len(data)} bytes of JSON to exchange, more than {EXCHANGE_BYTES}")
+    device = _collective_device()
+    buf = torch.full((EXCHANGE_BYTES,), ord(" "), dtype=torch.uint8)  # JSON ignores trailing spaces
+    buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    buf = buf.to(device)
+    out = [torch.empty_like(buf) for _ in range(dist.get_world_size())]
+    work = dist.all_gather(out, buf, async_op=True)
+    wait(work, what=what, timeout_s=timeout_s)
+    return [json.loads(t.cpu().numpy().tobytes().decode()) for t in out]
+
+
+def wait(work: Any, *, what: str, timeout_s: float) -> None:
+    """Wait for an async collective at most `timeout_s`; CollectiveTimeout names `what` and the fix."""
+    try:
+        work.wait(timeout=timedelta(seconds=timeout_s))
+    except RuntimeError as e:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        raise CollectiveTimeout(
+            f"rank {rank}: {what} did not complete within {timeout_s:.0f} s: another rank died or is stuck "
+            f"(its log says why), so this worker fails instead of waiting forever. If checkpoint I/O is "
+            f"legitimately this slow, raise TrainConfig.io_timeout_s ({e})"
+        ) from e
+
+
+def timed_barrier(*, what: str, timeout_s: float) -> None:
+    """A barrier that fails this rank with CollectiveTimeout after `timeout_s` (no-op without a group)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        work = dist.all_reduce(torch.zeros(1, device=_collective_device()), async_op=True)
+        wait(work, what=what, timeout_s=timeout_s)
+
+
+def _collective_device() -> torch.device:
+    """Where collective buffers must live: the current GPU under nccl, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -1,0 +1,342 @@
+"""A lease on a run's storage prefix: at most one live run writes a run folder at a time.
+
+Two ``--resume auto`` launches of the same recipe resolve to the same MLflow run, checkpoint
+prefix and node staging folder; without exclusion one deadlocks and, when stopped, marks the
+other's run FAILED. The driver therefore takes ``<run_dir>/lease.json`` before it touches the
+MLflow run or starts Ray, and holds it for the whole run:
+
+* **create** is conditional: S3 ``PutObject`` with ``If-None-Match: *``, a local file with
+  ``O_CREAT | O_EXCL``; of two launches exactly one wins, the other is told who holds it.
+* **heartbeat**: a daemon thread rewrites the lease every ``ttl_s / 3`` seconds, conditional on
+  it being unchanged since our last write (S3 ``If-Match: <etag>``; locally under an ``flock``
+  and a token check), moving ``expires_at`` forward. A lease that is not renewed expires.
+* **expiry / takeover**: a live lease is never taken over. An expired one (its driver died
+  without releasing) is taken over only with ``force=True`` (``pretrain.py --force``), by the
+  same conditional replace, so two forcing launches cannot both win.
+* **release** deletes the lease if it is still ours.
+
+Expiry compares the holder's wall clock (``expires_at``) with the reader's: clocks must agree to
+well within ``ttl_s`` (NTP does that; the default ttl is minutes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import getpass
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.storage import LocalStorage, S3Storage, Storage, open_storage, url_join
+
+log = logging.getLogger(__name__)
+
+LEASE_KEY = "lease.json"
+DEFAULT_TTL_S = 120.0
+
+
+class LeaseHeldError(RuntimeError):
+    """Another run holds the lease (live, or expired and not forced)."""
+
+
+class LeaseLostError(RuntimeError):
+    """Our lease was replaced by another run (it had expired and was taken over with --force)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeaseInfo:
+    """The contents of ``lease.json``: who holds it and until when (holder's clock)."""
+
+    holder: str
+    run_id: str
+    token: str
+    acquired_at: float
+    expires_at: float
+    ttl_s: float
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__, sort_keys=True).encode()
+
+    @staticmethod
+    def from_json(data: bytes, where: str) -> LeaseInfo:
+        try:
+            d = json.loads(data)
+            return LeaseInfo(**{k: d[k] for k in LeaseInfo.__dataclass_fields__})
+        except (ValueError, KeyError, TypeError) as e:
+            # Unreadable: treat as held by an unknown run that expired at time 0 (needs --force).
+            log.warning("unreadable lease %s (%s): treating it as expired", where, e)
+            return LeaseInfo(holder=f"unknown (unreadable {where})", run_id="?", token="?",
+                             acquired_at=0.0, expires_at=0.0, ttl_s=0.0)
+
+    def describe(self, now: float) -> str:
+        state = (f"expires in {self.expires_at - now:.0f} s" if self.expires_at > now
+                 else f"expired {now - self.expires_at:.0f} s ago")
+        return f"{self.holder} (run {self.run_id}, acquired {_iso(self.acquired_at)}, {state})"
+
+
+def default_holder() -> str:
+    """``user@host pid N``: enough to find and stop the process that holds a lease."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "?"
+    return f"{user}@{socket.gethostname()} pid {os.getpid()}"
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+class Lease:
+    """The lease on ``<prefix_url>/lease.json`` for run ``run_id``.
+
+    Use as a context manager around everything the run does (``acquire`` + heartbeat thread on
+    enter, ``release`` on exit)::
+
+        with Lease(run_dir, run_id=run_id, force=args.force):
+            ...  # train
+
+    ``lost`` becomes True if a heartbeat finds the lease replaced by another run.
+    """
+
+    def __init__(self, prefix_url: str, *, run_id: str, holder: str | None = None, ttl_s: float = DEFAULT_TTL_S,
+                 force: bool = False) -> None:
+        if not ttl_s > 0:
+            raise ValueError(f"lease ttl_s={ttl_s} must be > 0")
+        self.url = url_join(prefix_url, LEASE_KEY)
+        self.storage: Storage = open_storage(prefix_url)
+        self.run_id, self.ttl_s, self.force = run_id, float(ttl_s), force
+        self.holder = holder or default_holder()
+        self.token = uuid.uuid4().hex
+        self.lost = False
+        self._etag: str | None = None  # S3: the ETag of our last write (the If-Match condition)
+        self._acquired_at = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- public
+    def __enter__(self) -> Lease:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Take the lease and start the heartbeat; LeaseHeldError names the current holder."""
+        self._acquired_at = time.time()
+        if not self._create():
+            current, version = self._read()
+            now = time.time()
+            if current is None:  # released between our create and read: try once more
+                if self._create():
+                    return self._start()
+                current, version = self._read()
+                assert current is not None, f"{self.url} vanished twice while acquiring"
+            if current.expires_at > now:
+                raise LeaseHeldError(
+                    f"{self.url} is held by {current.describe(now)}: another run is using this run folder "
+                    "(the same MLflow run, checkpoints and staging folder). Wait for it to finish or stop that "
+                    "process; --force takes over only an expired lease"
+                )
+            if not self.force:
+                raise LeaseHeldError(
+                    f"{self.url} is held by {current.describe(now)}: its run stopped renewing it (crashed or "
+                    "killed). If that process is gone, rerun with --force to take the lease over"
+                )
+            if not self._replace(version):
+                raise LeaseHeldError(f"{self.url} was taken over by another run while we tried to: rerun to see by whom")
+            log.warning("took over the expired lease %s of %s", self.url, current.describe(now))
+        self._start()
+
+    def release(self) -> bool:
+        """Stop the heartbeat and delete the lease if it is still ours; False if it was lost
+        (taken over by another run), in which case that run owns everything under the prefix."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        if self.lost:
+            return False
+        try:
+            self._delete()
+        except Exception as e:  # noqa: BLE001 - it expires by itself; don't mask the run's outcome
+            log.warning("could not release the lease %s (it will expire in %.0f s): %s", self.url, self.ttl_s, e)
+        return True
+
+    def renew(self) -> bool:
+        """One heartbeat: push ``expires_at`` forward if the lease is still ours (False if lost)."""
+        if self.lost:
+            return False
+        if self._replace(self._etag, expect_token=self.token):
+            return True
+        self.lost = True
+        log.error("lease %s was taken over by another run: this run no longer owns its run folder", self.url)
+        return False
+
+    def read(self) -> LeaseInfo | None:
+        """The lease as stored now, or None."""
+        return self._read()[0]
+
+    # ---------------------------------------------------------------- internals
+    def _info(self) -> LeaseInfo:
+        return LeaseInfo(holder=self.holder, run_id=self.run_id, token=self.token, acquired_at=self._acquired_at,
+                         expires_at=time.time() + self.ttl_s, ttl_s=self.ttl_s)
+
+    def _start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name="vitscale-lease", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        period = self.ttl_s / 3
+        while not self._stop.wait(period):
+            try:
+                if not self.renew():
+                    return
+            except Exception as e:  # noqa: BLE001 - a failed renewal is retried at the next beat
+                log.warning("lease heartbeat for %s failed (retrying in %.0f s): %s", self.url, period, e)
+
+    def _create(self) -> bool:
+        """Conditional create; False if a lease already exists."""
+        data = self._info().to_json()
+        if isinstance(self.storage, S3Storage):
+            try:
+                r = self.storage.client.put_object(Bucket=self.storage.bucket, Key=self._s3_key(), Body=data,
+                                                   IfNoneMatch="*")
+            except Exception as e:
+                if _precondition_failed(e):
+                    return False
+                raise
+            self._etag = r["ETag"]
+            return True
+        path = self._path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._flock():
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        return True
+
+    def _replace(self, version: str | None, *, expect_token: str | None = None) -> bool:
+        """Rewrite the lease with ours if it is unchanged since we read it (S3: ETag ``version``;
+        local: the token in it is ``expect_token``, or unchanged expired content for a takeover)."""
+        data = self._info().to_json()
+        if isinstance(self.storage, S3Storage):
+            if version is None:  # an empty If-Match would make the put unconditional
+                return False
+            try:
+                r = self.storage.client.put_object(Bucket=self.storage.bucket, Key=self._s3_key(), Body=data,
+                                                   IfMatch=version)
+            except Exception as e:
+                if _precondition_failed(e) or _missing(e):
+                    return False
+                raise
+            self._etag = r["ETag"]
+            return True
+        path = self._path()
+        with self._flock():
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                return False
+            if expect_token is not None:
+                if LeaseInfo.from_json(raw, self.url).token != expect_token:
+                    return False
+            elif raw.decode(errors="replace") != version:
+                return False
+            tmp = path.with_name(f".{path.name}.{self.token}")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        return True
+
+    def _read(self) -> tuple[LeaseInfo | None, str | None]:
+        """(lease, version): the S3 ETag, or locally the raw text (compared on takeover)."""
+        if isinstance(self.storage, S3Storage):
+            try:
+                r = self.storage.client.get_object(Bucket=self.storage.bucket, Key=self._s3_key())
+            except Exception as e:
+                if _missing(e):
+                    return None, None
+                raise
+            return LeaseInfo.from_json(r["Body"].read(), self.url), r["ETag"]
+        try:
+            raw = self._path().read_bytes()
+        except FileNotFoundError:
+            return None, None
+        return LeaseInfo.from_json(raw, self.url), raw.decode(errors="replace")
+
+    def _delete(self) -> None:
+        if isinstance(self.storage, S3Storage):
+            if self._etag is None:
+                return
+            try:
+                self.storage.client.delete_object(Bucket=self.storage.bucket, Key=self._s3_key(), IfMatch=self._etag)
+            except Exception as e:
+                if not (_precondition_failed(e) or _missing(e)):
+                    raise
+            return
+        path = self._path()
+        with self._flock():
+            try:
+                if LeaseInfo.from_json(path.read_bytes(), self.url).token == self.token:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def _s3_key(self) -> str:
+        assert isinstance(self.storage, S3Storage)
+        return url_join(self.storage.prefix, LEASE_KEY) if self.storage.prefix else LEASE_KEY
+
+    def _path(self) -> Path:
+        assert isinstance(self.storage, LocalStorage)
+        return self.storage.root / LEASE_KEY
+
+    @contextlib.contextmanager
+    def _flock(self) -> Iterator[None]:
+        """Serialise read-check-write of the local lease file between processes (and threads)."""
+        lock = self._path().with_name(f".{LEASE_KEY}.lock")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def hold_run_lease(run_dir: str, run_id: str, *, force: bool = False, ttl_s: float | None = None) -> Lease:
+    """Acquire the lease on ``run_dir`` for ``run_id`` (heartbeat running); the caller releases it.
+
+    ``ttl_s`` defaults to ``$VITSCALE_LEASE_TTL_S`` or DEFAULT_TTL_S.
+    """
+    ttl = ttl_s if ttl_s is not None else float(os.environ.get("VITSCALE_LEASE_TTL_S") or DEFAULT_TTL_S)
+    lease = Lease(run_dir, run_id=run_id, ttl_s=ttl, force=force)
+    lease.acquire()
+    return lease
+
+
+def _error_code(e: BaseException) -> str:
+    response: Any = getattr(e, "response", None)
+    return str((response or {}).get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    # 412 PreconditionFailed; 409 ConditionalRequestConflict when two conditional writes race.
+    return _error_code(e) in {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+
+
+def _missing(e: BaseException) -> bool:
+    return _error_code(e) in {"NoSuchKey", "404", "NotFound"}
