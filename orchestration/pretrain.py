@@ -231,7 +231,8 @@ def launch(
 
 
 def emit(summary: dict[str, Any], path: str | None) -> None:
-    text = json.dumps(summary, default=str, sort_keys=True)
+    """Print the ``VITSCALE_RESULT`` line (and write it to ``path``), credentials redacted."""
+    text = tracking.redact_text(json.dumps(summary, default=str, sort_keys=True))
     if path:
         Path(path).write_text(text)
     print(RESULT_PREFIX + text, flush=True)

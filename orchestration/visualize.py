@@ -22,7 +22,6 @@ if __package__ in (None, ""):  # run as a file (python orchestration/visualize.p
     sys.path.insert(0, str(_P(__file__).resolve().parents[1]))
 
 import argparse
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -174,24 +173,13 @@ def model_from_safetensors(path: str | Path) -> VisionTransformer:
 def load_any_model(source: str, tracking_uri: str | None = None) -> VisionTransformer:
     """A VisionTransformer from ``models:/NAME/VERSION``, ``runs:/ID/PATH`` or a ``.safetensors`` path.
 
-    ``runs:/`` URIs pointing at a ``.safetensors`` artifact are downloaded and rebuilt; other
-    ``models:/`` / ``runs:/`` URIs load with ``mlflow.pytorch.load_model``.
+    Registry and run artifacts must be safetensors (``model.safetensors`` + ``config.json``, or
+    one ``.safetensors`` file); a pickled model is refused, never unpickled
+    (:func:`orchestration.tracking.load_model`).
     """
-    if source.startswith(("models:/", "runs:/")):
-        import mlflow
+    from orchestration import tracking
 
-        from orchestration import tracking
-
-        tracking.client(tracking_uri)
-        if source.endswith(".safetensors"):
-            with tempfile.TemporaryDirectory() as tmp:
-                local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp)
-                return model_from_safetensors(local)
-        model = mlflow.pytorch.load_model(source, map_location="cpu")
-        if not isinstance(model, VisionTransformer):
-            raise TypeError(f"{source} holds a {type(model).__name__}, not a VisionTransformer")
-        return model
-    return model_from_safetensors(source)
+    return tracking.load_model(source, tracking_uri)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of weakest links")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite)")
     args = p.parse_args(argv)
+    from orchestration import tracking
+
+    tracking.install_log_redaction()
     model = load_any_model(args.model, args.tracking_uri).float().eval()
     for path in args.image:
         x = load_image(path, model.cfg.image_size)
