@@ -37,7 +37,6 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from model import VisionTransformer, attention_rollout, cls_attention_maps  # noqa: E402
-from model.weights import load_weights, read_config  # noqa: E402
 
 DEFAULT_MEAN = (0.5, 0.5, 0.5)
 DEFAULT_STD = (0.5, 0.5, 0.5)
@@ -157,17 +156,6 @@ def attention_figures(
         plt.close(fig)
         paths += [grid_path, roll_path]
     return paths
-
-
-def model_from_safetensors(path: str | Path) -> VisionTransformer:
-    """Rebuild a VisionTransformer from a file written by ``model.weights.save_weights``."""
-    cfg = read_config(path)
-    if cfg is None:
-        raise ValueError(
-            f"{path} carries no 'vitscale.config' metadata; export it with model.weights.save_weights "
-            "(or training.export_weights) so the architecture can be rebuilt"
-        )
-    return load_weights(VisionTransformer(cfg), path)
 
 
 def load_any_model(source: str, tracking_uri: str | None = None) -> VisionTransformer:

@@ -244,3 +244,37 @@ def test_password_in_tracking_uri_never_printed(store_uri: str, tmp_path: Path) 
         assert res.returncode == 0 and "x_rollout.png" in res.stdout, res.stderr[-3000:]
     else:  # the error still says where it tried to connect
         assert res.returncode == 1 and "http://***@127.0.0.1" in res.stderr, res.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps: the study's own MLflow calls (nested trial runs, resume by tag search, study artifacts)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_sweep_tracking_on_every_store(store_uri: str, tmp_path: Path) -> None:
+    """What orchestration/sweep.py does in MLflow, minus Ray: the Ray part is store-agnostic."""
+    from orchestration import sweep
+
+    spec = sweep.StudySpec(name=f"s-{uuid.uuid4().hex[:6]}", data_url=str(tmp_path), variants=("mu/4",),
+                           steps=(10,), storage=str(tmp_path / "studies"), experiment="sweep-store-test",
+                           tracking_uri=store_uri)
+    study_run = sweep._study_run(spec, tmp_path / "study.json", resume=False)
+    info = sweep.TrialInfo(study=spec.name, trial="mu4-s10", variant="mu/4", params=1000, steps=10, samples=None,
+                           seed=0, lr=1e-3, weight_decay=0.05)
+    sink, trial_run = sweep._trial_run(spec, info, study_run)
+    sink.log_metrics({"eval_loss": 1.25}, 10)
+    sink.close()
+    again, resumed_run = sweep._trial_run(spec, info, study_run)  # a resumed trial finds its run
+    again.close()
+    assert resumed_run == trial_run
+    (tmp_path / "points.parquet").write_bytes(b"PAR1")
+    sweep._log_study(spec, study_run, {"points": tmp_path / "points.parquet"}, {"points": 3})
+    tracking.end_run(study_run, uri=store_uri)
+
+    c = tracking.client(store_uri)
+    trial = c.get_run(trial_run)
+    assert trial.data.tags["mlflow.parentRunId"] == study_run and trial.data.metrics["eval_loss"] == 1.25
+    assert trial.data.params["trial.variant"] == "mu/4"
+    assert [a.path for a in c.list_artifacts(study_run, "study")] == ["study/points.parquet"]
+    assert c.get_run(study_run).data.metrics["study.points"] == 3.0
