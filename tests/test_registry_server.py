@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,6 +76,8 @@ def test_register_load_and_resolve_a_version(store_uri: str) -> None:
     sink.log_metrics({"loss": 0.5}, step=3)
     sink.log_dict({"hello": "world"}, "config/experiment.json")
     model = _tiny_model()
+    with tempfile.TemporaryDirectory() as tmp:  # what every training run logs (ray_launch.train_worker)
+        sink.log_artifact(str(tracking.write_model_dir(model, Path(tmp)) / tracking.MODEL_WEIGHTS_FILE), "weights")
     lineage = {"recipe": "vit_mu_smoke", "dataset_index_sha256": "ab" * 32, "steps": 3, "source_run_id": run_id}
     v1 = tracking.log_and_register_model(model, run_id=run_id, name=name, tags=lineage, uri=store_uri)
     v2 = tracking.log_and_register_model(model, run_id=run_id, name=name, tags=lineage, uri=store_uri)
@@ -110,7 +113,7 @@ def test_register_load_and_resolve_a_version(store_uri: str) -> None:
 
     # Load it back by every URI form finetune/visualize accept: same weights, same outputs.
     x = torch.randn(2, 3, 32, 32)
-    for uri in (f"models:/{name}/1", mv.source):
+    for uri in (f"models:/{name}/1", mv.source, f"runs:/{run_id}/weights/model.safetensors"):
         loaded = tracking.load_model(uri, store_uri)
         assert loaded.cfg == model.cfg
         torch.testing.assert_close(loaded(x), model(x))

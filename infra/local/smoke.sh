@@ -33,10 +33,14 @@ mkdir -p "$STATE"
 (cd "$STATE" && rm -rf mlflow.db mlruns runs ray_results digits attention logs env.sh ./*.json ./*.log \
   mlflow-server.db mlflow-artifacts mlflow-server.pid)
 stop_mlflow_server() {  # the server leads its own process group (setsid): its workers go with it
-  if [[ -f "$STATE/mlflow-server.pid" ]]; then
-    kill -TERM -- "-$(cat "$STATE/mlflow-server.pid")" 2>/dev/null || true
-    rm -f "$STATE/mlflow-server.pid"
-  fi
+  [[ -f "$STATE/mlflow-server.pid" ]] || return 0
+  local pid i
+  pid=$(cat "$STATE/mlflow-server.pid")
+  kill -TERM -- "-$pid" 2>/dev/null || true
+  for ((i = 0; i < 60; i++)); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.25; done
+  kill -KILL -- "-$pid" 2>/dev/null || true  # still there after 15 s
+  rm -f "$STATE/mlflow-server.pid"
+  say "stopped mlflow server (pid $pid)"
 }
 trap 'say "stopping services"; stop_mlflow_server; bash "$ROOT/infra/local/stop_services.sh"' EXIT
 trap 'exit 130' INT TERM
