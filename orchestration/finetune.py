@@ -134,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from orchestration.pretrain import default_storage, emit, launch
     from orchestration.recipes import flatten_experiment
-    from orchestration.visualize import load_any_model
     from pipeline.storage import open_storage, url_join
 
     args = build_parser().parse_args(argv)
@@ -142,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     uri = args.tracking_uri or tracking.tracking_uri()
     try:  # a bad --from is one line and exit 2, before anything starts
         source = tracking.resolve_model_source(args.source, uri)
-        src_model = load_any_model(source["uri"] if source["kind"] != "file" else args.source, uri)
+        src_model = tracking.load_model(source["uri"] if source["kind"] != "file" else args.source, uri)
     except Exception as e:  # noqa: BLE001 - missing file, unknown registry name, not a model: all one line
         return validation.report([f"--from {args.source}: {validation.one_line(e)}",
                                   *validation.location_problems(args.data)])

@@ -271,7 +271,8 @@ def _log_run_inputs(
 
 
 def emit(summary: dict[str, Any], path: str | None) -> None:
-    text = json.dumps(summary, default=str, sort_keys=True)
+    """Print the ``VITSCALE_RESULT`` line (and write it to ``path``), credentials redacted."""
+    text = tracking.redact_text(json.dumps(summary, default=str, sort_keys=True))
     if path:
         Path(path).write_text(text)
     print(RESULT_PREFIX + text, flush=True)

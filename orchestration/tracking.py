@@ -6,29 +6,45 @@
 * :class:`MLflowSink` implements ``training.metrics.MetricsSink`` for rank 0. It talks to one
   run by id through :class:`mlflow.MlflowClient` (no global "active run"), so the driver creates
   the run and any Ray worker - including a restarted one - keeps appending to it.
-* :func:`register_model` logs a loadable ``mlflow.pytorch`` model and registers it as
-  ``vit-<variant>-<dataset>`` with lineage tags.
+* :func:`log_and_register_model` logs the model as an MLflow *logged model* whose artifacts are
+  ``model.safetensors`` + ``config.json`` (no pickle) and registers it as ``vit-<variant>-<dataset>``
+  with lineage tags; :func:`load_model` rebuilds it from those two files and never unpickles.
+* Embedded store vs ``mlflow server``: a server validates a model version's source against the
+  ids sent with it (``models:/m-...`` needs ``model_id``), stores artifacts behind
+  ``mlflow-artifacts:/`` (proxied, local disk or S3) instead of ``file://`` paths, and puts the
+  tracking URI (user-info included) into its messages. Registration sends ``model_id`` and
+  ``run_id``, every artifact goes through MLflow's artifact API (never a local path), and every
+  printed or logged line is redacted.
 * Redaction: no environment variable whose *name* contains KEY/SECRET/TOKEN/PASSWORD (nor its
-  value) ever reaches params, tags or log records; URL user-info is masked too.
+  value) ever reaches params, tags or log records; URL user-info is masked too, in log records,
+  tracebacks and everything the CLIs print (:func:`install_log_redaction`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import re
 import subprocess
+import sys
 import tempfile
+import threading
 import time
+import traceback
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+
+if TYPE_CHECKING:
+    from model import VisionTransformer
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +52,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD")
 REDACTED = "***"
 _MIN_SECRET_LEN = 6  # shorter values ("1", "on", "token") would mask half the config
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]+:[^/@\s]+@")
+# Any user-info in a URL (``user:password@``, ``token@``) is a credential.
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s'\"]+@")
+_URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+")
+_EXTRA_SECRETS: set[str] = set()  # passwords of URLs seen by client() (e.g. from --tracking-uri)
 _MAX_PARAM_LEN = 6000  # MLflow's param value limit
 
 
@@ -62,7 +81,26 @@ def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
         v for k, v in env.items()
         if v and len(v) >= _MIN_SECRET_LEN and (is_secret_name(k) or is_secret_name(v))
     }
+    # The password of a URL in the environment (MLFLOW_TRACKING_URI=http://u:pw@host) is masked
+    # on its own too: HTTP libraries move it into headers and messages without the URL around it.
+    for v in env.values():
+        if "://" in v and "@" in v:
+            vals.update(url_passwords(v))
+    vals.update(_EXTRA_SECRETS)
     return sorted(vals, key=len, reverse=True)
+
+
+def url_passwords(text: str) -> set[str]:
+    """Passwords (raw and percent-decoded, at least 6 characters) of the URLs in ``text``."""
+    out: set[str] = set()
+    for url in _URL_IN_TEXT.findall(text):
+        try:
+            password = urllib.parse.urlsplit(url).password
+        except ValueError:  # e.g. an invalid port: not a URL we can parse, the regex still masks it
+            continue
+        if password:
+            out |= {p for p in (password, urllib.parse.unquote(password)) if len(p) >= _MIN_SECRET_LEN}
+    return out
 
 
 def redact_text(text: str, environ: Mapping[str, str] | None = None) -> str:
@@ -107,8 +145,55 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+class RedactingStream:
+    """A text stream that redacts everything written through it (wraps ``sys.stdout``/``stderr``).
+
+    MLflow and boto3 also print (``eprint``) and raise with URLs in their text; wrapping the
+    process's streams catches what no logging filter sees. Each ``write`` is redacted on its own:
+    ``print``, logging handlers and tracebacks write whole lines, so a URL is never split.
+    """
+
+    def __init__(self, inner: TextIO) -> None:
+        self._inner = inner
+
+    def write(self, text: str) -> int:
+        self._inner.write(redact_text(text))
+        return len(text)  # what the caller passed: print() and logging check nothing else
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding, buffer, ...
+        return getattr(self._inner, name)
+
+
+def _redacting_excepthook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+    text = "".join(traceback.format_exception(exc_type, exc, tb))
+    (sys.stderr or sys.__stderr__).write(redact_text(text))
+
+
+def _redacting_thread_excepthook(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
+    (sys.stderr or sys.__stderr__).write(redact_text(f"Exception in thread {name}:\n{text}"))
+
+
 def install_log_redaction() -> None:
-    """Attach :class:`RedactingFilter` to the root logger's handlers and the mlflow/ray loggers."""
+    """Redact secrets in everything this process prints: log records, uncaught exceptions, stdout/err.
+
+    Attaches :class:`RedactingFilter` to the root logger's handlers and the mlflow/ray loggers,
+    replaces ``sys.excepthook``/``threading.excepthook`` with redacting ones, and wraps
+    ``sys.stdout``/``sys.stderr`` in :class:`RedactingStream` (idempotent).
+    """
+    for stream_name in ("stdout", "stderr"):
+        stream = getattr(sys, stream_name)
+        if stream is not None and not isinstance(stream, RedactingStream):
+            setattr(sys, stream_name, RedactingStream(stream))
+    sys.excepthook = _redacting_excepthook
+    threading.excepthook = _redacting_thread_excepthook
     flt = RedactingFilter()
     root = logging.getLogger()
     if not root.handlers:
@@ -158,6 +243,7 @@ def artifact_root(uri: str) -> str | None:
 def client(uri: str | None = None) -> MlflowClient:
     """An MlflowClient on ``uri`` (default :func:`tracking_uri`); also sets the fluent API's URI."""
     uri = uri or tracking_uri()
+    _EXTRA_SECRETS.update(url_passwords(uri))  # a --tracking-uri password is masked like an env one
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -300,7 +386,7 @@ class MLflowSink:
         if self.attention_images is None:
             return
         try:
-            from orchestration.visualize import attention_figures
+            from orchestration.attention import attention_figures
 
             with tempfile.TemporaryDirectory() as tmp:
                 attention_figures(_unwrap(model), self.attention_images, Path(tmp), max_images=1)
@@ -367,6 +453,68 @@ def metric_history(run_id: str, key: str, uri: str | None = None) -> list[tuple[
     return sorted((m.step, m.value) for m in hist)
 
 
+MODEL_WEIGHTS_FILE = "model.safetensors"
+MODEL_CONFIG_FILE = "config.json"
+MODEL_FORMAT = "vitscale-safetensors-1"  # tag on the logged model: which loader reads it
+_PICKLE_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle", ".bin", ".ckpt", ".joblib")
+
+
+class UnsafeModelError(ValueError):
+    """A model artifact that could only be loaded by unpickling it (which runs arbitrary code)."""
+
+
+def write_model_dir(model: VisionTransformer, out_dir: Path) -> Path:
+    """Write ``model.safetensors`` (weights + config metadata) and ``config.json`` into ``out_dir``."""
+    from model.weights import save_weights
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out_dir / MODEL_WEIGHTS_FILE)
+    (out_dir / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2, sort_keys=True))
+    return out_dir
+
+
+def register_model_dir(
+    local_dir: Path,
+    *,
+    run_id: str,
+    name: str,
+    tags: Mapping[str, Any],
+    description: str = "",
+    uri: str | None = None,
+    await_s: int = 300,
+) -> int:
+    """Log ``local_dir`` as a logged model of ``run_id`` and register it as a new version of ``name``.
+
+    The version's source is ``models:/<model_id>`` and the request carries both ``model_id`` and
+    ``run_id``: an ``mlflow server`` validates the source against them (the embedded store does
+    not), and the version keeps its lineage to the run. MLflow's own wait
+    (``await_creation_for``) raises unless the version becomes READY. Returns the version number.
+    """
+    c = client(uri)
+    clean = redact(tags)
+    run = c.get_run(run_id)
+    logged = c.create_logged_model(
+        run.info.experiment_id, name="model", source_run_id=run_id,
+        tags={"vitscale.format": MODEL_FORMAT, **{k: v for k, v in clean.items() if len(v) < 500}},
+    )
+    try:
+        c.log_model_artifacts(logged.model_id, str(local_dir))
+    except BaseException:
+        c.finalize_logged_model(logged.model_id, "FAILED")
+        raise
+    c.finalize_logged_model(logged.model_id, "READY")
+    try:
+        c.create_registered_model(name, description=description or None)
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    mv = c.create_model_version(
+        name, source=f"models:/{logged.model_id}", run_id=run_id, model_id=logged.model_id,
+        tags=clean, description=description or None, await_creation_for=await_s,
+    )
+    return int(mv.version)
+
+
 def log_and_register_model(
     model: Any,
     *,
@@ -376,46 +524,79 @@ def log_and_register_model(
     description: str = "",
     uri: str | None = None,
 ) -> int:
-    """Log ``model`` (a VisionTransformer) to the run as an ``mlflow.pytorch`` model and register it.
+    """Register ``model`` (a VisionTransformer) as ``model.safetensors`` + ``config.json``.
 
-    The model is pickled with the ``model`` package shipped alongside (``code_paths``) so
-    ``mlflow.pytorch.load_model("models:/NAME/VERSION")`` works without this repository on the
-    path. Returns the new version number. ``tags`` (lineage) go on the model version.
+    Nothing is pickled: :func:`load_model` rebuilds the network from the config with this
+    repository's ``model`` package and loads the tensors with safetensors. ``tags`` (lineage)
+    go on the model version. Returns the new version number.
     """
-    c = client(uri)
-    clean = redact(tags)
-    with mlflow.start_run(run_id=run_id, nested=True, log_system_metrics=False):
-        info = mlflow.pytorch.log_model(
-            model.cpu().eval(),
-            name="model",
-            serialization_format="pickle",
-            code_paths=[str(PROJECT_ROOT / "model")],
-            pip_requirements=[f"torch=={_torch_version()}", "safetensors"],
-            metadata={k: v for k, v in clean.items() if len(v) < 500},
-        )
+    with tempfile.TemporaryDirectory() as tmp:
+        local = write_model_dir(model.cpu().eval(), Path(tmp) / "model")
+        return register_model_dir(local, run_id=run_id, name=name, tags=tags, description=description, uri=uri)
+
+
+def load_model(source: str, uri: str | None = None) -> VisionTransformer:
+    """A VisionTransformer from ``models:/NAME/VERSION``, ``models:/m-<id>``, ``runs:/ID/PATH`` or a path.
+
+    The artifacts are downloaded through MLflow's artifact API (``file://``, proxied
+    ``mlflow-artifacts:/`` and S3 alike) and must be ``model.safetensors`` (+ ``config.json``) or
+    a single ``.safetensors`` file with ``vitscale.config`` metadata. Nothing is unpickled: a
+    pickled model (an ``mlflow.pytorch`` ``data/model.pth``, any ``.pt``/``.pkl``) raises
+    :class:`UnsafeModelError` without its bytes ever reaching ``pickle``.
+    """
+    if not source.startswith(("models:/", "runs:/")):
+        return model_from_path(Path(source), source)
+    client(uri)  # sets the fluent API's tracking/registry URI for the artifact download
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri)
+        except mlflow.exceptions.MlflowException as e:
+            raise FileNotFoundError(f"could not download model {source}: {redact_text(e.message)}") from e
+        return model_from_path(Path(local), source)
+
+
+def model_from_path(path: Path, source: str) -> VisionTransformer:
+    """Rebuild a model from a downloaded model folder or ``.safetensors`` file (see :func:`load_model`)."""
+    from model import VisionTransformer, ViTConfig
+    from model.weights import load_weights, read_config
+
+    if not path.exists():
+        raise FileNotFoundError(f"model source {source!r}: not a models:/ or runs:/ URI and no such file")
+    if path.is_dir():
+        weights, config_file = path / MODEL_WEIGHTS_FILE, path / MODEL_CONFIG_FILE
+    else:
+        weights, config_file = path, None
+    if not weights.is_file() or weights.suffix != ".safetensors":
+        _refuse_non_safetensors(path, source)
     try:
-        c.create_registered_model(name, description=description or None)
-    except mlflow.exceptions.MlflowException:
-        pass  # already exists
-    mv = c.create_model_version(
-        name, source=info.model_uri, run_id=run_id, tags=clean, description=description or None
+        meta_cfg = read_config(weights)  # parses the safetensors header only: no code runs
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise UnsafeModelError(f"{source}: {weights.name} is not a valid safetensors file ({e})") from e
+    cfg = meta_cfg
+    if config_file is not None and config_file.is_file():
+        try:
+            cfg = ViTConfig(**json.loads(config_file.read_text()))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {MODEL_CONFIG_FILE} is not a valid ViTConfig ({e})") from e
+    if cfg is None:
+        raise ValueError(f"{source}: {weights.name} carries no 'vitscale.config' metadata and there is no "
+                         f"{MODEL_CONFIG_FILE}; export it with model.weights.save_weights")
+    if meta_cfg is not None and meta_cfg != cfg:
+        raise ValueError(f"{source}: {MODEL_CONFIG_FILE} and the config inside {weights.name} disagree "
+                         f"({cfg} vs {meta_cfg}); the artifact was modified after registration")
+    return load_weights(VisionTransformer(cfg), weights)
+
+
+def _refuse_non_safetensors(path: Path, source: str) -> None:
+    files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path.name]
+    pickles = [f for f in files if f.endswith(_PICKLE_SUFFIXES)]
+    what = f"pickle files {pickles}" if pickles else f"files {files[:10]}"
+    raise UnsafeModelError(
+        f"{source} has no {MODEL_WEIGHTS_FILE} (found {what}); vitscale never unpickles a model artifact "
+        "because loading a pickle runs arbitrary code. Register the model's safetensors export instead "
+        "(orchestration.tracking.log_and_register_model, or load runs:/<RUN_ID>/weights/model.safetensors, "
+        "which every training run logs)"
     )
-    _wait_ready(c, name, mv.version)
-    return int(mv.version)
-
-
-def _wait_ready(c: MlflowClient, name: str, version: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if c.get_model_version(name, version).status == "READY":
-            return
-        time.sleep(0.2)
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__.split("+")[0]
 
 
 def resolve_model_source(source: str, uri: str | None = None) -> dict[str, Any]:

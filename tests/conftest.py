@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -76,3 +77,74 @@ def s3_bucket(s3_endpoint: str) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return name
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    """Poll ``url`` until it answers 200; fail fast (with the log tail) if ``proc`` exits."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {proc.returncode} during start-up:\n"
+                               f"{log.read_text(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"mlflow server not healthy at {url} after {timeout}s:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def _stop_group(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGTERM the server's process group (its pid: it leads its own session), SIGKILL if it lingers."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader so the group can empty
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def mlflow_server(
+    state: Path, *, backend: str, artifacts: str, env: dict[str, str] | None = None, timeout: float = 180.0
+) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 (one uvicorn worker) proxying artifacts to ``artifacts``.
+
+    ``backend`` is a backend store URI (``sqlite:///...`` or a folder for the file store);
+    ``artifacts`` a folder or ``s3://bucket/prefix`` (the server reads ``MLFLOW_S3_ENDPOINT_URL``
+    and the AWS variables from ``env``). Health-checked on ``/health``; stopped by its pid (it
+    leads its own process group, so its workers go with it). Yields ``http://127.0.0.1:PORT``.
+    """
+    state.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = state / f"mlflow-server-{port}.log"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--serve-artifacts",
+           "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=state, env={**os.environ, **(env or {})}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}/health", proc, log, timeout)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _stop_group(proc)
+
+
+def s3_mlflow_env(s3_endpoint: str) -> dict[str, str]:
+    """Environment for an mlflow server (and clients) whose artifacts live on the moto S3 server."""
+    return {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "AWS_ENDPOINT_URL": s3_endpoint,
+            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

@@ -1,9 +1,12 @@
 """Orchestration: redaction, tracking sink, S3 checkpoint store, attention maps, CLI errors (unit),
-and Ray jobs against a real local Ray head + moto S3 + sqlite MLflow (integration).
+and Ray jobs against a real local Ray head + moto S3 + a real ``mlflow server`` (integration).
 
 The integration tests share one Ray head (started with infra/local/start_services.sh, stopped
 with stop_services.sh) and one pre-training job, in which a training worker is SIGKILLed after
-the first checkpoint: Ray Train restarts the worker group and training resumes from it.
+the first checkpoint: Ray Train restarts the worker group and training resumes from it. Tracking
+goes where production's does: an ``mlflow server`` (sqlite store, artifacts proxied to the moto
+S3 bucket), reached with a password in ``MLFLOW_TRACKING_URI`` that must never be printed. The
+registry on the embedded sqlite store is tested in tests/test_registry_server.py.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from orchestration import tracking
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 SECRET = "sk-live-0123456789abcdef"
+MLFLOW_PASSWORD = "orch-pa55word"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,30 +162,37 @@ def _descendants(pid: int) -> list[Any]:
 def ray_cluster(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A Ray head on 127.0.0.1 (infra/local/start_services.sh, S3 = the session's moto server).
 
-    Yields the environment for `ray job submit` (RAY_ADDRESS, MLFLOW_TRACKING_URI, ...).
+    Yields the environment for `ray job submit` (RAY_ADDRESS, MLFLOW_TRACKING_URI, ...);
+    MLFLOW_TRACKING_URI is an ``mlflow server`` (artifacts proxied to S3) with a user:password.
     """
+    import boto3
+    from conftest import mlflow_server, s3_mlflow_env
+
     state = tmp_path_factory.mktemp("services")
-    env = {
-        **os.environ,
-        "VITSCALE_STATE_DIR": str(state),
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHON": sys.executable,
-        "RAY_BIN": str(VENV_BIN / "ray"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow.db'}",
-        "VITSCALE_STORAGE": str(state / "runs"),
-        "VITSCALE_RAY_CPUS": "3",
-    }
-    subprocess.run(["bash", str(ROOT / "infra/local/start_services.sh")], env=env, check=True, timeout=300)
-    try:
-        for line in (state / "env.sh").read_text().splitlines():
-            key, _, value = line.removeprefix("export ").partition("=")
-            env[key] = value.strip("'")
-        env["STATE"] = str(state)
-        yield env
-    finally:
-        ray_pid = int((state / "ray.pid").read_text())
-        subprocess.run(["bash", str(ROOT / "infra/local/stop_services.sh")], env=env, timeout=120)
-        assert not _descendants(ray_pid), "stop_services.sh left Ray processes behind"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="orch-mlflow")
+    with mlflow_server(state / "mlflow", backend=f"sqlite:///{state / 'mlflow.db'}",
+                       artifacts="s3://orch-mlflow/artifacts", env=s3_mlflow_env(s3_endpoint)) as server:
+        env = {
+            **os.environ,
+            "VITSCALE_STATE_DIR": str(state),
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PYTHON": sys.executable,
+            "RAY_BIN": str(VENV_BIN / "ray"),
+            "MLFLOW_TRACKING_URI": server.replace("http://", f"http://vitscale:{MLFLOW_PASSWORD}@"),
+            "VITSCALE_STORAGE": str(state / "runs"),
+            "VITSCALE_RAY_CPUS": "3",
+        }
+        subprocess.run(["bash", str(ROOT / "infra/local/start_services.sh")], env=env, check=True, timeout=300)
+        try:
+            for line in (state / "env.sh").read_text().splitlines():
+                key, _, value = line.removeprefix("export ").partition("=")
+                env[key] = value.strip("'")
+            env["STATE"] = str(state)
+            yield env
+        finally:
+            ray_pid = int((state / "ray.pid").read_text())
+            subprocess.run(["bash", str(ROOT / "infra/local/stop_services.sh")], env=env, timeout=120)
+            assert not _descendants(ray_pid), "stop_services.sh left Ray processes behind"
 
 
 @pytest.fixture(scope="module")
@@ -299,8 +310,13 @@ def test_ray_job_pretraining_is_tracked_and_registered(pretrained: dict[str, Any
     assert mv.run_id == res["run_id"]
     assert mv.tags["recipe"] == "vit_mu_smoke" and mv.tags["steps"] == "90"
     assert mv.tags["dataset_index_sha256"] == run.data.tags["dataset_index_sha256"] and mv.tags["git_commit"]
-    model = mlflow.pytorch.load_model(res["model_uri"])
+    model = tracking.load_model(res["model_uri"], uri)  # safetensors + config.json, no pickle
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    assert mv.source.startswith("models:/m-")  # a logged model: what the server validates against model_id
+    assert not any(f.path.endswith((".pth", ".pkl")) for f in mlflow.artifacts.list_artifacts(res["model_uri"]))
+    # The password in MLFLOW_TRACKING_URI never reaches the job's output (result line included).
+    assert MLFLOW_PASSWORD not in pretrained["output"]
+    assert res["tracking_uri"] == uri.replace(f"vitscale:{MLFLOW_PASSWORD}@", "***@")
 
 
 @pytest.mark.integration
@@ -336,8 +352,7 @@ def test_finetune_from_registry_at_higher_resolution(pretrained: dict[str, Any],
     assert run.data.params["train.decay"] == "cosine" and run.data.params["train.momentum"] == "0.9"
     mv = c.get_model_version("vit-mu4-digits-ft48", str(res["model_version"]))
     assert mv.tags["finetune_from"] == src["model_uri"]
-    import mlflow
-
-    model = mlflow.pytorch.load_model(res["model_uri"])
+    assert MLFLOW_PASSWORD not in out
+    model = tracking.load_model(res["model_uri"], ray_cluster["MLFLOW_TRACKING_URI"])
     assert model.cfg.image_size == 48 and model.cfg.representation_size is None
     assert model(torch.zeros(1, 3, 48, 48)).shape == (1, 10)

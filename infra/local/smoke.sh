@@ -7,6 +7,11 @@
 # Knobs: VITSCALE_STATE_DIR (default .smoke/; wiped at start, kept at the end for the MLflow UI),
 #        SMOKE_STEPS / SMOKE_FT_STEPS (pre-training / fine-tuning steps), AWS_ENDPOINT_URL
 #        (use a real S3/MinIO instead of moto; the bucket SMOKE_BUCKET must be writable).
+# Tracking: the embedded sqlite store in the state dir by default;
+#        MLFLOW_TRACKING_URI=http://HOST:PORT (user:password@ allowed, never printed) targets an
+#        `mlflow server` you run (health-checked on /health before anything starts);
+#        SMOKE_MLFLOW_SERVER=1 starts one here (sqlite store + artifacts proxied by the server,
+#        both in the state dir) and stops it by pid at the end.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -25,9 +30,56 @@ if [[ -f "$STATE/ray.pid" ]] && kill -0 "$(cat "$STATE/ray.pid")" 2>/dev/null; t
 fi
 # Start from a clean slate, removing only what an earlier smoke run wrote there.
 mkdir -p "$STATE"
-(cd "$STATE" && rm -rf mlflow.db mlruns runs ray_results digits attention logs env.sh ./*.json ./*.log)
-trap 'say "stopping services"; bash "$ROOT/infra/local/stop_services.sh"' EXIT
+(cd "$STATE" && rm -rf mlflow.db mlruns runs ray_results digits attention logs env.sh ./*.json ./*.log \
+  mlflow-server.db mlflow-artifacts mlflow-server.pid)
+stop_mlflow_server() {  # the server leads its own process group (setsid): its workers go with it
+  [[ -f "$STATE/mlflow-server.pid" ]] || return 0
+  local pid i
+  pid=$(cat "$STATE/mlflow-server.pid")
+  kill -TERM -- "-$pid" 2>/dev/null || true
+  for ((i = 0; i < 60; i++)); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.25; done
+  kill -KILL -- "-$pid" 2>/dev/null || true  # still there after 15 s
+  rm -f "$STATE/mlflow-server.pid"
+  say "stopped mlflow server (pid $pid)"
+}
+trap 'say "stopping services"; stop_mlflow_server; bash "$ROOT/infra/local/stop_services.sh"' EXIT
 trap 'exit 130' INT TERM
+# Never echo a tracking URI as given: it may carry user:password@.
+redacted_uri() { sed -E 's#://[^/@]+@#://***@#' <<< "$1"; }
+wait_mlflow() {  # wait_mlflow URI SECONDS: poll URI/health until it answers 200
+  "$PY" - "$1" "$2" <<'PYEOF'
+import sys, time, urllib.request
+from urllib.parse import urlsplit
+
+p = urlsplit(sys.argv[1].rstrip("/"))
+base = f"{p.scheme}://{p.hostname}" + (f":{p.port}" if p.port else "") + p.path  # no user:password@
+deadline = time.monotonic() + float(sys.argv[2])
+while True:
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=5) as r:
+            if r.status == 200:
+                sys.exit(0)
+    except Exception as e:  # noqa: BLE001 - any failure means "not yet"
+        if time.monotonic() > deadline:
+            sys.exit(f"MLflow server {base} is not healthy after {sys.argv[2]}s ({type(e).__name__}); start it "
+                     "(mlflow server --backend-store-uri sqlite:///mlflow.db --serve-artifacts ...) or unset "
+                     "MLFLOW_TRACKING_URI")
+    time.sleep(0.5)
+PYEOF
+}
+if [[ "${SMOKE_MLFLOW_SERVER:-0}" == 1 ]]; then
+  MLFLOW_PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  export MLFLOW_TRACKING_URI="http://127.0.0.1:$MLFLOW_PORT"
+  say "starting mlflow server on $MLFLOW_TRACKING_URI (sqlite store, proxied artifacts in $STATE)"
+  setsid "$PY" -m mlflow server --backend-store-uri "sqlite:///$STATE/mlflow-server.db" --serve-artifacts \
+    --artifacts-destination "$STATE/mlflow-artifacts" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
+    > "$STATE/mlflow-server.log" 2>&1 &
+  echo $! > "$STATE/mlflow-server.pid"
+  wait_mlflow "$MLFLOW_TRACKING_URI" 180
+elif [[ "${MLFLOW_TRACKING_URI:-}" == http* ]]; then
+  say "tracking to the MLflow server at $(redacted_uri "$MLFLOW_TRACKING_URI")"
+  wait_mlflow "$MLFLOW_TRACKING_URI" 30
+fi
 
 # Runs (checkpoints, exported weights) live in the bucket too: the S3 CheckpointStore path.
 export VITSCALE_STORAGE="${VITSCALE_STORAGE:-s3://$BUCKET/runs}"
@@ -102,7 +154,10 @@ print(f"fine-tuning run    {ft['run_id']}  (nested under {ft['source_run_id']})"
 print(f"  registered       {ft['model_uri']}  {ft['image_size_before']}px -> {ft['image_size_after']}px")
 print(f"top-1 before/after fine-tuning: {pct(ft['top1_before'])} -> {pct(ft['top1_after'])}")
 print(f"attention maps     {state}/attention/")
-print(f"MLflow UI          mlflow ui --backend-store-uri {uri} --port 5000   (then open http://127.0.0.1:5000)")
+if uri.startswith("http"):  # a server: its own UI (the result line carries the URI redacted)
+    print(f"MLflow UI          {uri}")
+else:
+    print(f"MLflow UI          mlflow ui --backend-store-uri {uri} --port 5000   (then open http://127.0.0.1:5000)")
 print(f"total              {secs}s")
 print("========================================================")
 PYEOF
