@@ -38,9 +38,17 @@ from pathlib import Path
 from typing import Any
 
 from model import ViTConfig
-from orchestration import tracking, validation
-from orchestration.recipes import RECIPES, Experiment, OverrideError, apply_overrides, variant_slug
+from orchestration import tracking
+from orchestration.experiment import (
+    RECIPES,
+    Experiment,
+    OverrideError,
+    apply_overrides,
+    validation,
+    variant_slug,
+)
 from pipeline import DataConfig
+from pipeline.storage import open_storage, url_join
 from training import TrainConfig
 
 log = logging.getLogger("orchestration.finetune")
@@ -132,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import json
 
-    from orchestration.pretrain import default_storage, emit, launch
-    from orchestration.recipes import flatten_experiment
-    from pipeline.storage import open_storage, url_join
+    from orchestration.experiment import flatten_experiment
+    from orchestration.launch import cluster
+    from orchestration.launch.driver import default_storage, emit, launch
 
     args = build_parser().parse_args(argv)
     tracking.install_log_redaction()
@@ -145,28 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - missing file, unknown registry name, not a model: all one line
         return validation.report([f"--from {args.source}: {validation.one_line(e)}",
                                   *validation.location_problems(args.data)])
-    src_cfg: ViTConfig = src_model.cfg
-    tags = source["tags"]
-    gpus = args.gpus_per_worker
-    if gpus is None:
-        import torch
-
-        gpus = 1 if torch.cuda.is_available() else 0
-    source_name = source.get("name") or f"vit-{variant_slug(src_cfg.variant or 'B/' + str(src_cfg.patch_size))}"
-    exp, problems = None, []
-    try:
-        exp = finetune_experiment(
-            src_cfg,
-            image_size=args.image_size,
-            source_recipe=tags.get("recipe"),
-            dataset_name=args.dataset_name or tags.get("dataset", "dataset"),
-            source_model_name=source_name,
-            workers=args.workers,
-            gpus_per_worker=gpus,
-        )
-        exp = apply_overrides(exp, args.overrides)
-    except (OverrideError, ValueError) as e:
-        exp, problems = None, validation.problems_of(e)
+    exp, problems = _resolve(args, src_model.cfg, source)
     problems += validation.experiment_data_problems(exp, args.data)
     problems += validation.storage_problems(args.storage or default_storage())
     if exp is None or problems:  # nothing started: no Ray, no MLflow run
@@ -174,63 +161,77 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(json.dumps(flatten_experiment(exp), indent=2, default=str))
         return 0
+    before, experiment = _source_run(source, args.experiment, uri)
+    storage = args.storage or default_storage()
+    init_url = _stage_weights(src_model, url_join(storage, exp.name, "init", f"{uuid.uuid4().hex[:12]}.safetensors"))
+    log.info("Ray: %s", cluster.connect_ray(args.address))
+    summary = launch(
+        exp, data_url=args.data, storage=storage, uri=uri, experiment=experiment,
+        run_name=f"{exp.name} <- {source['uri']}", register=not args.no_register, init_weights=init_url,
+        parent_run_id=source.get("run_id"), extra_tags=_lineage_tags(source, src_model.cfg),
+        extra_params={"finetune.source": source["uri"], "finetune.source_image_size": src_model.cfg.image_size},
+    )
+    summary.update(source=source["uri"], source_run_id=source.get("run_id"), top1_before=before,
+                   top1_after=summary["metrics"].get("eval_top1"), image_size_before=src_model.cfg.image_size,
+                   image_size_after=exp.image_size)
+    emit(summary, args.summary_json)
+    return 0
 
-    # Pre-training score of the source (for the before/after summary).
+
+def _resolve(args: argparse.Namespace, src_cfg: ViTConfig, source: dict[str, Any]) -> tuple[Experiment | None, list[str]]:
+    """The fine-tuning experiment (with ``--set``) and its problems (no I/O)."""
+    tags = source["tags"]
+    gpus = args.gpus_per_worker
+    if gpus is None:
+        import torch
+
+        gpus = 1 if torch.cuda.is_available() else 0
+    source_name = source.get("name") or f"vit-{variant_slug(src_cfg.variant or 'B/' + str(src_cfg.patch_size))}"
+    try:
+        exp = finetune_experiment(
+            src_cfg, image_size=args.image_size, source_recipe=tags.get("recipe"),
+            dataset_name=args.dataset_name or tags.get("dataset", "dataset"), source_model_name=source_name,
+            workers=args.workers, gpus_per_worker=gpus,
+        )
+        return apply_overrides(exp, args.overrides), []
+    except (OverrideError, ValueError) as e:
+        return None, validation.problems_of(e)
+
+
+def _source_run(source: dict[str, Any], experiment: str | None, uri: str) -> tuple[float | None, str]:
+    """(pre-training top-1 of the source, the MLflow experiment: the source run's unless given)."""
     before = None
     parent = source.get("run_id")
-    experiment = args.experiment
     if parent:
         src_run = tracking.client(uri).get_run(parent)
         before = src_run.data.metrics.get("eval_top1")
         if experiment is None:
             experiment = tracking.client(uri).get_experiment(src_run.info.experiment_id).name
-    experiment = experiment or "finetune"
+    return before, experiment or "finetune"
 
-    # Stage the source weights where every worker can read them.
+
+def _stage_weights(model: Any, init_url: str) -> str:
+    """Upload the source weights to ``init_url``, where every worker can read them."""
     from model.weights import save_weights
 
-    storage = args.storage or default_storage()
-    init_url = url_join(storage, exp.name, "init", f"{uuid.uuid4().hex[:12]}.safetensors")
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "init.safetensors"
-        save_weights(src_model, local)
+        save_weights(model, local)
         parent_url, name = init_url.rsplit("/", 1)
         open_storage(parent_url).upload_file(local, name)
+    return init_url
 
-    from orchestration.ray_launch import connect_ray
 
-    log.info("Ray: %s", connect_ray(args.address))
-    lineage_tags = {
+def _lineage_tags(source: dict[str, Any], src_cfg: ViTConfig) -> dict[str, Any]:
+    tags = source["tags"]
+    return {
         "finetune_from": source["uri"],
-        "source_run_id": parent or "",
+        "source_run_id": source.get("run_id") or "",
         "source_model": f"{source.get('name', '')}/{source.get('version', '')}".strip("/"),
         "source_recipe": tags.get("recipe", ""),
         "source_dataset_index_sha256": tags.get("dataset_index_sha256", ""),
         "source_image_size": src_cfg.image_size,
     }
-    summary = launch(
-        exp,
-        data_url=args.data,
-        storage=storage,
-        uri=uri,
-        experiment=experiment,
-        run_name=f"{exp.name} <- {source['uri']}",
-        register=not args.no_register,
-        init_weights=init_url,
-        parent_run_id=parent,
-        extra_tags=lineage_tags,
-        extra_params={"finetune.source": source["uri"], "finetune.source_image_size": src_cfg.image_size},
-    )
-    summary.update(
-        source=source["uri"],
-        source_run_id=parent,
-        top1_before=before,
-        top1_after=summary["metrics"].get("eval_top1"),
-        image_size_before=src_cfg.image_size,
-        image_size_after=exp.image_size,
-    )
-    emit(summary, args.summary_json)
-    return 0
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ GROUPS = ("t4", "a100", "h100")
 # Headroom for decode buffers and the eval loader over the train batches in flight.
 _SHM_HEADROOM = 2.0
 # Bytes per pixel channel of the batches that cross /dev/shm: the training workers build their
-# loaders with output="uint8" (ray_launch.train_worker; the Trainer normalizes on the device).
+# loaders with output="uint8" (launch.build.build_loaders; the Trainer normalizes on the device).
 _WORKER_BATCH_ITEMSIZE = 1
 
 _QUANTITY = re.compile(r"^(?P<num>[0-9.]+)(?P<unit>Ki|Mi|Gi|Ti|k|M|G|T|m)?$")
@@ -152,13 +152,7 @@ def render_rayjob(
     ``image`` replaces the image of every container (default: the one in raycluster.yaml, which
     kustomize's ``images:`` does not reach in a separately applied RayJob).
     """
-    from orchestration.recipes import apply_overrides, get_recipe, with_workers
-
-    exp = get_recipe(recipe_name)
-    if overrides:
-        exp = apply_overrides(exp, list(overrides))
-    if workers is not None:
-        exp = with_workers(exp, workers)
+    exp = _experiment(recipe_name, overrides, workers)
     experiment = experiment or exp.name
     accel = accelerator or default_accelerator(exp)
     if accel not in GROUPS:
@@ -172,37 +166,8 @@ def render_rayjob(
     cluster = yaml.safe_load(RAYCLUSTER.read_text())
     group = copy.deepcopy(_group(cluster, accel))
     head = copy.deepcopy(cluster["spec"]["headGroupSpec"])
-    pod = group["template"]["spec"]
-    container = pod["containers"][0]
-
-    # Pack ranks onto pods: a pod's GPUs are split into ranks of gpus_per_worker each.
-    gpus_per_pod = int(container["resources"]["limits"]["nvidia.com/gpu"])
-    if gpus_per_pod % exp.gpus_per_worker:
-        raise ValueError(
-            f"gpus_per_worker={exp.gpus_per_worker} does not divide the {gpus_per_pod} GPUs of a "
-            f"{accel!r} pod; use --set gpus_per_worker=N with N dividing {gpus_per_pod}"
-        )
-    ranks_per_pod = min(gpus_per_pod // exp.gpus_per_worker, exp.workers)
-    replicas = math.ceil(exp.workers / ranks_per_pod)
-
-    ray_cpus = quantity(group["rayStartParams"]["num-cpus"])
-    if ranks_per_pod * exp.cpus_per_worker > ray_cpus:
-        raise ValueError(
-            f"{ranks_per_pod} rank(s) x cpus_per_worker={exp.cpus_per_worker} need "
-            f"{ranks_per_pod * exp.cpus_per_worker} CPUs but a {accel!r} pod has {ray_cpus:g}; "
-            f"set cpus_per_worker <= {int(ray_cpus) // ranks_per_pod} or pick a larger accelerator"
-        )
-
-    # (B, 3, S, S) uint8 batches, data.prefetch_batches in flight per dataloader process, per rank.
-    batch_bytes = exp.data.batch_size * 3 * exp.image_size**2 * _WORKER_BATCH_ITEMSIZE
-    in_flight = max(exp.data.num_workers, 1) * exp.data.prefetch_batches
-    shm_need = ranks_per_pod * in_flight * batch_bytes * _SHM_HEADROOM
-    shm_have = quantity(_volume(pod, "dshm")["emptyDir"]["sizeLimit"])
-    if shm_need > shm_have:
-        raise ValueError(
-            f"dataloaders need ~{shm_need / 2**30:.1f} GiB of /dev/shm per {accel!r} pod but it has "
-            f"{shm_have / 2**30:.1f} GiB; lower data.num_workers, data.prefetch_batches or data.batch_size"
-        )
+    ranks_per_pod, replicas = _pack(exp, group, accel)
+    _check_shm(exp, group["template"]["spec"], ranks_per_pod, accel)
 
     # A job-sized, fixed cluster: no autoscaling, exactly the pods the ranks need.
     group.update(replicas=replicas, minReplicas=replicas, maxReplicas=replicas)
@@ -212,11 +177,7 @@ def render_rayjob(
         "vitscale.io/recipe": recipe_name,
         "vitscale.io/experiment": dns_name(experiment),
     }
-    for template in (head["template"], group["template"]):
-        template["metadata"].setdefault("labels", {}).update(labels)
-        if image:
-            for c in template["spec"]["containers"]:
-                c["image"] = image
+    _label(head, group, labels, image)
 
     # Per-job environment; cluster settings (MLFLOW_TRACKING_URI, S3 endpoint, keys) reach every
     # pod through envFrom (vitscale-config ConfigMap, vitscale-s3 Secret) in raycluster.yaml.
@@ -231,6 +192,62 @@ def render_rayjob(
     argv = entrypoint_args(
         recipe_name, data_url, experiment=experiment, storage=storage, workers=workers, overrides=overrides
     )
+    return _job(cluster, head, group, experiment=experiment, labels=labels, argv=argv, runtime_env=runtime_env)
+
+
+def _experiment(recipe_name: str, overrides: Sequence[str], workers: int | None) -> Any:
+    """The recipe with pretrain.py's ``--set`` items and ``--workers`` (fails early, as pretrain.py would)."""
+    from orchestration.experiment import apply_overrides, get_recipe, with_workers
+
+    exp = get_recipe(recipe_name)
+    if overrides:
+        exp = apply_overrides(exp, list(overrides))
+    return with_workers(exp, workers) if workers is not None else exp
+
+
+def _label(head: dict[str, Any], group: dict[str, Any], labels: dict[str, str], image: str | None) -> None:
+    for template in (head["template"], group["template"]):
+        template["metadata"].setdefault("labels", {}).update(labels)
+        if image:
+            for c in template["spec"]["containers"]:
+                c["image"] = image
+
+
+def _pack(exp: Any, group: dict[str, Any], accel: str) -> tuple[int, int]:
+    """(ranks per pod, pods): a pod's GPUs are split into ranks of gpus_per_worker each."""
+    container = group["template"]["spec"]["containers"][0]
+    gpus_per_pod = int(container["resources"]["limits"]["nvidia.com/gpu"])
+    if gpus_per_pod % exp.gpus_per_worker:
+        raise ValueError(
+            f"gpus_per_worker={exp.gpus_per_worker} does not divide the {gpus_per_pod} GPUs of a "
+            f"{accel!r} pod; use --set gpus_per_worker=N with N dividing {gpus_per_pod}"
+        )
+    ranks_per_pod = min(gpus_per_pod // exp.gpus_per_worker, exp.workers)
+    ray_cpus = quantity(group["rayStartParams"]["num-cpus"])
+    if ranks_per_pod * exp.cpus_per_worker > ray_cpus:
+        raise ValueError(
+            f"{ranks_per_pod} rank(s) x cpus_per_worker={exp.cpus_per_worker} need "
+            f"{ranks_per_pod * exp.cpus_per_worker} CPUs but a {accel!r} pod has {ray_cpus:g}; "
+            f"set cpus_per_worker <= {int(ray_cpus) // ranks_per_pod} or pick a larger accelerator"
+        )
+    return ranks_per_pod, math.ceil(exp.workers / ranks_per_pod)
+
+
+def _check_shm(exp: Any, pod: dict[str, Any], ranks_per_pod: int, accel: str) -> None:
+    """(B, 3, S, S) uint8 batches, data.prefetch_batches in flight per dataloader process, per rank."""
+    batch_bytes = exp.data.batch_size * 3 * exp.image_size**2 * _WORKER_BATCH_ITEMSIZE
+    in_flight = max(exp.data.num_workers, 1) * exp.data.prefetch_batches
+    shm_need = ranks_per_pod * in_flight * batch_bytes * _SHM_HEADROOM
+    shm_have = quantity(_volume(pod, "dshm")["emptyDir"]["sizeLimit"])
+    if shm_need > shm_have:
+        raise ValueError(
+            f"dataloaders need ~{shm_need / 2**30:.1f} GiB of /dev/shm per {accel!r} pod but it has "
+            f"{shm_have / 2**30:.1f} GiB; lower data.num_workers, data.prefetch_batches or data.batch_size"
+        )
+
+
+def _job(cluster: dict[str, Any], head: dict[str, Any], group: dict[str, Any], *, experiment: str,
+         labels: dict[str, str], argv: list[str], runtime_env: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
@@ -276,7 +293,7 @@ def to_yaml(job: dict[str, Any], command: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("recipe", help="recipe name in orchestration/recipes.py, e.g. vit_s16_t4")
+    p.add_argument("recipe", help="recipe name in orchestration/experiment/recipes.py, e.g. vit_s16_t4")
     p.add_argument("--data", help="dataset URL (default: the recipe's data.url)")
     p.add_argument(
         "--set",
@@ -296,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         data = args.data
         if data is None:
-            from orchestration.recipes import get_recipe
+            from orchestration.experiment import get_recipe
 
             data = get_recipe(args.recipe).data.url
         job = render_rayjob(

@@ -7,7 +7,7 @@ Usage::
     python orchestration/visualize.py --model weights/model.safetensors --image cat.jpg --out attn/
 
 Writes ``<out>/<stem>_cls_attention.png`` and ``<out>/<stem>_rollout.png`` per image
-(:func:`orchestration.attention.attention_figures`). Models load through
+(:func:`orchestration.tracking.attention.attention_figures`). Models load through
 :func:`orchestration.tracking.load_model` (safetensors + config only; pickles are refused).
 """
 
@@ -23,8 +23,9 @@ import argparse
 import os
 from pathlib import Path
 
-from orchestration import tracking, validation
-from orchestration.attention import attention_figures, compute_attention, load_image
+from orchestration import tracking
+from orchestration.experiment import validation
+from orchestration.tracking.attention import attention_figures, compute_attention, load_image
 
 __all__ = ["attention_figures", "compute_attention", "load_image", "main"]
 

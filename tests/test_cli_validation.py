@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from orchestration import finetune, pretrain, sweep, visualize
+from orchestration.studies.spec import StudySpec, trial_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 POINTER = b'{"run_id": "previous", "run_dir": "untouched"}'
@@ -68,7 +69,7 @@ class Guard:
 
 @pytest.fixture()
 def guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Guard]:
-    from orchestration import ray_launch
+    from orchestration.launch import cluster
 
     g = Guard(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{g.db}")
@@ -78,7 +79,7 @@ def guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Guard]:
     def tripwire(*_: Any, **__: Any) -> str:
         raise AssertionError("validation let this through: Ray would start now")
 
-    monkeypatch.setattr(ray_launch, "connect_ray", tripwire)
+    monkeypatch.setattr(cluster, "connect_ray", tripwire)
     yield g
 
 
@@ -226,19 +227,21 @@ def test_sweep_resume_with_other_settings_is_refused_before_ray(digits: str, gua
     (spec.analysis_dir / "study.json").write_text(json.dumps({"study_run_id": None, "spec": spec.to_dict()}))
     argv = _sweep_argv(digits, tmp_path, ["--name", "s", "--lr", "3e-3", "--resume"])
     rc, err, out, elapsed = _run(sweep.main, argv, capsys)
-    guard.check(rc, err, out, ["started with different settings (lr)"], elapsed)
+    guard.check(rc, err, out, ["started with different settings (train.lr)"], elapsed)
 
 
 def test_sweep_trials_build_the_configs_that_were_validated() -> None:
     """The trial and the validation share one builder: what passed is what a trial runs."""
-    spec = sweep.StudySpec(name="t", data_url="/d", variants=("mu",), steps=(100,), image_size=16, batch_size=32,
-                           crop_min=0.5, lr=2e-3)
-    data = sweep.trial_data_config(spec, seed=1, samples=None)
-    train = sweep.trial_train_config(spec, steps=100, lr=spec.lr, weight_decay=spec.weight_decay, seed=1)
+    args = sweep.build_parser().parse_args(["--variants", "mu", "--steps", "100", "--data", "/d", "--image-size", "16",
+                                            "--batch-size", "32", "--crop-min", "0.5", "--lr", "2e-3"])
+    spec = sweep.spec_from_args(args)
+    exp = trial_experiment(spec, variant="mu", steps=100, samples=None, seed=1)  # what run_trial trains
+    data, train = exp.data, exp.train
     assert data.crop_scale == (0.5, 1.0) and data.batch_size == 32 and data.image_size == 16
     assert train.lr == 2e-3 and train.global_batch == 32 and train.warmup_steps == 5 and train.total_steps == 100
-    with pytest.raises(ValueError, match=r"lr: train\.lr=nan must be a finite number"):
-        sweep.StudySpec(name="t", data_url="/d", variants=("mu",), steps=(100,), image_size=16, lr=math.nan)
+    with pytest.raises(ValueError, match=r"train\.lr=nan must be a finite number"):
+        StudySpec(name="t", overrides=("data.url=/d", "image_size=16", f"train.lr={math.nan}"), variants=("mu",),
+                  steps=(100,))
 
 
 # ---------------------------------------------------------------------------------------------

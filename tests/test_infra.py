@@ -730,7 +730,7 @@ def renderer() -> Any:
 
 @pytest.fixture(scope="module")
 def t4_recipe() -> Any:
-    from orchestration.recipes import get_recipe
+    from orchestration.experiment import get_recipe
 
     return get_recipe("vit_s16_t4")
 

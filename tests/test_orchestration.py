@@ -83,7 +83,7 @@ def test_mlflow_sink_never_stores_secrets(tmp_path: Path, monkeypatch: pytest.Mo
 
 @pytest.mark.integration
 def test_storage_checkpoint_store_on_s3(s3_bucket: str, tmp_path: Path) -> None:
-    from orchestration.storage_ckpt import StorageCheckpointStore
+    from orchestration.launch.store import StorageCheckpointStore
     from training.checkpoint import CheckpointStore, latest_remote
 
     src = tmp_path / "step10"

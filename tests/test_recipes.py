@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from orchestration.recipes import (
+from orchestration.experiment import (
     RECIPES,
     Experiment,
     OverrideError,
@@ -16,12 +16,8 @@ from orchestration.recipes import (
     flatten_experiment,
     get_recipe,
     validate,
-    vit_b16_i21k,
-    vit_h14_jft,
-    vit_l16_i21k,
-    vit_mu_smoke,
-    vit_s16_t4,
 )
+from orchestration.experiment.recipes import vit_b16_i21k, vit_h14_jft, vit_l16_i21k, vit_mu_smoke, vit_s16_t4
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

@@ -76,7 +76,7 @@ def test_register_load_and_resolve_a_version(store_uri: str) -> None:
     sink.log_metrics({"loss": 0.5}, step=3)
     sink.log_dict({"hello": "world"}, "config/experiment.json")
     model = _tiny_model()
-    with tempfile.TemporaryDirectory() as tmp:  # what every training run logs (ray_launch.train_worker)
+    with tempfile.TemporaryDirectory() as tmp:  # what every training run logs (orchestration.launch.train.train_worker)
         sink.log_artifact(str(tracking.write_model_dir(model, Path(tmp)) / tracking.MODEL_WEIGHTS_FILE), "weights")
     lineage = {"recipe": "vit_mu_smoke", "dataset_index_sha256": "ab" * 32, "steps": 3, "source_run_id": run_id}
     v1 = tracking.log_and_register_model(model, run_id=run_id, name=name, tags=lineage, uri=store_uri)
@@ -202,7 +202,7 @@ def test_registered_pickle_is_refused_never_executed(store_uri: str, tmp_path: P
 def test_url_credentials_are_redacted_in_text_and_result_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from orchestration import pretrain
+    from orchestration.launch import driver
 
     uri = f"http://alice:{PASSWORD}@127.0.0.1:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -210,7 +210,7 @@ def test_url_credentials_are_redacted_in_text_and_result_line(
     assert tracking.redact_text("https://ghp_tokenvalue@github.com/x") == "https://***@github.com/x"
     # The bare password (moved into a header or message by an HTTP library) is masked too.
     assert PASSWORD not in tracking.redact_text(f"auth failed for alice/{PASSWORD}")
-    pretrain.emit({"run_id": "r", "tracking_uri": uri}, None)
+    driver.emit({"run_id": "r", "tracking_uri": uri}, None)
     out = capsys.readouterr().out
     assert out.startswith("VITSCALE_RESULT ") and PASSWORD not in out and "http://***@127.0.0.1:5000" in out
 
@@ -245,7 +245,7 @@ def test_password_in_tracking_uri_never_printed(store_uri: str, tmp_path: Path) 
     if server:
         assert res.returncode == 0 and "x_rollout.png" in res.stdout, res.stderr[-3000:]
     else:  # the error still says where it tried to connect
-        assert res.returncode == 1 and "http://***@127.0.0.1" in res.stderr, res.stderr[-3000:]
+        assert res.returncode == 2 and "http://***@127.0.0.1" in res.stderr, res.stderr[-3000:]  # exit 2: a --model that cannot be loaded (CLI convention)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,22 +256,23 @@ def test_password_in_tracking_uri_never_printed(store_uri: str, tmp_path: Path) 
 @pytest.mark.integration
 def test_sweep_tracking_on_every_store(store_uri: str, tmp_path: Path) -> None:
     """What orchestration/sweep.py does in MLflow, minus Ray: the Ray part is store-agnostic."""
-    from orchestration import sweep
+    from orchestration.studies import driver, points, trial
+    from orchestration.studies.spec import StudySpec
 
-    spec = sweep.StudySpec(name=f"s-{uuid.uuid4().hex[:6]}", data_url=str(tmp_path), variants=("mu/4",),
-                           steps=(10,), storage=str(tmp_path / "studies"), experiment="sweep-store-test",
-                           tracking_uri=store_uri)
-    study_run = sweep._study_run(spec, tmp_path / "study.json", resume=False)
-    info = sweep.TrialInfo(study=spec.name, trial="mu4-s10", variant="mu/4", params=1000, steps=10, samples=None,
+    spec = StudySpec(name=f"s-{uuid.uuid4().hex[:6]}", overrides=(f"data.url={tmp_path}",), variants=("mu/4",),
+                     steps=(10,), storage=str(tmp_path / "studies"), experiment="sweep-store-test",
+                     tracking_uri=store_uri)
+    study_run = driver._study_run(spec, tmp_path / "study.json", resume=False)
+    info = points.TrialInfo(study=spec.name, trial="mu4-s10", variant="mu/4", params=1000, steps=10, samples=None,
                            seed=0, lr=1e-3, weight_decay=0.05)
-    sink, trial_run = sweep._trial_run(spec, info, study_run)
+    sink, trial_run = trial._trial_run(spec, info, study_run)
     sink.log_metrics({"eval_loss": 1.25}, 10)
     sink.close()
-    again, resumed_run = sweep._trial_run(spec, info, study_run)  # a resumed trial finds its run
+    again, resumed_run = trial._trial_run(spec, info, study_run)  # a resumed trial finds its run
     again.close()
     assert resumed_run == trial_run
     (tmp_path / "points.parquet").write_bytes(b"PAR1")
-    sweep._log_study(spec, study_run, {"points": tmp_path / "points.parquet"}, {"points": 3})
+    driver._log_study(spec, study_run, {"points": tmp_path / "points.parquet"}, {"points": 3})
     tracking.end_run(study_run, uri=store_uri)
 
     c = tracking.client(store_uri)

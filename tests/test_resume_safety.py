@@ -73,7 +73,7 @@ def scenario_race(out: Path, bucket: str, rank: int) -> None:
     import torch.distributed as dist
     from test_training_dist import ListSink, MemLoader, make_cfg, make_model
 
-    from orchestration.storage_ckpt import StorageCheckpointStore
+    from orchestration.launch.store import StorageCheckpointStore
     from training import Trainer
 
     staging = out / "staging"  # node-local staging shared by both local ranks (one "node")
@@ -309,7 +309,7 @@ def lease_prefix(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def test_second_run_is_refused_naming_the_holder(lease_prefix: str) -> None:
-    from orchestration.lease import Lease, LeaseHeldError
+    from orchestration.launch.lease import Lease, LeaseHeldError
 
     first = Lease(lease_prefix, run_id="r1", holder="alice@node1 pid 11", ttl_s=1.5)
     first.acquire()
@@ -330,10 +330,10 @@ def test_second_run_is_refused_naming_the_holder(lease_prefix: str) -> None:
 def test_expired_lease_needs_force(lease_prefix: str) -> None:
     """The holder is killed (no release): its lease expires; takeover only with force, and the
     old holder, if it comes back, finds it lost."""
-    from orchestration.lease import Lease, LeaseHeldError
+    from orchestration.launch.lease import Lease, LeaseHeldError
 
     code = (
-        "import os, sys; from orchestration.lease import Lease; "
+        "import os, sys; from orchestration.launch.lease import Lease; "
         f"Lease({lease_prefix!r}, run_id='r1', holder='dead@node pid 1', ttl_s=1.0).acquire(); os._exit(0)"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -355,7 +355,7 @@ def test_expired_lease_needs_force(lease_prefix: str) -> None:
 
 
 def test_racing_acquires_have_one_winner(tmp_path: Path) -> None:
-    from orchestration.lease import Lease, LeaseHeldError
+    from orchestration.launch.lease import Lease, LeaseHeldError
 
     prefix = str(tmp_path / "runs" / "r1")
     wins: list[str] = []
@@ -382,8 +382,8 @@ def test_refused_resume_leaves_the_running_run_alone(tmp_path: Path) -> None:
     """A second `--resume auto` launch while the first holds the run folder: refused before the
     MLflow run, Ray or the checkpoints are touched; the run's status stays what it was."""
     from orchestration import pretrain, tracking
-    from orchestration.lease import LeaseHeldError, hold_run_lease
-    from orchestration.recipes import get_recipe
+    from orchestration.experiment import get_recipe
+    from orchestration.launch.lease import LeaseHeldError, hold_run_lease
     from pipeline.storage import open_storage, url_join
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -1,4 +1,4 @@
-"""orchestration.scaling: the Zhai et al. law fit, frontier, bootstrap, per-size curves, plots.
+"""orchestration.studies (table, law, report) and the orchestration.scaling CLI: the Zhai et al. law fit, frontier, bootstrap, per-size curves, plots.
 
 Synthetic studies with a known truth. Stated tolerances (40 log-spaced points over four
 decades of compute, 1% multiplicative noise): b within 6%, c within 8%, d within 25%, the
@@ -17,21 +17,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from orchestration.scaling import (
-    PowerLaw,
-    analyze,
-    fit_frontier,
-    fit_per_size,
-    fit_power_law,
-    frontier_indices,
-    main,
-    optimal_size,
-    optimal_sizes,
-    points_from_table,
-    points_table,
-    read_points,
-    write_points,
-)
+from orchestration.scaling import main
+from orchestration.studies.law import PowerLaw, fit_frontier, fit_power_law, frontier_indices
+from orchestration.studies.report import analyze
+from orchestration.studies.sizes import fit_per_size, optimal_size, optimal_sizes
+from orchestration.studies.table import points_from_table, points_table, read_points, write_points
 
 # E(1e12) = 0.9, E(1e16) ≈ 0.14: both the bend (d) and the saturation (c) are visible.
 TRUE = PowerLaw(a=0.8 * (6e12) ** 0.4, b=0.4, c=0.1, d=5e12)

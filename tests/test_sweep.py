@@ -1,4 +1,4 @@
-"""orchestration.sweep: the study grid, points table logic, and (slow) a real interrupted sweep."""
+"""orchestration.studies + the sweep CLI: the study grid, points table logic, and (slow) a real interrupted sweep."""
 
 from __future__ import annotations
 
@@ -16,30 +16,20 @@ import pytest
 
 from model import vit_config
 from model.flops import macs_per_image, train_flops_per_image
-from orchestration.scaling import POINTS_SCHEMA
-from orchestration.sweep import (
-    StudySink,
-    StudySpec,
-    TrialInfo,
-    best_hparams,
-    build_parser,
-    grid_size,
-    make_point,
-    param_space,
-    parse_size,
-    points_from_rows,
-    run_study,
-    size_label,
-    spec_from_args,
-    trial_key,
-)
+from orchestration.studies.driver import run_study
+from orchestration.studies.points import StudySink, TrialInfo, best_hparams, make_point, points_from_rows
+from orchestration.studies.spec import StudySpec, grid_size, param_space, parse_size, size_label, trial_key
+from orchestration.studies.table import POINTS_SCHEMA
+from orchestration.sweep import build_parser, spec_from_args
 from training import JsonlSink
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _spec(**kw: object) -> StudySpec:
-    base: dict = dict(name="t", data_url="/data", variants=("mu", "Ti"), steps=(100, 200), image_size=32)
+def _spec(*sets: str, **kw: object) -> StudySpec:
+    """A study on the ``vit_study`` recipe; ``sets`` are extra ``--set`` overrides of it."""
+    base: dict = dict(name="t", overrides=("data.url=/data", "image_size=32", *sets), variants=("mu", "Ti"),
+                      steps=(100, 200))
     return StudySpec(**{**base, **kw})  # type: ignore[arg-type]
 
 
@@ -86,17 +76,17 @@ def test_spec_validation_grid_and_round_trip() -> None:
 
 
 def test_micro_batch_must_divide_the_batch() -> None:
-    assert _spec(batch_size=64, micro_batch=16).micro_batch == 16
-    with pytest.raises(ValueError, match="micro_batch 24 must divide batch_size 64"):
-        _spec(batch_size=64, micro_batch=24)
+    assert _spec("train.global_batch=64", "train.micro_batch=16").base.train.micro_batch == 16
+    with pytest.raises(ValueError, match="global_batch 64 is not a multiple of micro_batch 24"):
+        _spec("train.global_batch=64", "train.micro_batch=24")
 
 
 def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
-    spec = _spec(storage=str(tmp_path), lr=1e-3)
+    spec = _spec("train.lr=1e-3", storage=str(tmp_path))
     spec.analysis_dir.mkdir(parents=True)
     (spec.analysis_dir / "study.json").write_text(json.dumps({"study_run_id": None, "spec": spec.to_dict()}))
-    changed = _spec(storage=str(tmp_path), lr=3e-3)
-    with pytest.raises(ValueError, match=r"started with different settings \(lr\)"):
+    changed = _spec("train.lr=3e-3", storage=str(tmp_path))
+    with pytest.raises(ValueError, match=r"started with different settings \(train\.lr\)"):
         run_study(changed, resume=True, tracking=False)  # before Ray starts
 
 
@@ -338,9 +328,10 @@ def test_hparams_study_ranks_lr_within_each_size(tmp_path: Path, digits_shards: 
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = StudySpec(
-        name="hp", study="hparams", data_url=digits_shards, variants=("mu/4:width=16:mlp_dim=32",), steps=(40,),
-        image_size=16, batch_size=32, evals_per_trial=2, num_samples=3, lr_range=(1e-4, 1e-2),
-        crop_min=0.6, hflip=False, loader_workers=0, storage=str(tmp_path / "studies"),
+        name="hp", study="hparams", variants=("mu/4:width=16:mlp_dim=32",), steps=(40,),
+        overrides=(f"data.url={digits_shards}", "image_size=16", "train.global_batch=32", "train.micro_batch=32",
+                   "data.crop_scale=0.6,1.0", "data.hflip=false", "data.num_workers=0"),
+        evals_per_trial=2, num_samples=3, lr_range=(1e-4, 1e-2), storage=str(tmp_path / "studies"),
         experiment="hp-test", tracking_uri=uri,
     )
     try:

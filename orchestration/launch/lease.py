@@ -34,7 +34,8 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from botocore.exceptions import ClientError
 
 from pipeline.storage import LocalStorage, S3Storage, Storage, open_storage, url_join
 
@@ -213,7 +214,7 @@ class Lease:
             try:
                 r = self.storage.client.put_object(Bucket=self.storage.bucket, Key=self._s3_key(), Body=data,
                                                    IfNoneMatch="*")
-            except Exception as e:
+            except ClientError as e:
                 if _precondition_failed(e):
                     return False
                 raise
@@ -240,7 +241,7 @@ class Lease:
             try:
                 r = self.storage.client.put_object(Bucket=self.storage.bucket, Key=self._s3_key(), Body=data,
                                                    IfMatch=version)
-            except Exception as e:
+            except ClientError as e:
                 if _precondition_failed(e) or _missing(e):
                     return False
                 raise
@@ -267,7 +268,7 @@ class Lease:
         if isinstance(self.storage, S3Storage):
             try:
                 r = self.storage.client.get_object(Bucket=self.storage.bucket, Key=self._s3_key())
-            except Exception as e:
+            except ClientError as e:
                 if _missing(e):
                     return None, None
                 raise
@@ -284,7 +285,7 @@ class Lease:
                 return
             try:
                 self.storage.client.delete_object(Bucket=self.storage.bucket, Key=self._s3_key(), IfMatch=self._etag)
-            except Exception as e:
+            except ClientError as e:
                 if not (_precondition_failed(e) or _missing(e)):
                     raise
             return
@@ -328,15 +329,14 @@ def hold_run_lease(run_dir: str, run_id: str, *, force: bool = False, ttl_s: flo
     return lease
 
 
-def _error_code(e: BaseException) -> str:
-    response: Any = getattr(e, "response", None)
-    return str((response or {}).get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+def _error_code(e: ClientError) -> str:
+    return str(e.response.get("Error", {}).get("Code", ""))
 
 
-def _precondition_failed(e: BaseException) -> bool:
+def _precondition_failed(e: ClientError) -> bool:
     # 412 PreconditionFailed; 409 ConditionalRequestConflict when two conditional writes race.
     return _error_code(e) in {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 
 
-def _missing(e: BaseException) -> bool:
+def _missing(e: ClientError) -> bool:
     return _error_code(e) in {"NoSuchKey", "404", "NotFound"}

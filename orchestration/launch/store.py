@@ -8,6 +8,8 @@ when it lands on another node.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 from pipeline.storage import Storage, open_storage
@@ -76,3 +78,46 @@ class StorageCheckpointStore:
         prefix = prefix.strip("/") + "/"
         for key in self.storage.list(prefix):
             self.storage.delete(key)
+
+
+def local_path(url: str) -> str:
+    """A local path or ``file://`` URL as a plain path (the one place ``file://`` is stripped)."""
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+def checkpoint_location(url: str, key: str) -> tuple[str, StorageCheckpointStore | None]:
+    """(local checkpoint_dir, CheckpointStore or None) for checkpoints kept at ``url``.
+
+    On ``s3://`` the Trainer stages checkpoints in ``<tmp>/vitscale-ckpt/<key>`` and the store
+    mirrors them to ``url``; on a path (shared by every node) it writes there directly.
+    """
+    if url.startswith("s3://"):
+        return str(Path(tempfile.gettempdir()) / "vitscale-ckpt" / key), StorageCheckpointStore(url)
+    return local_path(url), None
+
+
+def fetch(url: str, local: Path) -> Path:
+    """Copy a path / file:// / s3:// object to ``local`` (or return the path itself)."""
+    if url.startswith("s3://"):
+        parent, name = url.rsplit("/", 1)
+        open_storage(parent).download_file(name, local)
+        return local
+    return Path(local_path(url))
+
+
+def read_run_file(run_dir: str, key: str) -> bytes | None:
+    """Bytes of ``<run_dir>/<key>`` or None."""
+    store = open_storage(run_dir)
+    return store.read_bytes(key) if store.exists(key) else None
+
+
+def delete_tree(url: str, local_dir: str = "") -> None:
+    """Remove everything under ``url`` (path or s3://) and a local staging folder."""
+    if local_dir:
+        shutil.rmtree(local_dir, ignore_errors=True)
+    if url.startswith("s3://"):
+        st = open_storage(url)
+        for k in st.list(""):
+            st.delete(k)
+    else:
+        shutil.rmtree(local_path(url), ignore_errors=True)

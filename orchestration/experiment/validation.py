@@ -1,7 +1,7 @@
 """Input checks that need I/O, and the one way every CLI reports a bad configuration.
 
 The range checks live with the configs (``DataConfig`` / ``TrainConfig`` / ``ViTConfig``
-``__post_init__``, launch-level ones in :func:`orchestration.recipes.experiment_problems`,
+``__post_init__``, launch-level ones in :func:`orchestration.experiment.checks.experiment_problems`,
 study-level ones in ``StudySpec``). This module adds what can only be known by looking:
 the dataset exists and is readable, holds the split, enough samples for one batch per rank and
 a usable class count; run storage can be written. Dataset metadata is read only through
@@ -20,10 +20,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from orchestration.recipes import ConfigError
+from orchestration.experiment.checks import ConfigError
 
 if TYPE_CHECKING:
-    from orchestration.recipes import Experiment
+    from orchestration.experiment.config import Experiment
     from pipeline import DataConfig
 
 #: Exit status of a CLI whose arguments or configuration are invalid (argparse uses it too).

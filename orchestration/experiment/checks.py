@@ -1,0 +1,115 @@
+"""Launch-level checks of a whole :class:`Experiment`, one line per problem (no I/O).
+
+The component configs check their own fields when they are built; this module adds what only
+the whole experiment knows (Ray resources, names that become paths, the model at this image
+size, the accumulation that makes the global batch) and the error types every CLI reports.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from model import parse_variant
+from orchestration.experiment.config import Experiment
+
+
+class OverrideError(ValueError):
+    """A ``--set`` override names an unknown key or carries a value of the wrong type."""
+
+
+class ConfigError(OverrideError):
+    """Everything wrong with one configuration; ``problems`` has one line per problem."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = [" ".join(p.split("\n")) for p in problems]  # one line each, whatever the source
+        super().__init__("\n".join(self.problems))
+
+
+def build_component(section: str, make: Callable[[], Any], problems: list[str]) -> Any:
+    """``make()`` a component config; on ValueError add its lines to ``problems`` and return None."""
+    try:
+        return make()
+    except (ValueError, TypeError) as e:
+        problems.extend(component_problems(section, e))
+        return None
+
+
+def component_problems(section: str, error: Exception) -> list[str]:
+    """Lines of a component config's ValueError (``invalid TrainConfig:`` then ``lr=inf ...``), each
+    prefixed with ``section.`` so it names the key the user sets (``train.lr=inf ...``)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("invalid ") and lines[0].endswith(":"):
+        lines = lines[1:]
+    return [f"{section}.{ln}" if _SAFE_NAME.match(ln.split("=", 1)[0].split(" ", 1)[0]) else f"{section}: {ln}"
+            for ln in lines]
+
+
+#: A name that is safe as one path component, an MLflow name and a Ray Train run name.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def name_problems(key: str, value: Any) -> list[str]:
+    """``[]`` if ``value`` is safe as a path component (run folders, registry names), else one line."""
+    if isinstance(value, str) and _SAFE_NAME.match(value) and ".." not in value:
+        return []
+    return [f"{key}={value!r} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit "
+            "and without '..' (it names folders and registry entries)"]
+
+
+def experiment_problems(exp: Experiment, *, consistency: bool = True) -> list[str]:
+    """Launch-level problems of ``exp``, one line each (empty: it can be launched).
+
+    Ray resources, retries and names here; the component configs checked their own fields when
+    they were built. ``consistency=False`` skips the checks that read ``data``/``train`` (used
+    when one of them could not be built, so those lines would only repeat its errors).
+    """
+    p: list[str] = []
+    for key, low, why in (("workers", 1, ""), ("cpus_per_worker", 1, " (Ray packs workers without CPUs "
+                          "onto one node without limit)"), ("gpus_per_worker", 0, ""),
+                          ("max_failures", 0, " (-1, Ray's 'retry forever', would repeat a deterministic "
+                           "failure without end)"), ("image_size", 1, "")):
+        v = getattr(exp, key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            p.append(f"{key}={v!r} must be an int >= {low}{why}")
+    p += name_problems("name", exp.name) + name_problems("dataset_name", exp.dataset_name)
+    if exp.registered_model_name:
+        p += name_problems("registered_model_name", exp.registered_model_name)
+    if exp.eval_split is not None and not exp.eval_split:
+        p.append("eval_split='' must be a split name or none")
+    try:
+        parse_variant(exp.variant)
+    except ValueError as e:
+        p.append(f"variant={exp.variant!r}: {e}")
+    else:
+        if not any(x.startswith("image_size=") for x in p):  # a bad image_size is reported once
+            build_component("model", lambda: exp.model_config(num_classes=2), p)  # e.g. image_size % patch_size
+    if consistency:
+        p += _consistency_problems(exp)
+    return p
+
+
+def _consistency_problems(exp: Experiment) -> list[str]:
+    p: list[str] = []
+    if isinstance(exp.workers, int) and exp.workers >= 1:
+        try:
+            exp.train.accum_for(exp.workers)
+        except ValueError as e:
+            p.append(f"{e} (workers={exp.workers})")
+    return p
+
+
+def validate(exp: Experiment) -> None:
+    """Raise :class:`ConfigError` listing every launch-level problem of ``exp``; cheap, no I/O."""
+    problems = experiment_problems(exp)
+    if problems:
+        raise ConfigError(problems)
+
+
+def with_workers(exp: Experiment, workers: int) -> Experiment:
+    """``exp`` on ``workers`` ranks, keeping the global batch (accumulation is re-derived)."""
+    out = replace(exp, workers=workers)
+    validate(out)
+    return out

@@ -1,0 +1,132 @@
+"""One way to build a training run from an :class:`Experiment`: loaders, model, Trainer, resume.
+
+Pre-training and fine-tuning workers (:mod:`orchestration.launch.train`) and every Tune trial
+(:mod:`orchestration.studies.trial`) call :func:`build_run` and :func:`resume`; they differ only
+in the sink they pass (MLflow on rank 0, or the study's points sink) and where the checkpoints go.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orchestration.experiment.config import Experiment
+from orchestration.launch.store import checkpoint_location, fetch
+
+if TYPE_CHECKING:
+    from model import VisionTransformer
+    from training import Trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Loaders:
+    """The loaders of one rank: ``eval`` is None when the experiment has no eval split."""
+
+    train: Any
+    eval: Any | None
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.train.num_classes)
+
+
+def build_loaders(exp: Experiment, *, rank: int, world: int) -> Loaders:
+    """Train (and eval) loaders of ``exp.data`` for this rank; uint8 batches (the Trainer normalizes
+    them on its device: a quarter of the host bytes). The eval split is read whole: a limit on
+    training samples (a study's training-set size) never shrinks the evaluation."""
+    from pipeline import build_loader
+
+    data = replace(exp.data, output="uint8")
+    train = build_loader(data, rank=rank, world_size=world)
+    evl = None
+    if exp.eval_split:
+        evl = build_loader(replace(data, split=exp.eval_split, train=False, limit_samples=None),
+                           rank=rank, world_size=world)
+    return Loaders(train, evl)
+
+
+def build_model(exp: Experiment, num_classes: int, init_weights: str | None = None) -> VisionTransformer:
+    """The experiment's ViT, seeded with ``train.seed``; ``init_weights`` (a path or URL of
+    safetensors) initialises the backbone for fine-tuning: new zero-init head, position
+    embeddings resampled to ``exp.image_size``."""
+    import torch
+
+    from model import create_model
+    from model.weights import load_weights
+
+    torch.manual_seed(exp.train.seed)
+    model = create_model(exp.variant, num_classes=num_classes, image_size=exp.image_size, **exp.model_overrides)
+    if init_weights:
+        with tempfile.TemporaryDirectory() as tmp:
+            load_weights(model, fetch(init_weights, Path(tmp) / "init.safetensors"), ignore_head=True)
+    return model
+
+
+def build_run(
+    exp: Experiment,
+    *,
+    rank: int,
+    world: int,
+    checkpoint_url: str,
+    checkpoint_key: str,
+    make_sink: Callable[[VisionTransformer], Any] | None = None,
+    init_weights: str | None = None,
+) -> tuple[Trainer, Loaders]:
+    """Loaders, model and ``training.Trainer`` of ``exp`` on this rank (not yet restored).
+
+    ``exp.data.url`` is the dataset and ``exp.eval_split`` the eval split (None: no evaluation);
+    checkpoints go to ``checkpoint_url`` (path or ``s3://``, staged locally under
+    ``checkpoint_key``). ``make_sink(model)`` gives this rank's ``MetricsSink`` (None: no-op).
+    """
+    from training import Trainer
+
+    loaders = build_loaders(exp, rank=rank, world=world)
+    model = build_model(exp, loaders.num_classes, init_weights)
+    sink = make_sink(model) if make_sink is not None else None
+    checkpoint_dir, store = checkpoint_location(checkpoint_url, checkpoint_key)
+    trainer = Trainer(model, exp.train, loaders.train, eval_loader=loaders.eval, sink=sink,
+                      checkpoint_dir=checkpoint_dir, checkpoint_store=store)
+    return trainer, loaders
+
+
+def resume(trainer: Trainer, log_metrics: Callable[[dict[str, float], int], None] | None,
+           *, prefix: str = "") -> int:
+    """Continue from the newest complete checkpoint (if any); returns the step it resumed from.
+
+    One ``<prefix>resumed_from_step`` point per attempt goes to ``log_metrics``: a restarted worker
+    group or a resumed trial shows up as a value > 0.
+    """
+    resumed = trainer.restore("auto")
+    step = trainer.step
+    if log_metrics is not None:
+        log_metrics({f"{prefix}resumed_from_step": float(step), f"{prefix}resumed": float(resumed)}, step)
+    return step
+
+
+def timed_fit(trainer: Trainer) -> tuple[dict[str, Any], float]:
+    """``trainer.fit()`` and its wall time in seconds."""
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    return result, time.perf_counter() - t0
+
+
+def probe_batch(exp: Experiment, n: int) -> Any:
+    """A few normalised eval images for attention maps (rank 0), or None."""
+    if not n or not exp.eval_split:
+        return None
+    from pipeline import build_loader
+
+    cfg = replace(exp.data, split=exp.eval_split, train=False, batch_size=n, num_workers=0, output="float")
+    try:
+        for batch in build_loader(cfg, rank=0, world_size=1):
+            return batch[0][:n].clone()
+    except Exception as e:  # noqa: BLE001 - attention maps are optional
+        log.warning("no probe images for attention maps: %s", e)
+    return None

@@ -1,0 +1,195 @@
+"""Ray Train launch shared by pre-training and fine-tuning: the driver's :func:`run_training` and
+the per-worker :func:`train_worker`.
+
+:func:`run_training` launches a Ray Train ``TorchTrainer`` (Train V2 API in Ray 2.60:
+``ray.train.torch.TorchTrainer``, ``ScalingConfig``, ``RunConfig(failure_config=FailureConfig(
+max_failures=...))``). Each worker runs :func:`train_worker`, which takes ALL of its state from
+the config dict (no module globals, DESIGN.md rule 9) and builds its run with
+:func:`orchestration.launch.build.build_run` (DeepSpeed on the process group Ray Train already
+created: nccl on GPUs, gloo on CPUs), with the :class:`~orchestration.tracking.MLflowSink` on
+rank 0. Checkpoints go to a run-specific folder on shared storage (a path, or ``s3://`` through
+:class:`~orchestration.launch.store.StorageCheckpointStore`), and every attempt resumes: when Ray
+restarts the worker group after a failure, training continues from the newest complete
+checkpoint, not from step 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from orchestration.experiment.config import Experiment, experiment_from_dict, experiment_to_dict
+from orchestration.launch.build import build_run, probe_batch, resume, timed_fit
+from orchestration.launch.store import checkpoint_location, read_run_file
+from pipeline.storage import open_storage, url_join
+
+log = logging.getLogger(__name__)
+
+#: Where the exported weights of a run land, relative to the run folder.
+EXPORT_KEY = "export/model.safetensors"
+#: Rank 0's final report (Ray Train V2 keeps metrics only alongside reported checkpoints).
+RESULT_KEY = "result.json"
+CHECKPOINT_PREFIX = "checkpoints"
+
+
+def dataset_lineage(data_url: str) -> dict[str, Any]:
+    """The published version of the dataset at ``data_url``, resolved once (pipeline.format).
+
+    Returns its manifest (``dataset``), ``version`` (the id loaders pin), the sha256 of its
+    ``index.parquet`` (checked against the manifest) and its ``splits``. A missing or damaged
+    dataset is logged (the error names the file) and gives empty lineage, so the run fails
+    later in the loader with the same message rather than here.
+    """
+    from pipeline import format as fmt
+
+    try:
+        res = fmt.resolve(data_url)
+        index_sha = fmt.sha256_hex(fmt.read_checked(res, fmt.INDEX))
+    except (fmt.DatasetFormatError, OSError) as e:
+        log.warning("no readable dataset at %s: %s", data_url, e)
+        return {"dataset": {}, "version": None, "index_sha256": "missing", "splits": []}
+    return {"dataset": res.manifest, "version": res.version, "index_sha256": index_sha,
+            "splits": sorted(res.manifest["splits"])}
+
+
+def run_training(
+    exp: Experiment,
+    *,
+    data_url: str,
+    run_id: str,
+    run_dir: str,
+    tracking_uri: str,
+    eval_split: str | None,
+    init_weights: str | None = None,
+    probe_images: int = 1,
+    ray_storage: str | None = None,
+) -> dict[str, Any]:
+    """Run ``exp`` on Ray Train and return rank 0's final report (step, loss, eval_top1, ...).
+
+    ``run_dir`` (local path or ``s3://``) holds ``checkpoints/`` and ``export/model.safetensors``;
+    it must be reachable from every worker. ``init_weights`` (a URL/path of safetensors written
+    by :func:`train_worker`) initialises the backbone for fine-tuning: new zero-init head, position
+    embeddings resampled to ``exp.image_size``. Raises ``RuntimeError`` if training failed after
+    ``exp.max_failures`` worker-group restarts.
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    config = {
+        "experiment": experiment_to_dict(exp),
+        "data_url": data_url,
+        # Resolved once here, so every rank (and restart) reads the same dataset version.
+        "dataset_version": exp.data.dataset_version or dataset_lineage(data_url)["version"],
+        "eval_split": eval_split,
+        "run_id": run_id,
+        "tracking_uri": tracking_uri,
+        "run_dir": run_dir,
+        "init_weights": init_weights,
+        "probe_images": probe_images,
+    }
+    use_gpu = exp.gpus_per_worker > 0
+    resources: dict[str, float] = {"CPU": float(exp.cpus_per_worker)}
+    if use_gpu:
+        resources["GPU"] = float(exp.gpus_per_worker)
+    storage = ray_storage or os.environ.get("VITSCALE_RAY_STORAGE") or str(Path(tempfile.gettempdir()) / "vitscale-ray")
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=exp.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"{exp.name}-{run_id[:8]}-{int(time.time())}",
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=exp.max_failures),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # ray.train.TrainingFailedError and friends
+        raise RuntimeError(f"training run {run_id} failed: {e}") from e
+    if getattr(result, "error", None):
+        raise RuntimeError(f"training run {run_id} failed: {result.error}")
+    raw = read_run_file(run_dir, RESULT_KEY)
+    return {**(result.metrics or {}), **(json.loads(raw) if raw else {})}
+
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train per-worker function: everything it needs is in ``config`` (JSON-able).
+
+    Reports once at the end (all ranks, as Ray Train requires) with rank 0's final metrics.
+    """
+    import ray.train
+    import torch
+
+    from orchestration import tracking
+
+    tracking.install_log_redaction()
+    ctx = ray.train.get_context()
+    rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+    # Ray Train has already created the process group; the Trainer (and DeepSpeed) reuse it and
+    # only read these for logging / device selection. The Trainer keeps DeepSpeed's CPU
+    # collectives on gloo itself (training.dist).
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    exp = worker_experiment(config)
+
+    sink = None
+    if rank == 0:
+        sink = tracking.MLflowSink(config["run_id"], uri=config["tracking_uri"],
+                                   attention_images=probe_batch(exp, int(config.get("probe_images", 1))))
+    checkpoint_url = url_join(config["run_dir"], CHECKPOINT_PREFIX)
+    trainer, loaders = build_run(
+        exp, rank=rank, world=world, checkpoint_url=checkpoint_url, checkpoint_key=config["run_id"],
+        make_sink=lambda _model: sink, init_weights=config.get("init_weights"),
+    )
+    start_step = resume(trainer, sink.log_metrics if sink is not None else None, prefix="attempt/")
+    result, elapsed = timed_fit(trainer)
+    _export(trainer, config, rank, sink)
+    if sink is not None:
+        sink.log_metrics({"train_time_s": elapsed}, trainer.step)
+        sink.close()
+    report = {
+        **{k: float(v) for k, v in result.items() if isinstance(v, (int, float))},
+        "num_classes": loaders.num_classes,
+        "resumed_from_step": start_step,
+        "world_size": world,
+    }
+    if rank == 0:
+        open_storage(config["run_dir"]).write_bytes(RESULT_KEY, json.dumps(report).encode())
+    ray.train.report(report)  # a barrier: every rank is past its last checkpoint save
+    checkpoint_dir, store = checkpoint_location(checkpoint_url, config["run_id"])
+    if store is not None and local_rank == 0:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # local staging of the s3 mirror
+
+
+def worker_experiment(config: dict[str, Any]) -> Experiment:
+    """The worker's experiment: the driver's, on the resolved dataset version and eval split."""
+    exp = experiment_from_dict(config["experiment"])
+    data = replace(exp.data, url=config["data_url"], dataset_version=config.get("dataset_version"))
+    return replace(exp, data=data, eval_split=config.get("eval_split"))
+
+
+def _export(trainer: Any, config: dict[str, Any], rank: int, sink: Any) -> None:
+    """Export consolidated weights (collective under ZeRO-3) with the config for rebuilding."""
+    from training.checkpoint import export_weights
+
+    cfg_json = json.dumps(dataclasses.asdict(trainer.model.cfg)) if hasattr(trainer.model, "cfg") else "{}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_weights(
+            trainer.engine,
+            Path(tmp) / "model.safetensors",
+            metadata={"vitscale.config": cfg_json, "run_id": config["run_id"], "step": str(trainer.step)},
+        )
+        if rank == 0 and path is not None:
+            open_storage(config["run_dir"]).upload_file(path, EXPORT_KEY)
+            if sink is not None:
+                sink.log_artifact(str(path), "weights")

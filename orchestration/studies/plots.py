@@ -1,0 +1,120 @@
+"""Plots of a study: error vs compute with the fitted frontier law, and the compute-optimal size."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from orchestration.studies.law import FrontierFit, frontier_of
+from orchestration.studies.sizes import SizeCurve, optimal_sizes
+from orchestration.studies.table import Points
+
+
+def _compute_grid(points: Points, extend: float = 4.0, n: int = 200) -> np.ndarray:
+    lo, hi = float(points.compute.min()), float(points.compute.max())
+    return np.geomspace(lo / extend, hi * extend, n)
+
+
+def _fmt_params(n: int) -> str:
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
+def plot_error_vs_compute(
+    points: Points, fit: FrontierFit | None, path: str | Path, *, title: str = ""
+) -> Path:
+    """Log-log error vs compute: each trial (colour = size), the frontier, the fit and band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    variants = sorted(set(points.variant), key=lambda v: (points.params.get(v, 0), v))
+    cmap = plt.get_cmap("viridis")
+    colors = {v: cmap(i / max(1, len(variants) - 1)) for i, v in enumerate(variants)}
+    fig, ax = plt.subplots(figsize=(12, 5.5))
+    seen: set[str] = set()
+    for t in sorted(set(points.trial)):
+        m = points.trial == t
+        order = np.argsort(points.compute[m])
+        v = str(points.variant[m][0])
+        label = f"{v} ({_fmt_params(points.params[v])})" if v in points.params else v
+        ax.plot(points.compute[m][order], points.error[m][order], "-o", ms=2.5, lw=1, alpha=0.55,
+                color=colors[v], label=None if v in seen else label)
+        seen.add(v)
+    if fit is not None:
+        grid = _compute_grid(points)
+        lo, hi = fit.band(grid)
+        ax.fill_between(grid, lo, hi, color="tab:red", alpha=0.18,
+                        label=f"{fit.confidence:.0%} bootstrap band")
+        ax.plot(grid, fit.law(grid), color="tab:red", lw=2, label=f"fit: {fit.law}")
+        ax.plot(fit.frontier.compute, fit.frontier.error, "s", color="black", ms=4, mfc="none",
+                label="compute-efficient frontier")
+        ax.axhline(fit.law.c, color="tab:red", ls=":", lw=1, label=f"saturation c = {fit.law.c:.3g}")
+        h = fit.holdout
+        if h is not None and h.law is not None:
+            ax.plot(grid, h.law(grid), "--", color="gray", lw=1.2,
+                    label=f"fit without largest budget: {h.mean_abs_rel_error:.1%} mean error beyond")
+            ax.axvline(h.fit_compute_max, color="gray", ls=":", lw=0.8)
+    else:
+        front = frontier_of(points)
+        ax.plot(front.compute, front.error, "s", color="black", ms=4, mfc="none",
+                label="compute-efficient frontier")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    # Frame the measurements; a wild extrapolation of the band must not squash them.
+    lo_e, hi_e = float(points.error.min()), float(points.error.max())
+    ax.set_ylim(lo_e / 2.5, hi_e * 1.6)
+    ax.set_xlabel("training compute C (FLOPs)")
+    ax.set_ylabel(points.metric.replace("_", " "))
+    ax.set_title(title or f"{points.metric} vs compute: every trial, the compute-efficient frontier and the fit")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_optimal_size(
+    curves: Mapping[str, SizeCurve], compute: np.ndarray, path: str | Path, *, title: str = ""
+) -> Path:
+    """Compute-optimal model size (by parameter count where known) against budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    best = optimal_sizes(curves, compute)
+    ordered = [v for v in sorted(curves, key=lambda v: (curves[v].params or 0, v)) if curves[v].law is not None]
+    use_params = all(curves[v].params for v in ordered)
+    ypos = {v: float(curves[v].params) if use_params else float(i) for i, v in enumerate(ordered)}  # type: ignore[arg-type]
+    y = np.array([ypos[v] for v in best])
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for v in ordered:  # where each size was measured
+        ax.plot(curves[v].compute_range, [ypos[v], ypos[v]], color="gray", alpha=0.35, lw=7, solid_capstyle="butt")
+    ax.step(compute, y, where="post", color="tab:blue", lw=2, label="compute-optimal size")
+    ax.plot([], [], color="gray", alpha=0.35, lw=7, label="measured compute range of the size")
+    ax.set_xscale("log")
+    if use_params:
+        ax.set_yscale("log")
+        ax.minorticks_off()
+    labels = [f"{v} ({_fmt_params(curves[v].params)})" if use_params else v for v in ordered]  # type: ignore[arg-type]
+    ax.set_yticks([ypos[v] for v in ordered], labels, fontsize=8)
+    ax.set_ylabel("model size")
+    ax.set_xlabel("training compute budget C (FLOPs)")
+    ax.set_title(title or "compute-optimal model size (lowest per-size fitted curve)")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,218 @@
+"""Model registry and loading a model by URI, without pickles.
+
+* :func:`log_and_register_model` logs the model as an MLflow *logged model* whose artifacts are
+  ``model.safetensors`` + ``config.json`` (no pickle) and registers it as ``vit-<variant>-<dataset>``
+  with lineage tags; :func:`load_model` rebuilds it from those two files and never unpickles.
+* Embedded store vs ``mlflow server``: a server validates a model version's source against the
+  ids sent with it (``models:/m-...`` needs ``model_id``), stores artifacts behind
+  ``mlflow-artifacts:/`` (proxied, local disk or S3) instead of ``file://`` paths, and puts the
+  tracking URI (user-info included) into its messages. Registration sends ``model_id`` and
+  ``run_id``, every artifact goes through MLflow's artifact API (never a local path), and every
+  printed or logged line is redacted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+
+if TYPE_CHECKING:
+    from model import VisionTransformer
+from orchestration.tracking.redact import redact, redact_text
+from orchestration.tracking.runs import client
+
+log = logging.getLogger(__name__)
+
+
+MODEL_WEIGHTS_FILE = "model.safetensors"
+
+
+MODEL_CONFIG_FILE = "config.json"
+
+
+MODEL_FORMAT = "vitscale-safetensors-1"  # tag on the logged model: which loader reads it
+
+
+_PICKLE_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle", ".bin", ".ckpt", ".joblib")
+
+
+class UnsafeModelError(ValueError):
+    """A model artifact that could only be loaded by unpickling it (which runs arbitrary code)."""
+
+
+def write_model_dir(model: VisionTransformer, out_dir: Path) -> Path:
+    """Write ``model.safetensors`` (weights + config metadata) and ``config.json`` into ``out_dir``."""
+    from model.weights import save_weights
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out_dir / MODEL_WEIGHTS_FILE)
+    (out_dir / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2, sort_keys=True))
+    return out_dir
+
+
+def register_model_dir(
+    local_dir: Path,
+    *,
+    run_id: str,
+    name: str,
+    tags: Mapping[str, Any],
+    description: str = "",
+    uri: str | None = None,
+    await_s: int = 300,
+) -> int:
+    """Log ``local_dir`` as a logged model of ``run_id`` and register it as a new version of ``name``.
+
+    The version's source is ``models:/<model_id>`` and the request carries both ``model_id`` and
+    ``run_id``: an ``mlflow server`` validates the source against them (the embedded store does
+    not), and the version keeps its lineage to the run. MLflow's own wait
+    (``await_creation_for``) raises unless the version becomes READY. Returns the version number.
+    """
+    c = client(uri)
+    clean = redact(tags)
+    run = c.get_run(run_id)
+    logged = c.create_logged_model(
+        run.info.experiment_id, name="model", source_run_id=run_id,
+        tags={"vitscale.format": MODEL_FORMAT, **{k: v for k, v in clean.items() if len(v) < 500}},
+    )
+    try:
+        c.log_model_artifacts(logged.model_id, str(local_dir))
+    except BaseException:
+        c.finalize_logged_model(logged.model_id, "FAILED")
+        raise
+    c.finalize_logged_model(logged.model_id, "READY")
+    try:
+        c.create_registered_model(name, description=description or None)
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    mv = c.create_model_version(
+        name, source=f"models:/{logged.model_id}", run_id=run_id, model_id=logged.model_id,
+        tags=clean, description=description or None, await_creation_for=await_s,
+    )
+    return int(mv.version)
+
+
+def log_and_register_model(
+    model: Any,
+    *,
+    run_id: str,
+    name: str,
+    tags: Mapping[str, Any],
+    description: str = "",
+    uri: str | None = None,
+) -> int:
+    """Register ``model`` (a VisionTransformer) as ``model.safetensors`` + ``config.json``.
+
+    Nothing is pickled: :func:`load_model` rebuilds the network from the config with this
+    repository's ``model`` package and loads the tensors with safetensors. ``tags`` (lineage)
+    go on the model version. Returns the new version number.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        local = write_model_dir(model.cpu().eval(), Path(tmp) / "model")
+        return register_model_dir(local, run_id=run_id, name=name, tags=tags, description=description, uri=uri)
+
+
+def load_model(source: str, uri: str | None = None) -> VisionTransformer:
+    """A VisionTransformer from ``models:/NAME/VERSION``, ``models:/m-<id>``, ``runs:/ID/PATH`` or a path.
+
+    The artifacts are downloaded through MLflow's artifact API (``file://``, proxied
+    ``mlflow-artifacts:/`` and S3 alike) and must be ``model.safetensors`` (+ ``config.json``) or
+    a single ``.safetensors`` file with ``vitscale.config`` metadata. Nothing is unpickled: a
+    pickled model (an ``mlflow.pytorch`` ``data/model.pth``, any ``.pt``/``.pkl``) raises
+    :class:`UnsafeModelError` without its bytes ever reaching ``pickle``.
+    """
+    if not source.startswith(("models:/", "runs:/")):
+        return model_from_path(Path(source), source)
+    client(uri)  # sets the fluent API's tracking/registry URI for the artifact download
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri)
+        except mlflow.exceptions.MlflowException as e:
+            raise FileNotFoundError(f"could not download model {source}: {redact_text(e.message)}") from e
+        return model_from_path(Path(local), source)
+
+
+def model_from_path(path: Path, source: str) -> VisionTransformer:
+    """Rebuild a model from a downloaded model folder or ``.safetensors`` file (see :func:`load_model`)."""
+    from model import VisionTransformer, ViTConfig
+    from model.weights import load_weights, read_config
+
+    if not path.exists():
+        raise FileNotFoundError(f"model source {source!r}: not a models:/ or runs:/ URI and no such file")
+    if path.is_dir():
+        weights, config_file = path / MODEL_WEIGHTS_FILE, path / MODEL_CONFIG_FILE
+    else:
+        weights, config_file = path, None
+    if not weights.is_file() or weights.suffix != ".safetensors":
+        _refuse_non_safetensors(path, source)
+    try:
+        meta_cfg = read_config(weights)  # parses the safetensors header only: no code runs
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise UnsafeModelError(f"{source}: {weights.name} is not a valid safetensors file ({e})") from e
+    cfg = meta_cfg
+    if config_file is not None and config_file.is_file():
+        try:
+            cfg = ViTConfig(**json.loads(config_file.read_text()))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {MODEL_CONFIG_FILE} is not a valid ViTConfig ({e})") from e
+    if cfg is None:
+        raise ValueError(f"{source}: {weights.name} carries no 'vitscale.config' metadata and there is no "
+                         f"{MODEL_CONFIG_FILE}; export it with model.weights.save_weights")
+    if meta_cfg is not None and meta_cfg != cfg:
+        raise ValueError(f"{source}: {MODEL_CONFIG_FILE} and the config inside {weights.name} disagree "
+                         f"({cfg} vs {meta_cfg}); the artifact was modified after registration")
+    return load_weights(VisionTransformer(cfg), weights)
+
+
+def _refuse_non_safetensors(path: Path, source: str) -> None:
+    files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path.name]
+    pickles = [f for f in files if f.endswith(_PICKLE_SUFFIXES)]
+    what = f"pickle files {pickles}" if pickles else f"files {files[:10]}"
+    raise UnsafeModelError(
+        f"{source} has no {MODEL_WEIGHTS_FILE} (found {what}); vitscale never unpickles a model artifact "
+        "because loading a pickle runs arbitrary code. Register the model's safetensors export instead "
+        "(orchestration.tracking.log_and_register_model, or load runs:/<RUN_ID>/weights/model.safetensors, "
+        "which every training run logs)"
+    )
+
+
+def resolve_model_source(source: str, uri: str | None = None) -> dict[str, Any]:
+    """Describe a ``models:/NAME/VERSION``, ``runs:/ID/PATH`` or local ``.safetensors`` source.
+
+    Returns ``{"kind", "run_id" (or None), "tags" (version/run lineage tags), "uri"}``.
+    ``models:/NAME/latest`` picks the highest version.
+    """
+    if source.startswith("models:/"):
+        c = client(uri)
+        parts = source[len("models:/") :].strip("/").split("/")
+        name = parts[0]
+        if len(parts) < 2 or parts[1] in ("latest", ""):
+            versions = c.search_model_versions(f"name='{name}'")
+            if not versions:
+                raise ValueError(f"registered model {name!r} has no versions (source {source!r})")
+            mv = max(versions, key=lambda v: int(v.version))
+        else:
+            mv = c.get_model_version(name, parts[1])
+        return {
+            "kind": "registry",
+            "run_id": mv.run_id,
+            "tags": dict(mv.tags),
+            "uri": f"models:/{name}/{mv.version}",
+            "name": name,
+            "version": int(mv.version),
+        }
+    if source.startswith("runs:/"):
+        run_id = source[len("runs:/") :].split("/")[0]
+        tags = dict(client(uri).get_run(run_id).data.tags)
+        return {"kind": "run", "run_id": run_id, "tags": tags, "uri": source}
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"model source {source!r}: not a models:/ or runs:/ URI and no such file")
+    return {"kind": "file", "run_id": None, "tags": {}, "uri": str(path.resolve())}

@@ -1,0 +1,179 @@
+"""MLflow runs: the tracking URI, experiments, creating/continuing/ending runs, reading metrics.
+
+Tracking URI: ``$MLFLOW_TRACKING_URI``, else an embedded ``sqlite:///<project>/mlflow.db`` (the
+model registry works on sqlite). Artifacts of sqlite stores go to ``mlruns/`` next to the
+database file, so a ``ray job submit --working-dir`` copy of the repo never swallows them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+from mlflow import MlflowClient
+
+if TYPE_CHECKING:
+    pass
+from orchestration.tracking.redact import add_url_secrets, redact, redact_text
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` or ``sqlite:///<project>/mlflow.db``.
+
+    Under ``ray job submit --working-dir`` the "project" is a temporary unpacked copy, so a
+    default sqlite store there would vanish with the job: set MLFLOW_TRACKING_URI on the cluster
+    (infra/local/start_services.sh does) or pass ``--tracking-uri``.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    if "runtime_resources" in str(PROJECT_ROOT):
+        log.warning(
+            "MLFLOW_TRACKING_URI is not set and this code runs from a Ray working_dir copy (%s): "
+            "the default sqlite store there is deleted with the job", PROJECT_ROOT,
+        )
+    return f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+def artifact_root(uri: str) -> str | None:
+    """Default artifact location for new experiments: ``mlruns/`` next to a sqlite file, else None."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        return (db.parent / "mlruns").resolve().as_uri()
+    return None
+
+
+def client(uri: str | None = None) -> MlflowClient:
+    """An MlflowClient on ``uri`` (default :func:`tracking_uri`); also sets the fluent API's URI."""
+    uri = uri or tracking_uri()
+    add_url_secrets(uri)  # a --tracking-uri password is masked like an env one
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def get_or_create_experiment(name: str, uri: str | None = None) -> str:
+    """Experiment id of ``name``, created (with the sqlite-adjacent artifact root) if missing."""
+    uri = uri or tracking_uri()
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name, artifact_location=artifact_root(uri))
+    except mlflow.exceptions.MlflowException:  # created concurrently
+        exp = c.get_experiment_by_name(name)
+        assert exp is not None
+        return exp.experiment_id
+
+
+def start_run(
+    experiment: str,
+    *,
+    run_name: str,
+    tags: Mapping[str, Any] | None = None,
+    parent_run_id: str | None = None,
+    uri: str | None = None,
+) -> str:
+    """Create a RUNNING run (nested under ``parent_run_id`` when given) and return its id."""
+    c = client(uri)
+    exp_id = get_or_create_experiment(experiment, uri)
+    all_tags = {"mlflow.runName": run_name, **redact(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = c.create_run(exp_id, run_name=run_name, tags=all_tags)
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:
+    """Mark ``run_id`` FINISHED / FAILED / KILLED."""
+    client(uri).set_terminated(run_id, status=status)
+
+
+def git_commit(root: Path = PROJECT_ROOT) -> str:
+    """HEAD commit of the checkout (``+dirty`` when modified), or "unknown" outside git."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root, capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("VITSCALE_GIT_COMMIT", "unknown")
+
+
+def run_metrics(run_id: str, uri: str | None = None) -> dict[str, float]:
+    """Latest value of every metric of the run."""
+    return dict(client(uri).get_run(run_id).data.metrics)
+
+
+def metric_history(run_id: str, key: str, uri: str | None = None) -> list[tuple[int, float]]:
+    """``[(step, value), ...]`` of one metric, sorted by step."""
+    hist = client(uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in hist)
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}`` (lists/tuples stay values)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+
+def resume_or_start_run(
+    experiment: str,
+    *,
+    run_name: str,
+    existing: str | None = None,
+    match_tags: Mapping[str, str] | None = None,
+    tags: Mapping[str, Any] | None = None,
+    parent_run_id: str | None = None,
+    uri: str | None = None,
+    on_resume: Callable[[str], None] | None = None,
+) -> tuple[str, bool]:
+    """The run to log to: an existing one set back to RUNNING, else a new one. Returns (id, resumed).
+
+    The existing run is ``existing`` (a run id kept by the caller, e.g. a ``latest_run.json``
+    pointer; one this store does not know is logged and a new run started) or the first run of
+    ``experiment`` (under ``parent_run_id``) whose tags equal ``match_tags``. ``on_resume(run_id)``
+    runs before the run is touched (pre-training takes the run folder's lease there).
+    """
+    c = client(uri)
+    run_id = None
+    if existing is not None:
+        try:
+            run_id = c.get_run(existing).info.run_id
+        except mlflow.exceptions.MlflowException:  # a pointer to a run of another tracking store
+            log.warning("run %s not found in %s: starting a new run", existing, redact_text(uri or tracking_uri()))
+    elif match_tags:
+        exp_id = get_or_create_experiment(experiment, uri)
+        terms = [f"tags.`{k}` = '{v}'" for k, v in match_tags.items()]
+        if parent_run_id:
+            terms.insert(0, f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+        found = c.search_runs([exp_id], filter_string=" and ".join(terms), max_results=1)
+        run_id = found[0].info.run_id if found else None
+    if run_id is None:
+        new = start_run(experiment, run_name=run_name, tags=tags, parent_run_id=parent_run_id, uri=uri)
+        return new, False
+    if on_resume is not None:
+        on_resume(run_id)
+    c.update_run(run_id, status="RUNNING")
+    return run_id, True
