@@ -54,7 +54,7 @@ def location_problems(url: str, key: str = "--data") -> list[str]:
     if url.startswith("s3://"):
         bucket = url[len("s3://"):].split("/", 1)[0]
         return [] if bucket else [f"{key} {url}: no bucket; use s3://BUCKET/PREFIX"]
-    path = Path(url.removeprefix("file://")).expanduser()
+    path = _local(url)
     if not path.exists():
         return [f"{key} {url}: no such folder (write a dataset with python -m pipeline.write_shards SRC DEST)"]
     if not path.is_dir():
@@ -114,13 +114,22 @@ def experiment_data_problems(exp: Experiment | None, url: str) -> list[str]:
     return dataset_problems(url, exp.data, world_size=exp.workers, loss=exp.train.loss)
 
 
+def _local(url: str) -> Path:
+    """The folder of a local path / ``file://`` URL, parsed as the loaders and stores parse it."""
+    from pipeline.storage import LocalStorage, open_storage
+
+    storage = open_storage(url)
+    assert isinstance(storage, LocalStorage)  # s3:// was handled by the caller
+    return storage.root.expanduser()
+
+
 def storage_problems(url: str, key: str = "--storage") -> list[str]:
     """A local run-storage root can be created and written (s3:// is checked when first written)."""
     if "://" in url and not url.startswith(_SCHEMES):
         return [f"{key} {url}: unsupported URL scheme; use a local path, file://PATH or s3://BUCKET/PREFIX"]
     if url.startswith("s3://"):
         return location_problems(url, key)
-    path = Path(url.removeprefix("file://")).expanduser().absolute()
+    path = _local(url).absolute()
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is None or not existing.is_dir():
         return [f"{key} {url}: {existing} is not a folder"]

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline.storage import Storage, open_storage
+from pipeline.storage import LocalStorage, Storage, open_storage
 
 
 class StorageCheckpointStore:
@@ -81,8 +81,11 @@ class StorageCheckpointStore:
 
 
 def local_path(url: str) -> str:
-    """A local path or ``file://`` URL as a plain path (the one place ``file://`` is stripped)."""
-    return url[len("file://") :] if url.startswith("file://") else url
+    """A local path or ``file://`` URL as a plain path, parsed as ``pipeline.storage`` parses it."""
+    storage = open_storage(url)
+    if not isinstance(storage, LocalStorage):
+        raise ValueError(f"{url} is not a local path or file:// URL")
+    return str(storage.root)
 
 
 def checkpoint_location(url: str, key: str) -> tuple[str, StorageCheckpointStore | None]:
