@@ -81,6 +81,29 @@ def test_mlflow_sink_never_stores_secrets(tmp_path: Path, monkeypatch: pytest.Mo
     assert artifact.is_relative_to(tmp_path), "sqlite stores keep artifacts next to the database"
 
 
+def test_resume_or_start_run_is_one_function(tmp_path: Path) -> None:
+    """Pre-training (a run id in latest_run.json), the study run (an id in study.json) and a trial
+    (found by its tag under the study run) all continue or create their MLflow run the same way."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first, resumed = tracking.resume_or_start_run("resume", run_name="a", tags={"k": "v"}, uri=uri)
+    assert not resumed
+    tracking.end_run(first, "FAILED", uri=uri)
+    seen: list[str] = []
+    again, resumed = tracking.resume_or_start_run("resume", run_name="a", existing=first, uri=uri,
+                                                  on_resume=seen.append)
+    assert (again, resumed, seen) == (first, True, [first])
+    assert tracking.client(uri).get_run(first).info.status == "RUNNING"
+    other, resumed = tracking.resume_or_start_run("resume", run_name="b", existing="0" * 32, uri=uri)
+    assert other != first and not resumed  # a pointer into another store: a new run
+    tags = {"vitscale.trial": "t1"}
+    child, _ = tracking.resume_or_start_run("resume", run_name="t1", parent_run_id=first, match_tags=tags,
+                                            tags=tags, uri=uri)
+    found, resumed = tracking.resume_or_start_run("resume", run_name="t1", parent_run_id=first, match_tags=tags,
+                                                  tags=tags, uri=uri)
+    assert (found, resumed) == (child, True)
+    assert tracking.client(uri).get_run(child).data.tags["mlflow.parentRunId"] == first
+
+
 @pytest.mark.integration
 def test_storage_checkpoint_store_on_s3(s3_bucket: str, tmp_path: Path) -> None:
     from orchestration.launch.store import StorageCheckpointStore

@@ -135,3 +135,16 @@ def test_experiment_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         vit_mu_smoke().workers = 3  # type: ignore[misc]
     assert dataclasses.is_dataclass(Experiment)
+
+
+def test_image_size_and_per_rank_batch_are_stored_once() -> None:
+    """``data.image_size`` / ``data.batch_size`` are derived from ``image_size`` / ``train.micro_batch``:
+    however an experiment is made, they cannot disagree (there is no second copy to keep in step)."""
+    exp = vit_mu_smoke()
+    bigger = dataclasses.replace(exp, image_size=48, train=dataclasses.replace(exp.train, micro_batch=16,
+                                                                             global_batch=32))
+    assert bigger.data.image_size == 48 and bigger.data.batch_size == 16
+    validate(bigger)
+    aliased = apply_overrides(exp, ["data.image_size=64", "data.batch_size=8", "train.global_batch=16"])
+    assert (aliased.image_size, aliased.train.micro_batch) == (64, 8)
+    assert (aliased.data.image_size, aliased.data.batch_size) == (64, 8)

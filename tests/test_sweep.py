@@ -349,3 +349,25 @@ def test_hparams_study_ranks_lr_within_each_size(tmp_path: Path, digits_shards: 
     assert any(r.info.status == "FINISHED" for r in runs)
     assert not (tmp_path / "studies" / "hp-trials").exists()  # checkpoints of stopped trials removed
     assert "frontier_fit" not in result.summary["fit"]  # mixed learning rates: no law
+
+
+def test_a_trial_is_the_base_recipe_with_overrides_and_set_works_on_sweeps(tmp_path: Path) -> None:
+    """A sweep trial is an Experiment (the recipe + the study's --set + the trial's own overrides);
+    the CLI's training flags are --set shorthands and leave the recipe's other values alone."""
+    from orchestration.experiment import get_recipe
+    from orchestration.studies.spec import trial_experiment
+
+    args = build_parser().parse_args(
+        ["--variants", "mu:width=32", "--steps", "200", "--data", "/d", "--image-size", "16", "--lr", "2e-3",
+         "--set", "train.grad_clip=0.5", "--set", "data.randaugment=(2, 9)", "--storage", str(tmp_path)])
+    spec = spec_from_args(args)
+    exp = trial_experiment(spec, variant="mu/4:width=32", steps=200, samples=400, seed=3)
+    recipe = get_recipe("vit_study")
+    assert exp.train.grad_clip == 0.5 and exp.data.randaugment == (2, 9) and exp.train.lr == 2e-3
+    assert exp.train.weight_decay == recipe.train.weight_decay and exp.data.crop_scale == recipe.data.crop_scale
+    assert (exp.variant, exp.model_overrides["width"], exp.image_size) == ("mu/4", 32, 16)
+    assert (exp.train.total_steps, exp.train.seed, exp.data.seed, exp.data.limit_samples) == (200, 3, 3, 400)
+    assert exp.train.warmup_steps == 200 * recipe.train.warmup_steps // recipe.train.total_steps
+    with pytest.raises(ValueError, match="unknown key 'train.lrr'"):
+        spec_from_args(build_parser().parse_args(["--variants", "mu", "--steps", "10", "--data", "/d",
+                                                  "--set", "train.lrr=1"]))
