@@ -22,7 +22,11 @@ Samples are shuffled across classes with ``--seed`` before being cut into shards
 JPEG bytes are kept unless ``--max-side`` asks for a resize; other formats are re-encoded.
 Re-running with the same arguments resumes: a shard whose marker matches the plan and whose
 stored bytes hash to the recorded sha256 is not re-encoded. Images that cannot be read or
-decoded are skipped and listed in ``rejects.parquet`` with the reason.
+decoded, and every entry of SRC the walk cannot use (an unreadable folder, a broken link, a
+FIFO), are skipped and listed in ``rejects.parquet`` with the reason. File names need not be
+UTF-8. The CLI exits 2 with one line for a missing SRC or bucket and 1 when nothing could be
+written (no images, or all rejected); images above ``pipeline.decode.DEFAULT_MAX_PIXELS`` (the
+loader's limit too) are rejected as ``too_many_pixels``.
 """
 
 from __future__ import annotations
@@ -116,8 +120,8 @@ def _walk_class(folder: str, rejects: list[dict[str, Any]], seen: set[tuple[int,
     """Image files under ``folder`` (recursive, sorted); everything unreadable becomes a reject."""
     try:
         st = os.stat(folder)
-        if (st.st_dev, st.st_ino) in seen:  # a symlink cycle
-            rejects.append(_reject(folder, "unreadable_folder", "symlink cycle"))
+        if (st.st_dev, st.st_ino) in seen:  # a symlink cycle, or a second link to a walked folder
+            rejects.append(_reject(folder, "duplicate_folder", "already walked (symlink cycle or second link)"))
             return []
         seen.add((st.st_dev, st.st_ino))
         with os.scandir(folder) as it:

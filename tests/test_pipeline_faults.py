@@ -218,6 +218,22 @@ def test_stalled_connection_times_out_per_data_config(s3_ds: str, proxy_factory)
     assert took < 20, f"two stalls cost {took:.0f}s with read_timeout_s=1 (boto3's fixed timeout is 60s)"
 
 
+@pytest.mark.integration
+def test_download_in_parts_survives_cut_headers_and_bodies(s3_ds: str, proxy_factory, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.storage as storage
+
+    monkeypatch.setattr(storage, "DOWNLOAD_PART", 20_000)  # several parallel ranged readers
+    shard = "shards/train-000001.tar"
+    whole = open_storage(s3_ds).read_bytes(shard)
+    assert len(whole) > 3 * 20_000
+    p = proxy_factory(faults=[("cut", 150), ("cut", 4_000), ("cut", 110), ("cut", 9_000)], every=2,
+                      match=b"/shards/")
+    open_storage(s3_ds).download_file(shard, tmp_path / "x" / "shard.tar")
+    assert (tmp_path / "x" / "shard.tar").read_bytes() == whole
+    assert len(p.done) == 4 and os.listdir(tmp_path / "x") == ["shard.tar"]  # no partial file left
+
+
 def test_s3_timeouts_validated() -> None:
     with pytest.raises(ValueError, match="read_timeout_s"):
         DataConfig(url="x", read_timeout_s=0)
