@@ -75,6 +75,8 @@ class DataConfig:
     host memory and the host-to-device copy, and no float conversion on the host, the way
     timm's PrefetchLoader and FFCV normalize on the GPU. With mixup/cutmix the batches are
     float either way (mixing needs float; ``normalize`` passes float through).
+    ``max_bad_fraction``: the loader raises once the bad samples of a pass (an epoch, or its
+    rest after a resume) are certain to exceed this fraction of it (:class:`BadSampleLimit`).
     """
 
     url: str
