@@ -140,8 +140,22 @@ def s3_client(settings: S3Settings | None = None) -> Any:
             )
             session = boto3.session.Session()
             client = session.client("s3", endpoint_url=endpoint, config=cfg)
+            client.meta.events.register("before-send.s3", _no_expect_continue)
             _CLIENTS[key] = client
     return client
+
+
+def _no_expect_continue(request: Any, **_: Any) -> None:
+    """Send PUT bodies without waiting for ``100 Continue`` (botocore's default for S3 uploads).
+
+    botocore reads the interim response's headers until a blank line and never stops at end
+    of stream, so a connection closed inside ``HTTP/1.1 100 Continue`` spins a writer forever
+    (botocore 1.44). Without ``Expect`` the body goes out at once and a cut connection is an
+    ordinary, retried error. ``Expect`` is not a signed header, so removing it after signing is
+    safe. Must return None: a value returned from ``before-send`` would be used as the response.
+    """
+    if "Expect" in request.headers:
+        del request.headers["Expect"]
 
 
 def _botocore_classes() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
@@ -158,7 +172,7 @@ def _botocore_classes() -> tuple[tuple[type[BaseException], ...], tuple[type[Bas
 
 
 def _retried_by_botocore(exc: BaseException) -> bool:
-    """True for a request error botocore already retried ``request_attempts`` times."""
+    """A request-level error: if transient, botocore already retried it ``request_attempts`` times."""
     return isinstance(exc, _botocore_classes()[0])
 
 
@@ -178,6 +192,24 @@ def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError):
         return False
     return isinstance(exc, OSError | EOFError)  # local files, raw sockets, our own short-stream check
+
+
+def _parsed(what: str, call: Callable[[], Any]) -> Any:
+    """Run one botocore call; a response it could not parse becomes :class:`DamagedResponse`.
+
+    A header block cut mid-way can end inside a value botocore parses (``Last-Modified: Mon,
+    30 Nov 2026 2`` raises ``ValueError: Invalid timestamp``); botocore does not retry that.
+    Only the call is wrapped, so a KeyError of our own code is never mistaken for one.
+    """
+    from botocore.exceptions import BotoCoreError
+    from botocore.parsers import ResponseParserError
+
+    try:
+        return call()
+    except (ResponseParserError, KeyError, ValueError, IndexError) as exc:
+        if isinstance(exc, BotoCoreError):  # e.g. UnknownEndpointError: configuration, not a response
+            raise
+        raise DamagedResponse(f"{what}: unparseable response ({exc!r})") from exc
 
 
 class RangeReader(io.RawIOBase):
@@ -457,18 +489,30 @@ class S3Storage(Storage):
         return TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20,
                               max_concurrency=4, use_threads=True)
 
-    def _final(self, what: str, fn: Callable[[], Any]) -> Any:
-        """Run one botocore call (botocore retries it); a transient failure left is a StorageError."""
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 - classified below
-            if _retryable(exc):
-                raise StorageError(f"{what} failed after {self.settings.request_attempts} attempts: {exc!r}") from exc
-            raise
+    def _call(self, what: str, fn: Callable[[], Any], *, parsed: bool = True) -> Any:
+        """Run a non-streaming request: botocore retries the request itself; a damaged response
+        (which botocore accepted) is retried here; a transient failure left is a StorageError.
+
+        ``parsed=False`` for s3transfer calls: it reports response failures its own way.
+        """
+        for attempt in range(DEFAULT_RETRIES + 1):
+            try:
+                return _parsed(what, fn) if parsed else fn()
+            except DamagedResponse as exc:
+                if attempt == DEFAULT_RETRIES:
+                    raise StorageError(f"{what}: damaged responses after {DEFAULT_RETRIES} retries: {exc}") from exc
+                log.warning("%s: %s; retry %d", what, exc, attempt + 1)
+                time.sleep(0.2 * 2**attempt * (0.5 + random.random()))
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if _retryable(exc):
+                    raise StorageError(f"{what} failed after {self.settings.request_attempts} attempts: "
+                                       f"{exc!r}") from exc
+                raise
+        raise AssertionError("unreachable")
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        self._final(f"put {self.url_for(key)}",
-                    lambda: self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data))
+        self._call(f"put {self.url_for(key)}",
+                   lambda: self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data))
 
     def exists(self, key: str) -> bool:
         try:
@@ -492,7 +536,7 @@ class S3Storage(Storage):
         from botocore.exceptions import ClientError, NoCredentialsError
 
         try:
-            self._final(f"head bucket s3://{self.bucket}", lambda: self.client.head_bucket(Bucket=self.bucket))
+            self._call(f"head bucket s3://{self.bucket}", lambda: self.client.head_bucket(Bucket=self.bucket))
         except NoCredentialsError as exc:
             raise StorageError(f"no S3 credentials for s3://{self.bucket}: set AWS_ACCESS_KEY_ID and "
                                "AWS_SECRET_ACCESS_KEY (or an AWS profile)") from exc
@@ -506,20 +550,11 @@ class S3Storage(Storage):
 
     def list(self, prefix: str = "") -> list[str]:
         full = (self.prefix + "/" if self.prefix else "") + prefix.lstrip("/")  # keeps a trailing "/"
-        for attempt in range(DEFAULT_RETRIES + 1):
-            try:
-                return self._list_once(full)
-            except DamagedResponse as exc:
-                if attempt == DEFAULT_RETRIES:
-                    raise StorageError(f"list {self.url_for(prefix)}: damaged responses after "
-                                       f"{DEFAULT_RETRIES} retries: {exc}") from exc
-                time.sleep(0.2 * 2**attempt * (0.5 + random.random()))
-        raise AssertionError("unreachable")
+        return self._call(f"list {self.url}/{full}", lambda: self._list_once(full))
 
     def _list_once(self, full: str) -> list[str]:
         out = []
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
-        for page in self._final(f"list {self.url}/{full}", lambda: list(pages)):
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
             # Every ListObjectsV2 result carries IsTruncated; a page without it is a response
             # whose headers were cut (empty body parsed as {}): it would silently list nothing.
             if "IsTruncated" not in page:
@@ -531,10 +566,11 @@ class S3Storage(Storage):
 
     def upload_file(self, local_path: str | os.PathLike[str], key: str) -> None:
         # s3transfer does not retry uploads itself; botocore retries each part request.
-        self._final(
+        self._call(
             f"upload {self.url_for(key)}",
             lambda: self.client.upload_file(str(local_path), self.bucket, self._k(key),
                                             Config=self._transfer_config()),
+            parsed=False,
         )
 
     def download_file(self, key: str, local_path: str | os.PathLike[str]) -> None:
@@ -568,8 +604,8 @@ class S3Storage(Storage):
             tmp.unlink(missing_ok=True)
 
     def delete(self, key: str) -> None:
-        self._final(f"delete {self.url_for(key)}",
-                    lambda: self.client.delete_object(Bucket=self.bucket, Key=self._k(key)))
+        self._call(f"delete {self.url_for(key)}",
+                   lambda: self.client.delete_object(Bucket=self.bucket, Key=self._k(key)))
 
     def open_range(self, key: str, start: int = 0, end: int | None = None, **kw: Any) -> RangeReader:
         bucket, k, name, settings = self.bucket, self._k(key), self.url_for(key), self.settings
@@ -586,7 +622,7 @@ def _get_range(client: Any, bucket: str, key: str, name: str, pos: int, stop: in
 
     rng = f"bytes={pos}-" if stop is None else f"bytes={pos}-{max(stop, pos + 1) - 1}"
     try:
-        r = client.get_object(Bucket=bucket, Key=key, Range=rng)
+        r = _parsed(f"get {name} {rng}", lambda: client.get_object(Bucket=bucket, Key=key, Range=rng))
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in {"NoSuchKey", "404"}:

@@ -234,6 +234,23 @@ def test_download_in_parts_survives_cut_headers_and_bodies(s3_ds: str, proxy_fac
     assert len(p.done) == 4 and os.listdir(tmp_path / "x") == ["shard.tar"]  # no partial file left
 
 
+@pytest.mark.integration
+def test_put_survives_a_cut_interim_response(s3_bucket: str, proxy_factory) -> None:
+    # 16 bytes is inside "HTTP/1.1 100 Continue\r\n\r\n", the interim response botocore waits for
+    # before sending a PUT body by default; it then read header lines at EOF forever (100 % CPU).
+    p = proxy_factory(faults=[("cut", 16), ("cut", 16)], methods=(b"PUT",))
+    st = open_storage(f"s3://{s3_bucket}/put")
+    done = threading.Event()
+
+    def put() -> None:
+        st.write_bytes("a.json", b"{}" * 100)
+        done.set()
+
+    threading.Thread(target=put, daemon=True).start()
+    assert done.wait(60), "a PUT hung on a connection cut inside its interim response"
+    assert len(p.done) >= 1 and st.read_bytes("a.json") == b"{}" * 100
+
+
 def test_s3_timeouts_validated() -> None:
     with pytest.raises(ValueError, match="read_timeout_s"):
         DataConfig(url="x", read_timeout_s=0)
