@@ -31,7 +31,7 @@ from PIL import Image
 from pipeline import BadDataError, DataConfig, build_loader, open_storage, write_dataset
 from pipeline.decode import DEFAULT_MAX_PIXELS, BadSample, decode_eval
 from pipeline.demo_data import decode_index, make_index_folder
-from pipeline.storage import s3_client
+from pipeline.storage import S3Settings, StorageError, s3_client
 from pipeline.write_shards import WRITER_MAX_PIXELS, Reject, prepare_image
 from pipeline.write_shards import main as write_shards_main
 
@@ -251,6 +251,17 @@ def test_put_survives_a_cut_interim_response(s3_bucket: str, proxy_factory) -> N
     threading.Thread(target=put, daemon=True).start()
     assert done.wait(60), "a PUT hung on a connection cut inside its interim response"
     assert len(p.done) >= 1 and st.read_bytes("a.json") == b"{}" * 100
+
+
+@pytest.mark.integration
+def test_request_retries_do_not_multiply(s3_ds: str, proxy_factory) -> None:
+    # Every response closed before its first byte: botocore retries the request
+    # request_attempts times, and the reader does not retry that again (it used to: 5 x 7).
+    p = proxy_factory(faults=[("cut", 0)] * 100, match=b"/shards/")
+    st = open_storage(s3_ds, s3=S3Settings(request_attempts=3))
+    with pytest.raises(StorageError, match=r"shards/train-000000\.tar.*after botocore's retries"):
+        st.read_bytes("shards/train-000000.tar")
+    assert p.matched == 3
 
 
 def test_s3_timeouts_validated() -> None:
