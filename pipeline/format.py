@@ -305,7 +305,7 @@ def _get_s3(st: S3Storage) -> tuple[bytes, str]:
         return r["Body"].read(), str(r["ETag"])
 
     try:
-        return st._with_retries(f"read {st.url_for(MANIFEST)}", get)
+        return st._call(f"read {st.url_for(MANIFEST)}", get)
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404", "NotFound"}:
             raise FileNotFoundError(st.url_for(MANIFEST)) from exc
@@ -343,7 +343,7 @@ def _publish_s3(st: S3Storage, manifest: bytes, seen: Published) -> bool:
     try:
         # A retried PUT whose first attempt landed fails its condition; publish() then finds
         # its own version published and succeeds.
-        st._with_retries(f"publish {st.url_for(MANIFEST)}",
+        st._call(f"publish {st.url_for(MANIFEST)}",
                          lambda: st.client.put_object(Bucket=st.bucket, Key=key, Body=manifest, **cond))
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in {"PreconditionFailed", "ConditionalRequestConflict"}:
