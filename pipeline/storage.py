@@ -30,6 +30,9 @@ which a ``HEAD`` cannot.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import io
 import logging
 import os
@@ -38,7 +41,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -405,6 +408,26 @@ class Storage:
     def ensure_bucket(self) -> None:
         """Raise :class:`StorageError` now if the bucket behind the URL is missing (S3 only)."""
 
+    # Compare-and-swap of one small object: the one mechanism behind publishing a dataset
+    # version and holding a run's lease. A token names one stored content of ``key``.
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        """``(content, token)`` of ``key`` read in one response, or None if it does not exist."""
+        raise NotImplementedError
+
+    def put_if(self, key: str, data: bytes, *, token: str | None) -> str | None:
+        """Write ``data`` only if ``key`` is still as seen: absent (``token=None``) or holding the
+        content of ``token``. Returns the new token, or None if the condition failed (someone
+        else wrote or deleted it meanwhile)."""
+        raise NotImplementedError
+
+    def delete_if(self, key: str, *, token: str) -> bool:
+        """Delete ``key`` only if it still holds the content of ``token``; False otherwise."""
+        raise NotImplementedError
+
+
+def _content_token(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
 
 class LocalStorage(Storage):
     """A local directory (plain path or ``file://``)."""
@@ -422,6 +445,46 @@ class LocalStorage(Storage):
         tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
         tmp.write_bytes(data)
         os.replace(tmp, p)
+
+    @contextlib.contextmanager
+    def _locked(self, key: str) -> Iterator[Path]:
+        """Serialise read-check-write of ``key`` between processes. flock, not a lock file's
+        existence: the kernel drops it when the holder dies, so a crash leaves no stale lock."""
+        p = self._p(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p.with_name(f".{p.name}.lock"), "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield p
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            data = self._p(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        return data, _content_token(data)
+
+    def put_if(self, key: str, data: bytes, *, token: str | None) -> str | None:
+        with self._locked(key) as p:
+            current = p.read_bytes() if p.exists() else None
+            if (None if current is None else _content_token(current)) != token:
+                return None
+            tmp = p.with_name(f".{p.name}.tmp{os.getpid()}.{threading.get_ident()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, p)
+        return _content_token(data)
+
+    def delete_if(self, key: str, *, token: str) -> bool:
+        with self._locked(key) as p:
+            try:
+                if _content_token(p.read_bytes()) != token:
+                    return False
+            except FileNotFoundError:
+                return False
+            p.unlink()
+        return True
 
     def exists(self, key: str) -> bool:
         return self._p(key).exists()
@@ -607,6 +670,42 @@ class S3Storage(Storage):
         self._call(f"delete {self.url_for(key)}",
                    lambda: self.client.delete_object(Bucket=self.bucket, Key=self._k(key)))
 
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        def get() -> tuple[bytes, str]:
+            r = self.client.get_object(Bucket=self.bucket, Key=self._k(key))
+            return r["Body"].read(), str(r["ETag"])  # body and ETag of ONE response
+
+        try:
+            return self._call(f"get {self.url_for(key)}", get)
+        except Exception as exc:
+            if _s3_error_code(exc) in _MISSING:
+                return None
+            raise
+
+    def put_if(self, key: str, data: bytes, *, token: str | None) -> str | None:
+        # S3 conditional writes: If-None-Match: * (create) / If-Match: <ETag> (replace).
+        cond = {"IfNoneMatch": "*"} if token is None else {"IfMatch": token}
+        try:
+            r = self._call(f"conditional put {self.url_for(key)}",
+                           lambda: self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, **cond))
+        except Exception as exc:
+            # A retried PUT whose first attempt landed fails its own condition: callers re-read
+            # and find their content there (publish and lease both check for that).
+            if _s3_error_code(exc) in _CONDITION_FAILED | _MISSING:
+                return None
+            raise
+        return str(r["ETag"])
+
+    def delete_if(self, key: str, *, token: str) -> bool:
+        try:
+            self._call(f"conditional delete {self.url_for(key)}",
+                       lambda: self.client.delete_object(Bucket=self.bucket, Key=self._k(key), IfMatch=token))
+        except Exception as exc:
+            if _s3_error_code(exc) in _CONDITION_FAILED | _MISSING:
+                return False
+            raise
+        return True
+
     def open_range(self, key: str, start: int = 0, end: int | None = None, **kw: Any) -> RangeReader:
         bucket, k, name, settings = self.bucket, self._k(key), self.url_for(key), self.settings
 
@@ -614,6 +713,18 @@ class S3Storage(Storage):
             return _get_range(s3_client(settings), bucket, k, name, pos, stop)
 
         return RangeReader(name, opener, start, end, **kw)
+
+
+#: 412 PreconditionFailed; 409 ConditionalRequestConflict when two conditional writes race.
+_CONDITION_FAILED = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+_MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
+
+
+def _s3_error_code(exc: BaseException) -> str:
+    """The S3 error code of a botocore ``ClientError`` ("" for anything else)."""
+    from botocore.exceptions import ClientError
+
+    return str(exc.response.get("Error", {}).get("Code", "")) if isinstance(exc, ClientError) else ""
 
 
 def _get_range(client: Any, bucket: str, key: str, name: str, pos: int, stop: int | None) -> tuple[BinaryIO, int]:
