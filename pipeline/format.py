@@ -35,7 +35,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .storage import Storage, open_storage, url_join
+from .storage import S3Settings, Storage, open_storage, url_join
 
 FORMAT = "vitscale-webdataset"
 FORMAT_VERSION = 2
@@ -142,6 +142,7 @@ class Resolved:
     url: str  # the dataset root (what users pass as DEST / --data)
     version: str  # a version id, or LEGACY_VERSION
     manifest: dict[str, Any]
+    s3: S3Settings | None = None  # timeouts for reading the metadata (DataConfig's)
 
     @property
     def root_url(self) -> str:
@@ -149,7 +150,7 @@ class Resolved:
         return url_join(self.url, version_root(self.version))
 
     def storage(self) -> Storage:
-        return open_storage(self.root_url)
+        return open_storage(self.root_url, s3=self.s3)
 
 
 def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
@@ -182,13 +183,13 @@ def _read(st: Storage, key: str, what: str) -> bytes:
         raise DatasetFormatError(f"{st.url_for(key)} not found: {what}") from exc
 
 
-def resolve(url: str, version: str | None = None) -> Resolved:
+def resolve(url: str, version: str | None = None, *, s3: S3Settings | None = None) -> Resolved:
     """Pin a version of the dataset at ``url``: ``version``, else the published one.
 
     A dataset without a published manifest but with a root ``index.parquet`` is format 1
     (:data:`LEGACY_VERSION`).
     """
-    st = open_storage(url)
+    st = open_storage(url, s3=s3)
     if version is None:
         if not st.exists(MANIFEST):
             raise DatasetFormatError(
@@ -199,7 +200,7 @@ def resolve(url: str, version: str | None = None) -> Resolved:
         if version == LEGACY_VERSION and not st.exists(INDEX):
             raise DatasetFormatError(f"{st.url_for(INDEX)} not found: a format-1 dataset whose writer has not "
                                      f"finished; {REWRITE_HINT}")
-        return Resolved(url=url, version=str(version), manifest=info)
+        return Resolved(url=url, version=str(version), manifest=info, s3=s3)
     key = url_join(version_root(version), MANIFEST)
     if version == LEGACY_VERSION and st.exists(key):
         info = parse_manifest(st.read_bytes(key), st.url_for(key))
@@ -207,7 +208,7 @@ def resolve(url: str, version: str | None = None) -> Resolved:
             raise DatasetFormatError(
                 f"the pinned format-1 dataset at {url} was replaced by version {info['dataset_version']}; start a "
                 "fresh run on the published version")
-        return Resolved(url=url, version=version, manifest=info)
+        return Resolved(url=url, version=version, manifest=info, s3=s3)
     if not st.exists(key):
         current = "none"
         if st.exists(MANIFEST):
@@ -215,7 +216,7 @@ def resolve(url: str, version: str | None = None) -> Resolved:
         raise DatasetFormatError(
             f"{st.url_for(key)} not found: the pinned dataset version {version} of {url} was deleted (the published "
             f"version is now {current}); restore it, or start a fresh run on the published version")
-    return Resolved(url=url, version=version, manifest=parse_manifest(st.read_bytes(key), st.url_for(key)))
+    return Resolved(url=url, version=version, manifest=parse_manifest(st.read_bytes(key), st.url_for(key)), s3=s3)
 
 
 def read_checked(res: Resolved, name: str) -> bytes:

@@ -258,7 +258,8 @@ class Meta:
         return int(self.shard_start[-1])
 
 
-def load_meta(url: str, split: str, limit: int | None = None, version: str | None = None) -> Meta:
+def load_meta(url: str, split: str, limit: int | None = None, version: str | None = None, *,
+              s3: S3Settings | None = None) -> Meta:
     """Pin a version (``version``, else the published one) and read the split's rows.
 
     Every metadata file is checked against the manifest's size and sha256 and validated
@@ -267,7 +268,7 @@ def load_meta(url: str, split: str, limit: int | None = None, version: str | Non
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    res = fmt.resolve(url, version)
+    res = fmt.resolve(url, version, s3=s3)
     info = res.manifest
     index = fmt.read_index(res)
     index = index.filter(pc.equal(index["split"], split))
@@ -526,7 +527,7 @@ class Loader:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self._plan_cache: tuple[tuple, EpochPlan] | None = None
-        self._pin(load_meta(cfg.url, cfg.split, cfg.limit_samples, cfg.dataset_version))
+        self._pin(load_meta(cfg.url, cfg.split, cfg.limit_samples, cfg.dataset_version, s3=cfg.s3_settings()))
         self.epoch = epoch
         self._batches = 0  # yielded in the current segment of the current epoch
         self._segments: list[Segment] = []
@@ -689,7 +690,8 @@ class Loader:
         if pinned is not None and pinned != self.meta.version:
             log.warning("loader state pins dataset version %s of %s (published now: %s); reading the pinned version",
                         pinned, self.cfg.url, self.meta.version)
-            self._pin(load_meta(self.cfg.url, self.cfg.split, self.cfg.limit_samples, pinned))
+            self._pin(load_meta(self.cfg.url, self.cfg.split, self.cfg.limit_samples, pinned,
+                                s3=self.cfg.s3_settings()))
         if state.get("num_samples") != self.meta.num_samples or state.get("seed") != self.cfg.seed:
             raise ValueError(f"loader state is for a different dataset or seed (num_samples "
                              f"{state.get('num_samples')} vs {self.meta.num_samples}, seed {state.get('seed')} "

@@ -223,6 +223,17 @@ def test_stalled_connection_times_out_per_data_config(s3_ds: str, proxy_factory)
 
 
 @pytest.mark.integration
+def test_stalled_metadata_read_times_out_per_data_config(s3_ds: str, proxy_factory) -> None:
+    # The loader's first reads (dataset.json, samples.parquet) use the same timeouts as the shards.
+    p = proxy_factory(faults=[("stall", 0)], match=b"samples.parquet", stall_s=90)
+    cfg = DataConfig(url=s3_ds, train=False, image_size=16, batch_size=16, num_workers=0, read_backoff_s=0.01,
+                     connect_timeout_s=1.0, read_timeout_s=1.0)
+    t0 = time.monotonic()
+    assert sorted(_eval_ids(cfg)) == list(range(300))
+    assert p.done == [("stall", 0)] and time.monotonic() - t0 < 20
+
+
+@pytest.mark.integration
 def test_download_in_parts_survives_cut_headers_and_bodies(s3_ds: str, proxy_factory, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import pipeline.storage as storage
