@@ -25,8 +25,10 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-#: Pixel cap checked from the JPEG header, before any decoding (decompression bombs); the same
-#: value as PIL's ``Image.MAX_IMAGE_PIXELS`` default, but enforced as a counted skip.
+#: The one pixel limit of the project (decompression bombs): the writer rejects images above it
+#: (``write_shards.prepare_image``) and the loader skips them (``DataConfig.max_image_pixels``
+#: defaults to it), so whatever the writer stores the loader reads. Checked from the header,
+#: before any decoding; the same value as PIL's ``Image.MAX_IMAGE_PIXELS`` default.
 DEFAULT_MAX_PIXELS = 89_478_485
 
 

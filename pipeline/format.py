@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
-from .storage import LocalStorage, S3Storage, Storage, open_storage, url_join
+from .storage import S3Settings, Storage, open_storage, url_join
 
 FORMAT = "vitscale-webdataset"
 FORMAT_VERSION = 2
@@ -143,6 +142,7 @@ class Resolved:
     url: str  # the dataset root (what users pass as DEST / --data)
     version: str  # a version id, or LEGACY_VERSION
     manifest: dict[str, Any]
+    s3: S3Settings | None = None  # timeouts for reading the metadata (DataConfig's)
 
     @property
     def root_url(self) -> str:
@@ -150,7 +150,7 @@ class Resolved:
         return url_join(self.url, version_root(self.version))
 
     def storage(self) -> Storage:
-        return open_storage(self.root_url)
+        return open_storage(self.root_url, s3=self.s3)
 
 
 def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
@@ -183,13 +183,13 @@ def _read(st: Storage, key: str, what: str) -> bytes:
         raise DatasetFormatError(f"{st.url_for(key)} not found: {what}") from exc
 
 
-def resolve(url: str, version: str | None = None) -> Resolved:
+def resolve(url: str, version: str | None = None, *, s3: S3Settings | None = None) -> Resolved:
     """Pin a version of the dataset at ``url``: ``version``, else the published one.
 
     A dataset without a published manifest but with a root ``index.parquet`` is format 1
     (:data:`LEGACY_VERSION`).
     """
-    st = open_storage(url)
+    st = open_storage(url, s3=s3)
     if version is None:
         if not st.exists(MANIFEST):
             raise DatasetFormatError(
@@ -200,7 +200,7 @@ def resolve(url: str, version: str | None = None) -> Resolved:
         if version == LEGACY_VERSION and not st.exists(INDEX):
             raise DatasetFormatError(f"{st.url_for(INDEX)} not found: a format-1 dataset whose writer has not "
                                      f"finished; {REWRITE_HINT}")
-        return Resolved(url=url, version=str(version), manifest=info)
+        return Resolved(url=url, version=str(version), manifest=info, s3=s3)
     key = url_join(version_root(version), MANIFEST)
     if version == LEGACY_VERSION and st.exists(key):
         info = parse_manifest(st.read_bytes(key), st.url_for(key))
@@ -208,7 +208,7 @@ def resolve(url: str, version: str | None = None) -> Resolved:
             raise DatasetFormatError(
                 f"the pinned format-1 dataset at {url} was replaced by version {info['dataset_version']}; start a "
                 "fresh run on the published version")
-        return Resolved(url=url, version=version, manifest=info)
+        return Resolved(url=url, version=version, manifest=info, s3=s3)
     if not st.exists(key):
         current = "none"
         if st.exists(MANIFEST):
@@ -216,7 +216,7 @@ def resolve(url: str, version: str | None = None) -> Resolved:
         raise DatasetFormatError(
             f"{st.url_for(key)} not found: the pinned dataset version {version} of {url} was deleted (the published "
             f"version is now {current}); restore it, or start a fresh run on the published version")
-    return Resolved(url=url, version=version, manifest=parse_manifest(st.read_bytes(key), st.url_for(key)))
+    return Resolved(url=url, version=version, manifest=parse_manifest(st.read_bytes(key), st.url_for(key)), s3=s3)
 
 
 def read_checked(res: Resolved, name: str) -> bytes:
@@ -284,32 +284,15 @@ class Published:
 
 def published(st: Storage) -> Published:
     """The currently published version of the dataset root ``st`` (format 1 counts)."""
-    try:
-        # S3: body and ETag from ONE response, so the token is the version we looked at.
-        data, token = _get_s3(st) if isinstance(st, S3Storage) else (st.read_bytes(MANIFEST), None)
-    except FileNotFoundError:
+    seen = st.read_versioned(MANIFEST)  # body and token from ONE read: the token is what we looked at
+    if seen is None:
         return Published(version=None, token=None)
-    token = token or sha256_hex(data)
+    data, token = seen
     try:
         version = json.loads(data).get("dataset_version", LEGACY_VERSION)
     except (ValueError, AttributeError):
         version = "damaged"  # a damaged manifest is replaced only with --overwrite
     return Published(version=str(version), token=token)
-
-
-def _get_s3(st: S3Storage) -> tuple[bytes, str]:
-    from botocore.exceptions import ClientError
-
-    def get() -> tuple[bytes, str]:
-        r = st.client.get_object(Bucket=st.bucket, Key=url_join(st.prefix, MANIFEST))
-        return r["Body"].read(), str(r["ETag"])
-
-    try:
-        return st._with_retries(f"read {st.url_for(MANIFEST)}", get)
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404", "NotFound"}:
-            raise FileNotFoundError(st.url_for(MANIFEST)) from exc
-        raise
 
 
 def publish(st: Storage, manifest: bytes, version: str, seen: Published) -> None:
@@ -318,58 +301,15 @@ def publish(st: Storage, manifest: bytes, version: str, seen: Published) -> None
     Succeeds only if the published manifest is still ``seen`` (or already names ``version``);
     otherwise raises :class:`PublishConflict` and leaves the other writer's version published.
     """
-    if isinstance(st, S3Storage):
-        ok = _publish_s3(st, manifest, seen)
-    elif isinstance(st, LocalStorage):
-        ok = _publish_local(st, manifest, seen)
-    else:  # pragma: no cover - only two storages exist
-        raise TypeError(f"cannot publish to {type(st).__name__}")
-    if ok:
+    if st.put_if(MANIFEST, manifest, token=seen.token) is not None:
         return
     now = published(st)
     if now.version == version:
-        return  # a writer with the same plan published the same version: nothing to do
+        return  # a writer with the same plan (or our own retried PUT) published the same version
     raise PublishConflict(
         f"another writer published dataset version {now.version} at {st.url} while this writer was writing "
         f"version {version}; {st.url_for(version_root(version))} is complete but NOT published. Re-run with "
         "--overwrite to publish it (readers pinned to the other version keep reading it)")
-
-
-def _publish_s3(st: S3Storage, manifest: bytes, seen: Published) -> bool:
-    from botocore.exceptions import ClientError
-
-    cond = {"IfNoneMatch": "*"} if seen.token is None else {"IfMatch": seen.token}
-    key = url_join(st.prefix, MANIFEST)
-    try:
-        # A retried PUT whose first attempt landed fails its condition; publish() then finds
-        # its own version published and succeeds.
-        st._with_retries(f"publish {st.url_for(MANIFEST)}",
-                         lambda: st.client.put_object(Bucket=st.bucket, Key=key, Body=manifest, **cond))
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in {"PreconditionFailed", "ConditionalRequestConflict"}:
-            return False
-        raise
-    return True
-
-
-def _publish_local(st: LocalStorage, manifest: bytes, seen: Published) -> bool:
-    import fcntl
-
-    st.root.mkdir(parents=True, exist_ok=True)
-    path = st.root / MANIFEST
-    # flock, not a lock file: the kernel drops it when the holder dies, so no stale locks.
-    with open(st.root / ".publish.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            current = path.read_bytes() if path.exists() else None
-            if (None if current is None else sha256_hex(current)) != seen.token:
-                return False
-            tmp = st.root / f".{MANIFEST}.tmp{os.getpid()}"
-            tmp.write_bytes(manifest)
-            os.replace(tmp, path)
-            return True
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # ----------------------------------------------------------------------------- repair (tests)

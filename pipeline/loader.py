@@ -13,8 +13,11 @@ shard plan -> split by rank -> split by worker -> read -> decode -> transform ->
   ``filled``) rather than shortening the batch: batch counts, and hence collectives, never
   depend on data quality. In eval batches it is masked (``valid=False``) instead.
 * Each batch carries the worker's stats delta back to the main process, so
-  ``loader.stats()`` aggregates over workers; above ``max_bad_fraction`` the loader raises
-  :class:`BadDataError` naming the worst shards.
+  ``loader.stats()`` aggregates over workers. The loader raises :class:`BadDataError`, naming
+  the worst shards, as soon as the bad samples of the pass exceed ``max_bad_fraction`` of the
+  samples the pass will read (see :class:`BadSampleLimit`), whatever the split's size or the
+  order the bad samples come in. That holds for eval too: a truncated val shard is an error
+  naming the shard, not metrics quietly computed on what was left.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from . import format as fmt
 from .decode import DEFAULT_MAX_PIXELS, BadSample, decode_eval, decode_train
 from .plan import EpochPlan, consumed_ids, epoch_order, mix, worker_batches_done
-from .storage import open_storage, url_join
+from .storage import S3Settings, open_storage, url_join
 from .stream import Run, Truncated, iter_runs, make_runs
 from .transforms import (
     affine_for,
@@ -63,7 +66,9 @@ class DataConfig:
     samples per epoch (the tail of that epoch's shard permutation, so different samples each
     epoch) are not read, which is what gives every rank the same batch count.
     ``batch_size`` is per rank. ``read_retries`` / ``read_backoff_s``: attempts (each resuming
-    with a Range GET from the byte reached) and initial backoff for a shard stream. ``train=False`` selects the eval preset (resize + center crop,
+    with a Range GET from the byte reached) and initial backoff for a shard stream;
+    ``connect_timeout_s`` / ``read_timeout_s``: S3 socket timeouts (a stalled connection fails
+    the attempt after ``read_timeout_s`` and resumes). ``train=False`` selects the eval preset (resize + center crop,
     no shuffle, no drop, padded last batches with a ``valid`` mask). ``limit_samples`` keeps
     only the first N samples of the split (writer order is already shuffled across classes),
     for data-size scaling studies. ``output="float"`` yields normalized float32 images;
@@ -74,6 +79,8 @@ class DataConfig:
     float either way (mixing needs float; ``normalize`` passes float through).
     ``dataset_version`` pins a version of the dataset at ``url`` (default: the published one,
     resolved once when the loader is built; the loader's ``state_dict`` records it).
+    ``max_bad_fraction``: the loader raises once the bad samples of a pass (an epoch, or its
+    rest after a resume) are certain to exceed this fraction of it (:class:`BadSampleLimit`).
     """
 
     url: str
@@ -94,10 +101,11 @@ class DataConfig:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     eval_crop_pct: float = 0.875
     max_bad_fraction: float = 0.01
-    min_samples_for_bad_check: int = 200
     prefetch_shards: int = 2
     read_retries: int = 6
     read_backoff_s: float = 0.2
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
     prefetch_batches: int = 2
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     limit_samples: int | None = None
@@ -109,6 +117,10 @@ class DataConfig:
         errors = _data_config_errors(self)
         if errors:
             raise ValueError("invalid DataConfig:\n  " + "\n  ".join(errors))
+
+    def s3_settings(self) -> S3Settings:
+        """The S3 client settings for reading shards (and the dataset's metadata)."""
+        return S3Settings(connect_timeout_s=self.connect_timeout_s, read_timeout_s=self.read_timeout_s)
 
 
 def _finite(v: Any) -> bool:
@@ -139,7 +151,7 @@ def _data_config_errors(c: DataConfig) -> list[str]:
         errors.append(f"split={c.split!r} must be a non-empty split name, e.g. 'train'")
     for name in ("image_size", "batch_size", "prefetch_shards", "prefetch_batches", "max_image_pixels"):
         at_least(name, 1)
-    for name in ("num_workers", "shuffle_buffer", "read_retries", "min_samples_for_bad_check"):
+    for name in ("num_workers", "shuffle_buffer", "read_retries"):
         at_least(name, 0)
     if c.limit_samples is not None:
         at_least("limit_samples", 1)
@@ -159,6 +171,10 @@ def _data_config_errors(c: DataConfig) -> list[str]:
         errors.append(f"std={c.std!r} must be three finite numbers > 0 (images are divided by it)")
     if not (_finite(c.eval_crop_pct) and 0 < c.eval_crop_pct <= 1):
         errors.append(f"eval_crop_pct={c.eval_crop_pct!r} must be in (0, 1]")
+    for name in ("connect_timeout_s", "read_timeout_s"):
+        v = getattr(c, name)
+        if not _finite(v) or v <= 0:
+            errors.append(f"{name}={v!r} must be a finite number of seconds > 0")
     if not (_finite(c.max_bad_fraction) and 0 <= c.max_bad_fraction <= 1):
         errors.append(f"max_bad_fraction={c.max_bad_fraction!r} must be in [0, 1]")
     return errors
@@ -166,6 +182,54 @@ def _data_config_errors(c: DataConfig) -> list[str]:
 
 class BadDataError(RuntimeError):
     """Too many bad samples; the message names the worst shards."""
+
+
+#: One-sided z of the early-warning Wilson bound (about 1e-6 false-alarm rate per check).
+WARN_Z = 4.75
+
+
+def wilson_lower(bad: int, seen: int, z: float = WARN_Z) -> float:
+    """One-sided Wilson score lower bound of a binomial fraction ``bad / seen``."""
+    if seen <= 0:
+        return 0.0
+    p, z2 = bad / seen, z * z
+    centre = p + z2 / (2 * seen)
+    spread = z * math.sqrt(p * (1 - p) / seen + z2 / (4 * seen * seen))
+    return max(0.0, (centre - spread) / (1 + z2 / seen))
+
+
+@dataclass
+class BadSampleLimit:
+    """When the bad samples of one pass over a rank's share of a split are too many.
+
+    The pass will read ``planned`` samples. After ``bad`` of them were bad, the pass's bad
+    fraction is at least ``bad / planned`` whatever the rest holds: a lower bound that holds
+    with certainty rather than at a confidence level, and assumes nothing about order. Bad
+    samples come in clusters (a corrupt or truncated shard is a run of them), which is what
+    fools binomial bounds on the samples seen so far (Wilson, Clopper-Pearson assume
+    independent samples) and the old "bad / seen after 200 samples" rule: both raised on a
+    few bad samples at the start of a clean epoch, and the latter never looked at splits under
+    200 samples. :meth:`over` is true as soon as ``bad > max_fraction * planned``: the first
+    moment a limit breach is certain. A 100 % bad 180-sample split trips on its 2nd bad sample
+    at 1 %; a clean epoch with 0.5 % bad samples never trips, however they are ordered.
+    A Wilson lower bound over ``max_fraction`` is only a logged early warning (:meth:`likely`).
+    """
+
+    max_fraction: float
+    planned: int
+    bad: int = 0
+    seen: int = 0
+    warned: bool = False
+
+    def add(self, bad: int, good: int) -> None:
+        self.bad += bad
+        self.seen += bad + good
+
+    def over(self) -> bool:
+        return self.bad > self.max_fraction * self.planned
+
+    def likely(self) -> bool:
+        return wilson_lower(self.bad, self.seen) > self.max_fraction
 
 
 @dataclass
@@ -194,7 +258,8 @@ class Meta:
         return int(self.shard_start[-1])
 
 
-def load_meta(url: str, split: str, limit: int | None = None, version: str | None = None) -> Meta:
+def load_meta(url: str, split: str, limit: int | None = None, version: str | None = None, *,
+              s3: S3Settings | None = None) -> Meta:
     """Pin a version (``version``, else the published one) and read the split's rows.
 
     Every metadata file is checked against the manifest's size and sha256 and validated
@@ -203,7 +268,7 @@ def load_meta(url: str, split: str, limit: int | None = None, version: str | Non
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    res = fmt.resolve(url, version)
+    res = fmt.resolve(url, version, s3=s3)
     info = res.manifest
     index = fmt.read_index(res)
     index = index.filter(pc.equal(index["split"], split))
@@ -350,7 +415,7 @@ class ShardStream(IterableDataset):
         slot = self.rank * n_workers + logical
         B = cfg.batch_size
         done, emission, runs = self.slot_work(logical)
-        source = iter_runs(open_storage(meta.root_url), runs, prefetch=cfg.prefetch_shards,
+        source = iter_runs(open_storage(meta.root_url, s3=cfg.s3_settings()), runs, prefetch=cfg.prefetch_shards,
                            retries=cfg.read_retries, backoff=cfg.read_backoff_s)
         randaug = make_randaugment(cfg.randaugment) if cfg.train else None
         fetched: dict[int, bytes | Truncated] = {}
@@ -462,13 +527,14 @@ class Loader:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self._plan_cache: tuple[tuple, EpochPlan] | None = None
-        self._pin(load_meta(cfg.url, cfg.split, cfg.limit_samples, cfg.dataset_version))
+        self._pin(load_meta(cfg.url, cfg.split, cfg.limit_samples, cfg.dataset_version, s3=cfg.s3_settings()))
         self.epoch = epoch
         self._batches = 0  # yielded in the current segment of the current epoch
         self._segments: list[Segment] = []
         self._stats: Counter[str] = Counter()
         self._bad_shards: Counter[str] = Counter()
         self._affine: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._limit = BadSampleLimit(max_fraction=cfg.max_bad_fraction, planned=0)  # set per pass in __iter__
         self._check_size()
 
     def _pin(self, meta: Meta) -> None:
@@ -522,6 +588,7 @@ class Loader:
         if self._batches >= plan.batches_per_rank:
             self._advance_epoch()
             plan = self.plan()
+        self._limit = BadSampleLimit(max_fraction=self.cfg.max_bad_fraction, planned=self._planned(plan))
         ds = ShardStream(self.cfg, self.meta, plan, self.rank, self._batches, frozenset(self._verified))
         checking = ds.whole_checked()
         nw = self.cfg.num_workers
@@ -551,6 +618,17 @@ class Loader:
                                                               images.device)
         return normalize_uint8(images, affine)
 
+    def _planned(self, plan: EpochPlan) -> int:
+        """Real samples this rank reads from batch ``self._batches`` to the end of ``plan``."""
+        B, W = self.cfg.batch_size, plan.num_workers
+        if self.cfg.train:
+            return (plan.batches_per_rank - self._batches) * B
+        n = 0
+        for w in range(W):  # eval: emission padding (-1) is not a sample
+            done = min(worker_batches_done(self._batches, w, W), plan.batches_per_slot)
+            n += int((plan.slot_emission(self.rank * W + w)[done * B:] >= 0).sum())
+        return n
+
     def _advance_epoch(self) -> None:
         self.epoch += 1
         self._batches = 0
@@ -565,13 +643,27 @@ class Loader:
             self._stats[f"skipped_{r}"] += n
             self._stats["skipped"] += n
         self._bad_shards.update(stats["shards"])
-        bad, seen = self._stats["skipped"], self._stats["samples"] + self._stats["skipped"]
-        if bad and seen >= self.cfg.min_samples_for_bad_check and bad > self.cfg.max_bad_fraction * seen:
-            worst = ", ".join(f"{s} ({n} bad)" for s, n in self._bad_shards.most_common(5))
+        n_bad = sum(stats["reasons"].values())
+        lim = self._limit
+        lim.add(n_bad, stats["samples"])
+        if n_bad and lim.over():
             raise BadDataError(
-                f"{bad} of {seen} samples were bad ({bad / seen:.1%} > max_bad_fraction "
-                f"{self.cfg.max_bad_fraction:.1%}); worst shards: {worst}; reasons: "
-                f"{ {k[8:]: v for k, v in self._stats.items() if k.startswith('skipped_')} }")
+                f"{lim.bad} bad samples of the {lim.planned} this pass of split {self.cfg.split!r} reads "
+                f"({lim.seen} read so far) already exceed max_bad_fraction {self.cfg.max_bad_fraction:.1%}; "
+                f"worst shards: {self._worst()}; reasons: {self._reasons()}. Rewrite the dataset "
+                "(python -m pipeline.write_shards) or raise max_bad_fraction")
+        if n_bad and not lim.warned and lim.likely():
+            lim.warned = True
+            log.warning("bad samples: %d of %d read in split %r, likely above max_bad_fraction %.1f%%; the "
+                        "loader raises once %d of the %d planned are bad; worst shards: %s", lim.bad, lim.seen,
+                        self.cfg.split, 100 * self.cfg.max_bad_fraction,
+                        int(self.cfg.max_bad_fraction * lim.planned) + 1, lim.planned, self._worst())
+
+    def _worst(self) -> str:
+        return ", ".join(f"{s} ({n} bad)" for s, n in self._bad_shards.most_common(5))
+
+    def _reasons(self) -> dict[str, int]:
+        return {k[8:]: v for k, v in self._stats.items() if k.startswith("skipped_")}
 
     # ---------------------------------------------------------------- state
     def set_epoch(self, epoch: int) -> None:
@@ -598,7 +690,8 @@ class Loader:
         if pinned is not None and pinned != self.meta.version:
             log.warning("loader state pins dataset version %s of %s (published now: %s); reading the pinned version",
                         pinned, self.cfg.url, self.meta.version)
-            self._pin(load_meta(self.cfg.url, self.cfg.split, self.cfg.limit_samples, pinned))
+            self._pin(load_meta(self.cfg.url, self.cfg.split, self.cfg.limit_samples, pinned,
+                                s3=self.cfg.s3_settings()))
         if state.get("num_samples") != self.meta.num_samples or state.get("seed") != self.cfg.seed:
             raise ValueError(f"loader state is for a different dataset or seed (num_samples "
                              f"{state.get('num_samples')} vs {self.meta.num_samples}, seed {state.get('seed')} "

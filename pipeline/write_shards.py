@@ -28,7 +28,11 @@ Samples are shuffled across classes with ``--seed`` before being cut into shards
 JPEG bytes are kept unless ``--max-side`` asks for a resize; other formats are re-encoded.
 Re-running with the same arguments resumes the same version: a shard whose marker matches the plan and whose
 stored bytes hash to the recorded sha256 is not re-encoded. Images that cannot be read or
-decoded are skipped and listed in ``rejects.parquet`` with the reason.
+decoded, and every entry of SRC the walk cannot use (an unreadable folder, a broken link, a
+FIFO), are skipped and listed in ``rejects.parquet`` with the reason. File names need not be
+UTF-8. The CLI exits 2 with one line for a missing SRC or bucket and 1 when nothing could be
+written (no images, or all rejected); images above ``pipeline.decode.DEFAULT_MAX_PIXELS`` (the
+loader's limit too) are rejected as ``too_many_pixels``.
 """
 
 from __future__ import annotations
@@ -39,11 +43,13 @@ import io
 import json
 import math
 import os
+import stat
 import sys
 import tarfile
 import tempfile
 import time
 import urllib.request
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -54,12 +60,32 @@ import numpy as np
 from PIL import Image
 
 from . import format as fmt
+from .decode import DEFAULT_MAX_PIXELS
 from .format import FORMAT_VERSION
-from .storage import Storage, open_storage, url_join
+from .storage import Storage, StorageError, open_storage, url_join
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-#: Refuse to even look at images above this many pixels when writing (decompression bombs).
-WRITER_MAX_PIXELS = 1 << 28
+#: Images above this many pixels are rejected: the loader's limit (one constant, pipeline.decode),
+#: so an image the writer stores is never one the loader skips as too big.
+WRITER_MAX_PIXELS = DEFAULT_MAX_PIXELS
+
+
+class WriterError(Exception):
+    """A problem with SRC or DEST that stops the writer; ``code`` is the CLI exit status."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def printable(path: str) -> str:
+    """``path`` as valid UTF-8 text: bytes that are not UTF-8 become ``\\xNN`` escapes.
+
+    File names are bytes on POSIX; Python hands undecodable ones over as lone surrogates,
+    which parquet, JSON-as-UTF-8 and hashing reject. The item keeps the real name (to open
+    the file); everything written uses this form.
+    """
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @dataclass
@@ -82,21 +108,92 @@ class Source:
 
 
 # ----------------------------------------------------------------------------- reading SRC
+def _reject(path: str, reason: str, exc: BaseException | str) -> dict[str, Any]:
+    detail = exc if isinstance(exc, str) else f"{type(exc).__name__}: {getattr(exc, 'strerror', None) or exc}"
+    return {"src": printable(path), "reason": reason, "detail": printable(detail)}
+
+
+def _stat_problem(path: str) -> tuple[str, str] | None:
+    """Why ``path`` can't be read as an image file or a folder (None: it can)."""
+    try:
+        st = os.stat(path)  # follows symlinks: a broken link or a loop fails here
+    except OSError as exc:
+        return "unreadable", f"{type(exc).__name__}: {exc.strerror}"
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        return "not_a_regular_file", f"mode {stat.filemode(st.st_mode)}"  # a FIFO would block the reader
+    return None
+
+
+def _walk_class(folder: str, rejects: list[dict[str, Any]], seen: set[tuple[int, int]]) -> list[str]:
+    """Image files under ``folder`` (recursive, sorted); everything unreadable becomes a reject."""
+    try:
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:  # a symlink cycle, or a second link to a walked folder
+            rejects.append(_reject(folder, "duplicate_folder", "already walked (symlink cycle or second link)"))
+            return []
+        seen.add((st.st_dev, st.st_ino))
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as exc:  # e.g. permission denied: the whole folder is listed as a reject
+        rejects.append(_reject(folder, "unreadable_folder", exc))
+        return []
+    files: list[str] = []
+    for e in entries:
+        if e.name.startswith("."):
+            continue
+        problem = _stat_problem(e.path)
+        if problem is not None:
+            rejects.append(_reject(e.path, *problem))
+        elif os.path.isdir(e.path):
+            files += _walk_class(e.path, rejects, seen)
+        elif os.path.splitext(e.name)[1].lower() not in IMAGE_EXTS:
+            rejects.append(_reject(e.path, "not_an_image", os.path.splitext(e.name)[1]))
+        else:
+            files.append(e.path)
+    return files
+
+
 def scan_folder(root: Path) -> Source:
-    """An I21k-style folder: ``root/<class>/<file>``; classes are the sorted sub-folders."""
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise ValueError(f"{root} has no class sub-folders (expected SRC/<synset>/<image>.JPEG)")
-    items, rejects = [], []
-    for ci, c in enumerate(classes):
-        for p in sorted((root / c).rglob("*")):
-            if not p.is_file() or p.name.startswith("."):
-                continue
-            if p.suffix.lower() not in IMAGE_EXTS:
-                rejects.append({"src": str(p), "reason": "not_an_image", "detail": p.suffix})
-                continue
-            items.append(Item(str(p), [ci]))
-    return Source(items, classes, multi_label=False, rejects=rejects)
+    """An I21k-style folder: ``root/<class>/<file>``; classes are the sorted sub-folders.
+
+    Every entry the walk cannot use is a reject with its reason, never silently dropped: an
+    unreadable class folder (``unreadable_folder``), a broken symlink (``unreadable``), a FIFO
+    or device (``not_a_regular_file``), a file outside any class folder. Names need not be
+    UTF-8 (see :func:`printable`).
+    """
+    try:
+        with os.scandir(root) as it:
+            top = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as exc:
+        raise WriterError(f"cannot list SRC {printable(str(root))}: {exc.strerror}") from exc
+    rejects: list[dict[str, Any]] = []
+    class_dirs: list[os.DirEntry[str]] = []
+    for e in top:
+        problem = _stat_problem(e.path)
+        if problem is not None:
+            rejects.append(_reject(e.path, problem[0] + ("_folder" if problem[0] == "unreadable" else ""),
+                                   problem[1]))
+        elif os.path.isdir(e.path):
+            class_dirs.append(e)
+        else:
+            rejects.append(_reject(e.path, "outside_class_folder", "files must be in SRC/<class>/"))
+    if not class_dirs:
+        raise WriterError(f"SRC {printable(str(root))} has no class sub-folders (expected "
+                          f"SRC/<synset>/<image>.JPEG){_reject_note(rejects)}")
+    items: list[Item] = []
+    seen: set[tuple[int, int]] = set()
+    for ci, d in enumerate(class_dirs):
+        items += [Item(f, [ci]) for f in _walk_class(d.path, rejects, seen)]
+    return Source(items, [printable(d.name) for d in class_dirs], multi_label=False, rejects=rejects)
+
+
+def _reject_note(rejects: list[dict[str, Any]]) -> str:
+    if not rejects:
+        return ""
+    reasons = Counter(r["reason"] for r in rejects)
+    first = rejects[0]
+    return (f"; {len(rejects)} rejected ({', '.join(f'{k}={v}' for k, v in sorted(reasons.items()))}), "
+            f"e.g. {first['src']}: {first['reason']} {first['detail']}")
 
 
 def _parse_label_cell(v: Any) -> list[Any] | None:
@@ -171,7 +268,12 @@ def read_source_bytes(src: str) -> bytes:
     if src.startswith(("http://", "https://")):
         with urllib.request.urlopen(src, timeout=60) as r:  # noqa: S310 - user-provided manifest URL
             return r.read()
-    return Path(src.removeprefix("file://")).read_bytes()
+    path = src.removeprefix("file://")
+    # O_NONBLOCK: opening a FIFO without a writer would block before we could check its type.
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # reading a FIFO or a device would block
+            raise OSError(f"not a regular file: {printable(path)}")
+        return f.read()
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -186,7 +288,9 @@ class Reject(Exception):
 def prepare_image(data: bytes, *, max_side: int | None, quality: int) -> bytes:
     """Validate ``data`` and return JPEG bytes (original bytes when already a JPEG that fits)."""
     try:
-        im = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked just below
+            im = Image.open(io.BytesIO(data))
         w, h = im.size
         if w * h > WRITER_MAX_PIXELS:
             raise Reject("too_many_pixels", f"{w}x{h}")
@@ -231,7 +335,7 @@ class ShardJob:
     def plan_hash(self, options: dict[str, Any]) -> str:
         h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
         for key, it in self.members:
-            h.update(f"{key}\t{it.src}\t{it.labels}\n".encode())
+            h.update(f"{key}\t{it.src}\t{it.labels}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
 
@@ -281,7 +385,8 @@ def write_shard(job: ShardJob, dest: str, options: dict[str, Any]) -> dict[str, 
                         raise Reject("unreadable", f"{type(exc).__name__}: {exc}") from exc
                     jpg = prepare_image(raw, max_side=options["max_side"], quality=options["quality"])
                 except Reject as r:
-                    rejects.append({"src": it.src, "reason": r.reason, "detail": r.detail[:500]})
+                    rejects.append({"src": printable(it.src), "reason": r.reason,
+                                    "detail": printable(r.detail[:500])})
                     continue
                 start = tf.offset
                 tf.addfile(_tarinfo(f"{key}.jpg", len(jpg)), io.BytesIO(jpg))
@@ -291,8 +396,8 @@ def write_shard(job: ShardJob, dest: str, options: dict[str, Any]) -> dict[str, 
                 lab = json.dumps(labels).encode() if multi else str(labels[0]).encode()
                 tf.addfile(_tarinfo(f"{key}.{'json' if multi else 'cls'}", len(lab)), io.BytesIO(lab))
                 row: dict[str, Any] = {"split": job.split, "shard": job.name, "key": key, "offset": data_off,
-                                       "size": len(jpg), "label": -1 if multi else labels[0], "src": it.src,
-                                       "sha256": fmt.sha256_hex(jpg)}
+                                       "size": len(jpg), "label": -1 if multi else labels[0],
+                                       "src": printable(it.src), "sha256": fmt.sha256_hex(jpg)}
                 if multi:
                     row["labels"] = labels
                 samples.append(row)
@@ -358,6 +463,38 @@ def _src_size(src: str) -> int:
 
 
 # ----------------------------------------------------------------------------- driver
+def scan_source(src: str | Path, *, path_column: str | None = None, labels_column: str | None = None,
+                multi_label: bool | None = None) -> Source:
+    """Scan SRC (class folder or manifest); a SRC with nothing to write is a :class:`WriterError`."""
+    srcp = Path(str(src).removeprefix("file://"))
+    shown = printable(str(src))
+    if not os.path.lexists(srcp):
+        raise WriterError(f"SRC {shown} does not exist: give an image folder SRC/<class>/<image> or a "
+                          ".parquet/.csv manifest")
+    if srcp.is_dir():
+        source = scan_folder(srcp)
+    elif srcp.suffix in {".parquet", ".csv"}:
+        try:
+            source = scan_manifest(srcp, path_column=path_column, labels_column=labels_column,
+                                   multi_label=multi_label)
+        except (ValueError, OSError) as exc:  # pyarrow's parse errors are ValueErrors
+            raise WriterError(f"cannot read manifest {shown}: {' '.join(str(exc).split())}") from exc
+    else:
+        raise WriterError(f"SRC {shown} is a file but not a .parquet/.csv manifest (or an image folder)")
+    if not source.items:
+        raise WriterError(f"SRC {shown} holds no images to write{_reject_note(source.rejects)}", code=1)
+    return source
+
+
+def _require_samples(src: str | Path, source: Source, results: list[dict[str, Any]]) -> None:
+    """Refuse to publish a dataset without a single sample (every image rejected)."""
+    if any(r["shard"]["samples"] for r in results):
+        return
+    rejects = source.rejects + [x for r in results for x in r["rejects"]]
+    raise WriterError(f"none of the {len(source.items)} images of SRC {printable(str(src))} could be written, "
+                      f"nothing published{_reject_note(rejects)}", code=1)
+
+
 def write_dataset(src: str | Path, dest: str, *, samples_per_shard: int | None = 1000, shard_bytes: int | None = None,
                   val_fraction: float = 0.0, seed: int = 0, max_side: int | None = None, quality: int = 90,
                   workers: int = 1, path_column: str | None = None, labels_column: str | None = None,
@@ -370,13 +507,8 @@ def write_dataset(src: str | Path, dest: str, *, samples_per_shard: int | None =
     :class:`~pipeline.format.PublishConflict` when another writer published meanwhile.
     """
     t0 = time.monotonic()
-    srcp = Path(str(src).removeprefix("file://"))
-    if srcp.is_dir():
-        source = scan_folder(srcp)
-    elif srcp.suffix in {".parquet", ".csv"}:
-        source = scan_manifest(srcp, path_column=path_column, labels_column=labels_column, multi_label=multi_label)
-    else:
-        raise ValueError(f"SRC {src} is neither a class folder nor a .parquet/.csv manifest")
+    source = scan_source(src, path_column=path_column, labels_column=labels_column, multi_label=multi_label)
+    open_storage(dest).ensure_bucket()  # a missing bucket fails now, not after encoding every image
     if shard_bytes:
         samples_per_shard = None
     jobs = plan_shards(source.items, seed=seed, val_fraction=val_fraction, samples_per_shard=samples_per_shard,
@@ -393,6 +525,7 @@ def write_dataset(src: str | Path, dest: str, *, samples_per_shard: int | None =
             "version (readers pinned to the old version keep reading it), or choose another DEST")
     vdest = url_join(dest, fmt.version_root(version))
     results = _write_shards(jobs, vdest, options, workers=workers, progress=progress)
+    _require_samples(src, source, results)  # nothing to publish: a one-line error, exit 1
     info = _write_metadata(open_storage(vdest), results, source, version=version, src=src, seed=seed,
                            max_side=max_side)
     manifest = open_storage(vdest).read_bytes(fmt.MANIFEST)
@@ -535,9 +668,12 @@ def main(argv: list[str] | None = None) -> None:
                              seed=a.seed, max_side=a.max_side, quality=a.quality, workers=a.workers,
                              path_column=a.path_column, labels_column=a.labels_column, multi_label=a.multi_label,
                              progress=not a.quiet, overwrite=a.overwrite)
-    except (fmt.DatasetExists, fmt.PublishConflict) as exc:
+    except (fmt.DatasetExists, fmt.PublishConflict) as exc:  # another dataset is published there
         print(f"write_shards: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    except (WriterError, StorageError) as exc:  # expected problems: one line, no traceback
+        print(f"write_shards: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        raise SystemExit(exc.code if isinstance(exc, WriterError) else 2) from None
     for line in _summary_lines(info, a.dest):
         print(line)
 

@@ -304,8 +304,8 @@ def test_corrupt_samples_skipped_counted_and_raise(tmp_path: Path, caplog: pytes
     batches = list(tr)
     assert len(batches) == 15 and all(b[0].shape[0] == 16 for b in batches)  # bad rows filled, not dropped
     assert tr.stats()["filled"] == tr.stats()["skipped"] <= 7
-    strict = build_loader(cfg_for(tmp_path / "ds", train=False, batch_size=16, max_bad_fraction=0.01,
-                                  min_samples_for_bad_check=32), rank=0, world_size=1)
+    strict = build_loader(cfg_for(tmp_path / "ds", train=False, batch_size=16, max_bad_fraction=0.01), rank=0,
+                          world_size=1)
     with pytest.raises(BadDataError, match=r"worst shards: shards/train-00000\d\.tar"):
         list(strict)
 

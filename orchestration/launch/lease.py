@@ -5,11 +5,12 @@ prefix and node staging folder; without exclusion one deadlocks and, when stoppe
 other's run FAILED. The driver therefore takes ``<run_dir>/lease.json`` before it touches the
 MLflow run or starts Ray, and holds it for the whole run:
 
-* **create** is conditional: S3 ``PutObject`` with ``If-None-Match: *``, a local file with
-  ``O_CREAT | O_EXCL``; of two launches exactly one wins, the other is told who holds it.
+* **create** is conditional (``Storage.put_if(token=None)``: S3 ``If-None-Match: *``, locally
+  under an ``flock``); of two launches exactly one wins, the other is told who holds it.
 * **heartbeat**: a daemon thread rewrites the lease every ``ttl_s / 3`` seconds, conditional on
-  it being unchanged since our last write (S3 ``If-Match: <etag>``; locally under an ``flock``
-  and a token check), moving ``expires_at`` forward. A lease that is not renewed expires.
+  it being unchanged since our last write (``put_if`` with the token of that write: S3
+  ``If-Match: <etag>``, locally its content hash), moving ``expires_at`` forward. A lease that
+  is not renewed expires.
 * **expiry / takeover**: a live lease is never taken over. An expired one (its driver died
   without releasing) is taken over only with ``force=True`` (``pretrain.py --force``), by the
   same conditional replace, so two forcing launches cannot both win.
@@ -21,8 +22,6 @@ well within ``ttl_s`` (NTP does that; the default ttl is minutes).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import getpass
 import json
 import logging
@@ -31,13 +30,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
-from botocore.exceptions import ClientError
-
-from pipeline.storage import LocalStorage, S3Storage, Storage, open_storage, url_join
+from pipeline.storage import Storage, open_storage, url_join
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +173,7 @@ class Lease:
         """One heartbeat: push ``expires_at`` forward if the lease is still ours (False if lost)."""
         if self.lost:
             return False
-        if self._replace(self._etag, expect_token=self.token):
+        if self._replace(self._etag):
             return True
         self.lost = True
         log.error("lease %s was taken over by another run: this run no longer owns its run folder", self.url)
@@ -209,113 +204,33 @@ class Lease:
 
     def _create(self) -> bool:
         """Conditional create; False if a lease already exists."""
-        data = self._info().to_json()
-        if isinstance(self.storage, S3Storage):
-            try:
-                r = self.storage.client.put_object(Bucket=self.storage.bucket, Key=self._s3_key(), Body=data,
-                                                   IfNoneMatch="*")
-            except ClientError as e:
-                if _precondition_failed(e):
-                    return False
-                raise
-            self._etag = r["ETag"]
-            return True
-        path = self._path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with self._flock():
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+        token = self.storage.put_if(LEASE_KEY, self._info().to_json(), token=None)
+        if token is None:
+            return False
+        self._etag = token
         return True
 
-    def _replace(self, version: str | None, *, expect_token: str | None = None) -> bool:
-        """Rewrite the lease with ours if it is unchanged since we read it (S3: ETag ``version``;
-        local: the token in it is ``expect_token``, or unchanged expired content for a takeover)."""
-        data = self._info().to_json()
-        if isinstance(self.storage, S3Storage):
-            if version is None:  # an empty If-Match would make the put unconditional
-                return False
-            try:
-                r = self.storage.client.put_object(Bucket=self.storage.bucket, Key=self._s3_key(), Body=data,
-                                                   IfMatch=version)
-            except ClientError as e:
-                if _precondition_failed(e) or _missing(e):
-                    return False
-                raise
-            self._etag = r["ETag"]
-            return True
-        path = self._path()
-        with self._flock():
-            try:
-                raw = path.read_bytes()
-            except FileNotFoundError:
-                return False
-            if expect_token is not None:
-                if LeaseInfo.from_json(raw, self.url).token != expect_token:
-                    return False
-            elif raw.decode(errors="replace") != version:
-                return False
-            tmp = path.with_name(f".{path.name}.{self.token}")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+    def _replace(self, version: str | None) -> bool:
+        """Rewrite the lease with ours if it is unchanged since ``version`` (the storage token of
+        what we last read or wrote: S3 ETag, local content hash)."""
+        if version is None:  # no token would make the write a create
+            return False
+        token = self.storage.put_if(LEASE_KEY, self._info().to_json(), token=version)
+        if token is None:
+            return False
+        self._etag = token
         return True
 
     def _read(self) -> tuple[LeaseInfo | None, str | None]:
-        """(lease, version): the S3 ETag, or locally the raw text (compared on takeover)."""
-        if isinstance(self.storage, S3Storage):
-            try:
-                r = self.storage.client.get_object(Bucket=self.storage.bucket, Key=self._s3_key())
-            except ClientError as e:
-                if _missing(e):
-                    return None, None
-                raise
-            return LeaseInfo.from_json(r["Body"].read(), self.url), r["ETag"]
-        try:
-            raw = self._path().read_bytes()
-        except FileNotFoundError:
+        """(lease, token) as stored now; (None, None) if there is none."""
+        seen = self.storage.read_versioned(LEASE_KEY)
+        if seen is None:
             return None, None
-        return LeaseInfo.from_json(raw, self.url), raw.decode(errors="replace")
+        return LeaseInfo.from_json(seen[0], self.url), seen[1]
 
     def _delete(self) -> None:
-        if isinstance(self.storage, S3Storage):
-            if self._etag is None:
-                return
-            try:
-                self.storage.client.delete_object(Bucket=self.storage.bucket, Key=self._s3_key(), IfMatch=self._etag)
-            except ClientError as e:
-                if not (_precondition_failed(e) or _missing(e)):
-                    raise
-            return
-        path = self._path()
-        with self._flock():
-            try:
-                if LeaseInfo.from_json(path.read_bytes(), self.url).token == self.token:
-                    path.unlink()
-            except FileNotFoundError:
-                pass
-
-    def _s3_key(self) -> str:
-        assert isinstance(self.storage, S3Storage)
-        return url_join(self.storage.prefix, LEASE_KEY) if self.storage.prefix else LEASE_KEY
-
-    def _path(self) -> Path:
-        assert isinstance(self.storage, LocalStorage)
-        return self.storage.root / LEASE_KEY
-
-    @contextlib.contextmanager
-    def _flock(self) -> Iterator[None]:
-        """Serialise read-check-write of the local lease file between processes (and threads)."""
-        lock = self._path().with_name(f".{LEASE_KEY}.lock")
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock, "a") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        if self._etag is not None:
+            self.storage.delete_if(LEASE_KEY, token=self._etag)
 
 
 def hold_run_lease(run_dir: str, run_id: str, *, force: bool = False, ttl_s: float | None = None) -> Lease:
@@ -327,16 +242,3 @@ def hold_run_lease(run_dir: str, run_id: str, *, force: bool = False, ttl_s: flo
     lease = Lease(run_dir, run_id=run_id, ttl_s=ttl, force=force)
     lease.acquire()
     return lease
-
-
-def _error_code(e: ClientError) -> str:
-    return str(e.response.get("Error", {}).get("Code", ""))
-
-
-def _precondition_failed(e: ClientError) -> bool:
-    # 412 PreconditionFailed; 409 ConditionalRequestConflict when two conditional writes race.
-    return _error_code(e) in {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
-
-
-def _missing(e: ClientError) -> bool:
-    return _error_code(e) in {"NoSuchKey", "404", "NotFound"}
