@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from training import checkpoint as ckpt
-from training.config import RESUMABLE_FIELDS, TrainConfig, config_diff
+from training.config import TrainConfig
 from training.deepspeed_config import deepspeed_config
-from training.dist import EXCHANGE_BYTES, DistInfo, all_reduce_sum, exchange_json, init_distributed
+from training.dist import DistInfo, all_reduce_sum, init_distributed
 from training.losses import loss_fn
 from training.metrics import MetricsSink, NullSink, device_name, mfu, peak_tflops
 from training.optim import build_optimizer, lr_at, param_groups, set_lr
@@ -93,7 +93,7 @@ class Trainer:
     ) -> None:
         import deepspeed
 
-        if checkpoint_store is not None and checkpoint_dir is None:
+        if checkpoint_store is not None and checkpoint_dir is None:  # before the costly engine build
             raise ValueError("checkpoint_store needs a local checkpoint_dir to stage files in")
         self.cfg = cfg
         self.dist: DistInfo = init_distributed()
@@ -102,7 +102,6 @@ class Trainer:
         self.eval_loader = eval_loader
         self.sink: MetricsSink = sink if (sink is not None and self.dist.is_main) else NullSink()
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-        self.store = checkpoint_store
         self._seed(cfg.seed + self.dist.rank)
         if cfg.profile in ("auto", "cpu", "t4", "a100", "h100"):
             _set_sdpa(get_profile(cfg.profile).sdpa)
@@ -116,7 +115,7 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.dist.world_size)
         )
-        ckpt.install_safe_loader(self.engine)  # DeepSpeed's loader would unpickle anything
+        self.checkpoints = ckpt.CheckpointManager(self.engine, self.dist, self.checkpoint_dir, checkpoint_store)
         self.input_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision, torch.float32)
         self.device_name = device_name(self.dist.device)
         self.peak = peak_tflops(self.device_name, cfg.precision)
@@ -318,151 +317,26 @@ class Trainer:
             self.engine.module.train()
 
     # ------------------------------------------------------------------ checkpoints
-    # Protocol: every rank runs the same sequence of collectives, whatever happens. Anything
-    # that may fail or wait on I/O (a decision by rank 0, a download or upload by each node's
-    # local rank 0, reading files) runs inside `_agree`, which always ends in one bounded
-    # collective where all ranks learn whether any failed; then all raise or all go on.
     def save_checkpoint(self) -> str:
-        """Save the engine + per-rank state as tag `step{N}` and commit it (all ranks call this)."""
-        assert self.checkpoint_dir is not None, "Trainer was built without checkpoint_dir"
-        tag = ckpt.tag_for(self._step)
-        root = self.checkpoint_dir
+        """Save the engine + per-rank state as tag `step{N}` and commit it (all ranks call this);
+        the commit protocol is `training.checkpoint.CheckpointManager`'s."""
+        def state() -> dict[str, Any]:
+            loader = self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None
+            return {"loader": loader, "bad_steps": self.bad_steps}
 
-        def prepare() -> None:
-            if self.dist.is_main:
-                root.mkdir(parents=True, exist_ok=True)
-                ckpt.prepare_tag_dir(root, tag)
-
-        self._agree(f"preparing checkpoint {tag}", prepare)
-        loader_state = self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None
-        client = {"step": self._step, "config_hash": self.cfg.config_hash()}
-        self.engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
-        state = {
-            "step": self._step,
-            "loader": loader_state,
-            "rng": ckpt.rng_state(),
-            "config": self.cfg.to_dict(),
-            "config_hash": self.cfg.config_hash(),
-            "bad_steps": self.bad_steps,
-            "world_size": self.dist.world_size,
-        }
-        # Every rank has finished writing only after this: only then may the checkpoint count.
-        self._agree(f"writing checkpoint {tag}", lambda: ckpt.save_rank_state(root / tag, self.dist.rank, state))
-        if self.store is not None:
-            store = self.store
-            self._agree(
-                f"uploading checkpoint {tag}",
-                lambda: store.upload_dir(str(root / tag), tag) if self.dist.local_rank == 0 else None,
-            )
-        self._agree(f"committing checkpoint {tag}", lambda: self._commit(tag) if self.dist.is_main else None)
-        return tag
-
-    def _commit(self, tag: str) -> None:
-        """Rank 0: marker + pointer locally, then in the store (marker last: it makes it count)."""
-        assert self.checkpoint_dir is not None
-        root = self.checkpoint_dir
-        ckpt.commit(root, tag, self._step, self.dist.world_size)
-        if self.store is not None:
-            info = (root / tag / ckpt.MARKER).read_text()
-            self.store.write_text(f"{tag}/{ckpt.MARKER}", info)
-            self.store.write_text(ckpt.POINTER, info)
-        ckpt.prune(root, self.cfg.keep_checkpoints, self.store)
+        return self.checkpoints.save(self._step, self.cfg, state)
 
     def restore(self, resume: str) -> bool:
-        """Load a checkpoint (see `fit`); returns False when "auto" finds none.
-
-        Rank 0 alone decides which checkpoint and where (every rank gets its decision); with a
-        store, each node's local rank 0 stages it (marker last); every rank then checks its
-        files; DeepSpeed loads with the safe loader. All steps end in a bounded collective.
-        """
-        plans = self._agree("choosing the checkpoint to resume from",
-                            lambda: self._plan(resume) if self.dist.is_main else None, share=True)
-        plan = plans[0]
-        if plan["tag"] is None:
+        """Load a checkpoint (see `fit`; `CheckpointManager.restore`); False when "auto" finds none."""
+        state = self.checkpoints.restore(resume, self.cfg)
+        if state is None:
             return False
-        tag, tag_dir = plan["tag"], Path(plan["dir"])
-        if plan["stage"]:
-            self._agree(f"downloading checkpoint {tag} into {tag_dir.parent} on every node",
-                        lambda: self._stage(tag) if self.dist.local_rank == 0 else None)
-        state = self._agree(f"checking checkpoint {tag_dir}", lambda: self._check(tag_dir))
-        self._agree(f"loading checkpoint {tag_dir}", lambda: self._load_engine(tag_dir))
         self._step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
         if state["loader"] is not None:
             self.train_loader.load_state_dict(state["loader"])
         self._epoch_iter = None
-        ckpt.set_rng_state(state["rng"])
         return True
-
-    def _plan(self, resume: str) -> dict[str, Any]:
-        """Rank 0: which checkpoint to restore and whether nodes must download it first.
-
-        With a store the store is the truth (a node's staging folder may hold another node's
-        files, or a tag whose upload never finished); without one, `checkpoint_dir` is.
-        """
-        root = self.checkpoint_dir
-        if resume == "auto":
-            if root is None:
-                raise ValueError("resume='auto' needs checkpoint_dir")
-            tag = ckpt.latest_remote(self.store) if self.store is not None else ckpt.latest_complete(root)
-            return {"tag": tag, "dir": str(root / tag) if tag else None, "stage": self.store is not None}
-        if self.store is not None and root is not None and ckpt.step_of(resume) is not None:
-            return {"tag": resume, "dir": str(root / resume), "stage": True}
-        p = Path(resume)
-        if not p.is_dir() and root is not None:
-            p = root / resume
-        return {"tag": p.name, "dir": str(p), "stage": False}
-
-    def _stage(self, tag: str) -> None:
-        """Node-local rank 0: download `tag` into the node's staging folder, marker last."""
-        assert self.store is not None and self.checkpoint_dir is not None
-        ckpt.stage_from_store(self.store, tag, self.checkpoint_dir)
-
-    def _check(self, tag_dir: Path) -> dict[str, Any]:
-        """This rank: the checkpoint is complete, safe to load, ours and of this config."""
-        if not ckpt.is_complete(tag_dir):
-            raise FileNotFoundError(f"{tag_dir} is not a complete checkpoint (no {ckpt.MARKER}); resume from "
-                                    "a committed one (see latest_complete.json)")
-        if self.dist.local_rank == 0:
-            ckpt.scan_checkpoint(tag_dir)  # refuses a tampered .pt before DeepSpeed opens any
-        state = ckpt.load_rank_state(tag_dir, self.dist.rank)
-        if state["config_hash"] != self.cfg.config_hash():
-            diff = config_diff(state["config"], self.cfg.to_dict())
-            raise ValueError(
-                f"refusing to resume from {tag_dir}: the config changed since it was written "
-                f"(only {sorted(RESUMABLE_FIELDS)} may change):\n  " + "\n  ".join(diff)
-            )
-        return state
-
-    def _load_engine(self, tag_dir: Path) -> None:
-        ckpt.assert_safe_loader(self.engine)
-        load_path, _ = self.engine.load_checkpoint(
-            str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
-
-    def _agree(self, what: str, fn: Callable[[], Any], *, share: bool = False) -> Any:
-        """Run `fn` here, then one bounded collective in which every rank reports success or its
-        error; if any rank failed, every rank raises (this rank's own error, or one naming the
-        failed ranks). Returns `fn`'s result, or with `share` every rank's results in rank order.
-        """
-        result: Any = None
-        error: BaseException | None = None
-        try:
-            result = fn()
-        except Exception as e:  # noqa: BLE001 - reported to every rank, then re-raised below
-            error = e
-        text = f"{type(error).__name__}: {error}"[: EXCHANGE_BYTES // 8] if error is not None else None
-        replies = exchange_json({"result": result if share else None, "error": text}, what=what,
-                                timeout_s=self.cfg.io_timeout_s)
-        failed = [(r, x["error"]) for r, x in enumerate(replies) if x["error"] is not None]
-        if error is not None:
-            raise error
-        if failed:
-            ranks = [r for r, _ in failed]
-            raise RuntimeError(f"{what} failed on rank(s) {ranks}; rank {ranks[0]}: {failed[0][1]}")
-        return [x["result"] for x in replies] if share else result
 
     # ------------------------------------------------------------------ helpers
     def _broadcast_params(self, model: nn.Module) -> None:
