@@ -66,7 +66,7 @@ def test_compile_keeps_keys_and_results(tmp_path: Path) -> None:
 
     from training import Trainer, export_weights
 
-    cfg = td.make_cfg(1, total_steps=3, checkpoint_every=3)
+    cfg = td.make_cfg(1, total_steps=4, checkpoint_every=3)
     out = {}
     for compiled in (False, True):
         c = dataclasses.replace(cfg, compile=compiled, compile_backend="aot_eager")
@@ -75,7 +75,7 @@ def test_compile_keeps_keys_and_results(tmp_path: Path) -> None:
         trainer.fit()
         assert bool(trainer.engine.is_compiled) is compiled
         path = export_weights(trainer.engine, tmp_path / f"w{compiled}.safetensors")
-        out[compiled] = (sink.losses(), load_file(path), sorted(p.name for p in (tmp_path / f"ck{compiled}" / "step3").iterdir()))
+        out[compiled] = (sink.losses(), load_file(path), sorted(p.name for p in (tmp_path / f"ck{compiled}" / "step4").iterdir()))
     (l0, w0, f0), (l1, w1, f1) = out[False], out[True]
     assert w0.keys() == w1.keys() and not any("_orig_mod" in k for k in w1)
     assert f0 == f1
@@ -83,9 +83,9 @@ def test_compile_keeps_keys_and_results(tmp_path: Path) -> None:
     for k in w0:
         torch.testing.assert_close(w1[k], w0[k], rtol=0, atol=1e-5)
     # a checkpoint written compiled resumes in an uncompiled Trainer (and the weights match)
-    resumed = Trainer(td.make_model(), dataclasses.replace(cfg, total_steps=4), td.MemLoader(0, 1),
+    resumed = Trainer(td.make_model(), dataclasses.replace(cfg, total_steps=5), td.MemLoader(0, 1),
                       checkpoint_dir=str(tmp_path / "ckTrue"))
-    assert resumed.restore("auto") and resumed.step == 3
+    assert resumed.restore("auto") and resumed.step == 4  # the final checkpoint
     sd = resumed.engine.module.state_dict()
     for k in w1:
         torch.testing.assert_close(sd[k], w1[k], rtol=0, atol=0)
