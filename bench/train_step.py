@@ -1,16 +1,17 @@
 """Trainer step time (DeepSpeed) vs a plain PyTorch AdamW loop on the same model and batches.
 
 Claim: the Trainer (DeepSpeed ZeRO-1 engine, NaN guard, lr schedule, grad clipping) costs at
-most 10% over a hand-written loop doing the same maths. The two alternate in rounds within one
-process, on identical models, optimizers and pre-made batches; the ratio of median round times
-is printed.
+most 5% over a hand-written loop doing the same maths (issue #15), with and without compile.
+The two alternate in rounds within one process, on identical models, optimizers and pre-made
+batches; the ratio of median round times is printed.
 
     .venv/bin/python bench/train_step.py                  # CPU, one process, ~1 min
     .venv/bin/python bench/train_step.py --device cuda    # ViT-B/16 bf16: images/s and MFU
 
 On CUDA the Trainer runs bf16 ZeRO-1 with SDPA flash attention; `--compile` adds
-`torch.compile` to both sides. The baseline is the same model under bf16 autocast with fused
-AdamW, the standard hand-written mixed-precision loop.
+`torch.compile` to both sides (the Trainer through `TrainConfig.compile`, i.e. inside its
+DeepSpeed engine; the baseline with `model.compile()`). The baseline is the same model under
+bf16 autocast with fused AdamW, the standard hand-written mixed-precision loop.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def main() -> None:
     precision = "bf16" if cuda else "fp32"
     cfg = TrainConfig(
         global_batch=batch, micro_batch=batch, lr=1e-3, warmup_steps=10, total_steps=10**6, zero_stage=1,
-        precision=precision, log_every=10**6, profile="h100" if cuda else "cpu",
+        precision=precision, log_every=10**6, profile="h100" if cuda else "cpu", compile=a.compile,
     )
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -130,8 +131,7 @@ def main() -> None:
         (torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 1000, (batch,), generator=g)) for _ in range(4)
     ]
     if a.compile:
-        model.compile()
-        baseline.compile()
+        baseline.compile()  # the Trainer compiles its model itself (cfg.compile)
     trainer = Trainer(model, cfg, Batches(batches_cpu))
     device = trainer.dist.device
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -154,7 +154,7 @@ def main() -> None:
           f"{rounds} rounds x {steps} steps, threads={torch.get_num_threads()}, compile={a.compile}")
     print(f"plain PyTorch AdamW loop : {pl * 1e3:8.1f} ms/step  {batch / pl:8.1f} images/s")
     print(f"Trainer (DeepSpeed ZeRO-1): {tr * 1e3:8.1f} ms/step  {batch / tr:8.1f} images/s")
-    print(f"ratio Trainer / plain = {tr / pl:.3f}  (goal <= 1.10)")
+    print(f"ratio Trainer / plain = {tr / pl:.3f}  (goal <= 1.05)")
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 

@@ -157,3 +157,24 @@ def test_nonfinite_loss_poisons_every_gradient() -> None:
         wrap((x @ w).square().mean()).backward()
         grads.append(w.grad.clone())
     assert torch.equal(grads[0], grads[1])
+
+
+def test_prefetcher_on_cpu_takes_in_order_and_runs_nothing_ahead() -> None:
+    """CPU: batches in loader order, `preload()` takes nothing from the loader, and the cursor a
+    checkpoint saves is the loader's own (the CUDA path saves the one from before its pending
+    batch; it needs a GPU to run)."""
+    from training.prefetch import DevicePrefetcher
+
+    taken = [0]
+
+    def fetch() -> tuple[torch.Tensor, torch.Tensor]:
+        taken[0] += 1
+        return torch.full((2, 3), taken[0], dtype=torch.uint8), torch.tensor([taken[0]])
+
+    p = DevicePrefetcher(fetch, torch.device("cpu"), state=lambda: {"pos": taken[0]})
+    assert p.stream is None
+    for k in (1, 2, 3):
+        images, targets = p.take()
+        assert images.dtype == torch.uint8 and int(targets) == k and int(images[0, 0]) == k
+        p.preload()
+        assert taken[0] == k and p.loader_state() == {"pos": k}
