@@ -243,8 +243,8 @@ class Trainer:
         rank's gradients are not finite, keeping DeepSpeed's step counters going as usual."""
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         bad = torch.zeros(1, dtype=torch.float64, device=self.dist.device)
-        if grads:
-            bad += (~torch.isfinite(torch.stack([g.float().sum() for g in grads]))).sum()
+        if grads:  # per tensor, not a sum of sums: a large finite sum must not overflow to inf
+            bad += (~torch.stack([torch.isfinite(g).all() for g in grads])).sum()
         if all_reduce_sum(bad).item() == 0:  # the step's one host sync
             self.engine.step()
             return
