@@ -57,8 +57,34 @@ rm -rf "$NODE_TMP"
 mkdir -p "$NODE_TMP/tmp"
 echo "$NODE_TMP" > "$STATE/$NAME.tmpdir"
 
+# Isolation (VITSCALE_RAY_NODE_ISOLATION=auto|mount|none, default auto = mount where allowed):
+# on one machine every node sees the same /tmp, so a rank reading a path another node wrote
+# would work here and break on a real cluster. With "mount" the node runs in its own mount
+# namespace where the head's temp dir (its TMPDIR, sockets, spill) and the other worker nodes'
+# are empty tmpfs: such a read fails here too. Needs CAP_SYS_ADMIN (root); "auto" falls back to
+# "none" without it. The mode is recorded in $STATE/ray_worker_I.isolation.
+ISOLATION="${VITSCALE_RAY_NODE_ISOLATION:-auto}"
+can_unshare() { unshare --mount --propagation private true 2>/dev/null; }
+case "$ISOLATION" in
+  auto) if can_unshare; then ISOLATION=mount; else ISOLATION=none; fi ;;
+  mount) can_unshare || { log "VITSCALE_RAY_NODE_ISOLATION=mount needs 'unshare --mount' (root/CAP_SYS_ADMIN); use auto or none"; exit 2; } ;;
+  none) ;;
+  *) log "VITSCALE_RAY_NODE_ISOLATION must be auto, mount or none, got '$ISOLATION'"; exit 2 ;;
+esac
+LAUNCH=()
+if [[ "$ISOLATION" == mount ]]; then
+  HIDE=("$HEAD_TMP")
+  for d in "$HEAD_TMP"-w*; do [[ -d "$d" && "$d" != "$NODE_TMP" ]] && HIDE+=("$d"); done
+  # unshare execs (no fork): the pid recorded below stays the `ray start` process.
+  # shellcheck disable=SC2016
+  LAUNCH=(unshare --mount --propagation private bash -ec \
+    'n=$1; shift; for ((k = 0; k < n; k++)); do mount -t tmpfs -o size=1m,mode=0755 vitscale-other-node "$1"; shift; done; exec "$@"' \
+    _ "${#HIDE[@]}" "${HIDE[@]}")
+fi
+echo "$ISOLATION" > "$STATE/$NAME.isolation"
+
 TMPDIR="$NODE_TMP/tmp" RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 RAY_ADDRESS="$GCS" RAY_DEDUP_LOGS=0 \
-"$RAY_BIN" start --address="$GCS" --block \
+"${LAUNCH[@]}" "$RAY_BIN" start --address="$GCS" --block \
   --node-ip-address="$NODE_IP" --node-manager-port="$NM_PORT" --object-manager-port="$OM_PORT" \
   --dashboard-agent-listen-port="$AGENT_HTTP" --dashboard-agent-grpc-port="$AGENT_GRPC" \
   --runtime-env-agent-port="$RTENV_PORT" --metrics-export-port="$METRICS_PORT" \
@@ -85,7 +111,7 @@ ok = any(n.get("state") == "ALIVE" and resource in (n.get("resources_total") or 
          and int(n.get("start_time_ms") or 0) >= int(started_ms) for n in nodes)
 sys.exit(0 if ok else 1)
 PYEOF
-    log "Ray worker node $I: $NODE_IP, ${VITSCALE_RAY_WORKER_CPUS:-1} CPU + node_$I, temp $NODE_TMP (pid $PID)"
+    log "Ray worker node $I: $NODE_IP, ${VITSCALE_RAY_WORKER_CPUS:-1} CPU + node_$I, temp $NODE_TMP, isolation $ISOLATION (pid $PID)"
     exit 0
   fi
   if ! kill -0 "$PID" 2>/dev/null; then

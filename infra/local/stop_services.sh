@@ -57,7 +57,7 @@ drop_tmp() {
     cp -r "$tmp"/session_latest/logs/. "$dest/" 2>/dev/null || true
     rm -rf "$tmp"
   fi
-  rm -f "$STATE/$name.tmpdir"
+  rm -f "$STATE/$name.tmpdir" "$STATE/$name.isolation"
 }
 
 # Worker nodes first (start_worker_node.sh / VITSCALE_RAY_WORKER_NODES), each by its pid;
