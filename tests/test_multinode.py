@@ -14,8 +14,9 @@ What is proven, from the outside:
   two ``ray start`` processes agree;
 - each node staged its checkpoint files in its own TMPDIR and removed them at the end; the
   checkpoints (every rank's files) are on S3; nothing went to local Ray storage. Where mount
-  namespaces are allowed (root), the worker node runs in its own, with the head's temp dir
-  hidden under an empty tmpfs: a rank reading a path the head wrote fails here as on a cluster;
+  namespaces are allowed (root), every node runs in its own and sees its own folder at one
+  common TMPDIR path (as /tmp on separate machines), and the worker node sees the head's temp
+  dir as an empty tmpfs: a rank reading a file another node wrote fails here as on a cluster;
 - a second job resumes from S3 (no node has a local copy left) and finishes.
 """
 
@@ -86,7 +87,8 @@ def cluster(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         # Where this machine allows it, the worker node must not even see the head's temp dir.
         can_isolate = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
                                      capture_output=True).returncode == 0
-        assert (state / "ray_worker_1.isolation").read_text().strip() == ("mount" if can_isolate else "none")
+        for name in ("ray", "ray_worker_1"):
+            assert (state / f"{name}.isolation").read_text().strip() == ("mount" if can_isolate else "none"), name
         try:
             for line in (state / "env.sh").read_text().splitlines():
                 key, _, value = line.removeprefix("export ").partition("=")
@@ -144,6 +146,7 @@ def _watch(env: dict[str, str], proc: subprocess.Popen[str], timeout: float = 24
     if proc.poll() is None:
         proc.kill()
     out = proc.communicate(timeout=60)[0]
+    (state / "logs" / f"job-{int(time.time() * 1000)}.log").write_text(out)  # kept for diagnosis
     assert proc.returncode == 0, f"the job failed:\n{out[-6000:]}"
     return {"output": out, "workers": workers, "staged": staged}
 

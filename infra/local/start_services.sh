@@ -95,11 +95,35 @@ RAY_TMP="/tmp/vsray-$(date +%s)-$$"  # short: Ray's unix socket paths must stay 
 echo "$RAY_TMP" > "$STATE/ray.tmpdir"
 NUM_CPUS="${VITSCALE_RAY_CPUS:-4}"  # logical slots (2 train workers + fine-tune + spare), not cores
 HEAD_TMPDIR="${TMPDIR:-/tmp}"
+HEAD_LAUNCH=()
+ISOLATION=none
 if ((WORKER_NODES > 0)); then
-  # Each node its own TMPDIR (what tempfile gives its processes), as separate machines would have.
+  # Each node its own TMPDIR (what tempfile gives its processes), as separate machines have.
+  # Isolation (VITSCALE_RAY_NODE_ISOLATION=auto|mount|none; auto = mount where allowed): every
+  # node runs in its own mount namespace and sees its own folder at one common path,
+  # $RAY_TMP-tmp, like /tmp on separate machines (same path, different disks); worker nodes
+  # also see the head's temp dir as an empty tmpfs (start_worker_node.sh). Without mount
+  # namespaces (needs root/CAP_SYS_ADMIN) each node's TMPDIR is its own real path instead.
+  ISOLATION="${VITSCALE_RAY_NODE_ISOLATION:-auto}"
+  can_unshare() { unshare --mount --propagation private true 2>/dev/null; }
+  case "$ISOLATION" in
+    auto) if can_unshare; then ISOLATION=mount; else ISOLATION=none; fi ;;
+    mount) can_unshare || { log "VITSCALE_RAY_NODE_ISOLATION=mount needs 'unshare --mount' (root/CAP_SYS_ADMIN); use auto or none"; exit 2; } ;;
+    none) ;;
+    *) log "VITSCALE_RAY_NODE_ISOLATION must be auto, mount or none, got '$ISOLATION'"; exit 2 ;;
+  esac
   HEAD_TMPDIR="$RAY_TMP/tmp"
   mkdir -p "$HEAD_TMPDIR"
+  if [[ "$ISOLATION" == mount ]]; then
+    mkdir -p "$RAY_TMP-tmp"
+    # unshare execs (no fork): the recorded pid stays the `ray start` process.
+    # shellcheck disable=SC2016
+    HEAD_LAUNCH=(unshare --mount --propagation private bash -ec 'mount --bind "$1" "$2"; shift 2; exec "$@"' \
+      _ "$HEAD_TMPDIR" "$RAY_TMP-tmp")
+    HEAD_TMPDIR="$RAY_TMP-tmp"
+  fi
 fi
+echo "$ISOLATION" > "$STATE/ray.isolation"
 # Token auth stays on: a loopback head still runs code for every local user who reaches its
 # ports. The cluster's token is made here, for this cluster only, inside the state dir (0600,
 # never printed); RAY_AUTH_TOKEN_PATH points the head, every worker, `ray job submit` and the
@@ -117,7 +141,7 @@ EOT
 # that resolve address="auto" then find this head, not "multiple active Ray instances".
 # No drain phase on SIGTERM (it exists for Serve proxies; nothing here needs it): stop is quick.
 TMPDIR="$HEAD_TMPDIR" RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 \
-RAY_ADDRESS="127.0.0.1:$GCS_PORT" RAY_DEDUP_LOGS=0 "$RAY_BIN" start --head --block \
+RAY_ADDRESS="127.0.0.1:$GCS_PORT" RAY_DEDUP_LOGS=0 "${HEAD_LAUNCH[@]}" "$RAY_BIN" start --head --block \
   --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
   --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" --include-dashboard=true \
   --ray-client-server-port="$CLIENT_PORT" --dashboard-agent-listen-port="$AGENT_HTTP" \

@@ -10,8 +10,8 @@
 #     by IP (node_rank, local_rank), so a second node on 127.0.0.1 would count as the same host;
 #   - Ray temp dir (sockets, logs, object spill, the job's working_dir): /tmp/vsray-...-wI, short
 #     because Ray's unix socket paths must stay < 108 bytes;
-#   - TMPDIR ($tmp/tmp): what Python's tempfile gives every process of the node (checkpoint
-#     staging, downloads), so no node reads files another node wrote locally;
+#   - TMPDIR (its folder $tmp/tmp): what Python's tempfile gives every process of the node
+#     (checkpoint staging, downloads), so no node reads files another node wrote locally;
 #   - CPUs (--num-cpus $VITSCALE_RAY_WORKER_CPUS, default 1) and a custom resource node_I (1.0)
 #     that jobs can target with resources={"node_I": ...};
 #   - ports, picked free on its IP.
@@ -57,33 +57,29 @@ rm -rf "$NODE_TMP"
 mkdir -p "$NODE_TMP/tmp"
 echo "$NODE_TMP" > "$STATE/$NAME.tmpdir"
 
-# Isolation (VITSCALE_RAY_NODE_ISOLATION=auto|mount|none, default auto = mount where allowed):
-# on one machine every node sees the same /tmp, so a rank reading a path another node wrote
-# would work here and break on a real cluster. With "mount" the node runs in its own mount
-# namespace where the head's temp dir (its TMPDIR, sockets, spill) and the other worker nodes'
-# are empty tmpfs: such a read fails here too. Needs CAP_SYS_ADMIN (root); "auto" falls back to
-# "none" without it. The mode is recorded in $STATE/ray_worker_I.isolation.
-ISOLATION="${VITSCALE_RAY_NODE_ISOLATION:-auto}"
-can_unshare() { unshare --mount --propagation private true 2>/dev/null; }
-case "$ISOLATION" in
-  auto) if can_unshare; then ISOLATION=mount; else ISOLATION=none; fi ;;
-  mount) can_unshare || { log "VITSCALE_RAY_NODE_ISOLATION=mount needs 'unshare --mount' (root/CAP_SYS_ADMIN); use auto or none"; exit 2; } ;;
-  none) ;;
-  *) log "VITSCALE_RAY_NODE_ISOLATION must be auto, mount or none, got '$ISOLATION'"; exit 2 ;;
-esac
+# Isolation: the head's mode (start_services.sh, $STATE/ray.isolation). With "mount" the node
+# runs in its own mount namespace: its TMPDIR folder is bound at the common path $HEAD_TMP-tmp
+# (same path on every node, different disks, as /tmp on separate machines), and the head's
+# temp dir and the other worker nodes' are empty tmpfs there, so a rank reading a path another
+# node wrote fails here as it would on a real cluster.
+ISOLATION="$(cat "$STATE/ray.isolation" 2>/dev/null || echo none)"
 LAUNCH=()
+NODE_TMPDIR="$NODE_TMP/tmp"
 if [[ "$ISOLATION" == mount ]]; then
   HIDE=("$HEAD_TMP")
   for d in "$HEAD_TMP"-w*; do [[ -d "$d" && "$d" != "$NODE_TMP" ]] && HIDE+=("$d"); done
   # unshare execs (no fork): the pid recorded below stays the `ray start` process.
   # shellcheck disable=SC2016
   LAUNCH=(unshare --mount --propagation private bash -ec \
-    'n=$1; shift; for ((k = 0; k < n; k++)); do mount -t tmpfs -o size=1m,mode=0755 vitscale-other-node "$1"; shift; done; exec "$@"' \
-    _ "${#HIDE[@]}" "${HIDE[@]}")
+    'mount --bind "$1" "$2"; shift 2; n=$1; shift
+     for ((k = 0; k < n; k++)); do mount -t tmpfs -o size=1m,mode=0755 vitscale-other-node "$1"; shift; done
+     exec "$@"' \
+    _ "$NODE_TMPDIR" "$HEAD_TMP-tmp" "${#HIDE[@]}" "${HIDE[@]}")
+  NODE_TMPDIR="$HEAD_TMP-tmp"
 fi
 echo "$ISOLATION" > "$STATE/$NAME.isolation"
 
-TMPDIR="$NODE_TMP/tmp" RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 RAY_ADDRESS="$GCS" RAY_DEDUP_LOGS=0 \
+TMPDIR="$NODE_TMPDIR" RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 RAY_ADDRESS="$GCS" RAY_DEDUP_LOGS=0 \
 "${LAUNCH[@]}" "$RAY_BIN" start --address="$GCS" --block \
   --node-ip-address="$NODE_IP" --node-manager-port="$NM_PORT" --object-manager-port="$OM_PORT" \
   --dashboard-agent-listen-port="$AGENT_HTTP" --dashboard-agent-grpc-port="$AGENT_GRPC" \

@@ -71,8 +71,12 @@ done
 for file in "$STATE"/ray_worker_*.tmpdir; do
   [[ -e "$file" ]] && drop_tmp "$(basename "$file" .tmpdir)"
 done
+tmp=$(cat "$STATE/ray.tmpdir" 2>/dev/null || true)
 stop ray
 drop_tmp ray
+# The common TMPDIR mount point of isolated nodes (empty outside their namespaces).
+[[ -n "$tmp" && "$tmp" == /tmp/vsray-* && -d "$tmp-tmp" ]] && rmdir "$tmp-tmp" 2>/dev/null
+rm -f "$STATE/ray.isolation"
 stop moto
 # The cluster is gone: its token authenticates nothing any more, and must not outlive it.
 rm -f "$STATE/ray_auth_token"
