@@ -233,3 +233,33 @@ def test_resume_from_s3_on_both_nodes(first_run: dict[str, Any], cluster: dict[s
     assert again["run_id"] == res["run_id"]
     assert again["metrics"]["step"] == 30 and again["metrics"]["resumed_from_step"] == 20, again["metrics"]
     assert sorted(set(run["workers"].values())) == ["ray", "ray_worker_1"], run["workers"]
+
+
+@pytest.mark.integration
+def test_kill_node_takes_the_whole_tree_and_the_node_comes_back(
+    cluster: dict[str, str], first_run: dict[str, Any]
+) -> None:
+    """kill_node.sh (the fault primitive for later tests): node gone, head notices, restart joins."""
+    state = Path(cluster["STATE"])
+    pid = int((state / "ray_worker_1.pid").read_text())
+    tree = [pid, *(p.pid for p in _tree(pid))]
+    assert len(tree) >= 3, "the worker node should run a raylet and agents under `ray start`"
+    out = subprocess.run(["bash", str(ROOT / "infra/local/kill_node.sh"), "1"], env=cluster, check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+    assert set(tree) <= {int(p) for p in out.split()}, (tree, out)
+    import psutil
+
+    assert not [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    old = {n["node_id"] for n in _ray_list(cluster, "nodes") if "node_1" in n["resources_total"]}
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 90:
+        states = {n["node_id"]: n["state"] for n in _ray_list(cluster, "nodes") if n["node_id"] in old}
+        if set(states.values()) == {"DEAD"}:
+            break
+        time.sleep(1)
+    assert set(states.values()) == {"DEAD"}, f"the head still lists the killed node as alive: {states}"
+    print(f"head marked the killed node DEAD after {time.monotonic() - t0:.1f}s")
+    subprocess.run(["bash", str(ROOT / "infra/local/start_worker_node.sh"), "1"], env=cluster, check=True,
+                   timeout=240)
+    alive = [n for n in _ray_list(cluster, "nodes") if "node_1" in n["resources_total"] and n["state"] == "ALIVE"]
+    assert len(alive) == 1 and alive[0]["node_id"] not in old, alive

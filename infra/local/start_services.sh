@@ -56,6 +56,10 @@ if ! [[ "$WORKER_NODES" =~ ^[0-9]+$ ]] || ((WORKER_NODES > 253)); then
   log "VITSCALE_RAY_WORKER_NODES must be an integer in 0..253, got '$WORKER_NODES'"
   exit 2
 fi
+case "${VITSCALE_RAY_NODE_ISOLATION:-auto}" in
+  auto | mount | none) ;;
+  *) log "VITSCALE_RAY_NODE_ISOLATION must be auto, mount or none, got '$VITSCALE_RAY_NODE_ISOLATION'"; exit 2 ;;
+esac
 if [[ -f "$STATE/ray.pid" ]] && kill -0 "$(cat "$STATE/ray.pid")" 2>/dev/null; then
   log "services already running (state in $STATE); stop them with infra/local/stop_services.sh"
   exit 0
