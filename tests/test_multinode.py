@@ -34,6 +34,8 @@ from typing import Any
 
 import pytest
 
+# ~3-3.5 min on 2 busy cores (two Ray nodes, an mlflow server, two DeepSpeed jobs).
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 BUCKET = "multinode-test"
