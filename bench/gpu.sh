@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for the lent GPU machine (see BENCHMARKS.md):
-#   model step ours/timm (S/16 bf16) + B/16 img/s and MFU, and the Trainer's B/16 bf16 MFU.
+#   model step ours/timm (S/16 bf16) + B/16 img/s and MFU, and the Trainer's B/16 bf16 MFU
+#   and Trainer / plain-compiled-loop ratio (issue #15 goals: >= 45 % MFU, ratio <= 1.05).
 # The GPU image has torch + timm but no DeepSpeed: wheels built here travel in .whl/
 # (`pip wheel --no-deps deepspeed==0.19.8`, plus hjson and pydantic for cp312).
 set -uo pipefail
@@ -17,4 +18,7 @@ python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm._
 out=${OUT:-/tmp}
 python3 bench/model_step.py --device cuda --dtype bf16 --batch 64 --iters 20 --warmup 5 --mfu-batch 256 \
   2>&1 | tee "$out/model_step.txt"
+# The Trainer compiles through TrainConfig.compile (inside DeepSpeed), the baseline with model.compile().
 timeout 300 python3 bench/train_step.py --device cuda --compile --batch 256 2>&1 | tee "$out/train_step.txt"
+echo "== issue #15 summary (B/16 bf16, batch 256, compiled) =="
+grep -E "^(Trainer |plain   ):|^ratio Trainer / plain" "$out/train_step.txt" || echo "train_step.py produced no summary: see $out/train_step.txt"

@@ -102,6 +102,8 @@ def make_cfg(stage: int, **kw: Any) -> Any:
         global_batch=GLOBAL_BATCH, micro_batch=MICRO, lr=2e-3, warmup_steps=3, total_steps=TOTAL,
         zero_stage=stage, log_every=1, checkpoint_every=HALF, weight_decay=0.05, profile="cpu",
     )
+    if os.environ.get("VITSCALE_TEST_COMPILE"):  # the "dpc" scenario: the same runs under torch.compile
+        base.update(compile=True, compile_backend=os.environ["VITSCALE_TEST_COMPILE"])
     return TrainConfig(**{**base, **kw})
 
 
@@ -138,6 +140,7 @@ def scenario_dp(out: Path, rank: int, world: int) -> None:
         results[str(stage)] = {
             "straight": sink_a.losses(), "first": sink_b.losses(), "resumed": sink_c.losses(),
             "final_step": res_c["step"], "grad_norm": [m.get("grad_norm") for _, m in sink_a.metrics],
+            "compiled": bool(getattr(t_c.engine, "is_compiled", False)),
         }
     # NaN guard across ranks: one rank's NaN batch is skipped by every rank, training goes on.
     _, sink_n, res_n = run_fit(make_cfg(2, total_steps=4), rank, world, None, nan_slots=frozenset({(0, 2)}))
@@ -191,7 +194,9 @@ def scenario_kill(out: Path, phase: str) -> None:
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if scenario == "dp":
+    if scenario in ("dp", "dpc"):
+        if scenario == "dpc":  # aot_eager: traced by dynamo + AOTAutograd like inductor, no C++ build
+            os.environ["VITSCALE_TEST_COMPILE"] = "aot_eager"
         scenario_dp(out, rank, world)
     else:
         scenario_kill(out, scenario.removeprefix("kill"))

@@ -28,12 +28,16 @@ import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import nn
+
+from training.config import RESUMABLE_FIELDS, TrainConfig, config_diff
+from training.dist import agree
 
 MARKER = "complete.json"
 POINTER = "latest_complete.json"
@@ -436,3 +440,141 @@ def export_weights(
     meta = {"format": "pt", "dtype": dtype, **(metadata or {})}
     save_file(sd, str(path), metadata={k: str(v) for k, v in meta.items()})
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The commit protocol: what every rank does to save, choose, stage and load a checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+class CheckpointManager:
+    """Saves and restores one Trainer's checkpoints under `root`, mirrored to `store`.
+
+    Protocol: every rank runs the same sequence of collectives, whatever happens. Anything that
+    may fail or wait on I/O (a decision by rank 0, a download or upload by each node's local
+    rank 0, reading files) runs inside `training.dist.agree`, which always ends in one bounded
+    collective where all ranks learn whether any failed; then all raise or all go on.
+
+    `cfg` is passed per call (not kept): its hash is what a checkpoint must match, and its
+    `io_timeout_s` bounds every wait, so a caller that changes the resumable fields is obeyed.
+    """
+
+    def __init__(self, engine: Any, dist: Any, root: Path | None, store: CheckpointStore | None) -> None:
+        if store is not None and root is None:
+            raise ValueError("checkpoint_store needs a local checkpoint_dir to stage files in")
+        self.engine, self.dist, self.root, self.store = engine, dist, root, store
+        install_safe_loader(engine)  # DeepSpeed's loader would unpickle anything
+
+    def save(self, step: int, cfg: TrainConfig, trainer_state: Callable[[], dict[str, Any]]) -> str:
+        """Save the engine + per-rank state as tag `step{N}` and commit it (all ranks call this).
+
+        `trainer_state()` gives this rank's own resumable state (loader cursor, counters); the
+        step, RNG states, config and world size are added here.
+        """
+        assert self.root is not None, "Trainer was built without checkpoint_dir"
+        tag, root, rank = tag_for(step), self.root, self.dist.rank
+
+        def prepare() -> None:
+            if self.dist.is_main:
+                root.mkdir(parents=True, exist_ok=True)
+                prepare_tag_dir(root, tag)
+
+        self._agree(cfg, f"preparing checkpoint {tag}", prepare)
+        state = {"step": step, **trainer_state()}
+        client = {"step": step, "config_hash": cfg.config_hash()}
+        self.engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
+        state.update(rng=rng_state(), config=cfg.to_dict(), config_hash=cfg.config_hash(),
+                     world_size=self.dist.world_size)
+        # Every rank has finished writing only after this: only then may the checkpoint count.
+        self._agree(cfg, f"writing checkpoint {tag}", lambda: save_rank_state(root / tag, rank, state))
+        if self.store is not None:
+            store = self.store
+            self._agree(cfg, f"uploading checkpoint {tag}",
+                        lambda: store.upload_dir(str(root / tag), tag) if self.dist.local_rank == 0 else None)
+        self._agree(cfg, f"committing checkpoint {tag}",
+                    lambda: self._commit(tag, step, cfg.keep_checkpoints) if self.dist.is_main else None)
+        return tag
+
+    def _commit(self, tag: str, step: int, keep: int) -> None:
+        """Rank 0: marker + pointer locally, then in the store (marker last: it makes it count)."""
+        assert self.root is not None
+        commit(self.root, tag, step, self.dist.world_size)
+        if self.store is not None:
+            info = (self.root / tag / MARKER).read_text()
+            self.store.write_text(f"{tag}/{MARKER}", info)
+            self.store.write_text(POINTER, info)
+        prune(self.root, keep, self.store)
+
+    def restore(self, resume: str, cfg: TrainConfig) -> dict[str, Any] | None:
+        """Load a checkpoint into the engine and this process's RNGs; returns this rank's saved
+        state (step, loader cursor, counters), or None when "auto" finds none.
+
+        `resume`: "auto" (newest complete checkpoint in the store, else in `root`), a tag
+        ("step500") or a checkpoint directory path. Rank 0 alone decides which checkpoint and
+        where (every rank gets its decision); with a store, each node's local rank 0 stages it
+        (marker last); every rank then checks its files; DeepSpeed loads with the safe loader.
+        """
+        plan = self._agree(cfg, "choosing the checkpoint to resume from",
+                           lambda: self._plan(resume) if self.dist.is_main else None, share=True)[0]
+        if plan["tag"] is None:
+            return None
+        tag, tag_dir = plan["tag"], Path(plan["dir"])
+        if plan["stage"]:
+            self._agree(cfg, f"downloading checkpoint {tag} into {tag_dir.parent} on every node",
+                        lambda: self._stage(tag) if self.dist.local_rank == 0 else None)
+        state = self._agree(cfg, f"checking checkpoint {tag_dir}", lambda: self._check(tag_dir, cfg))
+        self._agree(cfg, f"loading checkpoint {tag_dir}", lambda: self._load_engine(tag_dir))
+        set_rng_state(state["rng"])
+        return state
+
+    def _plan(self, resume: str) -> dict[str, Any]:
+        """Rank 0: which checkpoint to restore and whether nodes must download it first.
+
+        With a store the store is the truth (a node's staging folder may hold another node's
+        files, or a tag whose upload never finished); without one, `root` is.
+        """
+        root = self.root
+        if resume == "auto":
+            if root is None:
+                raise ValueError("resume='auto' needs checkpoint_dir")
+            tag = latest_remote(self.store) if self.store is not None else latest_complete(root)
+            return {"tag": tag, "dir": str(root / tag) if tag else None, "stage": self.store is not None}
+        if self.store is not None and root is not None and step_of(resume) is not None:
+            return {"tag": resume, "dir": str(root / resume), "stage": True}
+        p = Path(resume)
+        if not p.is_dir() and root is not None:
+            p = root / resume
+        return {"tag": p.name, "dir": str(p), "stage": False}
+
+    def _stage(self, tag: str) -> None:
+        """Node-local rank 0: download `tag` into the node's staging folder, marker last."""
+        assert self.store is not None and self.root is not None
+        stage_from_store(self.store, tag, self.root)
+
+    def _check(self, tag_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
+        """This rank: the checkpoint is complete, safe to load, ours and of this config."""
+        if not is_complete(tag_dir):
+            raise FileNotFoundError(f"{tag_dir} is not a complete checkpoint (no {MARKER}); resume from "
+                                    "a committed one (see latest_complete.json)")
+        if self.dist.local_rank == 0:
+            scan_checkpoint(tag_dir)  # refuses a tampered .pt before DeepSpeed opens any
+        state = load_rank_state(tag_dir, self.dist.rank)
+        if state["config_hash"] != cfg.config_hash():
+            diff = config_diff(state["config"], cfg.to_dict())
+            raise ValueError(
+                f"refusing to resume from {tag_dir}: the config changed since it was written "
+                f"(only {sorted(RESUMABLE_FIELDS)} may change):\n  " + "\n  ".join(diff)
+            )
+        return state
+
+    def _load_engine(self, tag_dir: Path) -> None:
+        assert_safe_loader(self.engine)
+        load_path, _ = self.engine.load_checkpoint(
+            str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+
+    @staticmethod
+    def _agree(cfg: TrainConfig, what: str, fn: Callable[[], Any], *, share: bool = False) -> Any:
+        return agree(what, fn, timeout_s=cfg.io_timeout_s, share=share)

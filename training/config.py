@@ -18,7 +18,7 @@ from typing import Any, Literal
 # often to log or how long to wait, not what is optimised. Everything else is in the config hash.
 RESUMABLE_FIELDS: frozenset[str] = frozenset(
     {"total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps",
-     "io_timeout_s"}
+     "io_timeout_s", "compile", "compile_backend"}
 )
 
 
@@ -32,6 +32,9 @@ class TrainConfig:
     means "only at the end of fit()". `max_bad_steps` consecutive non-finite losses abort.
     `io_timeout_s` bounds every collective that waits on checkpoint I/O (upload, download,
     staging): a rank waiting longer fails with a message instead of hanging.
+    `compile` runs the model under `torch.compile(backend=compile_backend)` inside the DeepSpeed
+    engine (the GPU profiles turn it on); checkpoints are the same with and without it, so a
+    run may resume with it switched.
     """
 
     global_batch: int = 32
@@ -61,6 +64,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_bad_steps: int = 10
     io_timeout_s: float = 1800.0
+    compile: bool = False
+    compile_backend: str = "inductor"
     profile: str = "auto"
 
     def __post_init__(self) -> None:
@@ -123,6 +128,9 @@ class TrainConfig:
             isinstance(self.io_timeout_s, (int, float)) and 0 < self.io_timeout_s < float("inf"),
             f"io_timeout_s={self.io_timeout_s!r} must be a finite number of seconds > 0",
         )
+        check(isinstance(self.compile, bool), f"compile={self.compile!r} must be True or False")
+        check(isinstance(self.compile_backend, str) and self.compile_backend != "",
+              f"compile_backend={self.compile_backend!r} must name a torch.compile backend, e.g. 'inductor'")
         if errors:
             raise ValueError("invalid TrainConfig:\n  " + "\n  ".join(errors))
 

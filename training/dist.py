@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -153,3 +154,29 @@ def timed_barrier(*, what: str, timeout_s: float) -> None:
 def _collective_device() -> torch.device:
     """Where collective buffers must live: the current GPU under nccl, else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def agree(what: str, fn: Callable[[], Any], *, timeout_s: float, share: bool = False) -> Any:
+    """Run `fn` here, then one bounded collective in which every rank reports success or its
+    error; if any rank failed, every rank raises (this rank's own error, or one naming the
+    failed ranks). Returns `fn`'s result, or with `share` every rank's results in rank order.
+
+    Anything that may fail or wait on I/O in a multi-rank protocol (the checkpoint commit,
+    resume) goes through here, so all ranks run the same sequence of collectives whatever
+    happens: then all raise or all go on, and none waits forever on a rank that gave up.
+    """
+    result: Any = None
+    error: BaseException | None = None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - reported to every rank, then re-raised below
+        error = e
+    text = f"{type(error).__name__}: {error}"[: EXCHANGE_BYTES // 8] if error is not None else None
+    replies = exchange_json({"result": result if share else None, "error": text}, what=what, timeout_s=timeout_s)
+    failed = [(r, x["error"]) for r, x in enumerate(replies) if x["error"] is not None]
+    if error is not None:
+        raise error
+    if failed:
+        ranks = [r for r, _ in failed]
+        raise RuntimeError(f"{what} failed on rank(s) {ranks}; rank {ranks[0]}: {failed[0][1]}")
+    return [x["result"] for x in replies] if share else result

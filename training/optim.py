@@ -56,3 +56,42 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set `lr` on every param group (DeepSpeed's ZeRO wrappers share the torch groups)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def drop_repeated_norm_checks(ds_optimizer: object) -> bool:
+    """Make DeepSpeed's ZeRO-1/2 optimizer clip gradients without re-reading the norm on the host.
+
+    DeepSpeed 0.19's `DeepSpeedZeroOptimizer.step` checks the global gradient norm once (the
+    overflow check: a skipped step when it is NaN/Inf), then `unscale_and_clip_grads` checks
+    the same norm again with `bool()` for every parameter group, after the previous group's
+    update was launched: on a GPU each is a stall, two more per step for a ViT's two groups.
+    This replaces that method on this instance only with the same arithmetic, the repeated
+    check made on the device (`torch.where`). Returns False (and changes nothing) for any
+    other optimizer class or a DeepSpeed whose method no longer has this signature.
+    """
+    import inspect
+
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if type(ds_optimizer) is not DeepSpeedZeroOptimizer:
+        return False
+    opt: DeepSpeedZeroOptimizer = ds_optimizer
+    if list(inspect.signature(opt.unscale_and_clip_grads).parameters) != ["grad_groups_flat", "total_norm"]:
+        return False
+
+    def unscale_and_clip_grads(grad_groups_flat: list, total_norm: torch.Tensor | float) -> None:
+        if opt.clip_grad == 0.0 and opt.loss_scale == 1.0:
+            return
+        combined_scale: torch.Tensor | float = opt.loss_scale
+        if opt.clip_grad > 0.0:
+            norm = torch.as_tensor(total_norm, dtype=torch.float, device=opt.device)
+            # An invalid norm (NaN/Inf, or DeepSpeed's -1 sentinel) clips as an infinite one.
+            norm = torch.where(torch.isfinite(norm) & (norm >= 0), norm, torch.full_like(norm, float("inf")))
+            clip = torch.clamp(((norm / opt.loss_scale) + 1e-6) / opt.clip_grad, min=1.0)
+            combined_scale = clip * opt.loss_scale
+        for grad in grad_groups_flat:
+            for g in grad if isinstance(grad, list) else [grad]:
+                g.data.mul_(1.0 / combined_scale)
+
+    opt.unscale_and_clip_grads = unscale_and_clip_grads  # type: ignore[method-assign]
+    return True

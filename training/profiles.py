@@ -33,6 +33,7 @@ class Profile:
     sdpa: Literal["auto", "flash", "mem_efficient", "math"] = "auto"
     offload: Literal["none", "cpu"] = "none"
     activation_checkpointing: bool = False
+    compile: bool = True  # torch.compile in the engine; off on CPU, where compiling costs more than it saves
 
     def train_overrides(self) -> dict[str, Any]:
         """The TrainConfig fields this profile sets."""
@@ -43,13 +44,15 @@ class Profile:
             "grad_accum": self.grad_accum,
             "offload": self.offload,
             "activation_checkpointing": self.activation_checkpointing,
+            "compile": self.compile,
             "profile": self.name,
         }
 
 
 PROFILES: dict[str, Profile] = {
     # 2-core laptops and CI: fp32 (CPUs have no fast fp16/bf16 GEMM here), gloo.
-    "cpu": Profile(name="cpu", precision="fp32", zero_stage=1, micro_batch=16, grad_accum=None, backend="gloo"),
+    "cpu": Profile(name="cpu", precision="fp32", zero_stage=1, micro_batch=16, grad_accum=None, backend="gloo",
+                   compile=False),
     # T4: no bf16, so fp16 with dynamic loss scaling; 16 GB -> ZeRO-2 and micro 32 x accum 4
     # (the T4 setting of the ViT notes); flash-attention-2 needs sm80, use the mem-efficient kernel.
     "t4": Profile(

@@ -13,18 +13,19 @@ group and set RANK/WORLD_SIZE/LOCAL_RANK)::
                       checkpoint_dir=local_dir, checkpoint_store=s3_store)
     metrics = trainer.fit(resume="auto")   # every rank; rank 0's sink gets the metrics
 
-A NaN/Inf loss on any rank skips that micro-batch on every rank (no backward, no update, the
-next batch takes its place) and counts a bad step; `max_bad_steps` in a row raise
-NonFiniteLossError. fp16 overflow in the gradients is DeepSpeed's loss scaler's business (a
-skipped update, logged as `skipped_updates`).
+A NaN/Inf loss or gradient on any rank skips that optimizer step on every rank (no update; its
+micro-batches are spent, the step is taken again with the next ones) and counts a bad step;
+`max_bad_steps` in a row raise NonFiniteLossError. The decision is DeepSpeed's own gradient
+overflow check, once per step, so nothing waits for the device per micro-batch; losses stay on
+the device and are read once per log line. fp16 overflow in the gradients is DeepSpeed's loss
+scaler's business (a skipped update, logged as `skipped_updates`, not a bad step).
 """
 
 from __future__ import annotations
 
-import math
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,13 @@ import torch
 from torch import nn
 
 from training import checkpoint as ckpt
-from training.config import RESUMABLE_FIELDS, TrainConfig, config_diff
+from training.config import TrainConfig
 from training.deepspeed_config import deepspeed_config
-from training.dist import EXCHANGE_BYTES, DistInfo, all_reduce_sum, exchange_json, init_distributed
+from training.dist import DistInfo, all_reduce_sum, init_distributed
 from training.losses import loss_fn
 from training.metrics import MetricsSink, NullSink, device_name, mfu, peak_tflops
-from training.optim import build_optimizer, lr_at, param_groups, set_lr
+from training.optim import build_optimizer, drop_repeated_norm_checks, lr_at, param_groups, set_lr
+from training.prefetch import DevicePrefetcher
 from training.profiles import get_profile
 
 
@@ -93,7 +95,7 @@ class Trainer:
     ) -> None:
         import deepspeed
 
-        if checkpoint_store is not None and checkpoint_dir is None:
+        if checkpoint_store is not None and checkpoint_dir is None:  # before the costly engine build
             raise ValueError("checkpoint_store needs a local checkpoint_dir to stage files in")
         self.cfg = cfg
         self.dist: DistInfo = init_distributed()
@@ -102,7 +104,6 @@ class Trainer:
         self.eval_loader = eval_loader
         self.sink: MetricsSink = sink if (sink is not None and self.dist.is_main) else NullSink()
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-        self.store = checkpoint_store
         self._seed(cfg.seed + self.dist.rank)
         if cfg.profile in ("auto", "cpu", "t4", "a100", "h100"):
             _set_sdpa(get_profile(cfg.profile).sdpa)
@@ -116,16 +117,27 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.dist.world_size)
         )
-        ckpt.install_safe_loader(self.engine)  # DeepSpeed's loader would unpickle anything
+        drop_repeated_norm_checks(self.optimizer)  # host syncs DeepSpeed's ZeRO-1/2 step repeats
+        self.checkpoints = ckpt.CheckpointManager(self.engine, self.dist, self.checkpoint_dir, checkpoint_store)
+        if cfg.compile:
+            # In place (nn.Module.compile): state_dict keys, checkpoints and exported weights
+            # are the same as without it.
+            self.engine.compile(backend=cfg.compile_backend)
         self.input_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision, torch.float32)
         self.device_name = device_name(self.dist.device)
         self.peak = peak_tflops(self.device_name, cfg.precision)
 
+        # DeepSpeed checks gradients for overflow in ZeRO 1-3, in bf16 and fp16; not in ZeRO-0 fp32.
+        self._own_overflow_check = cfg.zero_stage == 0 and cfg.precision == "fp32"
+        state = getattr(train_loader, "state_dict", None)
+        self._batches = DevicePrefetcher(self._next_batch, self.dist.device, state if callable(state) else None)
+
         self._step = 0
-        self.bad_steps = 0  # micro-batches skipped for a non-finite loss, in total
+        self.bad_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, in total
         self._bad_in_row = 0
         self._epoch_iter: Iterator | None = None
-        self.last_loss = float("nan")
+        self._last_loss: torch.Tensor | None = None  # this rank's, on the device
+        self.last_loss = float("nan")  # over all ranks; set when fit() logs or returns
 
     # ------------------------------------------------------------------ public
     @property
@@ -151,65 +163,98 @@ class Trainer:
             {**self.cfg.to_dict(), "world_size": self.dist.world_size, "grad_accum": self.accum, "device": self.device_name}
         )
         result: dict[str, float] = {"step": float(self._step)}
-        window = _Window()
+        window = _Window(self.dist.device)
         while self._step < stop:
             loss, wait = self.train_step()  # batch -> step
             window.add(loss, wait)
+            if loss is None:  # skipped for a NaN/Inf: nothing to log, eval or save
+                continue
             if self._step % self.cfg.log_every == 0 or self._step == stop:  # log
                 self.sink.log_metrics(self._log_metrics(window), self._step)
-                window = _Window()
+                window = _Window(self.dist.device)
             if self.eval_loader is not None and self._due(self.cfg.eval_every, stop):  # eval
                 result.update(self.evaluate())
             if self.checkpoint_dir is not None and self._due(self.cfg.checkpoint_every, stop):  # checkpoint
                 self.save_checkpoint()
+        if self._last_loss is not None:  # every rank: the last step's loss over all ranks
+            self.last_loss = all_reduce_sum(self._last_loss.reshape(1).clone()).item() / self.dist.world_size
         result.update(step=float(self._step), loss=self.last_loss, bad_steps=float(self.bad_steps))
         return result
 
     # ------------------------------------------------------------------ steps
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer step over `accum` good micro-batches; returns (mean loss, data wait s)."""
-        set_lr(self.optimizer, lr_at(self.cfg, self._step))
-        losses: list[float] = []
-        wait = 0.0
-        while len(losses) < self.accum:
-            t0 = time.perf_counter()
-            images, targets = self._next_batch()[:2]
-            wait += time.perf_counter() - t0
-            loss = self._micro_step(images, targets)
-            if math.isfinite(loss):
-                self._bad_in_row = 0
-                losses.append(loss)
-                continue
-            self.bad_steps += 1
-            self._bad_in_row += 1
-            if self._bad_in_row >= self.cfg.max_bad_steps:
-                raise NonFiniteLossError(
-                    f"{self._bad_in_row} consecutive batches had a NaN/Inf loss at step {self._step} "
-                    f"(max_bad_steps={self.cfg.max_bad_steps}); lower lr ({self.cfg.lr}), check the data, "
-                    f"or use precision='bf16'/'fp32' instead of {self.cfg.precision!r}"
-                )
-        self._step += 1
-        self.last_loss = sum(losses) / len(losses)
-        return self.last_loss, wait
+    def train_step(self) -> tuple[torch.Tensor | None, float]:
+        """One optimizer step over `accum` micro-batches; returns (this rank's mean loss as a
+        device tensor, or None when the step was skipped for a NaN/Inf; data wait in s).
 
-    def _micro_step(self, images: torch.Tensor, targets: torch.Tensor) -> float:
-        """Forward, then backward + engine.step unless any rank's loss is non-finite.
-
-        Returns the loss averaged over ranks, or NaN when the batch was skipped on every rank
-        (no backward, no update, DeepSpeed's accumulation counter untouched).
+        Nothing here waits for the device: losses stay on it, and whether the step is skipped
+        is decided once, at the accumulation boundary, by DeepSpeed's overflow check (a
+        non-finite global gradient norm; `_poison` makes a non-finite loss one). That check is
+        the step's one host synchronisation; ZeRO-0 fp32, which has none, gets ours.
         """
-        images = self._to_device(images, self.train_loader, non_blocking=True)
-        targets = targets.to(self.dist.device, non_blocking=True)
-        loss = loss_fn(self.cfg, self.engine(images), targets)
-        finite = bool(torch.isfinite(loss))
-        # One all-reduce gives the global mean loss and whether any rank must skip.
-        stats = torch.tensor([loss.item() if finite else 0.0, 0.0 if finite else 1.0], dtype=torch.float64)
-        all_reduce_sum(stats)
-        if stats[1] > 0:
-            return float("nan")
-        self.engine.backward(loss)
-        self.engine.step()
-        return float(stats[0]) / self.dist.world_size
+        set_lr(self.optimizer, lr_at(self.cfg, self._step))
+        skipped_before = self.engine.skipped_steps
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.dist.device)
+        wait = 0.0
+        for i in range(self.accum):
+            t0 = time.perf_counter()
+            images, targets = self._batches.take()
+            wait += time.perf_counter() - t0
+            images = self._to_device(images, self.train_loader, non_blocking=True)
+            targets = targets.to(self.dist.device, non_blocking=True)
+            loss = loss_fn(self.cfg, self.engine(images), targets)
+            loss_sum += loss.detach()
+            self.engine.backward(_poison(loss))
+            t0 = time.perf_counter()
+            self._batches.preload()  # CUDA: the next batch's copy overlaps this backward
+            wait += time.perf_counter() - t0
+            if i == self.accum - 1 and self._own_overflow_check:
+                self._boundary_step_checked()
+            else:
+                self.engine.step()
+        if self._skipped_for_nonfinite(self.engine.skipped_steps != skipped_before, loss_sum):
+            return None, wait
+        self._bad_in_row = 0
+        self._step += 1
+        self._last_loss = loss_sum / self.accum
+        return self._last_loss, wait
+
+    def _skipped_for_nonfinite(self, skipped: bool, loss_sum: torch.Tensor) -> bool:
+        """Count a step DeepSpeed skipped as bad (every rank sees the same global decision);
+        `max_bad_steps` in a row raise. Under fp16 a skip is usually the loss scaler's
+        overflow (logged as skipped_updates, not bad): only a non-finite loss counts then."""
+        if not skipped:
+            return False
+        if self.cfg.precision == "fp16":
+            flag = all_reduce_sum((~torch.isfinite(loss_sum)).double().reshape(1))
+            if flag.item() == 0:  # a host sync, on skipped steps only
+                return False
+        self.bad_steps += 1
+        self._bad_in_row += 1
+        if self._bad_in_row >= self.cfg.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{self._bad_in_row} consecutive batches (optimizer steps) had a NaN/Inf loss or gradient at step "
+                f"{self._step} (max_bad_steps={self.cfg.max_bad_steps}); lower lr ({self.cfg.lr}), check the data, "
+                f"or use precision='bf16'/'fp32' instead of {self.cfg.precision!r}"
+            )
+        return True
+
+    def _boundary_step_checked(self) -> None:
+        """ZeRO-0 fp32 (no DeepSpeed overflow check): skip the update on every rank when any
+        rank's gradients are not finite, keeping DeepSpeed's step counters going as usual."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        bad = torch.zeros(1, dtype=torch.float64, device=self.dist.device)
+        if grads:  # per tensor, not a sum of sums: a large finite sum must not overflow to inf
+            bad += (~torch.stack([torch.isfinite(g).all() for g in grads])).sum()
+        if all_reduce_sum(bad).item() == 0:  # the step's one host sync
+            self.engine.step()
+            return
+        opt = self.engine.optimizer
+        opt.step = lambda *args, **kwargs: None  # our own optimizer object: this update only
+        try:
+            self.engine.step()  # counters advance, gradients are zeroed
+        finally:
+            del opt.step
+        self.engine.skipped_steps += 1
 
     def _to_device(self, images: torch.Tensor, loader: Any, *, non_blocking: bool = False) -> torch.Tensor:
         """Move a batch to the device; uint8 batches (``DataConfig(output="uint8")``) are
@@ -243,8 +288,11 @@ class Trainer:
         images_per_s = window.steps * self.cfg.global_batch / elapsed
         grad_norm = self.engine.get_global_grad_norm()
         scale = getattr(self.optimizer, "cur_scale", None) if self.cfg.precision == "fp16" else 1.0
+        # The window's losses summed over ranks: the one sync and collective per log line.
+        loss = all_reduce_sum(window.loss_sum.reshape(1).clone()).item() / self.dist.world_size / max(window.steps, 1)
+        self.last_loss = loss
         out: dict[str, float] = {
-            "loss": window.loss_sum / max(window.steps, 1),
+            "loss": loss,
             "lr": lr_at(self.cfg, self._step - 1),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "loss_scale": float(scale) if scale is not None else float("nan"),
@@ -318,151 +366,26 @@ class Trainer:
             self.engine.module.train()
 
     # ------------------------------------------------------------------ checkpoints
-    # Protocol: every rank runs the same sequence of collectives, whatever happens. Anything
-    # that may fail or wait on I/O (a decision by rank 0, a download or upload by each node's
-    # local rank 0, reading files) runs inside `_agree`, which always ends in one bounded
-    # collective where all ranks learn whether any failed; then all raise or all go on.
     def save_checkpoint(self) -> str:
-        """Save the engine + per-rank state as tag `step{N}` and commit it (all ranks call this)."""
-        assert self.checkpoint_dir is not None, "Trainer was built without checkpoint_dir"
-        tag = ckpt.tag_for(self._step)
-        root = self.checkpoint_dir
+        """Save the engine + per-rank state as tag `step{N}` and commit it (all ranks call this);
+        the commit protocol is `training.checkpoint.CheckpointManager`'s."""
+        def state() -> dict[str, Any]:
+            return {"loader": self._batches.loader_state(), "bad_steps": self.bad_steps}
 
-        def prepare() -> None:
-            if self.dist.is_main:
-                root.mkdir(parents=True, exist_ok=True)
-                ckpt.prepare_tag_dir(root, tag)
-
-        self._agree(f"preparing checkpoint {tag}", prepare)
-        loader_state = self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None
-        client = {"step": self._step, "config_hash": self.cfg.config_hash()}
-        self.engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
-        state = {
-            "step": self._step,
-            "loader": loader_state,
-            "rng": ckpt.rng_state(),
-            "config": self.cfg.to_dict(),
-            "config_hash": self.cfg.config_hash(),
-            "bad_steps": self.bad_steps,
-            "world_size": self.dist.world_size,
-        }
-        # Every rank has finished writing only after this: only then may the checkpoint count.
-        self._agree(f"writing checkpoint {tag}", lambda: ckpt.save_rank_state(root / tag, self.dist.rank, state))
-        if self.store is not None:
-            store = self.store
-            self._agree(
-                f"uploading checkpoint {tag}",
-                lambda: store.upload_dir(str(root / tag), tag) if self.dist.local_rank == 0 else None,
-            )
-        self._agree(f"committing checkpoint {tag}", lambda: self._commit(tag) if self.dist.is_main else None)
-        return tag
-
-    def _commit(self, tag: str) -> None:
-        """Rank 0: marker + pointer locally, then in the store (marker last: it makes it count)."""
-        assert self.checkpoint_dir is not None
-        root = self.checkpoint_dir
-        ckpt.commit(root, tag, self._step, self.dist.world_size)
-        if self.store is not None:
-            info = (root / tag / ckpt.MARKER).read_text()
-            self.store.write_text(f"{tag}/{ckpt.MARKER}", info)
-            self.store.write_text(ckpt.POINTER, info)
-        ckpt.prune(root, self.cfg.keep_checkpoints, self.store)
+        return self.checkpoints.save(self._step, self.cfg, state)
 
     def restore(self, resume: str) -> bool:
-        """Load a checkpoint (see `fit`); returns False when "auto" finds none.
-
-        Rank 0 alone decides which checkpoint and where (every rank gets its decision); with a
-        store, each node's local rank 0 stages it (marker last); every rank then checks its
-        files; DeepSpeed loads with the safe loader. All steps end in a bounded collective.
-        """
-        plans = self._agree("choosing the checkpoint to resume from",
-                            lambda: self._plan(resume) if self.dist.is_main else None, share=True)
-        plan = plans[0]
-        if plan["tag"] is None:
+        """Load a checkpoint (see `fit`; `CheckpointManager.restore`); False when "auto" finds none."""
+        state = self.checkpoints.restore(resume, self.cfg)
+        if state is None:
             return False
-        tag, tag_dir = plan["tag"], Path(plan["dir"])
-        if plan["stage"]:
-            self._agree(f"downloading checkpoint {tag} into {tag_dir.parent} on every node",
-                        lambda: self._stage(tag) if self.dist.local_rank == 0 else None)
-        state = self._agree(f"checking checkpoint {tag_dir}", lambda: self._check(tag_dir))
-        self._agree(f"loading checkpoint {tag_dir}", lambda: self._load_engine(tag_dir))
         self._step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
         if state["loader"] is not None:
             self.train_loader.load_state_dict(state["loader"])
         self._epoch_iter = None
-        ckpt.set_rng_state(state["rng"])
+        self._batches.reset()
         return True
-
-    def _plan(self, resume: str) -> dict[str, Any]:
-        """Rank 0: which checkpoint to restore and whether nodes must download it first.
-
-        With a store the store is the truth (a node's staging folder may hold another node's
-        files, or a tag whose upload never finished); without one, `checkpoint_dir` is.
-        """
-        root = self.checkpoint_dir
-        if resume == "auto":
-            if root is None:
-                raise ValueError("resume='auto' needs checkpoint_dir")
-            tag = ckpt.latest_remote(self.store) if self.store is not None else ckpt.latest_complete(root)
-            return {"tag": tag, "dir": str(root / tag) if tag else None, "stage": self.store is not None}
-        if self.store is not None and root is not None and ckpt.step_of(resume) is not None:
-            return {"tag": resume, "dir": str(root / resume), "stage": True}
-        p = Path(resume)
-        if not p.is_dir() and root is not None:
-            p = root / resume
-        return {"tag": p.name, "dir": str(p), "stage": False}
-
-    def _stage(self, tag: str) -> None:
-        """Node-local rank 0: download `tag` into the node's staging folder, marker last."""
-        assert self.store is not None and self.checkpoint_dir is not None
-        ckpt.stage_from_store(self.store, tag, self.checkpoint_dir)
-
-    def _check(self, tag_dir: Path) -> dict[str, Any]:
-        """This rank: the checkpoint is complete, safe to load, ours and of this config."""
-        if not ckpt.is_complete(tag_dir):
-            raise FileNotFoundError(f"{tag_dir} is not a complete checkpoint (no {ckpt.MARKER}); resume from "
-                                    "a committed one (see latest_complete.json)")
-        if self.dist.local_rank == 0:
-            ckpt.scan_checkpoint(tag_dir)  # refuses a tampered .pt before DeepSpeed opens any
-        state = ckpt.load_rank_state(tag_dir, self.dist.rank)
-        if state["config_hash"] != self.cfg.config_hash():
-            diff = config_diff(state["config"], self.cfg.to_dict())
-            raise ValueError(
-                f"refusing to resume from {tag_dir}: the config changed since it was written "
-                f"(only {sorted(RESUMABLE_FIELDS)} may change):\n  " + "\n  ".join(diff)
-            )
-        return state
-
-    def _load_engine(self, tag_dir: Path) -> None:
-        ckpt.assert_safe_loader(self.engine)
-        load_path, _ = self.engine.load_checkpoint(
-            str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
-
-    def _agree(self, what: str, fn: Callable[[], Any], *, share: bool = False) -> Any:
-        """Run `fn` here, then one bounded collective in which every rank reports success or its
-        error; if any rank failed, every rank raises (this rank's own error, or one naming the
-        failed ranks). Returns `fn`'s result, or with `share` every rank's results in rank order.
-        """
-        result: Any = None
-        error: BaseException | None = None
-        try:
-            result = fn()
-        except Exception as e:  # noqa: BLE001 - reported to every rank, then re-raised below
-            error = e
-        text = f"{type(error).__name__}: {error}"[: EXCHANGE_BYTES // 8] if error is not None else None
-        replies = exchange_json({"result": result if share else None, "error": text}, what=what,
-                                timeout_s=self.cfg.io_timeout_s)
-        failed = [(r, x["error"]) for r, x in enumerate(replies) if x["error"] is not None]
-        if error is not None:
-            raise error
-        if failed:
-            ranks = [r for r, _ in failed]
-            raise RuntimeError(f"{what} failed on rank(s) {ranks}; rank {ranks[0]}: {failed[0][1]}")
-        return [x["result"] for x in replies] if share else result
 
     # ------------------------------------------------------------------ helpers
     def _broadcast_params(self, model: nn.Module) -> None:
@@ -479,16 +402,29 @@ class Trainer:
         torch.manual_seed(seed)
 
 
-class _Window:
-    """Accumulates step losses and data-wait time between two log lines."""
+def _poison(loss: torch.Tensor) -> torch.Tensor:
+    """`loss`, whose gradients are all NaN when it is not finite (bitwise unchanged when it is).
 
-    def __init__(self) -> None:
+    A NaN/Inf loss does not always give non-finite gradients (cross-entropy's gradient stays
+    finite at an infinite loss); this makes DeepSpeed's gradient-norm check, which already
+    runs once per step on every rank, skip such a step too, without reading the loss on the
+    host.
+    """
+    bad = torch.where(torch.isfinite(loss.detach()), 0.0, float("nan"))
+    return loss * (1.0 + bad)
+
+
+class _Window:
+    """Accumulates step losses (on the device) and data-wait time between two log lines."""
+
+    def __init__(self, device: torch.device) -> None:
         self.start = time.perf_counter()
         self.steps = 0
-        self.loss_sum = 0.0
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.wait = 0.0
 
-    def add(self, loss: float, wait: float) -> None:
-        self.steps += 1
-        self.loss_sum += loss
+    def add(self, loss: torch.Tensor | None, wait: float) -> None:
         self.wait += wait
+        if loss is not None:
+            self.steps += 1
+            self.loss_sum += loss

@@ -10,6 +10,13 @@
 # Ray: `ray start --head --block` in the background with its own temp dir and free ports, so it
 # never collides with (or attaches to) another Ray on the machine; SIGTERM to that one pid
 # shuts its whole process tree down. Both get a health check before this script returns.
+#
+# Multi-node: VITSCALE_RAY_WORKER_NODES=N (default 0) also starts N worker nodes, each a
+# separate raylet joined with `ray start --address <gcs> --block` (infra/local/start_worker_node.sh:
+# own IP 127.0.0.(i+1), temp dir, TMPDIR, VITSCALE_RAY_WORKER_CPUS CPUs, custom resource node_i),
+# each health-checked. The head then also gets its own TMPDIR. Run storage must then be s3://
+# (VITSCALE_STORAGE, VITSCALE_RAY_STORAGE): no node may read another node's local disk.
+# infra/local/kill_node.sh i kills node i's whole process tree (fault tests).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -44,6 +51,15 @@ PYEOF
   return 1
 }
 
+WORKER_NODES="${VITSCALE_RAY_WORKER_NODES:-0}"
+if ! [[ "$WORKER_NODES" =~ ^[0-9]+$ ]] || ((WORKER_NODES > 253)); then
+  log "VITSCALE_RAY_WORKER_NODES must be an integer in 0..253, got '$WORKER_NODES'"
+  exit 2
+fi
+case "${VITSCALE_RAY_NODE_ISOLATION:-auto}" in
+  auto | mount | none) ;;
+  *) log "VITSCALE_RAY_NODE_ISOLATION must be auto, mount or none, got '$VITSCALE_RAY_NODE_ISOLATION'"; exit 2 ;;
+esac
 if [[ -f "$STATE/ray.pid" ]] && kill -0 "$(cat "$STATE/ray.pid")" 2>/dev/null; then
   log "services already running (state in $STATE); stop them with infra/local/stop_services.sh"
   exit 0
@@ -72,7 +88,7 @@ fi
 # ---- MLflow / storage defaults (inherited by the Ray head, hence by every job and worker) ----
 echo "export MLFLOW_TRACKING_URI='${MLFLOW_TRACKING_URI:-sqlite:///$STATE/mlflow.db}'" >> "$ENV_FILE"
 echo "export VITSCALE_STORAGE='${VITSCALE_STORAGE:-$STATE/runs}'" >> "$ENV_FILE"
-echo "export VITSCALE_RAY_STORAGE='$STATE/ray_results'" >> "$ENV_FILE"
+echo "export VITSCALE_RAY_STORAGE='${VITSCALE_RAY_STORAGE:-$STATE/ray_results}'" >> "$ENV_FILE"
 # shellcheck disable=SC1090
 source "$ENV_FILE"
 
@@ -82,6 +98,36 @@ AGENT_HTTP=$(free_port); AGENT_GRPC=$(free_port); RTENV_PORT=$(free_port); METRI
 RAY_TMP="/tmp/vsray-$(date +%s)-$$"  # short: Ray's unix socket paths must stay < 108 bytes
 echo "$RAY_TMP" > "$STATE/ray.tmpdir"
 NUM_CPUS="${VITSCALE_RAY_CPUS:-4}"  # logical slots (2 train workers + fine-tune + spare), not cores
+HEAD_TMPDIR="${TMPDIR:-/tmp}"
+HEAD_LAUNCH=()
+ISOLATION=none
+if ((WORKER_NODES > 0)); then
+  # Each node its own TMPDIR (what tempfile gives its processes), as separate machines have.
+  # Isolation (VITSCALE_RAY_NODE_ISOLATION=auto|mount|none; auto = mount where allowed): every
+  # node runs in its own mount namespace and sees its own folder at one common path,
+  # $RAY_TMP-tmp, like /tmp on separate machines (same path, different disks); worker nodes
+  # also see the head's temp dir as an empty tmpfs (start_worker_node.sh). Without mount
+  # namespaces (needs root/CAP_SYS_ADMIN) each node's TMPDIR is its own real path instead.
+  ISOLATION="${VITSCALE_RAY_NODE_ISOLATION:-auto}"
+  can_unshare() { unshare --mount --propagation private true 2>/dev/null; }
+  case "$ISOLATION" in
+    auto) if can_unshare; then ISOLATION=mount; else ISOLATION=none; fi ;;
+    mount) can_unshare || { log "VITSCALE_RAY_NODE_ISOLATION=mount needs 'unshare --mount' (root/CAP_SYS_ADMIN); use auto or none"; exit 2; } ;;
+    none) ;;
+    *) log "VITSCALE_RAY_NODE_ISOLATION must be auto, mount or none, got '$ISOLATION'"; exit 2 ;;
+  esac
+  HEAD_TMPDIR="$RAY_TMP/tmp"
+  mkdir -p "$HEAD_TMPDIR"
+  if [[ "$ISOLATION" == mount ]]; then
+    mkdir -p "$RAY_TMP-tmp"
+    # unshare execs (no fork): the recorded pid stays the `ray start` process.
+    # shellcheck disable=SC2016
+    HEAD_LAUNCH=(unshare --mount --propagation private bash -ec 'mount --bind "$1" "$2"; shift 2; exec "$@"' \
+      _ "$HEAD_TMPDIR" "$RAY_TMP-tmp")
+    HEAD_TMPDIR="$RAY_TMP-tmp"
+  fi
+fi
+echo "$ISOLATION" > "$STATE/ray.isolation"
 # Token auth stays on: a loopback head still runs code for every local user who reaches its
 # ports. The cluster's token is made here, for this cluster only, inside the state dir (0600,
 # never printed); RAY_AUTH_TOKEN_PATH points the head, every worker, `ray job submit` and the
@@ -98,8 +144,8 @@ EOT
 # RAY_ADDRESS (GCS form) is inherited by every process of this cluster: Ray-internal actors
 # that resolve address="auto" then find this head, not "multiple active Ray instances".
 # No drain phase on SIGTERM (it exists for Serve proxies; nothing here needs it): stop is quick.
-RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 \
-RAY_ADDRESS="127.0.0.1:$GCS_PORT" RAY_DEDUP_LOGS=0 "$RAY_BIN" start --head --block \
+TMPDIR="$HEAD_TMPDIR" RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 \
+RAY_ADDRESS="127.0.0.1:$GCS_PORT" RAY_DEDUP_LOGS=0 "${HEAD_LAUNCH[@]}" "$RAY_BIN" start --head --block \
   --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
   --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" --include-dashboard=true \
   --ray-client-server-port="$CLIENT_PORT" --dashboard-agent-listen-port="$AGENT_HTTP" \
@@ -116,3 +162,8 @@ export RAY_ADDRESS=http://127.0.0.1:$DASH_PORT
 export VITSCALE_RAY_GCS=127.0.0.1:$GCS_PORT
 EOT
 log "environment written to $ENV_FILE"
+
+# ---- Ray worker nodes (VITSCALE_RAY_WORKER_NODES) -------------------------------------------
+for ((i = 1; i <= WORKER_NODES; i++)); do
+  VITSCALE_STATE_DIR="$STATE" PYTHON="$PY" RAY_BIN="$RAY_BIN" bash "$ROOT/infra/local/start_worker_node.sh" "$i"
+done

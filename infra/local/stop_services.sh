@@ -44,17 +44,39 @@ stop() {
   rm -f "$file"
 }
 
-stop ray
-if [[ -f "$STATE/ray.tmpdir" ]]; then
-  tmp=$(cat "$STATE/ray.tmpdir")
-  # Keep the Ray logs next to ours, then drop the session folder (it holds sockets and spill).
+# drop_tmp NAME: keep node NAME's Ray logs next to ours, then drop its temp folder (sockets,
+# spill, the node's TMPDIR with any checkpoint staging).
+drop_tmp() {
+  local name=$1 tmp
+  [[ -f "$STATE/$name.tmpdir" ]] || return 0
+  tmp=$(cat "$STATE/$name.tmpdir")
   if [[ -n "$tmp" && "$tmp" == /tmp/vsray-* && -d "$tmp" ]]; then
-    mkdir -p "$STATE/logs/ray-session"
-    cp -r "$tmp"/session_latest/logs/. "$STATE/logs/ray-session/" 2>/dev/null || true
+    local dest="$STATE/logs/ray-session"
+    [[ "$name" == ray ]] || dest="$STATE/logs/$name-session"
+    mkdir -p "$dest"
+    cp -r "$tmp"/session_latest/logs/. "$dest/" 2>/dev/null || true
     rm -rf "$tmp"
   fi
-  rm -f "$STATE/ray.tmpdir"
-fi
+  rm -f "$STATE/$name.tmpdir" "$STATE/$name.isolation"
+}
+
+# Worker nodes first (start_worker_node.sh / VITSCALE_RAY_WORKER_NODES), each by its pid;
+# a node already killed by kill_node.sh only has its files cleaned up.
+for file in "$STATE"/ray_worker_*.pid; do
+  [[ -e "$file" ]] || continue
+  name=$(basename "$file" .pid)
+  stop "$name"
+  drop_tmp "$name"
+done
+for file in "$STATE"/ray_worker_*.tmpdir; do
+  [[ -e "$file" ]] && drop_tmp "$(basename "$file" .tmpdir)"
+done
+tmp=$(cat "$STATE/ray.tmpdir" 2>/dev/null || true)
+stop ray
+drop_tmp ray
+# The common TMPDIR mount point of isolated nodes (empty outside their namespaces).
+[[ -n "$tmp" && "$tmp" == /tmp/vsray-* && -d "$tmp-tmp" ]] && rmdir "$tmp-tmp" 2>/dev/null
+rm -f "$STATE/ray.isolation"
 stop moto
 # The cluster is gone: its token authenticates nothing any more, and must not outlive it.
 rm -f "$STATE/ray_auth_token"

@@ -1,0 +1,267 @@
+"""Multi-node, for real, on one machine (issue #14): a Ray head plus a separate worker node.
+
+The cluster comes from the production scripts: ``infra/local/start_services.sh`` with
+``VITSCALE_RAY_WORKER_NODES=1`` starts the head and one worker raylet (``ray start --address
+<gcs> --block``) with its own IP (127.0.0.2), Ray temp dir, TMPDIR, CPUs and custom resource
+``node_1``; ``stop_services.sh`` stops both by pid. Every node gets 1 CPU and a training worker
+asks for 1, so Ray Train's placement group (PACK by default) must put one rank on each node.
+
+Run storage, checkpoints and Ray Train's own storage are on the moto S3 server; MLflow is an
+``mlflow server`` (sqlite in the state dir, artifacts on S3), reached over HTTP from every node.
+What is proven, from the outside:
+- each rank ran on a different node: Ray Train's worker-group log line (pid, ip, ranks), the
+  state API's actor list (pid -> node id -> that node's resources) and the process trees of the
+  two ``ray start`` processes agree;
+- each node staged its checkpoint files in its own TMPDIR and removed them at the end; the
+  checkpoints (every rank's files) are on S3; nothing went to local Ray storage. Where mount
+  namespaces are allowed (root), every node runs in its own and sees its own folder at one
+  common TMPDIR path (as /tmp on separate machines), and the worker node sees the head's temp
+  dir as an empty tmpfs: a rank reading a file another node wrote fails here as on a cluster;
+- a second job resumes from S3 (no node has a local copy left) and finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# ~3-3.5 min on 2 busy cores (two Ray nodes, an mlflow server, two DeepSpeed jobs).
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+BUCKET = "multinode-test"
+RECIPE = "vit_mu_smoke"
+# Ray Train V2's worker-group start-up line, one per rank.
+RANK_LINE = re.compile(r"\(ip=(?P<ip>[\d.]+), pid=(?P<pid>\d+)\) world_rank=(?P<rank>\d+), "
+                       r"local_rank=(?P<local>\d+), node_rank=(?P<node>\d+)")
+
+
+def _tree(pid: int) -> list[Any]:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _cmd(p: Any) -> str:
+    try:
+        return " ".join(p.cmdline() or [p.name()])
+    except Exception:  # noqa: BLE001 - the process may be gone
+        return ""
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Head + 1 worker node (1 CPU each) via the scripts; S3 = the session's moto server."""
+    import boto3
+    from conftest import mlflow_server, s3_mlflow_env
+
+    state = tmp_path_factory.mktemp("multinode")
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
+    with mlflow_server(state / "mlflow", backend=f"sqlite:///{state / 'mlflow.db'}",
+                       artifacts=f"s3://{BUCKET}/mlflow", env=s3_mlflow_env(s3_endpoint)) as server:
+        env = {
+            **os.environ,
+            "VITSCALE_STATE_DIR": str(state),
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PYTHON": sys.executable,
+            "RAY_BIN": str(VENV_BIN / "ray"),
+            "MLFLOW_TRACKING_URI": server,
+            "VITSCALE_STORAGE": f"s3://{BUCKET}/runs",
+            "VITSCALE_RAY_STORAGE": f"s3://{BUCKET}/ray_results",
+            "VITSCALE_RAY_CPUS": "1",
+            "VITSCALE_RAY_WORKER_NODES": "1",
+            "VITSCALE_RAY_WORKER_CPUS": "1",
+        }
+        subprocess.run(["bash", str(ROOT / "infra/local/start_services.sh")], env=env, check=True, timeout=300)
+        pids = {name: int((state / f"{name}.pid").read_text()) for name in ("ray", "ray_worker_1")}
+        # Where this machine allows it, the worker node must not even see the head's temp dir.
+        can_isolate = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
+                                     capture_output=True).returncode == 0
+        for name in ("ray", "ray_worker_1"):
+            assert (state / f"{name}.isolation").read_text().strip() == ("mount" if can_isolate else "none"), name
+        try:
+            for line in (state / "env.sh").read_text().splitlines():
+                key, _, value = line.removeprefix("export ").partition("=")
+                env[key] = value.strip("'")
+            env["STATE"] = str(state)
+            yield env
+        finally:
+            subprocess.run(["bash", str(ROOT / "infra/local/stop_services.sh")], env=env, timeout=120)
+            for name, pid in pids.items():
+                assert not _tree(pid), f"stop_services.sh left processes of {name} behind"
+
+
+def _node_tmpdirs(env: dict[str, str]) -> dict[str, Path]:
+    """Each node's TMPDIR (what tempfile gives its processes), by pid-file name."""
+    state = Path(env["STATE"])
+    return {name: Path((state / f"{name}.tmpdir").read_text().strip()) / "tmp" for name in ("ray", "ray_worker_1")}
+
+
+@pytest.fixture(scope="module")
+def digits_url(cluster: dict[str, str]) -> str:
+    from pipeline.demo_data import make_digits_folder
+
+    folder = make_digits_folder(Path(cluster["STATE"]) / "digits", image_size=32, limit=400)
+    url = f"s3://{BUCKET}/digits"
+    subprocess.run([sys.executable, "-m", "pipeline.write_shards", str(folder), url, "--val-fraction", "0.2",
+                    "--samples-per-shard", "100", "--workers", "1", "--quiet"],
+                   cwd=ROOT, check=True, timeout=120, env=cluster)
+    return url
+
+
+def _submit(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--working-dir", ".", "--entrypoint-num-cpus", "0", "--",
+           "python", "orchestration/pretrain.py", "--recipe", RECIPE, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _watch(env: dict[str, str], proc: subprocess.Popen[str], timeout: float = 240) -> dict[str, Any]:
+    """Run the job to its end, sampling the nodes meanwhile.
+
+    Returns the output, {train-worker pid: node} from the two ``ray start`` process trees, and
+    the nodes whose own TMPDIR held checkpoint staging at some point.
+    """
+    state = Path(env["STATE"])
+    heads = {name: int((state / f"{name}.pid").read_text()) for name in ("ray", "ray_worker_1")}
+    tmpdirs = _node_tmpdirs(env)
+    workers: dict[int, str] = {}
+    staged: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        for name, pid in heads.items():
+            workers.update({p.pid: name for p in _tree(pid) if "RayTrainWorker" in _cmd(p)})
+            if any((tmpdirs[name] / "vitscale-ckpt").glob("*/step*")):
+                staged.add(name)
+        time.sleep(0.3)
+    if proc.poll() is None:
+        proc.kill()
+    out = proc.communicate(timeout=60)[0]
+    (state / "logs" / f"job-{int(time.time() * 1000)}.log").write_text(out)  # kept for diagnosis
+    assert proc.returncode == 0, f"the job failed:\n{out[-6000:]}"
+    return {"output": out, "workers": workers, "staged": staged}
+
+
+def _result(output: str) -> dict[str, Any]:
+    lines = [ln for ln in output.splitlines() if ln.startswith("VITSCALE_RESULT ")]
+    assert lines, f"no VITSCALE_RESULT line in the job output:\n{output[-4000:]}"
+    return json.loads(lines[-1].split(" ", 1)[1])
+
+
+def _ray_list(env: dict[str, str], *args: str) -> list[dict[str, Any]]:
+    out = subprocess.run([str(VENV_BIN / "ray"), "list", *args, "--detail", "--format", "json", "--limit", "10000"],
+                         env=env, check=True, capture_output=True, text=True, timeout=120).stdout
+    return json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def first_run(cluster: dict[str, str], digits_url: str) -> dict[str, Any]:
+    """2 ranks, 20 steps, checkpoints every 10 (on S3)."""
+    proc = _submit(cluster, "--data", digits_url, "--storage", cluster["VITSCALE_STORAGE"], "--workers", "2",
+                   "--no-register", "--set", "train.total_steps=20", "--set", "train.warmup_steps=2",
+                   "--set", "train.checkpoint_every=10", "--set", "train.eval_every=20",
+                   "--set", "train.log_every=5")
+    t0 = time.monotonic()
+    run = _watch(cluster, proc)
+    run["seconds"] = time.monotonic() - t0
+    run["result"] = _result(run["output"])
+    return run
+
+
+@pytest.mark.integration
+def test_ranks_run_on_different_nodes(first_run: dict[str, Any], cluster: dict[str, str]) -> None:
+    ranks = {int(m["rank"]): m.groupdict() for m in RANK_LINE.finditer(first_run["output"])}
+    assert sorted(ranks) == [0, 1], f"no worker-group line for both ranks:\n{first_run['output'][-4000:]}"
+    # Ray Train itself sees two nodes: one local rank 0 per node, node ranks 0 and 1.
+    assert len({r["ip"] for r in ranks.values()}) == 2, ranks
+    assert sorted(int(r["node"]) for r in ranks.values()) == [0, 1], ranks
+    assert all(r["local"] == "0" for r in ranks.values()), ranks
+    # The state API: each rank's actor (by pid) sits on a different node, one of them node_1.
+    actors = {a["pid"]: a for a in _ray_list(cluster, "actors", "--filter", "class_name=RayTrainWorker")}
+    nodes = {n["node_id"]: n for n in _ray_list(cluster, "nodes")}
+    where = {rank: actors[int(r["pid"])]["node_id"] for rank, r in ranks.items()}
+    assert where[0] != where[1], where
+    assert sorted(bool(nodes[n]["is_head_node"]) for n in where.values()) == [False, True]
+    assert any("node_1" in nodes[n]["resources_total"] for n in where.values())
+    # The processes: each rank's pid is in the process tree of a different `ray start`.
+    homes = {rank: first_run["workers"].get(int(r["pid"])) for rank, r in ranks.items()}
+    assert sorted(map(str, homes.values())) == ["ray", "ray_worker_1"], (homes, first_run["workers"])
+
+
+@pytest.mark.integration
+def test_checkpoints_live_only_on_s3(first_run: dict[str, Any], cluster: dict[str, str]) -> None:
+    from pipeline.storage import open_storage
+    from training.checkpoint import MARKER, POINTER, rank_file
+
+    res = first_run["result"]
+    assert res["metrics"]["step"] == 20
+    run_dir = f"{cluster['VITSCALE_STORAGE']}/{RECIPE}/{res['run_id']}"
+    assert res["run_dir"] == run_dir
+    ckpts = open_storage(f"{run_dir}/checkpoints")
+    keys = set(ckpts.list(""))
+    assert json.loads(ckpts.read_bytes(POINTER))["tag"] == "step20", keys
+    for tag in ("step10", "step20"):
+        assert f"{tag}/{MARKER}" in keys, keys
+        # Both ranks' files, each uploaded by its own node (rank 1's from the worker node).
+        assert {f"{tag}/{rank_file(0)}", f"{tag}/{rank_file(1)}"} <= keys, keys
+        assert any(k.startswith(f"{tag}/") and "zero_pp_rank_1" in k for k in keys), keys
+    # Each node staged in its own TMPDIR, and nothing staged is left on either node.
+    assert first_run["staged"] == {"ray", "ray_worker_1"}, first_run["staged"]
+    for name, tmp in _node_tmpdirs(cluster).items():
+        assert not (tmp / "vitscale-ckpt" / res["run_id"]).exists(), f"{name} kept a local checkpoint copy"
+    assert not (Path(cluster["STATE"]) / "ray_results").exists(), "Ray Train wrote to local storage"
+
+
+@pytest.mark.integration
+def test_resume_from_s3_on_both_nodes(first_run: dict[str, Any], cluster: dict[str, str], digits_url: str) -> None:
+    res = first_run["result"]
+    proc = _submit(cluster, "--data", digits_url, "--storage", cluster["VITSCALE_STORAGE"], "--workers", "2",
+                   "--no-register", "--resume", "auto", "--set", "train.total_steps=30", "--set",
+                   "train.warmup_steps=2", "--set", "train.checkpoint_every=10", "--set", "train.eval_every=20",
+                   "--set", "train.log_every=5")
+    run = _watch(cluster, proc)
+    again = _result(run["output"])
+    assert again["run_id"] == res["run_id"]
+    assert again["metrics"]["step"] == 30 and again["metrics"]["resumed_from_step"] == 20, again["metrics"]
+    assert sorted(set(run["workers"].values())) == ["ray", "ray_worker_1"], run["workers"]
+
+
+@pytest.mark.integration
+def test_kill_node_takes_the_whole_tree_and_the_node_comes_back(
+    cluster: dict[str, str], first_run: dict[str, Any]
+) -> None:
+    """kill_node.sh (the fault primitive for later tests): node gone, head notices, restart joins."""
+    state = Path(cluster["STATE"])
+    pid = int((state / "ray_worker_1.pid").read_text())
+    tree = [pid, *(p.pid for p in _tree(pid))]
+    assert len(tree) >= 3, "the worker node should run a raylet and agents under `ray start`"
+    out = subprocess.run(["bash", str(ROOT / "infra/local/kill_node.sh"), "1"], env=cluster, check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+    assert set(tree) <= {int(p) for p in out.split()}, (tree, out)
+    import psutil
+
+    assert not [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    old = {n["node_id"] for n in _ray_list(cluster, "nodes") if "node_1" in n["resources_total"]}
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 90:
+        states = {n["node_id"]: n["state"] for n in _ray_list(cluster, "nodes") if n["node_id"] in old}
+        if set(states.values()) == {"DEAD"}:
+            break
+        time.sleep(1)
+    assert set(states.values()) == {"DEAD"}, f"the head still lists the killed node as alive: {states}"
+    print(f"head marked the killed node DEAD after {time.monotonic() - t0:.1f}s")
+    subprocess.run(["bash", str(ROOT / "infra/local/start_worker_node.sh"), "1"], env=cluster, check=True,
+                   timeout=240)
+    alive = [n for n in _ray_list(cluster, "nodes") if "node_1" in n["resources_total"] and n["state"] == "ALIVE"]
+    assert len(alive) == 1 and alive[0]["node_id"] not in old, alive
