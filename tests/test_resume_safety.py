@@ -100,10 +100,33 @@ def scenario_race(out: Path, bucket: str, rank: int) -> None:
         record["resumes"].append({"ok": ok, "step": trainer.step, "seconds": time.monotonic() - t0,
                                   "weights_restored": same, "files": files})
         dist.barrier()  # both have looked at the staged copy before rank 0 wipes it
+    record["two_nodes"] = _two_nodes(out, store, rank, cfg)  # before the store is damaged below
     record["download_failure"] = _failed_download(trainer, store, rank, staging)
     record["evil"] = _evil_checkpoint(trainer, store, rank, staging, out / f"pwned_r{rank}")
-    record["stuck_rank"] = _stuck_rank(trainer, rank, cfg)
+    record["stuck_rank"] = _stuck_rank(trainer, rank, cfg)  # last: a timed-out collective spoils the group
     (out / f"race_r{rank}.json").write_text(json.dumps(record))
+
+
+def _two_nodes(out: Path, store: Any, rank: int, cfg: Any) -> dict[str, Any]:
+    """Each rank on its own "node" (local rank 0, its own staging root): each must check and load
+    the copy its node staged, not rank 0's path (which does not exist on another machine)."""
+    from test_training_dist import ListSink, MemLoader, make_model
+
+    from training import Trainer
+
+    before = os.environ.get("LOCAL_RANK")
+    os.environ["LOCAL_RANK"] = "0"
+    root = out / f"node{rank}"
+    try:
+        trainer = Trainer(make_model(), cfg, MemLoader(rank, 2), sink=ListSink(), checkpoint_dir=str(root),
+                          checkpoint_store=store)
+    finally:
+        os.environ["LOCAL_RANK"] = before or "0"
+    checked: list[str] = []
+    real = trainer.checkpoints._check
+    trainer.checkpoints._check = lambda tag_dir, c: (checked.append(str(tag_dir)), real(tag_dir, c))[1]
+    ok = trainer.restore("auto")
+    return {"ok": ok, "step": trainer.step, "checked": checked, "root": str(root)}
 
 
 def _scramble(m: torch.nn.Module) -> None:
@@ -224,6 +247,16 @@ def test_resume_race_does_not_deadlock(race: list[dict[str, Any]]) -> None:
             assert r["seconds"] < 45, (rank, r)
             assert "complete.json" in r["files"] and "trainer_rank0.json" in r["files"], r["files"]
             assert "trainer_rank1.json" in r["files"] and "mp_rank_00_model_states.pt" in r["files"], r["files"]
+
+
+@pytest.mark.integration
+def test_each_node_loads_its_own_staged_copy(race: list[dict[str, Any]]) -> None:
+    """Two nodes with their own staging roots: every rank checks the checkpoint under its node's
+    root (the old code sent rank 0's absolute path to every rank)."""
+    for rank, rec in enumerate(race):
+        two = rec["two_nodes"]
+        assert two["ok"] and two["step"] == 4, (rank, two)
+        assert two["checked"] == [str(Path(two["root"]) / "step4")], (rank, two)
 
 
 @pytest.mark.integration

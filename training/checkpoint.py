@@ -518,7 +518,9 @@ class CheckpointManager:
                            lambda: self._plan(resume) if self.dist.is_main else None, share=True)[0]
         if plan["tag"] is None:
             return None
-        tag, tag_dir = plan["tag"], Path(plan["dir"])
+        tag = plan["tag"]
+        # Staged: every node downloads into its OWN root; rank 0's path may not exist on this node.
+        tag_dir = self.root / tag if plan["stage"] and self.root is not None else Path(plan["dir"])
         if plan["stage"]:
             self._agree(cfg, f"downloading checkpoint {tag} into {tag_dir.parent} on every node",
                         lambda: self._stage(tag) if self.dist.local_rank == 0 else None)
