@@ -1,7 +1,7 @@
 """Resume safety (issue #12 items 1-3): no deadlock, no code from checkpoints, one run per folder.
 
 * Deadlock: two gloo ranks sharing one node-local staging folder resume 5 times from
-  checkpoints on moto S3 (through orchestration.storage_ckpt.StorageCheckpointStore) while the
+  checkpoints on moto S3 (through orchestration.launch.store.StorageCheckpointStore) while the
   download is slowed down after the marker lands and rank 1 arrives late: the race that hung
   `--resume auto` with 2 workers. Each resume is timed; failures and stalls fail every rank
   with a message instead of hanging. The worker side is this file's `main()`.

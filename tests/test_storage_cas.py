@@ -1,7 +1,7 @@
 """Compare-and-swap of one object (`Storage.put_if`/`read_versioned`/`delete_if`), local and S3.
 
 The one mechanism under dataset publishing (pipeline.format.publish) and run leases
-(orchestration.lease): a create succeeds once, a replace only over the content it saw, racing
+(orchestration.launch.lease): a create succeeds once, a replace only over the content it saw, racing
 writers have exactly one winner.
 """
 
