@@ -14,6 +14,7 @@ sha256 recorded at write time, and decoded with the loader's eval preset (resize
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,13 +94,17 @@ def support_digest(pool: SupportPool, ids: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
+#: Concurrent byte-range reads: one GET per support image, so latency, not bandwidth, bounds S3.
+READ_THREADS = 16
+
+
 def read_images(meta: Meta, ids: np.ndarray, *, image_size: int, crop_pct: float = 0.875,
                 mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
                 std: tuple[float, float, float] = (0.5, 0.5, 0.5)) -> torch.Tensor:
     """The samples ``ids`` as a normalized float32 batch (len(ids), 3, S, S), eval preprocessing."""
     st = open_storage(meta.root_url)
-    imgs = []
-    for i in ids.tolist():
+
+    def one(i: int) -> torch.Tensor:
         shard = meta.shard_names[int(meta.shard_of[i])]
         start, size = int(meta.offsets[i]), int(meta.sizes[i])
         with st.open_range(shard, start, start + size) as f:
@@ -108,5 +113,8 @@ def read_images(meta: Meta, ids: np.ndarray, *, image_size: int, crop_pct: float
             raise fmt.IntegrityError(f"sample {meta.keys[i].as_py()} in shard {url_join(meta.root_url, shard)} does "
                                      f"not match the sha256 recorded in samples.parquet; {fmt.REWRITE_HINT}")
         arr = decode_eval(data, size=image_size, crop_pct=crop_pct)  # (S, S, 3) uint8
-        imgs.append(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1))
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+
+    with ThreadPoolExecutor(min(READ_THREADS, max(1, len(ids)))) as pool:
+        imgs = list(pool.map(one, ids.tolist()))  # in ids order
     return to_float_batch(imgs, mean, std).clone()  # clone: to_float_batch may reuse a pooled buffer
