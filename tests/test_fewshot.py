@@ -163,6 +163,34 @@ def test_too_few_images_per_class_names_the_classes_before_reading_images(tmp_pa
     assert not read  # failed before any feature extraction
 
 
+@pytest.mark.integration
+def test_s3_dataset_gives_the_same_numbers_as_local_and_tampering_is_caught(
+        digits: str, model_file: Path, s3_bucket: str, tmp_path: Path) -> None:
+    from orchestration.tracking import load_model
+    from pipeline import format as fmt
+    from pipeline import open_storage, write_dataset
+    from pipeline.demo_data import make_digits_folder
+
+    url = f"s3://{s3_bucket}/fewshot/ds"
+    write_dataset(make_digits_folder(tmp_path / "src", image_size=IMAGE), url, samples_per_shard=200,
+                  val_fraction=0.2, seed=0, progress=False)
+    model = load_model(str(model_file))
+    cfg = dict(shots=(1, 5), batch_size=64)
+    s3 = evaluate_fewshot(model, FewShotConfig(datasets=(url,), **cfg))
+    local = evaluate_fewshot(model, FewShotConfig(datasets=(digits,), **cfg))
+    assert s3.metrics == local.metrics
+    # A support image changed after publishing: named, not evaluated on.
+    pool = open_pool(url)
+    i = int(select_support(pool, 1, seed=0)[0])
+    shard = pool.meta.shard_names[int(pool.meta.shard_of[i])]
+    st = open_storage(pool.meta.root_url)
+    data = bytearray(st.read_bytes(shard))
+    data[int(pool.meta.offsets[i]) + 200] ^= 0xFF
+    st.write_bytes(shard, bytes(data))
+    with pytest.raises(fmt.IntegrityError, match=pool.meta.keys[i].as_py()):
+        evaluate_fewshot(model, FewShotConfig(datasets=(url,), **cfg))
+
+
 # ----------------------------------------------------------------------------- ranks
 def _free_port() -> int:
     with socket.socket() as s:
