@@ -1,0 +1,30 @@
+"""Downstream evaluation of a pre-trained model: few-shot linear (``fewshot``), and the report
+format that linear-probe and fine-tune results share (``report``).
+
+CLI: ``python -m orchestration.evaluate fewshot --model models:/NAME/VERSION --data URL --shots 1,5,10,25``.
+"""
+
+from .fewshot import DEFAULT_SHOTS, FewShotConfig, FewShotResult, evaluate_fewshot, open_pools, pre_logits
+from .report import EvalReport, ResultRow
+from .ridge import L2_GRID, LinearClassifier, RidgeSolver, choose_l2, fit_fewshot
+from .support import FewShotDataError, check_shots, open_pool, select_support
+
+__all__ = [
+    "DEFAULT_SHOTS",
+    "L2_GRID",
+    "EvalReport",
+    "FewShotConfig",
+    "FewShotDataError",
+    "FewShotResult",
+    "LinearClassifier",
+    "ResultRow",
+    "RidgeSolver",
+    "check_shots",
+    "choose_l2",
+    "evaluate_fewshot",
+    "fit_fewshot",
+    "open_pool",
+    "open_pools",
+    "pre_logits",
+    "select_support",
+]

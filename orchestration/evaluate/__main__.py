@@ -1,0 +1,115 @@
+"""``python -m orchestration.evaluate fewshot --model PATH_OR_URI --data URL[,URL...] [options]``.
+
+Few-shot linear evaluation of a registered model (``models:/NAME/VERSION``, ``runs:/...``) or a
+``.safetensors`` file / model folder, on one or more datasets written by
+``pipeline.write_shards`` (train split = support pool, ``val`` = test). Prints one
+``fewshot/<dataset>/<K>shot <top-1> (l2 <regulariser>)`` line per result and writes the JSON
+report with ``--out``. Invalid arguments, an unloadable model or an unusable dataset exit 2
+with one ``error:`` line per problem, before any image is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from orchestration.validation import EXIT_USAGE, location_problems, one_line, report
+
+from .fewshot import DEFAULT_SHOTS, FewShotConfig, evaluate_fewshot, open_pools
+from .support import FewShotDataError
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m orchestration.evaluate", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    fs = sub.add_parser("fewshot", help="few-shot linear evaluation (ViT paper / big_vision fewshot_lsr)")
+    fs.add_argument("--model", required=True, help="models:/NAME/VERSION, runs:/ID/PATH, a .safetensors file or "
+                                                   "a model folder (model.safetensors + config.json)")
+    fs.add_argument("--data", required=True, help="dataset URL(s), comma-separated; NAME=URL sets the report name")
+    fs.add_argument("--shots", default=",".join(map(str, DEFAULT_SHOTS)), help="comma-separated shot counts")
+    fs.add_argument("--seed", default="0", help="support-set seed (the same images for the same seed)")
+    fs.add_argument("--out", default=None, help="write the JSON report here")
+    fs.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    fs.add_argument("--batch-size", default="128")
+    fs.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ and runs:/ sources")
+    return ap
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _ints(text: str, key: str, problems: list[str], low: int) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        vals = ()
+    if not vals or any(v < low for v in vals):
+        problems.append(f"{key} {text!r}: want comma-separated integers >= {low}")
+    return vals
+
+
+def _config(a: argparse.Namespace, problems: list[str]) -> FewShotConfig | None:
+    shots = _ints(a.shots, "--shots", problems, 1)
+    seed = _ints(a.seed, "--seed", problems, 0)
+    batch = _ints(a.batch_size, "--batch-size", problems, 1)
+    names, urls = [], []
+    for item in (s.strip() for s in a.data.split(",") if s.strip()):
+        name, _, url = item.rpartition("=") if "=" in item.split("://")[0] else ("", "", item)
+        problems += location_problems(url)
+        urls.append(url)
+        names.append(name or url.rstrip("/").rsplit("/", 1)[-1])
+    if not urls:
+        problems.append("--data: give at least one dataset URL")
+    if problems:
+        return None
+    try:
+        return FewShotConfig(datasets=tuple(urls), names=tuple(names), shots=shots, seed=seed[0],
+                             batch_size=batch[0])
+    except ValueError as e:
+        problems += [ln.strip() for ln in str(e).splitlines()[1:]]
+        return None
+
+
+def fewshot_main(a: argparse.Namespace) -> int:
+    from orchestration.tracking import load_model
+
+    problems: list[str] = []
+    cfg = _config(a, problems)
+    model = None
+    try:
+        model = load_model(a.model, a.tracking_uri)
+    except Exception as e:  # noqa: BLE001 - missing file, unsafe pickle, bad config: one line each
+        problems.append(f"--model {a.model}: {one_line(e)}")
+    pools = None
+    if cfg is not None:
+        pools = []
+        for url in cfg.datasets:  # every dataset's problem at once, before any image is read
+            try:
+                pools += open_pools(FewShotConfig(**{**cfg.__dict__, "datasets": (url,), "names": ()}))
+            except FewShotDataError as e:
+                problems.append(f"--data {one_line(e)}")
+            except Exception as e:  # noqa: BLE001 - missing split, damaged metadata
+                problems.append(f"--data {url}: {one_line(e)}")
+    if problems or cfg is None or model is None or pools is None:
+        return report(problems)
+    res = evaluate_fewshot(model.to(a.device), cfg, device=a.device, model_name=a.model, pools=pools)
+    for key, acc in res.metrics.items():
+        print(f"{key} {acc:.4f} (l2 {res.l2[key]:g})")
+    if a.out:
+        res.report.write(a.out)
+        print(f"report: {a.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    if a.command == "fewshot":
+        return fewshot_main(a)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
