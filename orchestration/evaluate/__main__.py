@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestration.validation import EXIT_USAGE, location_problems, one_line, report
+from orchestration.experiment.validation import EXIT_USAGE, location_problems, one_line, report
 
 from .fewshot import DEFAULT_SHOTS, FewShotConfig, evaluate_fewshot, open_pools
 from .support import FewShotDataError
