@@ -282,3 +282,45 @@ def test_sweep_tracking_on_every_store(store_uri: str, tmp_path: Path) -> None:
     assert trial.data.params["trial.variant"] == "mu/4"
     assert [a.path for a in c.list_artifacts(study_run, "study")] == ["study/points.parquet"]
     assert c.get_run(study_run).data.metrics["study.points"] == 3.0
+
+
+def test_public_uri_drops_only_the_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Ray may persist (train_loop_config, Tune params.json) is the password-less URI; each
+    process gets the password back from its own MLFLOW_TRACKING_URI for the same server."""
+    full = f"http://alice:{PASSWORD}@mlflow.example:5000/prefix"
+    public = tracking.public_uri(full)
+    assert public == "http://alice@mlflow.example:5000/prefix" and PASSWORD not in public
+    for same in ("sqlite:////tmp/m.db", "http://mlflow.example:5000", "http://tok@h:1"):
+        assert tracking.public_uri(same) == same
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", full)
+    assert tracking.resolve_uri(public) == full  # same server: this process's credentials
+    assert tracking.resolve_uri(None) == full
+    assert tracking.resolve_uri("http://alice@other:5000") == "http://alice@other:5000"  # another server: as given
+    other = f"http://bob:{PASSWORD}x@mlflow.example:5000/prefix"
+    assert tracking.resolve_uri(other) == other  # an explicit password is never replaced
+
+
+def test_configs_ray_persists_hold_no_password(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Ray Train's train_loop_config and Tune's param_space (-> params.json, study.json) carry the
+    password-less URI; a worker resolving it in its own environment gets the full one back."""
+    from orchestration.experiment import get_recipe
+    from orchestration.launch.train import worker_config
+    from orchestration.studies.driver import tracked_spec
+    from orchestration.studies.spec import StudySpec, param_space
+    from pipeline import write_dataset
+    from pipeline.demo_data import make_digits_folder
+
+    full = f"http://alice:{PASSWORD}@127.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", full)
+    data = str(tmp_path / "ds")
+    write_dataset(make_digits_folder(tmp_path / "f", image_size=16, limit=40), data, samples_per_shard=100,
+                  workers=1, progress=False)
+    cfg = worker_config(get_recipe("vit_mu_smoke"), data_url=data, run_id="r", run_dir=str(tmp_path / "run"),
+                        tracking_uri=full, eval_split=None, init_weights=None, probe_images=1)
+    assert PASSWORD not in json.dumps(cfg) and tracking.resolve_uri(cfg["tracking_uri"]) == full
+    for given in ("", full):  # from the environment, or passed as --tracking-uri
+        spec = tracked_spec(StudySpec(name="s", variants=("mu/4",), steps=(10,), storage=str(tmp_path / "st"),
+                                      tracking_uri=given), tracking=True)
+        space = param_space(spec, "run-1")
+        assert PASSWORD not in json.dumps(spec.to_dict()) and PASSWORD not in repr(space), given
+        assert tracking.resolve_uri(spec.tracking_uri) == full

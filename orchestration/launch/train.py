@@ -60,6 +60,36 @@ def dataset_lineage(data_url: str) -> dict[str, Any]:
             "splits": sorted(res.manifest["splits"])}
 
 
+def worker_config(exp: Experiment, *, data_url: str, run_id: str, run_dir: str, tracking_uri: str,
+                  eval_split: str | None, init_weights: str | None, probe_images: int) -> dict[str, Any]:
+    """The JSON-able ``train_loop_config`` every worker (and every restart) builds its run from.
+
+    Ray keeps and may persist it, so the tracking URI in it carries no password: workers take
+    theirs from their own environment (:func:`orchestration.tracking.resolve_uri`).
+    """
+    from orchestration.tracking import public_uri, resolve_uri
+
+    if resolve_uri(public_uri(tracking_uri)) != tracking_uri:
+        log.warning("the MLflow password in the tracking URI is not sent to the workers (Ray would persist it): "
+                    "give the workers MLFLOW_TRACKING_URI (with the password) or MLFLOW_TRACKING_USERNAME/"
+                    "MLFLOW_TRACKING_PASSWORD in their environment")
+
+    return {
+        "experiment": experiment_to_dict(exp),
+        "data_url": data_url,
+        # Resolved once here, so every rank (and restart) reads the same dataset version.
+        "dataset_version": exp.data.dataset_version or dataset_lineage(data_url)["version"],
+        "eval_split": eval_split,
+        "run_id": run_id,
+        # Ray persists this config: no password in it; workers take theirs from their own
+        # environment (tracking.resolve_uri: MLFLOW_TRACKING_URI or MLFLOW_TRACKING_PASSWORD).
+        "tracking_uri": public_uri(tracking_uri),
+        "run_dir": run_dir,
+        "init_weights": init_weights,
+        "probe_images": probe_images,
+    }
+
+
 def run_training(
     exp: Experiment,
     *,
@@ -83,18 +113,8 @@ def run_training(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    config = {
-        "experiment": experiment_to_dict(exp),
-        "data_url": data_url,
-        # Resolved once here, so every rank (and restart) reads the same dataset version.
-        "dataset_version": exp.data.dataset_version or dataset_lineage(data_url)["version"],
-        "eval_split": eval_split,
-        "run_id": run_id,
-        "tracking_uri": tracking_uri,
-        "run_dir": run_dir,
-        "init_weights": init_weights,
-        "probe_images": probe_images,
-    }
+    config = worker_config(exp, data_url=data_url, run_id=run_id, run_dir=run_dir, tracking_uri=tracking_uri,
+                           eval_split=eval_split, init_weights=init_weights, probe_images=probe_images)
     use_gpu = exp.gpus_per_worker > 0
     resources: dict[str, float] = {"CPU": float(exp.cpus_per_worker)}
     if use_gpu:

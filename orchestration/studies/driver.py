@@ -128,16 +128,23 @@ def _study_run(spec: StudySpec, state_file: Path, resume: bool) -> str:
     return run_id
 
 
+def tracked_spec(spec: StudySpec, tracking: bool) -> StudySpec:
+    """``spec`` with its tracking URI resolved once, here, so every trial logs to the same store;
+    without a password, since Tune writes the spec into every trial's ``params.json`` (and it goes
+    into ``study.json``): each process takes the password from its own environment."""
+    from orchestration import tracking as tr
+
+    uri = spec.tracking_uri or (tr.tracking_uri() if tracking else "")
+    return dataclasses.replace(spec, tracking_uri=tr.public_uri(uri) if uri else "")
+
+
 def run_study(spec: StudySpec, *, resume: bool = False, ray_address: str | None = None,
               tracking: bool = True) -> StudyResult:
     """Run (or resume) the study on Ray Tune, then write and log its table, fit and plots."""
     from orchestration.launch import cluster
 
     check_existing_study(spec, resume)
-    if tracking and not spec.tracking_uri:  # resolved once, here, so every trial logs to the same store
-        from orchestration import tracking as tr
-
-        spec = dataclasses.replace(spec, tracking_uri=tr.tracking_uri())
+    spec = tracked_spec(spec, tracking)
     spec.analysis_dir.mkdir(parents=True, exist_ok=True)
     state_file = spec.analysis_dir / "study.json"
     run_id = _study_run(spec, state_file, resume) if tracking else None

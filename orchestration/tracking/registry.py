@@ -26,7 +26,7 @@ import mlflow
 if TYPE_CHECKING:
     from model import VisionTransformer
 from orchestration.tracking.redact import redact, redact_text
-from orchestration.tracking.runs import client
+from orchestration.tracking.runs import client, resolve_uri
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ def load_model(source: str, uri: str | None = None) -> VisionTransformer:
     """
     if not source.startswith(("models:/", "runs:/")):
         return model_from_path(Path(source), source)
+    uri = resolve_uri(uri)
     client(uri)  # sets the fluent API's tracking/registry URI for the artifact download
     with tempfile.TemporaryDirectory() as tmp:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,37 @@ def tracking_uri() -> str:
     return f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
 
 
+def public_uri(uri: str) -> str:
+    """``uri`` without the password of its user-info (``http://u:pw@h`` -> ``http://u@h``).
+
+    This is the form that may travel in configs Ray persists (Ray Train's ``train_loop_config``,
+    Tune's ``param_space`` -> ``params.json``, ``study.json``): each process gets the password back
+    from its own environment in :func:`resolve_uri`.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}@" if parts.username else ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}{host}"))
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    """The URI this process should talk to: ``uri`` (default :func:`tracking_uri`), with its
+    credentials taken from ``$MLFLOW_TRACKING_URI`` when that is the same server.
+
+    A worker given :func:`public_uri`'s form thus authenticates with its own environment's
+    password (or MLflow's ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``), never with one
+    read from a persisted config.
+    """
+    if not uri:
+        return tracking_uri()
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and urllib.parse.urlsplit(uri).password is None and public_uri(env) == public_uri(uri):
+        return env
+    return uri
+
+
 def artifact_root(uri: str) -> str | None:
     """Default artifact location for new experiments: ``mlruns/`` next to a sqlite file, else None."""
     if uri.startswith("sqlite:///"):
@@ -54,7 +86,7 @@ def artifact_root(uri: str) -> str | None:
 
 def client(uri: str | None = None) -> MlflowClient:
     """An MlflowClient on ``uri`` (default :func:`tracking_uri`); also sets the fluent API's URI."""
-    uri = uri or tracking_uri()
+    uri = resolve_uri(uri)
     add_url_secrets(uri)  # a --tracking-uri password is masked like an env one
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

@@ -22,7 +22,7 @@ from mlflow.entities import Metric, Param, RunTag
 if TYPE_CHECKING:
     pass
 from orchestration.tracking.redact import redact, redact_text
-from orchestration.tracking.runs import client, tracking_uri
+from orchestration.tracking.runs import client, resolve_uri
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class MLflowSink:
         system_metrics_interval_s: float = 10.0,
     ) -> None:
         self.run_id = run_id
-        self.uri = uri or tracking_uri()
+        self.uri = resolve_uri(uri)
         self.client = client(self.uri)
         self.attention_images = attention_images  # (B, 3, S, S) tensor or None
         self._buffer: list[Metric] = []
