@@ -15,10 +15,11 @@ is fused with JPEG decoding in :mod:`pipeline.decode`, where it can use draft mo
 
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
-import sys
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -106,15 +107,17 @@ class BatchMemory:
 
     So, like PyTorch's CUDA caching allocator: each batch is a view of one of our own
     mappings (``madvise(MADV_HUGEPAGE)`` so a first touch is ~20 faults, not 9,400), and a
-    mapping is handed out again only once *no* storage uses it any more: the tensor's storage
-    holds a buffer export of the mapping, so the mapping's reference count says whether any
-    tensor, view or numpy array of an earlier batch is still alive. Nothing is overwritten
-    behind a caller's back. At most ``keep`` mappings are cached.
+    mapping is handed out again only once *no* storage uses it any more. Each hand-out is a
+    fresh ctypes array over the mapping: ``torch.frombuffer`` keeps that array alive for as long
+    as any tensor, view or numpy array of the batch lives, and we hold only a weak reference to
+    it, so "dead weak reference" means "unused" (documented behaviour of weakref, ctypes and
+    torch.frombuffer; no reference-count arithmetic). Nothing is overwritten behind a caller's
+    back. At most ``keep`` mappings are cached.
     """
 
     def __init__(self, keep: int = 6) -> None:
         self.keep = keep
-        self._maps: list[mmap.mmap] = []
+        self._maps: list[_Mapping] = []
         self._lock = threading.Lock()
 
     def empty(self, shape: tuple[int, ...]) -> torch.Tensor:
@@ -122,22 +125,38 @@ class BatchMemory:
         nbytes = 4 * math.prod(shape)
         if nbytes < LARGE_BATCH_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
             return torch.empty(shape, dtype=torch.float32)
-        with self._lock:  # check-and-export must be atomic across threads
+        with self._lock:  # check-and-hand-out must be atomic across threads
             for m in self._maps:
-                # references: self._maps, the loop variable, getrefcount's argument -> unused
-                if len(m) == nbytes and sys.getrefcount(m) == 3:
-                    return torch.frombuffer(m, dtype=torch.float32).view(shape)
+                if m.nbytes == nbytes and not m.in_use():
+                    return m.hand_out(shape)
             try:
-                m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-                m.madvise(mmap.MADV_HUGEPAGE)
+                new = _Mapping(nbytes)
             except (OSError, ValueError):
                 return torch.empty(shape, dtype=torch.float32)
-            unused = [x for x in self._maps if sys.getrefcount(x) == 3]  # list, x, argument
+            unused = [m for m in self._maps if not m.in_use()]
             if len(self._maps) >= self.keep and unused:
                 self._maps.remove(unused[0])  # the oldest unused one goes (unmapped once unreferenced)
             if len(self._maps) < self.keep:
-                self._maps.append(m)
-            return torch.frombuffer(m, dtype=torch.float32).view(shape)  # the storage keeps `m` alive
+                self._maps.append(new)
+            return new.hand_out(shape)
+
+
+class _Mapping:
+    """One anonymous huge-page mapping and a weak reference to its current hand-out."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.map = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.map.madvise(mmap.MADV_HUGEPAGE)
+        self._out: weakref.ref[ctypes.Array[ctypes.c_char]] | None = None
+
+    def in_use(self) -> bool:
+        return self._out is not None and self._out() is not None
+
+    def hand_out(self, shape: tuple[int, ...]) -> torch.Tensor:
+        export = (ctypes.c_char * self.nbytes).from_buffer(self.map)
+        self._out = weakref.ref(export)
+        return torch.frombuffer(export, dtype=torch.float32).view(shape)  # the storage keeps `export` alive
 
 
 #: The process's batch memory (the loader's main-process float batches).
