@@ -23,6 +23,7 @@ shard plan -> split by rank -> split by worker -> read -> decode -> transform ->
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
@@ -335,6 +336,43 @@ class Segment:
     batches: int
 
 
+@dataclasses.dataclass(slots=True)
+class _Sample:
+    """One emission slot of a batch: a decoded image + target, a bad sample's reason, or padding."""
+
+    id: int
+    image: torch.Tensor | None = None
+    target: Any = None
+    reason: str | None = None  # BadSample reason
+    shard: str | None = None  # the bad sample's shard
+
+
+def _in_order(source: Iterator[tuple[int, bytes | Truncated]], emission: np.ndarray
+              ) -> Iterator[tuple[int, bytes | Truncated | None]]:
+    """The slot's samples in emission order (-1 = eval padding -> None) from the shard runs, which
+    arrive in read order: a small reorder buffer (a shuffle buffer's worth at most)."""
+    fetched: dict[int, bytes | Truncated] = {}
+    for i in emission.tolist():
+        if i < 0:
+            yield i, None
+            continue
+        while i not in fetched:
+            j, data = next(source)
+            fetched[j] = data
+        yield i, fetched.pop(i)
+
+
+def _batched(items: Iterator[_Sample], size: int) -> Iterator[list[_Sample]]:
+    batch: list[_Sample] = []
+    for x in items:
+        batch.append(x)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 class ShardStream(IterableDataset):
     """One rank's epoch as an IterableDataset; every DataLoader worker plays one slot."""
 
@@ -402,84 +440,90 @@ class ShardStream(IterableDataset):
                 f"{fmt.REWRITE_HINT}")
 
     # ---------------------------------------------------------------- the pipeline
+    # One slot's epoch, as stages composed in __iter__ (each a small generator or function):
+    #   shard runs (pipeline.stream.iter_runs: ranged reads, retries, whole-shard sha256)
+    #   -> _in_order: the slot's emission order          -> _checked: per-sample sha256
+    #   -> _samples: label + decode + augment, or the bad-sample reason
+    #   -> _batched: B at a time                          -> _collate: tensors + stats
     def __iter__(self) -> Iterator[tuple]:
-        cfg, meta, plan = self.cfg, self.meta, self.plan
-        wi = get_worker_info()
-        n_workers = plan.num_workers
-        # DataLoader always starts its round robin at worker 0; after resuming at batch k the
-        # next batch belongs to logical worker k % W, so worker i plays logical (i + k) % W.
-        phys = wi.id if wi is not None else 0
-        logical = (phys + self.skip) % n_workers
-        if wi is not None:
-            torch.set_num_threads(1)
-        slot = self.rank * n_workers + logical
-        B = cfg.batch_size
+        cfg, plan = self.cfg, self.plan
+        logical = self._logical_worker()
+        slot = self.rank * plan.num_workers + logical
         done, emission, runs = self.slot_work(logical)
-        source = iter_runs(open_storage(meta.root_url, s3=cfg.s3_settings()), runs, prefetch=cfg.prefetch_shards,
+        source = iter_runs(open_storage(self.meta.root_url, s3=cfg.s3_settings()), runs, prefetch=cfg.prefetch_shards,
                            retries=cfg.read_retries, backoff=cfg.read_backoff_s)
-        randaug = make_randaugment(cfg.randaugment) if cfg.train else None
-        fetched: dict[int, bytes | Truncated] = {}
-        logged = 0
-        last_good: tuple[torch.Tensor, Any] | None = None
-        S = cfg.image_size
-
-        for b0 in range(0, len(emission), B):
-            batch_ids = emission[b0: b0 + B].tolist()
-            imgs: list[torch.Tensor | None] = []
-            tgts: list[Any] = []
-            reasons: Counter[str] = Counter()
-            bad_shards: Counter[str] = Counter()
-            for i in batch_ids:
-                if i < 0:
-                    imgs.append(None)
-                    tgts.append(None)
-                    continue
-                while i not in fetched:
-                    j, data = next(source)
-                    fetched[j] = data
-                data = fetched.pop(i)
-                if not isinstance(data, Truncated):
-                    self._verify(i, data)
-                try:
-                    if isinstance(data, Truncated):
-                        raise BadSample("truncated", "shard ended inside this member")
-                    target = self._target(i)
-                    sseed = mix(cfg.seed, plan.epoch, i)
-                    if cfg.train:
-                        arr = decode_train(data, size=S, scale=cfg.crop_scale, ratio=cfg.crop_ratio,
-                                           hflip=cfg.hflip, rng=random.Random(sseed),
-                                           max_pixels=cfg.max_image_pixels)
-                    else:
-                        arr = decode_eval(data, size=S, crop_pct=cfg.eval_crop_pct, max_pixels=cfg.max_image_pixels)
-                    imgs.append(sample_transform(arr, randaug, sseed))
-                    tgts.append(target)
-                except BadSample as exc:
-                    reasons[exc.reason] += 1
-                    shard = meta.shard_names[int(meta.shard_of[i])]
-                    bad_shards[shard] += 1
-                    if logged < LOG_FIRST_BAD:
-                        logged += 1
-                        log.warning("skipping bad sample: shard %s key %s: %s", shard, meta.keys[i].as_py(), exc)
-                    imgs.append(None)
-                    tgts.append(None)
-            yield self._collate(imgs, tgts, batch_ids, b0 // B + done, slot, reasons, bad_shards, last_good)
-            for im, t in zip(imgs, tgts, strict=True):
-                if im is not None:
-                    last_good = (im, t)
+        samples = self._samples(self._checked(_in_order(source, emission)))
+        last_good: _Sample | None = None
+        for k, batch in enumerate(_batched(samples, cfg.batch_size)):
+            yield self._collate(batch, k + done, slot, last_good)
+            last_good = next((x for x in reversed(batch) if x.image is not None), last_good)
         for _ in source:  # the last run ends with its whole-shard check: let it report (no samples left)
             pass
 
-    def _collate(self, imgs: list[torch.Tensor | None], tgts: list[Any], ids: list[int], batch_idx: int,
-                 slot: int, reasons: Counter[str], bad_shards: Counter[str],
-                 last_good: tuple[torch.Tensor, Any] | None) -> tuple:
+    def _logical_worker(self) -> int:
+        """The logical worker this process plays. DataLoader always starts its round robin at
+        worker 0; after resuming at batch k the next batch belongs to logical worker k % W, so
+        worker i plays logical (i + k) % W."""
+        wi = get_worker_info()
+        if wi is not None:
+            torch.set_num_threads(1)
+        return ((wi.id if wi is not None else 0) + self.skip) % self.plan.num_workers
+
+    def _checked(self, items: Iterator[tuple[int, bytes | Truncated | None]]
+                 ) -> Iterator[tuple[int, bytes | Truncated | None]]:
+        """Raises IntegrityError (never a skipped sample) when bytes differ from samples.parquet."""
+        for i, data in items:
+            if isinstance(data, bytes):
+                self._verify(i, data)
+            yield i, data
+
+    def _samples(self, items: Iterator[tuple[int, bytes | Truncated | None]]) -> Iterator[_Sample]:
+        """Decoded samples; a bad one carries its reason (the first LOG_FIRST_BAD are logged)."""
+        logged = 0
+        for i, data in items:
+            if data is None:  # eval padding
+                yield _Sample(i)
+                continue
+            try:
+                yield self._decode(i, data)
+            except BadSample as exc:
+                shard = self.meta.shard_names[int(self.meta.shard_of[i])]
+                if logged < LOG_FIRST_BAD:
+                    logged += 1
+                    log.warning("skipping bad sample: shard %s key %s: %s", shard, self.meta.keys[i].as_py(), exc)
+                yield _Sample(i, reason=exc.reason, shard=shard)
+
+    def _decode(self, i: int, data: bytes | Truncated) -> _Sample:
+        cfg = self.cfg
+        if isinstance(data, Truncated):
+            raise BadSample("truncated", "shard ended inside this member")
+        target = self._target(i)
+        sseed = mix(cfg.seed, self.plan.epoch, i)
+        if cfg.train:
+            arr = decode_train(data, size=cfg.image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, hflip=cfg.hflip,
+                               rng=random.Random(sseed), max_pixels=cfg.max_image_pixels)
+        else:
+            arr = decode_eval(data, size=cfg.image_size, crop_pct=cfg.eval_crop_pct, max_pixels=cfg.max_image_pixels)
+        return _Sample(i, image=sample_transform(arr, self._randaug, sseed), target=target)
+
+    @functools.cached_property
+    def _randaug(self) -> Any:
+        return make_randaugment(self.cfg.randaugment) if self.cfg.train else None
+
+    def _collate(self, batch: list[_Sample], batch_idx: int, slot: int, last_good: _Sample | None) -> tuple:
         cfg, S, C = self.cfg, self.cfg.image_size, self.num_classes
+        imgs: list[torch.Tensor | None] = [x.image for x in batch]
+        tgts: list[Any] = [x.target for x in batch]
+        ids = [x.id for x in batch]
         valid = [im is not None for im in imgs]
-        n_good = sum(valid)
-        stats: dict[str, Any] = {"samples": n_good, "reasons": dict(reasons), "shards": dict(bad_shards)}
+        reasons = Counter(x.reason for x in batch if x.reason)
+        bad_shards = Counter(x.shard for x in batch if x.reason)
+        stats: dict[str, Any] = {"samples": sum(valid), "reasons": dict(reasons), "shards": dict(bad_shards)}
         if cfg.train:
             # Fill bad slots with good samples of the same batch so every batch has B rows.
             good = [k for k, v in enumerate(valid) if v]
-            pool = [(imgs[k], tgts[k]) for k in good] or ([last_good] if last_good is not None else [])
+            pool = ([(imgs[k], tgts[k]) for k in good]
+                    or ([(last_good.image, last_good.target)] if last_good is not None else []))
             filled = 0
             for k, v in enumerate(valid):
                 if not v:
