@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestration.evaluate import (
+from orchestration.evaluation import (
     EvalReport,
     FewShotConfig,
     FewShotDataError,
@@ -31,8 +31,8 @@ from orchestration.evaluate import (
     open_pool,
     select_support,
 )
-from orchestration.evaluate import fewshot as fewshot_mod
-from orchestration.evaluate.ridge import targets, whitening
+from orchestration.evaluation import fewshot as fewshot_mod
+from orchestration.evaluation.ridge import targets, whitening
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = 32
@@ -241,9 +241,14 @@ def _rank_main(model_file: str, url: str, out: str) -> None:
 
 
 # ----------------------------------------------------------------------------- CLI + report
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+#: The command users run (a file, as the issue names it) and the package's ``-m`` entry point.
+CLI_FILE = [str(ROOT / "orchestration" / "evaluate.py")]
+CLI_MODULE = ["-m", "orchestration.evaluation"]
+
+
+def _cli(*args: str, entry: list[str] = CLI_FILE) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "orchestration.evaluate", *args], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, *entry, *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -262,9 +267,10 @@ def test_cli_end_to_end_on_digits(digits: str, model_file: Path, tmp_path: Path)
     assert "fewshot/digits/10shot" in proc.stdout
 
 
-def test_cli_bad_input_exits_2_with_one_line_each(digits: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("entry", [CLI_FILE, CLI_MODULE], ids=["file", "module"])
+def test_cli_bad_input_exits_2_with_one_line_each(digits: str, tmp_path: Path, entry: list[str]) -> None:
     proc = _cli("fewshot", "--model", str(tmp_path / "nope.safetensors"), "--data", str(tmp_path / "missing"),
-                "--shots", "0,x")
+                "--shots", "0,x", entry=entry)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 3, proc.stderr

@@ -1,4 +1,5 @@
-"""``python -m orchestration.evaluate fewshot --model PATH_OR_URI --data URL[,URL...] [options]``.
+"""``python orchestration/evaluate.py fewshot|linear --model PATH_OR_URI --data URL[,URL...] [options]``
+(also ``python -m orchestration.evaluation ...``).
 
 Few-shot linear evaluation of a registered model (``models:/NAME/VERSION``, ``runs:/...``) or a
 ``.safetensors`` file / model folder, on one or more datasets written by
@@ -19,8 +20,8 @@ from .fewshot import DEFAULT_SHOTS, FewShotConfig, evaluate_fewshot, open_pools
 from .support import FewShotDataError
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m orchestration.evaluate", description=__doc__.split("\n\n")[0])
+def _parser(prog: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     fs = sub.add_parser("fewshot", help="few-shot linear evaluation (ViT paper / big_vision fewshot_lsr)")
     fs.add_argument("--model", required=True, help="models:/NAME/VERSION, runs:/ID/PATH, a .safetensors file or "
@@ -104,8 +105,8 @@ def fewshot_main(a: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m orchestration.evaluation") -> int:
+    a = _parser(prog).parse_args(argv)
     if a.command == "fewshot":
         return fewshot_main(a)
     return EXIT_USAGE

@@ -1,7 +1,7 @@
 """Downstream evaluation of a pre-trained model: few-shot linear (``fewshot``), and the report
 format that linear-probe and fine-tune results share (``report``).
 
-CLI: ``python -m orchestration.evaluate fewshot --model models:/NAME/VERSION --data URL --shots 1,5,10,25``.
+CLI: ``python orchestration/evaluate.py fewshot --model models:/NAME/VERSION --data URL --shots 1,5,10,25``.
 """
 
 from .fewshot import DEFAULT_SHOTS, FewShotConfig, FewShotResult, evaluate_fewshot, open_pools, pre_logits
