@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import json
 
+    from orchestration.evaluation.during import fewshot_data_problems
     from orchestration.experiment import flatten_experiment
     from orchestration.launch import cluster
     from orchestration.launch.driver import default_storage, emit, launch
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                                   *validation.location_problems(args.data)])
     exp, problems = _resolve(args, src_model.cfg, source)
     problems += validation.experiment_data_problems(exp, args.data)
+    if exp is not None:
+        problems += fewshot_data_problems(exp)
     problems += validation.storage_problems(args.storage or default_storage())
     if exp is None or problems:  # nothing started: no Ray, no MLflow run
         return validation.report(problems)

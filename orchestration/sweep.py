@@ -230,6 +230,7 @@ def _spec_of(args: argparse.Namespace, gpus: float, hparams: dict[str, dict[str,
 
 def check_study(args: argparse.Namespace) -> tuple[StudySpec | None, list[str]]:
     """The study and every problem with it and its dataset, before Ray or MLflow start."""
+    from orchestration.evaluation.during import fewshot_data_problems
     from orchestration.studies.spec import trial_experiment
 
     spec, problems = None, []
@@ -244,6 +245,7 @@ def check_study(args: argparse.Namespace) -> tuple[StudySpec | None, list[str]]:
                            seed=0)
     problems += validation.dataset_problems(spec.data_url, exp.data, world_size=1, split_key="--train-split",
                                             eval_split=exp.eval_split, eval_key="--eval-split")
+    problems += fewshot_data_problems(exp, key="--fewshot-data")
     if "://" not in spec.storage or spec.storage.startswith("file://"):
         problems += validation.storage_problems(spec.storage_path)
     try:

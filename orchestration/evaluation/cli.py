@@ -16,6 +16,7 @@ import sys
 
 from orchestration.experiment.validation import EXIT_USAGE, location_problems, one_line, report
 
+from .during import split_datasets
 from .fewshot import DEFAULT_SHOTS, FewShotConfig, evaluate_fewshot, open_pools
 from .support import FewShotDataError
 
@@ -56,18 +57,15 @@ def _config(a: argparse.Namespace, problems: list[str]) -> FewShotConfig | None:
     shots = _ints(a.shots, "--shots", problems, 1)
     seed = _ints(a.seed, "--seed", problems, 0)
     batch = _ints(a.batch_size, "--batch-size", problems, 1)
-    names, urls = [], []
-    for item in (s.strip() for s in a.data.split(",") if s.strip()):
-        name, _, url = item.rpartition("=") if "=" in item.split("://")[0] else ("", "", item)
+    names, urls = split_datasets(a.data.split(","))
+    for url in urls:
         problems += location_problems(url)
-        urls.append(url)
-        names.append(name or url.rstrip("/").rsplit("/", 1)[-1])
     if not urls:
         problems.append("--data: give at least one dataset URL")
     if problems:
         return None
     try:
-        return FewShotConfig(datasets=tuple(urls), names=tuple(names), shots=shots, seed=seed[0],
+        return FewShotConfig(datasets=urls, names=names, shots=shots, seed=seed[0],
                              batch_size=batch[0])
     except ValueError as e:
         problems += [ln.strip() for ln in str(e).splitlines()[1:]]

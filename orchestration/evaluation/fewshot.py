@@ -108,7 +108,8 @@ def open_pools(cfg: FewShotConfig) -> list[SupportPool]:
 def pre_logits(model: nn.Module, x: Tensor) -> Tensor:
     """Frozen pre-logit features (B, D) of a ``model.VisionTransformer`` (or a wrapper's ``.module``)."""
     m = getattr(model, "module", model)
-    return m.forward_head(m.forward_features(x), pre_logits=True)
+    dtype = next(m.parameters()).dtype  # bf16/fp16 weights inside mixed-precision training
+    return m.forward_head(m.forward_features(x.to(dtype)), pre_logits=True)
 
 
 def _gather(t: Tensor, world_size: int) -> Tensor:
