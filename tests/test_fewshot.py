@@ -27,6 +27,7 @@ from orchestration.evaluation import (
     ResultRow,
     RidgeSolver,
     evaluate_fewshot,
+    evaluate_linear,
     fit_fewshot,
     open_pool,
     select_support,
@@ -222,6 +223,10 @@ def test_two_ranks_give_the_same_accuracy_as_one(digits: str, model_file: Path, 
     assert two[0]["support"] == one[0]["support"]  # the same images by key
     assert two[0]["counts"] == one[0]["counts"] == {"ds": 359}  # every val image once over both ranks
     assert two[0]["metrics"]["fewshot/ds/10shot"] > 0.3  # 10 classes: chance is 0.1
+    # The linear probe too: every train image once over the ranks, the same fit, the same top-1.
+    assert two[0]["probe"] == one[0]["probe"]
+    assert one[0]["probe"]["train_images"] == 1438 and one[0]["probe"]["test_images"] == 359
+    assert "linear_probe/ds/full" in one[0]["metrics"]
 
 
 def _rank_main(model_file: str, url: str, out: str) -> None:
@@ -234,7 +239,10 @@ def _rank_main(model_file: str, url: str, out: str) -> None:
     torch.set_num_threads(1)
     res = evaluate_fewshot(load_model(model_file), FewShotConfig(datasets=(url,), shots=(1, 5, 10), batch_size=32),
                            rank=rank, world_size=world)
-    Path(out).write_text(json.dumps({"metrics": res.metrics, "l2": res.l2, "counts": res.counts,
+    probe = evaluate_linear(load_model(model_file), FewShotConfig(datasets=(url,), batch_size=32), rank=rank,
+                            world_size=world)
+    Path(out).write_text(json.dumps({"metrics": {**res.metrics, **probe.metrics()}, "l2": res.l2,
+                                     "counts": res.counts, "probe": probe.rows[0].details,
                                      "support": [r.details["support"] for r in res.report.rows]}))
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -265,6 +273,24 @@ def test_cli_end_to_end_on_digits(digits: str, model_file: Path, tmp_path: Path)
     assert m["fewshot/digits/10shot"] > 0.3
     assert all(r.details["l2"] > 0 and r.details["test_images"] == 359 for r in rep.rows)
     assert "fewshot/digits/10shot" in proc.stdout
+
+
+@pytest.mark.integration
+def test_cli_linear_probe_uses_the_whole_train_split(digits: str, model_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "probe.json"
+    proc = _cli("linear", "--model", str(model_file), "--data", f"digits={digits}", "--out", str(out),
+                "--device", "cpu", "--batch-size", "64")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = EvalReport.read(out)
+    (row,) = rep.rows
+    assert (row.key, row.method, row.setting) == ("linear_probe/digits/full", "linear_probe", "full")
+    assert row.details["train_images"] == 1438 and row.details["test_images"] == 359 and row.details["l2"] > 0
+    # All 1438 train images beat 10 per class (in-process few-shot on the same frozen model).
+    from orchestration.tracking import load_model
+
+    few = evaluate_fewshot(load_model(str(model_file)), FewShotConfig(datasets=(digits,), shots=(10,)))
+    assert row.value > few.metrics["fewshot/ds/10shot"] + 0.05, (row.value, few.metrics)
+    assert "linear_probe/digits/full" in proc.stdout
 
 
 @pytest.mark.parametrize("entry", [CLI_FILE, CLI_MODULE], ids=["file", "module"])

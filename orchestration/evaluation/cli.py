@@ -18,22 +18,26 @@ from orchestration.experiment.validation import EXIT_USAGE, location_problems, o
 
 from .during import split_datasets
 from .fewshot import DEFAULT_SHOTS, FewShotConfig, evaluate_fewshot, open_pools
-from .support import FewShotDataError
+from .linear import evaluate_linear
+from .support import FewShotDataError, open_pool
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     fs = sub.add_parser("fewshot", help="few-shot linear evaluation (ViT paper / big_vision fewshot_lsr)")
-    fs.add_argument("--model", required=True, help="models:/NAME/VERSION, runs:/ID/PATH, a .safetensors file or "
-                                                   "a model folder (model.safetensors + config.json)")
-    fs.add_argument("--data", required=True, help="dataset URL(s), comma-separated; NAME=URL sets the report name")
+    lin = sub.add_parser("linear", help="linear probe: frozen features of the whole train split, the same ridge")
+    for p in (fs, lin):
+        p.add_argument("--model", required=True, help="models:/NAME/VERSION, runs:/ID/PATH, a .safetensors file "
+                                                      "or a model folder (model.safetensors + config.json)")
+        p.add_argument("--data", required=True, help="dataset URL(s), comma-separated; NAME=URL sets the report name")
+        p.add_argument("--out", default=None, help="write the JSON report here")
+        p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+        p.add_argument("--batch-size", default="128")
+        p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ and runs:/ sources")
     fs.add_argument("--shots", default=",".join(map(str, DEFAULT_SHOTS)), help="comma-separated shot counts")
     fs.add_argument("--seed", default="0", help="support-set seed (the same images for the same seed)")
-    fs.add_argument("--out", default=None, help="write the JSON report here")
-    fs.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    fs.add_argument("--batch-size", default="128")
-    fs.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ and runs:/ sources")
+    lin.set_defaults(shots="1", seed="0")  # unused by the probe; keeps one config path
     return ap
 
 
@@ -72,7 +76,24 @@ def _config(a: argparse.Namespace, problems: list[str]) -> FewShotConfig | None:
         return None
 
 
-def fewshot_main(a: argparse.Namespace) -> int:
+def _pool_problems(cfg: FewShotConfig, command: str) -> list[str]:
+    """Every dataset's problem at once, before any image is read (few-shot: images per class)."""
+    problems = []
+    for url in cfg.datasets:
+        try:
+            if command == "fewshot":
+                open_pools(FewShotConfig(**{**cfg.__dict__, "datasets": (url,), "names": ()}))
+            else:
+                open_pool(url, cfg.support_split)
+            open_pool(url, cfg.test_split)
+        except FewShotDataError as e:
+            problems.append(f"--data {one_line(e)}")
+        except Exception as e:  # noqa: BLE001 - missing split, damaged metadata
+            problems.append(f"--data {url}: {one_line(e)}")
+    return problems
+
+
+def evaluate_main(a: argparse.Namespace) -> int:
     from orchestration.tracking import load_model
 
     problems: list[str] = []
@@ -82,31 +103,29 @@ def fewshot_main(a: argparse.Namespace) -> int:
         model = load_model(a.model, a.tracking_uri)
     except Exception as e:  # noqa: BLE001 - missing file, unsafe pickle, bad config: one line each
         problems.append(f"--model {a.model}: {one_line(e)}")
-    pools = None
     if cfg is not None:
-        pools = []
-        for url in cfg.datasets:  # every dataset's problem at once, before any image is read
-            try:
-                pools += open_pools(FewShotConfig(**{**cfg.__dict__, "datasets": (url,), "names": ()}))
-            except FewShotDataError as e:
-                problems.append(f"--data {one_line(e)}")
-            except Exception as e:  # noqa: BLE001 - missing split, damaged metadata
-                problems.append(f"--data {url}: {one_line(e)}")
-    if problems or cfg is None or model is None or pools is None:
+        problems += _pool_problems(cfg, a.command)
+    if problems or cfg is None or model is None:
         return report(problems)
-    res = evaluate_fewshot(model.to(a.device), cfg, device=a.device, model_name=a.model, pools=pools)
-    for key, acc in res.metrics.items():
-        print(f"{key} {acc:.4f} (l2 {res.l2[key]:g})")
+    model = model.to(a.device)
+    if a.command == "fewshot":
+        res = evaluate_fewshot(model, cfg, device=a.device, model_name=a.model)
+        rep, l2 = res.report, res.l2
+    else:
+        rep = evaluate_linear(model, cfg, device=a.device, model_name=a.model)
+        l2 = {r.key: float(r.details["l2"]) for r in rep.rows}
+    for key, acc in rep.metrics().items():
+        print(f"{key} {acc:.4f} (l2 {l2[key]:g})")
     if a.out:
-        res.report.write(a.out)
+        rep.write(a.out)
         print(f"report: {a.out}")
     return 0
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m orchestration.evaluation") -> int:
     a = _parser(prog).parse_args(argv)
-    if a.command == "fewshot":
-        return fewshot_main(a)
+    if a.command in ("fewshot", "linear"):
+        return evaluate_main(a)
     return EXIT_USAGE
 
 
