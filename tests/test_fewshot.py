@@ -317,6 +317,31 @@ def test_report_rows_round_trip_and_share_one_format(tmp_path: Path) -> None:
         ResultRow(method="fewshot", dataset="a/b", setting="1shot", value=0.5)
 
 
+def test_finetune_top1_is_a_report_row_in_mlflow_and_on_disk(tmp_path: Path) -> None:
+    """finetune.py's last step: its final top-1 becomes a finetune/<dataset>/full row of the same
+    report format, logged to the fine-tune's MLflow run (metric + eval/report.json) and written to --report."""
+    from orchestration import finetune
+    from orchestration.experiment import get_recipe
+    from orchestration.tracking.runs import client
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = client(uri)
+    run_id = c.create_run(c.create_experiment("ft")).info.run_id
+    exp = get_recipe("vit_mu_smoke")
+    summary = {"run_id": run_id, "model_uri": "models:/vit-mu4-digits-ft48/1", "top1_after": 0.875,
+               "top1_before": 0.5, "source": "models:/vit-mu4-digits/1"}
+    rep = finetune.finetune_report(exp, summary)
+    assert rep is not None and rep.metrics() == {"finetune/digits/full": 0.875}
+    finetune.publish_report(rep, run_id, uri, str(tmp_path / "out" / "report.json"))
+    assert EvalReport.read(tmp_path / "out" / "report.json") == rep
+    assert c.get_run(run_id).data.metrics["finetune/digits/full"] == 0.875
+    logged = Path(c.download_artifacts(run_id, "eval/report.json", str(tmp_path / "dl")))
+    merged = EvalReport.read(logged).merged(EvalReport(model=rep.model, rows=(
+        ResultRow(method="fewshot", dataset="digits", setting="10shot", value=0.7),)))
+    assert merged.metrics() == {"finetune/digits/full": 0.875, "fewshot/digits/10shot": 0.7}
+    assert finetune.finetune_report(exp, {**summary, "top1_after": None}) is None  # no eval split: no row
+
+
 # ----------------------------------------------------------------------------- slow: pre-training helps
 def _pretrain_and_measure(tmp_path: Path, checkpoints: tuple[int, ...]) -> dict[int, float]:
     """10-shot top-1 on digits 5-9 (mean over 3 support seeds) of a mu ViT after each number of
