@@ -1,11 +1,12 @@
 """``python orchestration/evaluate.py fewshot|linear --model PATH_OR_URI --data URL[,URL...] [options]``
 (also ``python -m orchestration.evaluation ...``).
 
-Few-shot linear evaluation of a registered model (``models:/NAME/VERSION``, ``runs:/...``) or a
-``.safetensors`` file / model folder, on one or more datasets written by
-``pipeline.write_shards`` (train split = support pool, ``val`` = test). Prints one
-``fewshot/<dataset>/<K>shot <top-1> (l2 <regulariser>)`` line per result and writes the JSON
-report with ``--out``. Invalid arguments, an unloadable model or an unusable dataset exit 2
+Few-shot linear evaluation (``fewshot``) or a linear probe on the whole train split (``linear``)
+of a registered model (``models:/NAME/VERSION``, ``runs:/...``) or a ``.safetensors`` file /
+model folder, on one or more datasets written by ``pipeline.write_shards`` (train split =
+support pool / probe training set, ``val`` = test). Prints one ``<key> <top-1> (l2
+<regulariser>)`` line per result (``fewshot/<dataset>/<K>shot``, ``linear_probe/<dataset>/full``)
+and writes the JSON report with ``--out``. Invalid arguments, an unloadable model or an unusable dataset exit 2
 with one ``error:`` line per problem, before any image is read.
 """
 
