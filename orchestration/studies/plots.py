@@ -47,7 +47,9 @@ def plot_error_vs_compute(
     colors = {v: cmap(i / max(1, len(variants) - 1)) for i, v in enumerate(variants)}
     fig, ax = plt.subplots(figsize=(12, 5.5))
     seen: set[str] = set()
-    for t in sorted(set(points.trial)):
+    rank = {v: i for i, v in enumerate(variants)}
+    first = {str(t): str(v) for t, v in zip(points.trial, points.variant, strict=True)}
+    for t in sorted(set(first), key=lambda t: (rank[first[t]], t)):  # legend in size order
         m = points.trial == t
         order = np.argsort(points.compute[m])
         v = str(points.variant[m][0])
