@@ -39,6 +39,7 @@ from typing import Any
 
 from model import ViTConfig
 from orchestration import tracking
+from orchestration.evaluation.report import EvalReport, ResultRow
 from orchestration.experiment import (
     RECIPES,
     Experiment,
@@ -133,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray address (default $RAY_ADDRESS; else a local Ray)")
     p.add_argument("--no-register", action="store_true")
     p.add_argument("--summary-json", default=None)
+    p.add_argument("--report", default=None, help="also write the evaluation report (JSON, the format of "
+                   "orchestration/evaluate.py: a finetune/<dataset>/full top-1 row) to this file")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved experiment, then exit")
     return p
 
@@ -140,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import json
 
+    from orchestration.evaluation.during import fewshot_data_problems
     from orchestration.experiment import flatten_experiment
     from orchestration.launch import cluster
     from orchestration.launch.driver import default_storage, emit, launch
@@ -155,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                                   *validation.location_problems(args.data)])
     exp, problems = _resolve(args, src_model.cfg, source)
     problems += validation.experiment_data_problems(exp, args.data)
+    if exp is not None:
+        problems += fewshot_data_problems(exp)
     problems += validation.storage_problems(args.storage or default_storage())
     if exp is None or problems:  # nothing started: no Ray, no MLflow run
         return validation.report(problems)
@@ -174,8 +180,36 @@ def main(argv: list[str] | None = None) -> int:
     summary.update(source=source["uri"], source_run_id=source.get("run_id"), top1_before=before,
                    top1_after=summary["metrics"].get("eval_top1"), image_size_before=src_model.cfg.image_size,
                    image_size_after=exp.image_size)
+    rep = finetune_report(exp, summary)
+    if rep is not None:  # the fine-tune's top-1 in the report format few-shot and probes share
+        publish_report(rep, summary["run_id"], uri, args.report)
+        summary["report"] = rep.metrics()
     emit(summary, args.summary_json)
     return 0
+
+
+def finetune_report(exp: Experiment, summary: dict[str, Any]) -> EvalReport | None:
+    """The fine-tune's final top-1 as a ``finetune/<dataset>/full`` report row (None: no eval split)."""
+    top1 = summary.get("top1_after")
+    if top1 is None:
+        return None
+    row = ResultRow(method="finetune", dataset=exp.dataset_name, setting="full", value=float(top1),
+                    details={"image_size": exp.image_size, "steps": exp.train.total_steps,
+                             "source": summary.get("source"), "top1_before": summary.get("top1_before"),
+                             "run_id": summary.get("run_id")})
+    return EvalReport(model=str(summary.get("model_uri") or summary.get("run_id") or ""), rows=(row,),
+                      info={"recipe": "finetune", "source": summary.get("source")})
+
+
+def publish_report(rep: EvalReport, run_id: str, uri: str, path: str | None) -> None:
+    """Log the report's metrics and ``eval/report.json`` to the run; write it to ``path`` too."""
+    c = tracking.client(uri)
+    for key, value in rep.metrics().items():
+        c.log_metric(run_id, key, value)
+    with tempfile.TemporaryDirectory() as tmp:
+        c.log_artifact(run_id, str(rep.write(Path(tmp) / "report.json")), "eval")
+    if path:
+        rep.write(path)
 
 
 def _resolve(args: argparse.Namespace, src_cfg: ViTConfig, source: dict[str, Any]) -> tuple[Experiment | None, list[str]]:

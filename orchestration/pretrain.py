@@ -32,6 +32,7 @@ import sys
 from typing import Any
 
 from orchestration import tracking
+from orchestration.evaluation.during import fewshot_data_problems
 from orchestration.experiment import (
     RECIPES,
     Experiment,
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="typed override, repeatable: train.lr=3e-4, data.batch_size=64, model.dropout=0.1, workers=2",
     )
+    p.add_argument("--fewshot-data", default=None, metavar="[NAME=]URL[,...]",
+                   help="few-shot linear evaluation on these downstream datasets during training (every "
+                        "--set fewshot_every=N steps and at the end), logged as fewshot/<NAME>/<K>shot; "
+                        "same as --set fewshot_data=...")
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (one per GPU); keeps the global batch")
     p.add_argument("--resume", choices=["auto"], default=None,
                    help="auto: continue the recipe's latest run (same MLflow run, newest complete checkpoint)")
@@ -79,11 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_experiment(recipe: str, overrides: list[str], workers: int | None) -> Experiment:
-    """Recipe + ``--set`` overrides + ``--workers``, validated (raises OverrideError/ValueError)."""
+def resolve_experiment(recipe: str, overrides: list[str], workers: int | None,
+                       fewshot_data: str | None = None) -> Experiment:
+    """Recipe + ``--set`` overrides + ``--workers`` + ``--fewshot-data``, validated (raises
+    OverrideError/ValueError)."""
     exp = get_recipe(recipe)
     if workers is not None:
         overrides = [*overrides, f"workers={workers}"]
+    if fewshot_data is not None:
+        overrides = [*overrides, f"fewshot_data={fewshot_data}"]
     return apply_overrides(exp, overrides)
 
 
@@ -91,10 +100,12 @@ def check_launch(args: argparse.Namespace) -> tuple[Experiment | None, list[str]
     """The resolved experiment and every problem with it, its dataset and its storage (no Ray, no MLflow)."""
     exp, problems = None, []
     try:
-        exp = resolve_experiment(args.recipe, args.overrides, args.workers)
+        exp = resolve_experiment(args.recipe, args.overrides, args.workers, args.fewshot_data)
     except (OverrideError, ValueError) as e:
         problems += validation.problems_of(e)
     problems += validation.experiment_data_problems(None if problems else exp, args.data)
+    if exp is not None and not problems:  # downstream datasets: too few images per class fail here
+        problems += fewshot_data_problems(exp)
     problems += validation.storage_problems(args.storage or default_storage())
     return exp, problems
 

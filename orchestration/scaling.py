@@ -28,7 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m orchestration.scaling", description=__doc__.split("\n")[0])
     p.add_argument("table", help="points table (Parquet) written by orchestration.sweep")
     p.add_argument("--out", required=True, help="directory for fit_<metric>.json and the PNG plots")
-    p.add_argument("--metric", default="eval_error", choices=METRICS)
+    p.add_argument("--metric", default="eval_error",
+                   help=f"{', '.join(METRICS)} or a logged-metric column, e.g. fewshot/NAME/10shot")
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples of trials")
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)

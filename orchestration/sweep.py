@@ -66,7 +66,7 @@ _FLAG_KEYS: dict[str, tuple[str, ...]] = {
     "micro_batch": ("train.micro_batch",), "lr": ("train.lr",), "weight_decay": ("train.weight_decay",),
     "warmup_frac": ("train.total_steps", "train.warmup_steps"), "decay": ("train.decay",),
     "train_split": ("data.split",), "eval_split": ("eval_split",), "crop_min": ("data.crop_scale",),
-    "hflip": ("data.hflip",), "loader_workers": ("data.num_workers",),
+    "hflip": ("data.hflip",), "loader_workers": ("data.num_workers",), "fewshot_data": ("fewshot_data",),
 }
 _WARMUP_BASE = 100_000  # --warmup-frac F: warmup_steps / total_steps = F, kept at every trial length
 
@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="", help="table/plots directory (default <storage>/<name>-analysis)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep trial checkpoints after they finish")
     p.add_argument("--experiment", default="vitscale-scaling", help="MLflow experiment")
-    p.add_argument("--metric", choices=METRICS, default="eval_error", help="what the law is fitted to")
+    p.add_argument("--metric", default="eval_error",
+                   help=f"what the law is fitted to: {', '.join(METRICS)} or any logged metric, e.g. "
+                        "fewshot/NAME/10shot (accuracies are fitted as 1 - accuracy)")
     p.add_argument("--n-boot", type=int, default=200)
     p.add_argument("--max-failures", type=int, default=1, help="Tune retries per trial")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study (tune.Tuner.restore)")
@@ -137,6 +139,9 @@ def _recipe_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crop-min", type=float, help="RandomResizedCrop lower scale (= data.crop_scale=X,1.0)")
     g.add_argument("--no-hflip", dest="hflip", action="store_false", default=None, help="= data.hflip=false")
     g.add_argument("--loader-workers", type=int, help="= data.num_workers")
+    g.add_argument("--fewshot-data", default=None, metavar="[NAME=]URL[,...]",
+                   help="few-shot evaluation at every trial evaluation (= fewshot_data); then --metric "
+                        "fewshot/NAME/10shot fits the law to few-shot accuracy")
 
 
 def flag_overrides(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
@@ -230,6 +235,7 @@ def _spec_of(args: argparse.Namespace, gpus: float, hparams: dict[str, dict[str,
 
 def check_study(args: argparse.Namespace) -> tuple[StudySpec | None, list[str]]:
     """The study and every problem with it and its dataset, before Ray or MLflow start."""
+    from orchestration.evaluation.during import fewshot_data_problems
     from orchestration.studies.spec import trial_experiment
 
     spec, problems = None, []
@@ -244,6 +250,7 @@ def check_study(args: argparse.Namespace) -> tuple[StudySpec | None, list[str]]:
                            seed=0)
     problems += validation.dataset_problems(spec.data_url, exp.data, world_size=1, split_key="--train-split",
                                             eval_split=exp.eval_split, eval_key="--eval-split")
+    problems += fewshot_data_problems(exp, key="--fewshot-data")
     if "://" not in spec.storage or spec.storage.startswith("file://"):
         problems += validation.storage_problems(spec.storage_path)
     try:

@@ -20,19 +20,20 @@ import numpy as np
 import pytest
 import torch
 
-from orchestration.evaluate import (
+from orchestration.evaluation import (
     EvalReport,
     FewShotConfig,
     FewShotDataError,
     ResultRow,
     RidgeSolver,
     evaluate_fewshot,
+    evaluate_linear,
     fit_fewshot,
     open_pool,
     select_support,
 )
-from orchestration.evaluate import fewshot as fewshot_mod
-from orchestration.evaluate.ridge import targets, whitening
+from orchestration.evaluation import fewshot as fewshot_mod
+from orchestration.evaluation.ridge import targets, whitening
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = 32
@@ -222,6 +223,10 @@ def test_two_ranks_give_the_same_accuracy_as_one(digits: str, model_file: Path, 
     assert two[0]["support"] == one[0]["support"]  # the same images by key
     assert two[0]["counts"] == one[0]["counts"] == {"ds": 359}  # every val image once over both ranks
     assert two[0]["metrics"]["fewshot/ds/10shot"] > 0.3  # 10 classes: chance is 0.1
+    # The linear probe too: every train image once over the ranks, the same fit, the same top-1.
+    assert two[0]["probe"] == one[0]["probe"]
+    assert one[0]["probe"]["train_images"] == 1438 and one[0]["probe"]["test_images"] == 359
+    assert "linear_probe/ds/full" in one[0]["metrics"]
 
 
 def _rank_main(model_file: str, url: str, out: str) -> None:
@@ -234,16 +239,24 @@ def _rank_main(model_file: str, url: str, out: str) -> None:
     torch.set_num_threads(1)
     res = evaluate_fewshot(load_model(model_file), FewShotConfig(datasets=(url,), shots=(1, 5, 10), batch_size=32),
                            rank=rank, world_size=world)
-    Path(out).write_text(json.dumps({"metrics": res.metrics, "l2": res.l2, "counts": res.counts,
+    probe = evaluate_linear(load_model(model_file), FewShotConfig(datasets=(url,), batch_size=32), rank=rank,
+                            world_size=world)
+    Path(out).write_text(json.dumps({"metrics": {**res.metrics, **probe.metrics()}, "l2": res.l2,
+                                     "counts": res.counts, "probe": probe.rows[0].details,
                                      "support": [r.details["support"] for r in res.report.rows]}))
     if world > 1:
         torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- CLI + report
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+#: The command users run (a file, as the issue names it) and the package's ``-m`` entry point.
+CLI_FILE = [str(ROOT / "orchestration" / "evaluate.py")]
+CLI_MODULE = ["-m", "orchestration.evaluation"]
+
+
+def _cli(*args: str, entry: list[str] = CLI_FILE) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "orchestration.evaluate", *args], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, *entry, *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -262,9 +275,28 @@ def test_cli_end_to_end_on_digits(digits: str, model_file: Path, tmp_path: Path)
     assert "fewshot/digits/10shot" in proc.stdout
 
 
-def test_cli_bad_input_exits_2_with_one_line_each(digits: str, tmp_path: Path) -> None:
+@pytest.mark.integration
+def test_cli_linear_probe_uses_the_whole_train_split(digits: str, model_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "probe.json"
+    proc = _cli("linear", "--model", str(model_file), "--data", f"digits={digits}", "--out", str(out),
+                "--device", "cpu", "--batch-size", "64")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = EvalReport.read(out)
+    (row,) = rep.rows
+    assert (row.key, row.method, row.setting) == ("linear_probe/digits/full", "linear_probe", "full")
+    assert row.details["train_images"] == 1438 and row.details["test_images"] == 359 and row.details["l2"] > 0
+    # All 1438 train images beat 10 per class (in-process few-shot on the same frozen model).
+    from orchestration.tracking import load_model
+
+    few = evaluate_fewshot(load_model(str(model_file)), FewShotConfig(datasets=(digits,), shots=(10,)))
+    assert row.value > few.metrics["fewshot/ds/10shot"] + 0.05, (row.value, few.metrics)
+    assert "linear_probe/digits/full" in proc.stdout
+
+
+@pytest.mark.parametrize("entry", [CLI_FILE, CLI_MODULE], ids=["file", "module"])
+def test_cli_bad_input_exits_2_with_one_line_each(digits: str, tmp_path: Path, entry: list[str]) -> None:
     proc = _cli("fewshot", "--model", str(tmp_path / "nope.safetensors"), "--data", str(tmp_path / "missing"),
-                "--shots", "0,x")
+                "--shots", "0,x", entry=entry)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 3, proc.stderr
@@ -283,6 +315,31 @@ def test_report_rows_round_trip_and_share_one_format(tmp_path: Path) -> None:
                              "linear_probe/digits/full/top5": 1.0}
     with pytest.raises(ValueError, match="without '/'"):
         ResultRow(method="fewshot", dataset="a/b", setting="1shot", value=0.5)
+
+
+def test_finetune_top1_is_a_report_row_in_mlflow_and_on_disk(tmp_path: Path) -> None:
+    """finetune.py's last step: its final top-1 becomes a finetune/<dataset>/full row of the same
+    report format, logged to the fine-tune's MLflow run (metric + eval/report.json) and written to --report."""
+    from orchestration import finetune
+    from orchestration.experiment import get_recipe
+    from orchestration.tracking.runs import client
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = client(uri)
+    run_id = c.create_run(c.create_experiment("ft")).info.run_id
+    exp = get_recipe("vit_mu_smoke")
+    summary = {"run_id": run_id, "model_uri": "models:/vit-mu4-digits-ft48/1", "top1_after": 0.875,
+               "top1_before": 0.5, "source": "models:/vit-mu4-digits/1"}
+    rep = finetune.finetune_report(exp, summary)
+    assert rep is not None and rep.metrics() == {"finetune/digits/full": 0.875}
+    finetune.publish_report(rep, run_id, uri, str(tmp_path / "out" / "report.json"))
+    assert EvalReport.read(tmp_path / "out" / "report.json") == rep
+    assert c.get_run(run_id).data.metrics["finetune/digits/full"] == 0.875
+    logged = Path(c.download_artifacts(run_id, "eval/report.json", str(tmp_path / "dl")))
+    merged = EvalReport.read(logged).merged(EvalReport(model=rep.model, rows=(
+        ResultRow(method="fewshot", dataset="digits", setting="10shot", value=0.7),)))
+    assert merged.metrics() == {"finetune/digits/full": 0.875, "fewshot/digits/10shot": 0.7}
+    assert finetune.finetune_report(exp, {**summary, "top1_after": None}) is None  # no eval split: no row
 
 
 # ----------------------------------------------------------------------------- slow: pre-training helps

@@ -380,6 +380,7 @@ def test_finetune_from_registry_at_higher_resolution(pretrained: dict[str, Any],
     res = _result(out)
     assert res["model_name"] == "vit-mu4-digits-ft48" and res["image_size_after"] == 48
     assert res["top1_before"] is not None and res["top1_after"] is not None
+    assert res["report"] == {"finetune/digits/full": res["top1_after"]}  # the evaluation report format
     c = tracking.client(ray_cluster["MLFLOW_TRACKING_URI"])
     run = c.get_run(res["run_id"])
     assert run.data.tags["mlflow.parentRunId"] == src["run_id"]

@@ -9,6 +9,7 @@ from training.config import TrainConfig, config_diff
 from training.deepspeed_config import deepspeed_config
 from training.metrics import PEAK_TFLOPS, JsonlSink, MetricsSink, NullSink, mfu
 from training.optim import lr_at, param_groups
+from training.periodic import PeriodicEval
 from training.profiles import PROFILES, Profile, from_profile, get_profile, with_profile
 from training.trainer import NonFiniteLossError, Trainer
 
@@ -21,6 +22,7 @@ __all__ = [
     "MetricsSink",
     "NonFiniteLossError",
     "NullSink",
+    "PeriodicEval",
     "Profile",
     "TrainConfig",
     "Trainer",

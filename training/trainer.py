@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from training.dist import DistInfo, all_reduce_sum, init_distributed
 from training.losses import loss_fn
 from training.metrics import MetricsSink, NullSink, device_name, mfu, peak_tflops
 from training.optim import build_optimizer, drop_repeated_norm_checks, lr_at, param_groups, set_lr
+from training.periodic import PeriodicEval, full_module
 from training.prefetch import DevicePrefetcher
 from training.profiles import get_profile
 
@@ -79,7 +79,8 @@ class Trainer:
     device by the loader's `normalize(images)` (pipeline's `DataConfig(output="uint8")`).
     `eval_loader` yields `(images, targets, valid)` exactly once per sample over all ranks.
     `checkpoint_dir` is a local (or shared) directory; `checkpoint_store` mirrors it remotely
-    (needs checkpoint_dir).
+    (needs checkpoint_dir). `periodic`: extra evaluations (`training.periodic.PeriodicEval`, e.g.
+    orchestration's few-shot evaluator) run on every rank at their own interval and at the end.
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class Trainer:
         sink: MetricsSink | None = None,
         checkpoint_dir: str | None = None,
         checkpoint_store: ckpt.CheckpointStore | None = None,
+        periodic: Sequence[PeriodicEval] = (),
     ) -> None:
         import deepspeed
 
@@ -102,6 +104,7 @@ class Trainer:
         self.accum = cfg.accum_for(self.dist.world_size)  # clear error if the batch doesn't fit
         self.train_loader = train_loader
         self.eval_loader = eval_loader
+        self.periodic = tuple(periodic)
         self.sink: MetricsSink = sink if (sink is not None and self.dist.is_main) else NullSink()
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self._seed(cfg.seed + self.dist.rank)
@@ -174,6 +177,9 @@ class Trainer:
                 window = _Window(self.dist.device)
             if self.eval_loader is not None and self._due(self.cfg.eval_every, stop):  # eval
                 result.update(self.evaluate())
+            for p in self.periodic:  # e.g. few-shot: every rank, its own interval, and at the end
+                if self._due(p.every, stop):
+                    result.update(self.run_periodic(p))
             if self.checkpoint_dir is not None and self._due(self.cfg.checkpoint_every, stop):  # checkpoint
                 self.save_checkpoint()
         if self._last_loss is not None:  # every rank: the last step's loss over all ranks
@@ -355,15 +361,18 @@ class Trainer:
 
     def _on_eval(self) -> None:
         """Give the sink the model (gathered under ZeRO-3, so every rank takes part)."""
-        gathered: Any = nullcontext()
-        if self.engine.zero_optimization_stage() == 3:
-            import deepspeed
+        with full_module(self.engine) as module:
+            self.sink.on_eval(module, self._step)
 
-            gathered = deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
-        with gathered:
-            self.engine.module.eval()
-            self.sink.on_eval(self.engine.module, self._step)
-            self.engine.module.train()
+    @torch.no_grad()
+    def run_periodic(self, p: PeriodicEval) -> dict[str, float]:
+        """Run ``p`` now on every rank with the full model; rank 0's sink logs what it returns."""
+        t0 = time.perf_counter()
+        with full_module(self.engine) as module:
+            out = {k: float(v) for k, v in p.fn(module, self._step).items()}
+        out[f"{p.name}/seconds"] = time.perf_counter() - t0
+        self.sink.log_metrics(out, self._step)
+        return out
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> str:

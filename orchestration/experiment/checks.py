@@ -77,6 +77,7 @@ def experiment_problems(exp: Experiment, *, consistency: bool = True) -> list[st
     p += name_problems("name", exp.name) + name_problems("dataset_name", exp.dataset_name)
     if exp.registered_model_name:
         p += name_problems("registered_model_name", exp.registered_model_name)
+    p += _fewshot_problems(exp)
     if exp.eval_split is not None and not exp.eval_split:
         p.append("eval_split='' must be a split name or none")
     try:
@@ -88,6 +89,20 @@ def experiment_problems(exp: Experiment, *, consistency: bool = True) -> list[st
             build_component("model", lambda: exp.model_config(num_classes=2), p)  # e.g. image_size % patch_size
     if consistency:
         p += _consistency_problems(exp)
+    return p
+
+
+def _fewshot_problems(exp: Experiment) -> list[str]:
+    """Ranges of the few-shot fields (the datasets themselves are read by the CLIs' data checks)."""
+    p: list[str] = []
+    if not isinstance(exp.fewshot_every, int) or isinstance(exp.fewshot_every, bool) or exp.fewshot_every < 0:
+        p.append(f"fewshot_every={exp.fewshot_every!r} must be an int >= 0 (0: few-shot only at the end)")
+    if not exp.fewshot_shots or any(not isinstance(k, int) or isinstance(k, bool) or k < 1
+                                    for k in exp.fewshot_shots):
+        p.append(f"fewshot_shots={exp.fewshot_shots!r} must be one or more ints >= 1, e.g. 1,5,10,25")
+    if exp.fewshot_every and not exp.fewshot_data:
+        p.append(f"fewshot_every={exp.fewshot_every} needs downstream datasets: --fewshot-data URL[,URL] "
+                 "(or --set fewshot_data=URL)")
     return p
 
 

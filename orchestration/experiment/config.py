@@ -45,6 +45,13 @@ class Experiment:
     registered_model_name: str = ""  # "" -> "vit-<variant>-<dataset>"
     eval_split: str | None = "val"  # None: no eval loader
     max_failures: int = 2  # Ray Train FailureConfig: worker-group restarts before giving up
+    # Few-shot linear evaluation during training (orchestration.evaluation): downstream datasets
+    # (URL or NAME=URL, written by write_shards), run every fewshot_every steps (0: only at the
+    # end) and at the end; logged as fewshot/<NAME>/<K>shot. Empty fewshot_data: never.
+    fewshot_data: tuple[str, ...] = ()
+    fewshot_every: int = 0
+    fewshot_shots: tuple[int, ...] = (1, 5, 10, 25)
+    fewshot_seed: int = 0
 
     def __post_init__(self) -> None:
         derived = {"image_size": self.image_size, "batch_size": self.train.micro_batch}

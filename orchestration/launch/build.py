@@ -84,7 +84,9 @@ def build_run(
     ``exp.data.url`` is the dataset and ``exp.eval_split`` the eval split (None: no evaluation);
     checkpoints go to ``checkpoint_url`` (path or ``s3://``, staged locally under
     ``checkpoint_key``). ``make_sink(model)`` gives this rank's ``MetricsSink`` (None: no-op).
+    ``exp.fewshot_data`` adds the few-shot evaluator as a periodic Trainer evaluation.
     """
+    from orchestration.evaluation.during import fewshot_hooks
     from training import Trainer
 
     loaders = build_loaders(exp, rank=rank, world=world)
@@ -92,7 +94,8 @@ def build_run(
     sink = make_sink(model) if make_sink is not None else None
     checkpoint_dir, store = checkpoint_location(checkpoint_url, checkpoint_key)
     trainer = Trainer(model, exp.train, loaders.train, eval_loader=loaders.eval, sink=sink,
-                      checkpoint_dir=checkpoint_dir, checkpoint_store=store)
+                      checkpoint_dir=checkpoint_dir, checkpoint_store=store,
+                      periodic=fewshot_hooks(exp, rank=rank, world=world))
     return trainer, loaders
 
 

@@ -154,7 +154,7 @@ def run_study(spec: StudySpec, *, resume: bool = False, ray_address: str | None 
     status = "FAILED"
     try:
         rows, errored, complete, n_done = _run_tune(spec, run_id, resume)
-        result = _analyze(spec, points_from_rows(rows), run_id, errored, complete, n_done)
+        result = _analyze(spec, points_from_rows(rows, (spec.metric,)), run_id, errored, complete, n_done)
         if complete and not spec.keep_checkpoints:  # early-stopped trials leave theirs behind
             delete_tree(spec.trials_root)
         status = "KILLED" if not complete else "FINISHED" if not errored else "FAILED"

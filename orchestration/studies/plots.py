@@ -9,7 +9,11 @@ import numpy as np
 
 from orchestration.studies.law import FrontierFit, frontier_of
 from orchestration.studies.sizes import SizeCurve, optimal_sizes
-from orchestration.studies.table import Points
+from orchestration.studies.table import Points, fitted_label
+
+#: The x axis unit of the plots (the ViT paper plots pre-training exaFLOPs; 1 PFLOP-day = 86.4 exaFLOPs).
+EXA = 1e18
+PFLOP_DAY = 1e15 * 86400
 
 
 def _compute_grid(points: Points, extend: float = 4.0, n: int = 200) -> np.ndarray:
@@ -25,9 +29,12 @@ def _fmt_params(n: int) -> str:
 
 
 def plot_error_vs_compute(
-    points: Points, fit: FrontierFit | None, path: str | Path, *, title: str = ""
+    points: Points, fit: FrontierFit | None, path: str | Path, *, title: str = "",
+    curves: Mapping[str, SizeCurve] | None = None,
 ) -> Path:
-    """Log-log error vs compute: each trial (colour = size), the frontier, the fit and band."""
+    """Log-log metric (its error for accuracies) vs pre-training compute in exaFLOPs: each trial
+    (colour = size), each size's fitted curve (one line per model size), the compute-efficient
+    frontier, the frontier law and its band, and the fit without the largest budget."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,40 +47,48 @@ def plot_error_vs_compute(
     colors = {v: cmap(i / max(1, len(variants) - 1)) for i, v in enumerate(variants)}
     fig, ax = plt.subplots(figsize=(12, 5.5))
     seen: set[str] = set()
-    for t in sorted(set(points.trial)):
+    rank = {v: i for i, v in enumerate(variants)}
+    first = {str(t): str(v) for t, v in zip(points.trial, points.variant, strict=True)}
+    for t in sorted(set(first), key=lambda t: (rank[first[t]], t)):  # legend in size order
         m = points.trial == t
         order = np.argsort(points.compute[m])
         v = str(points.variant[m][0])
         label = f"{v} ({_fmt_params(points.params[v])})" if v in points.params else v
-        ax.plot(points.compute[m][order], points.error[m][order], "-o", ms=2.5, lw=1, alpha=0.55,
+        ax.plot(points.compute[m][order] / EXA, points.error[m][order], "o", ms=3, alpha=0.6,
                 color=colors[v], label=None if v in seen else label)
+        ax.plot(points.compute[m][order] / EXA, points.error[m][order], "-", lw=0.6, alpha=0.3, color=colors[v])
         seen.add(v)
+    for v, c in (curves or {}).items():  # one line per model size: its own fitted curve
+        if c.law is not None and v in colors:
+            g = np.geomspace(*c.compute_range, 100)
+            ax.plot(g / EXA, c.law(g), "-", lw=1.8, color=colors[v], alpha=0.9)
     if fit is not None:
         grid = _compute_grid(points)
         lo, hi = fit.band(grid)
-        ax.fill_between(grid, lo, hi, color="tab:red", alpha=0.18,
+        ax.fill_between(grid / EXA, lo, hi, color="tab:red", alpha=0.18,
                         label=f"{fit.confidence:.0%} bootstrap band")
-        ax.plot(grid, fit.law(grid), color="tab:red", lw=2, label=f"fit: {fit.law}")
-        ax.plot(fit.frontier.compute, fit.frontier.error, "s", color="black", ms=4, mfc="none",
+        ax.plot(grid / EXA, fit.law(grid), color="tab:red", lw=2, label=f"fit (C in FLOPs): {fit.law}")
+        ax.plot(fit.frontier.compute / EXA, fit.frontier.error, "s", color="black", ms=4, mfc="none",
                 label="compute-efficient frontier")
         ax.axhline(fit.law.c, color="tab:red", ls=":", lw=1, label=f"saturation c = {fit.law.c:.3g}")
         h = fit.holdout
         if h is not None and h.law is not None:
-            ax.plot(grid, h.law(grid), "--", color="gray", lw=1.2,
+            ax.plot(grid / EXA, h.law(grid), "--", color="gray", lw=1.2,
                     label=f"fit without largest budget: {h.mean_abs_rel_error:.1%} mean error beyond")
-            ax.axvline(h.fit_compute_max, color="gray", ls=":", lw=0.8)
+            ax.axvline(h.fit_compute_max / EXA, color="gray", ls=":", lw=0.8)
     else:
         front = frontier_of(points)
-        ax.plot(front.compute, front.error, "s", color="black", ms=4, mfc="none",
+        ax.plot(front.compute / EXA, front.error, "s", color="black", ms=4, mfc="none",
                 label="compute-efficient frontier")
     ax.set_xscale("log")
     ax.set_yscale("log")
     # Frame the measurements; a wild extrapolation of the band must not squash them.
     lo_e, hi_e = float(points.error.min()), float(points.error.max())
     ax.set_ylim(lo_e / 2.5, hi_e * 1.6)
-    ax.set_xlabel("training compute C (FLOPs)")
-    ax.set_ylabel(points.metric.replace("_", " "))
-    ax.set_title(title or f"{points.metric} vs compute: every trial, the compute-efficient frontier and the fit")
+    ax.set_xlabel("pre-training compute (exaFLOPs)")
+    ax.set_ylabel(fitted_label(points.metric))
+    ax.set_title(title or f"{fitted_label(points.metric)} vs pre-training compute: trials, per-size fits, "
+                          "frontier and law", fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
@@ -100,8 +115,8 @@ def plot_optimal_size(
     y = np.array([ypos[v] for v in best])
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for v in ordered:  # where each size was measured
-        ax.plot(curves[v].compute_range, [ypos[v], ypos[v]], color="gray", alpha=0.35, lw=7, solid_capstyle="butt")
-    ax.step(compute, y, where="post", color="tab:blue", lw=2, label="compute-optimal size")
+        ax.plot(np.asarray(curves[v].compute_range) / EXA, [ypos[v], ypos[v]], color="gray", alpha=0.35, lw=7, solid_capstyle="butt")
+    ax.step(np.asarray(compute) / EXA, y, where="post", color="tab:blue", lw=2, label="compute-optimal size")
     ax.plot([], [], color="gray", alpha=0.35, lw=7, label="measured compute range of the size")
     ax.set_xscale("log")
     if use_params:
@@ -110,7 +125,7 @@ def plot_optimal_size(
     labels = [f"{v} ({_fmt_params(curves[v].params)})" if use_params else v for v in ordered]  # type: ignore[arg-type]
     ax.set_yticks([ypos[v] for v in ordered], labels, fontsize=8)
     ax.set_ylabel("model size")
-    ax.set_xlabel("training compute budget C (FLOPs)")
+    ax.set_xlabel("pre-training compute budget (exaFLOPs)")
     ax.set_title(title or "compute-optimal model size (lowest per-size fitted curve)")
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8, loc="lower right")

@@ -12,7 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from orchestration.studies.table import POINTS_SCHEMA, points_table
+from orchestration.studies.table import POINTS_SCHEMA, is_logged_metric, points_table
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +37,17 @@ class TrialInfo:
 
 
 def make_point(info: TrialInfo, *, step: int, global_batch: int, flops_per_image: float,
-               eval_metrics: Mapping[str, float]) -> dict[str, Any]:
+               eval_metrics: Mapping[str, float], extra: Sequence[str] = ()) -> dict[str, Any]:
     """One row of the points table from an evaluation at ``step``.
 
     images = step × global_batch (every optimizer step consumes one global batch);
     flops = train_flops_per_image × images (forward + backward ≈ 3 forwards, 2 FLOPs/MAC);
-    eval_error = 1 − top-1 (1 − precision@1 for sigmoid/multi-label runs).
+    eval_error = 1 − top-1 (1 − precision@1 for sigmoid/multi-label runs); ``extra``: logged
+    metrics (``fewshot/<ds>/10shot``) to carry as columns (NaN when not logged at this step).
     """
     top1 = eval_metrics.get("eval_top1", eval_metrics.get("eval_prec1", math.nan))
     images = int(step) * int(global_batch)
+    logged = {k: float(eval_metrics.get(k, math.nan)) for k in extra}
     return {
         **dataclasses.asdict(info),
         "step": int(step),
@@ -53,25 +55,37 @@ def make_point(info: TrialInfo, *, step: int, global_batch: int, flops_per_image
         "flops": float(flops_per_image) * images,
         "eval_loss": float(eval_metrics.get("eval_loss", math.nan)),
         "eval_error": 1.0 - float(top1),
+        **logged,  # e.g. fewshot/<ds>/<K>shot logged at this step: a column of the study table
     }
 
 
-def points_from_rows(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+def points_from_rows(rows: Iterable[Mapping[str, Any]], metrics: Sequence[str] = ()) -> pa.Table:
     """Study table from reported results (Tune result rows, or ``make_point`` dicts).
 
-    Keeps rows that carry a point (have ``trial`` and ``eval_loss``), drops Tune's own
-    columns, and keeps the last report of each (trial, step): a trial that was restarted
-    from scratch (its checkpoints gone) re-reports its steps and the newest run wins.
-    Rows are sorted by trial, then step.
+    Keeps rows that carry a point (have ``trial`` and ``eval_loss`` or one of the logged
+    ``metrics``), drops Tune's own columns (the logged ``metrics`` are kept as columns), and
+    keeps the last report of each (trial, step): a trial that was restarted from scratch (its
+    checkpoints gone) re-reports its steps and the newest run wins. Rows are sorted by trial,
+    then step.
     """
     latest: dict[tuple[str, int], dict[str, Any]] = {}
+    logged = [m for m in metrics if is_logged_metric(m)]
     for row in rows:
-        if row.get("trial") is None or row.get("eval_loss") is None or row.get("step") is None:
+        if row.get("trial") is None or row.get("step") is None:
+            continue
+        if row.get("eval_loss") is None and all(_plain_float(row.get(m)) is None for m in logged):
             continue
         point = {k: _plain(k, row.get(k)) for k in POINT_FIELDS}
+        point.update({m: _plain_float(row.get(m)) for m in logged})
         latest[(str(point["trial"]), int(point["step"]))] = point
     ordered = [latest[k] for k in sorted(latest)]
     return points_table(ordered)
+
+
+def _plain_float(v: Any) -> float | None:
+    if hasattr(v, "item"):
+        v = v.item()
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
 def _plain(name: str, v: Any) -> Any:
@@ -90,7 +104,12 @@ def _plain(name: str, v: Any) -> Any:
 
 class StudySink:
     """The trial's ``MetricsSink``: forwards everything to ``inner`` (MLflow) and turns each
-    evaluation into a point that goes to ``report`` (``ray.tune.report`` in a trial)."""
+    evaluation into a point that goes to ``report`` (``ray.tune.report`` in a trial).
+
+    ``metric``: the study's metric. A built-in one (``eval_error``/``eval_loss``) makes a point at
+    every evaluation; a logged one (``fewshot/<ds>/10shot``) at every step that logs it (the
+    Trainer runs few-shot after its eval at the same step, so the point has both).
+    """
 
     def __init__(
         self,
@@ -101,9 +120,14 @@ class StudySink:
         report: Callable[[dict[str, Any]], None],
         inner: Any | None = None,
         persist: Callable[[list[dict[str, Any]]], None] | None = None,
+        metric: str = "eval_error",
     ) -> None:
         from training import NullSink
 
+        # A logged metric (fewshot/...) makes its own points; the built-in ones come with eval.
+        self.trigger = metric if is_logged_metric(metric) else "eval_loss"
+        self.extra = (metric,) if is_logged_metric(metric) else ()
+        self._step_metrics: tuple[int, dict[str, float]] = (-1, {})
         self.info = info
         self.persist = persist
         self.global_batch = global_batch
@@ -117,10 +141,13 @@ class StudySink:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.inner.log_metrics(metrics, step)
-        if "eval_loss" not in metrics:
+        seen_step, seen = self._step_metrics
+        seen = {**(seen if seen_step == step else {}), **metrics}  # everything logged at this step
+        self._step_metrics = (step, seen)
+        if self.trigger not in metrics:
             return
         point = make_point(self.info, step=step, global_batch=self.global_batch,
-                           flops_per_image=self.flops_per_image, eval_metrics=metrics)
+                           flops_per_image=self.flops_per_image, eval_metrics=seen, extra=self.extra)
         self.points.append(point)
         if self.persist is not None:
             self.persist(self.points)

@@ -16,9 +16,9 @@ from orchestration.studies.law import (
     FrontierFit,
     fit_frontier,
 )
-from orchestration.studies.plots import plot_error_vs_compute, plot_optimal_size
+from orchestration.studies.plots import EXA, PFLOP_DAY, plot_error_vs_compute, plot_optimal_size
 from orchestration.studies.sizes import SizeCurve, fit_per_size, optimal_sizes
-from orchestration.studies.table import points_from_table
+from orchestration.studies.table import fitted_label, higher_is_better, metric_slug, points_from_table
 
 
 @dataclass(frozen=True)
@@ -56,12 +56,13 @@ def analyze(
     pts = points_from_table(table, metric, drop_nonfinite=drop_nonfinite)
     if len(pts) == 0:
         raise ValueError("the points table is empty")
-    summary: dict[str, Any] = {"metric": metric, "n_points": len(pts), "n_trials": len(set(pts.trial)),
-                               "variants": sorted(set(pts.variant))}
+    summary: dict[str, Any] = {"metric": metric, "fitted": fitted_label(metric), "n_points": len(pts),
+                               "n_trials": len(set(pts.trial)), "variants": sorted(set(pts.variant))}
     fit: FrontierFit | None = None
+    slug = metric_slug(metric)
     if not fit_law:
-        files = {"error_vs_compute": plot_error_vs_compute(pts, None, out / f"scaling_{metric}.png")}
-        files["fit"] = out / f"fit_{metric}.json"
+        files = {"error_vs_compute": plot_error_vs_compute(pts, None, out / f"scaling_{slug}.png")}
+        files["fit"] = out / f"fit_{slug}.json"
         files["fit"].write_text(json.dumps(summary, indent=2, default=_json_default))
         return Report(None, {}, files, summary)
     try:
@@ -73,17 +74,60 @@ def analyze(
         summary["error"] = str(e)
     curves = fit_per_size(pts)
     summary["per_size"] = {v: c.as_dict() for v, c in curves.items()}
-    files = {"error_vs_compute": plot_error_vs_compute(pts, fit, out / f"scaling_{metric}.png")}
+    files = {"error_vs_compute": plot_error_vs_compute(pts, fit, out / f"scaling_{slug}.png", curves=curves)}
     if any(c.law is not None for c in curves.values()):
         grid = np.geomspace(float(pts.compute.min()), float(pts.compute.max()) * 10, 400)
-        files["optimal_size"] = plot_optimal_size(curves, grid, out / f"optimal_size_{metric}.png")
+        files["optimal_size"] = plot_optimal_size(curves, grid, out / f"optimal_size_{slug}.png")
         budgets = np.geomspace(grid[0], grid[-1], 9)
         summary["optimal_size"] = [
-            {"compute": float(b), "variant": v} for b, v in zip(budgets, optimal_sizes(curves, budgets), strict=True)
+            {"compute": float(b), "exaflops": float(b) / EXA, "pflop_days": float(b) / PFLOP_DAY, "variant": v,
+             "predicted": _predicted(fit, float(b), metric)}
+            for b, v in zip(budgets, optimal_sizes(curves, budgets), strict=True)
         ]
-    files["fit"] = out / f"fit_{metric}.json"
+    files["fit"] = out / f"fit_{slug}.json"
     files["fit"].write_text(json.dumps(summary, indent=2, default=_json_default))
-    return Report(fit, curves, files, summary)
+    report = Report(fit, curves, files, summary)
+    files["table"] = out / f"table_{slug}.md"
+    files["table"].write_text(format_table(report))
+    return report
+
+
+def _predicted(fit: FrontierFit | None, compute: float, metric: str) -> float | None:
+    """The frontier law's value of ``metric`` itself at ``compute`` (an accuracy, not its error)."""
+    if fit is None:
+        return None
+    e = float(fit.law(np.array([compute]))[0])
+    return 1.0 - e if higher_is_better(metric) else e
+
+
+def format_table(report: Report) -> str:
+    """The study as Markdown tables: the law with its intervals, the holdout check, and the
+    compute-optimal size per budget (exaFLOPs and PFLOP-days, with the law's prediction)."""
+    s, fit = report.summary, report.fit
+    lines = [f"# Scaling study: {s['fitted']} vs pre-training compute", "",
+             f"{s['n_trials']} trials, {s['n_points']} points, sizes {', '.join(s['variants'])}.", ""]
+    if fit is None:
+        lines += [f"No frontier fit: {s.get('error', 'not requested')}", ""]
+    else:
+        lines += [f"Law (C in FLOPs): `{fit.law}`, fitted on {len(fit.frontier)} frontier points, "
+                  f"rmse(log) {fit.rmse_log:.3f}.", "", f"| parameter | value | {fit.confidence:.0%} CI |",
+                  "|---|---|---|"]
+        lines += [f"| {k} | {getattr(fit.law, k):.4g} | [{fit.ci[k][0]:.4g}, {fit.ci[k][1]:.4g}] |" for k in PARAM_NAMES]
+        h = fit.holdout
+        if h is not None and h.law is not None:
+            lines += ["", f"Holdout (fit without {', '.join(h.left_out_trials)}, C <= {h.fit_compute_max / EXA:.3g} "
+                          f"exaFLOPs): mean abs. relative error {h.mean_abs_rel_error:.1%} (max "
+                          f"{h.max_abs_rel_error:.1%}) on {h.n_points} frontier point(s) beyond."]
+        elif h is not None:
+            lines += ["", f"Holdout: not possible ({h.reason})."]
+        lines += [f"Warning: {w}" for w in fit.warnings]
+    if s.get("optimal_size"):
+        lines += ["", f"| budget (exaFLOPs) | budget (PFLOP-days) | compute-optimal size | law's {s['metric']} |",
+                  "|---|---|---|---|"]
+        for r in s["optimal_size"]:
+            pred = "" if r["predicted"] is None else f"{r['predicted']:.4g}"
+            lines.append(f"| {r['exaflops']:.3g} | {r['pflop_days']:.3g} | {r['variant']} | {pred} |")
+    return "\n".join(lines) + "\n"
 
 
 def _json_default(o: Any) -> Any:
@@ -120,6 +164,7 @@ def format_report(report: Report) -> str:
     for v, c in report.curves.items():
         lines.append(f"  size {v}: {c.law if c.law is not None else 'no fit: ' + c.reason}")
     for row in s.get("optimal_size", []):
-        lines.append(f"  budget {row['compute']:.3g} FLOPs -> optimal size {row['variant']}")
+        lines.append(f"  budget {row['compute']:.3g} FLOPs ({row['exaflops']:.3g} exaFLOPs) -> optimal size "
+                     f"{row['variant']}")
     lines += [f"wrote {p}" for p in report.files.values()]
     return "\n".join(lines)

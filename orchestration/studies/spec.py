@@ -25,7 +25,7 @@ from orchestration.experiment import (
     get_recipe,
     name_problems,
 )
-from orchestration.studies.table import METRICS
+from orchestration.studies.table import METRICS, is_logged_metric
 from pipeline.storage import url_join
 
 STUDIES = ("scaling", "hparams")
@@ -160,6 +160,8 @@ def trial_overrides(spec: StudySpec, *, variant: str, steps: int, samples: int |
              f"train.warmup_steps={max(0, warmup)}", f"train.eval_every={every}", f"train.checkpoint_every={every}",
              f"train.log_every={max(1, min(50, every))}", f"train.seed={seed}", f"data.seed={seed}",
              f"data.limit_samples={samples}"]
+    if spec.base.fewshot_data:  # few-shot at each of the trial's evaluations: one point each
+        items.append(f"fewshot_every={every}")
     items += [f"train.lr={float(lr)!r}"] if lr is not None else []
     items += [f"train.weight_decay={float(weight_decay)!r}"] if weight_decay is not None else []
     return items
@@ -192,8 +194,10 @@ def _study_errors(s: StudySpec) -> list[str]:
         errors.append(f"cpus_per_trial={s.cpus_per_trial} must be a finite number > 0")
     if not (math.isfinite(s.gpus_per_trial) and s.gpus_per_trial >= 0):
         errors.append(f"gpus_per_trial={s.gpus_per_trial} must be a finite number >= 0")
-    if s.metric not in METRICS:
-        errors.append(f"metric {s.metric!r}: choose one of {METRICS}")
+    if s.metric not in METRICS and not is_logged_metric(s.metric):
+        errors.append(f"metric {s.metric!r}: choose one of {METRICS} or a logged metric such as "
+                      "fewshot/<dataset>/10shot (with --fewshot-data)")
+    errors += _fewshot_metric_errors(s)
     if s.study == "hparams":
         errors += _range_errors("lr_range", s.lr_range) + _range_errors("wd_range", s.wd_range)
     try:
@@ -203,6 +207,26 @@ def _study_errors(s: StudySpec) -> list[str]:
     if any(x is not None and x < batch for x in s.samples):
         errors.append(f"samples {s.samples}: each limit must be >= batch_size {batch}")
     return errors + _trial_errors(s)
+
+
+def _fewshot_metric_errors(s: StudySpec) -> list[str]:
+    """A ``fewshot/<ds>/<K>shot`` metric must be one the trials log (their datasets and shots)."""
+    if not s.metric.startswith("fewshot/"):
+        return []
+    try:
+        base = s.base
+    except (ConfigError, ValueError):
+        return []  # the base's own problems are reported by the caller
+    from orchestration.evaluation.during import split_datasets
+
+    names, _ = split_datasets(base.fewshot_data)
+    valid = [f"fewshot/{n}/{k}shot" for n in names for k in base.fewshot_shots]
+    if s.metric in valid:
+        return []
+    if not valid:
+        return [f"metric {s.metric!r}: the trials run no few-shot evaluation; add --fewshot-data NAME=URL "
+                "(or --set fewshot_data=NAME=URL)"]
+    return [f"metric {s.metric!r} is not logged by the trials; choose one of {valid}"]
 
 
 def _trial_errors(s: StudySpec) -> list[str]:

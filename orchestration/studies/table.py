@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -35,30 +36,66 @@ POINTS_SCHEMA = pa.schema(
 )
 
 
+#: The built-in metric columns; any other logged metric with a namespace (``fewshot/<ds>/10shot``,
+#: ``linear_probe/<ds>/full``) can be a column too (:func:`is_logged_metric`).
 METRICS = ("eval_error", "eval_loss")
+#: Metric names (or their last component) that are accuracies: the law is fitted to 1 - value.
+_HIGHER_BETTER = re.compile(r"(^(fewshot|linear_probe|finetune)/)|(^|[/_])(top1|top5|prec1|acc|accuracy)$|/\d+shot$")
+
+
+def is_logged_metric(name: str) -> bool:
+    """A namespaced metric name (``fewshot/digits/10shot``): a points-table column beyond the schema."""
+    parts = name.split("/")
+    return len(parts) >= 2 and all(parts) and name not in POINTS_SCHEMA.names
+
+
+def higher_is_better(metric: str) -> bool:
+    """Accuracy-type metrics (few-shot, probe, fine-tune top-1, ``*top1``): the study fits their
+    error ``1 - value``, the way the paper's scaling plots read them."""
+    return bool(_HIGHER_BETTER.search(metric))
+
+
+def fitted_label(metric: str) -> str:
+    """What the fit and the plot's y axis show for ``metric``."""
+    return f"1 - {metric} (error)" if higher_is_better(metric) else metric
+
+
+def metric_slug(metric: str) -> str:
+    """``fewshot/digits/10shot`` -> ``fewshot_digits_10shot`` (file names)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", metric)
+
+
+def _schema(extra: Iterable[str]) -> pa.Schema:
+    return pa.schema([*POINTS_SCHEMA, *(pa.field(n, pa.float64()) for n in sorted(set(extra)))])
 
 
 def points_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
-    """Rows (dicts keyed by ``POINTS_SCHEMA`` names) -> a typed Arrow table.
+    """Rows (dicts keyed by ``POINTS_SCHEMA`` names, plus any logged metrics) -> a typed Arrow table.
 
-    Missing optional fields (``samples``, ``lr``, ...) become nulls; an unknown key is an
-    error so that a typo in the sweep does not silently drop a column.
+    Missing optional fields (``samples``, ``lr``, ...) become nulls; a logged metric
+    (:func:`is_logged_metric`) becomes a float column; any other unknown key is an error so
+    that a typo in the sweep does not silently drop a column.
     """
     rows = list(rows)
     names = set(POINTS_SCHEMA.names)
+    extra: set[str] = set()
     for row in rows:
-        unknown = set(row) - names
+        unknown = {k for k in set(row) - names if not is_logged_metric(k)}
         if unknown:
-            raise ValueError(f"unknown point field(s) {sorted(unknown)}; known: {POINTS_SCHEMA.names}")
-    columns = {n: [row.get(n) for row in rows] for n in POINTS_SCHEMA.names}
-    return pa.Table.from_pydict(columns, schema=POINTS_SCHEMA)
+            raise ValueError(f"unknown point field(s) {sorted(unknown)}; known: {POINTS_SCHEMA.names} and "
+                             "namespaced logged metrics such as fewshot/<dataset>/10shot")
+        extra |= set(row) - names
+    schema = _schema(extra)
+    columns = {n: [row.get(n) for row in rows] for n in schema.names}
+    return pa.Table.from_pydict(columns, schema=schema)
 
 
 def write_points(table: pa.Table, path: str | Path) -> Path:
     """Write the points table as Parquet (parents created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table.cast(POINTS_SCHEMA), path)
+    extra = [n for n in table.column_names if n not in POINTS_SCHEMA.names]
+    pq.write_table(table.select([*POINTS_SCHEMA.names, *sorted(extra)]).cast(_schema(extra)), path)
     return path
 
 
@@ -78,7 +115,7 @@ class Points:
     trial: np.ndarray  # (N,) str
     variant: np.ndarray  # (N,) str
     compute: np.ndarray  # (N,) float, training FLOPs
-    error: np.ndarray  # (N,) float, the fitted metric
+    error: np.ndarray  # (N,) float, the fitted metric (1 - value for accuracies: higher_is_better)
     params: dict[str, int] = field(default_factory=dict)  # variant -> parameter count
     metric: str = "eval_error"
 
@@ -98,13 +135,17 @@ def points_from_table(table: pa.Table, metric: str = "eval_error", *, drop_nonfi
     at, not averaged into a law.
     """
     if metric not in table.column_names:
-        raise ValueError(f"metric {metric!r} is not a column of the table; choose one of {list(METRICS)}")
+        have = [n for n in table.column_names if n in METRICS or is_logged_metric(n)]
+        raise ValueError(f"metric {metric!r} is not a column of the table; choose one of {have} (a logged "
+                         "metric is a column when the study's trials logged it, e.g. --fewshot-data for fewshot/...)")
     trial = np.asarray(table.column("trial").to_pylist(), dtype=object).astype(str)
     variant = np.asarray(table.column("variant").to_pylist(), dtype=object).astype(str)
     compute = np.asarray(table.column("flops").to_numpy(zero_copy_only=False), dtype=float)
     error = np.asarray(
         [np.nan if v is None else v for v in table.column(metric).to_pylist()], dtype=float
     )
+    if higher_is_better(metric):  # an accuracy: fit its error, which falls with compute like eval error
+        error = 1.0 - error
     bad = ~np.isfinite(error)
     if bad.any():
         trials = sorted(str(t) for t in set(trial[bad]))

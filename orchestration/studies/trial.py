@@ -107,7 +107,7 @@ def _trial_sink(spec: StudySpec, exp: Any, model: Any, *, key: str, variant: str
                      steps=steps, samples=samples, seed=seed, lr=exp.train.lr, weight_decay=exp.train.weight_decay)
     mlflow_sink, run_id = _trial_run(spec, info, study_run_id) if study_run_id else (None, None)
     sink = StudySink(info, global_batch=exp.train.global_batch, flops_per_image=train_flops_per_image(model.cfg),
-                     report=report, inner=mlflow_sink,
+                     report=report, inner=mlflow_sink, metric=spec.metric,
                      persist=lambda pts: points_dir.write_bytes(POINTS_FILE, json.dumps(pts).encode()))
     return sink, run_id
 

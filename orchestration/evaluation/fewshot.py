@@ -108,7 +108,8 @@ def open_pools(cfg: FewShotConfig) -> list[SupportPool]:
 def pre_logits(model: nn.Module, x: Tensor) -> Tensor:
     """Frozen pre-logit features (B, D) of a ``model.VisionTransformer`` (or a wrapper's ``.module``)."""
     m = getattr(model, "module", model)
-    return m.forward_head(m.forward_features(x), pre_logits=True)
+    dtype = next(m.parameters()).dtype  # bf16/fp16 weights inside mixed-precision training
+    return m.forward_head(m.forward_features(x.to(dtype)), pre_logits=True)
 
 
 def _gather(t: Tensor, world_size: int) -> Tensor:
@@ -155,9 +156,10 @@ def model_image_size(model: nn.Module) -> int:
 
 @torch.no_grad()
 def eval_features(model: nn.Module, url: str, cfg: FewShotConfig, *, rank: int, world_size: int,
-                  device: torch.device) -> tuple[Tensor, Tensor]:
-    """This rank's share of the test split: features (n, D) and labels (n,) of the valid rows."""
-    dc = DataConfig(url=url, split=cfg.test_split, image_size=model_image_size(model), batch_size=cfg.batch_size,
+                  device: torch.device, split: str | None = None) -> tuple[Tensor, Tensor]:
+    """This rank's share of ``split`` (default: the test split), read once over all ranks by the eval
+    loader (no augmentation): features (n, D) and labels (n,) of the valid rows."""
+    dc = DataConfig(url=url, split=split or cfg.test_split, image_size=model_image_size(model), batch_size=cfg.batch_size,
                     num_workers=cfg.num_workers, train=False, eval_crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std)
     loader = build_loader(dc, rank=rank, world_size=world_size)
     feats, labels = [], []

@@ -1,10 +1,12 @@
-"""Downstream evaluation of a pre-trained model: few-shot linear (``fewshot``), and the report
-format that linear-probe and fine-tune results share (``report``).
+"""Downstream evaluation of a pre-trained model: few-shot linear (``fewshot``, also inside training:
+``during``), linear probe (``linear``), and the report format that they and fine-tune results
+share (``report``).
 
-CLI: ``python -m orchestration.evaluate fewshot --model models:/NAME/VERSION --data URL --shots 1,5,10,25``.
+CLI: ``python orchestration/evaluate.py fewshot|linear --model models:/NAME/VERSION --data URL``.
 """
 
 from .fewshot import DEFAULT_SHOTS, FewShotConfig, FewShotResult, evaluate_fewshot, open_pools, pre_logits
+from .linear import evaluate_linear
 from .report import EvalReport, ResultRow
 from .ridge import L2_GRID, LinearClassifier, RidgeSolver, choose_l2, fit_fewshot
 from .support import FewShotDataError, check_shots, open_pool, select_support
@@ -22,6 +24,7 @@ __all__ = [
     "check_shots",
     "choose_l2",
     "evaluate_fewshot",
+    "evaluate_linear",
     "fit_fewshot",
     "open_pool",
     "open_pools",
