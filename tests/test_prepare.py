@@ -1,0 +1,160 @@
+"""Dataset preparation (issue #17): source layouts, bad input, and prepare.py on a local Ray.
+
+Real files, a real moto S3 server and a real (private, local) Ray instance; the only fault
+injection is bad data: a synset tar that is not a tar, a non-image member, a JPEG that does not
+decode, a manifest row naming a missing S3 object.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline import format as fmt
+from pipeline import open_storage, write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _jpeg(seed: int, size: int = 24) -> bytes:
+    im = Image.new("RGB", (size, size), ((seed * 37) % 256, (seed * 91) % 256, (seed * 13) % 256))
+    im.putpixel((seed % size, (seed // size) % size), (255, 255, 255))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    ti = tarfile.TarInfo(name)
+    ti.size = len(data)
+    tf.addfile(ti, io.BytesIO(data))
+
+
+def _synset_tar(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members.items():
+            _add(tf, name, data)
+    return buf.getvalue()
+
+
+def make_release_tar(path: Path, *, per_synset: int = 6, bad: bool = True) -> Path:
+    """An ImageNet-21k-style release: a tar of <synset>.tar files (written in unsorted order).
+
+    With ``bad``: a synset tar that is not a tar, a README member, and one undecodable JPEG.
+    """
+    synsets = ["n02084071", "n01440764", "n01443537"]  # deliberately not sorted
+    with tarfile.open(path, "w") as outer:
+        for s_i, syn in enumerate(synsets):
+            members = {f"{syn}_{k}.JPEG": _jpeg(100 * s_i + k) for k in range(per_synset)}
+            if bad and syn == "n01443537":
+                members["README.txt"] = b"not an image"
+                members[f"{syn}_broken.JPEG"] = b"\xff\xd8\xff\xe0 truncated"
+            _add(outer, f"{syn}.tar", _synset_tar(members))
+        if bad:
+            _add(outer, "n09999999.tar", b"this is not a tar file at all" * 40)
+    return path
+
+
+def _rejects(url: str) -> dict[str, str]:
+    res = fmt.resolve(url)
+    table = pq.read_table(io.BytesIO(res.storage().read_bytes(fmt.REJECTS)))
+    return {r["src"].rsplit("/", 1)[-1].rsplit("#", 1)[-1]: r["reason"] for r in table.to_pylist()}
+
+
+def test_release_tar_of_synset_tars_is_read_without_unpacking(tmp_path: Path) -> None:
+    """Classes = sorted synset ids (classes.json keeps them); images read via their byte span."""
+    tar = make_release_tar(tmp_path / "fall11_whole.tar")
+    info = write_dataset(tar, str(tmp_path / "ds"), samples_per_shard=5, progress=False)
+    res = fmt.resolve(str(tmp_path / "ds"))
+    assert fmt.read_classes(res) == ["n01440764", "n01443537", "n02084071", "n09999999"]
+    assert info["counts"] == {"train": 18}  # 3 synsets x 6 images; the broken JPEG is rejected
+    assert _rejects(str(tmp_path / "ds")) == {
+        "n01443537_broken.JPEG": "undecodable", "README.txt": "not_an_image", "n09999999.tar": "unreadable_tar_member"}
+    samples = fmt.read_samples(res).to_pylist()
+    # Every stored image is byte-for-byte the member of its synset tar, labelled by its synset.
+    with tarfile.open(tar) as outer:
+        for row in samples[:8]:
+            member = row["src"].rsplit("/", 1)[1]
+            syn = member.split("_")[0]
+            inner = tarfile.open(fileobj=outer.extractfile(f"{syn}.tar"))
+            want = inner.extractfile(member).read()
+            got = res.storage().read_bytes(row["shard"])[row["offset"]: row["offset"] + row["size"]]
+            assert got == want and fmt.read_classes(res)[row["label"]] == syn
+
+
+def test_release_tar_on_s3_is_streamed(s3_bucket: str, tmp_path: Path) -> None:
+    """The release tar as one S3 object: scanned in one streaming pass, images read by range GETs."""
+    tar = make_release_tar(tmp_path / "release.tar", bad=False)
+    open_storage(f"s3://{s3_bucket}").write_bytes("raw/release.tar", tar.read_bytes())
+    info = write_dataset(f"s3://{s3_bucket}/raw/release.tar", f"s3://{s3_bucket}/ds", samples_per_shard=7,
+                         progress=False)
+    local = write_dataset(tar, str(tmp_path / "local"), samples_per_shard=7, progress=False)
+    assert info["counts"] == local["counts"] == {"train": 18}
+    s3_index = fmt.read_index(fmt.resolve(f"s3://{s3_bucket}/ds")).to_pylist()
+    local_index = fmt.read_index(fmt.resolve(str(tmp_path / "local"))).to_pylist()
+    assert [r["sha256"] for r in s3_index] == [r["sha256"] for r in local_index]
+
+
+def test_manifest_of_s3_uris_with_missing_object_and_non_image(s3_bucket: str, tmp_path: Path) -> None:
+    """JFT-style: s3:// URIs, many labels per image; a missing object and a non-image are rejects."""
+    st = open_storage(f"s3://{s3_bucket}/img")
+    rows = []
+    for i in range(12):
+        st.write_bytes(f"{i}.jpg", _jpeg(i))
+        rows.append({"image": f"s3://{s3_bucket}/img/{i}.jpg", "labels": f"cat|{'dog' if i % 2 else 'fox'}"})
+    st.write_bytes("notes.jpg", b"plain text, not an image")
+    rows.append({"image": f"s3://{s3_bucket}/img/notes.jpg", "labels": "cat"})
+    rows.append({"image": f"s3://{s3_bucket}/img/missing.jpg", "labels": "dog"})
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+    info = write_dataset(tmp_path / "m.parquet", f"s3://{s3_bucket}/jft", samples_per_shard=5, progress=False)
+    assert info["multi_label"] and info["counts"] == {"train": 12}
+    res = fmt.resolve(f"s3://{s3_bucket}/jft")
+    assert fmt.read_classes(res) == ["cat", "dog", "fox"]
+    assert sorted(map(tuple, (r["labels"] for r in fmt.read_samples(res).to_pylist()))) == \
+        sorted([(0, 1)] * 6 + [(0, 2)] * 6)
+    rejects = _rejects(f"s3://{s3_bucket}/jft")
+    assert rejects == {"notes.jpg": "undecodable", "missing.jpg": "unreadable"}
+    detail = pq.read_table(io.BytesIO(res.storage().read_bytes(fmt.REJECTS))).to_pylist()
+    assert any("missing.jpg" in r["src"] and "FileNotFoundError" in r["detail"] for r in detail), detail
+
+
+def _run_prepare(src: Path | str, dest: str, *extra: str) -> dict:
+    out = subprocess.run([sys.executable, "orchestration/prepare.py", str(src), dest, *extra], cwd=ROOT,
+                         capture_output=True, text=True, timeout=180,
+                         env={**__import__("os").environ, "RAY_ADDRESS": "", "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("VITSCALE_RESULT ")]
+    assert lines, out.stdout
+    assert "images/s" in out.stderr and "ETA" in out.stderr and "rejects" in out.stderr, out.stderr[-2000:]
+    return json.loads(lines[-1].split(" ", 1)[1])
+
+
+@pytest.mark.integration
+def test_prepare_on_local_ray_is_byte_identical_and_resumes(tmp_path: Path) -> None:
+    """Same flags -> the same version and the same shard sha256s as write_shards; a re-run keeps them."""
+    tar = make_release_tar(tmp_path / "release.tar")
+    flags = ["--samples-per-shard", "4", "--val-fraction", "0.25", "--seed", "3", "--max-side", "16"]
+    subprocess.run([sys.executable, "-m", "pipeline.write_shards", str(tar), str(tmp_path / "single"), *flags,
+                    "--workers", "1", "--quiet"], cwd=ROOT, check=True, timeout=120)
+    first = _run_prepare(tar, str(tmp_path / "ray"), *flags, "--tasks", "3", "--cpus-per-task", "0.5")
+    single = fmt.resolve(str(tmp_path / "single"))
+    on_ray = fmt.resolve(str(tmp_path / "ray"))
+    assert on_ray.version == single.version == first["dataset_version"]
+    assert fmt.read_index(on_ray).to_pylist() == fmt.read_index(single).to_pylist()
+    assert fmt.read_samples(on_ray).to_pylist() == fmt.read_samples(single).to_pylist()
+    assert first["summary"]["shards_written"] == len(fmt.read_index(single)) and first["summary"]["rejects"] == {
+        "undecodable": 1, "not_an_image": 1, "unreadable_tar_member": 1}
+    again = _run_prepare(tar, str(tmp_path / "ray"), *flags, "--tasks", "2")
+    assert again["summary"]["shards_written"] == 0
+    assert again["summary"]["shards_resumed"] == first["summary"]["shards_written"]
