@@ -310,6 +310,13 @@ def plan_dataset(src: str | Path, dest: str, settings: WriteSettings, *, overwri
     t0 = time.monotonic()
     source = scan_source(src, path_column=settings.path_column, labels_column=settings.labels_column,
                          multi_label=settings.multi_label)
+    return plan_from_source(source, str(src), dest, settings, overwrite=overwrite, started=t0)
+
+
+def plan_from_source(source: Source, src: str, dest: str, settings: WriteSettings, *, overwrite: bool = False,
+                     started: float | None = None) -> DatasetPlan:
+    """:func:`plan_dataset` for an already scanned (or built) ``source``; ``src`` is what the manifest names."""
+    t0 = time.monotonic() if started is None else started
     storage = open_storage(dest)
     storage.ensure_bucket()  # a missing bucket fails now, not after encoding every image
     jobs = plan_shards(source.items, seed=settings.seed, val_fraction=settings.val_fraction,
@@ -324,7 +331,7 @@ def plan_dataset(src: str | Path, dest: str, settings: WriteSettings, *, overwri
             f"{dest} already publishes dataset version {seen.version}; this write (different source, seed or "
             f"options) would be version {version}. Pass --overwrite (overwrite=True) to publish it as a new "
             "version (readers pinned to the old version keep reading it), or choose another DEST")
-    return DatasetPlan(src=str(src), dest=dest, settings=settings, source=source, jobs=jobs, options=options,
+    return DatasetPlan(src=src, dest=dest, settings=settings, source=source, jobs=jobs, options=options,
                        version=version, seen=seen, started=t0)
 
 
