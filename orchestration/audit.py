@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestration.data.audit import AuditSettings, audit_dataset, write_filtered
-from orchestration.data.distribute import TaskSettings
+from orchestration.data.distribute import TaskSettings, connect
 from pipeline import format as fmt
 from pipeline.audit import DEFAULT_HAMMING
 from pipeline.storage import StorageError, open_storage
@@ -130,15 +130,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from orchestration.launch.cluster import connect_ray
-
     a = _parse(argv)
     tasks = TaskSettings(max_in_flight=a.tasks, cpus_per_task=a.cpus_per_task)
     settings = AuditSettings(decode_fraction=a.decode_fraction, hamming=a.hamming, tasks=tasks, progress=not a.quiet)
-    if not (a.address or os.environ.get("RAY_ADDRESS")):  # a private local Ray imports this checkout
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     try:
-        connect_ray(a.address)
+        connect(a.address, str(ROOT))
         report, main_set, _ = audit_dataset(a.url, a.against, settings)
         if a.write_filtered:
             report["filtered"] = write_filtered(main_set, report, a.write_filtered, tasks, overwrite=a.overwrite)

@@ -32,12 +32,11 @@ if __package__ in (None, ""):  # run as a file (ray job submit -- python orchest
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from orchestration.data.distribute import Progress, TaskSettings, run_tasks
+from orchestration.data.distribute import Progress, TaskSettings, connect, run_tasks
 from pipeline import format as fmt
 from pipeline.shards import DatasetPlan, finish_dataset, plan_dataset, write_shard
 from pipeline.sources import WriterError
@@ -61,14 +60,9 @@ def write_on_ray(plan: DatasetPlan, tasks: TaskSettings, *, progress: bool = Tru
 
 def prepare(src: str, dest: str, args: argparse.Namespace) -> dict[str, Any]:
     """Plan on the driver, write on Ray, finish and publish on the driver."""
-    from orchestration.launch.cluster import connect_ray
-
     tasks = TaskSettings(max_in_flight=args.tasks, cpus_per_task=args.cpus_per_task, max_retries=args.max_retries)
     plan = plan_dataset(src, dest, settings_from_args(args), overwrite=args.overwrite)
-    if not (args.address or os.environ.get("RAY_ADDRESS")):
-        # A private local Ray: its workers import this checkout (a cluster gets it via --working-dir).
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    where = connect_ray(args.address)
+    where = connect(args.address, str(ROOT))
     if not args.quiet:
         print(f"prepare: {len(plan.source.items)} images -> {len(plan.jobs)} shards of version {plan.version} "
               f"on {where}, {tasks.max_in_flight} tasks x {tasks.cpus_per_task} CPU", file=sys.stderr, flush=True)

@@ -1,21 +1,17 @@
-"""Dataset preparation (issue #17): source layouts, bad input, and prepare.py on a local Ray.
+"""Dataset sources (issue #17): the ImageNet-21k release tar, an S3 manifest, bad input.
 
-Real files, a real moto S3 server and a real (private, local) Ray instance; the only fault
-injection is bad data: a synset tar that is not a tar, a non-image member, a JPEG that does not
-decode, a manifest row naming a missing S3 object.
+Real files and a real moto S3 server; the only fault injection is bad data: a synset tar that
+is not a tar, a non-image member, a JPEG that does not decode, a manifest row naming a missing
+S3 object. prepare.py itself: tests/test_prepare_ray.py (local Ray), test_prepare_multinode.py.
 """
 
 from __future__ import annotations
 
 import io
-import json
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from pipeline import format as fmt
@@ -127,34 +123,3 @@ def test_manifest_of_s3_uris_with_missing_object_and_non_image(s3_bucket: str, t
     assert rejects == {"notes.jpg": "undecodable", "missing.jpg": "unreadable"}
     detail = pq.read_table(io.BytesIO(res.storage().read_bytes(fmt.REJECTS))).to_pylist()
     assert any("missing.jpg" in r["src"] and "FileNotFoundError" in r["detail"] for r in detail), detail
-
-
-def _run_prepare(src: Path | str, dest: str, *extra: str) -> dict:
-    out = subprocess.run([sys.executable, "orchestration/prepare.py", str(src), dest, *extra], cwd=ROOT,
-                         capture_output=True, text=True, timeout=180,
-                         env={**__import__("os").environ, "RAY_ADDRESS": "", "PYTHONPATH": str(ROOT)})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("VITSCALE_RESULT ")]
-    assert lines, out.stdout
-    assert "images/s" in out.stderr and "ETA" in out.stderr and "rejects" in out.stderr, out.stderr[-2000:]
-    return json.loads(lines[-1].split(" ", 1)[1])
-
-
-@pytest.mark.integration
-def test_prepare_on_local_ray_is_byte_identical_and_resumes(tmp_path: Path) -> None:
-    """Same flags -> the same version and the same shard sha256s as write_shards; a re-run keeps them."""
-    tar = make_release_tar(tmp_path / "release.tar")
-    flags = ["--samples-per-shard", "4", "--val-fraction", "0.25", "--seed", "3", "--max-side", "16"]
-    subprocess.run([sys.executable, "-m", "pipeline.write_shards", str(tar), str(tmp_path / "single"), *flags,
-                    "--workers", "1", "--quiet"], cwd=ROOT, check=True, timeout=120)
-    first = _run_prepare(tar, str(tmp_path / "ray"), *flags, "--tasks", "3", "--cpus-per-task", "0.5")
-    single = fmt.resolve(str(tmp_path / "single"))
-    on_ray = fmt.resolve(str(tmp_path / "ray"))
-    assert on_ray.version == single.version == first["dataset_version"]
-    assert fmt.read_index(on_ray).to_pylist() == fmt.read_index(single).to_pylist()
-    assert fmt.read_samples(on_ray).to_pylist() == fmt.read_samples(single).to_pylist()
-    assert first["summary"]["shards_written"] == len(fmt.read_index(single)) and first["summary"]["rejects"] == {
-        "undecodable": 1, "not_an_image": 1, "unreadable_tar_member": 1}
-    again = _run_prepare(tar, str(tmp_path / "ray"), *flags, "--tasks", "2")
-    assert again["summary"]["shards_written"] == 0
-    assert again["summary"]["shards_resumed"] == first["summary"]["shards_written"]

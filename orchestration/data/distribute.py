@@ -10,11 +10,24 @@ real problem: it is raised on the driver with the work item named).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
+
+
+def connect(address: str | None, root: str) -> str:
+    """Join the Ray cluster at ``address`` / ``$RAY_ADDRESS``, else start a private local one whose
+    workers import the checkout at ``root`` (a cluster gets the code via ``--working-dir``)."""
+    import ray
+
+    from orchestration.launch.cluster import connect_ray
+
+    if not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return connect_ray(address)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,6 +1,7 @@
-"""orchestration/audit.py on a local Ray: planted exact and near duplicates, a planted corrupt shard.
+"""prepare.py and audit.py on one local Ray instance (in this process, started once).
 
-The datasets are real photographs (crops, pipeline.demo_data) written by the real writer from a
+prepare: byte-identical to write_shards, a re-run verifies and keeps every shard. audit:
+planted exact and near duplicates, a planted corrupt shard. The datasets are real photographs (crops, pipeline.demo_data) written by the real writer from a
 manifest with explicit splits; the plants are made the way they happen in real data: the same
 file twice, a test image re-saved smaller at another JPEG quality, one flipped byte in a shard.
 """
@@ -83,6 +84,38 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     ev = _write(tmp / "eval", [(f"e{i}.jpg", p, "c0", "test") for i, p in enumerate(evals)])
     return {"main": main, "eval": ev, "tmp": str(tmp)}
 
+
+
+def _prepare(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
+    from orchestration.prepare import main
+
+    main(list(args))
+    cap = capsys.readouterr()
+    assert "images/s" in cap.err and "ETA" in cap.err and "rejects" in cap.err, cap.err[-2000:]
+    return json.loads(cap.out.strip().splitlines()[-1].split(" ", 1)[1])
+
+
+def test_prepare_is_byte_identical_to_write_shards_and_resumes(ray_local: None, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Same flags -> the same version and the same shard sha256s as write_shards; a re-run keeps them."""
+    from test_prepare import make_release_tar
+
+    from pipeline.write_shards import main as write_shards_main
+
+    tar = make_release_tar(tmp_path / "release.tar")
+    flags = ["--samples-per-shard", "4", "--val-fraction", "0.25", "--seed", "3", "--max-side", "16"]
+    write_shards_main([str(tar), str(tmp_path / "single"), *flags, "--workers", "1", "--quiet"])
+    capsys.readouterr()
+    first = _prepare(capsys, str(tar), str(tmp_path / "ray"), *flags, "--tasks", "3", "--cpus-per-task", "0.5")
+    single, on_ray = fmt.resolve(str(tmp_path / "single")), fmt.resolve(str(tmp_path / "ray"))
+    assert on_ray.version == single.version == first["dataset_version"]
+    assert fmt.read_index(on_ray).to_pylist() == fmt.read_index(single).to_pylist()
+    assert fmt.read_samples(on_ray).to_pylist() == fmt.read_samples(single).to_pylist()
+    assert first["summary"]["shards_written"] == len(fmt.read_index(single)) and first["summary"]["rejects"] == {
+        "undecodable": 1, "not_an_image": 1, "unreadable_tar_member": 1}
+    again = _prepare(capsys, str(tar), str(tmp_path / "ray"), *flags, "--tasks", "2", "--cpus-per-task", "0.5")
+    assert again["summary"]["shards_written"] == 0
+    assert again["summary"]["shards_resumed"] == first["summary"]["shards_written"]
 
 def _key(url: str, name: str) -> str:
     """``split/key`` of the sample written from image file ``name``."""
