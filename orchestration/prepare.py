@@ -49,8 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def write_on_ray(plan: DatasetPlan, tasks: TaskSettings, *, progress: bool = True) -> list[dict[str, Any]]:
     """Every shard of ``plan`` written (or verified and kept) by Ray tasks; results in plan order."""
     bar = Progress(total_items=len(plan.jobs), total_images=len(plan.source.items), what="prepare",
-                   enabled=progress)
-    bar.rejects = len(plan.source.rejects)
+                   enabled=progress, rejects_before=len(plan.source.rejects))
 
     def seen(r: dict[str, Any]) -> None:
         bar.update(images=r["shard"]["samples"], rejects=len(r["rejects"]))

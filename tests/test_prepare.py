@@ -12,6 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from pipeline import format as fmt
@@ -123,3 +124,21 @@ def test_manifest_of_s3_uris_with_missing_object_and_non_image(s3_bucket: str, t
     assert rejects == {"notes.jpg": "undecodable", "missing.jpg": "unreadable"}
     detail = pq.read_table(io.BytesIO(res.storage().read_bytes(fmt.REJECTS))).to_pylist()
     assert any("missing.jpg" in r["src"] and "FileNotFoundError" in r["detail"] for r in detail), detail
+
+
+@pytest.mark.parametrize(("cli", "args", "needle"), [
+    ("prepare", ["--tasks", "0"], "--tasks 0 must be >= 1"),
+    ("prepare", ["--cpus-per-task", "0"], "--cpus-per-task 0.0 must be > 0"),
+    ("prepare", ["--quality", "0"], "--quality 0 must be in [1, 100]"),
+    ("audit", ["--hamming", "64"], "--hamming 64 must be in [0, 63]"),
+    ("audit", ["--decode-fraction", "1.5"], "--decode-fraction 1.5 must be in [0, 1]"),
+])
+def test_cli_arguments_are_checked_before_ray_starts(cli: str, args: list[str], needle: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib
+
+    main = importlib.import_module(f"orchestration.{cli}").main
+    positional = [str(tmp_path / "src"), str(tmp_path / "dest")] if cli == "prepare" else [str(tmp_path / "ds")]
+    with pytest.raises(SystemExit) as e:
+        main([*positional, *args])
+    assert e.value.code == 2 and needle in capsys.readouterr().err

@@ -6,7 +6,8 @@ its own mount namespace where allowed, so a task can only read what is on S3). T
 ImageNet-21k release layout (a tar of synset tars) as one S3 object. One job runs while the
 worker node is SIGKILLed mid-run (infra/local/kill_node.sh): Ray re-runs the lost shard tasks on
 the head and the dataset still ends complete, every shard matching its index row, byte-identical
-to the single-machine writer's.
+to the single-machine writer's. Then audit.py, as a job on the same cluster, names a shard
+corrupted on S3.
 """
 
 from __future__ import annotations
@@ -103,3 +104,16 @@ def test_prepare_job_survives_a_killed_node_and_matches_write_shards(cluster: di
         assert len(data) == row["bytes"] and hashlib.sha256(data).hexdigest() == row["sha256"], row["shard"]
     assert sum(r["samples"] for r in index) == 30
     assert "images/s" in out and "ETA" in out and "rejects 3" in out
+
+    # The audit, as a Ray job on the same cluster (one node down), finds a planted corrupt shard.
+    bad = index[4]["shard"]
+    data = bytearray(st.read_bytes(bad))
+    data[600] ^= 0xFF
+    st.write_bytes(bad, bytes(data))
+    audit = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--working-dir", ".", "--entrypoint-num-cpus",
+                            "0", "--", "python", "orchestration/audit.py", on_ray, "--decode-fraction", "1",
+                            "--quiet", "--tasks", "2"], cwd=ROOT, env=cluster, capture_output=True, text=True,
+                           timeout=180)
+    assert audit.returncode != 0, audit.stdout[-4000:]  # the job exits 1: a shard failed its check
+    assert f"BAD shard {bad}" in audit.stdout and f"{len(index) - 1}/{len(index)} match" in audit.stdout, \
+        audit.stdout[-4000:]

@@ -99,10 +99,11 @@ class Progress:
     """
 
     def __init__(self, *, total_items: int, total_images: int, what: str, every: float = 5.0,
-                 out: TextIO = sys.stderr, enabled: bool = True) -> None:
+                 out: TextIO = sys.stderr, enabled: bool = True, rejects_before: int = 0) -> None:
         self.total_items, self.total_images, self.what = total_items, total_images, what
         self.every, self.out, self.enabled = every, out, enabled
-        self.items = self.images = self.rejects = 0
+        self.items = self.images = 0
+        self.before = self.rejects = rejects_before  # e.g. found while scanning SRC (not in total_images)
         self.t0 = self._last = time.monotonic()
 
     def update(self, *, images: int, rejects: int) -> None:
@@ -117,7 +118,7 @@ class Progress:
     def line(self) -> str:
         dt = max(time.monotonic() - self.t0, 1e-9)
         rate = self.images / dt
-        left = max(self.total_images - self.images - self.rejects, 0)
+        left = max(self.total_images - self.images - (self.rejects - self.before), 0)
         eta = f"{left / rate:.0f}s" if rate > 0 else "?"
         return (f"{self.what}: {self.items}/{self.total_items} shards, {self.images} images, {rate:.1f} images/s, "
                 f"ETA {eta}, rejects {self.rejects}")
