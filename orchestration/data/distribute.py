@@ -99,7 +99,7 @@ class Progress:
     """
 
     def __init__(self, *, total_items: int, total_images: int, what: str, every: float = 5.0,
-                 out: TextIO = sys.stderr, enabled: bool = True, rejects_before: int = 0) -> None:
+                 out: TextIO | None = None, enabled: bool = True, rejects_before: int = 0) -> None:
         self.total_items, self.total_images, self.what = total_items, total_images, what
         self.every, self.out, self.enabled = every, out, enabled
         self.items = self.images = 0
@@ -125,4 +125,4 @@ class Progress:
 
     def print(self) -> None:
         if self.enabled:
-            print(self.line(), file=self.out, flush=True)
+            print(self.line(), file=self.out or sys.stderr, flush=True)  # stderr as it is now, not at import
