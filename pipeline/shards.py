@@ -23,17 +23,15 @@ import os
 import tarfile
 import tempfile
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from . import format as fmt
-from .decode import DEFAULT_MAX_PIXELS
+from .encode import Reject, prepare_image
 from .format import FORMAT_VERSION
 from .sources import (
     Item,
@@ -48,52 +46,6 @@ from .sources import (
 )
 from .storage import Storage, open_storage, url_join
 from .synset_tars import is_synset_release, scan_synset_tars
-
-#: Images above this many pixels are rejected: the loader's limit (one constant, pipeline.decode),
-#: so an image the writer stores is never one the loader skips as too big.
-WRITER_MAX_PIXELS = DEFAULT_MAX_PIXELS
-
-# ----------------------------------------------------------------------------- encoding
-class Reject(Exception):
-    """A source image that will not be written; ``reason`` is the rejects.parquet category."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
-
-
-def prepare_image(data: bytes, *, max_side: int | None, quality: int) -> bytes:
-    """Validate ``data`` and return JPEG bytes (original bytes when already a JPEG that fits)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked just below
-            im = Image.open(io.BytesIO(data))
-        w, h = im.size
-        if w * h > WRITER_MAX_PIXELS:
-            raise Reject("too_many_pixels", f"{w}x{h}")
-        resize = max_side is not None and max(w, h) > max_side
-        if im.format == "JPEG" and not resize:
-            # A 1/8-scale DCT decode is enough to catch truncated or corrupt entropy data.
-            im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
-            im.load()
-            return data
-        if resize:
-            s = max_side / max(w, h)  # type: ignore[operator]
-            tw, th = max(1, round(w * s)), max(1, round(h * s))
-            if im.format == "JPEG":
-                im.draft("RGB", (tw, th))
-            im = im.convert("RGB").resize((tw, th), Image.BICUBIC, reducing_gap=3.0)
-        else:
-            im = im.convert("RGB")
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=quality)
-        return buf.getvalue()
-    except Reject:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise Reject("too_many_pixels", str(exc)) from exc
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is a reject, not a crash
-        raise Reject("undecodable", f"{type(exc).__name__}: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------- shards
@@ -261,8 +213,8 @@ def scan_source(src: str | Path, *, path_column: str | None = None, labels_colum
     shown = printable(str(src))
     if is_synset_release(str(src)):
         source = scan_synset_tars(str(src))
-    elif str(src).startswith("s3://") and not str(src).endswith((".parquet", ".csv")):
-        source = scan_s3_folder(str(src))
+    elif str(src).startswith("s3://"):
+        source = _scan_s3(str(src), path_column=path_column, labels_column=labels_column, multi_label=multi_label)
     else:
         srcp = Path(str(src).removeprefix("file://"))
         if not os.path.lexists(srcp):
@@ -282,6 +234,18 @@ def scan_source(src: str | Path, *, path_column: str | None = None, labels_colum
     if not source.items:
         raise WriterError(f"SRC {shown} holds no images to write{reject_note(source.rejects)}", code=1)
     return source
+
+
+def _scan_s3(src: str, **manifest_kw: Any) -> Source:
+    """An ``s3://`` manifest object, or an ``s3://`` prefix of ``<class>/<image>`` keys."""
+    if not src.endswith((".parquet", ".csv")):
+        return scan_s3_folder(src)
+    try:
+        return scan_manifest(src, **manifest_kw)
+    except FileNotFoundError as exc:
+        raise WriterError(f"SRC {src} does not exist: give an s3:// manifest object, prefix or release .tar") from exc
+    except (ValueError, OSError) as exc:  # pyarrow's parse errors are ValueErrors
+        raise WriterError(f"cannot read manifest {src}: {' '.join(str(exc).split())}") from exc
 
 
 @dataclass(frozen=True, kw_only=True)

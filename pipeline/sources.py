@@ -181,18 +181,28 @@ def _parse_label_cell(v: Any) -> list[Any] | None:
     return [s]
 
 
-def scan_manifest(path: Path, *, path_column: str | None = None, labels_column: str | None = None,
+def _read_table(path: Path | str) -> Any:
+    """The manifest as a pyarrow Table: a local file, or an ``s3://`` object read into memory."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    where: Any = path
+    if str(path).startswith("s3://"):
+        bucket_end = str(path).index("/", 5)
+        where = pa.BufferReader(open_storage(str(path)[:bucket_end]).read_bytes(str(path)[bucket_end + 1:]))
+    return pq.read_table(where) if str(path).endswith(".parquet") else pcsv.read_csv(where)
+
+
+def scan_manifest(path: Path | str, *, path_column: str | None = None, labels_column: str | None = None,
                   multi_label: bool | None = None) -> Source:
-    """A JFT-style manifest (parquet or csv): an image path/URL column and a labels column.
+    """A JFT-style manifest (parquet or csv, local or ``s3://``): an image URI column and a labels column.
 
     Labels may be lists or scalars, strings (class names; vocabulary = sorted names) or ints
     (class ids; ``num_classes = max + 1``). Relative paths are relative to the manifest.
     An optional ``split`` column assigns splits explicitly.
     """
-    import pyarrow.csv as pcsv
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path) if path.suffix == ".parquet" else pcsv.read_csv(path)
+    table = _read_table(path)
     cols = table.column_names
     pc = path_column or next((c for c in ("path", "image", "image_path", "url", "file", "filename") if c in cols), None)
     lc = labels_column or next((c for c in ("labels", "label", "classes", "class") if c in cols), None)
@@ -215,7 +225,7 @@ def scan_manifest(path: Path, *, path_column: str | None = None, labels_column: 
     for i, (p, r) in enumerate(zip(paths, raw, strict=True)):
         src = str(p)
         if "://" not in src and not os.path.isabs(src):
-            src = str(path.parent / src)
+            src = f"{str(path).rsplit('/', 1)[0]}/{src}" if str(path).startswith("s3://") else str(Path(path).parent / src)
         if not r:
             rejects.append({"src": src, "reason": "missing_label", "detail": ""})
             continue

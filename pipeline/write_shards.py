@@ -51,16 +51,14 @@ from pathlib import Path
 from typing import Any
 
 from . import format as fmt
+from .encode import WRITER_MAX_PIXELS, Reject, prepare_image
 from .shards import (
-    WRITER_MAX_PIXELS,
     DatasetPlan,
-    Reject,
     ShardJob,
     WriteSettings,
     finish_dataset,
     plan_dataset,
     plan_shards,
-    prepare_image,
     scan_source,
     write_shard,
 )

@@ -126,6 +126,22 @@ def test_manifest_of_s3_uris_with_missing_object_and_non_image(s3_bucket: str, t
     assert any("missing.jpg" in r["src"] and "FileNotFoundError" in r["detail"] for r in detail), detail
 
 
+def test_s3_folder_prefix_and_s3_manifest_object(s3_bucket: str) -> None:
+    """SRC on S3 only: a prefix of <class>/<image> keys, and a manifest object with relative URIs."""
+    st = open_storage(f"s3://{s3_bucket}/raw")
+    for i in range(9):
+        st.write_bytes(f"n0{2 - i % 3}/{i}.JPEG", _jpeg(i))  # classes n00, n01, n02
+    st.write_bytes("n01/notes.txt", b"x")
+    info = write_dataset(f"s3://{s3_bucket}/raw", f"s3://{s3_bucket}/ds", samples_per_shard=4, progress=False)
+    res = fmt.resolve(f"s3://{s3_bucket}/ds")
+    assert fmt.read_classes(res) == ["n00", "n01", "n02"] and info["counts"] == {"train": 9}
+    assert all(fmt.read_classes(res)[r["label"]] == r["src"].split("/")[-2] for r in fmt.read_samples(res).to_pylist())
+    assert _rejects(f"s3://{s3_bucket}/ds") == {"notes.txt": "not_an_image"}
+    st.write_bytes("m.csv", b"path,labels\n" + b"".join(f"n0{2 - i % 3}/{i}.JPEG,{i % 2}\n".encode() for i in range(9)))
+    info = write_dataset(f"s3://{s3_bucket}/raw/m.csv", f"s3://{s3_bucket}/ds-m", samples_per_shard=4, progress=False)
+    assert info["counts"] == {"train": 9} and info["num_classes"] == 2
+
+
 @pytest.mark.parametrize(("cli", "args", "needle"), [
     ("prepare", ["--tasks", "0"], "--tasks 0 must be >= 1"),
     ("prepare", ["--cpus-per-task", "0"], "--cpus-per-task 0.0 must be > 0"),
