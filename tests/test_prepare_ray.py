@@ -206,3 +206,19 @@ def test_phash_is_stable_under_reencoding_and_far_between_photos() -> None:
         assert hamming(phash(p), phash(_reencode(p, 0.6, 50))) <= 4
         assert hamming(phash(p), phash(_reencode(p, 2.0, 95))) <= 4
     assert min(hamming(phash(a), phash(b)) for a, b in itertools.combinations(photos, 2)) > 16
+
+
+def test_run_tasks_keeps_item_order_and_reports_a_stall(ray_local: None, capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+
+    from orchestration.data.distribute import TaskSettings, run_tasks
+
+    def slow_double(x: int, delay: float) -> int:
+        time.sleep(delay * x)
+        return 2 * x
+
+    seen: list[int] = []
+    out = run_tasks(slow_double, [3, 1, 2], (0.6,), TaskSettings(max_in_flight=2, cpus_per_task=0.5, stall_s=0.3),
+                    on_result=seen.append)
+    assert out == [6, 2, 4] and sorted(seen) == [2, 4, 6] and seen[0] == 2  # results in item order
+    assert "no task finished in 0.3s; 2 in flight" in capsys.readouterr().err

@@ -37,6 +37,7 @@ class TaskSettings:
     max_in_flight: int = 8
     cpus_per_task: float = 1.0
     max_retries: int = 5  # node deaths survived per task (Ray re-runs it on another node)
+    stall_s: float = 300.0  # a warning when no task finished for this long
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -63,7 +64,13 @@ def run_tasks(fn: Callable[..., Any], items: Sequence[Any], extra: tuple[Any, ..
     for i in _take(todo, settings.max_in_flight):
         pending[remote.remote(items[i], *shared)] = i
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=None)
+        # Bounded wait: a cluster that stops making progress (every node lost, tasks pending
+        # forever for lack of CPUs) says so on the driver instead of hanging silently.
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=settings.stall_s)
+        if not done:
+            print(f"distribute: no task finished in {settings.stall_s:g}s; {len(pending)} in flight, e.g. "
+                  f"{_describe(items[next(iter(pending.values()))])}; check `ray status` (nodes, free CPUs)",
+                  file=sys.stderr, flush=True)
         for ref in done:
             i = pending.pop(ref)
             try:
