@@ -10,7 +10,8 @@ Examples::
     python orchestration/prepare.py ./my_folder ./ds --samples-per-shard 1000 --tasks 4
 
 SRC, DEST and every content flag are those of ``python -m pipeline.write_shards`` (same
-defaults), and so is the output: the driver plans with :func:`pipeline.shards.plan_dataset`,
+defaults; on a multi-node cluster SRC's images must be readable from every node: ``s3://`` or a
+shared mount), and so is the output: the driver plans with :func:`pipeline.shards.plan_dataset`,
 each Ray task runs :func:`pipeline.shards.write_shard` for one shard (SPREAD over the nodes,
 ``--tasks`` in flight, each task re-run elsewhere when its node dies), and the driver writes the
 index files and publishes last (:func:`pipeline.shards.finish_dataset`). The shards are
