@@ -4,7 +4,11 @@ Public API:
 
 * :class:`DataConfig`, :func:`build_loader` -> :class:`Loader` (``pipeline.loader``);
 * :mod:`pipeline.storage`: ``open_storage(url)``, ``url_join``, :class:`StorageError`;
-* :func:`write_dataset` and the ``python -m pipeline.write_shards SRC DEST`` CLI;
+* :func:`write_dataset` and the ``python -m pipeline.write_shards SRC DEST`` CLI; its steps
+  (plan, write one shard, finish) in :mod:`pipeline.shards`, the source layouts in
+  :mod:`pipeline.sources` and :mod:`pipeline.synset_tars` (orchestration/prepare.py runs the
+  same steps on Ray);
+* :mod:`pipeline.audit`: per-shard integrity check, content and perceptual hashes;
 * :mod:`pipeline.demo_data`: ``make_digits_folder`` and friends (``python -m pipeline.demo_data``).
 """
 

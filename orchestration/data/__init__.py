@@ -1,0 +1,1 @@
+"""Dataset work on Ray: distributing the pipeline's per-shard functions (prepare, audit)."""

@@ -1,0 +1,373 @@
+"""The three steps of writing a dataset, as plain functions any scheduler can run.
+
+1. :func:`plan_dataset` (driver): scan SRC, shuffle with the seed, cut the samples into
+   :class:`ShardJob` s, name the version (a hash of the plan) and note what DEST publishes.
+2. :func:`write_shard` (anywhere, once per job, independent of every other job): read, check and
+   encode the job's images, upload the tar and its marker; returns the shard's index row, its
+   sample rows and its rejects. A shard already complete at DEST (marker plan + size + sha256)
+   is verified and reused, not re-encoded. Its output depends only on the job and the options,
+   so any scheduler (a process pool, Ray tasks on many nodes) writes the same bytes.
+3. :func:`finish_dataset` (driver, last): samples/index/rejects parquet, classes.json, the
+   version manifest, then the one conditional PUT that publishes it.
+
+``pipeline.write_shards`` runs 2. in a local process pool; ``orchestration/prepare.py`` runs it
+as Ray tasks. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import format as fmt
+from .encode import Reject, prepare_image
+from .format import FORMAT_VERSION
+from .sources import (
+    Item,
+    Source,
+    WriterError,
+    printable,
+    read_item_bytes,
+    reject_note,
+    scan_folder,
+    scan_manifest,
+    scan_s3_folder,
+)
+from .storage import Storage, open_storage, url_join
+from .synset_tars import is_synset_release, scan_synset_tars
+
+
+# ----------------------------------------------------------------------------- shards
+@dataclass
+class ShardJob:
+    """One shard to write: its name and the (key, item) pairs in order."""
+
+    split: str
+    index: int
+    members: list[tuple[str, Item]]
+
+    @property
+    def name(self) -> str:
+        return f"{fmt.SHARDS_DIR}/{self.split}-{self.index:06d}.tar"
+
+    def plan_hash(self, options: dict[str, Any]) -> str:
+        h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+        for key, it in self.members:
+            h.update(f"{key}\t{it.src}\t{it.labels}\n".encode("utf-8", "surrogateescape"))
+        return h.hexdigest()
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o644, 0, 0, "", ""
+    return ti
+
+
+def _sha256_of(storage: Storage, key: str) -> str:
+    h = hashlib.sha256()
+    with storage.open_range(key) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_shard(job: ShardJob, dest: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Encode, tar, upload one shard and its marker to ``dest`` (a version's folder); or reuse
+    it when already complete.
+
+    Returns ``{"shard": index row, "samples": [rows], "rejects": [rows], "resumed": bool}``.
+    """
+    storage = open_storage(dest)
+    marker_key = f"{fmt.MARKERS_DIR}/{Path(job.name).name}.json"
+    plan = job.plan_hash(options)
+    if storage.exists(marker_key) and storage.exists(job.name):
+        try:
+            marker = json.loads(storage.read_bytes(marker_key))
+            if (marker.get("plan") == plan and storage.size(job.name) == marker["shard"]["bytes"]
+                    and _sha256_of(storage, job.name) == marker["shard"]["sha256"]):
+                return {**marker, "resumed": True}
+        except (ValueError, KeyError, OSError):
+            pass  # an unreadable marker: rewrite the shard
+    multi = options["multi_label"]
+    samples: list[dict[str, Any]] = []
+    rejects: list[dict[str, Any]] = []
+    with tempfile.NamedTemporaryFile(suffix=".tar", delete=False) as tmp:
+        tmp_path = tmp.name
+    try:
+        with tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for key, it in job.members:
+                try:
+                    try:
+                        raw = read_item_bytes(it)
+                    except Exception as exc:  # noqa: BLE001 - unreadable source is a reject
+                        raise Reject("unreadable", f"{type(exc).__name__}: {exc}") from exc
+                    jpg = prepare_image(raw, max_side=options["max_side"], quality=options["quality"])
+                except Reject as r:
+                    rejects.append({"src": printable(it.src), "reason": r.reason,
+                                    "detail": printable(r.detail[:500])})
+                    continue
+                start = tf.offset
+                tf.addfile(_tarinfo(f"{key}.jpg", len(jpg)), io.BytesIO(jpg))
+                data_off = start + tarfile.BLOCKSIZE  # USTAR, short names: one 512-byte header
+                assert tf.offset == data_off + -(-len(jpg) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                labels = it.labels or []
+                lab = json.dumps(labels).encode() if multi else str(labels[0]).encode()
+                tf.addfile(_tarinfo(f"{key}.{'json' if multi else 'cls'}", len(lab)), io.BytesIO(lab))
+                row: dict[str, Any] = {"split": job.split, "shard": job.name, "key": key, "offset": data_off,
+                                       "size": len(jpg), "label": -1 if multi else labels[0],
+                                       "src": printable(it.src), "sha256": fmt.sha256_hex(jpg)}
+                if multi:
+                    row["labels"] = labels
+                samples.append(row)
+        h = hashlib.sha256()
+        with open(tmp_path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        nbytes = os.path.getsize(tmp_path)
+        storage.upload_file(tmp_path, job.name)
+    finally:
+        os.unlink(tmp_path)
+    shard = {"split": job.split, "shard": job.name, "samples": len(samples), "bytes": nbytes, "sha256": h.hexdigest()}
+    result = {"shard": shard, "samples": samples, "rejects": rejects, "plan": plan}
+    storage.write_bytes(marker_key, json.dumps(result).encode())
+    return {**result, "resumed": False}
+
+
+
+# ----------------------------------------------------------------------------- planning
+def plan_shards(items: list[Item], *, seed: int, val_fraction: float, samples_per_shard: int | None,
+                shard_bytes: int | None, val_split: str = "val") -> list[ShardJob]:
+    """Shuffle across classes with ``seed``, split off validation, cut into shards.
+
+    With ``shard_bytes`` shards are cut by source file size (an estimate: re-encoded images
+    may come out smaller); otherwise by ``samples_per_shard``.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(items))
+    items = [items[i] for i in order]
+    if val_fraction > 0:
+        n_val = round(len(items) * val_fraction)
+        for it in items[:n_val]:
+            it.split = val_split
+    by_split: dict[str, list[Item]] = {}
+    for it in items:
+        by_split.setdefault(it.split, []).append(it)
+    jobs: list[ShardJob] = []
+    for split in sorted(by_split):
+        members = [(f"{split}-{n:09d}", it) for n, it in enumerate(by_split[split])]
+        cur: list[tuple[str, Item]] = []
+        cur_bytes = 0
+        for m in members:
+            size = _src_size(m[1]) if shard_bytes else 0
+            full = (len(cur) >= samples_per_shard) if samples_per_shard else (cur and cur_bytes + size > shard_bytes)
+            if cur and full:
+                jobs.append(ShardJob(split, sum(j.split == split for j in jobs), cur))
+                cur, cur_bytes = [], 0
+            cur.append(m)
+            cur_bytes += size + 2 * tarfile.BLOCKSIZE
+        if cur:
+            jobs.append(ShardJob(split, sum(j.split == split for j in jobs), cur))
+    return jobs
+
+
+def _src_size(item: Item) -> int:
+    if item.span is not None:
+        return item.span[1]
+    try:
+        return os.path.getsize(item.src.removeprefix("file://"))
+    except OSError:
+        return 100_000  # remote sources: assume a typical ImageNet JPEG
+
+
+
+# ----------------------------------------------------------------------------- plan / finish
+@dataclass(frozen=True, kw_only=True)
+class WriteSettings:
+    """Everything besides SRC and DEST that decides a dataset's content (the writer CLI flags)."""
+
+    samples_per_shard: int | None = 1000
+    shard_bytes: int | None = None  # when set, shards are cut by size and samples_per_shard is ignored
+    val_fraction: float = 0.0
+    seed: int = 0
+    max_side: int | None = None
+    quality: int = 90
+    path_column: str | None = None
+    labels_column: str | None = None
+    multi_label: bool | None = None
+
+
+def scan_source(src: str | Path, *, path_column: str | None = None, labels_column: str | None = None,
+                multi_label: bool | None = None) -> Source:
+    """Scan SRC (folder, ``s3://`` folder, release tar or manifest); nothing to write is a :class:`WriterError`."""
+    shown = printable(str(src))
+    if is_synset_release(str(src)):
+        source = scan_synset_tars(str(src))
+    elif str(src).startswith("s3://"):
+        source = _scan_s3(str(src), path_column=path_column, labels_column=labels_column, multi_label=multi_label)
+    else:
+        srcp = Path(str(src).removeprefix("file://"))
+        if not os.path.lexists(srcp):
+            raise WriterError(f"SRC {shown} does not exist: give an image folder SRC/<class>/<image>, a "
+                              ".parquet/.csv manifest or the ImageNet-21k release .tar")
+        if srcp.is_dir():
+            source = scan_folder(srcp)
+        elif srcp.suffix in {".parquet", ".csv"}:
+            try:
+                source = scan_manifest(srcp, path_column=path_column, labels_column=labels_column,
+                                       multi_label=multi_label)
+            except (ValueError, OSError) as exc:  # pyarrow's parse errors are ValueErrors
+                raise WriterError(f"cannot read manifest {shown}: {' '.join(str(exc).split())}") from exc
+        else:
+            raise WriterError(f"SRC {shown} is a file but not a .parquet/.csv manifest or a .tar release "
+                              "(or an image folder)")
+    if not source.items:
+        raise WriterError(f"SRC {shown} holds no images to write{reject_note(source.rejects)}", code=1)
+    return source
+
+
+def _scan_s3(src: str, **manifest_kw: Any) -> Source:
+    """An ``s3://`` manifest object, or an ``s3://`` prefix of ``<class>/<image>`` keys."""
+    if not src.endswith((".parquet", ".csv")):
+        return scan_s3_folder(src)
+    try:
+        return scan_manifest(src, **manifest_kw)
+    except FileNotFoundError as exc:
+        raise WriterError(f"SRC {src} does not exist: give an s3:// manifest object, prefix or release .tar") from exc
+    except (ValueError, OSError) as exc:  # pyarrow's parse errors are ValueErrors
+        raise WriterError(f"cannot read manifest {src}: {' '.join(str(exc).split())}") from exc
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetPlan:
+    """A planned write: the shard jobs, the version they make, and what DEST published at the start."""
+
+    src: str
+    dest: str
+    settings: WriteSettings
+    source: Source
+    jobs: list[ShardJob]
+    options: dict[str, Any]  # what write_shard needs besides the job (part of the version hash)
+    version: str
+    seen: fmt.Published  # DEST's published manifest when planning (the compare-and-swap token)
+    started: float  # time.monotonic() when planning began
+
+    @property
+    def vdest(self) -> str:
+        """URL of the version's folder: where the shards and metadata go."""
+        return url_join(self.dest, fmt.version_root(self.version))
+
+
+def plan_dataset(src: str | Path, dest: str, settings: WriteSettings, *, overwrite: bool = False) -> DatasetPlan:
+    """Step 1: scan and plan. Raises :class:`~pipeline.format.DatasetExists` (before writing anything)
+    when DEST publishes a different version and ``overwrite`` is false."""
+    t0 = time.monotonic()
+    source = scan_source(src, path_column=settings.path_column, labels_column=settings.labels_column,
+                         multi_label=settings.multi_label)
+    return plan_from_source(source, str(src), dest, settings, overwrite=overwrite, started=t0)
+
+
+def plan_from_source(source: Source, src: str, dest: str, settings: WriteSettings, *, overwrite: bool = False,
+                     started: float | None = None) -> DatasetPlan:
+    """:func:`plan_dataset` for an already scanned (or built) ``source``; ``src`` is what the manifest names."""
+    t0 = time.monotonic() if started is None else started
+    storage = open_storage(dest)
+    storage.ensure_bucket()  # a missing bucket fails now, not after encoding every image
+    jobs = plan_shards(source.items, seed=settings.seed, val_fraction=settings.val_fraction,
+                       samples_per_shard=None if settings.shard_bytes else settings.samples_per_shard,
+                       shard_bytes=settings.shard_bytes)
+    options = {"max_side": settings.max_side, "quality": settings.quality, "multi_label": source.multi_label,
+               "version": FORMAT_VERSION}
+    version = fmt.version_id([j.plan_hash(options) for j in jobs], source.classes, options)
+    seen = fmt.published(storage)
+    if seen.version not in (None, version) and not overwrite:
+        raise fmt.DatasetExists(
+            f"{dest} already publishes dataset version {seen.version}; this write (different source, seed or "
+            f"options) would be version {version}. Pass --overwrite (overwrite=True) to publish it as a new "
+            "version (readers pinned to the old version keep reading it), or choose another DEST")
+    return DatasetPlan(src=src, dest=dest, settings=settings, source=source, jobs=jobs, options=options,
+                       version=version, seen=seen, started=t0)
+
+
+def finish_dataset(plan: DatasetPlan, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Step 3: write the version's metadata from every job's result, then publish it (last).
+
+    ``results`` holds one :func:`write_shard` result per job, in any order. Returns the
+    manifest dict plus a ``summary``; raises :class:`~pipeline.format.PublishConflict` when
+    another writer published meanwhile, :class:`WriterError` when no image could be written.
+    """
+    if len(results) != len(plan.jobs):
+        raise RuntimeError(f"{len(results)} shard results for {len(plan.jobs)} planned shards: every shard must "
+                           "be written before the version is finished")
+    results = sorted(results, key=lambda r: (r["shard"]["split"], r["shard"]["shard"]))
+    _require_samples(plan.src, plan.source, results)  # nothing to publish: a one-line error, exit 1
+    vst = open_storage(plan.vdest)
+    info = _write_metadata(vst, results, plan)
+    fmt.publish(open_storage(plan.dest), vst.read_bytes(fmt.MANIFEST), plan.version, plan.seen)
+    resumed = sum(r["resumed"] for r in results)
+    reasons = Counter(r["reason"] for r in all_rejects(plan, results))
+    info["summary"] = {"shards_written": len(results) - resumed, "shards_resumed": resumed,
+                       "rejects": dict(reasons), "seconds": round(time.monotonic() - plan.started, 2)}
+    return info
+
+
+def all_rejects(plan: DatasetPlan, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rejects found while scanning SRC, then those of every shard."""
+    return plan.source.rejects + [x for r in results for x in r["rejects"]]
+
+
+def _require_samples(src: str, source: Source, results: list[dict[str, Any]]) -> None:
+    """Refuse to publish a dataset without a single sample (every image rejected)."""
+    if any(r["shard"]["samples"] for r in results):
+        return
+    rejects = source.rejects + [x for r in results for x in r["rejects"]]
+    raise WriterError(f"none of the {len(source.items)} images of SRC {printable(src)} could be written, "
+                      f"nothing published{reject_note(rejects)}", code=1)
+
+
+def _write_metadata(vst: Storage, results: list[dict[str, Any]], plan: DatasetPlan) -> dict[str, Any]:
+    """samples/rejects/index parquet, classes.json, then the version's dataset.json (last)."""
+    source, version, src = plan.source, plan.version, plan.src
+    seed, max_side = plan.settings.seed, plan.settings.max_side
+    rows = [{**s, "sha256": bytes.fromhex(s["sha256"])} for r in results for s in r["samples"]]
+    rejects = all_rejects(plan, results)
+    files: dict[str, dict[str, Any]] = {}
+    for name, data in (
+        (fmt.SAMPLES, fmt.parquet_bytes(rows, fmt.samples_schema(source.multi_label))),
+        (fmt.REJECTS, fmt.parquet_bytes(rejects, fmt.rejects_schema())),
+        (fmt.CLASSES, json.dumps(source.classes).encode()),
+        (fmt.INDEX, fmt.parquet_bytes([r["shard"] for r in results], fmt.index_schema())),
+    ):
+        vst.write_bytes(name, data)
+        files[name] = fmt.file_entry(data)
+    splits: dict[str, dict[str, int]] = {}
+    for r in results:
+        s = splits.setdefault(r["shard"]["split"], {"samples": 0, "shards": 0, "bytes": 0})
+        s["samples"] += r["shard"]["samples"]
+        s["shards"] += 1
+        s["bytes"] += r["shard"]["bytes"]
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    try:  # a resumed version keeps its creation time, so its manifest bytes do not change
+        created = json.loads(vst.read_bytes(fmt.MANIFEST)).get("created", created)
+    except (FileNotFoundError, ValueError, AttributeError):
+        pass
+    info = {
+        "format": fmt.FORMAT, "version": FORMAT_VERSION, "dataset_version": version,
+        "num_classes": len(source.classes), "multi_label": source.multi_label,
+        "counts": {k: v["samples"] for k, v in splits.items()}, "splits": splits,
+        "source": str(src), "seed": seed, "max_side": max_side, "image_ext": "jpg",
+        "label_ext": "json" if source.multi_label else "cls", "samples_file": fmt.SAMPLES,
+        "files": files, "created": created,
+    }
+    vst.write_bytes(fmt.MANIFEST, json.dumps(info, indent=2).encode())
+    return info
