@@ -40,6 +40,7 @@ from training.config import RESUMABLE_FIELDS, TrainConfig, config_diff
 from training.dist import agree
 
 MARKER = "complete.json"
+PROGRESS = "progress.json"  # training.faults: the step a run reached (not a checkpoint)
 POINTER = "latest_complete.json"
 _TAG = re.compile(r"^step(\d+)$")
 
@@ -527,7 +528,26 @@ class CheckpointManager:
         state = self._agree(cfg, f"checking checkpoint {tag_dir}", lambda: self._check(tag_dir, cfg))
         self._agree(cfg, f"loading checkpoint {tag_dir}", lambda: self._load_engine(tag_dir))
         set_rng_state(state["rng"])
-        return state
+        return {**state, "progress": plan.get("progress")}
+
+    def write_progress(self, text: str) -> None:
+        """Rank 0: the run's progress record (training.faults), next to the checkpoints."""
+        if self.store is not None:
+            self.store.write_text(PROGRESS, text)
+        elif self.root is not None:
+            _atomic_write(self.root / PROGRESS, text)
+
+    def read_progress(self) -> dict[str, Any] | None:
+        """The progress record of the attempt before this one (None if there is none or it is unreadable)."""
+        try:
+            if self.store is not None:
+                text = _safe_read(self.store, PROGRESS)
+            else:
+                path = self.root / PROGRESS if self.root is not None else None
+                text = path.read_text() if path is not None and path.is_file() else None
+            return json.loads(text) if text else None
+        except (OSError, ValueError):
+            return None
 
     def _plan(self, resume: str) -> dict[str, Any]:
         """Rank 0: which checkpoint to restore and whether nodes must download it first.
@@ -535,6 +555,9 @@ class CheckpointManager:
         With a store the store is the truth (a node's staging folder may hold another node's
         files, or a tag whose upload never finished); without one, `root` is.
         """
+        return {**self._choose(resume), "progress": self.read_progress()}
+
+    def _choose(self, resume: str) -> dict[str, Any]:
         root = self.root
         if resume == "auto":
             if root is None:
