@@ -210,7 +210,8 @@ class Trainer:
         self.watchdog.beat("collective", self._step)
         if self._last_loss is not None:  # every rank: the last step's loss over all ranks
             self.last_loss = all_reduce_sum(self._last_loss.reshape(1).clone()).item() / self.dist.world_size
-        result.update(step=float(self._step), loss=self.last_loss, bad_steps=float(self.bad_steps))
+        result.update(step=float(self._step), loss=self.last_loss, bad_steps=float(self.bad_steps),
+                      **self.faults.metrics())
         return result
 
     # ------------------------------------------------------------------ steps

@@ -155,7 +155,9 @@ def train_worker(config: dict[str, Any]) -> None:
     result, elapsed = timed_fit(trainer)
     _export(trainer, config, rank, sink)
     if sink is not None:
-        sink.log_metrics({"train_time_s": elapsed}, trainer.step)
+        # Restarts, world-size changes, recomputed steps and time lost to faults, over all attempts
+        # (the Trainer logs them at each resume too; this is the run's final tally).
+        sink.log_metrics({"train_time_s": elapsed, **trainer.faults.metrics()}, trainer.step)
         sink.close()
     report = {
         **{k: float(v) for k, v in result.items() if isinstance(v, (int, float))},
