@@ -296,6 +296,13 @@ def _bench_lines(res: dict[str, Any]) -> None:
         print(f"BENCH fault={n} resumed_from={r['resumed_from']} lost_steps={r['faults']['last_lost_steps']} "
               f"restart_to_restored_s={r['restored_at'] - r['spawned_at']:.1f} "
               f"lost_time_s={r['faults']['last_lost_time_s']:.1f} exit_after_fault_s={res[n].get('exit_s', -1):.1f}")
+    import re
+
+    for n in ("hang_data", "hang_rank"):
+        print(f"BENCH fault={n} detected_after_s=" + ",".join(
+            m.group(1) for log in res[n]["logs"] for m in [re.search(r"no progress for (\d+) s", log)] if m))
+    saves = re.findall(r"complete after ([\d.]+) s", "".join(res["preempt"]["logs"]))
+    print(f"BENCH fault=preempt save_s={','.join(saves)}")
 
 
 def _preempted_step(log: str) -> tuple[int, int]:
@@ -336,7 +343,12 @@ def test_restart_after_preemption_loses_nothing_and_matches_straight_run(faults:
 def test_slow_storage_keeps_previous_checkpoint_and_exits_zero_within_grace(faults: dict[str, Any]) -> None:
     rec = faults["slow"]
     assert rec["codes"] == [0, 0], rec["logs"][0][-3000:]
-    assert rec["exit_s"] < 5.0 + 3.0, rec["exit_s"]  # grace 5 s (+ process teardown)
+    import re
+
+    for log in rec["logs"]:  # each rank leaves before its grace ends (timed by the worker itself)
+        m = re.search(r"exiting 0 without it, ([\d.]+) s after the stop request", log)
+        assert m and float(m.group(1)) < 5.0, log[-3000:]
+    assert rec["exit_s"] < 5.0 + 10.0, rec["exit_s"]  # as seen from outside, teardown on a loaded machine included
     assert rec["store"]["latest"] == "step4", rec["store"]
     msg = rec["logs"][0]
     assert "did not finish within preempt_grace_s=5" in msg and "step4 stays the newest" in msg, msg[-3000:]

@@ -70,6 +70,7 @@ class Preemption:
         self._timer: threading.Timer | None = None
         self._old_handler: Any = None
         self._installed = False
+        self._pid = os.getpid()
         self._pending: tuple[Any, torch.Tensor] | None = None
         # A CPU group even under nccl: the flag never touches the device.
         self._group = None
@@ -86,6 +87,7 @@ class Preemption:
                 "where Python cannot handle signals; SIGTERM keeps its default action (the restart resumes "
                 "from the newest checkpoint). Run fit() in the main thread to checkpoint on SIGTERM")
             return
+        self._pid = os.getpid()
         self._old_handler = signal.signal(signal.SIGTERM, self._on_signal)
         self._installed = True
 
@@ -95,6 +97,10 @@ class Preemption:
             self._installed = False
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker inherited the handler: die as usual
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         if self.requested_at is not None:
             return
         self.signal_step = self.step
@@ -112,8 +118,9 @@ class Preemption:
     def _out_of_time(self) -> None:
         if self.finished:
             return
+        since = time.monotonic() - (self.requested_at or time.monotonic())
         say(f"rank {self.rank}: preemption: the checkpoint of step {self.step} did not finish within "
-            f"preempt_grace_s={self.grace_s:g} (slow storage?); exiting 0 without it. It has no commit marker, "
+            f"preempt_grace_s={self.grace_s:g} (slow storage?); exiting 0 without it, {since:.1f} s after the stop request. It has no commit marker, "
             f"so {self.what_is_lost()}. Raise preempt_grace_s (and the platform's grace period) if saves need longer")
         sys.stderr.flush()
         sys.stdout.flush()

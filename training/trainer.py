@@ -137,6 +137,15 @@ class Trainer:
         self._batches = DevicePrefetcher(self._next_batch, self.dist.device, state if callable(state) else None)
 
         self._step = 0
+        self._init_fault_handling(cfg)
+        self.bad_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, in total
+        self._bad_in_row = 0
+        self._epoch_iter: Iterator | None = None
+        self._last_loss: torch.Tensor | None = None  # this rank's, on the device
+        self.last_loss = float("nan")  # over all ranks; set when fit() logs or returns
+
+    def _init_fault_handling(self, cfg: TrainConfig) -> None:
+        """Preemption, hang watchdog and fault accounting (training.preempt/watchdog/faults)."""
         self._saved_step: int | None = None  # newest checkpoint written or restored by this process
         self.faults = FaultStats()  # restarts, world-size changes, lost steps: carried in checkpoints
         self._progress = (ProgressLog(self.checkpoints.write_progress)
@@ -145,11 +154,6 @@ class Trainer:
                                  slow_phases={"checkpoint": cfg.io_timeout_s, "startup": cfg.io_timeout_s})
         self.preemption = Preemption(cfg.preempt_grace_s, self.dist.rank, self.dist.world_size,
                                      timeout_s=cfg.io_timeout_s, what_is_lost=self._what_a_restart_loses)
-        self.bad_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, in total
-        self._bad_in_row = 0
-        self._epoch_iter: Iterator | None = None
-        self._last_loss: torch.Tensor | None = None  # this rank's, on the device
-        self.last_loss = float("nan")  # over all ranks; set when fit() logs or returns
 
     # ------------------------------------------------------------------ public
     @property
