@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="typed override, repeatable: train.lr=3e-4, data.batch_size=64, model.dropout=0.1, workers=2",
     )
-    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (one per GPU); keeps the global batch")
+    p.add_argument("--workers", type=str, default=None,
+                   help="Ray Train workers (one per GPU), N or MIN-MAX for elastic training; keeps the global batch")
     p.add_argument("--resume", choices=["auto"], default=None,
                    help="auto: continue the recipe's latest run (same MLflow run, newest complete checkpoint)")
     p.add_argument("--force", action="store_true",
@@ -79,11 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_experiment(recipe: str, overrides: list[str], workers: int | None) -> Experiment:
-    """Recipe + ``--set`` overrides + ``--workers``, validated (raises OverrideError/ValueError)."""
+def resolve_experiment(recipe: str, overrides: list[str], workers: int | str | None) -> Experiment:
+    """Recipe + ``--set`` overrides + ``--workers`` (N or MIN-MAX), validated (raises OverrideError/ValueError)."""
     exp = get_recipe(recipe)
     if workers is not None:
-        overrides = [*overrides, f"workers={workers}"]
+        low, _, high = str(workers).partition("-")
+        overrides = [*overrides, f"workers={high or low}", f"min_workers={low if high else 'none'}"]
     return apply_overrides(exp, overrides)
 
 

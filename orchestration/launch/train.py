@@ -103,7 +103,8 @@ def run_training(
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=exp.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=_num_workers(exp), use_gpu=use_gpu, resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=_resize_interval_s()),
         run_config=RunConfig(
             name=f"{exp.name}-{run_id[:8]}-{int(time.time())}",
             storage_path=storage,
@@ -119,6 +120,20 @@ def run_training(
     raw = read_run_file(run_dir, RESULT_KEY)
     return {**(result.metrics or {}), **(json.loads(raw) if raw else {})}
 
+
+
+def _num_workers(exp: Experiment) -> int | tuple[int, int]:
+    """Ray Train's worker count: fixed, or (min, max) for elastic training (a lost node shrinks
+    the group, returning capacity grows it; each change restarts from the newest checkpoint,
+    resharded by the Trainer, with accumulation re-derived so the global batch stays)."""
+    if exp.min_workers is not None and exp.min_workers < exp.workers:
+        return (exp.min_workers, exp.workers)
+    return exp.workers
+
+
+def _resize_interval_s() -> float:
+    """How often an elastic group looks for capacity to grow into (Ray's default 60 s)."""
+    return float(os.environ.get("VITSCALE_ELASTIC_RESIZE_S", "60"))
 
 
 def train_worker(config: dict[str, Any]) -> None:
