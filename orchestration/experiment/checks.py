@@ -101,6 +101,9 @@ def _consistency_problems(exp: Experiment) -> list[str]:
             except ValueError as e:
                 p.append(f"{e} (workers={world}{' of the elastic range' if low < exp.workers else ''})")
                 break
+    r = exp.elastic_resize_s
+    if not isinstance(r, int | float) or isinstance(r, bool) or not 0 < r < float("inf"):
+        p.append(f"elastic_resize_s={r!r} must be a finite number of seconds > 0")
     m = exp.min_workers
     if m is not None and (not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= max(exp.workers, 1)):
         p.append(f"min_workers={m!r} must be an int in [1, workers={exp.workers}] (or none for a fixed size)")

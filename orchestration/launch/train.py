@@ -104,7 +104,7 @@ def run_training(
         train_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=_num_workers(exp), use_gpu=use_gpu, resources_per_worker=resources,
-                                     elastic_resize_monitor_interval_s=_resize_interval_s()),
+                                     elastic_resize_monitor_interval_s=float(exp.elastic_resize_s)),
         run_config=RunConfig(
             name=f"{exp.name}-{run_id[:8]}-{int(time.time())}",
             storage_path=storage,
@@ -129,11 +129,6 @@ def _num_workers(exp: Experiment) -> int | tuple[int, int]:
     if exp.min_workers is not None and exp.min_workers < exp.workers:
         return (exp.min_workers, exp.workers)
     return exp.workers
-
-
-def _resize_interval_s() -> float:
-    """How often an elastic group looks for capacity to grow into (Ray's default 60 s)."""
-    return float(os.environ.get("VITSCALE_ELASTIC_RESIZE_S", "60"))
 
 
 def train_worker(config: dict[str, Any]) -> None:
