@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="few-shot linear evaluation on these downstream datasets during training (every "
                         "--set fewshot_every=N steps and at the end), logged as fewshot/<NAME>/<K>shot; "
                         "same as --set fewshot_data=...")
-    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (one per GPU); keeps the global batch")
+    p.add_argument("--workers", type=str, default=None,
+                   help="Ray Train workers (one per GPU), N or MIN-MAX for elastic training; keeps the global batch")
     p.add_argument("--resume", choices=["auto"], default=None,
                    help="auto: continue the recipe's latest run (same MLflow run, newest complete checkpoint)")
     p.add_argument("--force", action="store_true",
@@ -84,13 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_experiment(recipe: str, overrides: list[str], workers: int | None,
+def resolve_experiment(recipe: str, overrides: list[str], workers: int | str | None,
                        fewshot_data: str | None = None) -> Experiment:
-    """Recipe + ``--set`` overrides + ``--workers`` + ``--fewshot-data``, validated (raises
-    OverrideError/ValueError)."""
+    """Recipe + ``--set`` overrides + ``--workers`` (N or MIN-MAX) + ``--fewshot-data``, validated
+    (raises OverrideError/ValueError)."""
     exp = get_recipe(recipe)
     if workers is not None:
-        overrides = [*overrides, f"workers={workers}"]
+        low, _, high = str(workers).partition("-")
+        overrides = [*overrides, f"workers={high or low}", f"min_workers={low if high else 'none'}"]
     if fewshot_data is not None:
         overrides = [*overrides, f"fewshot_data={fewshot_data}"]
     return apply_overrides(exp, overrides)

@@ -265,3 +265,53 @@ def test_kill_node_takes_the_whole_tree_and_the_node_comes_back(
                    timeout=240)
     alive = [n for n in _ray_list(cluster, "nodes") if "node_1" in n["resources_total"] and n["state"] == "ALIVE"]
     assert len(alive) == 1 and alive[0]["node_id"] not in old, alive
+
+
+def _newest_checkpoint_after(env: dict[str, str], since: float) -> str | None:
+    """Key of a commit marker written to the run storage after `since` (epoch s), if any."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"runs/{RECIPE}/")
+    for page in pages:
+        for obj in page.get("Contents", []):
+            if obj["Key"].endswith("/complete.json") and "/checkpoints/step" in obj["Key"] \
+                    and obj["LastModified"].timestamp() > since:
+                return obj["Key"]
+    return None
+
+
+@pytest.mark.integration
+def _wait_for_checkpoint(env: dict[str, str], proc: subprocess.Popen[str], since: float) -> str:
+    deadline, marker = time.monotonic() + 240, None
+    while marker is None and time.monotonic() < deadline and proc.poll() is None:
+        marker = _newest_checkpoint_after(env, since)
+        time.sleep(0.5)
+    assert marker is not None, "no checkpoint was committed before the deadline"
+    return marker
+
+
+@pytest.mark.integration
+def test_elastic_run_survives_losing_the_worker_node(cluster: dict[str, str], digits_url: str) -> None:
+    """--workers 1-2: the worker node is killed (whole process tree) after the first checkpoint; Ray
+    Train restarts the group on the head alone, the Trainer reshards the 2-rank ZeRO-1 state for 1
+    rank and doubles accumulation (same global batch); once the shrunk group has checkpointed, the
+    node comes back, the group grows to 2 again (resharded 1 -> 2) and the run finishes its steps."""
+    proc = _submit(cluster, "--data", digits_url, "--storage", cluster["VITSCALE_STORAGE"], "--workers", "1-2",
+                   "--no-register", "--set", "train.total_steps=200", "--set", "train.warmup_steps=2",
+                   "--set", "train.checkpoint_every=5", "--set", "train.eval_every=200", "--set", "train.log_every=5",
+                   "--set", "elastic_resize_s=5")
+    try:
+        first = _wait_for_checkpoint(cluster, proc, time.time() - 5)
+        subprocess.run(["bash", str(ROOT / "infra/local/kill_node.sh"), "1"], env=cluster, check=True,
+                       capture_output=True, text=True, timeout=60)
+        killed_at = time.time()
+        shrunk = _wait_for_checkpoint(cluster, proc, killed_at + 1)  # written by the 1-rank group
+    finally:
+        subprocess.run(["bash", str(ROOT / "infra/local/start_worker_node.sh"), "1"], env=cluster, timeout=240)
+    run = _watch(cluster, proc, timeout=600)
+    m = _result(run["output"])["metrics"]
+    print(f"elastic: killed after {first}, shrunk group wrote {shrunk}, finished {time.time() - killed_at:.0f}s "
+          f"after the kill: {m}")
+    assert m["step"] == 200, m
+    assert m["world_size"] == 2 and m["fault/world_size_changes"] >= 2 and m["fault/restarts"] >= 2, m

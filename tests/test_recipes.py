@@ -148,3 +148,19 @@ def test_image_size_and_per_rank_batch_are_stored_once() -> None:
     aliased = apply_overrides(exp, ["data.image_size=64", "data.batch_size=8", "train.global_batch=16"])
     assert (aliased.image_size, aliased.train.micro_batch) == (64, 8)
     assert (aliased.data.image_size, aliased.data.batch_size) == (64, 8)
+
+
+def test_workers_range_is_elastic_and_every_size_must_fit_the_global_batch() -> None:
+    """`--workers MIN-MAX` -> Ray Train's (min, max); the global batch must divide at every size."""
+    from orchestration.launch.train import _num_workers
+    from orchestration.pretrain import resolve_experiment
+
+    exp = resolve_experiment("vit_mu_smoke", [], "1-2")
+    assert (exp.workers, exp.min_workers, _num_workers(exp)) == (2, 1, (1, 2))
+    assert [exp.train.accum_for(w) for w in (1, 2)] == [2, 1]  # global batch kept by accumulation
+    fixed = resolve_experiment("vit_mu_smoke", [], "2")
+    assert (fixed.min_workers, _num_workers(fixed)) == (None, 2)
+    with pytest.raises(ValueError, match=r"micro_batch 16 x world_size 2 .*workers=2 of the elastic range"):
+        resolve_experiment("vit_mu_smoke", ["train.global_batch=48", "train.micro_batch=16"], "1-3")
+    with pytest.raises(ValueError, match=r"min_workers=3 must be an int in \[1, workers=2\]"):
+        resolve_experiment("vit_mu_smoke", ["min_workers=3"], None)

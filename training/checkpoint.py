@@ -38,8 +38,10 @@ from torch import nn
 
 from training.config import RESUMABLE_FIELDS, TrainConfig, config_diff
 from training.dist import agree
+from training.reshard import UNIVERSAL_SUFFIX, load_universal, to_universal, universal_dir
 
 MARKER = "complete.json"
+PROGRESS = "progress.json"  # training.faults: the step a run reached (not a checkpoint)
 POINTER = "latest_complete.json"
 _TAG = re.compile(r"^step(\d+)$")
 
@@ -182,6 +184,7 @@ def prepare_tag_dir(checkpoint_dir: str | Path, tag: str) -> None:
     if tag_dir.exists():
         (tag_dir / MARKER).unlink(missing_ok=True)
         shutil.rmtree(tag_dir)
+    shutil.rmtree(Path(checkpoint_dir) / f"{tag}{UNIVERSAL_SUFFIX}", ignore_errors=True)  # converted from the old one
 
 
 def commit(checkpoint_dir: str | Path, tag: str, step: int, world_size: int) -> None:
@@ -206,6 +209,7 @@ def prune(checkpoint_dir: str | Path, keep: int, store: CheckpointStore | None =
                 doomed.append(p.name)
     for tag in doomed:
         shutil.rmtree(root / tag, ignore_errors=True)
+        shutil.rmtree(root / f"{tag}{UNIVERSAL_SUFFIX}", ignore_errors=True)
         if store is not None:
             store.delete_prefix(tag)
     return doomed
@@ -396,6 +400,7 @@ def stage_from_store(store: CheckpointStore, tag: str, checkpoint_dir: str | Pat
         dst = root / tag
         if dst.exists():
             shutil.rmtree(dst)
+        shutil.rmtree(root / f"{tag}{UNIVERSAL_SUFFIX}", ignore_errors=True)  # converted from the old copy
         os.replace(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -525,9 +530,37 @@ class CheckpointManager:
             self._agree(cfg, f"downloading checkpoint {tag} into {tag_dir.parent} on every node",
                         lambda: self._stage(tag) if self.dist.local_rank == 0 else None)
         state = self._agree(cfg, f"checking checkpoint {tag_dir}", lambda: self._check(tag_dir, cfg))
-        self._agree(cfg, f"loading checkpoint {tag_dir}", lambda: self._load_engine(tag_dir))
-        set_rng_state(state["rng"])
-        return state
+        saved_world = int(state.get("world_size", self.dist.world_size))
+        if saved_world != self.dist.world_size and self.engine.zero_optimization_stage() > 0:
+            # ZeRO partitions are per rank: reshard through DeepSpeed's universal checkpoint.
+            self._agree(cfg, f"converting checkpoint {tag_dir} (written by {saved_world} ranks) for "
+                             f"{self.dist.world_size} ranks", lambda: to_universal(tag_dir) if self.dist.local_rank == 0 else None)
+            self._agree(cfg, f"loading resharded checkpoint {tag_dir}",
+                        lambda: load_universal(self.engine, universal_dir(tag_dir)))
+        else:
+            self._agree(cfg, f"loading checkpoint {tag_dir}", lambda: self._load_engine(tag_dir))
+        if saved_world == self.dist.world_size:  # per-rank RNG streams do not map onto another world
+            set_rng_state(state["rng"])
+        return {**state, "progress": plan.get("progress")}
+
+    def write_progress(self, text: str) -> None:
+        """Rank 0: the run's progress record (training.faults), next to the checkpoints."""
+        if self.store is not None:
+            self.store.write_text(PROGRESS, text)
+        elif self.root is not None:
+            _atomic_write(self.root / PROGRESS, text)
+
+    def read_progress(self) -> dict[str, Any] | None:
+        """The progress record of the attempt before this one (None if there is none or it is unreadable)."""
+        try:
+            if self.store is not None:
+                text = _safe_read(self.store, PROGRESS)
+            else:
+                path = self.root / PROGRESS if self.root is not None else None
+                text = path.read_text() if path is not None and path.is_file() else None
+            return json.loads(text) if text else None
+        except (OSError, ValueError):
+            return None
 
     def _plan(self, resume: str) -> dict[str, Any]:
         """Rank 0: which checkpoint to restore and whether nodes must download it first.
@@ -535,6 +568,9 @@ class CheckpointManager:
         With a store the store is the truth (a node's staging folder may hold another node's
         files, or a tag whose upload never finished); without one, `root` is.
         """
+        return {**self._choose(resume), "progress": self.read_progress()}
+
+    def _choose(self, resume: str) -> dict[str, Any]:
         root = self.root
         if resume == "auto":
             if root is None:
@@ -560,7 +596,11 @@ class CheckpointManager:
                                     "a committed one (see latest_complete.json)")
         if self.dist.local_rank == 0:
             scan_checkpoint(tag_dir)  # refuses a tampered .pt before DeepSpeed opens any
-        state = load_rank_state(tag_dir, self.dist.rank)
+        saved_world = json.loads((tag_dir / MARKER).read_text()).get("world_size", self.dist.world_size)
+        # At another world size every rank takes rank 0's state: the step, counters and the
+        # loader cursor (which resumes at any world size) are the same on every rank.
+        state = load_rank_state(tag_dir, self.dist.rank if saved_world == self.dist.world_size else 0)
+        state["world_size"] = int(saved_world)
         if state["config_hash"] != cfg.config_hash():
             diff = config_diff(state["config"], cfg.to_dict())
             raise ValueError(

@@ -18,7 +18,7 @@ from typing import Any, Literal
 # often to log or how long to wait, not what is optimised. Everything else is in the config hash.
 RESUMABLE_FIELDS: frozenset[str] = frozenset(
     {"total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps",
-     "io_timeout_s", "compile", "compile_backend"}
+     "io_timeout_s", "compile", "compile_backend", "preempt_grace_s", "hang_timeout_s"}
 )
 
 
@@ -35,6 +35,10 @@ class TrainConfig:
     `compile` runs the model under `torch.compile(backend=compile_backend)` inside the DeepSpeed
     engine (the GPU profiles turn it on); checkpoints are the same with and without it, so a
     run may resume with it switched.
+    `preempt_grace_s`: on SIGTERM every rank finishes the step, saves a checkpoint and exits 0
+    within this many seconds (training.preempt); `hang_timeout_s`: a rank with no progress for
+    this long (data wait, forward/backward, collective; checkpoint phases get io_timeout_s)
+    dumps its stacks and exits non-zero (training.watchdog); 0 disables the watchdog.
     """
 
     global_batch: int = 32
@@ -64,6 +68,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_bad_steps: int = 10
     io_timeout_s: float = 1800.0
+    preempt_grace_s: float = 25.0
+    hang_timeout_s: float = 1800.0
     compile: bool = False
     compile_backend: str = "inductor"
     profile: str = "auto"
@@ -128,6 +134,12 @@ class TrainConfig:
             isinstance(self.io_timeout_s, (int, float)) and 0 < self.io_timeout_s < float("inf"),
             f"io_timeout_s={self.io_timeout_s!r} must be a finite number of seconds > 0",
         )
+        check(isinstance(self.preempt_grace_s, (int, float)) and 0 < self.preempt_grace_s < float("inf"),
+              f"preempt_grace_s={self.preempt_grace_s!r} must be a finite number of seconds > 0 (the platform's "
+              "grace period minus a margin, e.g. 25 for Kubernetes' 30)")
+        check(isinstance(self.hang_timeout_s, (int, float)) and 0 <= self.hang_timeout_s < float("inf"),
+              f"hang_timeout_s={self.hang_timeout_s!r} must be a finite number of seconds >= 0 (0 disables the "
+              "hang watchdog)")
         check(isinstance(self.compile, bool), f"compile={self.compile!r} must be True or False")
         check(isinstance(self.compile_backend, str) and self.compile_backend != "",
               f"compile_backend={self.compile_backend!r} must name a torch.compile backend, e.g. 'inductor'")

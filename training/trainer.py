@@ -23,11 +23,12 @@ scaler's business (a skipped update, logged as `skipped_updates`, not a bad step
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -37,12 +38,15 @@ from training import checkpoint as ckpt
 from training.config import TrainConfig
 from training.deepspeed_config import deepspeed_config
 from training.dist import DistInfo, all_reduce_sum, init_distributed
+from training.faults import FaultStats, ProgressLog
 from training.losses import loss_fn
 from training.metrics import MetricsSink, NullSink, device_name, mfu, peak_tflops
 from training.optim import build_optimizer, drop_repeated_norm_checks, lr_at, param_groups, set_lr
 from training.periodic import PeriodicEval, full_module
+from training.preempt import Preempted, Preemption, say
 from training.prefetch import DevicePrefetcher
 from training.profiles import get_profile
+from training.watchdog import Watchdog
 
 
 class NonFiniteLossError(RuntimeError):
@@ -136,11 +140,23 @@ class Trainer:
         self._batches = DevicePrefetcher(self._next_batch, self.dist.device, state if callable(state) else None)
 
         self._step = 0
+        self._init_fault_handling(cfg)
         self.bad_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, in total
         self._bad_in_row = 0
         self._epoch_iter: Iterator | None = None
         self._last_loss: torch.Tensor | None = None  # this rank's, on the device
         self.last_loss = float("nan")  # over all ranks; set when fit() logs or returns
+
+    def _init_fault_handling(self, cfg: TrainConfig) -> None:
+        """Preemption, hang watchdog and fault accounting (training.preempt/watchdog/faults)."""
+        self._saved_step: int | None = None  # newest checkpoint written or restored by this process
+        self.faults = FaultStats()  # restarts, world-size changes, lost steps: carried in checkpoints
+        self._progress = (ProgressLog(self.checkpoints.write_progress)
+                          if self.dist.is_main and self.checkpoint_dir is not None else None)
+        self.watchdog = Watchdog(cfg.hang_timeout_s, self.dist.rank, report=self._report_hang,
+                                 slow_phases={"checkpoint": cfg.io_timeout_s, "startup": cfg.io_timeout_s})
+        self.preemption = Preemption(cfg.preempt_grace_s, self.dist.rank, self.dist.world_size,
+                                     timeout_s=cfg.io_timeout_s, what_is_lost=self._what_a_restart_loses)
 
     # ------------------------------------------------------------------ public
     @property
@@ -159,7 +175,17 @@ class Trainer:
         `resume`: None (fresh), "auto" (newest complete checkpoint in checkpoint_dir / the store,
         fresh if none), a tag ("step500") or a checkpoint directory path.
         """
+        self.watchdog.start()
+        self.preemption.install()
+        try:
+            return self._fit(resume, max_steps)
+        finally:
+            self.preemption.uninstall()
+            self.watchdog.stop()
+
+    def _fit(self, resume: str | None, max_steps: int | None) -> dict[str, float]:
         if resume is not None:
+            self.watchdog.beat("checkpoint", self._step)
             self.restore(resume)
         stop = min(self.cfg.total_steps, max_steps if max_steps is not None else self.cfg.total_steps)
         self.sink.log_params(
@@ -170,10 +196,16 @@ class Trainer:
         while self._step < stop:
             loss, wait = self.train_step()  # batch -> step
             window.add(loss, wait)
+            self.watchdog.beat("collective", self._step)
+            self.preemption.step = self._step
+            if self.preemption.poll():  # SIGTERM on any rank: every rank saves and exits 0
+                self._stop_preempted()
             if loss is None:  # skipped for a NaN/Inf: nothing to log, eval or save
                 continue
             if self._step % self.cfg.log_every == 0 or self._step == stop:  # log
                 self.sink.log_metrics(self._log_metrics(window), self._step)
+                if self._progress is not None:
+                    self._progress.record(self._step, (time.perf_counter() - window.start) / max(window.steps, 1))
                 window = _Window(self.dist.device)
             if self.eval_loader is not None and self._due(self.cfg.eval_every, stop):  # eval
                 result.update(self.evaluate())
@@ -182,9 +214,14 @@ class Trainer:
                     result.update(self.run_periodic(p))
             if self.checkpoint_dir is not None and self._due(self.cfg.checkpoint_every, stop):  # checkpoint
                 self.save_checkpoint()
+        self.preemption.drain()
+        if self.preemption.requested_at is not None:  # signalled during the last step: already saved
+            self.preemption.done()
+        self.watchdog.beat("collective", self._step)
         if self._last_loss is not None:  # every rank: the last step's loss over all ranks
             self.last_loss = all_reduce_sum(self._last_loss.reshape(1).clone()).item() / self.dist.world_size
-        result.update(step=float(self._step), loss=self.last_loss, bad_steps=float(self.bad_steps))
+        result.update(step=float(self._step), loss=self.last_loss, bad_steps=float(self.bad_steps),
+                      **self.faults.metrics())
         return result
 
     # ------------------------------------------------------------------ steps
@@ -203,8 +240,10 @@ class Trainer:
         wait = 0.0
         for i in range(self.accum):
             t0 = time.perf_counter()
+            self.watchdog.beat("data")
             images, targets = self._batches.take()
             wait += time.perf_counter() - t0
+            self.watchdog.beat("forward_backward")
             images = self._to_device(images, self.train_loader, non_blocking=True)
             targets = targets.to(self.dist.device, non_blocking=True)
             loss = loss_fn(self.cfg, self.engine(images), targets)
@@ -213,6 +252,7 @@ class Trainer:
             t0 = time.perf_counter()
             self._batches.preload()  # CUDA: the next batch's copy overlaps this backward
             wait += time.perf_counter() - t0
+            self.watchdog.beat("optimizer_step")
             if i == self.accum - 1 and self._own_overflow_check:
                 self._boundary_step_checked()
             else:
@@ -328,6 +368,7 @@ class Trainer:
         self.engine.eval()
         sums = torch.zeros(4, dtype=torch.float64)  # top1, top5, loss, n
         for batch in self.eval_loader:
+            self.watchdog.beat("eval")
             images, targets, valid = batch
             images = self._to_device(images, self.eval_loader)
             targets, valid = targets.to(self.dist.device), valid.to(self.dist.device).bool()
@@ -375,13 +416,56 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> str:
+    def save_checkpoint(self, cfg: TrainConfig | None = None) -> str:
         """Save the engine + per-rank state as tag `step{N}` and commit it (all ranks call this);
-        the commit protocol is `training.checkpoint.CheckpointManager`'s."""
+        the commit protocol is `training.checkpoint.CheckpointManager`'s. `cfg`: this config with
+        other resumable fields (a shorter io_timeout_s under preemption)."""
         def state() -> dict[str, Any]:
-            return {"loader": self._batches.loader_state(), "bad_steps": self.bad_steps}
+            return {"loader": self._batches.loader_state(), "bad_steps": self.bad_steps,
+                    "faults": self.faults.to_dict()}
 
-        return self.checkpoints.save(self._step, self.cfg, state)
+        self.watchdog.beat("checkpoint", self._step)
+        tag = self.checkpoints.save(self._step, cfg or self.cfg, state)
+        self._saved_step = self._step
+        self.watchdog.beat("collective", self._step)
+        return tag
+
+    def _stop_preempted(self) -> NoReturn:
+        """Every rank, once they agreed to stop: checkpoint this step within the grace, exit 0."""
+        p, t0, tag = self.preemption, time.monotonic(), None
+        self.faults.preemptions += 1
+        if self.checkpoint_dir is None:
+            say(f"rank {self.dist.rank}: preempted at step {self._step}: no checkpoint_dir, nothing saved")
+        elif self._saved_step == self._step:
+            tag = ckpt.tag_for(self._step)  # this step is already saved
+        else:
+            # Collectives of this save wait at most what is left of the grace (the timer ends the
+            # process just before): a slow rank cannot keep the others past SIGKILL.
+            cfg = dataclasses.replace(self.cfg, io_timeout_s=max(p.remaining_s(), 1.0))
+            try:
+                tag = self.save_checkpoint(cfg)
+            except Exception as e:  # noqa: BLE001 - the run must still leave cleanly: exit 0
+                say(f"rank {self.dist.rank}: preemption checkpoint of step {self._step} failed ({type(e).__name__}: "
+                    f"{e}); {self._what_a_restart_loses()}")
+        p.done()
+        if tag is not None:
+            say(f"rank {self.dist.rank}: preempted at step {self._step} (signal at step {p.signal_step}): "
+                f"checkpoint {tag} complete after {time.monotonic() - t0:.1f} s; exiting 0")
+        self.sink.log_metrics({"fault/preempted_at_step": float(self._step)}, self._step)
+        raise Preempted(self._step, tag)
+
+    def _what_a_restart_loses(self) -> str:
+        if self._saved_step is None:
+            return "no checkpoint was completed by this process: the restart resumes from the newest one in storage"
+        return (f"the previous complete checkpoint {ckpt.tag_for(self._saved_step)} stays the newest: the restart "
+                f"resumes there and recomputes {self._step - self._saved_step} step(s)")
+
+    def _report_hang(self, text: str, path: Path) -> None:
+        """Watchdog thread, on a hang: the dump to the sink (rank 0's MLflow run)."""
+        where = {"fault.hang": f"rank {self.dist.rank}, step {self.watchdog.step}, phase {self.watchdog.phase}"}
+        set_tags = getattr(self.sink, "set_tags", None)  # MLflowSink: a tag (params cannot change per attempt)
+        set_tags(where) if callable(set_tags) else self.sink.log_params(where)
+        self.sink.log_artifact(str(path), "faults")
 
     def restore(self, resume: str) -> bool:
         """Load a checkpoint (see `fit`; `CheckpointManager.restore`); False when "auto" finds none."""
@@ -389,7 +473,11 @@ class Trainer:
         if state is None:
             return False
         self._step = int(state["step"])
+        self._saved_step = self._step
         self.bad_steps = int(state.get("bad_steps", 0))
+        self.faults = FaultStats.restored(state.get("faults"), saved_world=int(state.get("world_size", 0)),
+                                          world=self.dist.world_size, step=self._step, progress=state["progress"])
+        self.sink.log_metrics(self.faults.metrics(), self._step)
         if state["loader"] is not None:
             self.train_loader.load_state_dict(state["loader"])
         self._epoch_iter = None

@@ -109,10 +109,19 @@ def _fewshot_problems(exp: Experiment) -> list[str]:
 def _consistency_problems(exp: Experiment) -> list[str]:
     p: list[str] = []
     if isinstance(exp.workers, int) and exp.workers >= 1:
-        try:
-            exp.train.accum_for(exp.workers)
-        except ValueError as e:
-            p.append(f"{e} (workers={exp.workers})")
+        low = exp.min_workers if isinstance(exp.min_workers, int) and 1 <= exp.min_workers <= exp.workers else exp.workers
+        for world in range(low, exp.workers + 1):  # elastic: the global batch must fit every size
+            try:
+                exp.train.accum_for(world)
+            except ValueError as e:
+                p.append(f"{e} (workers={world}{' of the elastic range' if low < exp.workers else ''})")
+                break
+    r = exp.elastic_resize_s
+    if not isinstance(r, int | float) or isinstance(r, bool) or not 0 < r < float("inf"):
+        p.append(f"elastic_resize_s={r!r} must be a finite number of seconds > 0")
+    m = exp.min_workers
+    if m is not None and (not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= max(exp.workers, 1)):
+        p.append(f"min_workers={m!r} must be an int in [1, workers={exp.workers}] (or none for a fixed size)")
     return p
 
 

@@ -39,6 +39,10 @@ class Experiment:
     train: TrainConfig
     model_overrides: dict[str, Any] = field(default_factory=dict)  # extra ViTConfig fields
     workers: int = 1
+    # Elastic (Ray Train ScalingConfig(num_workers=(min_workers, workers))): runs on as few as
+    # min_workers when nodes are lost and grows back; None = exactly `workers`.
+    min_workers: int | None = None
+    elastic_resize_s: float = 60.0  # how often an elastic group looks for capacity to grow into
     cpus_per_worker: int = 1
     gpus_per_worker: int = 0
     dataset_name: str = "dataset"

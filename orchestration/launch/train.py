@@ -123,7 +123,8 @@ def run_training(
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=exp.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=_num_workers(exp), use_gpu=use_gpu, resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=float(exp.elastic_resize_s)),
         run_config=RunConfig(
             name=f"{exp.name}-{run_id[:8]}-{int(time.time())}",
             storage_path=storage,
@@ -139,6 +140,15 @@ def run_training(
     raw = read_run_file(run_dir, RESULT_KEY)
     return {**(result.metrics or {}), **(json.loads(raw) if raw else {})}
 
+
+
+def _num_workers(exp: Experiment) -> int | tuple[int, int]:
+    """Ray Train's worker count: fixed, or (min, max) for elastic training (a lost node shrinks
+    the group, returning capacity grows it; each change restarts from the newest checkpoint,
+    resharded by the Trainer, with accumulation re-derived so the global batch stays)."""
+    if exp.min_workers is not None and exp.min_workers < exp.workers:
+        return (exp.min_workers, exp.workers)
+    return exp.workers
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -175,7 +185,9 @@ def train_worker(config: dict[str, Any]) -> None:
     result, elapsed = timed_fit(trainer)
     _export(trainer, config, rank, sink)
     if sink is not None:
-        sink.log_metrics({"train_time_s": elapsed}, trainer.step)
+        # Restarts, world-size changes, recomputed steps and time lost to faults, over all attempts
+        # (the Trainer logs them at each resume too; this is the run's final tally).
+        sink.log_metrics({"train_time_s": elapsed, **trainer.faults.metrics()}, trainer.step)
         sink.close()
     report = {
         **{k: float(v) for k, v in result.items() if isinstance(v, (int, float))},
