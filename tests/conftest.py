@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -148,3 +148,49 @@ def s3_mlflow_env(s3_endpoint: str) -> dict[str, str]:
     """Environment for an mlflow server (and clients) whose artifacts live on the moto S3 server."""
     return {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "AWS_ENDPOINT_URL": s3_endpoint,
             "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+VENV_BIN = Path(sys.executable).parent
+
+
+@contextlib.contextmanager
+def local_services(state: Path, **extra: str) -> Iterator[dict[str, str]]:
+    """The project's own local services (``infra/local/start_services.sh``: moto S3 unless
+    AWS_ENDPOINT_URL is given, a token-authenticated Ray head, worker nodes with
+    VITSCALE_RAY_WORKER_NODES) with their state in ``state``; ``extra`` adds environment variables.
+
+    Yields the environment a user gets from ``source $STATE/env.sh`` (plus ``STATE``), for
+    ``ray job submit`` and the CLIs; ``stop_services.sh`` runs on exit.
+    """
+    env = {**os.environ, "VITSCALE_STATE_DIR": str(state), "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHON": sys.executable, "RAY_BIN": str(VENV_BIN / "ray"), **extra}
+    subprocess.run(["bash", str(ROOT / "infra/local/start_services.sh")], env=env, check=True, timeout=300)
+    try:
+        for line in (state / "env.sh").read_text().splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            env[key] = value.strip("'")
+        env["STATE"] = str(state)
+        yield env
+    finally:
+        subprocess.run(["bash", str(ROOT / "infra/local/stop_services.sh")], env=env, timeout=120)
+
+
+def gloo_rank_env(rank: int, world: int, port: int | str) -> dict[str, str]:
+    """A torchrun-style environment for one CPU rank (gloo; DeepSpeed on its CPU accelerator) of a
+    multi-process test, with this checkout and tests/ importable."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return env
+
+
+def spawn_ranks(argv: list[str], world: int, log_of: Callable[[int], Path]) -> list[subprocess.Popen[bytes]]:
+    """``world`` processes ``python *argv`` (one per rank, env from :func:`gloo_rank_env`, one
+    free port), each writing stdout+stderr to ``log_of(rank)``."""
+    port, procs = free_port(), []
+    for rank in range(world):
+        with log_of(rank).open("w") as f:  # the child keeps its own copy of the descriptor
+            procs.append(subprocess.Popen([sys.executable, *argv], env=gloo_rank_env(rank, world, port), stdout=f,
+                                          stderr=subprocess.STDOUT, cwd=ROOT))
+    return procs

@@ -179,27 +179,11 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------------------- test side
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(name: str, out: Path, bucket: str, world: int) -> list[subprocess.Popen]:
+    from conftest import spawn_ranks
+
     out.mkdir(parents=True, exist_ok=True)
-    port = str(_free_port())
-    procs = []
-    for rank in range(world):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-        env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-                   PYTHONUNBUFFERED="1", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        f = open(out / f"{name}_r{rank}.log", "w")  # noqa: SIM115 - closed with the process
-        procs.append(subprocess.Popen([sys.executable, __file__, name, str(out), bucket], env=env, stdout=f,
-                                      stderr=subprocess.STDOUT, cwd=ROOT))
-    return procs
+    return spawn_ranks([__file__, name, str(out), bucket], world, lambda rank: out / f"{name}_r{rank}.log")
 
 
 def _log(out: Path, name: str, rank: int) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -193,18 +192,13 @@ def test_s3_dataset_gives_the_same_numbers_as_local_and_tampering_is_caught(
 
 
 # ----------------------------------------------------------------------------- ranks
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ranks(world: int, model_file: Path, url: str, out: Path) -> list[dict]:
-    port = _free_port()
+    from conftest import free_port, gloo_rank_env
+
+    port = free_port()
     procs = []
     for rank in range(world):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "RANK": str(rank), "WORLD_SIZE": str(world),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        env = gloo_rank_env(rank, world, port)
         procs.append(subprocess.Popen([sys.executable, __file__, "rank", str(model_file), url,
                                        str(out / f"r{world}_{rank}.json")], env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -78,12 +77,6 @@ def _write_digits(dst: Path, classes: range, limit: int | None = None) -> str:
     return url
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.integration
 def test_fewshot_during_zero3_training_lands_in_mlflow_and_equals_standalone(tmp_path: Path) -> None:
     from orchestration.evaluation import evaluate_fewshot
@@ -96,11 +89,11 @@ def test_fewshot_during_zero3_training_lands_in_mlflow_and_equals_standalone(tmp
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = client(uri)
     run_id = c.create_run(c.create_experiment("fewshot-train")).info.run_id
-    port, procs = str(_free_port()), []
+    from conftest import free_port, gloo_rank_env
+
+    port, procs = free_port(), []
     for rank in range(2):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env.update(PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK=str(rank),
-                   WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        env = gloo_rank_env(rank, 2, port)
         procs.append(subprocess.Popen([sys.executable, __file__, up, down, str(tmp_path), uri, run_id], env=env,
                                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for p in procs:

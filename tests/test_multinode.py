@@ -23,7 +23,6 @@ What is proven, from the outside:
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -65,18 +64,13 @@ def _cmd(p: Any) -> str:
 def cluster(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """Head + 1 worker node (1 CPU each) via the scripts; S3 = the session's moto server."""
     import boto3
-    from conftest import mlflow_server, s3_mlflow_env
+    from conftest import local_services, mlflow_server, s3_mlflow_env
 
     state = tmp_path_factory.mktemp("multinode")
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
     with mlflow_server(state / "mlflow", backend=f"sqlite:///{state / 'mlflow.db'}",
                        artifacts=f"s3://{BUCKET}/mlflow", env=s3_mlflow_env(s3_endpoint)) as server:
-        env = {
-            **os.environ,
-            "VITSCALE_STATE_DIR": str(state),
-            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "PYTHON": sys.executable,
-            "RAY_BIN": str(VENV_BIN / "ray"),
+        extra = {
             "MLFLOW_TRACKING_URI": server,
             "VITSCALE_STORAGE": f"s3://{BUCKET}/runs",
             "VITSCALE_RAY_STORAGE": f"s3://{BUCKET}/ray_results",
@@ -84,23 +78,16 @@ def cluster(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             "VITSCALE_RAY_WORKER_NODES": "1",
             "VITSCALE_RAY_WORKER_CPUS": "1",
         }
-        subprocess.run(["bash", str(ROOT / "infra/local/start_services.sh")], env=env, check=True, timeout=300)
-        pids = {name: int((state / f"{name}.pid").read_text()) for name in ("ray", "ray_worker_1")}
-        # Where this machine allows it, the worker node must not even see the head's temp dir.
-        can_isolate = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
-                                     capture_output=True).returncode == 0
-        for name in ("ray", "ray_worker_1"):
-            assert (state / f"{name}.isolation").read_text().strip() == ("mount" if can_isolate else "none"), name
-        try:
-            for line in (state / "env.sh").read_text().splitlines():
-                key, _, value = line.removeprefix("export ").partition("=")
-                env[key] = value.strip("'")
-            env["STATE"] = str(state)
+        with local_services(state, **extra) as env:
+            pids = {name: int((state / f"{name}.pid").read_text()) for name in ("ray", "ray_worker_1")}
+            # Where this machine allows it, the worker node must not even see the head's temp dir.
+            can_isolate = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
+                                         capture_output=True).returncode == 0
+            for name in ("ray", "ray_worker_1"):
+                assert (state / f"{name}.isolation").read_text().strip() == ("mount" if can_isolate else "none"), name
             yield env
-        finally:
-            subprocess.run(["bash", str(ROOT / "infra/local/stop_services.sh")], env=env, timeout=120)
-            for name, pid in pids.items():
-                assert not _tree(pid), f"stop_services.sh left processes of {name} behind"
+        for name, pid in pids.items():
+            assert not _tree(pid), f"stop_services.sh left processes of {name} behind"
 
 
 def _node_tmpdirs(env: dict[str, str]) -> dict[str, Path]:

@@ -189,33 +189,17 @@ def ray_cluster(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> I
     MLFLOW_TRACKING_URI is an ``mlflow server`` (artifacts proxied to S3) with a user:password.
     """
     import boto3
-    from conftest import mlflow_server, s3_mlflow_env
+    from conftest import local_services, mlflow_server, s3_mlflow_env
 
     state = tmp_path_factory.mktemp("services")
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="orch-mlflow")
     with mlflow_server(state / "mlflow", backend=f"sqlite:///{state / 'mlflow.db'}",
                        artifacts="s3://orch-mlflow/artifacts", env=s3_mlflow_env(s3_endpoint)) as server:
-        env = {
-            **os.environ,
-            "VITSCALE_STATE_DIR": str(state),
-            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "PYTHON": sys.executable,
-            "RAY_BIN": str(VENV_BIN / "ray"),
-            "MLFLOW_TRACKING_URI": server.replace("http://", f"http://vitscale:{MLFLOW_PASSWORD}@"),
-            "VITSCALE_STORAGE": str(state / "runs"),
-            "VITSCALE_RAY_CPUS": "3",
-        }
-        subprocess.run(["bash", str(ROOT / "infra/local/start_services.sh")], env=env, check=True, timeout=300)
-        try:
-            for line in (state / "env.sh").read_text().splitlines():
-                key, _, value = line.removeprefix("export ").partition("=")
-                env[key] = value.strip("'")
-            env["STATE"] = str(state)
-            yield env
-        finally:
+        with local_services(state, MLFLOW_TRACKING_URI=server.replace("http://", f"http://vitscale:{MLFLOW_PASSWORD}@"),
+                            VITSCALE_STORAGE=str(state / "runs"), VITSCALE_RAY_CPUS="3") as env:
             ray_pid = int((state / "ray.pid").read_text())
-            subprocess.run(["bash", str(ROOT / "infra/local/stop_services.sh")], env=env, timeout=120)
-            assert not _descendants(ray_pid), "stop_services.sh left Ray processes behind"
+            yield env
+        assert not _descendants(ray_pid), "stop_services.sh left Ray processes behind"
 
 
 @pytest.fixture(scope="module")

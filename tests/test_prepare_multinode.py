@@ -13,7 +13,6 @@ corrupted on S3.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import subprocess
 import sys
@@ -38,21 +37,13 @@ SHARD_LINE = re.compile(r"SHARD (?P<shard>\S+) ON (?P<node>\S+)")
 def cluster(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """Head + 1 worker node (1 CPU each) via the scripts; S3 = the session's moto server."""
     import boto3
+    from conftest import local_services
 
     state = tmp_path_factory.mktemp("prepare-multinode")
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
-    env = {**os.environ, "VITSCALE_STATE_DIR": str(state), "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHON": sys.executable, "RAY_BIN": str(VENV_BIN / "ray"), "VITSCALE_RAY_CPUS": "1",
-           "VITSCALE_RAY_WORKER_NODES": "1", "VITSCALE_RAY_WORKER_CPUS": "1"}
-    subprocess.run(["bash", str(ROOT / "infra/local/start_services.sh")], env=env, check=True, timeout=300)
-    try:
-        for line in (state / "env.sh").read_text().splitlines():
-            key, _, value = line.removeprefix("export ").partition("=")
-            env[key] = value.strip("'")
-        env["STATE"] = str(state)
+    with local_services(state, VITSCALE_RAY_CPUS="1", VITSCALE_RAY_WORKER_NODES="1",
+                        VITSCALE_RAY_WORKER_CPUS="1") as env:
         yield env
-    finally:
-        subprocess.run(["bash", str(ROOT / "infra/local/stop_services.sh")], env=env, timeout=120)
 
 
 def _release_on_s3(tmp: Path) -> str:

@@ -106,25 +106,11 @@ def worker(mode: str, saved_by: int, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- test side
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(mode: str, saved_by: int, world: int, out: Path) -> list[subprocess.Popen]:
-    port, procs = str(_free_port()), []
-    for rank in range(world):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-        env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-                   PYTHONUNBUFFERED="1", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        f = open(out / f"{mode}_from{saved_by}_w{world}_r{rank}.log", "w")  # noqa: SIM115 - closed with the process
-        procs.append(subprocess.Popen([sys.executable, __file__, mode, str(saved_by), str(out)], env=env,
-                                      stdout=f, stderr=subprocess.STDOUT, cwd=ROOT))
-    return procs
+    from conftest import spawn_ranks
+
+    return spawn_ranks([__file__, mode, str(saved_by), str(out)], world,
+                       lambda rank: out / f"{mode}_from{saved_by}_w{world}_r{rank}.log")
 
 
 def _wait(groups: dict[str, list[subprocess.Popen]], out: Path, timeout: float = 300) -> None:

@@ -194,14 +194,6 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------------------- test side
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def race(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> list[dict[str, Any]]:
     """Run the 2-rank race scenario once; returns both ranks' records."""
@@ -212,18 +204,10 @@ def race(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> list[dic
     bucket = f"race-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
     out = tmp_path_factory.mktemp("race")
-    port = str(_free_port())
-    procs, logs = [], []
-    for rank in range(2):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-        env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-                   PYTHONUNBUFFERED="1", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        log = out / f"race_r{rank}.log"
-        logs.append(log)
-        f = open(log, "w")  # noqa: SIM115 - closed with the process
-        procs.append(subprocess.Popen([sys.executable, __file__, "race", str(out), bucket], env=env, stdout=f,
-                                      stderr=subprocess.STDOUT, cwd=ROOT))
+    from conftest import spawn_ranks
+
+    logs = [out / f"race_r{rank}.log" for rank in range(2)]
+    procs = spawn_ranks([__file__, "race", str(out), bucket], 2, lambda rank: logs[rank])
     deadline = time.monotonic() + 240  # the old code hung here (rank 0 in barrier, rank 1 in broadcast)
     for p, log in zip(procs, logs, strict=True):
         try:

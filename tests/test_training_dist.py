@@ -203,17 +203,11 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------------------- test side
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(scenario: str, out: Path, world: int, log: Path) -> list[subprocess.Popen]:
     """`world` worker processes with torchrun-style env vars (world 1: no env, like a bare run)."""
-    port = str(_free_port())
+    from conftest import free_port
+
+    port = str(free_port())
     procs = []
     for rank in range(world):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
