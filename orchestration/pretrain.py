@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="few-shot linear evaluation on these downstream datasets during training (every "
                         "--set fewshot_every=N steps and at the end), logged as fewshot/<NAME>/<K>shot; "
                         "same as --set fewshot_data=...")
-    p.add_argument("--workers", type=str, default=None,
+    p.add_argument("--workers", type=_workers, default=None,
                    help="Ray Train workers (one per GPU), N or MIN-MAX for elastic training; keeps the global batch")
     p.add_argument("--resume", choices=["auto"], default=None,
                    help="auto: continue the recipe's latest run (same MLflow run, newest complete checkpoint)")
@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved experiment, then exit")
     p.add_argument("--list-recipes", action="store_true", help="print the recipe names and exit")
     return p
+
+
+def _workers(text: str) -> int | str:
+    """``--workers``: N (an int) or MIN-MAX (kept as text, parsed by :func:`resolve_experiment`)."""
+    return int(text) if text.strip().isdigit() else text
 
 
 def resolve_experiment(recipe: str, overrides: list[str], workers: int | str | None,

@@ -194,3 +194,20 @@ def spawn_ranks(argv: list[str], world: int, log_of: Callable[[int], Path]) -> l
             procs.append(subprocess.Popen([sys.executable, *argv], env=gloo_rank_env(rank, world, port), stdout=f,
                                           stderr=subprocess.STDOUT, cwd=ROOT))
     return procs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _environment_per_module() -> Iterator[None]:
+    """Each test module ends with the MLFLOW_* environment it started with.
+
+    ``mlflow.set_tracking_uri`` (called by ``tracking.client``) exports MLFLOW_TRACKING_URI so
+    that child processes inherit it. Left in place, a module's MLflow server, stopped with the
+    module, would become the tracking store of every later module's subprocesses (seen: audit
+    jobs retrying a dead server). Only MLFLOW_* is restored: session fixtures (moto's AWS_*) set
+    their variables once for the whole session.
+    """
+    before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    yield
+    for k in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        del os.environ[k]
+    os.environ.update(before)

@@ -217,7 +217,8 @@ def test_stalled_connection_times_out_per_data_config(s3_ds: str, proxy_factory)
     t0 = time.monotonic()
     got = _eval_ids(cfg)
     took = time.monotonic() - t0
-    assert p.done == [("stall", 0), ("stall", 3000)]  # one before the headers, one mid-body
+    # one before the headers, one mid-body (on two concurrent connections: either may end first)
+    assert sorted(p.done) == [("stall", 0), ("stall", 3000)]
     assert sorted(got) == list(range(300))
     assert took < 20, f"two stalls cost {took:.0f}s with read_timeout_s=1 (boto3's fixed timeout is 60s)"
 
