@@ -85,6 +85,9 @@ def save(report: dict[str, Any], text: str, where: str | None) -> None:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         import mlflow
 
+        from orchestration import tracking
+
+        tracking.client()  # the fluent API on this environment's store (with its credentials), not a stale one
         mlflow.set_experiment("dataset-audit")
         with mlflow.start_run(run_name=f"audit {report['dataset_version']}"):
             mlflow.log_params({"url": report["url"], "dataset_version": report["dataset_version"],
