@@ -363,10 +363,14 @@ def test_stuck_rank_fails_both_workers_naming_the_function(faults: dict[str, Any
     from training.watchdog import HANG_EXIT_CODE
 
     rec = faults["hang_rank"]
-    assert rec["codes"] == [HANG_EXIT_CODE, HANG_EXIT_CODE], [x[-2000:] for x in rec["logs"]]
+    # The stuck rank dumps and exits 86. Rank 0, waiting for it in a collective, exits 86 by its own
+    # watchdog, or non-zero a moment earlier when gloo sees its peer gone (seen once under load):
+    # either way no rank hangs and Ray restarts the group.
+    assert rec["codes"][1] == HANG_EXIT_CODE and rec["codes"][0] != 0, [x[-2000:] for x in rec["logs"]]
     assert "stuck_in_forward" in rec["logs"][1] and "phase 'forward_backward'" in rec["logs"][1]
-    assert "HANG: no progress" in rec["logs"][0]  # rank 0 waits for rank 1 in a collective
-    assert _idle_s(rec["logs"][0]) < HANG_S + 2.0 and _idle_s(rec["logs"][1]) < HANG_S + 2.0
+    assert _idle_s(rec["logs"][1]) < HANG_S + 2.0
+    if rec["codes"][0] == HANG_EXIT_CODE:
+        assert "HANG: no progress" in rec["logs"][0] and _idle_s(rec["logs"][0]) < HANG_S + 2.0
 
 
 def _idle_s(log: str) -> float:
