@@ -293,9 +293,9 @@ def _preempted_step(log: str) -> tuple[int, int]:
     """(step saved, step at the signal) from a rank's 'preempted at step N (signal at step M)' line."""
     import re
 
-    m = re.search(r"preempted at step (\d+) \(signal at step (\w+)\)", log)
+    m = re.search(r"preempted at step (\d+) \((?:signal at step (\d+)|another rank was signalled)\)", log)
     assert m, log[-3000:]
-    return int(m.group(1)), int(m.group(2)) if m.group(2).isdigit() else -1
+    return int(m.group(1)), int(m.group(2)) if m.group(2) else -1
 
 
 @pytest.mark.integration

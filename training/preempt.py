@@ -16,7 +16,17 @@ If the save cannot finish within the grace (slow S3), a timer started at the sig
 process with 0 before SIGKILL would, saying so: the half-written checkpoint has no commit
 marker, so the previous complete one stays the newest and the restart resumes from there.
 Works under torchrun, the deepspeed launcher and anything that runs the Trainer in the main
-thread (signals can only be handled there; elsewhere the handler is not installed and says so).
+thread (signals can only be handled there). A launcher that runs the Trainer in another thread
+(Ray Train runs the train function in a thread of its worker actor) hands :meth:`Preemption.attach`
+a `run_on_main_thread` callable; the handler is then installed by the process's main thread
+(the actor's own task loop), which also runs it. Without one, the handler is not installed and
+the Trainer says so.
+
+A launcher can also pass a `notice`: a cheap callable polled once per step that is true while
+the platform announces an imminent preemption of some rank's node (Ray Train's drain-based
+preemption info). On a notice every rank saves a checkpoint together once and training goes
+on; the platform tears the group down at its deadline and the restart loses nothing. A signal
+(flag STOP) outranks a notice (flag SAVE) in the agreement.
 """
 
 from __future__ import annotations
@@ -33,6 +43,39 @@ import torch
 import torch.distributed as dist
 
 from training.dist import wait
+
+#: What :meth:`Preemption.poll` decides for this step (the all-reduce takes the MAX).
+GO, SAVE, STOP = 0, 1, 2
+
+#: The Preemption whose handler is installed in this process (a signal handler is process-wide;
+#: a module global, so that the install function can be sent by reference to the main thread).
+_ACTIVE: Preemption | None = None
+_PREVIOUS: Any = None  # the handler ours replaced (Ray's worker installs one)
+
+
+def _handle_sigterm(signum: int, frame: Any) -> None:
+    p = _ACTIVE
+    if p is None or os.getpid() != p._pid:
+        # A forked DataLoader worker inherited the handler, or no run is active: die as usual.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    p._on_signal(signum, frame)
+
+
+def install_sigterm_handler() -> None:
+    """Install the active Preemption's SIGTERM handler; must run on the process's main thread."""
+    global _PREVIOUS
+    previous = signal.signal(signal.SIGTERM, _handle_sigterm)
+    if previous is not _handle_sigterm:
+        _PREVIOUS = previous
+
+
+def restore_sigterm_handler() -> None:
+    """Put back the handler `install_sigterm_handler` replaced; main thread only."""
+    global _PREVIOUS
+    signal.signal(signal.SIGTERM, _PREVIOUS if _PREVIOUS is not None else signal.SIG_DFL)
+    _PREVIOUS = None
 
 
 class Preempted(SystemExit):
@@ -68,8 +111,10 @@ class Preemption:
         self.step = 0  # kept current by the Trainer, for the handler's message
         self.finished = False
         self._timer: threading.Timer | None = None
-        self._old_handler: Any = None
-        self._installed = False
+        self._installed: str | None = None  # "main" or "runner": how the handler got installed
+        self.run_on_main_thread: Callable[[Callable[[], None]], None] | None = None
+        self.notice: Callable[[], bool] | None = None
+        self.noticed_at_step: int | None = None  # step of the agreed save on a notice
         self._pid = os.getpid()
         self._pending: tuple[Any, torch.Tensor] | None = None
         # A CPU group even under nccl: the flag never touches the device.
@@ -78,29 +123,50 @@ class Preemption:
             self._group = dist.new_group(backend="gloo")
 
     # ------------------------------------------------------------------ signal side
+    def attach(self, *, run_on_main_thread: Callable[[Callable[[], None]], None] | None = None,
+               notice: Callable[[], bool] | None = None) -> None:
+        """Launcher hooks (see the module doc): how to run a function on the main thread when the
+        Trainer does not run there, and a per-step preemption notice."""
+        self.run_on_main_thread, self.notice = run_on_main_thread, notice
+
     def install(self) -> None:
-        """Handle SIGTERM in this process (main thread only; elsewhere say why not)."""
+        """Handle SIGTERM in this process (on the main thread, directly or through the runner)."""
+        global _ACTIVE
         if self._installed:
-            return
-        if threading.current_thread() is not threading.main_thread():
-            say(f"rank {self.rank}: preemption handler not installed: the Trainer runs outside the main thread, "
-                "where Python cannot handle signals; SIGTERM keeps its default action (the restart resumes "
-                "from the newest checkpoint). Run fit() in the main thread to checkpoint on SIGTERM")
             return
         self._pid = os.getpid()
-        self._old_handler = signal.signal(signal.SIGTERM, self._on_signal)
-        self._installed = True
+        _ACTIVE = self
+        try:
+            if threading.current_thread() is threading.main_thread():
+                install_sigterm_handler()
+                self._installed = "main"
+            elif self.run_on_main_thread is not None:
+                self.run_on_main_thread(install_sigterm_handler)
+                self._installed = "runner"
+        except Exception as e:  # noqa: BLE001 - training goes on; SIGTERM keeps its old meaning
+            say(f"rank {self.rank}: preemption handler not installed ({type(e).__name__}: {e}); SIGTERM keeps "
+                "its default action (the restart resumes from the newest checkpoint)")
+        if not self._installed:
+            _ACTIVE = None
+            if self.run_on_main_thread is None:
+                say(f"rank {self.rank}: preemption handler not installed: the Trainer runs outside the main thread, "
+                    "where Python cannot handle signals, and no run_on_main_thread was attached; SIGTERM keeps its "
+                    "default action (the restart resumes from the newest checkpoint)")
 
     def uninstall(self) -> None:
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._old_handler if self._old_handler is not None else signal.SIG_DFL)
-            self._installed = False
+        global _ACTIVE
+        how, self._installed = self._installed, None
+        try:
+            if how == "main":
+                restore_sigterm_handler()
+            elif how == "runner" and self.run_on_main_thread is not None:
+                self.run_on_main_thread(restore_sigterm_handler)
+        except Exception as e:  # noqa: BLE001 - the handler stays; with _ACTIVE gone it dies as usual
+            say(f"rank {self.rank}: could not restore the previous SIGTERM handler ({type(e).__name__}: {e})")
+        if _ACTIVE is self:
+            _ACTIVE = None
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if os.getpid() != self._pid:  # a forked DataLoader worker inherited the handler: die as usual
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
         if self.requested_at is not None:
             return
         self.signal_step = self.step
@@ -139,29 +205,48 @@ class Preemption:
             self._timer.cancel()
 
     # ------------------------------------------------------------------ loop side
-    def poll(self) -> bool:
-        """Every rank, once per optimizer step: True when every rank must stop now.
+    def poll(self) -> int:
+        """Every rank, once per optimizer step: GO, SAVE (a notice: save once, go on) or STOP.
 
         One rank: this process's own flag. Several: the previous step's all-reduce (MAX) of
         every rank's flag decides, so all ranks decide the same at the same step; then this
         step's flag goes out asynchronously.
         """
         if self.world_size == 1:
-            return self.requested_at is not None
-        stop = False
+            return self._agreed(self._local_flag())
+        decided = GO
         if self._pending is not None:
             work, flag = self._pending
             self._pending = None
             wait(work, what="agreeing on preemption", timeout_s=self.timeout_s)
-            stop = bool(flag.numpy()[0])  # a CPU tensor: no device sync
-        if stop:
-            if self.requested_at is None:  # another rank was signalled: its grace is ours too
-                self._start_grace()
-            return True
-        flag = torch.tensor([1 if self.requested_at is not None else 0], dtype=torch.int32)
+            decided = self._agreed(int(flag.numpy()[0]))  # a CPU tensor: no device sync
+        if decided == STOP:
+            return STOP
+        flag = torch.tensor([self._local_flag()], dtype=torch.int32)
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
         self._pending = (work, flag)
-        return False
+        return decided
+
+    def _local_flag(self) -> int:
+        if self.requested_at is not None:
+            return STOP
+        if self.noticed_at_step is None and self.notice is not None:
+            try:
+                if self.notice():
+                    return SAVE
+            except Exception as e:  # noqa: BLE001 - a broken notice must not stop training
+                say(f"rank {self.rank}: preemption notice failed ({type(e).__name__}: {e}); ignoring it from now on")
+                self.notice = None
+        return GO
+
+    def _agreed(self, decided: int) -> int:
+        if decided == STOP and self.requested_at is None:  # another rank was signalled: its grace is ours too
+            self._start_grace()
+        if decided == SAVE:
+            if self.noticed_at_step is not None:
+                return GO  # one save per notice
+            self.noticed_at_step = self.step
+        return decided
 
     def drain(self) -> None:
         """End of fit: complete the outstanding flag collective (every rank has one)."""

@@ -43,7 +43,7 @@ from training.losses import loss_fn
 from training.metrics import MetricsSink, NullSink, device_name, mfu, peak_tflops
 from training.optim import build_optimizer, drop_repeated_norm_checks, lr_at, param_groups, set_lr
 from training.periodic import PeriodicEval, full_module
-from training.preempt import Preempted, Preemption, say
+from training.preempt import SAVE, STOP, Preempted, Preemption, say
 from training.prefetch import DevicePrefetcher
 from training.profiles import get_profile
 from training.watchdog import Watchdog
@@ -198,8 +198,11 @@ class Trainer:
             window.add(loss, wait)
             self.watchdog.beat("collective", self._step)
             self.preemption.step = self._step
-            if self.preemption.poll():  # SIGTERM on any rank: every rank saves and exits 0
+            decided = self.preemption.poll()
+            if decided == STOP:  # SIGTERM on any rank: every rank saves and exits 0
                 self._stop_preempted()
+            if decided == SAVE:  # a preemption notice: every rank saves once, training goes on
+                self._save_on_notice()
             if loss is None:  # skipped for a NaN/Inf: nothing to log, eval or save
                 continue
             if self._step % self.cfg.log_every == 0 or self._step == stop:  # log
@@ -449,10 +452,22 @@ class Trainer:
                     f"{e}); {self._what_a_restart_loses()}")
         p.done()
         if tag is not None:
-            say(f"rank {self.dist.rank}: preempted at step {self._step} (signal at step {p.signal_step}): "
+            when = f"signal at step {p.signal_step}" if p.signal_step is not None else "another rank was signalled"
+            say(f"rank {self.dist.rank}: preempted at step {self._step} ({when}): "
                 f"checkpoint {tag} complete after {time.monotonic() - t0:.1f} s; exiting 0")
         self.sink.log_metrics({"fault/preempted_at_step": float(self._step)}, self._step)
         raise Preempted(self._step, tag)
+
+    def _save_on_notice(self) -> None:
+        """Every rank, on an agreed preemption notice: checkpoint this step now (once)."""
+        self.faults.preemptions += 1
+        if self.checkpoint_dir is None or self._saved_step == self._step:
+            return
+        t0 = time.monotonic()
+        tag = self.save_checkpoint()
+        say(f"rank {self.dist.rank}: preemption notice: checkpoint {tag} complete after "
+            f"{time.monotonic() - t0:.1f} s; training goes on until the platform stops this attempt")
+        self.sink.log_metrics({"fault/preemption_notice_at_step": float(self._step)}, self._step)
 
     def _what_a_restart_loses(self) -> str:
         if self._saved_step is None:

@@ -30,6 +30,7 @@ from orchestration.experiment.config import Experiment, experiment_from_dict, ex
 from orchestration.launch.build import build_run, probe_batch, resume, timed_fit
 from orchestration.launch.store import checkpoint_location, read_run_file
 from pipeline.storage import open_storage, url_join
+from training.preempt import Preempted, say
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +182,12 @@ def train_worker(config: dict[str, Any]) -> None:
         exp, rank=rank, world=world, checkpoint_url=checkpoint_url, checkpoint_key=config["run_id"],
         make_sink=lambda _model: sink, init_weights=config.get("init_weights"),
     )
+    attach_ray_preemption(trainer)
     start_step = resume(trainer, sink.log_metrics if sink is not None else None, prefix="attempt/")
-    result, elapsed = timed_fit(trainer)
+    try:
+        result, elapsed = timed_fit(trainer)
+    except Preempted as stopped:
+        leave_preempted(trainer, stopped, rank, sink)
     _export(trainer, config, rank, sink)
     if sink is not None:
         # Restarts, world-size changes, recomputed steps and time lost to faults, over all attempts
@@ -201,6 +206,52 @@ def train_worker(config: dict[str, Any]) -> None:
     checkpoint_dir, store = checkpoint_location(checkpoint_url, config["run_id"])
     if store is not None and local_rank == 0:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # local staging of the s3 mirror
+
+
+def attach_ray_preemption(trainer: Any) -> None:
+    """Give the Trainer, which Ray Train runs in a thread of its worker actor, the two preemption
+    hooks it cannot make itself (training/ does not import Ray):
+
+    * SIGTERM: the handler must be installed by the process's main thread. That thread runs the
+      actor's task loop, so the install is sent to it as a task of this very actor
+      (``RayTrainWorker.execute``); it then also runs the handler when the signal comes.
+    * Ray Train's drain-based preemption notice (a node being drained for PREEMPTION, e.g. a
+      spot reclaim announced through the autoscaler or ``ray drain-node``): Ray's watcher hands
+      every worker the PreemptionInfo. It is read locally each step (the public
+      ``ray.train.get_preemption_info()`` is a barrier across workers, too dear per step); the
+      Trainer's own per-step all-reduce makes the ranks agree, every rank saves once and
+      training goes on until Ray Train stops this attempt at the deadline and restarts it.
+    """
+    import ray
+
+    def run_on_main_thread(fn: Any) -> None:
+        actor = ray.get_runtime_context().current_actor
+        ray.get(actor.execute.remote(fn), timeout=120)
+
+    notice = None
+    try:  # internal in Ray 2.60 (what get_preemption_info reads before its barrier)
+        from ray.train.v2._internal.execution.context import get_train_context as internal_context
+
+        preemption = internal_context().preemption_context
+        notice = lambda: preemption.preemption_info is not None  # noqa: E731
+    except (ImportError, AttributeError) as e:
+        log.warning("Ray Train's preemption notice is not readable in this Ray version (%s): a drained node "
+                    "stops the attempt without a just-in-time checkpoint; SIGTERM still checkpoints", e)
+    trainer.preemption.attach(run_on_main_thread=run_on_main_thread, notice=notice)
+
+
+def leave_preempted(trainer: Any, stopped: Preempted, rank: int, sink: Any) -> None:
+    """Every rank has saved checkpoint ``stopped.tag`` after a SIGTERM. The signalled process exits 0
+    (its actor dies, as the platform wanted); the others fail this attempt so that Ray Train
+    restarts the group from that checkpoint at once (a normal return would end the run)."""
+    if trainer.preemption.signal_step is not None:
+        if sink is not None:
+            sink.close()
+        say(f"rank {rank}: preempted (SIGTERM): checkpoint {stopped.tag} saved at step {stopped.step}; "
+            "this worker exits 0 and Ray Train restarts the group from it")
+        os._exit(0)
+    raise RuntimeError(f"rank {rank}: stopped at step {stopped.step} because another rank was preempted (SIGTERM); "
+                       f"every rank saved checkpoint {stopped.tag}: Ray Train restarts the group from it")
 
 
 def worker_experiment(config: dict[str, Any]) -> Experiment:
