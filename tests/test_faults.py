@@ -453,3 +453,32 @@ def test_knobs_are_validated_and_resumable() -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT / "tests"))
     main()
+
+
+def test_preemption_notice_saves_at_once_and_again_just_before_the_deadline() -> None:
+    """A launcher's notice (Ray Train's drain info: a deadline) gives exactly two agreed saves: at
+    once, and when the deadline comes within jit_margin_s(); a SIGTERM still outranks it."""
+    import math
+
+    from training.preempt import GO, SAVE, STOP, Preemption
+
+    deadline: list[float | None] = [None]
+    p = Preemption(25.0, 0, 1, timeout_s=5.0, what_is_lost=lambda: "")
+    p.attach(notice=lambda: deadline[0])
+    assert [p.poll() for _ in range(3)] == [GO, GO, GO]
+    p.save_s, now = 1.5, time.time()
+    deadline[0] = now + 60.0
+    assert p.poll() == SAVE and p.notice_saves == 1  # at once: the deadline may be missed
+    assert [p.poll() for _ in range(3)] == [GO, GO, GO]  # far from the deadline: train on
+    assert 5.0 <= p.jit_margin_s() < 6.0, p.jit_margin_s()  # 2 x 1.5 s save + 3 steps (~0 s) + 2 s
+    deadline[0] = time.time() + p.jit_margin_s() - 0.5
+    assert p.poll() == SAVE and p.notice_saves == 2
+    assert [p.poll() for _ in range(3)] == [GO, GO, GO]  # never a third save
+    q = Preemption(25.0, 0, 1, timeout_s=5.0, what_is_lost=lambda: "")
+    q.attach(notice=lambda: math.inf)  # announced without a deadline: one save
+    assert [q.poll() for _ in range(3)] == [SAVE, GO, GO]
+    q.requested_at = time.monotonic()  # as the SIGTERM handler does
+    assert q.poll() == STOP
+    r = Preemption(25.0, 0, 1, timeout_s=5.0, what_is_lost=lambda: "")
+    r.attach(notice=lambda: 1 / 0)  # a broken notice is dropped with a message, training goes on
+    assert [r.poll() for _ in range(2)] == [GO, GO] and r.notice is None

@@ -406,14 +406,15 @@ def test_sigterm_under_ray_job_submit_checkpoints_and_resumes(cluster: dict[str,
 
 @pytest.mark.integration
 def test_ray_drain_notice_saves_just_in_time_and_the_run_finishes(cluster: dict[str, str], digits_url: str) -> None:
-    """Ray Train's own preemption machinery: the worker node is drained for PREEMPTION with a
+    """Ray Train's own preemption machinery: the worker node is drained for PREEMPTION with a 20 s
     deadline (what the autoscaler does on a spot reclaim; here `ray drain-node`). Every rank saves a
-    checkpoint as soon as the notice reaches it and trains on; after the deadline the node is killed,
-    comes back, and the restarted group resumes from that checkpoint (or a later one) and finishes."""
+    checkpoint as soon as the notice reaches it, trains on, and saves once more just before the
+    deadline; the node is reclaimed at the deadline, a new one joins, and the restarted group resumes
+    from that last save, recomputing only the few steps after it."""
     since = time.time() - 1
     proc = _submit(cluster, "--data", digits_url, "--storage", cluster["VITSCALE_STORAGE"], "--workers", "2",
                    "--no-register", "--set", "train.total_steps=300", "--set", "train.warmup_steps=2",
-                   "--set", "train.checkpoint_every=100", "--set", "train.eval_every=100",
+                   "--set", "train.checkpoint_every=1000", "--set", "train.eval_every=1000",
                    "--set", "train.log_every=2", "--set", "max_failures=2")
     try:
         _wait_for_progress(cluster, proc, since, 4)
@@ -421,13 +422,13 @@ def test_ray_drain_notice_saves_just_in_time_and_the_run_finishes(cluster: dict[
                 if "node_1" in n["resources_total"] and n["state"] == "ALIVE"]
         assert len(node) == 1, node
         subprocess.run([str(VENV_BIN / "ray"), "drain-node", "--address", cluster["VITSCALE_RAY_GCS"],
-                        "--node-id", node[0], "--reason",
-                        "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (test)",
-                        "--deadline-remaining-seconds", "15"], env=cluster, check=True, timeout=60)
+                        "--node-id", node[0], "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message",
+                        "spot reclaim (test)", "--deadline-remaining-seconds", "20"], env=cluster, check=True,
+                       timeout=60)
         drained_at = time.time()
-        marker = _wait_for_checkpoint(cluster, proc, drained_at)
+        _wait_for_checkpoint(cluster, proc, drained_at)
         # The platform reclaims the node at its deadline; a replacement node joins later.
-        time.sleep(max(drained_at + 15 - time.time(), 0))
+        time.sleep(max(drained_at + 20 - time.time(), 0))
         subprocess.run(["bash", str(ROOT / "infra/local/kill_node.sh"), "1"], env=cluster, check=True,
                        capture_output=True, text=True, timeout=60)
     finally:
@@ -435,9 +436,14 @@ def test_ray_drain_notice_saves_just_in_time_and_the_run_finishes(cluster: dict[
     run = _watch(cluster, proc, timeout=400)
     out, res = run["output"], _result(run["output"])
     m = res["metrics"]
-    notice = re.search(r"rank 0: preemption notice: checkpoint step(\d+) complete", out)
-    assert notice, f"no preemption-notice checkpoint line:\n{out[-6000:]}"
-    assert f"step{notice.group(1)}/complete.json" in marker, (marker, notice.group(0))
-    print(f"drain: notice checkpoint {marker}, {m}")
-    assert m["step"] == 300 and m["resumed_from_step"] >= int(notice.group(1)), m
-    assert m["fault/preemptions"] >= 1 and m["fault/restarts"] >= 1, m
+    saves = [int(x) for x in re.findall(r"rank 0: preemption notice: checkpoint step(\d+) complete", out)]
+    print(f"drain: notice saves at steps {saves}; {m}")
+    assert len(saves) == 2 and saves[0] < saves[1], f"expected a save at the notice and one before the deadline:\n" \
+                                                      f"{out[-6000:]}"
+    assert {*saves} <= _commit_steps(cluster, res["run_id"])
+    assert m["step"] == 300 and m["resumed_from_step"] == saves[1], m
+    # Only the steps between the last save and the deadline are recomputed (the margin: two saves,
+    # three steps and 2 s): far fewer than the steps since the notice, which one save at the notice
+    # (Ray's recipe) would recompute.
+    assert m["fault/preemptions"] == 1 and m["fault/restarts"] == 1, m
+    assert 0 < m["fault/lost_steps"] < (saves[1] - saves[0]) / 2, (saves, m)

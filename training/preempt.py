@@ -22,11 +22,14 @@ a `run_on_main_thread` callable; the handler is then installed by the process's 
 (the actor's own task loop), which also runs it. Without one, the handler is not installed and
 the Trainer says so.
 
-A launcher can also pass a `notice`: a cheap callable polled once per step that is true while
-the platform announces an imminent preemption of some rank's node (Ray Train's drain-based
-preemption info). On a notice every rank saves a checkpoint together once and training goes
-on; the platform tears the group down at its deadline and the restart loses nothing. A signal
-(flag STOP) outranks a notice (flag SAVE) in the agreement.
+A launcher can also pass a `notice`: a cheap callable polled once per step that returns the
+deadline (``time.time()`` seconds; ``math.inf`` when none was given) while the platform
+announces an imminent preemption of some rank's node (Ray Train's drain-based preemption
+info), else None. On a notice every rank saves a checkpoint together at once (in case the
+deadline is missed) and training goes on; when the deadline comes within `jit_margin_s()` (two
+of the slowest saves seen plus three steps and 2 s) every rank saves once more, so the restart
+recomputes only the few steps after that. The platform tears the group down at its deadline. A
+signal (flag STOP) outranks a notice (flag SAVE) in the agreement.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -113,8 +116,11 @@ class Preemption:
         self._timer: threading.Timer | None = None
         self._installed: str | None = None  # "main" or "runner": how the handler got installed
         self.run_on_main_thread: Callable[[Callable[[], None]], None] | None = None
-        self.notice: Callable[[], bool] | None = None
-        self.noticed_at_step: int | None = None  # step of the agreed save on a notice
+        self.notice: Callable[[], float | None] | None = None
+        self.notice_saves = 0  # agreed saves for the current notice: 0, 1 (at once), 2 (near the deadline)
+        self.save_s = 0.0  # the slowest checkpoint save seen (the Trainer keeps it current)
+        self.step_s = 0.0  # the last interval between two polls (one optimizer step)
+        self._last_poll: float | None = None
         self._pid = os.getpid()
         self._pending: tuple[Any, torch.Tensor] | None = None
         # A CPU group even under nccl: the flag never touches the device.
@@ -124,7 +130,7 @@ class Preemption:
 
     # ------------------------------------------------------------------ signal side
     def attach(self, *, run_on_main_thread: Callable[[Callable[[], None]], None] | None = None,
-               notice: Callable[[], bool] | None = None) -> None:
+               notice: Callable[[], float | None] | None = None) -> None:
         """Launcher hooks (see the module doc): how to run a function on the main thread when the
         Trainer does not run there, and a per-step preemption notice."""
         self.run_on_main_thread, self.notice = run_on_main_thread, notice
@@ -192,6 +198,14 @@ class Preemption:
         sys.stdout.flush()
         os._exit(0)
 
+    def exit_now(self, why: str) -> NoReturn:
+        """Leave the process with 0 at once (no interpreter teardown), saying why."""
+        self.done()
+        say(f"rank {self.rank}: {why}")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(0)
+
     def remaining_s(self) -> float:
         """Seconds left of the grace (the full grace when no stop was requested)."""
         if self.requested_at is None:
@@ -212,6 +226,10 @@ class Preemption:
         every rank's flag decides, so all ranks decide the same at the same step; then this
         step's flag goes out asynchronously.
         """
+        now = time.monotonic()
+        if self._last_poll is not None:
+            self.step_s = now - self._last_poll
+        self._last_poll = now
         if self.world_size == 1:
             return self._agreed(self._local_flag())
         decided = GO
@@ -230,22 +248,30 @@ class Preemption:
     def _local_flag(self) -> int:
         if self.requested_at is not None:
             return STOP
-        if self.noticed_at_step is None and self.notice is not None:
-            try:
-                if self.notice():
-                    return SAVE
-            except Exception as e:  # noqa: BLE001 - a broken notice must not stop training
-                say(f"rank {self.rank}: preemption notice failed ({type(e).__name__}: {e}); ignoring it from now on")
-                self.notice = None
+        if self.notice is None or self.notice_saves >= 2:
+            return GO
+        try:
+            deadline = self.notice()
+        except Exception as e:  # noqa: BLE001 - a broken notice must not stop training
+            say(f"rank {self.rank}: preemption notice failed ({type(e).__name__}: {e}); ignoring it from now on")
+            self.notice = None
+            return GO
+        if deadline is None:
+            return GO
+        if self.notice_saves == 0 or deadline - time.time() <= self.jit_margin_s():
+            return SAVE
         return GO
+
+    def jit_margin_s(self) -> float:
+        """How long before a notice's deadline the last save starts: the agreement takes a step,
+        the save then needs its time; doubled, plus slack, for a slower storage on the day."""
+        return 2.0 * self.save_s + 3.0 * self.step_s + 2.0
 
     def _agreed(self, decided: int) -> int:
         if decided == STOP and self.requested_at is None:  # another rank was signalled: its grace is ours too
             self._start_grace()
         if decided == SAVE:
-            if self.noticed_at_step is not None:
-                return GO  # one save per notice
-            self.noticed_at_step = self.step
+            self.notice_saves += 1  # the same count on every rank: it follows agreed results only
         return decided
 
     def drain(self) -> None:

@@ -428,7 +428,9 @@ class Trainer:
                     "faults": self.faults.to_dict()}
 
         self.watchdog.beat("checkpoint", self._step)
+        t0 = time.monotonic()
         tag = self.checkpoints.save(self._step, cfg or self.cfg, state)
+        self.preemption.save_s = max(self.preemption.save_s, time.monotonic() - t0)  # for a notice's last save
         self._saved_step = self._step
         self.watchdog.beat("collective", self._step)
         return tag
@@ -450,6 +452,10 @@ class Trainer:
             except Exception as e:  # noqa: BLE001 - the run must still leave cleanly: exit 0
                 say(f"rank {self.dist.rank}: preemption checkpoint of step {self._step} failed ({type(e).__name__}: "
                     f"{e}); {self._what_a_restart_loses()}")
+                if self.dist.world_size > 1:
+                    # A collective failed: a peer is gone (its grace ended first). Tearing down a
+                    # process group with a dead peer can abort (gloo: SIGABRT), so leave now, with 0.
+                    p.exit_now("exiting 0 without tearing down the broken process group")
         p.done()
         if tag is not None:
             when = f"signal at step {p.signal_step}" if p.signal_step is not None else "another rank was signalled"
@@ -459,15 +465,19 @@ class Trainer:
         raise Preempted(self._step, tag)
 
     def _save_on_notice(self) -> None:
-        """Every rank, on an agreed preemption notice: checkpoint this step now (once)."""
-        self.faults.preemptions += 1
+        """Every rank, on an agreed preemption notice: checkpoint this step now (at the notice,
+        then once more just before its deadline; training.preempt)."""
+        first = self.preemption.notice_saves == 1
+        if first:
+            self.faults.preemptions += 1
         if self.checkpoint_dir is None or self._saved_step == self._step:
             return
         t0 = time.monotonic()
         tag = self.save_checkpoint()
-        say(f"rank {self.dist.rank}: preemption notice: checkpoint {tag} complete after "
+        when = "at the notice" if first else "just before the deadline"
+        say(f"rank {self.dist.rank}: preemption notice: checkpoint {tag} complete {when} after "
             f"{time.monotonic() - t0:.1f} s; training goes on until the platform stops this attempt")
-        self.sink.log_metrics({"fault/preemption_notice_at_step": float(self._step)}, self._step)
+        self.sink.log_metrics({"fault/preemption_save_at_step": float(self._step)}, self._step)
 
     def _what_a_restart_loses(self) -> str:
         if self._saved_step is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -219,8 +220,9 @@ def attach_ray_preemption(trainer: Any) -> None:
       spot reclaim announced through the autoscaler or ``ray drain-node``): Ray's watcher hands
       every worker the PreemptionInfo. It is read locally each step (the public
       ``ray.train.get_preemption_info()`` is a barrier across workers, too dear per step); the
-      Trainer's own per-step all-reduce makes the ranks agree, every rank saves once and
-      training goes on until Ray Train stops this attempt at the deadline and restarts it.
+      Trainer's own per-step all-reduce makes the ranks agree: every rank saves at once and again
+      just before the deadline, and trains on until Ray Train stops this attempt at the deadline
+      and restarts it.
     """
     import ray
 
@@ -233,7 +235,12 @@ def attach_ray_preemption(trainer: Any) -> None:
         from ray.train.v2._internal.execution.context import get_train_context as internal_context
 
         preemption = internal_context().preemption_context
-        notice = lambda: preemption.preemption_info is not None  # noqa: E731
+
+        def notice() -> float | None:
+            info = preemption.preemption_info
+            if info is None:
+                return None
+            return info.deadline_ms / 1000.0 if info.deadline_ms else math.inf
     except (ImportError, AttributeError) as e:
         log.warning("Ray Train's preemption notice is not readable in this Ray version (%s): a drained node "
                     "stops the attempt without a just-in-time checkpoint; SIGTERM still checkpoints", e)
