@@ -446,4 +446,4 @@ def test_ray_drain_notice_saves_just_in_time_and_the_run_finishes(cluster: dict[
     # three steps and 2 s): far fewer than the steps since the notice, which one save at the notice
     # (Ray's recipe) would recompute.
     assert m["fault/preemptions"] == 1 and m["fault/restarts"] == 1, m
-    assert 0 < m["fault/lost_steps"] < (saves[1] - saves[0]) / 2, (saves, m)
+    assert 0 <= m["fault/lost_steps"] < (saves[1] - saves[0]) / 2, (saves, m)
