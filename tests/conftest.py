@@ -196,6 +196,20 @@ def spawn_ranks(argv: list[str], world: int, log_of: Callable[[int], Path]) -> l
     return procs
 
 
+def wait_ranks(procs: list[subprocess.Popen[bytes]], log_of: Callable[[int], Path], deadline: float,
+               name: str = "worker") -> None:
+    """Every rank exits 0 by ``deadline`` (time.monotonic()); else all are killed and the first
+    failing rank's log tail is the assertion message."""
+    for rank, p in enumerate(procs):
+        try:
+            code = p.wait(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            code = None
+            for q in procs:
+                q.kill()
+        assert code == 0, f"{name} rank {rank} exited {code}:\n{log_of(rank).read_text()[-4000:]}"
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _environment_per_module() -> Iterator[None]:
     """Each test module ends with the MLFLOW_* environment it started with.

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -101,19 +100,11 @@ def worker(mode: str, dataset: str, ckdir: str, out: Path) -> None:
 
 # ---------------------------------------------------------------------------- test side
 def _run(mode: str, world: int, dataset: Path, ckdir: Path, out: Path, timeout: float = 240) -> list[dict]:
-    from conftest import spawn_ranks
+    from conftest import spawn_ranks, wait_ranks
 
     log = lambda rank: out / f"{mode}_r{rank}.log"  # noqa: E731
     procs = spawn_ranks([__file__, mode, str(dataset), str(ckdir), str(out)], world, log)
-    deadline = time.monotonic() + timeout
-    for rank, p in enumerate(procs):
-        try:
-            code = p.wait(timeout=max(deadline - time.monotonic(), 1))
-        except subprocess.TimeoutExpired:
-            code = None
-            for q in procs:
-                q.kill()
-        assert code == 0, f"{mode} rank {rank} exited {code}:\n{log(rank).read_text()[-4000:]}"
+    wait_ranks(procs, log, time.monotonic() + timeout, mode)
     return [json.loads((out / f"{mode}_r{rank}.json").read_text()) for rank in range(world)]
 
 

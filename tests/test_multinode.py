@@ -366,6 +366,15 @@ def _commit_steps(env: dict[str, str], run_id: str) -> set[int]:
     return {int(m.group(1)) for k in keys if (m := re.search(r"/step(\d+)/complete\.json$", k))}
 
 
+def _submit_no_checkpoints(cluster: dict[str, str], digits_url: str, total_steps: int) -> subprocess.Popen[str]:
+    """2 ranks, a progress record every 2 steps, no periodic checkpoint or eval: every checkpoint
+    the run writes comes from a preemption."""
+    return _submit(cluster, "--data", digits_url, "--storage", cluster["VITSCALE_STORAGE"], "--workers", "2",
+                   "--no-register", "--set", f"train.total_steps={total_steps}", "--set", "train.warmup_steps=2",
+                   "--set", "train.checkpoint_every=1000", "--set", "train.eval_every=1000",
+                   "--set", "train.log_every=2", "--set", "max_failures=2")
+
+
 @pytest.mark.integration
 def test_sigterm_under_ray_job_submit_checkpoints_and_resumes(cluster: dict[str, str], digits_url: str) -> None:
     """Under `ray job submit` the Trainer runs in a thread of Ray Train's worker actor, where Python
@@ -374,10 +383,7 @@ def test_sigterm_under_ray_job_submit_checkpoints_and_resumes(cluster: dict[str,
     worker exits 0, Ray Train restarts the group from that checkpoint and the run finishes, having
     recomputed nothing."""
     since = time.time() - 1
-    proc = _submit(cluster, "--data", digits_url, "--storage", cluster["VITSCALE_STORAGE"], "--workers", "2",
-                   "--no-register", "--set", "train.total_steps=40", "--set", "train.warmup_steps=2",
-                   "--set", "train.checkpoint_every=100", "--set", "train.eval_every=100",
-                   "--set", "train.log_every=2", "--set", "max_failures=2")
+    proc = _submit_no_checkpoints(cluster, digits_url, total_steps=40)
     try:
         _wait_for_progress(cluster, proc, since, 6)
         victim = _actor_on(cluster, "ray_worker_1")
@@ -412,10 +418,7 @@ def test_ray_drain_notice_saves_just_in_time_and_the_run_finishes(cluster: dict[
     deadline; the node is reclaimed at the deadline, a new one joins, and the restarted group resumes
     from that last save, recomputing only the few steps after it."""
     since = time.time() - 1
-    proc = _submit(cluster, "--data", digits_url, "--storage", cluster["VITSCALE_STORAGE"], "--workers", "2",
-                   "--no-register", "--set", "train.total_steps=300", "--set", "train.warmup_steps=2",
-                   "--set", "train.checkpoint_every=1000", "--set", "train.eval_every=1000",
-                   "--set", "train.log_every=2", "--set", "max_failures=2")
+    proc = _submit_no_checkpoints(cluster, digits_url, total_steps=300)
     try:
         _wait_for_progress(cluster, proc, since, 4)
         node = [n["node_id"] for n in _ray_list(cluster, "nodes")

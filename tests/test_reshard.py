@@ -114,16 +114,11 @@ def _spawn(mode: str, saved_by: int, world: int, out: Path) -> list[subprocess.P
 
 
 def _wait(groups: dict[str, list[subprocess.Popen]], out: Path, timeout: float = 300) -> None:
+    from conftest import wait_ranks
+
     deadline = time.monotonic() + timeout
     for name, procs in groups.items():
-        for rank, p in enumerate(procs):
-            try:
-                code = p.wait(timeout=max(deadline - time.monotonic(), 1))
-            except subprocess.TimeoutExpired:
-                code = None
-                for q in procs:
-                    q.kill()
-            assert code == 0, f"{name} rank {rank} exited {code}:\n{(out / f'{name}_r{rank}.log').read_text()[-4000:]}"
+        wait_ranks(procs, lambda rank, name=name: out / f"{name}_r{rank}.log", deadline, name)
 
 
 @pytest.fixture(scope="module")
