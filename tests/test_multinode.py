@@ -429,7 +429,7 @@ def test_ray_drain_notice_saves_just_in_time_and_the_run_finishes(cluster: dict[
                         "spot reclaim (test)", "--deadline-remaining-seconds", "20"], env=cluster, check=True,
                        timeout=60)
         drained_at = time.time()
-        _wait_for_checkpoint(cluster, proc, drained_at)
+        first = _wait_for_checkpoint(cluster, proc, drained_at)
         # The platform reclaims the node at its deadline; a replacement node joins later.
         time.sleep(max(drained_at + 20 - time.time(), 0))
         subprocess.run(["bash", str(ROOT / "infra/local/kill_node.sh"), "1"], env=cluster, check=True,
@@ -443,6 +443,10 @@ def test_ray_drain_notice_saves_just_in_time_and_the_run_finishes(cluster: dict[
     print(f"drain: notice saves at steps {saves}; {m}")
     assert len(saves) == 2 and saves[0] < saves[1], f"expected a save at the notice and one before the deadline:\n" \
                                                       f"{out[-6000:]}"
+    # Both saves are committed and kept (keep_checkpoints=3: the two and the final step). Pruning
+    # once deleted step{saves[0]} here: rank 0 had moved to a node whose staging copy of it had no
+    # marker (training.checkpoint.prune now asks the store).
+    assert first.endswith(f"/step{saves[0]}/complete.json"), (first, saves)
     assert {*saves} <= _commit_steps(cluster, res["run_id"])
     assert m["step"] == 300 and m["resumed_from_step"] == saves[1], m
     # Only the steps between the last save and the deadline are recomputed (the margin: two saves,

@@ -172,6 +172,23 @@ def test_checkpoint_commit_prune_and_store(tmp_path: Path) -> None:
     assert ckpt.latest_complete(root) == "step30"
 
 
+def test_prune_keeps_what_the_store_has_committed(tmp_path: Path) -> None:
+    """Multi-node: rank 0 now runs on a node whose staging folder holds step34 without a marker
+    (that node only had rank 1's files; the marker went to the store from the old rank 0's node).
+    Pruning after step300 must not delete step34 from the store: it is committed there."""
+    root, store = tmp_path / "ck", LocalDirStore(tmp_path / "remote")
+    for step in (34, 182):
+        _fake_checkpoint(tmp_path / "old_rank0_node", step, complete=True)
+        store.upload_dir(str(tmp_path / "old_rank0_node" / ckpt.tag_for(step)), ckpt.tag_for(step))
+        _fake_checkpoint(root, step, complete=False)  # this node: its own rank's files only
+    _fake_checkpoint(root, 300, complete=True)
+    store.upload_dir(str(root / "step300"), "step300")
+    assert ckpt.prune(root, keep=3, store=store) == []
+    assert store.list_dirs() == ["step182", "step300", "step34"]
+    assert sorted(ckpt.prune(root, keep=2, store=store)) == ["step34"]  # retention still applies
+    assert store.list_dirs() == ["step182", "step300"] and not (root / "step34").exists()
+
+
 def test_rng_state_roundtrip() -> None:
     import random
 

@@ -197,16 +197,26 @@ def commit(checkpoint_dir: str | Path, tag: str, step: int, world_size: int) -> 
 
 def prune(checkpoint_dir: str | Path, keep: int, store: CheckpointStore | None = None) -> list[str]:
     """Rank 0: delete all but the newest `keep` committed checkpoints, and any uncommitted
-    directory older than the newest committed one (a crashed save). Returns deleted tags."""
+    directory older than the newest committed one (a crashed save). Returns deleted tags.
+
+    With a store, the store says what is committed: this node's staging folder may hold tags
+    without a marker that are committed all the same (only rank 0's node writes the marker
+    locally; a later rank 0 on another node sees just its own ranks' files there).
+    """
     root = Path(checkpoint_dir)
-    complete = complete_tags(root)
+    local = [p.name for p in root.iterdir()] if root.is_dir() else []
+    if store is None:
+        complete, names = complete_tags(root), local
+    else:
+        remote = store.list_dirs()
+        complete = sorted((n for n in remote if step_of(n) is not None and _safe_read(store, f"{n}/{MARKER}") is not None),
+                          key=lambda t: step_of(t) or 0)
+        names = sorted(set(remote) | set(local))
     newest = step_of(complete[-1]) if complete else None
     doomed = complete[:-keep] if keep < len(complete) else []
     if newest is not None:
-        for p in root.iterdir():
-            s = step_of(p.name)
-            if s is not None and s < newest and not is_complete(p):
-                doomed.append(p.name)
+        committed = set(complete)
+        doomed += [n for n in names if (s := step_of(n)) is not None and s < newest and n not in committed]
     for tag in doomed:
         shutil.rmtree(root / tag, ignore_errors=True)
         shutil.rmtree(root / f"{tag}{UNIVERSAL_SUFFIX}", ignore_errors=True)
