@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from pipeline import DataConfig, build_loader
 
 from .report import EvalReport, ResultRow
-from .ridge import L2_GRID, fit_fewshot
+from .ridge import L2_GRID, LinearClassifier, fit_fewshot
 from .support import SupportPool, check_shots, open_pool, read_images, select_support, support_digest
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,18 @@ def _sum(values: Tensor, world_size: int) -> Tensor:
     return values
 
 
+def ranked_accuracy(clf: LinearClassifier, x: Tensor, y: Tensor, world_size: int, where: str) -> tuple[float, int]:
+    """(accuracy, images) of `clf` on every rank's test rows `x, y`, summed over the ranks; an
+    empty test split (over all ranks) raises, naming `where`."""
+    correct = (clf.predict(x) == y.to(clf.w.device)).sum().to(torch.float64)
+    counts = _sum(torch.stack([correct, torch.tensor(float(len(y)), dtype=torch.float64, device=correct.device)]),
+                  world_size)
+    total = int(counts[1].item())
+    if total == 0:
+        raise ValueError(f"{where} has no readable images to test on")
+    return counts[0].item() / total, total
+
+
 @torch.no_grad()
 def support_features(model: nn.Module, pool: SupportPool, ids: np.ndarray, cfg: FewShotConfig, *,
                      rank: int, world_size: int, device: torch.device) -> Tensor:
@@ -183,14 +195,9 @@ def _evaluate_one(model: nn.Module, pool: SupportPool, name: str, cfg: FewShotCo
         x = feats[:, :k].reshape(pool.num_classes * k, -1)
         y = torch.arange(pool.num_classes, device=x.device).repeat_interleave(k)
         clf = fit_fewshot(x, y, pool.num_classes, cfg.l2_grid)
-        correct = (clf.predict(test_x) == test_y.to(clf.w.device)).sum().to(torch.float64)
-        counts = _sum(torch.stack([correct, torch.tensor(float(len(test_y)), dtype=torch.float64,
-                                                         device=correct.device)]), world_size)
-        total = int(counts[1].item())
-        if total == 0:
-            raise ValueError(f"{pool.url}: split {cfg.test_split!r} has no readable images to test on")
+        acc, total = ranked_accuracy(clf, test_x, test_y, world_size, f"{pool.url}: split {cfg.test_split!r}")
         sub = ids.reshape(pool.num_classes, kmax)[:, :k].reshape(-1)
-        rows.append(ResultRow(method="fewshot", dataset=name, setting=f"{k}shot", value=counts[0].item() / total,
+        rows.append(ResultRow(method="fewshot", dataset=name, setting=f"{k}shot", value=acc,
                               details={"l2": clf.l2, "seed": cfg.seed, "test_images": total,
                                        "classes": pool.num_classes, "support": support_digest(pool, sub),
                                        "dataset_version": pool.meta.version}))

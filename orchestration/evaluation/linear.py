@@ -15,7 +15,7 @@ import time
 import torch
 from torch import Tensor, nn
 
-from .fewshot import FewShotConfig, _sum, eval_features
+from .fewshot import FewShotConfig, eval_features, ranked_accuracy
 from .report import EvalReport, ResultRow
 from .ridge import fit_fewshot
 from .support import open_pool
@@ -57,13 +57,8 @@ def evaluate_linear(model: nn.Module, cfg: FewShotConfig, *, rank: int = 0, worl
             x, y = _gather_rows(x, world_size), _gather_rows(y, world_size)
             clf = fit_fewshot(x, y, classes, cfg.l2_grid)
             tx, ty = eval_features(model, url, cfg, rank=rank, world_size=world_size, device=device)
-            correct = (clf.predict(tx) == ty.to(clf.w.device)).sum().to(torch.float64)
-            counts = _sum(torch.stack([correct, torch.tensor(float(len(ty)), dtype=torch.float64,
-                                                             device=correct.device)]), world_size)
-            total = int(counts[1].item())
-            if total == 0:
-                raise ValueError(f"{url}: split {cfg.test_split!r} has no readable images to test on")
-            rows.append(ResultRow(method=METHOD, dataset=name, setting=SETTING, value=counts[0].item() / total,
+            acc, total = ranked_accuracy(clf, tx, ty, world_size, f"{url}: split {cfg.test_split!r}")
+            rows.append(ResultRow(method=METHOD, dataset=name, setting=SETTING, value=acc,
                                   details={"l2": clf.l2, "train_images": len(y), "test_images": total,
                                            "classes": classes}))
     finally:
