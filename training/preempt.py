@@ -191,12 +191,10 @@ class Preemption:
         if self.finished:
             return
         since = time.monotonic() - (self.requested_at or time.monotonic())
-        say(f"rank {self.rank}: preemption: the checkpoint of step {self.step} did not finish within "
-            f"preempt_grace_s={self.grace_s:g} (slow storage?); exiting 0 without it, {since:.1f} s after the stop request. It has no commit marker, "
-            f"so {self.what_is_lost()}. Raise preempt_grace_s (and the platform's grace period) if saves need longer")
-        sys.stderr.flush()
-        sys.stdout.flush()
-        os._exit(0)
+        self.exit_now(f"preemption: the checkpoint of step {self.step} did not finish within "
+                      f"preempt_grace_s={self.grace_s:g} (slow storage?); exiting 0 without it, {since:.1f} s after "
+                      f"the stop request. It has no commit marker, so {self.what_is_lost()}. Raise preempt_grace_s "
+                      "(and the platform's grace period) if saves need longer")
 
     def exit_now(self, why: str) -> NoReturn:
         """Leave the process with 0 at once (no interpreter teardown), saying why."""

@@ -31,7 +31,7 @@ from orchestration.experiment.config import Experiment, experiment_from_dict, ex
 from orchestration.launch.build import build_run, probe_batch, resume, timed_fit
 from orchestration.launch.store import checkpoint_location, read_run_file
 from pipeline.storage import open_storage, url_join
-from training.preempt import Preempted, say
+from training.preempt import Preempted
 
 log = logging.getLogger(__name__)
 
@@ -254,9 +254,8 @@ def leave_preempted(trainer: Any, stopped: Preempted, rank: int, sink: Any) -> N
     if trainer.preemption.signal_step is not None:
         if sink is not None:
             sink.close()
-        say(f"rank {rank}: preempted (SIGTERM): checkpoint {stopped.tag} saved at step {stopped.step}; "
-            "this worker exits 0 and Ray Train restarts the group from it")
-        os._exit(0)
+        trainer.preemption.exit_now(f"preempted (SIGTERM): checkpoint {stopped.tag} saved at step {stopped.step}; "
+                                    "this worker exits 0 and Ray Train restarts the group from it")
     raise RuntimeError(f"rank {rank}: stopped at step {stopped.step} because another rank was preempted (SIGTERM); "
                        f"every rank saved checkpoint {stopped.tag}: Ray Train restarts the group from it")
 
