@@ -164,3 +164,29 @@ def test_workers_range_is_elastic_and_every_size_must_fit_the_global_batch() -> 
         resolve_experiment("vit_mu_smoke", ["train.global_batch=48", "train.micro_batch=16"], "1-3")
     with pytest.raises(ValueError, match=r"min_workers=3 must be an int in \[1, workers=2\]"):
         resolve_experiment("vit_mu_smoke", ["min_workers=3"], None)
+
+
+def test_group_start_timeout_reaches_ray_train_through_its_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`group_start_timeout_s` -> RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S for one fit() (Ray Train passes
+    it on to its controller); put back after, a user's own export kept when the field is None."""
+    import os
+
+    from orchestration.launch.train import GROUP_START_TIMEOUT_ENV, ray_train_env
+    from orchestration.pretrain import resolve_experiment
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
+
+    assert GROUP_START_TIMEOUT_ENV in ENV_VARS_TO_PROPAGATE  # Ray still forwards it to the controller
+    monkeypatch.delenv(GROUP_START_TIMEOUT_ENV, raising=False)
+    exp = resolve_experiment("vit_mu_smoke", ["group_start_timeout_s=20"], "1-2")
+    with ray_train_env(exp):
+        assert os.environ[GROUP_START_TIMEOUT_ENV] == "20"
+    assert GROUP_START_TIMEOUT_ENV not in os.environ
+    monkeypatch.setenv(GROUP_START_TIMEOUT_ENV, "90")
+    with ray_train_env(resolve_experiment("vit_mu_smoke", [], None)):  # None: Ray's default or the user's
+        assert os.environ[GROUP_START_TIMEOUT_ENV] == "90"
+    with ray_train_env(exp):
+        assert os.environ[GROUP_START_TIMEOUT_ENV] == "20"
+    assert os.environ[GROUP_START_TIMEOUT_ENV] == "90"
+    for bad in ("0", "-5", "inf"):
+        with pytest.raises(ValueError, match=r"group_start_timeout_s=.* must be a finite number of seconds > 0"):
+            resolve_experiment("vit_mu_smoke", [f"group_start_timeout_s={bad}"], None)

@@ -119,6 +119,9 @@ def _consistency_problems(exp: Experiment) -> list[str]:
     r = exp.elastic_resize_s
     if not isinstance(r, int | float) or isinstance(r, bool) or not 0 < r < float("inf"):
         p.append(f"elastic_resize_s={r!r} must be a finite number of seconds > 0")
+    g = exp.group_start_timeout_s
+    if g is not None and (not isinstance(g, int | float) or isinstance(g, bool) or not 0 < g < float("inf")):
+        p.append(f"group_start_timeout_s={g!r} must be a finite number of seconds > 0 (or none for Ray's default)")
     m = exp.min_workers
     if m is not None and (not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= max(exp.workers, 1)):
         p.append(f"min_workers={m!r} must be an int in [1, workers={exp.workers}] (or none for a fixed size)")

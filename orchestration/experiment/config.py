@@ -43,6 +43,11 @@ class Experiment:
     # min_workers when nodes are lost and grows back; None = exactly `workers`.
     min_workers: int | None = None
     elastic_resize_s: float = 60.0  # how often an elastic group looks for capacity to grow into
+    # Ray Train's wait for a worker group's resources (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S);
+    # None = Ray's default (60 s). After a node is lost Ray first retries at the old size, on a
+    # view of the cluster that can still count the dead node, and waits this long before trying
+    # the size that fits; lower it where nodes never take long to come (no autoscaler launches).
+    group_start_timeout_s: float | None = None
     cpus_per_worker: int = 1
     gpus_per_worker: int = 0
     dataset_name: str = "dataset"

@@ -15,6 +15,7 @@ checkpoint, not from step 0.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -23,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -134,7 +136,8 @@ def run_training(
         ),
     )
     try:
-        result = trainer.fit()
+        with ray_train_env(exp):
+            result = trainer.fit()
     except Exception as e:  # ray.train.TrainingFailedError and friends
         raise RuntimeError(f"training run {run_id} failed: {e}") from e
     if getattr(result, "error", None):
@@ -142,6 +145,30 @@ def run_training(
     raw = read_run_file(run_dir, RESULT_KEY)
     return {**(result.metrics or {}), **(json.loads(raw) if raw else {})}
 
+
+
+#: Ray Train reads its knobs from the environment of the process that calls ``fit()`` and passes
+#: them on to its controller actor (``ray.train.v2._internal.constants.ENV_VARS_TO_PROPAGATE``).
+GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+@contextlib.contextmanager
+def ray_train_env(exp: Experiment) -> Iterator[None]:
+    """The experiment's Ray Train settings that Ray only takes from the environment, set for one
+    ``fit()`` (and put back after: a Tune trial or a notebook runs several). A value the user
+    exported stays when the experiment leaves the field at None."""
+    if exp.group_start_timeout_s is None:
+        yield
+        return
+    old = os.environ.get(GROUP_START_TIMEOUT_ENV)
+    os.environ[GROUP_START_TIMEOUT_ENV] = f"{float(exp.group_start_timeout_s):g}"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(GROUP_START_TIMEOUT_ENV, None)
+        else:
+            os.environ[GROUP_START_TIMEOUT_ENV] = old
 
 
 def _num_workers(exp: Experiment) -> int | tuple[int, int]:
