@@ -323,6 +323,57 @@ def test_restart_after_preemption_loses_nothing_and_matches_straight_run(faults:
     assert r["faults"]["lost_steps"] == 0 and r["faults"]["world_size_changes"] == 0, r["faults"]
 
 
+def _torchrun(scenario: str, out: Path, bucket: str) -> subprocess.Popen[bytes]:
+    """`torchrun --nproc-per-node 2 <this file> SCENARIO OUT BUCKET`, output (both ranks) to OUT/<scenario>.log."""
+    from conftest import free_port, gloo_rank_env
+
+    env = {k: v for k, v in gloo_rank_env(0, 1, 0).items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}  # torchrun's to set
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), __file__, scenario, str(out), bucket]
+    with (out / f"{scenario}.log").open("w") as f:
+        return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+@pytest.mark.integration
+def test_sigterm_to_torchrun_checkpoints_every_rank_and_the_rerun_resumes(tmp_path: Path, s3_endpoint: str) -> None:
+    """The plain-launcher case: SIGTERM to `torchrun` itself (what a pod eviction sends to the
+    container's main process). torchrun forwards it to both workers, which finish the step, save it
+    together and exit 0 well within torchrun's own 30 s before it would SIGKILL them; the same
+    command run again resumes there, recomputes nothing and ends bit-identical to a straight run."""
+    out, bucket = tmp_path, _new_bucket(s3_endpoint)
+    proc = _torchrun("preempt", out, bucket)
+    deadline, taken = time.monotonic() + 180, out / "taken_r0"
+    while not (taken.is_file() and taken.read_text() and int(taken.read_text()) >= 7):
+        assert proc.poll() is None and time.monotonic() < deadline, (out / "preempt.log").read_text()[-4000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    launcher_code = proc.wait(timeout=60)
+    exit_s, log = time.monotonic() - sent, (out / "preempt.log").read_text()
+    import re
+
+    saved = {}
+    for rank in (0, 1):
+        assert f"rank {rank}: SIGTERM at step" in log, log[-4000:]  # torchrun signalled every worker
+        m = re.search(rf"rank {rank}: preempted at step (\d+) \(signal at step (\d+)\): checkpoint step\1 complete",
+                      log)
+        assert m, log[-4000:]
+        saved[rank] = int(m.group(1))
+    assert saved[0] == saved[1], saved
+    # torchrun reports each worker's exit: none failed (a SIGKILL or an error would be listed here).
+    assert "ChildFailedError" not in log and "exitcode  : -9" not in log, log[-4000:]
+    assert exit_s < 20.0, (exit_s, launcher_code)
+    assert _store_state(bucket)["latest"] == f"step{saved[0]}"
+    rerun = _torchrun("resume", out, bucket)
+    assert rerun.wait(timeout=300) == 0, (out / "resume.log").read_text()[-4000:]
+    r = json.loads((out / "resume.json").read_text())
+    assert r["resumed_from"] == saved[0] and r["step"] == TOTAL and r["max_diff"] == 0.0, r
+    assert r["faults"]["lost_steps"] == 0 and r["faults"]["preemptions"] == 1, r["faults"]
+    print(f"BENCH fault=torchrun_sigterm saved_step={saved[0]} launcher_exit={launcher_code} exit_s={exit_s:.1f} "
+          f"lost_time_s={r['faults']['last_lost_time_s']:.1f}")
+
+
 @pytest.mark.integration
 def test_slow_storage_keeps_previous_checkpoint_and_exits_zero_within_grace(faults: dict[str, Any]) -> None:
     rec = faults["slow"]
