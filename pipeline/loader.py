@@ -27,7 +27,10 @@ import functools
 import hashlib
 import logging
 import math
+import os
 import random
+import signal
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -563,6 +566,36 @@ class ShardStream(IterableDataset):
         return x, y, torch.tensor(valid, dtype=torch.bool), stats
 
 
+#: How often a DataLoader worker checks that the process that forked it still exists.
+PARENT_CHECK_S = 1.0
+
+
+def leave_sigterm_to_the_parent(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: a SIGTERM meant for the training process is not this worker's.
+
+    Launchers stop a rank by signalling its whole process group (``torchrun`` does
+    ``os.killpg``; a container stop or a node shutdown signals every process), so the
+    DataLoader workers get the preemption SIGTERM too. torch's worker handler dies on any SIGTERM
+    not sent by its parent, and the main process then raises "DataLoader worker exited
+    unexpectedly" in the middle of the step it was to finish and checkpoint. Here SIGTERM is
+    blocked and one thread takes it with its sender: from the parent (the DataLoader shutting a
+    worker down) the worker exits 0 as torch's handler does; from anyone else it is ignored, the
+    main process decides (finish the step, save, stop the loader). The same thread ends a worker
+    whose parent is gone (``os._exit`` after a preemption save or a hang dump) within
+    :data:`PARENT_CHECK_S`, even one stuck in a read.
+    """
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+
+    def watch() -> None:
+        while True:
+            info = signal.sigtimedwait({signal.SIGTERM}, PARENT_CHECK_S)
+            if os.getppid() != parent or (info is not None and info.si_pid == parent):
+                os._exit(0)
+
+    threading.Thread(target=watch, name="vitscale-loader-sigterm", daemon=True).start()
+
+
 class Loader:
     """One rank's view of a split: iterate for an epoch of batches; resumable; see module doc."""
 
@@ -637,7 +670,8 @@ class Loader:
         checking = ds.whole_checked()
         nw = self.cfg.num_workers
         dl = DataLoader(ds, batch_size=None, num_workers=nw, prefetch_factor=self.cfg.prefetch_batches if nw else None,
-                        multiprocessing_context="fork" if nw else None, persistent_workers=False)
+                        multiprocessing_context="fork" if nw else None, persistent_workers=False,
+                        worker_init_fn=leave_sigterm_to_the_parent if nw else None)
         for item in dl:
             *batch, stats = item
             self._account(stats)

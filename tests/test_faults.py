@@ -380,9 +380,10 @@ def test_sigterm_to_torchrun_checkpoints_every_rank_and_the_rerun_resumes(tmp_pa
 @pytest.mark.integration
 def test_slow_storage_keeps_previous_checkpoint_and_exits_zero_within_grace(faults: dict[str, Any]) -> None:
     rec = faults["slow"]
-    # Rank 0 exits 0. Rank 1 exits 0 too, or is aborted by gloo (SIGABRT, -6) when rank 0's
-    # sockets close under a collective it is in: seen once in CI (issue #14 keeps this open).
-    assert rec["codes"][0] == 0 and rec["codes"][1] in (0, -6), (rec["codes"], rec["logs"][0][-3000:])
+    # Both exit 0. Rank 1 once died of SIGABRT here (session 4): it tore its process group down
+    # after rank 0 had gone, and gloo aborts on that; a failed multi-rank preemption save now
+    # leaves with os._exit(0) (Preemption.exit_now). 10 of 10 runs under load since, [0, 0].
+    assert rec["codes"] == [0, 0], (rec["codes"], rec["logs"][0][-3000:], rec["logs"][1][-3000:])
     import re
 
     # Rank 0, stuck uploading, leaves when its grace ends (timed by the worker itself); rank 1 leaves

@@ -116,3 +116,98 @@ def test_world_size_change_continues_without_repeats(id_ds: Path) -> None:
     assert len(ids) == len(set(ids.tolist())), "a sample was repeated after re-sharding"
     # only the two layouts' remainders are left out
     assert N_IDS - len(ids) < 2 * 2 * 8 + 3 * 1 * 8
+
+
+# ------------------------------------------------------------ SIGTERM reaching the loader workers
+# A launcher stops a rank by signalling its process group (torchrun: os.killpg), so the DataLoader
+# workers get the preemption SIGTERM too; the training process must still finish its step.
+_GROUP_SIGTERM = r'''
+import os, signal, subprocess, sys, time
+from pipeline import DataConfig, build_loader
+seen = []
+signal.signal(signal.SIGTERM, lambda *_: seen.append(1))  # the Trainer's handler: note it, go on
+cfg = DataConfig(url=sys.argv[1], image_size=16, batch_size=8, num_workers=2, shuffle_buffer=32)
+loader = build_loader(cfg, rank=0, world_size=1)
+drawn = 0
+for n, (images, _) in enumerate(loader):
+    if n == 3:  # from another process, to the whole group: what torchrun's close() does
+        subprocess.run([sys.executable, "-c", f"import os; os.killpg({os.getpgid(0)}, 15)"])
+        time.sleep(0.5)
+    drawn += len(images)
+print("DRAWN", drawn, "SEEN", len(seen), "BATCHES", len(loader))
+'''
+
+
+def test_group_sigterm_leaves_the_workers_to_the_training_process(id_ds: Path) -> None:
+    """SIGTERM to the process group of a process iterating the loader with 2 workers: the process's
+    own handler sees it and the pass goes on to its last batch (torch's worker handler alone dies,
+    and the next batch raises "DataLoader worker exited unexpectedly")."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-c", _GROUP_SIGTERM, str(id_ds)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, start_new_session=True, env={**__import__("os").environ,
+                                                                               "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    drawn, seen, batches = (int(x) for x in proc.stdout.split()[1::2])
+    assert seen == 1 and drawn == batches * 8, proc.stdout
+
+
+def _sleeper(ready: object) -> None:
+    import time
+
+    from pipeline.loader import leave_sigterm_to_the_parent
+
+    leave_sigterm_to_the_parent(0)
+    ready.set()  # type: ignore[attr-defined]
+    time.sleep(60)
+
+
+def test_a_worker_still_obeys_its_parent_and_leaves_when_the_parent_is_gone() -> None:
+    """The init keeps what torch's worker handler does for the parent (its SIGTERM ends the worker,
+    exit 0: the DataLoader's shutdown of a stuck worker) and ends a worker whose parent has gone."""
+    import multiprocessing as mp
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ctx = mp.get_context("fork")
+    ready = ctx.Event()
+    child = ctx.Process(target=_sleeper, args=(ready,))
+    child.start()
+    assert ready.wait(30)
+    subprocess.run([sys.executable, "-c", f"import os; os.kill({child.pid}, 15)"], check=True)  # not the parent
+    child.join(2.0)
+    assert child.is_alive(), "a SIGTERM from another process must be left to the training process"
+    os.kill(child.pid, signal.SIGTERM)  # from the parent
+    child.join(10)
+    assert child.exitcode == 0, child.exitcode
+
+    # Parent gone (os._exit after a preemption save or a hang dump): the orphan leaves by itself.
+    code = ("import multiprocessing as mp, os, sys, test_pipeline_workers as t\n"
+            "ctx = mp.get_context('fork'); ready = ctx.Event()\n"
+            "p = ctx.Process(target=t._sleeper, args=(ready,)); p.start(); ready.wait(30)\n"
+            "print(p.pid, flush=True); os._exit(0)\n")
+    from conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"})
+    orphan = int(out.stdout.split()[0])
+    import psutil
+
+    def running() -> bool:
+        try:
+            return psutil.Process(orphan).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 10
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if running():
+        os.kill(orphan, signal.SIGKILL)
+        raise AssertionError("the worker outlived its parent by 10 s")

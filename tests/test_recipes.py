@@ -171,9 +171,10 @@ def test_group_start_timeout_reaches_ray_train_through_its_environment(monkeypat
     it on to its controller); put back after, a user's own export kept when the field is None."""
     import os
 
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
+
     from orchestration.launch.train import GROUP_START_TIMEOUT_ENV, ray_train_env
     from orchestration.pretrain import resolve_experiment
-    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
 
     assert GROUP_START_TIMEOUT_ENV in ENV_VARS_TO_PROPAGATE  # Ray still forwards it to the controller
     monkeypatch.delenv(GROUP_START_TIMEOUT_ENV, raising=False)
