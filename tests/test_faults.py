@@ -3,8 +3,9 @@
 * Preemption: rank 1 of a 2-rank run gets a real SIGTERM mid-run; both ranks finish the step,
   write a checkpoint of the current step to S3 together and exit 0. A restart resumes there
   (nothing recomputed) and ends with the same weights as an uninterrupted run.
-* Under a real `torchrun`: SIGTERM to the launcher, which passes it to both workers; both save the
-  step and exit 0 before torchrun's 30 s kill, and the same command run again resumes there.
+* Under a real `torchrun`, on the real pipeline loader: SIGTERM to the launcher, which signals each
+  rank's whole process group (DataLoader workers included); both save the step and exit 0 before
+  torchrun's 30 s kill, and the same command run again resumes there.
 * Slow S3 under preemption: every upload after the first checkpoint takes seconds; both ranks
   still exit 0 within the grace, the earlier checkpoint stays the newest complete one, and the
   log says so.
@@ -99,6 +100,45 @@ class FileSink:
         pass
 
 
+class CountingLoader:
+    """The real pipeline loader (DataLoader worker processes included), paced and counted like
+    SlowLoader; used when VITSCALE_TEST_PIPELINE names a dataset."""
+
+    def __init__(self, loader: Any, rank: int, out: Path, delay: float) -> None:
+        self.loader, self.rank, self.out, self.delay, self.taken = loader, rank, out, delay, 0
+
+    def __iter__(self) -> Iterator[tuple]:
+        for batch in self.loader:
+            time.sleep(self.delay)
+            self.taken += 1
+            (self.out / f"taken_r{self.rank}").write_text(str(self.taken))
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+
+def _make_loader(rank: int, world: int, out: Path, delay: float) -> Any:
+    dataset = os.environ.get("VITSCALE_TEST_PIPELINE")
+    if not dataset:
+        return _loader_cls()(rank, world, out, delay)
+    from test_training_dist import MICRO
+
+    from pipeline import DataConfig, build_loader
+
+    cfg = DataConfig(url=dataset, image_size=32, batch_size=MICRO, num_workers=2, shuffle_buffer=16)
+    return CountingLoader(build_loader(cfg, rank=rank, world_size=world), rank, out, delay)
+
+
 def _trainer(out: Path, bucket: str, rank: int, world: int, delay: float, **kw: Any) -> Any:
     from test_training_dist import make_cfg, make_model
 
@@ -107,7 +147,7 @@ def _trainer(out: Path, bucket: str, rank: int, world: int, delay: float, **kw: 
 
     store = StorageCheckpointStore(f"s3://{bucket}/run/checkpoints")
     cfg = dataclasses.replace(make_cfg(1, total_steps=TOTAL, checkpoint_every=4), **kw)
-    return Trainer(make_model(), cfg, _loader_cls()(rank, world, out, delay), sink=FileSink(out / f"sink_r{rank}.jsonl"),
+    return Trainer(make_model(), cfg, _make_loader(rank, world, out, delay), sink=FileSink(out / f"sink_r{rank}.jsonl"),
                    checkpoint_dir=str(out / "staging"), checkpoint_store=store), store
 
 
@@ -145,7 +185,7 @@ def scenario(name: str, out: Path, bucket: str) -> None:
             return
         final = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
         straight = Trainer(make_model(), make_cfg(1, total_steps=TOTAL, checkpoint_every=4),
-                           _loader_cls()(rank, world, out / "straight", 0.0))
+                           _make_loader(rank, world, out / "straight", 0.0))
         straight.fit()
         diff = max((v - final[k]).abs().max().item() for k, v in straight.engine.module.state_dict().items())
         if rank == 0:
@@ -325,12 +365,14 @@ def test_restart_after_preemption_loses_nothing_and_matches_straight_run(faults:
     assert r["faults"]["lost_steps"] == 0 and r["faults"]["world_size_changes"] == 0, r["faults"]
 
 
-def _torchrun(scenario: str, out: Path, bucket: str) -> subprocess.Popen[bytes]:
-    """`torchrun --nproc-per-node 2 <this file> SCENARIO OUT BUCKET`, output (both ranks) to OUT/<scenario>.log."""
+def _torchrun(scenario: str, out: Path, bucket: str, dataset: Path) -> subprocess.Popen[bytes]:
+    """`torchrun --nproc-per-node 2 <this file> SCENARIO OUT BUCKET` on the real pipeline loader over
+    `dataset` (2 DataLoader workers per rank), output (both ranks) to OUT/<scenario>.log."""
     from conftest import free_port, gloo_rank_env
 
     env = {k: v for k, v in gloo_rank_env(0, 1, 0).items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}  # torchrun's to set
+    env["VITSCALE_TEST_PIPELINE"] = str(dataset)
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), __file__, scenario, str(out), bucket]
     with (out / f"{scenario}.log").open("w") as f:
@@ -340,11 +382,17 @@ def _torchrun(scenario: str, out: Path, bucket: str) -> subprocess.Popen[bytes]:
 @pytest.mark.integration
 def test_sigterm_to_torchrun_checkpoints_every_rank_and_the_rerun_resumes(tmp_path: Path, s3_endpoint: str) -> None:
     """The plain-launcher case: SIGTERM to `torchrun` itself (what a pod eviction sends to the
-    container's main process). torchrun forwards it to both workers, which finish the step, save it
-    together and exit 0 well within torchrun's own 30 s before it would SIGKILL them; the same
-    command run again resumes there, recomputes nothing and ends bit-identical to a straight run."""
+    container's main process). torchrun signals each worker's whole process group, the real pipeline
+    loader's DataLoader workers included; the ranks finish the step, save it together and exit 0 well
+    within torchrun's own 30 s before it would SIGKILL them; the same command run again resumes
+    there, recomputes nothing and ends bit-identical to a straight run."""
+    from pipeline import write_dataset
+    from pipeline.demo_data import make_index_folder
+
     out, bucket = tmp_path, _new_bucket(s3_endpoint)
-    proc = _torchrun("preempt", out, bucket)
+    make_index_folder(tmp_path / "src", n=600, num_classes=10)
+    write_dataset(tmp_path / "src", str(tmp_path / "ds"), samples_per_shard=50, progress=False)
+    proc = _torchrun("preempt", out, bucket, tmp_path / "ds")
     deadline, taken = time.monotonic() + 180, out / "taken_r0"
     while not (taken.is_file() and taken.read_text() and int(taken.read_text()) >= 7):
         assert proc.poll() is None and time.monotonic() < deadline, (out / "preempt.log").read_text()[-4000:]
@@ -366,9 +414,10 @@ def test_sigterm_to_torchrun_checkpoints_every_rank_and_the_rerun_resumes(tmp_pa
     # Both left on their own inside torchrun's 30 s: torchrun SIGKILLs (and says so) a worker that
     # outlives it, and lists a failed one. torchrun itself then exits 1 (it re-raises the signal).
     assert "forcefully exiting via" not in log and "ChildFailedError" not in log, log[-4000:]
+    assert "exited unexpectedly" not in log, log[-4000:]  # the DataLoader workers outlived the signal
     assert exit_s < 20.0, (exit_s, launcher_code)
     assert _store_state(bucket)["latest"] == f"step{saved[0]}"
-    rerun = _torchrun("resume", out, bucket)
+    rerun = _torchrun("resume", out, bucket, tmp_path / "ds")
     assert rerun.wait(timeout=300) == 0, (out / "resume.log").read_text()[-4000:]
     r = json.loads((out / "resume.json").read_text())
     assert r["resumed_from"] == saved[0] and r["step"] == TOTAL and r["max_diff"] == 0.0, r
