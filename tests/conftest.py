@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -225,3 +226,22 @@ def _environment_per_module() -> Iterator[None]:
     for k in [k for k in os.environ if k.startswith("MLFLOW_")]:
         del os.environ[k]
     os.environ.update(before)
+
+
+class LoaderProxy:
+    """Forwards a loader's length, resume state and other attributes to `self.loader`: subclasses
+    override `__iter__` to watch what the Trainer draws."""
+
+    loader: Any
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+    def __getattr__(self, name: str) -> Any:  # normalize, stats, plan, epoch, ...
+        return getattr(self.loader, name)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import LoaderProxy
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IDS = 430  # 430 = 26 * 16 + 14 at world 2: uneven, so the final layout drops a remainder
@@ -41,7 +42,7 @@ TOTAL_STEPS = 40  # the schedule's length; both parts stop earlier with max_step
 
 
 # ---------------------------------------------------------------------------- worker side
-class RecordingLoader:
+class RecordingLoader(LoaderProxy):
     """Forwards everything to `loader`; records `(iterator number, loader epoch, ids)` of every
     batch its iterators yield, i.e. of every micro-batch the Trainer drew from it."""
 
@@ -59,17 +60,6 @@ class RecordingLoader:
             self.drawn.append((number, self.loader.epoch, decode_index(batch[0].numpy()).tolist()))
             yield batch
 
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state)
-
-    def __getattr__(self, name: str) -> Any:  # normalize, stats, plan, epoch, ...
-        return getattr(self.loader, name)
 
 
 def worker(mode: str, dataset: str, ckdir: str, out: Path) -> None:
