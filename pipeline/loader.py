@@ -584,6 +584,8 @@ def leave_sigterm_to_the_parent(worker_id: int = 0) -> None:
     whose parent is gone (``os._exit`` after a preemption save or a hang dump) within
     :data:`PARENT_CHECK_S`, even one stuck in a read.
     """
+    if not hasattr(signal, "sigtimedwait"):  # macOS, Windows: torch's own handling stays
+        return
     parent = os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
 
