@@ -447,12 +447,15 @@ def test_ray_drain_notice_saves_just_in_time_and_the_run_finishes(cluster: dict[
         node = [n["node_id"] for n in _ray_list(cluster, "nodes")
                 if "node_1" in n["resources_total"] and n["state"] == "ALIVE"]
         assert len(node) == 1, node
+        drain_started = time.time()
         subprocess.run([str(VENV_BIN / "ray"), "drain-node", "--address", cluster["VITSCALE_RAY_GCS"],
                         "--node-id", node[0], "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message",
                         "spot reclaim (test)", "--deadline-remaining-seconds", "20"], env=cluster, check=True,
                        timeout=60)
         drained_at = time.time()
-        first = _wait_for_checkpoint(cluster, proc, drained_at)
+        # From before the command: the notice can reach the ranks and their save finish before
+        # `ray drain-node` itself has exited (CI saw it). S3 times are whole seconds, hence the 1 s.
+        first = _wait_for_checkpoint(cluster, proc, drain_started - 1)
         # The platform reclaims the node at its deadline; a replacement node joins later.
         time.sleep(max(drained_at + 20 - time.time(), 0))
         subprocess.run(["bash", str(ROOT / "infra/local/kill_node.sh"), "1"], env=cluster, check=True,
@@ -469,7 +472,7 @@ def test_ray_drain_notice_saves_just_in_time_and_the_run_finishes(cluster: dict[
     # Both saves are committed and kept (keep_checkpoints=3: the two and the final step). Pruning
     # once deleted step{saves[0]} here: rank 0 had moved to a node whose staging copy of it had no
     # marker (training.checkpoint.prune now asks the store).
-    assert first.endswith(f"/step{saves[0]}/complete.json"), (first, saves)
+    assert any(first.endswith(f"/step{s}/complete.json") for s in saves), (first, saves)  # before the deadline
     assert {*saves} <= _commit_steps(cluster, res["run_id"])
     assert m["step"] == 300 and m["resumed_from_step"] == saves[1], m
     # Only the steps between the last save and the deadline are recomputed (the margin: two saves,
