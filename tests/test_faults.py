@@ -38,28 +38,6 @@ HANG_S = 3.0
 
 
 # ---------------------------------------------------------------------------- worker side
-def _loader_cls() -> Any:
-    from test_training_dist import MemLoader
-
-    class SlowLoader(MemLoader):
-        """MemLoader that takes `delay` s per batch and records how many it has handed out."""
-
-        def __init__(self, rank: int, world: int, out: Path, delay: float) -> None:
-            super().__init__(rank, world)
-            self.out, self.delay, self.taken = out, delay, 0
-
-        def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            for batch in super().__iter__():
-                time.sleep(self.delay)
-                self.taken += 1
-                if self.taken == 12:  # step 6 of 1 rank x 2 micro-batches: after the step-4 checkpoint
-                    maybe_stuck_s3_read(self.out)
-                (self.out / f"taken_r{self.rank}").write_text(str(self.taken))
-                yield batch
-
-    return SlowLoader
-
-
 def maybe_stuck_s3_read(out: Path) -> None:
     """The injected fault of the 'hang_data' scenario: a read that never returns."""
     if os.environ.get("VITSCALE_TEST_STUCK_READ"):
@@ -100,13 +78,11 @@ class FileSink:
         pass
 
 
-def _counting_loader(loader: Any, rank: int, out: Path, delay: float) -> Any:
+def _paced(loader: Any, rank: int, out: Path, delay: float) -> Any:
+    """`loader`, taking `delay` s per batch and recording how many it has handed out (taken_r<rank>)."""
     from conftest import LoaderProxy
 
-    class CountingLoader(LoaderProxy):
-        """The real pipeline loader (DataLoader worker processes included), paced and counted like
-        SlowLoader; used when VITSCALE_TEST_PIPELINE names a dataset."""
-
+    class PacedLoader(LoaderProxy):
         def __init__(self) -> None:
             self.loader, self.rank, self.out, self.delay, self.taken = loader, rank, out, delay, 0
 
@@ -114,22 +90,26 @@ def _counting_loader(loader: Any, rank: int, out: Path, delay: float) -> Any:
             for batch in self.loader:
                 time.sleep(self.delay)
                 self.taken += 1
+                if self.taken == 12:  # step 6 of 1 rank x 2 micro-batches: after the step-4 checkpoint
+                    maybe_stuck_s3_read(self.out)
                 (self.out / f"taken_r{self.rank}").write_text(str(self.taken))
                 yield batch
 
-    return CountingLoader()
+    return PacedLoader()
 
 
 def _make_loader(rank: int, world: int, out: Path, delay: float) -> Any:
+    """The in-memory MemLoader, or the real pipeline loader (2 DataLoader worker processes) when
+    VITSCALE_TEST_PIPELINE names a dataset; paced and counted either way."""
+    from test_training_dist import MICRO, MemLoader
+
     dataset = os.environ.get("VITSCALE_TEST_PIPELINE")
     if not dataset:
-        return _loader_cls()(rank, world, out, delay)
-    from test_training_dist import MICRO
-
+        return _paced(MemLoader(rank, world), rank, out, delay)
     from pipeline import DataConfig, build_loader
 
     cfg = DataConfig(url=dataset, image_size=32, batch_size=MICRO, num_workers=2, shuffle_buffer=16)
-    return _counting_loader(build_loader(cfg, rank=rank, world_size=world), rank, out, delay)
+    return _paced(build_loader(cfg, rank=rank, world_size=world), rank, out, delay)
 
 
 def _trainer(out: Path, bucket: str, rank: int, world: int, delay: float, **kw: Any) -> Any:

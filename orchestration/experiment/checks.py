@@ -116,16 +116,20 @@ def _consistency_problems(exp: Experiment) -> list[str]:
             except ValueError as e:
                 p.append(f"{e} (workers={world}{' of the elastic range' if low < exp.workers else ''})")
                 break
-    r = exp.elastic_resize_s
-    if not isinstance(r, int | float) or isinstance(r, bool) or not 0 < r < float("inf"):
-        p.append(f"elastic_resize_s={r!r} must be a finite number of seconds > 0")
-    g = exp.group_start_timeout_s
-    if g is not None and (not isinstance(g, int | float) or isinstance(g, bool) or not 0 < g < float("inf")):
-        p.append(f"group_start_timeout_s={g!r} must be a finite number of seconds > 0 (or none for Ray's default)")
+    if not _seconds(exp.elastic_resize_s):
+        p.append(f"elastic_resize_s={exp.elastic_resize_s!r} must be a finite number of seconds > 0")
+    if exp.group_start_timeout_s is not None and not _seconds(exp.group_start_timeout_s):
+        p.append(f"group_start_timeout_s={exp.group_start_timeout_s!r} must be a finite number of seconds > 0 "
+                 "(or none for Ray's default)")
     m = exp.min_workers
     if m is not None and (not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= max(exp.workers, 1)):
         p.append(f"min_workers={m!r} must be an int in [1, workers={exp.workers}] (or none for a fixed size)")
     return p
+
+
+def _seconds(v: Any) -> bool:
+    """A finite number of seconds > 0 (not a bool)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < float("inf")
 
 
 def validate(exp: Experiment) -> None:
