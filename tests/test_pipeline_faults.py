@@ -237,9 +237,9 @@ def test_stalled_metadata_read_times_out_per_data_config(s3_ds: str, proxy_facto
 @pytest.mark.integration
 def test_download_in_parts_survives_cut_headers_and_bodies(s3_ds: str, proxy_factory, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.storage as storage
+    import pipeline.storage.s3 as s3_storage
 
-    monkeypatch.setattr(storage, "DOWNLOAD_PART", 20_000)  # several parallel ranged readers
+    monkeypatch.setattr(s3_storage, "DOWNLOAD_PART", 20_000)  # several parallel ranged readers
     shard = "shards/train-000001.tar"
     whole = open_storage(fmt.resolve(s3_ds).root_url).read_bytes(shard)
     assert len(whole) > 3 * 20_000
