@@ -38,14 +38,21 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from pipeline import DataConfig, build_loader, open_storage, write_dataset  # noqa: E402
+from pipeline import (  # noqa: E402
+    AugmentConfig,
+    DataConfig,
+    IOConfig,
+    SourceConfig,
+    build_loader,
+    open_storage,
+    write_dataset,
+)
 from pipeline.demo_data import make_photo_folder  # noqa: E402
 from pipeline.format import resolve  # noqa: E402
 
 
 def ours_epoch(url: str, *, workers: int, batch: int, size: int, buffer: int, epoch: int, output: str) -> float:
-    cfg = DataConfig(url=url, image_size=size, batch_size=batch, num_workers=workers, shuffle_buffer=buffer,
-                     crop_scale=(0.08, 1.0), output=output)
+    cfg = DataConfig(source=SourceConfig(url=url), image_size=size, batch_size=batch, output=output, io=IOConfig(num_workers=workers, shuffle_buffer=buffer), augment=AugmentConfig(crop_scale=(0.08, 1.0)))
     ld = build_loader(cfg, rank=0, world_size=1, epoch=epoch)
     t0, n = time.perf_counter(), 0
     for x, _y in ld:

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import create_model, train_flops_per_image  # noqa: E402
 from training import TrainConfig, Trainer, lr_at, param_groups  # noqa: E402
+from training.config import EngineConfig, OptimConfig, ScheduleConfig
 from training.metrics import device_name, mfu, peak_tflops  # noqa: E402
 
 
@@ -55,8 +56,8 @@ class Batches:
 def plain_loop(model: torch.nn.Module, cfg: TrainConfig, batches: list, device: torch.device):  # noqa: ANN201
     """The baseline: AdamW (same param groups, schedule, clipping) in a hand-written loop."""
     fused = True  # same kernel as the Trainer uses
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
-    amp = torch.autocast("cuda", torch.bfloat16) if cfg.precision == "bf16" else torch.autocast("cpu", enabled=False)
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=fused)
+    amp = torch.autocast("cuda", torch.bfloat16) if cfg.engine.precision == "bf16" else torch.autocast("cpu", enabled=False)
     state = {"step": 0, "i": 0}
 
     def step() -> float:
@@ -67,7 +68,7 @@ def plain_loop(model: torch.nn.Module, cfg: TrainConfig, batches: list, device: 
         with amp:
             loss = torch.nn.functional.cross_entropy(model(images).float(), targets)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         state["step"] += 1
@@ -121,10 +122,7 @@ def main() -> None:
     rounds = a.rounds or (5 if cuda else 3)
     steps = a.steps or (10 if cuda else 5)
     precision = "bf16" if cuda else "fp32"
-    cfg = TrainConfig(
-        global_batch=batch, micro_batch=batch, lr=1e-3, warmup_steps=10, total_steps=10**6, zero_stage=1,
-        precision=precision, log_every=10**6, profile="h100" if cuda else "cpu", compile=a.compile,
-    )
+    cfg = TrainConfig(global_batch=batch, micro_batch=batch, log_every=10**6, profile="h100" if cuda else "cpu", optim=OptimConfig(lr=1e-3), schedule=ScheduleConfig(warmup_steps=10, total_steps=10**6), engine=EngineConfig(zero_stage=1, precision=precision, compile=a.compile))
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -137,7 +135,7 @@ def main() -> None:
         (torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 1000, (batch,), generator=g)) for _ in range(4)
     ]
     if a.compile:
-        baseline.compile()  # the Trainer compiles its model itself (cfg.compile)
+        baseline.compile()  # the Trainer compiles its model itself (cfg.engine.compile)
     trainer = Trainer(model, cfg, Batches(batches_cpu))
     device = trainer.dist.device
     dtype = torch.bfloat16 if cuda else torch.float32

@@ -22,13 +22,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from pipeline import DataConfig, build_loader, write_dataset  # noqa: E402
+from pipeline import DataConfig, IOConfig, SourceConfig, build_loader, write_dataset  # noqa: E402
 from pipeline.demo_data import make_photo_folder  # noqa: E402
 from pipeline.format import resolve  # noqa: E402
 
 
 def epoch(url: str, *, size: int, workers: int, checks: bool, epoch_no: int) -> float:
-    cfg = DataConfig(url=url, image_size=size, batch_size=32, num_workers=workers, output="uint8")
+    cfg = DataConfig(source=SourceConfig(url=url), image_size=size, batch_size=32, output="uint8", io=IOConfig(num_workers=workers))
     ld = build_loader(cfg, rank=0, world_size=1, epoch=epoch_no)
     if not checks:  # the baseline: same loader, no digests, no whole-shard hash
         ld.meta.digests = None
@@ -51,7 +51,7 @@ def main() -> None:
         src = make_photo_folder(Path(tmp) / "src", n=a.images, num_classes=10)
         url = str(Path(tmp) / "ds")
         write_dataset(src, url, samples_per_shard=100, progress=False)
-        ld = build_loader(DataConfig(url=url, image_size=a.size, batch_size=32, num_workers=0), rank=0, world_size=1)
+        ld = build_loader(DataConfig(source=SourceConfig(url=url), image_size=a.size, batch_size=32, io=IOConfig(num_workers=0)), rank=0, world_size=1)
         vds = Path(resolve(url).root_url)
         st = ld.meta
         blobs = []

@@ -6,7 +6,7 @@ Examples::
         --from models:/vit-b16-i21k/3 --data s3://bucket/imagenet1k --image-size 384
 
     python orchestration/finetune.py --from models:/vit-mu4-digits/latest --data s3://vitscale/digits \\
-        --image-size 48 --set train.total_steps=100 --set train.warmup_steps=10 --set train.global_batch=32
+        --image-size 48 --set train.schedule.total_steps=100 --set train.schedule.warmup_steps=10 --set train.global_batch=32
 
 Recipe (Dosovitskiy et al. 2020, Section 3.2 and Appendix B.1.1 / Table 4): the pre-training
 head (and its hidden "pre-logits" layer) is replaced by one zero-initialised linear layer;
@@ -37,25 +37,23 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from model import ViTConfig
+from model import ViTConfig, ViTSpec
 from orchestration import tracking
 from orchestration.evaluation.report import EvalReport, ResultRow
 from orchestration.experiment import (
     RECIPES,
     Experiment,
     OverrideError,
+    Resources,
     apply_overrides,
     validation,
-    variant_slug,
 )
-from pipeline import DataConfig
+from pipeline import DataConfig, SourceConfig
 from pipeline.storage import open_storage, url_join
 from training import TrainConfig
+from training.config import CheckpointConfig, EngineConfig, OptimConfig, ScheduleConfig
 
 log = logging.getLogger("orchestration.finetune")
-
-# Architecture fields copied from the source model (everything but the head and the resolution).
-_ARCH_FIELDS = ("patch_size", "width", "depth", "heads", "mlp_dim", "in_chans", "pool", "posemb", "qkv_bias")
 
 
 def finetune_experiment(
@@ -77,38 +75,37 @@ def finetune_experiment(
     data = (
         replace(RECIPES[source_recipe]().data, image_size=image_size, batch_size=mb)
         if source_recipe in RECIPES
-        else DataConfig(url="", image_size=image_size, batch_size=mb)
+        else DataConfig(source=SourceConfig(url=""), image_size=image_size, batch_size=mb)
     )
-    overrides: dict[str, Any] = {k: getattr(src, k) for k in _ARCH_FIELDS}
-    overrides.update(representation_size=None, dropout=0.0, drop_path=0.0)  # single linear head (B.1.1)
-    size = src.variant.split("/")[0] if src.variant else "B"
-    variant = f"{size}/{src.patch_size}"
+    # A single linear head, no dropout (B.1.1: "we remove the whole head ... and attach a single
+    # zero-initialized D x K feedforward layer").
+    model = ViTSpec.of(src, representation_size=None, dropout=0.0, drop_path=0.0)
     return Experiment(
-        name=f"finetune_{variant_slug(variant)}_{image_size}",
-        variant=variant,
+        name=f"finetune_{model.slug}_{image_size}",
         image_size=image_size,
-        model_overrides=overrides,
+        model=model,
         data=data,
         train=TrainConfig(
             global_batch=512,  # Table 4 caption: "a batch size of 512"
             micro_batch=mb,
-            optimizer="sgd",  # B.1.1: "SGD with a momentum of 0.9"
-            momentum=0.9,
-            lr=0.01,  # Table 4: grid {0.001, 0.003, 0.01, 0.03}; VTAB uses 0.01
-            weight_decay=0.0,  # Table 4 caption: "no weight decay"
-            warmup_steps=500,
-            total_steps=10_000,  # Table 4: 10k (CIFAR) .. 20k (ImageNet)
-            decay="cosine",  # Table 4 caption: "cosine learning rate decay"
-            grad_clip=1.0,  # Table 4 caption: "grad clipping at global norm 1"
-            precision="bf16" if gpus_per_worker else "fp32",
-            zero_stage=1,
+            optim=OptimConfig(
+                name="sgd",  # B.1.1: "SGD with a momentum of 0.9"
+                momentum=0.9,
+                lr=0.01,  # Table 4: grid {0.001, 0.003, 0.01, 0.03}; VTAB uses 0.01
+                weight_decay=0.0,  # Table 4 caption: "no weight decay"
+                grad_clip=1.0,  # Table 4 caption: "grad clipping at global norm 1"
+            ),
+            schedule=ScheduleConfig(
+                warmup_steps=500,
+                total_steps=10_000,  # Table 4: 10k (CIFAR) .. 20k (ImageNet)
+                decay="cosine",  # Table 4 caption: "cosine learning rate decay"
+            ),
+            engine=EngineConfig(precision="bf16" if gpus_per_worker else "fp32", zero_stage=1),
             log_every=10,
             eval_every=500,
-            checkpoint_every=1000,
+            checkpoint=CheckpointConfig(every=1000),
         ),
-        workers=workers,
-        cpus_per_worker=1,
-        gpus_per_worker=gpus_per_worker,
+        resources=Resources(workers=workers, cpus_per_worker=1, gpus_per_worker=gpus_per_worker),
         dataset_name=dataset_name,
         registered_model_name=f"{source_model_name}-ft{image_size}",
     )
@@ -123,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="fine-tuning dataset URL (path, file:// or s3://)")
     p.add_argument("--image-size", type=int, default=384, help="fine-tuning resolution (default 384, paper)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="typed override, repeatable (train.lr=0.003, train.total_steps=500, ...)")
+                   help="typed override, repeatable (train.optim.lr=0.003, train.schedule.total_steps=500, ...)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--gpus-per-worker", type=int, default=None, help="default: 1 if CUDA is visible here, else 0")
     p.add_argument("--dataset-name", default=None, help="name used in the registry (default: source's dataset)")
@@ -194,7 +191,7 @@ def finetune_report(exp: Experiment, summary: dict[str, Any]) -> EvalReport | No
     if top1 is None:
         return None
     row = ResultRow(method="finetune", dataset=exp.dataset_name, setting="full", value=float(top1),
-                    details={"image_size": exp.image_size, "steps": exp.train.total_steps,
+                    details={"image_size": exp.image_size, "steps": exp.train.schedule.total_steps,
                              "source": summary.get("source"), "top1_before": summary.get("top1_before"),
                              "run_id": summary.get("run_id")})
     return EvalReport(model=str(summary.get("model_uri") or summary.get("run_id") or ""), rows=(row,),
@@ -220,7 +217,7 @@ def _resolve(args: argparse.Namespace, src_cfg: ViTConfig, source: dict[str, Any
         import torch
 
         gpus = 1 if torch.cuda.is_available() else 0
-    source_name = source.get("name") or f"vit-{variant_slug(src_cfg.variant or 'B/' + str(src_cfg.patch_size))}"
+    source_name = source.get("name") or f"vit-{ViTSpec.of(src_cfg).slug}"
     try:
         exp = finetune_experiment(
             src_cfg, image_size=args.image_size, source_recipe=tags.get("recipe"),

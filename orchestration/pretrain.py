@@ -8,7 +8,7 @@ Examples::
 
     # Directly (starts a private local Ray instance), with typed overrides:
     python orchestration/pretrain.py --recipe vit_mu_smoke --data s3://vitscale/digits \\
-        --set train.total_steps=200 --set train.lr=3e-3 --workers 2
+        --set train.schedule.total_steps=200 --set train.optim.lr=3e-3 --workers 2
 
 Every ``--set`` key/value is checked against the config dataclasses before Ray starts
 (``--dry-run`` stops right there and prints the resolved experiment). The run itself (MLflow
@@ -58,12 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset URL (local path, file:// or s3://bucket/prefix) written by write_shards")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="typed override, repeatable: train.lr=3e-4, data.batch_size=64, model.dropout=0.1, workers=2",
+        help="typed override, repeatable: train.optim.lr=3e-4, data.batch_size=64, model.dropout=0.1, resources.workers=2",
     )
     p.add_argument("--fewshot-data", default=None, metavar="[NAME=]URL[,...]",
                    help="few-shot linear evaluation on these downstream datasets during training (every "
-                        "--set fewshot_every=N steps and at the end), logged as fewshot/<NAME>/<K>shot; "
-                        "same as --set fewshot_data=...")
+                        "--set eval.fewshot_every=N steps and at the end), logged as fewshot/<NAME>/<K>shot; "
+                        "same as --set eval.fewshot_data=...")
     p.add_argument("--workers", type=_workers, default=None,
                    help="Ray Train workers (one per GPU), N or MIN-MAX for elastic training; keeps the global batch")
     p.add_argument("--resume", choices=["auto"], default=None,
@@ -97,9 +97,10 @@ def resolve_experiment(recipe: str, overrides: list[str], workers: int | str | N
     exp = get_recipe(recipe)
     if workers is not None:
         low, _, high = str(workers).partition("-")
-        overrides = [*overrides, f"workers={high or low}", f"min_workers={low if high else 'none'}"]
+        overrides = [*overrides, f"resources.workers={high or low}",
+                     f"resources.min_workers={low if high else 'none'}"]
     if fewshot_data is not None:
-        overrides = [*overrides, f"fewshot_data={fewshot_data}"]
+        overrides = [*overrides, f"eval.fewshot_data={fewshot_data}"]
     return apply_overrides(exp, overrides)
 
 
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if exp is None or problems:  # nothing started: no Ray, no MLflow run, no latest_run.json
         return validation.report(problems)
     if args.dry_run:
-        print(json.dumps({**flatten_experiment(exp), "data.url": args.data}, indent=2, default=str))
+        print(json.dumps({**flatten_experiment(exp), "data.source.url": args.data}, indent=2, default=str))
         return 0
     uri = args.tracking_uri or tracking.tracking_uri()
     from orchestration.launch.cluster import connect_ray

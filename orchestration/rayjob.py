@@ -82,7 +82,7 @@ def default_accelerator(exp: Any) -> str:
     profile = getattr(exp.train, "profile", "auto")
     if profile in GROUPS:
         return profile
-    return "t4" if exp.train.precision == "fp16" else "a100"
+    return "t4" if exp.train.engine.precision == "fp16" else "a100"
 
 
 def _group(cluster: dict[str, Any], name: str) -> dict[str, Any]:
@@ -157,9 +157,9 @@ def render_rayjob(
     accel = accelerator or default_accelerator(exp)
     if accel not in GROUPS:
         raise ValueError(f"accelerator {accel!r} is not one of {', '.join(GROUPS)}")
-    if exp.gpus_per_worker < 1:
+    if exp.resources.gpus_per_worker < 1:
         raise ValueError(
-            f"recipe {recipe_name!r} asks for no GPUs (gpus_per_worker={exp.gpus_per_worker}); "
+            f"recipe {recipe_name!r} asks for no GPUs (gpus_per_worker={exp.resources.gpus_per_worker}); "
             "run it with `ray job submit` on the RayCluster's CPUs or with `make smoke`"
         )
 
@@ -217,32 +217,32 @@ def _pack(exp: Any, group: dict[str, Any], accel: str) -> tuple[int, int]:
     """(ranks per pod, pods): a pod's GPUs are split into ranks of gpus_per_worker each."""
     container = group["template"]["spec"]["containers"][0]
     gpus_per_pod = int(container["resources"]["limits"]["nvidia.com/gpu"])
-    if gpus_per_pod % exp.gpus_per_worker:
+    if gpus_per_pod % exp.resources.gpus_per_worker:
         raise ValueError(
-            f"gpus_per_worker={exp.gpus_per_worker} does not divide the {gpus_per_pod} GPUs of a "
-            f"{accel!r} pod; use --set gpus_per_worker=N with N dividing {gpus_per_pod}"
+            f"gpus_per_worker={exp.resources.gpus_per_worker} does not divide the {gpus_per_pod} GPUs of a "
+            f"{accel!r} pod; use --set resources.gpus_per_worker=N with N dividing {gpus_per_pod}"
         )
-    ranks_per_pod = min(gpus_per_pod // exp.gpus_per_worker, exp.workers)
+    ranks_per_pod = min(gpus_per_pod // exp.resources.gpus_per_worker, exp.resources.workers)
     ray_cpus = quantity(group["rayStartParams"]["num-cpus"])
-    if ranks_per_pod * exp.cpus_per_worker > ray_cpus:
+    if ranks_per_pod * exp.resources.cpus_per_worker > ray_cpus:
         raise ValueError(
-            f"{ranks_per_pod} rank(s) x cpus_per_worker={exp.cpus_per_worker} need "
-            f"{ranks_per_pod * exp.cpus_per_worker} CPUs but a {accel!r} pod has {ray_cpus:g}; "
+            f"{ranks_per_pod} rank(s) x cpus_per_worker={exp.resources.cpus_per_worker} need "
+            f"{ranks_per_pod * exp.resources.cpus_per_worker} CPUs but a {accel!r} pod has {ray_cpus:g}; "
             f"set cpus_per_worker <= {int(ray_cpus) // ranks_per_pod} or pick a larger accelerator"
         )
-    return ranks_per_pod, math.ceil(exp.workers / ranks_per_pod)
+    return ranks_per_pod, math.ceil(exp.resources.workers / ranks_per_pod)
 
 
 def _check_shm(exp: Any, pod: dict[str, Any], ranks_per_pod: int, accel: str) -> None:
-    """(B, 3, S, S) uint8 batches, data.prefetch_batches in flight per dataloader process, per rank."""
+    """(B, 3, S, S) uint8 batches, data.io.prefetch_batches in flight per dataloader process, per rank."""
     batch_bytes = exp.data.batch_size * 3 * exp.image_size**2 * _WORKER_BATCH_ITEMSIZE
-    in_flight = max(exp.data.num_workers, 1) * exp.data.prefetch_batches
+    in_flight = max(exp.data.io.num_workers, 1) * exp.data.io.prefetch_batches
     shm_need = ranks_per_pod * in_flight * batch_bytes * _SHM_HEADROOM
     shm_have = quantity(_volume(pod, "dshm")["emptyDir"]["sizeLimit"])
     if shm_need > shm_have:
         raise ValueError(
             f"dataloaders need ~{shm_need / 2**30:.1f} GiB of /dev/shm per {accel!r} pod but it has "
-            f"{shm_have / 2**30:.1f} GiB; lower data.num_workers, data.prefetch_batches or data.batch_size"
+            f"{shm_have / 2**30:.1f} GiB; lower data.io.num_workers, data.io.prefetch_batches or data.batch_size"
         )
 
 
@@ -294,7 +294,7 @@ def to_yaml(job: dict[str, Any], command: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", help="recipe name in orchestration/experiment/recipes.py, e.g. vit_s16_t4")
-    p.add_argument("--data", help="dataset URL (default: the recipe's data.url)")
+    p.add_argument("--data", help="dataset URL (default: the recipe's data.source.url)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -315,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if data is None:
             from orchestration.experiment import get_recipe
 
-            data = get_recipe(args.recipe).data.url
+            data = get_recipe(args.recipe).data.source.url
         job = render_rayjob(
             args.recipe,
             data,

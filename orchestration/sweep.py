@@ -62,11 +62,13 @@ log = logging.getLogger(__name__)
 
 #: Training flags -> the ``--set`` keys they stand for (one source of every default: the recipe).
 _FLAG_KEYS: dict[str, tuple[str, ...]] = {
-    "data": ("data.url",), "image_size": ("image_size",), "batch_size": ("train.global_batch", "train.micro_batch"),
-    "micro_batch": ("train.micro_batch",), "lr": ("train.lr",), "weight_decay": ("train.weight_decay",),
-    "warmup_frac": ("train.total_steps", "train.warmup_steps"), "decay": ("train.decay",),
-    "train_split": ("data.split",), "eval_split": ("eval_split",), "crop_min": ("data.crop_scale",),
-    "hflip": ("data.hflip",), "loader_workers": ("data.num_workers",), "fewshot_data": ("fewshot_data",),
+    "data": ("data.source.url",), "image_size": ("image_size",),
+    "batch_size": ("train.global_batch", "train.micro_batch"), "micro_batch": ("train.micro_batch",),
+    "lr": ("train.optim.lr",), "weight_decay": ("train.optim.weight_decay",),
+    "warmup_frac": ("train.schedule.total_steps", "train.schedule.warmup_steps"),
+    "decay": ("train.schedule.decay",), "train_split": ("data.source.split",), "eval_split": ("eval.split",),
+    "crop_min": ("data.augment.crop_scale",), "hflip": ("data.augment.hflip",),
+    "loader_workers": ("data.io.num_workers",), "fewshot_data": ("eval.fewshot_data",),
 }
 _WARMUP_BASE = 100_000  # --warmup-frac F: warmup_steps / total_steps = F, kept at every trial length
 
@@ -94,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset URL (path, file:// or s3://) from pipeline.write_shards")
     p.add_argument("--recipe", default="vit_study", help=f"base recipe of every trial: {', '.join(sorted(RECIPES))}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="typed override of the base recipe, repeatable (as pretrain.py --set): train.lr=3e-3")
+                   help="typed override of the base recipe, repeatable (as pretrain.py --set): train.optim.lr=3e-3")
     p.add_argument("--samples", type=_samples, default=(None,), help="training-set sizes, e.g. 400,all")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--patch-size", type=int, default=None, help="for sizes without /P (default: size//8 below 128 px, else 16)")
@@ -130,15 +132,15 @@ def _recipe_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help="global batch of every trial (= train.global_batch; also the "
                    "per-pass batch unless --micro-batch)")
     g.add_argument("--micro-batch", type=int, help="per forward pass (gradient accumulation) = train.micro_batch")
-    g.add_argument("--lr", type=float, help="= train.lr")
-    g.add_argument("--weight-decay", type=float, help="= train.weight_decay")
+    g.add_argument("--lr", type=float, help="= train.optim.lr")
+    g.add_argument("--weight-decay", type=float, help="= train.optim.weight_decay")
     g.add_argument("--warmup-frac", type=float, help="warmup as a fraction of each trial's steps")
-    g.add_argument("--decay", choices=("linear", "cosine"), help="= train.decay")
-    g.add_argument("--train-split", help="= data.split")
+    g.add_argument("--decay", choices=("linear", "cosine"), help="= train.schedule.decay")
+    g.add_argument("--train-split", help="= data.source.split")
     g.add_argument("--eval-split", help="= eval_split")
-    g.add_argument("--crop-min", type=float, help="RandomResizedCrop lower scale (= data.crop_scale=X,1.0)")
-    g.add_argument("--no-hflip", dest="hflip", action="store_false", default=None, help="= data.hflip=false")
-    g.add_argument("--loader-workers", type=int, help="= data.num_workers")
+    g.add_argument("--crop-min", type=float, help="RandomResizedCrop lower scale (= data.augment.crop_scale=X,1.0)")
+    g.add_argument("--no-hflip", dest="hflip", action="store_false", default=None, help="= data.augment.hflip=false")
+    g.add_argument("--loader-workers", type=int, help="= data.io.num_workers")
     g.add_argument("--fewshot-data", default=None, metavar="[NAME=]URL[,...]",
                    help="few-shot evaluation at every trial evaluation (= fewshot_data); then --metric "
                         "fewshot/NAME/10shot fits the law to few-shot accuracy")
@@ -152,9 +154,10 @@ def flag_overrides(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         if value is None:
             continue
         if dest == "crop_min":
-            items = [f"data.crop_scale={value!r},1.0"]
+            items = [f"data.augment.crop_scale={value!r},1.0"]
         elif dest == "warmup_frac":
-            items = [f"train.total_steps={_WARMUP_BASE}", f"train.warmup_steps={round(value * _WARMUP_BASE)}"]
+            items = [f"train.schedule.total_steps={_WARMUP_BASE}",
+                     f"train.schedule.warmup_steps={round(value * _WARMUP_BASE)}"]
         elif dest == "batch_size" and args.micro_batch is not None:
             items = [f"train.global_batch={value}"]
         else:
@@ -249,7 +252,7 @@ def check_study(args: argparse.Namespace) -> tuple[StudySpec | None, list[str]]:
     exp = trial_experiment(spec, variant=spec.variants[0], steps=max(spec.steps), samples=min(limits, default=None),
                            seed=0)
     problems += validation.dataset_problems(spec.data_url, exp.data, world_size=1, split_key="--train-split",
-                                            eval_split=exp.eval_split, eval_key="--eval-split")
+                                            eval_split=exp.eval.split, eval_key="--eval-split")
     problems += fewshot_data_problems(exp, key="--fewshot-data")
     if "://" not in spec.storage or spec.storage.startswith("file://"):
         problems += validation.storage_problems(spec.storage_path)

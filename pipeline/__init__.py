@@ -14,10 +14,19 @@ Public API:
 
 from typing import Any
 
-from .loader import BadDataError, DataConfig, Loader, build_loader
+from .loader import (
+    AugmentConfig,
+    BadDataError,
+    DataConfig,
+    IOConfig,
+    Loader,
+    PreprocessConfig,
+    SourceConfig,
+    build_loader,
+)
 from .storage import StorageError, open_storage, url_join
 
-__all__ = ["BadDataError", "DataConfig", "Loader", "StorageError", "build_loader", "open_storage", "url_join",
+__all__ = ["AugmentConfig", "BadDataError", "DataConfig", "IOConfig", "PreprocessConfig", "SourceConfig", "Loader", "StorageError", "build_loader", "open_storage", "url_join",
            "write_dataset"]
 
 

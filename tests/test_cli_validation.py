@@ -99,23 +99,24 @@ def _run(main: Any, argv: list[str], capsys: pytest.CaptureFixture[str]) -> tupl
 # ---------------------------------------------------------------------------------------------
 
 PRETRAIN_BAD = [
-    ("--data", "data.std=0,0,0", "data.std=(0.0, 0.0, 0.0)"),
-    ("--data", "data.eval_crop_pct=0", "data.eval_crop_pct=0"),
-    ("--data", "train.lr=inf", "train.lr=inf"),
-    ("--data", "train.lr=nan", "train.lr=nan"),
-    ("--data", "data.split=nosuch", "data.split='nosuch'"),
-    ("--data", "data.crop_scale=1.0,0.5", "data.crop_scale=(1.0, 0.5)"),
-    ("--data", "data.crop_scale=-0.5,1.0", "data.crop_scale=(-0.5, 1.0)"),
-    ("--data", "data.limit_samples=0", "data.limit_samples=0"),
-    ("--data", "data.limit_samples=-5", "data.limit_samples=-5"),
-    ("--data", "data.limit_samples=40", "split 'train' has 40 samples"),  # < 2 workers x batch 32
-    ("--data", "data.read_retries=-1", "data.read_retries=-1"),
-    ("--data", "data.prefetch_batches=0", "data.prefetch_batches=0"),
-    ("--data", "data.mean=nan,0.5,0.5", "data.mean=(nan, 0.5, 0.5)"),
+    ("--data", "data.preprocess.std=0,0,0", "data.preprocess.std=(0.0, 0.0, 0.0)"),
+    ("--data", "data.preprocess.eval_crop_pct=0", "data.preprocess.eval_crop_pct=0"),
+    ("--data", "train.optim.lr=inf", "train.optim.lr=inf"),
+    ("--data", "train.optim.lr=nan", "train.optim.lr=nan"),
+    ("--data", "data.source.split=nosuch", "data.source.split='nosuch'"),
+    ("--data", "eval.split=nosuch", "eval.split='nosuch'"),  # #23: checked before Ray too
+    ("--data", "data.augment.crop_scale=1.0,0.5", "data.augment.crop_scale=(1.0, 0.5)"),
+    ("--data", "data.augment.crop_scale=-0.5,1.0", "data.augment.crop_scale=(-0.5, 1.0)"),
+    ("--data", "data.source.limit_samples=0", "data.source.limit_samples=0"),
+    ("--data", "data.source.limit_samples=-5", "data.source.limit_samples=-5"),
+    ("--data", "data.source.limit_samples=40", "split 'train' has 40 samples"),  # < 2 workers x batch 32
+    ("--data", "data.io.read_retries=-1", "data.io.read_retries=-1"),
+    ("--data", "data.io.prefetch_batches=0", "data.io.prefetch_batches=0"),
+    ("--data", "data.preprocess.mean=nan,0.5,0.5", "data.preprocess.mean=(nan, 0.5, 0.5)"),
     ("--data", "image_size=-32", "image_size=-32"),
-    ("--data", "cpus_per_worker=0", "cpus_per_worker=0"),
-    ("--data", "gpus_per_worker=-1", "gpus_per_worker=-1"),
-    ("--data", "max_failures=-1", "max_failures=-1"),
+    ("--data", "resources.cpus_per_worker=0", "resources.cpus_per_worker=0"),
+    ("--data", "resources.gpus_per_worker=-1", "resources.gpus_per_worker=-1"),
+    ("--data", "resources.max_failures=-1", "resources.max_failures=-1"),
     ("--data", "name=../../x", "name='../../x'"),
     ("--data", "dataset_name=a/b", "dataset_name='a/b'"),
     ("missing", None, "--data"),  # a dataset folder that does not exist
@@ -134,21 +135,21 @@ def test_pretrain_rejects_bad_setting_before_ray(
 
 
 def test_pretrain_reports_every_problem_at_once(guard: Guard, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    items = ["train.lr=inf", "data.std=0,0,0", "cpus_per_worker=0", "max_failures=-1", "name=../../x",
-             "train.lr=fast", "train.lrr=1"]
+    items = ["train.optim.lr=inf", "data.preprocess.std=0,0,0", "resources.cpus_per_worker=0",
+             "resources.max_failures=-1", "name=../../x", "train.optim.momentum=fast", "train.lrr=1"]
     argv = ["--recipe", "vit_mu_smoke", "--data", str(tmp_path / "nowhere")]
     for item in items:
         argv += ["--set", item]
     rc, err, out, elapsed = _run(pretrain.main, argv, capsys)
-    needles = ["train.lr=inf", "data.std=", "cpus_per_worker=0", "max_failures=-1", "name='../../x'",
-               "'fast'", "'train.lrr'", "--data"]
+    needles = ["train.optim.lr=inf", "data.preprocess.std=", "resources.cpus_per_worker=0",
+               "resources.max_failures=-1", "name='../../x'", "'fast'", "'train.lrr'", "--data"]
     guard.check(rc, err, out, needles, elapsed)
     assert len(err.strip().splitlines()) == len(needles), "one line per problem"
 
 
 def test_pretrain_dry_run_of_a_valid_launch_passes(digits: str, guard: Guard, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = pretrain.main(["--recipe", "vit_mu_smoke", "--data", digits, "--set", "train.lr=1e-3", "--dry-run"])
-    assert rc == 0 and '"train.lr": 0.001' in capsys.readouterr().out
+    rc = pretrain.main(["--recipe", "vit_mu_smoke", "--data", digits, "--set", "train.optim.lr=1e-3", "--dry-run"])
+    assert rc == 0 and '"train.optim.lr": 0.001' in capsys.readouterr().out
 
 
 def test_missing_s3_dataset_is_one_line(s3_bucket: str, guard: Guard, capsys: pytest.CaptureFixture[str]) -> None:
@@ -163,11 +164,12 @@ def test_pretrain_script_exits_2_without_traceback(digits: str, tmp_path: Path) 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
     env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", VITSCALE_STORAGE=str(tmp_path / "runs"))
     cmd = [sys.executable, "orchestration/pretrain.py", "--recipe", "vit_mu_smoke", "--data", digits,
-           "--set", "data.split=nosuch", "--set", "train.lr=inf", "--set", "gpus_per_worker=-1"]
+           "--set", "data.source.split=nosuch", "--set", "train.optim.lr=inf", "--set",
+           "resources.gpus_per_worker=-1"]
     t0 = time.monotonic()
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
-    assert "train.lr=inf" in p.stderr and "gpus_per_worker=-1" in p.stderr
+    assert "train.optim.lr=inf" in p.stderr and "resources.gpus_per_worker=-1" in p.stderr
     assert time.monotonic() - t0 < 60
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
 
@@ -180,9 +182,9 @@ SWEEP_BAD = [
     (["--batch-size", "0"], "batch_size=0"),
     (["--batch-size", "-8"], "batch_size=-8"),
     (["--image-size", "-32"], "image_size=-32"),
-    (["--lr", "0"], "train.lr=0.0"),
-    (["--lr", "-0.001"], "train.lr=-0.001"),
-    (["--lr", "nan"], "train.lr=nan"),
+    (["--lr", "0"], "train.optim.lr=0.0"),
+    (["--lr", "-0.001"], "train.optim.lr=-0.001"),
+    (["--lr", "nan"], "train.optim.lr=nan"),
     (["--crop-min", "1.5"], "crop_scale=(1.5, 1.0)"),
     (["--study", "hparams", "--lr-range", "1e-2,1e-4"], "lr_range=(0.01, 0.0001)"),
     (["--study", "hparams", "--num-samples", "0"], "num_samples 0"),
@@ -215,7 +217,7 @@ def test_sweep_reports_every_problem_at_once(digits: str, guard: Guard, tmp_path
     extra = ["--batch-size", "0", "--lr", "nan", "--crop-min", "1.5", "--cpus-per-trial", "0", "--name", "../x",
              "--hparams", str(tmp_path / "missing.json")]
     rc, err, out, elapsed = _run(sweep.main, _sweep_argv(str(tmp_path / "nowhere"), tmp_path, extra), capsys)
-    guard.check(rc, err, out, ["batch_size=0", "train.lr=nan", "crop_min", "cpus_per_trial=0.0", "name='../x'",
+    guard.check(rc, err, out, ["batch_size=0", "train.optim.lr=nan", "crop_min", "cpus_per_trial=0.0", "name='../x'",
                                "--hparams", "--data"], elapsed)
 
 
@@ -227,7 +229,7 @@ def test_sweep_resume_with_other_settings_is_refused_before_ray(digits: str, gua
     (spec.analysis_dir / "study.json").write_text(json.dumps({"study_run_id": None, "spec": spec.to_dict()}))
     argv = _sweep_argv(digits, tmp_path, ["--name", "s", "--lr", "3e-3", "--resume"])
     rc, err, out, elapsed = _run(sweep.main, argv, capsys)
-    guard.check(rc, err, out, ["started with different settings (train.lr)"], elapsed)
+    guard.check(rc, err, out, ["started with different settings (train.optim.lr)"], elapsed)
 
 
 def test_sweep_trials_build_the_configs_that_were_validated() -> None:
@@ -237,10 +239,11 @@ def test_sweep_trials_build_the_configs_that_were_validated() -> None:
     spec = sweep.spec_from_args(args)
     exp = trial_experiment(spec, variant="mu", steps=100, samples=None, seed=1)  # what run_trial trains
     data, train = exp.data, exp.train
-    assert data.crop_scale == (0.5, 1.0) and data.batch_size == 32 and data.image_size == 16
-    assert train.lr == 2e-3 and train.global_batch == 32 and train.warmup_steps == 5 and train.total_steps == 100
-    with pytest.raises(ValueError, match=r"train\.lr=nan must be a finite number"):
-        StudySpec(name="t", overrides=("data.url=/d", "image_size=16", f"train.lr={math.nan}"), variants=("mu",),
+    assert data.augment.crop_scale == (0.5, 1.0) and data.batch_size == 32 and data.image_size == 16
+    assert train.optim.lr == 2e-3 and train.global_batch == 32 and train.schedule.warmup_steps == 5
+    assert train.schedule.total_steps == 100
+    with pytest.raises(ValueError, match=r"train\.optim\.lr=nan must be a finite number"):
+        StudySpec(name="t", overrides=("data.source.url=/d", "image_size=16", f"train.optim.lr={math.nan}"), variants=("mu",),
                   steps=(100,))
 
 
@@ -316,7 +319,7 @@ def test_finetune_help_example_passes_validation(s3_endpoint: str, guard: Guard,
     rc = finetune.main([*argv, "--gpus-per-worker", "0", "--dry-run"])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
-    assert '"train.total_steps": 100' in cap.out and '"image_size": 48' in cap.out
+    assert '"train.schedule.total_steps": 100' in cap.out and '"image_size": 48' in cap.out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import DataConfig, build_loader, open_storage, write_dataset
+from pipeline import DataConfig, IOConfig, SourceConfig, build_loader, open_storage, write_dataset
 from pipeline.demo_data import decode_index, make_index_folder
 from pipeline.format import DatasetFormatError, IntegrityError, resolve
 
@@ -76,8 +76,7 @@ def env() -> dict[str, str]:
 
 def read_all(url: str, version: str | None = None) -> tuple[list[int], list[int], str]:
     """(image ids decoded from pixels, labels, pinned version) of one eval pass over ``url``."""
-    ld = build_loader(DataConfig(url=url, train=False, image_size=16, batch_size=50, num_workers=0,
-                                 dataset_version=version), rank=0, world_size=1)
+    ld = build_loader(DataConfig(source=SourceConfig(url=url, dataset_version=version), train=False, image_size=16, batch_size=50, io=IOConfig(num_workers=0)), rank=0, world_size=1)
     ids: list[int] = []
     labels: list[int] = []
     for x, y, valid in ld:
@@ -189,7 +188,7 @@ def test_same_length_swapped_sample_is_caught_naming_shard_and_key(tmp_path: Pat
     raw[a["offset"]: a["offset"] + a["size"]] = (vdir(ds) / b["shard"]).read_bytes()[b["offset"]: b["offset"] + b["size"]]
     shard.write_bytes(bytes(raw))  # same length: shard size and every offset still match
     for workers in (0, 2):
-        ld = build_loader(DataConfig(url=str(ds), train=False, image_size=16, batch_size=10, num_workers=workers),
+        ld = build_loader(DataConfig(source=SourceConfig(url=str(ds)), train=False, image_size=16, batch_size=10, io=IOConfig(num_workers=workers)),
                           rank=0, world_size=1)
         with pytest.raises(IntegrityError, match=rf"sample {a['key']} in shard .*{a['shard']}.*sha256"):
             list(ld)
@@ -209,7 +208,7 @@ def test_damaged_shard_is_caught_naming_the_shard(tmp_path: Path, id_src: Path, 
     else:
         raw += b"\0" * 512
     shard.write_bytes(bytes(raw))
-    cfg = DataConfig(url=str(ds), train=False, image_size=16, batch_size=10, num_workers=0)
+    cfg = DataConfig(source=SourceConfig(url=str(ds)), train=False, image_size=16, batch_size=10, io=IOConfig(num_workers=0))
     with pytest.raises(IntegrityError, match=rf"shard .*{index[-1]['shard']}.*index\.parquet records"):
         list(build_loader(cfg, rank=0, world_size=1))
 
@@ -217,7 +216,7 @@ def test_damaged_shard_is_caught_naming_the_shard(tmp_path: Path, id_src: Path, 
 def test_whole_shard_hash_is_checked_once_per_run(tmp_path: Path, id_src: Path) -> None:
     ds = tmp_path / "ds"
     write(id_src, ds)
-    ld = build_loader(DataConfig(url=str(ds), image_size=16, batch_size=10, num_workers=2), rank=0, world_size=1)
+    ld = build_loader(DataConfig(source=SourceConfig(url=str(ds)), image_size=16, batch_size=10, io=IOConfig(num_workers=2)), rank=0, world_size=1)
     list(ld)
     first = set(ld._verified)
     assert len(first) >= 8  # shards read whole in epoch 0 (slot boundaries may split a couple)
@@ -226,7 +225,7 @@ def test_whole_shard_hash_is_checked_once_per_run(tmp_path: Path, id_src: Path) 
     raw[100] ^= 0xFF  # header byte: only the whole-shard hash could see it
     shard.write_bytes(bytes(raw))
     list(ld)  # epoch 1 does not hash already-verified shards again (the cost is paid once per run)
-    fresh = build_loader(DataConfig(url=str(ds), image_size=16, batch_size=10, num_workers=2), rank=0,
+    fresh = build_loader(DataConfig(source=SourceConfig(url=str(ds)), image_size=16, batch_size=10, io=IOConfig(num_workers=2)), rank=0,
                          world_size=1)
     with pytest.raises(IntegrityError, match=sorted(first)[0]):
         list(fresh)
@@ -261,7 +260,7 @@ def test_damaged_metadata_errors_name_the_file(tmp_path: Path, id_src: Path, tar
         version = resolve(str(ds)).version  # a pinned reader opens the version's own manifest
     if target != "dataset.json-field":
         _garble(path)
-    cfg = DataConfig(url=str(ds), image_size=16, batch_size=10, num_workers=0, dataset_version=version)
+    cfg = DataConfig(source=SourceConfig(url=str(ds), dataset_version=version), image_size=16, batch_size=10, io=IOConfig(num_workers=0))
     with pytest.raises(DatasetFormatError) as e:
         build_loader(cfg, rank=0, world_size=1)
     msg = str(e.value)
@@ -304,7 +303,7 @@ def test_format1_dataset_still_loads_and_checks_shard_size(tmp_path: Path, id_sr
 def test_resume_reads_the_pinned_version_and_says_when_it_is_gone(tmp_path: Path, id_src: Path) -> None:
     ds = tmp_path / "ds"
     v1 = write(id_src, ds, seed=0)["dataset_version"]
-    cfg = DataConfig(url=str(ds), image_size=16, batch_size=10, num_workers=0, shuffle_buffer=16)
+    cfg = DataConfig(source=SourceConfig(url=str(ds)), image_size=16, batch_size=10, io=IOConfig(num_workers=0, shuffle_buffer=16))
     full = [decode_index(b[0].numpy()) for b in build_loader(cfg, rank=0, world_size=1)]
     ld = build_loader(cfg, rank=0, world_size=1)
     it = iter(ld)

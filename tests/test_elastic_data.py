@@ -31,6 +31,8 @@ from typing import Any
 import pytest
 from conftest import LoaderProxy
 
+from pipeline import IOConfig, SourceConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 N_IDS = 430  # 430 = 26 * 16 + 14 at world 2: uneven, so the final layout drops a remainder
 PER_SHARD = 37  # uneven shards (the last one short)
@@ -69,10 +71,9 @@ def worker(mode: str, dataset: str, ckdir: str, out: Path) -> None:
     from training import Trainer
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    data = DataConfig(url=dataset, image_size=32, batch_size=MICRO, num_workers=WORKERS, shuffle_buffer=16)
+    data = DataConfig(source=SourceConfig(url=dataset), image_size=32, batch_size=MICRO, io=IOConfig(num_workers=WORKERS, shuffle_buffer=16))
     loader = RecordingLoader(build_loader(data, rank=rank, world_size=world))
-    cfg = make_cfg(1, global_batch=GLOBAL_BATCH, micro_batch=MICRO, total_steps=TOTAL_STEPS, warmup_steps=2,
-                   checkpoint_every=K if mode == "train" else 0, log_every=1)  # 0: only at the end
+    cfg = make_cfg(1, global_batch=GLOBAL_BATCH, micro_batch=MICRO, log_every=1, **{"schedule.total_steps": TOTAL_STEPS, "schedule.warmup_steps": 2, "checkpoint.every": K if mode == "train" else 0})  # 0: only at the end
     trainer = Trainer(make_model(), cfg, loader, checkpoint_dir=ckdir)
     record: dict[str, Any] = {"rank": rank, "world": world, "accum": trainer.accum}
     if mode == "train":

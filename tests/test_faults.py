@@ -18,7 +18,6 @@ The worker side is this file's `main()`, run as `python <this file> SCENARIO OUT
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -31,6 +30,9 @@ from typing import Any
 
 import pytest
 import torch
+
+from pipeline import IOConfig, SourceConfig
+from training.config import FaultConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TOTAL = 16
@@ -108,7 +110,7 @@ def _make_loader(rank: int, world: int, out: Path, delay: float) -> Any:
         return _paced(MemLoader(rank, world), rank, out, delay)
     from pipeline import DataConfig, build_loader
 
-    cfg = DataConfig(url=dataset, image_size=32, batch_size=MICRO, num_workers=2, shuffle_buffer=16)
+    cfg = DataConfig(source=SourceConfig(url=dataset), image_size=32, batch_size=MICRO, io=IOConfig(num_workers=2, shuffle_buffer=16))
     return _paced(build_loader(cfg, rank=rank, world_size=world), rank, out, delay)
 
 
@@ -119,7 +121,7 @@ def _trainer(out: Path, bucket: str, rank: int, world: int, delay: float, **kw: 
     from training import Trainer
 
     store = StorageCheckpointStore(f"s3://{bucket}/run/checkpoints")
-    cfg = dataclasses.replace(make_cfg(1, total_steps=TOTAL, checkpoint_every=4), **kw)
+    cfg = make_cfg(1, **{"schedule.total_steps": TOTAL, "checkpoint.every": 4, **kw})
     return Trainer(make_model(), cfg, _make_loader(rank, world, out, delay), sink=FileSink(out / f"sink_r{rank}.jsonl"),
                    checkpoint_dir=str(out / "staging"), checkpoint_store=store), store
 
@@ -127,11 +129,11 @@ def _trainer(out: Path, bucket: str, rank: int, world: int, delay: float, **kw: 
 def scenario(name: str, out: Path, bucket: str) -> None:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if name == "preempt":
-        trainer, _ = _trainer(out, bucket, rank, world, 0.1, preempt_grace_s=20.0)
+        trainer, _ = _trainer(out, bucket, rank, world, 0.1, **{"faults.preempt_grace_s": 20.0})
         trainer.fit()
         raise AssertionError("unreachable: the run is preempted before its end")
     if name == "slow":
-        trainer, store = _trainer(out, bucket, rank, world, 0.15, preempt_grace_s=5.0, io_timeout_s=60.0)
+        trainer, store = _trainer(out, bucket, rank, world, 0.15, **{"faults.preempt_grace_s": 5.0, "checkpoint.io_timeout_s": 60.0})
         real = store.storage.upload_file
 
         def slow_upload(path: Any, key: str) -> None:
@@ -157,7 +159,7 @@ def scenario(name: str, out: Path, bucket: str) -> None:
                                                              "restored_at": restored_at, "faults": trainer.faults.to_dict()}))
             return
         final = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
-        straight = Trainer(make_model(), make_cfg(1, total_steps=TOTAL, checkpoint_every=4),
+        straight = Trainer(make_model(), make_cfg(1, **{"schedule.total_steps": TOTAL, "checkpoint.every": 4}),
                            _make_loader(rank, world, out / "straight", 0.0))
         straight.fit()
         diff = max((v - final[k]).abs().max().item() for k, v in straight.engine.module.state_dict().items())
@@ -168,7 +170,7 @@ def scenario(name: str, out: Path, bucket: str) -> None:
         return
     if name == "hang_data":
         os.environ["VITSCALE_TEST_STUCK_READ"] = "1"
-        trainer, _ = _trainer(out, bucket, rank, world, 0.0, hang_timeout_s=HANG_S)
+        trainer, _ = _trainer(out, bucket, rank, world, 0.0, **{"faults.hang_timeout_s": HANG_S})
         trainer.fit()
     if name == "hang_rank":
         import training.trainer
@@ -182,7 +184,7 @@ def scenario(name: str, out: Path, bucket: str) -> None:
 
         if rank == 1:
             training.trainer.loss_fn = stuck_in_forward
-        trainer, _ = _trainer(out, bucket, rank, world, 0.0, hang_timeout_s=HANG_S)
+        trainer, _ = _trainer(out, bucket, rank, world, 0.0, **{"faults.hang_timeout_s": HANG_S})
         trainer.fit()
     raise AssertionError(f"{name}: the run should have been ended by the watchdog")
 
@@ -520,11 +522,12 @@ def test_knobs_are_validated_and_resumable() -> None:
     from training import TrainConfig
     from training.config import RESUMABLE_FIELDS
 
-    assert TrainConfig().preempt_grace_s == 25.0 and {"preempt_grace_s", "hang_timeout_s"} <= RESUMABLE_FIELDS
+    assert TrainConfig().faults.preempt_grace_s == 25.0
+    assert {"faults.preempt_grace_s", "faults.hang_timeout_s"} <= RESUMABLE_FIELDS
     with pytest.raises(ValueError, match="preempt_grace_s=0 must be a finite number of seconds > 0"):
-        TrainConfig(preempt_grace_s=0)
+        TrainConfig(faults=FaultConfig(preempt_grace_s=0))
     with pytest.raises(ValueError, match="hang_timeout_s=-1 must be .* >= 0"):
-        TrainConfig(hang_timeout_s=-1)
+        TrainConfig(faults=FaultConfig(hang_timeout_s=-1))
 
 
 if __name__ == "__main__":

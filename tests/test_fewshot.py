@@ -33,6 +33,7 @@ from orchestration.evaluation import (
 )
 from orchestration.evaluation import fewshot as fewshot_mod
 from orchestration.evaluation.ridge import targets, whitening
+from pipeline import IOConfig, PreprocessConfig, SourceConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = 32
@@ -345,8 +346,7 @@ def _pretrain_and_measure(tmp_path: Path, checkpoints: tuple[int, ...]) -> dict[
 
     up = _write_digits(tmp_path / "up", classes=range(5), val_fraction=0.0)
     down = _write_digits(tmp_path / "down", classes=range(5, 10), val_fraction=0.5)
-    ev = build_loader(DataConfig(url=up, split="train", image_size=IMAGE, batch_size=256, num_workers=0,
-                                 train=False, eval_crop_pct=1.0), rank=0, world_size=1)
+    ev = build_loader(DataConfig(source=SourceConfig(url=up, split="train"), image_size=IMAGE, batch_size=256, train=False, io=IOConfig(num_workers=0), preprocess=PreprocessConfig(eval_crop_pct=1.0)), rank=0, world_size=1)
     xs, ys = zip(*[(x[v], y[v]) for x, y, v in ev], strict=True)
     x_up, y_up = torch.cat(xs), torch.cat(ys)  # (901, 3, 32, 32): decoded once, jittered per step
     torch.manual_seed(0)

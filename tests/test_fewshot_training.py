@@ -26,9 +26,9 @@ STEPS, EVERY = 4, 2
 
 def _overrides(up: str, down: str) -> list[str]:
     """vit_mu_smoke, shortened, on ZeRO-3, with few-shot on a 5-class dataset (the head has 10)."""
-    return [f"data.url={up}", "data.num_workers=0", f"train.total_steps={STEPS}", "train.warmup_steps=1",
-            "train.zero_stage=3", "train.eval_every=0", "train.log_every=2", "eval_split=none",
-            f"fewshot_data=digits59={down}", f"fewshot_every={EVERY}", "fewshot_shots=1,5", "workers=2"]
+    return [f"data.source.url={up}", "data.io.num_workers=0", f"train.schedule.total_steps={STEPS}", "train.schedule.warmup_steps=1",
+            "train.engine.zero_stage=3", "train.eval_every=0", "train.log_every=2", "eval.split=none",
+            f"eval.fewshot_data=digits59={down}", f"eval.fewshot_every={EVERY}", "eval.fewshot_shots=1,5", "resources.workers=2"]
 
 
 def _experiment(up: str, down: str):  # noqa: ANN202 - an Experiment
@@ -135,12 +135,12 @@ def test_too_few_downstream_images_fail_before_training_naming_the_classes(tmp_p
     assert all(f"'{c}' (" in lines[0] for c in "012"), lines[0]  # every short class by name and count
     assert not (tmp_path / "runs").exists()
     # fewshot_every without datasets, and a 5-shot run on the same data: both launch-time decisions.
-    rc = pretrain.main(["--recipe", "vit_mu_smoke", "--data", up, "--set", "fewshot_every=10", "--dry-run"])
-    assert rc == 2 and "fewshot_every=10 needs downstream datasets" in capsys.readouterr().err
+    rc = pretrain.main(["--recipe", "vit_mu_smoke", "--data", up, "--set", "eval.fewshot_every=10", "--dry-run"])
+    assert rc == 2 and "eval.fewshot_every=10 needs downstream datasets" in capsys.readouterr().err
     rc = pretrain.main(["--recipe", "vit_mu_smoke", "--data", up, "--fewshot-data", few, "--set",
-                        "fewshot_shots=1,5", "--storage", str(tmp_path / "runs"), "--dry-run"])
+                        "eval.fewshot_shots=1,5", "--storage", str(tmp_path / "runs"), "--dry-run"])
     printed = capsys.readouterr().out
-    assert rc == 0 and json.loads(printed)["fewshot_data"] == [few]
+    assert rc == 0 and json.loads(printed)["eval.fewshot_data"] == [few]
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""DESIGN.md's import rules, checked by reading every module's imports (lazy ones included).
+"""docs/design.md's import rules, checked by reading every module's imports (lazy ones included).
 
-1. One way between packages: model <- training <- orchestration, pipeline <- orchestration.
+1. One way between packages: confkit <- model <- training <- orchestration, confkit <- pipeline <-
+   orchestration (confkit, the typed config sections, is stdlib-only and below everything).
 2. Third-party imports of the lower packages come from an allow-list (model/ imports torch,
    safetensors and the standard library only), so a heavy or cluster-only dependency cannot
    creep into them unnoticed.
@@ -18,17 +19,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT = ("model", "pipeline", "training", "orchestration")
+PROJECT = ("confkit", "model", "pipeline", "training", "orchestration")
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 # package -> project packages it may import
 MAY_IMPORT: dict[str, set[str]] = {
-    "model": set(),
-    "pipeline": set(),
-    "training": {"model"},
-    "orchestration": {"model", "pipeline", "training"},
+    "confkit": set(),
+    "model": {"confkit"},
+    "pipeline": {"confkit"},
+    "training": {"confkit", "model"},
+    "orchestration": {"confkit", "model", "pipeline", "training"},
 }
 # package -> third-party top-level names it may import (None: any declared dependency)
 THIRD_PARTY: dict[str, set[str] | None] = {
+    "confkit": set(),
     "model": {"torch", "safetensors"},
     "pipeline": {"torch", "torchvision", "numpy", "PIL", "pyarrow", "boto3", "botocore", "urllib3", "tqdm"},
     "training": {"torch", "deepspeed", "numpy", "safetensors"},

@@ -757,17 +757,17 @@ def test_rayjob_for_vit_s16_t4_matches_recipe(renderer: Any, t4_recipe: Any, crd
     cluster = job["spec"]["rayClusterSpec"]
     (group,) = cluster["workerGroupSpecs"]
     assert group["groupName"] == "t4"
-    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == exp.workers == 1
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == exp.resources.workers == 1
     assert cluster["enableInTreeAutoscaling"] is False
     pod = group["template"]["spec"]
     assert pod["nodeSelector"]["node.kubernetes.io/instance-type"].startswith("g4dn.")
     (container,) = pod["containers"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == exp.gpus_per_worker == 1
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == exp.resources.gpus_per_worker == 1
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
-    assert int(group["rayStartParams"]["num-cpus"]) >= exp.cpus_per_worker
+    assert int(group["rayStartParams"]["num-cpus"]) >= exp.resources.cpus_per_worker
     shm = renderer.quantity(next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"]["sizeLimit"])
     per_batch = exp.data.batch_size * 3 * exp.image_size**2 * 4
-    assert shm >= exp.data.num_workers * 2 * per_batch
+    assert shm >= exp.data.io.num_workers * 2 * per_batch
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     assert cluster["rayVersion"] == pyproject_pins()["ray"]
 
@@ -800,18 +800,18 @@ def test_recipe_knobs_reach_the_rayjob(renderer: Any, t4_recipe: Any, crds: CRDs
         T4_DATA,
         workers=4,
         accelerator="a100",
-        overrides=["train.lr=3e-4"],
+        overrides=["train.optim.lr=3e-4"],
         image="r/vitscale:1",
     )
     crds.validate(a100)
     (group,) = a100["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert group["groupName"] == "a100" and group["replicas"] == 1
-    assert "--set train.lr=3e-4" in a100["spec"]["entrypoint"]
+    assert "--set train.optim.lr=3e-4" in a100["spec"]["entrypoint"]
     assert {t["spec"]["containers"][0]["image"] for _, t in pod_templates(a100)} == {"r/vitscale:1"}
 
     # Mistakes fail before anything reaches the cluster, naming the fix.
     with pytest.raises(ValueError, match="cpus_per_worker"):
-        renderer.render_rayjob("vit_s16_t4", T4_DATA, overrides=["cpus_per_worker=16"])
+        renderer.render_rayjob("vit_s16_t4", T4_DATA, overrides=["resources.cpus_per_worker=16"])
     with pytest.raises(ValueError, match="train.nope"):
         renderer.render_rayjob("vit_s16_t4", T4_DATA, overrides=["train.nope=1"])
     with pytest.raises(ValueError, match="no GPUs"):
@@ -819,16 +819,16 @@ def test_recipe_knobs_reach_the_rayjob(renderer: Any, t4_recipe: Any, crds: CRDs
 
 
 def test_rayjob_sizes_shm_for_the_uint8_batches_workers_really_use(renderer: Any) -> None:
-    """Workers load uint8 batches with data.prefetch_batches in flight: size /dev/shm for those."""
+    """Workers load uint8 batches with data.io.prefetch_batches in flight: size /dev/shm for those."""
     # 8 workers x 2 prefetched x 256 x 3 x 224^2 uint8 = 1.2 GB x headroom 2: fits the T4 pod's 4 GiB
     # (float32 accounting said 4.9 GB and refused a layout that runs).
-    fits = ["data.num_workers=8", "train.global_batch=256", "train.micro_batch=256", "data.prefetch_batches=2"]
+    fits = ["data.io.num_workers=8", "train.global_batch=256", "train.micro_batch=256", "data.io.prefetch_batches=2"]
     job = renderer.render_rayjob("vit_s16_t4", T4_DATA, overrides=fits)
     assert "train.micro_batch=256" in job["spec"]["entrypoint"]
     # ... while a deep prefetch queue is counted (it was ignored): 8 x 32 x 64 x 3 x 224^2 x 2 > 4 GiB.
     with pytest.raises(ValueError, match="prefetch_batches"):
-        renderer.render_rayjob("vit_s16_t4", T4_DATA, overrides=["data.num_workers=8", "train.micro_batch=64",
-                                                                 "data.prefetch_batches=32"])
+        renderer.render_rayjob("vit_s16_t4", T4_DATA, overrides=["data.io.num_workers=8", "train.micro_batch=64",
+                                                                 "data.io.prefetch_batches=32"])
 
 
 def test_committed_rayjob_is_the_rendered_one(renderer: Any) -> None:
@@ -859,12 +859,12 @@ def test_pretrain_accepts_the_rendered_flags(renderer: Any) -> None:
     """pretrain.py's own argument parser accepts the entrypoint, knobs included."""
     import orchestration.pretrain as pretrain
 
-    job = renderer.render_rayjob("vit_s16_t4", T4_DATA, workers=2, overrides=["train.lr=1e-3"])
+    job = renderer.render_rayjob("vit_s16_t4", T4_DATA, workers=2, overrides=["train.optim.lr=1e-3"])
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:3] == ["python", "-m", pretrain.__name__]
     args = pretrain.build_parser().parse_args(argv[3:])
     assert (args.recipe, args.data, args.resume, args.workers) == ("vit_s16_t4", T4_DATA, "auto", 2)
-    assert args.overrides == ["train.lr=1e-3"]
+    assert args.overrides == ["train.optim.lr=1e-3"]
     assert args.storage == renderer.DEFAULT_STORAGE and args.experiment == "vit_s16_t4"
 
 

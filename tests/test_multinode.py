@@ -157,8 +157,8 @@ def _ray_list(env: dict[str, str], *args: str) -> list[dict[str, Any]]:
 def first_run(cluster: dict[str, str], digits_url: str) -> dict[str, Any]:
     """2 ranks, 20 steps, checkpoints every 10 (on S3)."""
     proc = _submit(cluster, "--data", digits_url, "--storage", cluster["VITSCALE_STORAGE"], "--workers", "2",
-                   "--no-register", "--set", "train.total_steps=20", "--set", "train.warmup_steps=2",
-                   "--set", "train.checkpoint_every=10", "--set", "train.eval_every=20",
+                   "--no-register", "--set", "train.schedule.total_steps=20", "--set", "train.schedule.warmup_steps=2",
+                   "--set", "train.checkpoint.every=10", "--set", "train.eval_every=20",
                    "--set", "train.log_every=5")
     t0 = time.monotonic()
     run = _watch(cluster, proc)
@@ -215,8 +215,8 @@ def test_checkpoints_live_only_on_s3(first_run: dict[str, Any], cluster: dict[st
 def test_resume_from_s3_on_both_nodes(first_run: dict[str, Any], cluster: dict[str, str], digits_url: str) -> None:
     res = first_run["result"]
     proc = _submit(cluster, "--data", digits_url, "--storage", cluster["VITSCALE_STORAGE"], "--workers", "2",
-                   "--no-register", "--resume", "auto", "--set", "train.total_steps=30", "--set",
-                   "train.warmup_steps=2", "--set", "train.checkpoint_every=10", "--set", "train.eval_every=20",
+                   "--no-register", "--resume", "auto", "--set", "train.schedule.total_steps=30", "--set",
+                   "train.schedule.warmup_steps=2", "--set", "train.checkpoint.every=10", "--set", "train.eval_every=20",
                    "--set", "train.log_every=5")
     run = _watch(cluster, proc)
     again = _result(run["output"])
@@ -314,9 +314,9 @@ def test_elastic_run_survives_losing_the_worker_node(cluster: dict[str, str], di
     group_start_timeout_s=20: Ray's first restart asks for 2 workers on a view that still counts the
     dead node and gives up after 20 s instead of its default 60 s."""
     proc = _submit(cluster, "--data", digits_url, "--storage", cluster["VITSCALE_STORAGE"], "--workers", "1-2",
-                   "--no-register", "--set", f"train.total_steps={ELASTIC_STEPS}", "--set", "train.warmup_steps=2",
-                   "--set", "train.checkpoint_every=5", "--set", f"train.eval_every={ELASTIC_STEPS}",
-                   "--set", "train.log_every=5", "--set", "elastic_resize_s=5", "--set", "group_start_timeout_s=20")
+                   "--no-register", "--set", f"train.schedule.total_steps={ELASTIC_STEPS}", "--set", "train.schedule.warmup_steps=2",
+                   "--set", "train.checkpoint.every=5", "--set", f"train.eval_every={ELASTIC_STEPS}",
+                   "--set", "train.log_every=5", "--set", "resources.elastic_resize_s=5", "--set", "resources.group_start_timeout_s=20")
     try:
         # The group may start with 1 rank when the worker node's CPU is not free yet (it then
         # grows to 2): kill the node only once 2 ranks have committed a checkpoint.
@@ -393,9 +393,9 @@ def _submit_no_checkpoints(cluster: dict[str, str], digits_url: str, total_steps
     """2 ranks, a progress record every 2 steps, no periodic checkpoint or eval: every checkpoint
     the run writes comes from a preemption."""
     return _submit(cluster, "--data", digits_url, "--storage", cluster["VITSCALE_STORAGE"], "--workers", "2",
-                   "--no-register", "--set", f"train.total_steps={total_steps}", "--set", "train.warmup_steps=2",
-                   "--set", "train.checkpoint_every=1000", "--set", "train.eval_every=1000",
-                   "--set", "train.log_every=2", "--set", "max_failures=2")
+                   "--no-register", "--set", f"train.schedule.total_steps={total_steps}", "--set", "train.schedule.warmup_steps=2",
+                   "--set", "train.checkpoint.every=1000", "--set", "train.eval_every=1000",
+                   "--set", "train.log_every=2", "--set", "resources.max_failures=2")
 
 
 @pytest.mark.integration

@@ -46,12 +46,12 @@ def test_redaction_of_secret_env_values_and_url_credentials(monkeypatch: pytest.
     assert "app-password-xyz" not in tracking.redact_text("dsn=mysql://app-password-xyz")
     assert tracking.redact_text("s3://user:pa55word@host/bucket") == "s3://***@host/bucket"
     clean = tracking.redact(
-        {"AWS_SECRET_ACCESS_KEY": "abc123456", "api_token": SECRET, "data.url": f"s3://b/{SECRET}",
-         "model.num_prefix_tokens": 1, "train.lr": 1e-3}
+        {"AWS_SECRET_ACCESS_KEY": "abc123456", "api_token": SECRET, "data.source.url": f"s3://b/{SECRET}",
+         "model.num_prefix_tokens": 1, "train.optim.lr": 1e-3}
     )
     assert "AWS_SECRET_ACCESS_KEY" not in clean and "api_token" not in clean
-    assert clean["data.url"] == "s3://b/***"
-    assert clean["model.num_prefix_tokens"] == "1" and clean["train.lr"] == "0.001"
+    assert clean["data.source.url"] == "s3://b/***"
+    assert clean["model.num_prefix_tokens"] == "1" and clean["train.optim.lr"] == "0.001"
 
 
 def test_log_records_are_redacted(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
@@ -68,7 +68,7 @@ def test_mlflow_sink_never_stores_secrets(tmp_path: Path, monkeypatch: pytest.Mo
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = tracking.start_run("redaction", run_name="r", tags={"note": f"token {SECRET}", "GH_TOKEN": SECRET}, uri=uri)
     sink = tracking.MLflowSink(run_id, uri=uri, system_metrics=False)
-    sink.log_params({"data.url": f"s3://bucket/{SECRET}/x", "HF_TOKEN": SECRET, "train.lr": 0.1})
+    sink.log_params({"data.source.url": f"s3://bucket/{SECRET}/x", "HF_TOKEN": SECRET, "train.optim.lr": 0.1})
     sink.log_metrics({"loss": 1.5, "nan": float("nan")}, step=3)
     sink.log_dict({"env": dict(os.environ)}, "config/env.json")
     sink.close()
@@ -76,7 +76,7 @@ def test_mlflow_sink_never_stores_secrets(tmp_path: Path, monkeypatch: pytest.Mo
     stored = json.dumps([run.data.params, run.data.tags])
     artifact = Path(run.info.artifact_uri.replace("file://", "")) / "config" / "env.json"
     assert SECRET not in stored and SECRET not in artifact.read_text()
-    assert run.data.params["train.lr"] == "0.1" and run.data.params["data.url"] == "s3://bucket/***/x"
+    assert run.data.params["train.optim.lr"] == "0.1" and run.data.params["data.source.url"] == "s3://bucket/***/x"
     assert run.data.metrics == {"loss": 1.5}
     assert artifact.is_relative_to(tmp_path), "sqlite stores keep artifacts next to the database"
 
@@ -151,9 +151,9 @@ def test_bad_set_fails_before_ray_starts(capsys: pytest.CaptureFixture[str], tmp
     from pipeline import write_dataset
     from pipeline.demo_data import make_digits_folder
 
-    rc = pretrain.main(["--recipe", "vit_mu_smoke", "--data", "/nonexistent", "--set", "train.lr=fast"])
+    rc = pretrain.main(["--recipe", "vit_mu_smoke", "--data", "/nonexistent", "--set", "train.optim.lr=fast"])
     err = capsys.readouterr().err
-    assert rc == 2 and "'train.lr'" in err and "expected float" in err and "'fast'" in err
+    assert rc == 2 and "'train.optim.lr'" in err and "expected float" in err and "'fast'" in err
     rc = pretrain.main(["--recipe", "vit_mu_smoke", "--data", "/x", "--set", "train.warmup=5"])
     assert rc == 2 and "valid keys of 'train'" in capsys.readouterr().err
     assert not ray.is_initialized()
@@ -163,8 +163,12 @@ def test_bad_set_fails_before_ray_starts(capsys: pytest.CaptureFixture[str], tmp
     data = str(tmp_path / "ds")
     write_dataset(make_digits_folder(tmp_path / "f", image_size=16, limit=60), data, samples_per_shard=100,
                   workers=1, progress=False)
-    assert pretrain.main(["--recipe", "vit_mu_smoke", "--data", data, "--workers", "1", "--dry-run"]) == 0
-    assert '"workers": 1' in capsys.readouterr().out
+    # The recipe evaluates on 'val', which this dataset lacks: said before Ray, with the fix (#23).
+    assert pretrain.main(["--recipe", "vit_mu_smoke", "--data", data, "--workers", "1", "--dry-run"]) == 2
+    assert "eval.split='val'" in capsys.readouterr().err
+    argv = ["--recipe", "vit_mu_smoke", "--data", data, "--workers", "1", "--set", "eval.split=none", "--dry-run"]
+    assert pretrain.main(argv) == 0
+    assert '"resources.workers": 1' in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +290,7 @@ def pretrained(ray_cluster: dict[str, str], digits_url: str, storage_url: str) -
     proc = _submit(
         env, "orchestration/pretrain.py", "--recipe", "vit_mu_smoke", "--data", digits_url,
         "--experiment", "orch-test", "--storage", storage_url,
-        "--set", "train.total_steps=90", "--set", "train.warmup_steps=5", "--set", "train.checkpoint_every=15",
+        "--set", "train.schedule.total_steps=90", "--set", "train.schedule.warmup_steps=5", "--set", "train.checkpoint.every=15",
         "--set", "train.eval_every=45", "--set", "train.log_every=5",
     )
     pointer = "vit_mu_smoke/latest_run.json"
@@ -320,7 +324,7 @@ def test_ray_job_pretraining_is_tracked_and_registered(pretrained: dict[str, Any
     assert run.info.status == "FINISHED"
     for key in ("loss", "lr", "grad_norm", "images_per_s", "eval_top1", "data_wait_frac"):
         assert key in run.data.metrics, key
-    assert run.data.params["train.total_steps"] == "90" and run.data.tags["recipe"] == "vit_mu_smoke"
+    assert run.data.params["train.schedule.total_steps"] == "90" and run.data.tags["recipe"] == "vit_mu_smoke"
     assert run.data.tags["dataset_index_sha256"] != "missing" and len(run.data.tags["dataset_index_sha256"]) == 64
     artifacts = {a.path for a in c.list_artifacts(res["run_id"])}
     assert {"config", "dataset", "weights", "attention"} <= artifacts
@@ -356,8 +360,8 @@ def test_finetune_from_registry_at_higher_resolution(pretrained: dict[str, Any],
         ray_cluster, "orchestration/finetune.py", "--from", src["model_uri"], "--data", digits_url,
         "--storage", storage_url,
         "--image-size", "48", "--workers", "1", "--gpus-per-worker", "0",
-        "--set", "train.total_steps=20", "--set", "train.warmup_steps=2", "--set", "train.global_batch=32",
-        "--set", "train.eval_every=20", "--set", "train.checkpoint_every=20",
+        "--set", "train.schedule.total_steps=20", "--set", "train.schedule.warmup_steps=2", "--set", "train.global_batch=32",
+        "--set", "train.eval_every=20", "--set", "train.checkpoint.every=20",
     )
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-6000:]
@@ -368,8 +372,8 @@ def test_finetune_from_registry_at_higher_resolution(pretrained: dict[str, Any],
     c = tracking.client(ray_cluster["MLFLOW_TRACKING_URI"])
     run = c.get_run(res["run_id"])
     assert run.data.tags["mlflow.parentRunId"] == src["run_id"]
-    assert run.data.params["train.optimizer"] == "sgd" and run.data.params["train.weight_decay"] == "0.0"
-    assert run.data.params["train.decay"] == "cosine" and run.data.params["train.momentum"] == "0.9"
+    assert run.data.params["train.optim.name"] == "sgd" and run.data.params["train.optim.weight_decay"] == "0.0"
+    assert run.data.params["train.schedule.decay"] == "cosine" and run.data.params["train.optim.momentum"] == "0.9"
     mv = c.get_model_version("vit-mu4-digits-ft48", str(res["model_version"]))
     assert mv.tags["finetune_from"] == src["model_uri"]
     assert MLFLOW_PASSWORD not in out

@@ -13,7 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import BadDataError, DataConfig, build_loader, open_storage, write_dataset
+from pipeline import (
+    BadDataError,
+    DataConfig,
+    IOConfig,
+    PreprocessConfig,
+    SourceConfig,
+    build_loader,
+    open_storage,
+    write_dataset,
+)
 from pipeline.decode import BadSample, decode_eval, decode_train
 from pipeline.demo_data import decode_index, make_digits_folder, make_digits_manifest, make_index_folder
 from pipeline.format import reseal, resolve
@@ -183,9 +192,9 @@ def test_consumed_ids_matches_round_robin() -> None:
 
 # ----------------------------------------------------------------------------- loader (in-process)
 def cfg_for(ds: Path, **kw) -> DataConfig:
-    base = dict(url=str(ds), image_size=16, batch_size=8, num_workers=0, shuffle_buffer=32, mean=MEAN, std=STD)
-    base.update(kw)
-    return DataConfig(**base)
+    base = DataConfig(source=SourceConfig(url=str(ds)), image_size=16, batch_size=8,
+                      io=IOConfig(num_workers=0, shuffle_buffer=32), preprocess=PreprocessConfig(mean=MEAN, std=STD))
+    return base.replace(**kw)
 
 
 def test_deterministic_per_seed_and_differs_across_epochs(id_ds: Path) -> None:
@@ -204,17 +213,17 @@ def test_deterministic_per_seed_and_differs_across_epochs(id_ds: Path) -> None:
 
 
 def test_targets_match_labels_and_shapes(digits_ds: Path) -> None:
-    ld = build_loader(cfg_for(digits_ds, batch_size=16, image_size=24, split="val", train=False), rank=0,
+    ld = build_loader(cfg_for(digits_ds, batch_size=16, image_size=24, train=False, **{"source.split": "val"}), rank=0,
                       world_size=1)
     x, y, valid = next(iter(ld))
     assert x.shape == (16, 3, 24, 24) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert valid.dtype == torch.bool and ld.num_classes == 10 and not ld.multi_label
-    tr = build_loader(cfg_for(digits_ds, batch_size=16, image_size=24, mixup_alpha=0.8, cutmix_alpha=1.0),
+    tr = build_loader(cfg_for(digits_ds, batch_size=16, image_size=24, **{"augment.mixup_alpha": 0.8, "augment.cutmix_alpha": 1.0}),
                       rank=0, world_size=1)
     x, y = next(iter(tr))
     assert y.shape == (16, 10) and y.dtype == torch.float32
     torch.testing.assert_close(y.sum(1), torch.ones(16))
-    ra = build_loader(cfg_for(digits_ds, batch_size=4, image_size=24, randaugment=(2, 9)), rank=0, world_size=1)
+    ra = build_loader(cfg_for(digits_ds, batch_size=4, image_size=24, **{"augment.randaugment": (2, 9)}), rank=0, world_size=1)
     assert next(iter(ra))[0].shape == (4, 3, 24, 24)
 
 
@@ -235,7 +244,7 @@ def test_eval_exactly_once_with_mask(id_ds: Path) -> None:
 
 
 def test_limit_samples(id_ds: Path) -> None:
-    ld = build_loader(cfg_for(id_ds, train=False, limit_samples=45), rank=0, world_size=1)
+    ld = build_loader(cfg_for(id_ds, train=False, **{"source.limit_samples": 45}), rank=0, world_size=1)
     ids = np.concatenate([decode_index(x.numpy())[v.numpy()] for x, _, v in ld])
     assert sorted(ids.tolist()) == sorted(src_index(id_ds)[:45].tolist())
 
@@ -293,18 +302,18 @@ def test_corrupt_samples_skipped_counted_and_raise(tmp_path: Path, caplog: pytes
     make_index_folder(tmp_path / "src", n=240)
     write_dataset(tmp_path / "src", str(tmp_path / "ds"), samples_per_shard=40, progress=False)
     want = _corrupt(tmp_path / "ds")
-    ev = build_loader(cfg_for(tmp_path / "ds", train=False, batch_size=16, max_bad_fraction=0.05), rank=0,
+    ev = build_loader(cfg_for(tmp_path / "ds", train=False, batch_size=16, **{"io.max_bad_fraction": 0.05}), rank=0,
                       world_size=1)
     n_valid = sum(int(v.sum()) for _, _, v in ev)
     st = ev.stats()
     assert {k: st[k] for k in want} == want and st["skipped"] == 7
     assert n_valid == st["samples"] == 240 - 7
     assert "skipping bad sample: shard shards/train-" in caplog.text
-    tr = build_loader(cfg_for(tmp_path / "ds", batch_size=16, max_bad_fraction=0.05), rank=0, world_size=1)
+    tr = build_loader(cfg_for(tmp_path / "ds", batch_size=16, **{"io.max_bad_fraction": 0.05}), rank=0, world_size=1)
     batches = list(tr)
     assert len(batches) == 15 and all(b[0].shape[0] == 16 for b in batches)  # bad rows filled, not dropped
     assert tr.stats()["filled"] == tr.stats()["skipped"] <= 7
-    strict = build_loader(cfg_for(tmp_path / "ds", train=False, batch_size=16, max_bad_fraction=0.01), rank=0,
+    strict = build_loader(cfg_for(tmp_path / "ds", train=False, batch_size=16, **{"io.max_bad_fraction": 0.01}), rank=0,
                           world_size=1)
     with pytest.raises(BadDataError, match=r"worst shards: shards/train-00000\d\.tar"):
         list(strict)
@@ -459,7 +468,8 @@ def test_partial_decode_equals_full_decode(monkeypatch: pytest.MonkeyPatch) -> N
 def test_uint8_output_normalizes_to_float_output(digits_ds: Path) -> None:
     for workers in (0, 2):
         for train in (True, False):
-            kw = dict(num_workers=workers, train=train, batch_size=20, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4))
+            kw = {"io.num_workers": workers, "train": train, "batch_size": 20, "preprocess.mean": (0.4, 0.5, 0.6),
+                  "preprocess.std": (0.2, 0.3, 0.4)}
             f = build_loader(cfg_for(digits_ds, **kw), rank=0, world_size=1)
             u = build_loader(cfg_for(digits_ds, output="uint8", **kw), rank=0, world_size=1)
             n = 0

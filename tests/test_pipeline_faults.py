@@ -28,7 +28,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import BadDataError, DataConfig, build_loader, open_storage, write_dataset
+from pipeline import (
+    BadDataError,
+    DataConfig,
+    IOConfig,
+    SourceConfig,
+    build_loader,
+    open_storage,
+    write_dataset,
+)
 from pipeline import format as fmt
 from pipeline.decode import DEFAULT_MAX_PIXELS, BadSample, decode_eval
 from pipeline.demo_data import decode_index, make_index_folder
@@ -203,7 +211,7 @@ def test_headers_cut_midway_are_retried_size_and_epoch(s3_ds: str, proxy_factory
     # A whole eval epoch (metadata and shards, 2 workers) with every 2nd response cut mid-headers:
     # every sample exactly once, none skipped.
     p = proxy_factory(faults=[("cut", c) for c in HEADER_CUTS] * 4, every=2)
-    cfg = DataConfig(url=s3_ds, train=False, image_size=16, batch_size=16, num_workers=2, read_backoff_s=0.01)
+    cfg = DataConfig(source=SourceConfig(url=s3_ds), train=False, image_size=16, batch_size=16, io=IOConfig(num_workers=2, read_backoff_s=0.01))
     got = _eval_ids(cfg)
     assert sorted(got) == list(range(300))
     assert len(p.done) >= 6, f"only {p.done} faults injected: the test is not exercising the cut"
@@ -212,8 +220,7 @@ def test_headers_cut_midway_are_retried_size_and_epoch(s3_ds: str, proxy_factory
 @pytest.mark.integration
 def test_stalled_connection_times_out_per_data_config(s3_ds: str, proxy_factory) -> None:
     p = proxy_factory(faults=[("stall", 0), ("stall", 3000)], match=b"/shards/", stall_s=90)
-    cfg = DataConfig(url=s3_ds, train=False, image_size=16, batch_size=16, num_workers=0, read_backoff_s=0.01,
-                     connect_timeout_s=1.0, read_timeout_s=1.0)
+    cfg = DataConfig(source=SourceConfig(url=s3_ds), train=False, image_size=16, batch_size=16, io=IOConfig(num_workers=0, read_backoff_s=0.01, connect_timeout_s=1.0, read_timeout_s=1.0))
     t0 = time.monotonic()
     got = _eval_ids(cfg)
     took = time.monotonic() - t0
@@ -227,8 +234,7 @@ def test_stalled_connection_times_out_per_data_config(s3_ds: str, proxy_factory)
 def test_stalled_metadata_read_times_out_per_data_config(s3_ds: str, proxy_factory) -> None:
     # The loader's first reads (dataset.json, samples.parquet) use the same timeouts as the shards.
     p = proxy_factory(faults=[("stall", 0)], match=b"samples.parquet", stall_s=90)
-    cfg = DataConfig(url=s3_ds, train=False, image_size=16, batch_size=16, num_workers=0, read_backoff_s=0.01,
-                     connect_timeout_s=1.0, read_timeout_s=1.0)
+    cfg = DataConfig(source=SourceConfig(url=s3_ds), train=False, image_size=16, batch_size=16, io=IOConfig(num_workers=0, read_backoff_s=0.01, connect_timeout_s=1.0, read_timeout_s=1.0))
     t0 = time.monotonic()
     assert sorted(_eval_ids(cfg)) == list(range(300))
     assert p.done == [("stall", 0)] and time.monotonic() - t0 < 20
@@ -280,7 +286,7 @@ def test_request_retries_do_not_multiply(s3_ds: str, proxy_factory) -> None:
 
 def test_s3_timeouts_validated() -> None:
     with pytest.raises(ValueError, match="read_timeout_s"):
-        DataConfig(url="x", read_timeout_s=0)
+        DataConfig(source=SourceConfig(url="x"), io=IOConfig(read_timeout_s=0))
 
 
 # ------------------------------------------------------------------------------ bad samples
@@ -318,8 +324,8 @@ def _black_folder(dst: Path, n: int) -> Path:
 
 
 def _cfg(ds: Path, **kw) -> DataConfig:
-    return DataConfig(**{"url": str(ds), "image_size": 16, "batch_size": 8, "num_workers": 0,
-                         "shuffle_buffer": 16, **kw})
+    return DataConfig(source=SourceConfig(url=str(ds)), image_size=16, batch_size=8,
+                      io=IOConfig(num_workers=0, shuffle_buffer=16)).replace(**kw)
 
 
 def test_small_fully_bad_split_raises_before_the_first_batch(tmp_path: Path) -> None:
@@ -363,7 +369,7 @@ def test_eval_on_a_truncated_val_shard_raises_naming_it(tmp_path: Path) -> None:
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # ~90 of 180 samples cut off
     fmt.reseal(str(ds))  # written truncated (not tampered with): the loader's bad-sample path decides
     with pytest.raises(BadDataError, match=r"split 'val'.*worst shards: shards/val-000000\.tar \(\d+ bad\).*truncated"):
-        list(build_loader(_cfg(ds, split="val", train=False), rank=0, world_size=1))
+        list(build_loader(_cfg(ds, train=False, **{"source.split": "val"}), rank=0, world_size=1))
 
 
 # ------------------------------------------------------------------------------ writer
@@ -488,7 +494,7 @@ def _jpeg_claiming(width: int, height: int) -> bytes:
 
 
 def test_writer_and_loader_share_one_pixel_limit() -> None:
-    assert WRITER_MAX_PIXELS == DEFAULT_MAX_PIXELS == DataConfig(url="x").max_image_pixels
+    assert WRITER_MAX_PIXELS == DEFAULT_MAX_PIXELS == DataConfig(source=SourceConfig(url="x")).io.max_image_pixels
     big = _jpeg_claiming(10_000, 10_000)  # 100 Mpx: the writer used to store it, the loader skipped it
     with pytest.raises(Reject) as rej:
         prepare_image(big, max_side=None, quality=90)

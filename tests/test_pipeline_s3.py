@@ -14,7 +14,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import DataConfig, StorageError, build_loader, open_storage, write_dataset
+from pipeline import (
+    DataConfig,
+    IOConfig,
+    SourceConfig,
+    StorageError,
+    build_loader,
+    open_storage,
+    write_dataset,
+)
 from pipeline.demo_data import decode_index, make_index_folder
 
 pytestmark = pytest.mark.integration
@@ -169,8 +177,7 @@ def test_roundtrip_s3_bytes_labels_and_eval_loader(s3_ds: str, id_src: Path) -> 
     label_of = {int(Path(r["src"]).stem): r["label"] for r in rows}
     got = []
     for rank in range(2):
-        ld = build_loader(DataConfig(url=s3_ds, split="train", train=False, image_size=16, batch_size=16,
-                                     num_workers=2), rank=rank, world_size=2)
+        ld = build_loader(DataConfig(source=SourceConfig(url=s3_ds, split="train"), train=False, image_size=16, batch_size=16, io=IOConfig(num_workers=2)), rank=rank, world_size=2)
         for x, y, valid in ld:
             ids = decode_index(x.numpy())[valid.numpy()]
             assert y[valid].tolist() == [label_of[i] for i in ids]
@@ -184,8 +191,7 @@ def test_roundtrip_s3_bytes_labels_and_eval_loader(s3_ds: str, id_src: Path) -> 
 
 def test_connection_reset_mid_shard_loses_and_duplicates_nothing(s3_ds: str, s3_endpoint: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = DataConfig(url=s3_ds, image_size=16, batch_size=8, num_workers=2, shuffle_buffer=16,
-                     read_backoff_s=0.01)
+    cfg = DataConfig(source=SourceConfig(url=s3_ds), image_size=16, batch_size=8, io=IOConfig(num_workers=2, shuffle_buffer=16, read_backoff_s=0.01))
     clean = [decode_index(b[0].numpy()) for b in build_loader(cfg, rank=0, world_size=1)]
     p = CuttingProxy(int(s3_endpoint.rsplit(":", 1)[1]), cut_after=20_000, cuts_left=2)
     try:
@@ -211,7 +217,7 @@ def test_range_reader_resumes_and_gives_up_naming_the_shard(s3_ds: str, proxy: C
     proxy.cuts_left = 0
     with st.open_range(shard, 12345) as f:  # mid-shard start, clean connection
         assert f.read() == whole[12345:]
-    cfg = DataConfig(url=s3_ds, image_size=16, batch_size=8, num_workers=0, read_retries=1, read_backoff_s=0.01)
+    cfg = DataConfig(source=SourceConfig(url=s3_ds), image_size=16, batch_size=8, io=IOConfig(num_workers=0, read_retries=1, read_backoff_s=0.01))
     proxy.cuts_left = None
     with pytest.raises(StorageError, match=r"shards/train-\d+\.tar"):
         list(build_loader(cfg, rank=0, world_size=1))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import DataConfig, build_loader, write_dataset
+from pipeline import DataConfig, IOConfig, SourceConfig, build_loader, write_dataset
 from pipeline.demo_data import decode_index, make_digits_folder, make_index_folder
 
 pytestmark = pytest.mark.integration
@@ -34,9 +34,9 @@ def digits_ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def cfg_for(ds: Path, **kw) -> DataConfig:
-    base = dict(url=str(ds), image_size=16, batch_size=8, num_workers=2, shuffle_buffer=32)
-    base.update(kw)
-    return DataConfig(**base)
+    base = DataConfig(source=SourceConfig(url=str(ds)), image_size=16, batch_size=8,
+                      io=IOConfig(num_workers=2, shuffle_buffer=32))
+    return base.replace(**kw)
 
 
 def ids_of(batch: tuple) -> np.ndarray:
@@ -68,7 +68,7 @@ def test_two_ranks_two_workers_cover_epoch_exactly_once(id_ds: Path) -> None:
 
 
 def test_resume_mid_epoch_equals_uninterrupted(digits_ds: Path) -> None:
-    cfg = cfg_for(digits_ds, image_size=16, shuffle_buffer=16, batch_size=6, num_workers=2)
+    cfg = cfg_for(digits_ds, image_size=16, batch_size=6, **{"io.shuffle_buffer": 16, "io.num_workers": 2})
     full_ld = build_loader(cfg, rank=1, world_size=2)
     full = [b for b in full_ld]
     assert len(full) == len(full_ld) == 16
@@ -105,7 +105,7 @@ def test_world_size_change_continues_without_repeats(id_ds: Path) -> None:
     assert states[0] == states[1]
     lens = set()
     for rank in range(3):  # resume on 3 ranks x 1 worker
-        ld = build_loader(cfg_for(id_ds, num_workers=1), rank=rank, world_size=3)
+        ld = build_loader(cfg_for(id_ds, **{"io.num_workers": 1}), rank=rank, world_size=3)
         ld.load_state_dict(states[0])
         rest = [ids_of(b) for b in ld]
         lens.add(len(rest))
@@ -123,10 +123,11 @@ def test_world_size_change_continues_without_repeats(id_ds: Path) -> None:
 # workers get the preemption SIGTERM too; the training process must still finish its step.
 _GROUP_SIGTERM = r'''
 import os, signal, subprocess, sys, time
-from pipeline import DataConfig, build_loader
+from pipeline import DataConfig, IOConfig, SourceConfig, build_loader
 seen = []
 signal.signal(signal.SIGTERM, lambda *_: seen.append(1))  # the Trainer's handler: note it, go on
-cfg = DataConfig(url=sys.argv[1], image_size=16, batch_size=8, num_workers=2, shuffle_buffer=32)
+cfg = DataConfig(source=SourceConfig(url=sys.argv[1]), image_size=16, batch_size=8,
+                 io=IOConfig(num_workers=2, shuffle_buffer=32))
 loader = build_loader(cfg, rank=0, world_size=1)
 drawn = 0
 for n, (images, _) in enumerate(loader):

@@ -260,7 +260,7 @@ def test_sweep_tracking_on_every_store(store_uri: str, tmp_path: Path) -> None:
     from orchestration.studies import driver, points, trial
     from orchestration.studies.spec import StudySpec
 
-    spec = StudySpec(name=f"s-{uuid.uuid4().hex[:6]}", overrides=(f"data.url={tmp_path}",), variants=("mu/4",),
+    spec = StudySpec(name=f"s-{uuid.uuid4().hex[:6]}", overrides=(f"data.source.url={tmp_path}",), variants=("mu/4",),
                      steps=(10,), storage=str(tmp_path / "studies"), experiment="sweep-store-test",
                      tracking_uri=store_uri)
     study_run = driver._study_run(spec, tmp_path / "study.json", resume=False)

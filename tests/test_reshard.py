@@ -48,7 +48,7 @@ def _trainer(out: Path, stage: int, saved_by: int, rank: int, world: int, total:
 
     from training import Trainer
 
-    cfg = make_cfg(stage, total_steps=total, checkpoint_every=2, log_every=1, warmup_steps=1)
+    cfg = make_cfg(stage, log_every=1, **{"schedule.total_steps": total, "checkpoint.every": 2, "schedule.warmup_steps": 1})
     return Trainer(make_model(), cfg, MemLoader(rank, world), checkpoint_dir=str(out / f"ck_z{stage}_w{saved_by}"))
 
 

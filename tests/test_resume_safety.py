@@ -68,7 +68,6 @@ def _slow_downloads(store: Any, delay: float) -> None:
 
 
 def scenario_race(out: Path, bucket: str, rank: int) -> None:
-    import dataclasses
 
     import torch.distributed as dist
     from test_training_dist import ListSink, MemLoader, make_cfg, make_model
@@ -78,7 +77,7 @@ def scenario_race(out: Path, bucket: str, rank: int) -> None:
 
     staging = out / "staging"  # node-local staging shared by both local ranks (one "node")
     store = StorageCheckpointStore(f"s3://{bucket}/runs/r1/checkpoints")
-    cfg = dataclasses.replace(make_cfg(1, total_steps=4, checkpoint_every=4), io_timeout_s=60.0)
+    cfg = make_cfg(1, **{"schedule.total_steps": 4, "checkpoint.every": 4, "checkpoint.io_timeout_s": 60.0})
     trainer = Trainer(make_model(), cfg, MemLoader(rank, 2), sink=ListSink(), checkpoint_dir=str(staging),
                       checkpoint_store=store)
     trainer.fit()
@@ -179,9 +178,8 @@ def _evil_checkpoint(trainer: Any, store: Any, rank: int, staging: Path, marker:
 
 def _stuck_rank(trainer: Any, rank: int, cfg: Any) -> dict[str, Any]:
     """Rank 1 never shows up within io_timeout_s: rank 0 fails with a message, no hang."""
-    import dataclasses
 
-    trainer.cfg = dataclasses.replace(cfg, io_timeout_s=2.0)
+    trainer.cfg = cfg.replace(**{"checkpoint.io_timeout_s": 2.0})
     if rank == 1:
         time.sleep(4.0)
     return _expect_error(lambda: trainer.restore("auto"))

@@ -102,7 +102,7 @@ def test_accuracy_metric_is_fitted_as_its_error_and_reported_like_the_paper(tmp_
 
 
 def _spec(*sets: str, metric: str) -> StudySpec:
-    return StudySpec(name="t", overrides=("data.url=/data", "image_size=32", *sets), variants=("mu", "Ti"),
+    return StudySpec(name="t", overrides=("data.source.url=/data", "image_size=32", *sets), variants=("mu", "Ti"),
                      steps=(100, 200), metric=metric)
 
 
@@ -110,11 +110,11 @@ def test_study_metric_must_be_logged_by_the_trials() -> None:
     with pytest.raises(ValueError, match="the trials run no few-shot evaluation; add --fewshot-data"):
         _spec(metric=FEW)
     with pytest.raises(ValueError, match=r"not logged by the trials; choose one of \['fewshot/digits/1shot'"):
-        _spec("fewshot_data=digits=/down", metric="fewshot/cifar/10shot")
+        _spec("eval.fewshot_data=digits=/down", metric="fewshot/cifar/10shot")
     with pytest.raises(ValueError, match="metric 'nope'"):
         _spec(metric="nope")
-    spec = _spec("fewshot_data=digits=/down", metric=FEW)
+    spec = _spec("eval.fewshot_data=digits=/down", metric=FEW)
     items = trial_overrides(spec, variant="mu", steps=100, samples=None, seed=0)
-    assert "fewshot_every=25" in items and "train.eval_every=25" in items  # few-shot at every evaluation
-    assert "fewshot_every=25" not in trial_overrides(_spec(metric="eval_error"), variant="mu", steps=100,
+    assert "eval.fewshot_every=25" in items and "train.eval_every=25" in items  # few-shot at every evaluation
+    assert "eval.fewshot_every=25" not in trial_overrides(_spec(metric="eval_error"), variant="mu", steps=100,
                                                      samples=None, seed=0)

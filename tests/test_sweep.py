@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _spec(*sets: str, **kw: object) -> StudySpec:
     """A study on the ``vit_study`` recipe; ``sets`` are extra ``--set`` overrides of it."""
-    base: dict = dict(name="t", overrides=("data.url=/data", "image_size=32", *sets), variants=("mu", "Ti"),
+    base: dict = dict(name="t", overrides=("data.source.url=/data", "image_size=32", *sets), variants=("mu", "Ti"),
                       steps=(100, 200))
     return StudySpec(**{**base, **kw})  # type: ignore[arg-type]
 
@@ -82,11 +82,11 @@ def test_micro_batch_must_divide_the_batch() -> None:
 
 
 def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
-    spec = _spec("train.lr=1e-3", storage=str(tmp_path))
+    spec = _spec("train.optim.lr=1e-3", storage=str(tmp_path))
     spec.analysis_dir.mkdir(parents=True)
     (spec.analysis_dir / "study.json").write_text(json.dumps({"study_run_id": None, "spec": spec.to_dict()}))
-    changed = _spec("train.lr=3e-3", storage=str(tmp_path))
-    with pytest.raises(ValueError, match=r"started with different settings \(train\.lr\)"):
+    changed = _spec("train.optim.lr=3e-3", storage=str(tmp_path))
+    with pytest.raises(ValueError, match=r"started with different settings \(train\.optim\.lr\)"):
         run_study(changed, resume=True, tracking=False)  # before Ray starts
 
 
@@ -329,8 +329,8 @@ def test_hparams_study_ranks_lr_within_each_size(tmp_path: Path, digits_shards: 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = StudySpec(
         name="hp", study="hparams", variants=("mu/4:width=16:mlp_dim=32",), steps=(40,),
-        overrides=(f"data.url={digits_shards}", "image_size=16", "train.global_batch=32", "train.micro_batch=32",
-                   "data.crop_scale=0.6,1.0", "data.hflip=false", "data.num_workers=0"),
+        overrides=(f"data.source.url={digits_shards}", "image_size=16", "train.global_batch=32", "train.micro_batch=32",
+                   "data.augment.crop_scale=0.6,1.0", "data.augment.hflip=false", "data.io.num_workers=0"),
         evals_per_trial=2, num_samples=3, lr_range=(1e-4, 1e-2), storage=str(tmp_path / "studies"),
         experiment="hp-test", tracking_uri=uri,
     )
@@ -359,15 +359,18 @@ def test_a_trial_is_the_base_recipe_with_overrides_and_set_works_on_sweeps(tmp_p
 
     args = build_parser().parse_args(
         ["--variants", "mu:width=32", "--steps", "200", "--data", "/d", "--image-size", "16", "--lr", "2e-3",
-         "--set", "train.grad_clip=0.5", "--set", "data.randaugment=(2, 9)", "--storage", str(tmp_path)])
+         "--set", "train.optim.grad_clip=0.5", "--set", "data.augment.randaugment=(2, 9)", "--storage", str(tmp_path)])
     spec = spec_from_args(args)
     exp = trial_experiment(spec, variant="mu/4:width=32", steps=200, samples=400, seed=3)
     recipe = get_recipe("vit_study")
-    assert exp.train.grad_clip == 0.5 and exp.data.randaugment == (2, 9) and exp.train.lr == 2e-3
-    assert exp.train.weight_decay == recipe.train.weight_decay and exp.data.crop_scale == recipe.data.crop_scale
-    assert (exp.variant, exp.model_overrides["width"], exp.image_size) == ("mu/4", 32, 16)
-    assert (exp.train.total_steps, exp.train.seed, exp.data.seed, exp.data.limit_samples) == (200, 3, 3, 400)
-    assert exp.train.warmup_steps == 200 * recipe.train.warmup_steps // recipe.train.total_steps
+    assert exp.train.optim.grad_clip == 0.5 and exp.data.augment.randaugment == (2, 9) and exp.train.optim.lr == 2e-3
+    assert exp.train.optim.weight_decay == recipe.train.optim.weight_decay
+    assert exp.data.augment.crop_scale == recipe.data.augment.crop_scale
+    assert (exp.model.variant, exp.model.width, exp.image_size) == ("mu/4", 32, 16)
+    assert (exp.train.schedule.total_steps, exp.train.seed, exp.data.seed, exp.data.source.limit_samples) == (
+        200, 3, 3, 400)
+    assert exp.train.schedule.warmup_steps == (
+        200 * recipe.train.schedule.warmup_steps // recipe.train.schedule.total_steps)
     with pytest.raises(ValueError, match="unknown key 'train.lrr'"):
         spec_from_args(build_parser().parse_args(["--variants", "mu", "--steps", "10", "--data", "/d",
                                                   "--set", "train.lrr=1"]))

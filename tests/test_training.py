@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -25,8 +24,10 @@ from training import (
     param_groups,
 )
 from training import checkpoint as ckpt
-from training.losses import loss_fn, sigmoid_xent, softmax_xent
+from training.config import EngineConfig, OptimConfig, ScheduleConfig
 from training.metrics import MetricsSink, peak_tflops
+from training.objectives import ClassificationConfig
+from training.objectives.classification import loss_fn, sigmoid_xent, softmax_xent
 
 
 def test_accumulation_is_derived_and_checked() -> None:
@@ -41,34 +42,52 @@ def test_accumulation_is_derived_and_checked() -> None:
 
 
 @pytest.mark.parametrize(
-    "kw, message",
+    "paths, message",
     [
-        (dict(global_batch=100, micro_batch=32), "global_batch 100 is not a multiple of micro_batch 32"),
-        (dict(zero_stage=4), "zero_stage=4 must be 0, 1, 2 or 3"),
-        (dict(precision="fp8"), "precision='fp8': use fp32, fp16 or bf16"),
-        (dict(warmup_steps=10, total_steps=10), "warmup_steps=10 must be in [0, total_steps=10)"),
-        (dict(min_lr=1.0, lr=0.1), "min_lr=1.0 must be in [0, lr=0.1]"),
-        (dict(loss="sigmoid", label_smoothing=0.1), "label_smoothing only applies to loss='softmax'"),
-        (dict(offload="cpu", zero_stage=0), "offload='cpu' needs zero_stage >= 1"),
+        ({"global_batch": 100, "micro_batch": 32}, "global_batch 100 is not a multiple of micro_batch 32"),
+        ({"engine.zero_stage": 4}, "engine.zero_stage=4 must be one of 0, 1, 2, 3"),
+        ({"engine.precision": "fp8"}, "engine.precision='fp8' must be one of 'fp32', 'fp16', 'bf16'"),
+        ({"schedule.warmup_steps": 10, "schedule.total_steps": 10},
+         "schedule.warmup_steps=10 must be in [0, total_steps=10)"),
+        ({"schedule.min_lr": 1.0, "optim.lr": 0.1}, "schedule.min_lr=1.0 must be <= optim.lr=0.1"),
+        ({"objective.loss": "sigmoid", "objective.label_smoothing": 0.1},
+         "objective: label_smoothing only applies to loss='softmax'"),
+        ({"engine.offload": "cpu", "engine.zero_stage": 0}, "engine.offload='cpu' needs zero_stage >= 1"),
+        ({"optim.lr": float("inf")}, "optim.lr=inf must be a finite number > 0"),
+        ({"faults.hang_timeout_s": -1}, "faults.hang_timeout_s=-1 must be a finite number of seconds >= 0"),
     ],
 )
-def test_config_errors_are_clear(kw: dict, message: str) -> None:
+def test_config_errors_name_the_path(paths: dict, message: str) -> None:
     with pytest.raises(ValueError, match="invalid TrainConfig") as e:
-        TrainConfig(**kw)
+        TrainConfig().replace(**paths)
     assert message in str(e.value)
 
 
+def test_every_problem_of_every_section_at_once_and_unknown_keys_suggest_the_path() -> None:
+    with pytest.raises(ValueError) as e:
+        TrainConfig().replace(**{"optim.lr": -1.0, "schedule.total_steps": 0, "seed": -1})
+    lines = str(e.value).splitlines()[1:]
+    assert [ln.split("=")[0].strip() for ln in lines] == ["optim.lr", "schedule.total_steps", "seed"]
+    with pytest.raises(ValueError, match=r"unknown key 'lr'; did you mean optim.lr\?"):
+        TrainConfig().replace(lr=1e-3)
+    with pytest.raises(ValueError, match=r"unknown key 'optim.lrr'; did you mean optim.lr.*valid keys of 'optim'"):
+        TrainConfig().replace(**{"optim.lrr": 1e-3})
+    with pytest.raises(ValueError, match="unknown key 'optim'"):  # a section is not a leaf
+        TrainConfig().replace(optim=1)
+
+
 def test_config_hash_ignores_step_counts_and_diff_names_changes() -> None:
-    a = TrainConfig(lr=1e-3, total_steps=100)
-    assert a.config_hash() == dataclasses.replace(a, total_steps=500, log_every=7, checkpoint_every=50).config_hash()
-    b = dataclasses.replace(a, lr=2e-3, zero_stage=2)
+    a = TrainConfig(optim=OptimConfig(lr=1e-3), schedule=ScheduleConfig(total_steps=100))
+    resumable = {"schedule.total_steps": 500, "log_every": 7, "checkpoint.every": 50, "faults.hang_timeout_s": 5.0}
+    assert a.config_hash() == a.replace(**resumable).config_hash()
+    b = a.replace(**{"optim.lr": 2e-3, "engine.zero_stage": 2})
     assert a.config_hash() != b.config_hash()
-    assert config_diff(a.to_dict(), b.to_dict()) == ["lr: 0.001 -> 0.002", "zero_stage: 1 -> 2"]
+    assert config_diff(a.to_dict(), b.to_dict()) == ["engine.zero_stage: 1 -> 2", "optim.lr: 0.001 -> 0.002"]
 
 
 @pytest.mark.parametrize("decay", ["linear", "cosine"])
 def test_lr_schedule_warmup_end_and_last_step(decay: str) -> None:
-    cfg = TrainConfig(lr=1e-3, min_lr=1e-5, warmup_steps=10, total_steps=100, decay=decay)
+    cfg = TrainConfig(optim=OptimConfig(lr=1e-3), schedule=ScheduleConfig(min_lr=1e-5, warmup_steps=10, total_steps=100, decay=decay))
     assert lr_at(cfg, 0) == pytest.approx(1e-4)
     assert lr_at(cfg, 9) == pytest.approx(1e-3)  # warmup ends exactly at the peak
     assert lr_at(cfg, 99) == pytest.approx(1e-5)  # last update at min_lr
@@ -79,7 +98,7 @@ def test_lr_schedule_warmup_end_and_last_step(decay: str) -> None:
 
 
 def test_deepspeed_config_is_consistent() -> None:
-    cfg = TrainConfig(global_batch=256, micro_batch=32, zero_stage=3, precision="bf16", offload="cpu", grad_clip=1.0)
+    cfg = TrainConfig(global_batch=256, micro_batch=32, engine=EngineConfig(zero_stage=3, precision="bf16", offload="cpu"), optim=OptimConfig(grad_clip=1.0))
     ds = deepspeed_config(cfg, world_size=4)
     assert ds["train_batch_size"] == 256 == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 4
     assert ds["zero_optimization"]["stage"] == 3
@@ -90,11 +109,12 @@ def test_deepspeed_config_is_consistent() -> None:
 
 
 def test_profiles() -> None:
-    t4 = from_profile("t4", lr=1e-3)
-    assert (t4.precision, t4.zero_stage, t4.micro_batch, t4.grad_accum, t4.global_batch) == ("fp16", 2, 32, 4, 128)
+    t4 = from_profile("t4", **{"optim.lr": 1e-3})
+    assert (t4.engine.precision, t4.engine.zero_stage, t4.micro_batch, t4.grad_accum, t4.global_batch) == (
+        "fp16", 2, 32, 4, 128)
     ds = deepspeed_config(t4, world_size=1)
     assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # dynamic loss scaling
-    assert from_profile("h100", global_batch=4096).precision == "bf16"
+    assert from_profile("h100", global_batch=4096).engine.precision == "bf16"
     assert from_profile("t4", global_batch=4096).accum_for(1) == 128  # accumulation re-derived
     assert get_profile("auto").name in PROFILES
     with pytest.raises(ValueError, match="unknown profile 'tpu'"):
@@ -129,7 +149,7 @@ def test_losses() -> None:
     sig = sigmoid_xent(logits, multi)
     want = torch.nn.functional.binary_cross_entropy_with_logits(logits, multi, reduction="sum") / 6
     assert sig.item() == pytest.approx(want.item(), abs=1e-5)
-    assert loss_fn(TrainConfig(loss="sigmoid"), logits, y).item() == pytest.approx(
+    assert loss_fn(ClassificationConfig(loss="sigmoid"), logits, y).item() == pytest.approx(
         sigmoid_xent(logits, torch.nn.functional.one_hot(y, 5).float()).item()
     )
 

@@ -22,6 +22,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import test_training_dist as td  # noqa: E402
 
+from training.config import OptimConfig
+
 
 @pytest.fixture(scope="module")
 def compiled_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -60,7 +62,6 @@ def test_compiled_nan_guard(compiled_runs: Path) -> None:
 def test_compile_keeps_keys_and_results(tmp_path: Path) -> None:
     """Same state_dict keys, checkpoint and exported weights with and without compile; a
     checkpoint written compiled resumes uncompiled; the losses agree to float tolerance."""
-    import dataclasses
 
     from safetensors.torch import load_file
 
@@ -69,7 +70,7 @@ def test_compile_keeps_keys_and_results(tmp_path: Path) -> None:
     cfg = td.make_cfg(1, total_steps=4, checkpoint_every=3)
     out = {}
     for compiled in (False, True):
-        c = dataclasses.replace(cfg, compile=compiled, compile_backend="aot_eager")
+        c = cfg.replace(**{"engine.compile": compiled, "engine.compile_backend": "aot_eager"})
         sink = td.ListSink()
         trainer = Trainer(td.make_model(), c, td.MemLoader(0, 1), sink=sink, checkpoint_dir=str(tmp_path / f"ck{compiled}"))
         trainer.fit()
@@ -83,7 +84,7 @@ def test_compile_keeps_keys_and_results(tmp_path: Path) -> None:
     for k in w0:
         torch.testing.assert_close(w1[k], w0[k], rtol=0, atol=1e-5)
     # a checkpoint written compiled resumes in an uncompiled Trainer (and the weights match)
-    resumed = Trainer(td.make_model(), dataclasses.replace(cfg, total_steps=5), td.MemLoader(0, 1),
+    resumed = Trainer(td.make_model(), cfg.replace(**{"schedule.total_steps": 5}), td.MemLoader(0, 1),
                       checkpoint_dir=str(tmp_path / "ckTrue"))
     assert resumed.restore("auto") and resumed.step == 4  # the final checkpoint
     sd = resumed.engine.module.state_dict()
@@ -95,7 +96,7 @@ def test_gpu_profiles_compile_cpu_does_not() -> None:
     from training import PROFILES, from_profile
 
     assert {n: p.compile for n, p in PROFILES.items()} == {"cpu": False, "t4": True, "a100": True, "h100": True}
-    assert from_profile("h100").compile and not from_profile("cpu").compile
+    assert from_profile("h100").engine.compile and not from_profile("cpu").engine.compile
 
 
 def test_fused_adamw_matches_unfused() -> None:
@@ -108,10 +109,11 @@ def test_fused_adamw_matches_unfused() -> None:
     nets = [torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4)) for _ in range(2)]
     nets[1].load_state_dict(nets[0].state_dict())
     start = [p.detach().clone() for p in nets[0].parameters()]
-    cfg = TrainConfig(lr=1e-2, weight_decay=0.1, profile="cpu")
-    fused = build_optimizer(cfg, param_groups(nets[0], cfg.weight_decay), "cpu")
+    cfg = TrainConfig(profile="cpu", optim=OptimConfig(lr=1e-2, weight_decay=0.1))
+    fused = build_optimizer(cfg, param_groups(nets[0], cfg.optim.weight_decay), "cpu")
     assert all(g["fused"] for g in fused.param_groups)
-    plain = torch.optim.AdamW(param_groups(nets[1], cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+    plain = torch.optim.AdamW(param_groups(nets[1], cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                              eps=cfg.optim.eps,
                               foreach=True)
     g = torch.Generator().manual_seed(1)
     for _ in range(20):

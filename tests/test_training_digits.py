@@ -26,24 +26,21 @@ def train_digits(workdir: Path) -> dict[str, float]:
     import torch
 
     from model import create_model
-    from pipeline import DataConfig, build_loader, write_dataset
+    from pipeline import AugmentConfig, DataConfig, IOConfig, SourceConfig, build_loader, write_dataset
     from pipeline.demo_data import make_digits_folder
     from training import JsonlSink, TrainConfig, Trainer
+    from training.config import EngineConfig, OptimConfig, ScheduleConfig
 
     src = make_digits_folder(workdir / "src", image_size=IMAGE)
     url = str(workdir / "ds")
     write_dataset(src, url, samples_per_shard=300, val_fraction=0.2, seed=0, progress=False)
     # uint8 batches, normalized by the Trainer on its device: the path pretrain.py and sweeps use.
-    common = dict(url=url, image_size=IMAGE, num_workers=1, seed=0, output="uint8")
-    train = build_loader(
-        DataConfig(**common, split="train", batch_size=64, crop_scale=(0.8, 1.0), hflip=False, shuffle_buffer=256),
-        rank=0, world_size=1,
-    )
-    val = build_loader(DataConfig(**common, split="val", batch_size=128, train=False, eval_crop_pct=1.0), rank=0, world_size=1)
-    cfg = TrainConfig(
-        global_batch=64, micro_batch=64, lr=3e-3, weight_decay=0.05, warmup_steps=30, total_steps=450,
-        decay="cosine", zero_stage=1, log_every=50, eval_every=0, profile="cpu", seed=0,
-    )
+    data = DataConfig(source=SourceConfig(url=url), image_size=IMAGE, batch_size=64, seed=0, output="uint8",
+                      augment=AugmentConfig(crop_scale=(0.8, 1.0), hflip=False),
+                      io=IOConfig(num_workers=1, shuffle_buffer=256))
+    train = build_loader(data, rank=0, world_size=1)
+    val = build_loader(data.for_eval("val", batch_size=128, **{"preprocess.eval_crop_pct": 1.0}), rank=0, world_size=1)
+    cfg = TrainConfig(global_batch=64, micro_batch=64, log_every=50, eval_every=0, profile="cpu", seed=0, optim=OptimConfig(lr=3e-3, weight_decay=0.05), schedule=ScheduleConfig(warmup_steps=30, total_steps=450, decay="cosine"), engine=EngineConfig(zero_stage=1))
     torch.manual_seed(0)
     model = create_model("mu/4", num_classes=train.num_classes, image_size=IMAGE)
     trainer = Trainer(model, cfg, train, eval_loader=val, sink=JsonlSink(workdir / "metrics.jsonl"))

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import torch
 
+from training.config import CheckpointConfig, EngineConfig, OptimConfig, ScheduleConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = (1, 2, 3)
 GLOBAL_BATCH = 8
@@ -98,13 +100,14 @@ class ListSink:
 def make_cfg(stage: int, **kw: Any) -> Any:
     from training import TrainConfig
 
-    base = dict(
-        global_batch=GLOBAL_BATCH, micro_batch=MICRO, lr=2e-3, warmup_steps=3, total_steps=TOTAL,
-        zero_stage=stage, log_every=1, checkpoint_every=HALF, weight_decay=0.05, profile="cpu",
+    base = TrainConfig(
+        global_batch=GLOBAL_BATCH, micro_batch=MICRO, log_every=1, profile="cpu",
+        optim=OptimConfig(lr=2e-3, weight_decay=0.05), schedule=ScheduleConfig(warmup_steps=3, total_steps=TOTAL),
+        engine=EngineConfig(zero_stage=stage), checkpoint=CheckpointConfig(every=HALF),
     )
     if os.environ.get("VITSCALE_TEST_COMPILE"):  # the "dpc" scenario: the same runs under torch.compile
-        base.update(compile=True, compile_backend=os.environ["VITSCALE_TEST_COMPILE"])
-    return TrainConfig(**{**base, **kw})
+        kw = {"engine.compile": True, "engine.compile_backend": os.environ["VITSCALE_TEST_COMPILE"], **kw}
+    return base.replace(**kw)
 
 
 def make_model() -> torch.nn.Module:
@@ -143,7 +146,7 @@ def scenario_dp(out: Path, rank: int, world: int) -> None:
             "compiled": bool(getattr(t_c.engine, "is_compiled", False)),
         }
     # NaN guard across ranks: one rank's NaN batch is skipped by every rank, training goes on.
-    _, sink_n, res_n = run_fit(make_cfg(2, total_steps=4), rank, world, None, nan_slots=frozenset({(0, 2)}))
+    _, sink_n, res_n = run_fit(make_cfg(2, **{"schedule.total_steps": 4}), rank, world, None, nan_slots=frozenset({(0, 2)}))
     results["nan"] = {"losses": sink_n.losses(), "bad_steps": res_n["bad_steps"], "step": res_n["step"]}
     if rank == 0:
         (out / f"dp_w{world}.json").write_text(json.dumps(results))
@@ -154,7 +157,7 @@ def scenario_kill(out: Path, phase: str) -> None:
     import training.checkpoint as ckpt
     from training import NonFiniteLossError
 
-    cfg = make_cfg(1, checkpoint_every=3)
+    cfg = make_cfg(1, **{"checkpoint.every": 3})
     ckdir = out / "ck_kill"
     if phase == "1":
         real = ckpt.save_rank_state
@@ -175,16 +178,16 @@ def scenario_kill(out: Path, phase: str) -> None:
     del trainer
     # Config changed (lr) -> refuse with a diff; a step-count change (total_steps) is allowed.
     try:
-        run_fit(make_cfg(1, checkpoint_every=3, lr=4e-3), 0, 1, str(ckdir), resume="auto")
+        run_fit(make_cfg(1, **{"checkpoint.every": 3, "optim.lr": 4e-3}), 0, 1, str(ckdir), resume="auto")
         record["refusal"] = None
     except ValueError as e:
         record["refusal"] = str(e)
-    _, _, res_more = run_fit(make_cfg(1, checkpoint_every=3, total_steps=12), 0, 1, str(ckdir), resume="auto")
+    _, _, res_more = run_fit(make_cfg(1, **{"checkpoint.every": 3, "schedule.total_steps": 12}), 0, 1, str(ckdir), resume="auto")
     record["extended_step"] = res_more["step"]
     # NaN guard abort: every batch NaN -> NonFiniteLossError after max_bad_steps in a row.
     all_nan = frozenset((0, s) for s in range(64))
     try:
-        run_fit(make_cfg(1, max_bad_steps=3), 0, 1, None, nan_slots=all_nan)
+        run_fit(make_cfg(1, **{"faults.max_bad_steps": 3}), 0, 1, None, nan_slots=all_nan)
         record["abort"] = None
     except NonFiniteLossError as e:
         record["abort"] = str(e)
@@ -313,7 +316,7 @@ def test_lr_schedule_in_a_run(runs: Path) -> None:
     from training import lr_at
 
     k = json.loads((runs / "kill.json").read_text())
-    cfg = make_cfg(1, checkpoint_every=3)
+    cfg = make_cfg(1, **{"checkpoint.every": 3})
     assert k["lr"][str(TOTAL)] == pytest.approx(lr_at(cfg, TOTAL - 1)) == pytest.approx(cfg.min_lr)
     assert k["lr"]["4"] == pytest.approx(lr_at(cfg, 3))
 

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import torch
 
+from training.config import EngineConfig, ScheduleConfig
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -81,8 +83,7 @@ def _count(monkeypatch: pytest.MonkeyPatch, stage: int, accum: int, steps: int =
     from training import TrainConfig, Trainer
 
     torch.manual_seed(0)
-    cfg = TrainConfig(global_batch=4 * accum, micro_batch=4, zero_stage=stage, profile="cpu", total_steps=100,
-                      log_every=100, warmup_steps=2)
+    cfg = TrainConfig(global_batch=4 * accum, micro_batch=4, profile="cpu", log_every=100, engine=EngineConfig(zero_stage=stage), schedule=ScheduleConfig(total_steps=100, warmup_steps=2))
     trainer = Trainer(create_model("mu/8", num_classes=10, image_size=32), cfg, Loop(4))
     for _ in range(2):  # warm-up: first-step allocations and DeepSpeed's one-off setup
         trainer.train_step()

@@ -507,7 +507,7 @@ class CheckpointManager:
             self._agree(cfg, f"uploading checkpoint {tag}",
                         lambda: store.upload_dir(str(root / tag), tag) if self.dist.local_rank == 0 else None)
         self._agree(cfg, f"committing checkpoint {tag}",
-                    lambda: self._commit(tag, step, cfg.keep_checkpoints) if self.dist.is_main else None)
+                    lambda: self._commit(tag, step, cfg.checkpoint.keep) if self.dist.is_main else None)
         return tag
 
     def _commit(self, tag: str, step: int, keep: int) -> None:
@@ -629,4 +629,4 @@ class CheckpointManager:
 
     @staticmethod
     def _agree(cfg: TrainConfig, what: str, fn: Callable[[], Any], *, share: bool = False) -> Any:
-        return agree(what, fn, timeout_s=cfg.io_timeout_s, share=share)
+        return agree(what, fn, timeout_s=cfg.checkpoint.io_timeout_s, share=share)

@@ -1,150 +1,190 @@
-"""TrainConfig: the optimisation recipe of one run, independent of the cluster it runs on.
+"""TrainConfig: the optimisation recipe of one run, in sections, independent of the cluster.
+
+``TrainConfig`` holds the batch, the seed and the log/eval cadence, and one section per concern:
+``optim`` (optimizer and its hyper-parameters), ``schedule`` (warm-up, length, decay),
+``objective`` (what is learnt and its loss: classification today), ``engine`` (precision,
+ZeRO, offload, activation checkpointing, compile), ``checkpoint`` (cadence, retention, I/O
+timeout) and ``faults`` (bad steps, preemption grace, hang watchdog). A new objective or engine
+feature adds a section or a field of one, never a flat field here.
 
 The only world-dependent quantity, gradient accumulation, is derived and checked against the
-world size at runtime (`TrainConfig.accum_for(world)`), so one config serves 1 CPU process and
+world size at runtime (``TrainConfig.accum_for(world)``), so one config serves 1 CPU process and
 64 GPUs alike as long as global = micro x accumulation x world.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-# Fields that may change between a checkpoint and its resumption: they count steps, say how
-# often to log or how long to wait, not what is optimised. Everything else is in the config hash.
-RESUMABLE_FIELDS: frozenset[str] = frozenset(
-    {"total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps",
-     "io_timeout_s", "compile", "compile_backend", "preempt_grace_s", "hang_timeout_s"}
-)
+from confkit import Checker, flatten, replace_paths, to_dict
+from training.objectives.classification import ClassificationConfig
+
+#: Paths that may change between a checkpoint and its resumption: they count steps, say how
+#: often to log or how long to wait, not what is optimised. Everything else is in the config hash.
+RESUMABLE_FIELDS: frozenset[str] = frozenset({
+    "schedule.total_steps", "log_every", "eval_every", "checkpoint.every", "checkpoint.keep",
+    "checkpoint.io_timeout_s", "faults.max_bad_steps", "faults.preempt_grace_s", "faults.hang_timeout_s",
+    "engine.compile", "engine.compile_backend",
+})
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """Optimisation settings of one run (ViT paper defaults: AdamW b=(0.9, 0.999), clip 1.0).
+class OptimConfig:
+    """The optimizer (ViT paper defaults: AdamW, b=(0.9, 0.999), clip 1.0).
 
-    `global_batch` is the number of samples per optimizer step over all ranks; `micro_batch` is
-    per device and forward pass; `grad_accum=None` derives accumulation from the world size.
-    `warmup_steps`/`total_steps` count optimizer steps. `eval_every`/`checkpoint_every` = 0
-    means "only at the end of fit()". `max_bad_steps` consecutive non-finite losses abort.
-    `io_timeout_s` bounds every collective that waits on checkpoint I/O (upload, download,
-    staging): a rank waiting longer fails with a message instead of hanging.
-    `compile` runs the model under `torch.compile(backend=compile_backend)` inside the DeepSpeed
-    engine (the GPU profiles turn it on); checkpoints are the same with and without it, so a
-    run may resume with it switched.
-    `preempt_grace_s`: on SIGTERM every rank finishes the step, saves a checkpoint and exits 0
-    within this many seconds (training.preempt); `hang_timeout_s`: a rank with no progress for
-    this long (data wait, forward/backward, collective; checkpoint phases get io_timeout_s)
-    dumps its stacks and exits non-zero (training.watchdog); 0 disables the watchdog.
+    ``weight_decay`` is decoupled (AdamW's ``p *= 1 - lr_t * wd``; see the recipes' note on the
+    paper's mapping); ``momentum`` is SGD's; ``grad_clip`` is the global norm (0: off).
     """
 
-    global_batch: int = 32
-    micro_batch: int = 32
-    grad_accum: int | None = None
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    name: Literal["adamw", "sgd"] = "adamw"
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.1
     momentum: float = 0.9
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        c = Checker(self)
+        c.choice("name", ("adamw", "sgd"))
+        c.number("lr", gt=0)
+        c.numbers("betas", 2, ge=0, lt=1)
+        c.number("eps", gt=0)
+        c.number("weight_decay", ge=0)
+        c.number("momentum", ge=0, lt=1)
+        c.number("grad_clip", ge=0, why=" (0 disables clipping)")
+        c.done()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleConfig:
+    """Learning-rate schedule over optimizer steps: linear warm-up, then linear or cosine decay
+    to ``min_lr`` at ``total_steps`` (the run's length)."""
+
     warmup_steps: int = 0
     total_steps: int = 1000
     decay: Literal["linear", "cosine"] = "linear"
     min_lr: float = 0.0
-    grad_clip: float = 1.0
-    loss: Literal["softmax", "sigmoid"] = "softmax"
-    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        c = Checker(self)
+        if c.int("total_steps", ge=1) and c.int("warmup_steps", ge=0):
+            c.require(self.warmup_steps < self.total_steps,
+                      f"warmup_steps={self.warmup_steps} must be in [0, total_steps={self.total_steps})")
+        c.choice("decay", ("linear", "cosine"))
+        c.number("min_lr", ge=0)
+        c.done()
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """How the DeepSpeed engine runs the model (the hardware profiles set these).
+
+    ``offload="cpu"`` moves optimizer states to host memory (ZeRO >= 1). ``compile`` runs the
+    model under ``torch.compile(backend=compile_backend)`` inside the engine (the GPU profiles
+    turn it on); checkpoints are the same with and without it, so a run may resume with it
+    switched.
+    """
+
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     zero_stage: int = 1
     offload: Literal["none", "cpu"] = "none"
     activation_checkpointing: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+
+    def __post_init__(self) -> None:
+        c = Checker(self)
+        c.choice("precision", ("fp32", "fp16", "bf16"))
+        c.choice("zero_stage", (0, 1, 2, 3))
+        if c.choice("offload", ("none", "cpu")):
+            c.require(not (self.offload == "cpu" and self.zero_stage == 0), "offload='cpu' needs zero_stage >= 1")
+        c.flag("activation_checkpointing")
+        c.flag("compile")
+        c.text("compile_backend", why=" naming a torch.compile backend, e.g. 'inductor'")
+        c.done()
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """``every`` optimizer steps (0: only at the end of fit()), keeping the newest ``keep``.
+    ``io_timeout_s`` bounds every collective that waits on checkpoint I/O (upload, download,
+    staging): a rank waiting longer fails with a message instead of hanging."""
+
+    every: int = 0
+    keep: int = 3
+    io_timeout_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        c = Checker(self)
+        c.int("every", ge=0, why=" (0: only at the end)")
+        c.int("keep", ge=1)
+        c.number("io_timeout_s", gt=0, unit="seconds")
+        c.done()
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaultConfig:
+    """``max_bad_steps`` consecutive non-finite losses abort the run. ``preempt_grace_s``: on
+    SIGTERM every rank finishes the step, saves and exits 0 within this many seconds
+    (training.preempt). ``hang_timeout_s``: a rank with no progress for this long (data wait,
+    forward/backward, collective; checkpoint phases get ``checkpoint.io_timeout_s``) dumps its
+    stacks and exits non-zero (training.watchdog); 0 disables the watchdog."""
+
+    max_bad_steps: int = 10
+    preempt_grace_s: float = 25.0
+    hang_timeout_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        c = Checker(self)
+        c.int("max_bad_steps", ge=1)
+        c.number("preempt_grace_s", gt=0, unit="seconds",
+                 why=" (the platform's grace period minus a margin, e.g. 25 for Kubernetes' 30)")
+        c.number("hang_timeout_s", ge=0, unit="seconds", why=" (0 disables the hang watchdog)")
+        c.done()
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Optimisation settings of one run; see the module docstring for the sections.
+
+    ``global_batch`` is the number of samples per optimizer step over all ranks; ``micro_batch``
+    is per device and forward pass; ``grad_accum=None`` derives accumulation from the world size.
+    ``log_every`` / ``eval_every`` count optimizer steps (``eval_every=0``: only at the end).
+    ``profile`` names the hardware profile the engine settings came from (training.profiles).
+    """
+
+    global_batch: int = 32
+    micro_batch: int = 32
+    grad_accum: int | None = None
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 3
-    max_bad_steps: int = 10
-    io_timeout_s: float = 1800.0
-    preempt_grace_s: float = 25.0
-    hang_timeout_s: float = 1800.0
-    compile: bool = False
-    compile_backend: str = "inductor"
     profile: str = "auto"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    objective: ClassificationConfig = field(default_factory=ClassificationConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:
-        errors: list[str] = []
-
-        def check(ok: bool, msg: str) -> None:
-            if not ok:
-                errors.append(msg)
-
-        for name in ("global_batch", "micro_batch", "total_steps"):
-            v = getattr(self, name)
-            check(isinstance(v, int) and v >= 1, f"{name}={v!r} must be a positive int")
-        if self.grad_accum is not None:
-            check(self.grad_accum >= 1, f"grad_accum={self.grad_accum} must be >= 1 (or None to derive it)")
-        if isinstance(self.global_batch, int) and isinstance(self.micro_batch, int) and self.micro_batch >= 1:
-            check(
-                self.global_batch % self.micro_batch == 0,
-                f"global_batch {self.global_batch} is not a multiple of micro_batch {self.micro_batch}; "
-                f"pick a micro_batch that divides it",
-            )
-        check(self.optimizer in ("adamw", "sgd"), f"optimizer={self.optimizer!r}: use 'adamw' or 'sgd'")
-        check(self.decay in ("linear", "cosine"), f"decay={self.decay!r}: use 'linear' or 'cosine'")
-        check(self.loss in ("softmax", "sigmoid"), f"loss={self.loss!r}: use 'softmax' or 'sigmoid'")
-        check(self.precision in ("fp32", "fp16", "bf16"), f"precision={self.precision!r}: use fp32, fp16 or bf16")
-        check(self.offload in ("none", "cpu"), f"offload={self.offload!r}: use 'none' or 'cpu'")
-        check(self.zero_stage in (0, 1, 2, 3), f"zero_stage={self.zero_stage!r} must be 0, 1, 2 or 3")
-        check(not (self.offload == "cpu" and self.zero_stage == 0), "offload='cpu' needs zero_stage >= 1")
-        # inf / nan pass range comparisons (or fail them with a misleading message): a non-finite
-        # field gets one line saying so and its range checks are skipped.
-        finite = {}
-        for name in ("lr", "eps", "weight_decay", "momentum", "min_lr", "grad_clip", "label_smoothing"):
-            v = getattr(self, name)
-            finite[name] = isinstance(v, int | float) and math.isfinite(v)
-            check(finite[name], f"{name}={v!r} must be a finite number")
-        if finite["lr"]:
-            check(self.lr > 0, f"lr={self.lr} must be > 0")
-        check(not finite["eps"] or self.eps > 0, f"eps={self.eps} must be > 0")
-        check(not finite["momentum"] or 0 <= self.momentum < 1, f"momentum={self.momentum} must be in [0, 1)")
-        if finite["lr"] and finite["min_lr"] and self.lr > 0:
-            check(0 <= self.min_lr <= self.lr, f"min_lr={self.min_lr} must be in [0, lr={self.lr}]")
-        check(not finite["weight_decay"] or self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
-        check(0 <= self.label_smoothing < 1, f"label_smoothing={self.label_smoothing} must be in [0, 1)")
-        check(
-            self.label_smoothing == 0 or self.loss == "softmax",
-            "label_smoothing only applies to loss='softmax'; set it to 0 for 'sigmoid'",
-        )
-        check(self.grad_clip >= 0, f"grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
-        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas={self.betas} must be two values in [0, 1)")
-        check(
-            isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps < max(self.total_steps, 1),
-            f"warmup_steps={self.warmup_steps} must be in [0, total_steps={self.total_steps})",
-        )
-        for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
-            v = getattr(self, name)
-            check(isinstance(v, int) and v >= 0, f"{name}={v!r} must be an int >= 0")
-        check(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
-        check(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
-        check(self.max_bad_steps >= 1, f"max_bad_steps={self.max_bad_steps} must be >= 1")
-        check(
-            isinstance(self.io_timeout_s, (int, float)) and 0 < self.io_timeout_s < float("inf"),
-            f"io_timeout_s={self.io_timeout_s!r} must be a finite number of seconds > 0",
-        )
-        check(isinstance(self.preempt_grace_s, (int, float)) and 0 < self.preempt_grace_s < float("inf"),
-              f"preempt_grace_s={self.preempt_grace_s!r} must be a finite number of seconds > 0 (the platform's "
-              "grace period minus a margin, e.g. 25 for Kubernetes' 30)")
-        check(isinstance(self.hang_timeout_s, (int, float)) and 0 <= self.hang_timeout_s < float("inf"),
-              f"hang_timeout_s={self.hang_timeout_s!r} must be a finite number of seconds >= 0 (0 disables the "
-              "hang watchdog)")
-        check(isinstance(self.compile, bool), f"compile={self.compile!r} must be True or False")
-        check(isinstance(self.compile_backend, str) and self.compile_backend != "",
-              f"compile_backend={self.compile_backend!r} must name a torch.compile backend, e.g. 'inductor'")
-        if errors:
-            raise ValueError("invalid TrainConfig:\n  " + "\n  ".join(errors))
+        c = Checker(self)
+        if c.int("global_batch", ge=1) & c.int("micro_batch", ge=1):
+            c.require(self.global_batch % self.micro_batch == 0,
+                      f"global_batch {self.global_batch} is not a multiple of micro_batch {self.micro_batch}; "
+                      "pick a micro_batch that divides it")
+        c.int("grad_accum", ge=1, optional=True, why=" (none derives it from the world size)")
+        c.int("seed", ge=0)
+        c.int("log_every", ge=1)
+        c.int("eval_every", ge=0, why=" (0: only at the end)")
+        c.text("profile")
+        c.require(self.schedule.min_lr <= self.optim.lr,
+                  f"schedule.min_lr={self.schedule.min_lr} must be <= optim.lr={self.optim.lr}")
+        c.done()
 
     def accum_for(self, world_size: int) -> int:
         """Gradient accumulation steps for `world_size` ranks; a clear error if they don't fit.
@@ -175,24 +215,42 @@ class TrainConfig:
         return self.grad_accum
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (tuples become lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """Plain JSON-able nested dict (tuples become lists)."""
+        return to_dict(self)
 
     def hash_fields(self) -> dict[str, Any]:
-        """The fields that must match to resume from a checkpoint (all but RESUMABLE_FIELDS)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_FIELDS}
+        """The leaves that must match to resume from a checkpoint (all but RESUMABLE_FIELDS), by path."""
+        flat = json.loads(json.dumps(flatten(self)))
+        return {k: v for k, v in flat.items() if k not in RESUMABLE_FIELDS}
 
     def config_hash(self) -> str:
         """Short stable hash of `hash_fields()`; stored in every checkpoint."""
         blob = json.dumps(self.hash_fields(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    def replace(self, **paths: Any) -> TrainConfig:
+        """This config with leaves replaced by path: ``cfg.replace(**{"optim.lr": 3e-4})``."""
+        return replace_paths(self, paths)
+
 
 def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Human-readable differences `field: saved -> current`, ignoring RESUMABLE_FIELDS."""
-    keys = sorted((set(saved) | set(current)) - RESUMABLE_FIELDS)
-    return [
-        f"{k}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"
-        for k in keys
-        if saved.get(k, "<absent>") != current.get(k, "<absent>")
-    ]
+    """Human-readable differences ``path: saved -> current`` of two nested or flat config dicts,
+    ignoring RESUMABLE_FIELDS."""
+    a, b = _flat(saved), _flat(current)
+    keys = sorted((set(a) | set(b)) - RESUMABLE_FIELDS)
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+            for k in keys if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+__all__ = ["RESUMABLE_FIELDS", "CheckpointConfig", "ClassificationConfig", "EngineConfig", "FaultConfig",
+           "OptimConfig", "ScheduleConfig", "TrainConfig", "config_diff"]

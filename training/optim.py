@@ -28,28 +28,28 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(cfg: TrainConfig, groups: list[dict], device_type: str) -> torch.optim.Optimizer:
     """torch AdamW (decoupled decay, fused kernel on CPU and CUDA) or SGD with momentum (fine-tuning)."""
-    if cfg.optimizer == "adamw":
-        fused = cfg.offload == "none"  # one pass over memory; CPU fused kernels exist since torch 2.4
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optim.name == "adamw":
+        fused = cfg.engine.offload == "none"  # one pass over memory; CPU fused kernels exist since torch 2.4
+        return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=fused)
+    return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Learning rate of optimizer update number `step` (0-based).
 
-    Linear warmup reaches `cfg.lr` exactly at update `warmup_steps - 1`; then linear (paper) or
+    Linear warmup reaches `cfg.optim.lr` exactly at update `warmup_steps - 1`; then linear (paper) or
     cosine decay reaches `min_lr` exactly at the last update, `total_steps - 1`. A pure function
     of the step, so a resumed run gets the same lr as an uninterrupted one.
     """
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(cfg.total_steps - cfg.warmup_steps, 1)
-    progress = min(max((step + 1 - cfg.warmup_steps) / span, 0.0), 1.0)
-    if cfg.decay == "cosine":
+    if step < cfg.schedule.warmup_steps:
+        return cfg.optim.lr * (step + 1) / cfg.schedule.warmup_steps
+    span = max(cfg.schedule.total_steps - cfg.schedule.warmup_steps, 1)
+    progress = min(max((step + 1 - cfg.schedule.warmup_steps) / span, 0.0), 1.0)
+    if cfg.schedule.decay == "cosine":
         frac = 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
         frac = 1.0 - progress
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * frac
+    return cfg.schedule.min_lr + (cfg.optim.lr - cfg.schedule.min_lr) * frac
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -1,12 +1,11 @@
 """Hardware profiles: per-device defaults for precision, ZeRO stage, micro batch and attention.
 
-A profile only supplies defaults; a recipe overrides any field by passing it explicitly to
-`TrainConfig.from_profile` / `with_profile`.
+A profile only supplies defaults; a recipe overrides any of them by passing the path explicitly
+to `from_profile` / `with_profile` (``**{"engine.zero_stage": 3}``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,15 +35,15 @@ class Profile:
     compile: bool = True  # torch.compile in the engine; off on CPU, where compiling costs more than it saves
 
     def train_overrides(self) -> dict[str, Any]:
-        """The TrainConfig fields this profile sets."""
+        """The TrainConfig leaves this profile sets, by path."""
         return {
-            "precision": self.precision,
-            "zero_stage": self.zero_stage,
+            "engine.precision": self.precision,
+            "engine.zero_stage": self.zero_stage,
             "micro_batch": self.micro_batch,
             "grad_accum": self.grad_accum,
-            "offload": self.offload,
-            "activation_checkpointing": self.activation_checkpointing,
-            "compile": self.compile,
+            "engine.offload": self.offload,
+            "engine.activation_checkpointing": self.activation_checkpointing,
+            "engine.compile": self.compile,
             "profile": self.name,
         }
 
@@ -83,24 +82,26 @@ def get_profile(name: str = "auto") -> Profile:
     return PROFILES[key]
 
 
-def with_profile(cfg: TrainConfig, name: str = "auto", **overrides: Any) -> TrainConfig:
-    """`cfg` with the profile's defaults applied, then `overrides` (which win)."""
+def with_profile(cfg: TrainConfig, name: str = "auto", **paths: Any) -> TrainConfig:
+    """`cfg` with the profile's defaults applied, then `paths` (which win), e.g.
+    ``with_profile(cfg, "t4", **{"engine.zero_stage": 3})``."""
     fields = get_profile(name).train_overrides()
-    fields.update(overrides)
-    return dataclasses.replace(cfg, **fields)
+    fields.update(paths)
+    return cfg.replace(**fields)
 
 
-def from_profile(name: str = "auto", **fields: Any) -> TrainConfig:
-    """A TrainConfig with the profile's defaults, overridden by `fields` (a recipe's choices).
+def from_profile(name: str = "auto", **paths: Any) -> TrainConfig:
+    """A TrainConfig with the profile's defaults, overridden by `paths` (a recipe's choices).
 
-    Example: `from_profile("t4", global_batch=4096, lr=1e-3)` -> fp16, ZeRO-2, micro 32.
-    If you give global_batch but not grad_accum, accumulation is re-derived from the world size.
+    Example: ``from_profile("t4", global_batch=4096, **{"optim.lr": 1e-3})`` -> fp16, ZeRO-2,
+    micro 32. If you give global_batch but not grad_accum, accumulation is re-derived from the
+    world size.
     """
     defaults = get_profile(name).train_overrides()
-    if "global_batch" in fields and "grad_accum" not in fields:
+    if "global_batch" in paths and "grad_accum" not in paths:
         defaults["grad_accum"] = None
-    defaults.update(fields)
+    defaults.update(paths)
     if "global_batch" not in defaults:
         accum = defaults.get("grad_accum") or 1
         defaults["global_batch"] = defaults["micro_batch"] * accum
-    return TrainConfig(**defaults)
+    return TrainConfig().replace(**defaults)

@@ -23,7 +23,6 @@ scaler's business (a skipped update, logged as `skipped_updates`, not a bad step
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -39,8 +38,8 @@ from training.config import TrainConfig
 from training.deepspeed_config import deepspeed_config
 from training.dist import DistInfo, all_reduce_sum, init_distributed
 from training.faults import FaultStats, ProgressLog
-from training.losses import loss_fn
 from training.metrics import MetricsSink, NullSink, device_name, mfu, peak_tflops
+from training.objectives.classification import loss_fn
 from training.optim import build_optimizer, drop_repeated_norm_checks, lr_at, param_groups, set_lr
 from training.periodic import PeriodicEval, full_module
 from training.preempt import SAVE, STOP, Preempted, Preemption, say
@@ -116,26 +115,26 @@ class Trainer:
             _set_sdpa(get_profile(cfg.profile).sdpa)
 
         if hasattr(model, "set_grad_checkpointing"):
-            model.set_grad_checkpointing(cfg.activation_checkpointing)
+            model.set_grad_checkpointing(cfg.engine.activation_checkpointing)
         model.to(self.dist.device)
         self._broadcast_params(model)  # ZeRO-3 partitions each rank's own copy: make them equal
         self.flops_per_image = _train_flops_per_image(model)
-        optimizer = build_optimizer(cfg, param_groups(model, cfg.weight_decay), self.dist.device.type)
+        optimizer = build_optimizer(cfg, param_groups(model, cfg.optim.weight_decay), self.dist.device.type)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.dist.world_size)
         )
         drop_repeated_norm_checks(self.optimizer)  # host syncs DeepSpeed's ZeRO-1/2 step repeats
         self.checkpoints = ckpt.CheckpointManager(self.engine, self.dist, self.checkpoint_dir, checkpoint_store)
-        if cfg.compile:
+        if cfg.engine.compile:
             # In place (nn.Module.compile): state_dict keys, checkpoints and exported weights
             # are the same as without it.
-            self.engine.compile(backend=cfg.compile_backend)
-        self.input_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision, torch.float32)
+            self.engine.compile(backend=cfg.engine.compile_backend)
+        self.input_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.engine.precision, torch.float32)
         self.device_name = device_name(self.dist.device)
-        self.peak = peak_tflops(self.device_name, cfg.precision)
+        self.peak = peak_tflops(self.device_name, cfg.engine.precision)
 
         # DeepSpeed checks gradients for overflow in ZeRO 1-3, in bf16 and fp16; not in ZeRO-0 fp32.
-        self._own_overflow_check = cfg.zero_stage == 0 and cfg.precision == "fp32"
+        self._own_overflow_check = cfg.engine.zero_stage == 0 and cfg.engine.precision == "fp32"
         state = getattr(train_loader, "state_dict", None)
         self._batches = DevicePrefetcher(self._next_batch, self.dist.device, state if callable(state) else None)
 
@@ -153,10 +152,10 @@ class Trainer:
         self.faults = FaultStats()  # restarts, world-size changes, lost steps: carried in checkpoints
         self._progress = (ProgressLog(self.checkpoints.write_progress)
                           if self.dist.is_main and self.checkpoint_dir is not None else None)
-        self.watchdog = Watchdog(cfg.hang_timeout_s, self.dist.rank, report=self._report_hang,
-                                 slow_phases={"checkpoint": cfg.io_timeout_s, "startup": cfg.io_timeout_s})
-        self.preemption = Preemption(cfg.preempt_grace_s, self.dist.rank, self.dist.world_size,
-                                     timeout_s=cfg.io_timeout_s, what_is_lost=self._what_a_restart_loses)
+        self.watchdog = Watchdog(cfg.faults.hang_timeout_s, self.dist.rank, report=self._report_hang,
+                                 slow_phases={"checkpoint": cfg.checkpoint.io_timeout_s, "startup": cfg.checkpoint.io_timeout_s})
+        self.preemption = Preemption(cfg.faults.preempt_grace_s, self.dist.rank, self.dist.world_size,
+                                     timeout_s=cfg.checkpoint.io_timeout_s, what_is_lost=self._what_a_restart_loses)
 
     # ------------------------------------------------------------------ public
     @property
@@ -170,7 +169,7 @@ class Trainer:
         return self.engine.module
 
     def fit(self, resume: str | None = None, *, max_steps: int | None = None) -> dict[str, float]:
-        """Train until `cfg.total_steps` (or `max_steps`, for time-boxed jobs); return final metrics.
+        """Train until `cfg.schedule.total_steps` (or `max_steps`, for time-boxed jobs); return final metrics.
 
         `resume`: None (fresh), "auto" (newest complete checkpoint in checkpoint_dir / the store,
         fresh if none), a tag ("step500") or a checkpoint directory path.
@@ -187,7 +186,7 @@ class Trainer:
         if resume is not None:
             self.watchdog.beat("checkpoint", self._step)
             self.restore(resume)
-        stop = min(self.cfg.total_steps, max_steps if max_steps is not None else self.cfg.total_steps)
+        stop = min(self.cfg.schedule.total_steps, max_steps if max_steps is not None else self.cfg.schedule.total_steps)
         self.sink.log_params(
             {**self.cfg.to_dict(), "world_size": self.dist.world_size, "grad_accum": self.accum, "device": self.device_name}
         )
@@ -215,7 +214,7 @@ class Trainer:
             for p in self.periodic:  # e.g. few-shot: every rank, its own interval, and at the end
                 if self._due(p.every, stop):
                     result.update(self.run_periodic(p))
-            if self.checkpoint_dir is not None and self._due(self.cfg.checkpoint_every, stop):  # checkpoint
+            if self.checkpoint_dir is not None and self._due(self.cfg.checkpoint.every, stop):  # checkpoint
                 self.save_checkpoint()
         self.preemption.drain()
         if self.preemption.requested_at is not None:  # signalled during the last step: already saved
@@ -249,7 +248,7 @@ class Trainer:
             self.watchdog.beat("forward_backward")
             images = self._to_device(images, self.train_loader, non_blocking=True)
             targets = targets.to(self.dist.device, non_blocking=True)
-            loss = loss_fn(self.cfg, self.engine(images), targets)
+            loss = loss_fn(self.cfg.objective, self.engine(images), targets)
             loss_sum += loss.detach()
             self.engine.backward(_poison(loss))
             t0 = time.perf_counter()
@@ -273,17 +272,17 @@ class Trainer:
         overflow (logged as skipped_updates, not bad): only a non-finite loss counts then."""
         if not skipped:
             return False
-        if self.cfg.precision == "fp16":
+        if self.cfg.engine.precision == "fp16":
             flag = all_reduce_sum((~torch.isfinite(loss_sum)).double().reshape(1))
             if flag.item() == 0:  # a host sync, on skipped steps only
                 return False
         self.bad_steps += 1
         self._bad_in_row += 1
-        if self._bad_in_row >= self.cfg.max_bad_steps:
+        if self._bad_in_row >= self.cfg.faults.max_bad_steps:
             raise NonFiniteLossError(
                 f"{self._bad_in_row} consecutive batches (optimizer steps) had a NaN/Inf loss or gradient at step "
-                f"{self._step} (max_bad_steps={self.cfg.max_bad_steps}); lower lr ({self.cfg.lr}), check the data, "
-                f"or use precision='bf16'/'fp32' instead of {self.cfg.precision!r}"
+                f"{self._step} (max_bad_steps={self.cfg.faults.max_bad_steps}); lower lr ({self.cfg.optim.lr}), check the data, "
+                f"or use precision='bf16'/'fp32' instead of {self.cfg.engine.precision!r}"
             )
         return True
 
@@ -336,7 +335,7 @@ class Trainer:
         elapsed = max(time.perf_counter() - window.start, 1e-9)
         images_per_s = window.steps * self.cfg.global_batch / elapsed
         grad_norm = self.engine.get_global_grad_norm()
-        scale = getattr(self.optimizer, "cur_scale", None) if self.cfg.precision == "fp16" else 1.0
+        scale = getattr(self.optimizer, "cur_scale", None) if self.cfg.engine.precision == "fp16" else 1.0
         # The window's losses summed over ranks: the one sync and collective per log line.
         loss = all_reduce_sum(window.loss_sum.reshape(1).clone()).item() / self.dist.world_size / max(window.steps, 1)
         self.last_loss = loss
@@ -388,16 +387,16 @@ class Trainer:
                 top1 = top[:, 0] == targets
                 top5 = (top == targets[:, None]).any(-1)
                 label = targets
-            loss = torch.nn.functional.cross_entropy(logits, label, reduction="sum") if self.cfg.loss == "softmax" else (
-                loss_fn(self.cfg, logits, targets) * len(targets)
+            loss = torch.nn.functional.cross_entropy(logits, label, reduction="sum") if self.cfg.objective.loss == "softmax" else (
+                loss_fn(self.cfg.objective, logits, targets) * len(targets)
             )
             sums += torch.tensor([top1.sum().item(), top5.sum().item(), loss.item(), len(targets)], dtype=torch.float64)
         all_reduce_sum(sums)
         self.engine.train()
         n = max(sums[3].item(), 1.0)
-        key = "eval_prec1" if self.cfg.loss == "sigmoid" else "eval_top1"
+        key = "eval_prec1" if self.cfg.objective.loss == "sigmoid" else "eval_top1"
         out = {key: sums[0].item() / n, "eval_loss": sums[2].item() / n, "eval_samples": sums[3].item()}
-        if self.cfg.loss == "softmax":
+        if self.cfg.objective.loss == "softmax":
             out["eval_top5"] = sums[1].item() / n
         self.sink.log_metrics(out, self._step)
         self._on_eval()
@@ -446,7 +445,7 @@ class Trainer:
         else:
             # Collectives of this save wait at most what is left of the grace (the timer ends the
             # process just before): a slow rank cannot keep the others past SIGKILL.
-            cfg = dataclasses.replace(self.cfg, io_timeout_s=max(p.remaining_s(), 1.0))
+            cfg = self.cfg.replace(**{"checkpoint.io_timeout_s": max(p.remaining_s(), 1.0)})
             try:
                 tag = self.save_checkpoint(cfg)
             except Exception as e:  # noqa: BLE001 - the run must still leave cleanly: exit 0

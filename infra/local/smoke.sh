@@ -105,16 +105,16 @@ PYEOF
 if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   RECIPE=vit_s16_t4; FT_SIZE=288; FT_GPUS=1; FT_WORKERS=1  # one T4
   STEPS="${SMOKE_STEPS:-300}"; FT_STEPS="${SMOKE_FT_STEPS:-100}"
-  PRE_SET=(--set "train.total_steps=$STEPS" --set train.warmup_steps=30 --set train.eval_every=100
-           --set train.checkpoint_every=100 --set data.num_workers=2)
-  FT_SET=(--set "train.total_steps=$FT_STEPS" --set train.warmup_steps=10 --set train.global_batch=64
-          --set train.lr=0.01 --set train.eval_every=50 --set train.checkpoint_every=50 --set train.precision=fp16)
+  PRE_SET=(--set "train.schedule.total_steps=$STEPS" --set train.schedule.warmup_steps=30 --set train.eval_every=100
+           --set train.checkpoint.every=100 --set data.io.num_workers=2)
+  FT_SET=(--set "train.schedule.total_steps=$FT_STEPS" --set train.schedule.warmup_steps=10 --set train.global_batch=64
+          --set train.optim.lr=0.01 --set train.eval_every=50 --set train.checkpoint.every=50 --set train.engine.precision=fp16)
 else
   RECIPE=vit_mu_smoke; FT_SIZE=48; FT_GPUS=0; FT_WORKERS=2
   STEPS="${SMOKE_STEPS:-300}"; FT_STEPS="${SMOKE_FT_STEPS:-120}"
-  PRE_SET=(--set "train.total_steps=$STEPS")
-  FT_SET=(--set "train.total_steps=$FT_STEPS" --set train.warmup_steps=12 --set train.global_batch=64
-          --set train.lr=0.03 --set train.eval_every=60 --set train.checkpoint_every=60)
+  PRE_SET=(--set "train.schedule.total_steps=$STEPS")
+  FT_SET=(--set "train.schedule.total_steps=$FT_STEPS" --set train.schedule.warmup_steps=12 --set train.global_batch=64
+          --set train.optim.lr=0.03 --set train.eval_every=60 --set train.checkpoint.every=60)
 fi
 
 say "ray job submit: pre-training recipe $RECIPE ($STEPS steps) on $DATA"

@@ -42,18 +42,18 @@ def split_datasets(items: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ..
 
 def fewshot_config(exp: Experiment) -> FewShotConfig | None:
     """The few-shot config of ``exp`` (its eval preprocessing), None when it has no datasets."""
-    if not exp.fewshot_data:
+    if not exp.eval.fewshot_data:
         return None
-    names, urls = split_datasets(exp.fewshot_data)
-    return FewShotConfig(datasets=urls, names=names, shots=tuple(exp.fewshot_shots), seed=exp.fewshot_seed,
-                         batch_size=exp.train.micro_batch, crop_pct=exp.data.eval_crop_pct,
-                         mean=exp.data.mean, std=exp.data.std)
+    names, urls = split_datasets(exp.eval.fewshot_data)
+    return FewShotConfig(datasets=urls, names=names, shots=tuple(exp.eval.fewshot_shots), seed=exp.eval.fewshot_seed,
+                         batch_size=exp.train.micro_batch, crop_pct=exp.data.preprocess.eval_crop_pct,
+                         mean=exp.data.preprocess.mean, std=exp.data.preprocess.std)
 
 
 def fewshot_data_problems(exp: Experiment, key: str = "--fewshot-data") -> list[str]:
     """Every problem with ``exp``'s downstream datasets, one line each, before any image is read:
     a missing dataset, a missing train/val split, or classes with too few images for the largest shot."""
-    if not exp.fewshot_data:
+    if not exp.eval.fewshot_data:
         return []
     try:
         cfg = fewshot_config(exp)
@@ -91,4 +91,4 @@ def fewshot_hooks(exp: Experiment, *, rank: int, world: int) -> list[PeriodicEva
     def run(model: nn.Module, step: int) -> dict[str, float]:
         return evaluate_fewshot(model, cfg, rank=rank, world_size=world, pools=pools).metrics
 
-    return [PeriodicEval(name=HOOK_NAME, fn=run, every=exp.fewshot_every)]
+    return [PeriodicEval(name=HOOK_NAME, fn=run, every=exp.eval.fewshot_every)]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline import DataConfig, build_loader
+from pipeline import DataConfig, IOConfig, PreprocessConfig, SourceConfig, build_loader
 
 from .report import EvalReport, ResultRow
 from .ridge import L2_GRID, LinearClassifier, fit_fewshot
@@ -171,8 +171,9 @@ def eval_features(model: nn.Module, url: str, cfg: FewShotConfig, *, rank: int, 
                   device: torch.device, split: str | None = None) -> tuple[Tensor, Tensor]:
     """This rank's share of ``split`` (default: the test split), read once over all ranks by the eval
     loader (no augmentation): features (n, D) and labels (n,) of the valid rows."""
-    dc = DataConfig(url=url, split=split or cfg.test_split, image_size=model_image_size(model), batch_size=cfg.batch_size,
-                    num_workers=cfg.num_workers, train=False, eval_crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std)
+    dc = DataConfig(source=SourceConfig(url=url, split=split or cfg.test_split), image_size=model_image_size(model),
+                    batch_size=cfg.batch_size, train=False, io=IOConfig(num_workers=cfg.num_workers),
+                    preprocess=PreprocessConfig(eval_crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std))
     loader = build_loader(dc, rank=rank, world_size=world_size)
     feats, labels = [], []
     for x, y, valid in loader:  # the same batch count on every rank (padded, masked)

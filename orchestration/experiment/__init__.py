@@ -1,8 +1,8 @@
 """Defining a run: the :class:`Experiment` dataclass, recipes, typed overrides, validation.
 
-* ``config``     - :class:`Experiment` (component configs + variant + Ray resources), (de)serialisation
+* ``config``     - :class:`Experiment` (model spec + component configs + eval + Ray resources), (de)serialisation
 * ``recipes``    - one function per thing we train (paper Table 3, T4, CPU smoke)
-* ``overrides``  - typed ``--set section.key=value`` (:func:`apply_overrides`)
+* ``overrides``  - typed ``--set path=value`` (:func:`apply_overrides`: ``train.optim.lr=3e-4``)
 * ``checks``     - launch-level checks of a whole experiment (no I/O), :class:`ConfigError`
 * ``validation`` - checks that need I/O (dataset, storage) and how every CLI reports problems
 
@@ -12,24 +12,24 @@ Pre-training, fine-tuning and every Tune trial are all an ``Experiment``: one wa
 from orchestration.experiment.checks import (
     ConfigError,
     OverrideError,
-    component_problems,
     experiment_problems,
     name_problems,
     validate,
     with_workers,
 )
 from orchestration.experiment.config import (
+    EvalSpec,
     Experiment,
+    Resources,
     experiment_from_dict,
     experiment_to_dict,
     flatten_experiment,
-    variant_slug,
 )
 from orchestration.experiment.overrides import apply_overrides, parse_typed
 from orchestration.experiment.recipes import RECIPES, get_recipe
 
 __all__ = [
-    "RECIPES", "ConfigError", "Experiment", "OverrideError", "apply_overrides", "component_problems",
+    "RECIPES", "ConfigError", "EvalSpec", "Experiment", "OverrideError", "Resources", "apply_overrides",
     "experiment_from_dict", "experiment_problems", "experiment_to_dict", "flatten_experiment", "get_recipe",
-    "name_problems", "parse_typed", "validate", "variant_slug", "with_workers",
+    "name_problems", "parse_typed", "validate", "with_workers",
 ]

@@ -1,25 +1,105 @@
-"""The :class:`Experiment`: everything one training run needs, and its (de)serialisation.
+"""The :class:`Experiment`: everything one training run needs, in typed sections.
 
 Only orchestration sees a whole experiment; each component gets its own small config
-(``pipeline.DataConfig``, ``training.TrainConfig``, ``model.ViTConfig``).
+(``model.ViTSpec`` -> ``ViTConfig``, ``pipeline.DataConfig``, ``training.TrainConfig``). The
+experiment adds what only a launch knows: the evaluation during training (``eval``) and the
+Ray resources (``resources``). ``--set`` paths follow the sections:
+``--set train.optim.lr=3e-4``, ``--set model.dropout=0.1``, ``--set resources.workers=4``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
+import re
+
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from model import ViTConfig, vit_config
+from confkit import Checker, flatten, from_dict, to_dict
+from model import ViTConfig, ViTSpec
 from pipeline import DataConfig
 from training import TrainConfig
 
 
-def variant_slug(variant: str) -> str:
-    """``"B/16" -> "b16"``, ``"mu/4" -> "mu4"`` (used in registered model names)."""
-    return variant.replace("/", "").lower()
+#: A name that is safe as one path component, an MLflow name and a Ray Train run name.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def name_problems(key: str, value: Any) -> list[str]:
+    """``[]`` if ``value`` is safe as a path component (run folders, registry names), else one line."""
+    if isinstance(value, str) and _SAFE_NAME.match(value) and ".." not in value:
+        return []
+    return [f"{key}={value!r} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit "
+            "and without '..' (it names folders and registry entries)"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resources:
+    """What the run asks of Ray: ``workers`` ranks of ``cpus_per_worker`` CPUs and
+    ``gpus_per_worker`` GPUs each.
+
+    ``min_workers``: elastic (Ray Train ``ScalingConfig(num_workers=(min_workers, workers))``):
+    runs on as few as ``min_workers`` when nodes are lost and grows back; None = exactly
+    ``workers``. ``elastic_resize_s``: how often an elastic group looks for capacity to grow
+    into. ``group_start_timeout_s``: Ray Train's wait for a worker group's resources
+    (``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``; None = Ray's 60 s): after a node is lost Ray
+    first retries at the old size, on a view that can still count the dead node, and waits this
+    long before trying the size that fits; lower it where nodes never take long to come.
+    ``max_failures``: worker-group restarts before the run gives up (Ray Train FailureConfig).
+    """
+
+    workers: int = 1
+    min_workers: int | None = None
+    cpus_per_worker: int = 1
+    gpus_per_worker: int = 0
+    max_failures: int = 2
+    elastic_resize_s: float = 60.0
+    group_start_timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        c = Checker(self)
+        c.int("workers", ge=1)
+        c.int("cpus_per_worker", ge=1, why=" (Ray packs workers without CPUs onto one node without limit)")
+        c.int("gpus_per_worker", ge=0)
+        c.int("max_failures", ge=0, why=" (-1, Ray's 'retry forever', would repeat a deterministic failure "
+                                        "without end)")
+        if c.int("min_workers", ge=1, optional=True, why=" for a fixed size") and self.min_workers is not None:
+            c.require(not isinstance(self.workers, int) or self.min_workers <= self.workers,
+                      f"min_workers={self.min_workers!r} must be an int in [1, workers={self.workers}] "
+                      "(or none for a fixed size)")
+        c.number("elastic_resize_s", gt=0, unit="seconds")
+        c.number("group_start_timeout_s", gt=0, unit="seconds", optional=True, why=" for Ray's default")
+        c.done()
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalSpec:
+    """Evaluation during training.
+
+    ``split``: the dataset's split evaluated every ``train.eval_every`` steps and at the end
+    (None: none). Few-shot linear evaluation (orchestration.evaluation) on downstream datasets
+    ``fewshot_data`` (URL or NAME=URL, written by write_shards), every ``fewshot_every`` steps
+    (0: only at the end) and at the end, logged as ``fewshot/<NAME>/<K>shot``; empty: never.
+    """
+
+    split: str | None = "val"
+    fewshot_data: tuple[str, ...] = ()
+    fewshot_every: int = 0
+    fewshot_shots: tuple[int, ...] = (1, 5, 10, 25)
+    fewshot_seed: int = 0
+
+    def __post_init__(self) -> None:
+        c = Checker(self)
+        c.require(self.split is None or (isinstance(self.split, str) and bool(self.split)),
+                  f"split={self.split!r} must be a split name or none")
+        c.int("fewshot_every", ge=0, why=" (0: few-shot only at the end)")
+        c.require(bool(self.fewshot_shots) and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                                                   for k in self.fewshot_shots),
+                  f"fewshot_shots={self.fewshot_shots!r} must be one or more ints >= 1, e.g. 1,5,10,25")
+        c.require(not (isinstance(self.fewshot_every, int) and self.fewshot_every and not self.fewshot_data),
+                  f"fewshot_every={self.fewshot_every} needs downstream datasets: --fewshot-data URL[,URL] "
+                  "(or --set eval.fewshot_data=URL)")
+        c.int("fewshot_seed", ge=0)
+        c.done()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,41 +108,27 @@ class Experiment:
 
     ``image_size`` is the one source of the resolution and ``train.micro_batch`` of the per-rank
     batch: ``data.image_size`` / ``data.batch_size`` are derived from them when the experiment is
-    built (whatever the given ``data`` said), so the two can never disagree.
-    ``workers * cpus_per_worker`` CPUs (and ``gpus_per_worker`` GPUs each) are asked of Ray.
+    built (whatever the given ``data`` said), so the two can never disagree. ``dataset_name`` and
+    ``registered_model_name`` ("" -> ``vit-<variant>-<dataset>``) name the MLflow entries.
     """
 
     name: str
-    variant: str  # paper name, e.g. "B/16" (model.parse_variant)
     image_size: int
+    model: ViTSpec
     data: DataConfig
     train: TrainConfig
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # extra ViTConfig fields
-    workers: int = 1
-    # Elastic (Ray Train ScalingConfig(num_workers=(min_workers, workers))): runs on as few as
-    # min_workers when nodes are lost and grows back; None = exactly `workers`.
-    min_workers: int | None = None
-    elastic_resize_s: float = 60.0  # how often an elastic group looks for capacity to grow into
-    # Ray Train's wait for a worker group's resources (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S);
-    # None = Ray's default (60 s). After a node is lost Ray first retries at the old size, on a
-    # view of the cluster that can still count the dead node, and waits this long before trying
-    # the size that fits; lower it where nodes never take long to come (no autoscaler launches).
-    group_start_timeout_s: float | None = None
-    cpus_per_worker: int = 1
-    gpus_per_worker: int = 0
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    resources: Resources = field(default_factory=Resources)
     dataset_name: str = "dataset"
-    registered_model_name: str = ""  # "" -> "vit-<variant>-<dataset>"
-    eval_split: str | None = "val"  # None: no eval loader
-    max_failures: int = 2  # Ray Train FailureConfig: worker-group restarts before giving up
-    # Few-shot linear evaluation during training (orchestration.evaluation): downstream datasets
-    # (URL or NAME=URL, written by write_shards), run every fewshot_every steps (0: only at the
-    # end) and at the end; logged as fewshot/<NAME>/<K>shot. Empty fewshot_data: never.
-    fewshot_data: tuple[str, ...] = ()
-    fewshot_every: int = 0
-    fewshot_shots: tuple[int, ...] = (1, 5, 10, 25)
-    fewshot_seed: int = 0
+    registered_model_name: str = ""
 
     def __post_init__(self) -> None:
+        c = Checker(self)
+        for key in ("name", "dataset_name") + (("registered_model_name",) if self.registered_model_name else ()):
+            for line in name_problems(key, getattr(self, key)):
+                c.fail(line)
+        c.int("image_size", ge=1)
+        c.done()
         derived = {"image_size": self.image_size, "batch_size": self.train.micro_batch}
         if any(getattr(self.data, k) != v for k, v in derived.items()):
             object.__setattr__(self, "data", replace(self.data, **derived))  # frozen: set once, here
@@ -70,37 +136,26 @@ class Experiment:
     @property
     def model_name(self) -> str:
         """Registry name: ``vit-<variant>-<dataset>`` unless the recipe set one."""
-        return self.registered_model_name or f"vit-{variant_slug(self.variant)}-{self.dataset_name}"
+        return self.registered_model_name or f"vit-{self.model.slug}-{self.dataset_name}"
 
     @property
     def global_batch(self) -> int:
-        return self.train.micro_batch * self.grad_accum * self.workers
+        return self.train.micro_batch * self.grad_accum * self.resources.workers
 
     @property
     def grad_accum(self) -> int:
         """Accumulation steps so that micro_batch x accum x workers == train.global_batch."""
-        return self.train.accum_for(self.workers)
+        return self.train.accum_for(self.resources.workers)
 
     def model_config(self, num_classes: int) -> ViTConfig:
         """The ViTConfig this experiment trains, for a dataset with ``num_classes`` labels."""
-        return vit_config(
-            self.variant, num_classes=num_classes, image_size=self.image_size, **self.model_overrides
-        )
+        return self.model.config(num_classes=num_classes, image_size=self.image_size)
 
 
 def flatten_experiment(exp: Experiment) -> dict[str, Any]:
-    """``{"train.lr": 1e-3, "data.url": ..., "model.dropout": 0.1, "workers": 2, ...}`` (for tracking)."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(exp):
-        value = getattr(exp, f.name)
-        if f.name in ("data", "train"):
-            for sub in dataclasses.fields(value):
-                out[f"{f.name}.{sub.name}"] = getattr(value, sub.name)
-        elif f.name == "model_overrides":
-            for k, v in sorted(value.items()):
-                out[f"model.{k}"] = v
-        else:
-            out[f.name] = value
+    """``{"train.optim.lr": 1e-3, "data.source.url": ..., "model.dropout": 0.1, "resources.workers": 2, ...}``
+    (for tracking), plus the derived ``grad_accum``, ``global_batch`` and ``registered_model_name``."""
+    out = flatten(exp)
     out["grad_accum"] = exp.grad_accum
     out["global_batch"] = exp.global_batch
     out["registered_model_name"] = exp.model_name
@@ -109,38 +164,9 @@ def flatten_experiment(exp: Experiment) -> dict[str, Any]:
 
 def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
     """JSON-able nested dict of the experiment (tuples become lists)."""
-    return dataclasses.asdict(exp)
+    return to_dict(exp)
 
 
 def experiment_from_dict(d: dict[str, Any]) -> Experiment:
-    """Inverse of :func:`experiment_to_dict` (lists back to tuples where the field is a tuple)."""
-
-    def build(cls: type, values: dict[str, Any]) -> Any:
-        hints = _hints(cls)
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            if not f.init or f.name not in values:
-                continue
-            v = values[f.name]
-            tp = hints[f.name]
-            if isinstance(v, list) and _is_tuple_type(tp):
-                v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
-            kwargs[f.name] = v
-        return cls(**kwargs)
-
-    d = dict(d)
-    data = build(DataConfig, d.pop("data"))
-    train = build(TrainConfig, d.pop("train"))
-    return build(Experiment, {**d, "data": data, "train": train})
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _is_tuple_type(tp: Any) -> bool:
-    if typing.get_origin(tp) is tuple:
-        return True
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return any(typing.get_origin(a) is tuple for a in typing.get_args(tp))
-    return False
+    """Inverse of :func:`experiment_to_dict` (an unknown key, e.g. from an older layout, is an error)."""
+    return from_dict(Experiment, d)

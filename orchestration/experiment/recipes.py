@@ -29,9 +29,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from orchestration.experiment.config import Experiment
-from pipeline import DataConfig
+from model import ViTSpec
+from orchestration.experiment.config import EvalSpec, Experiment, Resources
+from pipeline import AugmentConfig, DataConfig, IOConfig, SourceConfig
 from training import TrainConfig
+from training.config import CheckpointConfig, EngineConfig, OptimConfig, ScheduleConfig
 
 # Paper dataset sizes, used only to turn Table 3's epochs into optimizer steps.
 I21K_IMAGES = 14_000_000  # "ImageNet-21k ... 21k classes and 14M images" (Section 4.1)
@@ -50,31 +52,39 @@ def _epochs_to_steps(epochs: float, images: int, batch: int = PAPER_BATCH) -> in
     return int(round(epochs * images / batch))
 
 
-def _paper_train(*, lr: float, weight_decay: float, total_steps: int, micro_batch: int, **kw: Any) -> TrainConfig:
+def _paper_train(*, lr: float, weight_decay: float, total_steps: int, micro_batch: int,
+                 engine: EngineConfig) -> TrainConfig:
     return TrainConfig(
         global_batch=PAPER_BATCH,  # Table 3 caption: "batch size of 4096"
         micro_batch=micro_batch,
-        optimizer="adamw",  # Section 4.1: Adam (decoupled weight decay, see module docstring)
-        lr=lr,
-        betas=(0.9, 0.999),  # Section 4.1: "β1 = 0.9, β2 = 0.999"
-        weight_decay=weight_decay,
-        warmup_steps=PAPER_WARMUP,  # Table 3 caption: "warmup of 10k steps"
-        total_steps=total_steps,
-        decay="linear",  # Table 3 "LR decay" column: linear
-        grad_clip=1.0,  # Table 3 caption: "gradient clipping at global norm 1"
-        loss="softmax",
-        precision="bf16",
+        optim=OptimConfig(
+            name="adamw",  # Section 4.1: Adam (decoupled weight decay, see module docstring)
+            lr=lr,
+            betas=(0.9, 0.999),  # Section 4.1: "β1 = 0.9, β2 = 0.999"
+            weight_decay=weight_decay,
+            grad_clip=1.0,  # Table 3 caption: "gradient clipping at global norm 1"
+        ),
+        schedule=ScheduleConfig(
+            warmup_steps=PAPER_WARMUP,  # Table 3 caption: "warmup of 10k steps"
+            total_steps=total_steps,
+            decay="linear",  # Table 3 "LR decay" column: linear
+        ),
+        engine=engine,
         log_every=50,
         eval_every=5000,
-        checkpoint_every=2000,
-        **kw,
+        checkpoint=CheckpointConfig(every=2000),
     )
+
+
+def _with(train: TrainConfig, **paths: Any) -> TrainConfig:
+    """``train`` with leaves replaced by path (``**{"optim.lr": 4e-4}``): a recipe variant."""
+    return train.replace(**paths)
 
 
 def _paper_data(url: str) -> DataConfig:
     # JFT pre-processing is "inception crop + random horizontal flip"; the DataConfig defaults
     # (crop_scale (0.05, 1.0), hflip) are exactly that. Paper normalises to [-1, 1].
-    return DataConfig(url=url, num_workers=8)  # image_size / batch_size: from the Experiment
+    return DataConfig(source=SourceConfig(url=url), io=IOConfig(num_workers=8))  # image_size / batch_size: from the Experiment
 
 
 def vit_b16_i21k() -> Experiment:
@@ -88,22 +98,19 @@ def vit_b16_i21k() -> Experiment:
     mb = 128
     return Experiment(
         name="vit_b16_i21k",
-        variant="B/16",
         image_size=224,  # Table 3 caption: "Training resolution is 224"
         # Table 3 dropout column 0.1 for ImageNet-21k; pre-training head = MLP with one hidden
         # layer of the model width (Section 3.1 / released i21k checkpoints: 768 for B).
-        model_overrides={"dropout": 0.1, "representation_size": 768},
+        model=ViTSpec(variant="B/16", dropout=0.1, representation_size=768),
         data=_paper_data("s3://datasets/imagenet21k"),
         train=_paper_train(
             lr=1e-3,  # Table 3: base LR 10^-3 (ImageNet-21k)
             weight_decay=0.03,  # Table 3: weight decay 0.03 (ImageNet-21k)
             total_steps=_epochs_to_steps(90, I21K_IMAGES),  # Table 3: 90 epochs
             micro_batch=mb,
-            zero_stage=1,
+            engine=EngineConfig(precision="bf16", zero_stage=1),
         ),
-        workers=8,
-        cpus_per_worker=8,
-        gpus_per_worker=1,
+        resources=Resources(workers=8, cpus_per_worker=8, gpus_per_worker=1),
         dataset_name="i21k",
     )
 
@@ -116,23 +123,23 @@ def vit_l16_i21k() -> Experiment:
         ray job submit --working-dir . -- python orchestration/pretrain.py \\
             --recipe vit_l16_i21k --data s3://BUCKET/imagenet21k --resume auto
     """
-    mb = 64
     base = vit_b16_i21k()
     return replace(
         base,
         name="vit_l16_i21k",
-        variant="L/16",
-        model_overrides={"dropout": 0.1, "representation_size": 1024},  # Table 3 dropout 0.1
-        train=replace(
+        model=ViTSpec(variant="L/16", dropout=0.1, representation_size=1024),  # Table 3 dropout 0.1
+        train=_with(
             base.train,
-            micro_batch=mb,
-            lr=1e-3,  # Table 3: base LR 10^-3
-            weight_decay=0.03,  # Table 3: weight decay 0.03
-            total_steps=_epochs_to_steps(90, I21K_IMAGES),  # Table 3: "30/90" epochs; we use 90
-            zero_stage=2,
-            activation_checkpointing=True,
+            micro_batch=64,
+            **{
+                "optim.lr": 1e-3,  # Table 3: base LR 10^-3
+                "optim.weight_decay": 0.03,  # Table 3: weight decay 0.03
+                "schedule.total_steps": _epochs_to_steps(90, I21K_IMAGES),  # Table 3: "30/90" epochs; we use 90
+                "engine.zero_stage": 2,
+                "engine.activation_checkpointing": True,
+            },
         ),
-        workers=16,
+        resources=replace(base.resources, workers=16),
     )
 
 
@@ -148,14 +155,16 @@ def vit_b16_jft() -> Experiment:
     return replace(
         base,
         name="vit_b16_jft",
-        model_overrides={"dropout": 0.0, "representation_size": 768},  # Table 3 dropout 0.0 (JFT)
-        data=replace(base.data, url="s3://datasets/jft300m"),
-        train=replace(
+        model=replace(base.model, dropout=0.0, representation_size=768),  # Table 3 dropout 0.0 (JFT)
+        data=base.data.replace(**{"source.url": "s3://datasets/jft300m"}),
+        train=_with(
             base.train,
-            lr=8e-4,  # Table 3: base LR 8·10^-4
-            weight_decay=0.1,  # Table 3: weight decay 0.1 (JFT)
-            total_steps=_epochs_to_steps(7, JFT_IMAGES),  # Table 3: 7 epochs
-            loss="sigmoid",  # JFT is multi-label
+            **{
+                "optim.lr": 8e-4,  # Table 3: base LR 8·10^-4
+                "optim.weight_decay": 0.1,  # Table 3: weight decay 0.1 (JFT)
+                "schedule.total_steps": _epochs_to_steps(7, JFT_IMAGES),  # Table 3: 7 epochs
+                "objective.loss": "sigmoid",  # JFT is multi-label
+            },
         ),
         dataset_name="jft",
     )
@@ -169,23 +178,23 @@ def vit_h14_jft() -> Experiment:
         ray job submit --working-dir . -- python orchestration/pretrain.py \\
             --recipe vit_h14_jft --data s3://BUCKET/jft300m --resume auto
     """
-    mb = 32
     base = vit_b16_jft()
     return replace(
         base,
         name="vit_h14_jft",
-        variant="H/14",
-        model_overrides={"dropout": 0.0, "representation_size": 1280},  # Table 3 dropout 0.0
-        train=replace(
+        model=ViTSpec(variant="H/14", dropout=0.0, representation_size=1280),  # Table 3 dropout 0.0
+        train=_with(
             base.train,
-            micro_batch=mb,
-            lr=3e-4,  # Table 3: base LR 3·10^-4
-            weight_decay=0.1,  # Table 3: weight decay 0.1
-            total_steps=_epochs_to_steps(14, JFT_IMAGES),  # Table 3: 14 epochs
-            zero_stage=3,
-            activation_checkpointing=True,
+            micro_batch=32,
+            **{
+                "optim.lr": 3e-4,  # Table 3: base LR 3·10^-4
+                "optim.weight_decay": 0.1,  # Table 3: weight decay 0.1
+                "schedule.total_steps": _epochs_to_steps(14, JFT_IMAGES),  # Table 3: 14 epochs
+                "engine.zero_stage": 3,
+                "engine.activation_checkpointing": True,
+            },
         ),
-        workers=32,
+        resources=replace(base.resources, workers=32),
     )
 
 
@@ -201,14 +210,16 @@ def vit_l16_jft() -> Experiment:
     return replace(
         base,
         name="vit_l16_jft",
-        model_overrides={"dropout": 0.0, "representation_size": 1024},  # Table 3 dropout 0.0
-        data=replace(base.data, url="s3://datasets/jft300m"),
-        train=replace(
+        model=replace(base.model, dropout=0.0, representation_size=1024),  # Table 3 dropout 0.0
+        data=base.data.replace(**{"source.url": "s3://datasets/jft300m"}),
+        train=_with(
             base.train,
-            lr=4e-4,  # Table 3: base LR 4·10^-4
-            weight_decay=0.1,  # Table 3: weight decay 0.1
-            total_steps=_epochs_to_steps(7, JFT_IMAGES),  # Table 3: "7/14" epochs; we use 7
-            loss="sigmoid",
+            **{
+                "optim.lr": 4e-4,  # Table 3: base LR 4·10^-4
+                "optim.weight_decay": 0.1,  # Table 3: weight decay 0.1
+                "schedule.total_steps": _epochs_to_steps(7, JFT_IMAGES),  # Table 3: "7/14" epochs; we use 7
+                "objective.loss": "sigmoid",
+            },
         ),
         dataset_name="jft",
     )
@@ -219,7 +230,7 @@ def vit_s16_t4() -> Experiment:
 
     Micro batch 32 x accumulation 4 = 128 images per optimizer step; AdamW lr 1e-3,
     weight decay 0.1, 1000 warmup steps, 50000 steps, fp16. ``make smoke`` uses it when a CUDA
-    GPU is present (with ``--set train.total_steps=...`` to keep it short). Launch::
+    GPU is present (with ``--set train.schedule.total_steps=...`` to keep it short). Launch::
 
         ray job submit --working-dir . -- python orchestration/pretrain.py \\
             --recipe vit_s16_t4 --data s3://BUCKET/demo --resume auto
@@ -227,32 +238,22 @@ def vit_s16_t4() -> Experiment:
     mb = 32
     return Experiment(
         name="vit_s16_t4",
-        variant="S/16",
         image_size=224,
         # Spelled out (not just "S/16") so the T4 shape is pinned here even if the table changes.
-        model_overrides={"width": 384, "heads": 6, "depth": 12, "mlp_dim": 1536, "patch_size": 16},
-        data=DataConfig(url="s3://vitscale/demo", num_workers=4),
+        model=ViTSpec(variant="S/16", width=384, heads=6, depth=12, mlp_dim=1536, patch_size=16),
+        data=DataConfig(source=SourceConfig(url="s3://vitscale/demo"), io=IOConfig(num_workers=4)),
         train=TrainConfig(
             global_batch=mb * 4,  # micro 32 x accumulation 4 x 1 GPU
             grad_accum=None,  # derived: 128 / (32 x 1 worker) = 4 (more GPUs -> less accumulation)
             micro_batch=mb,
-            optimizer="adamw",
-            lr=1e-3,
-            betas=(0.9, 0.999),
-            weight_decay=0.1,
-            warmup_steps=1000,
-            total_steps=50_000,
-            decay="linear",
-            grad_clip=1.0,
-            precision="fp16",  # T4 has no bf16
-            zero_stage=0,
+            optim=OptimConfig(name="adamw", lr=1e-3, betas=(0.9, 0.999), weight_decay=0.1, grad_clip=1.0),
+            schedule=ScheduleConfig(warmup_steps=1000, total_steps=50_000, decay="linear"),
+            engine=EngineConfig(precision="fp16", zero_stage=0),  # T4 has no bf16
             log_every=20,
             eval_every=2000,
-            checkpoint_every=1000,
+            checkpoint=CheckpointConfig(every=1000),
         ),
-        workers=1,
-        cpus_per_worker=4,
-        gpus_per_worker=1,
+        resources=Resources(workers=1, cpus_per_worker=4, gpus_per_worker=1),
         dataset_name="demo",
     )
 
@@ -268,35 +269,20 @@ def vit_mu_smoke() -> Experiment:
     mb = 32
     return Experiment(
         name="vit_mu_smoke",
-        variant="mu/4",
         image_size=32,
-        data=DataConfig(
-            url="s3://vitscale/digits",
-            num_workers=1,
-            shuffle_buffer=256,
-            crop_scale=(0.6, 1.0),  # 8x8-pixel digits: aggressive crops erase the digit
-            hflip=False,  # a mirrored 2 is not a 2
-        ),
+        model=ViTSpec(variant="mu/4"),
+        data=DataConfig(source=SourceConfig(url="s3://vitscale/digits"), io=IOConfig(num_workers=1, shuffle_buffer=256), augment=AugmentConfig(crop_scale=(0.6, 1.0), hflip=False)),
         train=TrainConfig(
             global_batch=mb * 2,  # micro 32 x 2 workers, no accumulation
             micro_batch=mb,
-            optimizer="adamw",
-            lr=3e-3,
-            betas=(0.9, 0.999),
-            weight_decay=0.05,
-            warmup_steps=30,
-            total_steps=300,
-            decay="linear",
-            grad_clip=1.0,
-            precision="fp32",
-            zero_stage=1,
+            optim=OptimConfig(name="adamw", lr=3e-3, betas=(0.9, 0.999), weight_decay=0.05, grad_clip=1.0),
+            schedule=ScheduleConfig(warmup_steps=30, total_steps=300, decay="linear"),
+            engine=EngineConfig(precision="fp32", zero_stage=1),
             log_every=10,
             eval_every=100,
-            checkpoint_every=100,
+            checkpoint=CheckpointConfig(every=100),
         ),
-        workers=2,
-        cpus_per_worker=1,
-        gpus_per_worker=0,
+        resources=Resources(workers=2, cpus_per_worker=1, gpus_per_worker=0),
         dataset_name="digits",
     )
 
@@ -314,13 +300,15 @@ def vit_study() -> Experiment:
     """
     return Experiment(
         name="vit_study",
-        variant="mu/4",  # each trial sets its own size
         image_size=32,
-        data=DataConfig(url="s3://vitscale/digits", split="train", num_workers=1, crop_scale=(0.35, 1.0), hflip=True),
-        train=TrainConfig(global_batch=64, micro_batch=64, lr=1e-3, weight_decay=0.05, warmup_steps=50,
-                          total_steps=1000, decay="cosine", keep_checkpoints=1),
-        eval_split="val",
-        max_failures=1,
+        model=ViTSpec(variant="mu/4"),  # each trial sets its own size
+        data=DataConfig(source=SourceConfig(url="s3://vitscale/digits", split="train"), io=IOConfig(num_workers=1), augment=AugmentConfig(crop_scale=(0.35, 1.0), hflip=True)),
+        train=TrainConfig(global_batch=64, micro_batch=64,
+                          optim=OptimConfig(lr=1e-3, weight_decay=0.05),
+                          schedule=ScheduleConfig(warmup_steps=50, total_steps=1000, decay="cosine"),
+                          checkpoint=CheckpointConfig(keep=1)),
+        eval=EvalSpec(split="val"),
+        resources=Resources(max_failures=1),
         dataset_name="study",
     )
 

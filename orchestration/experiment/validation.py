@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -70,9 +69,9 @@ def dataset_problems(
     *,
     world_size: int,
     loss: str = "softmax",
-    split_key: str = "data.split",
+    split_key: str = "data.source.split",
     eval_split: str | None = None,
-    eval_key: str = "eval_split",
+    eval_key: str = "eval.split",
     key: str = "--data",
 ) -> list[str]:
     """What a worker's ``build_loader`` would fail on, found on the driver, one line each.
@@ -85,33 +84,36 @@ def dataset_problems(
     problems = location_problems(url, key)
     if problems:
         return problems
-    cfg = replace(data, url=url)
+    cfg = data.replace(**{"source.url": url})
     num_classes = None
     try:
         num_classes = int(build_loader(cfg, rank=0, world_size=world_size).num_classes)
     except FileNotFoundError as e:
         return [f"{key} {url}: {one_line(e)}"]
     except ValueError as e:  # split missing, or too few samples for one batch per rank
-        problems.append(f"{key} {url}, {split_key}={data.split!r}: {one_line(e)}")
+        problems.append(f"{key} {url}, {split_key}={data.source.split!r}: {one_line(e)}")
     except Exception as e:  # noqa: BLE001 - unreadable metadata (denied, no bucket, damaged): one line
         return [f"{key} {url}: cannot read the dataset's metadata ({type(e).__name__}: {one_line(e)})"]
     if num_classes is not None and (num_classes < 1 or (num_classes < 2 and loss == "softmax")):
         problems.append(f"{key} {url}: num_classes={num_classes}; training needs >= 1 class, and a softmax "
-                        "over one class learns nothing (use train.loss=sigmoid or more classes)")
+                        "over one class learns nothing (use train.objective.loss=sigmoid or more classes)")
     if eval_split:
         try:
-            build_loader(replace(cfg, split=eval_split, train=False, limit_samples=None), rank=0,
-                         world_size=world_size)
+            build_loader(cfg.for_eval(eval_split), rank=0, world_size=world_size)
         except Exception as e:  # noqa: BLE001 - same reasons as above, for the eval split
-            problems.append(f"{key} {url}, {eval_key}={eval_split!r}: {one_line(e)}")
+            problems.append(f"{key} {url}, {eval_key}={eval_split!r}: {one_line(e)} (set {eval_key}=none "
+                            "to train without evaluation)")
     return problems
 
 
 def experiment_data_problems(exp: Experiment | None, url: str) -> list[str]:
-    """The dataset at ``url`` for a (valid) experiment; only its location when ``exp`` is None."""
+    """The dataset at ``url`` for a (valid) experiment and both splits it names (train and eval;
+    the few-shot datasets are checked by ``evaluation.during.fewshot_data_problems``); only its
+    location when ``exp`` is None."""
     if exp is None:
         return location_problems(url)
-    return dataset_problems(url, exp.data, world_size=exp.workers, loss=exp.train.loss)
+    return dataset_problems(url, exp.data, world_size=exp.resources.workers, loss=exp.train.objective.loss,
+                            eval_split=exp.eval.split)
 
 
 def _local(url: str) -> Path:

@@ -11,7 +11,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,12 +43,11 @@ def build_loaders(exp: Experiment, *, rank: int, world: int) -> Loaders:
     training samples (a study's training-set size) never shrinks the evaluation."""
     from pipeline import build_loader
 
-    data = replace(exp.data, output="uint8")
+    data = exp.data.replace(output="uint8")
     train = build_loader(data, rank=rank, world_size=world)
     evl = None
-    if exp.eval_split:
-        evl = build_loader(replace(data, split=exp.eval_split, train=False, limit_samples=None),
-                           rank=rank, world_size=world)
+    if exp.eval.split:
+        evl = build_loader(data.for_eval(exp.eval.split), rank=rank, world_size=world)
     return Loaders(train, evl)
 
 
@@ -58,11 +57,11 @@ def build_model(exp: Experiment, num_classes: int, init_weights: str | None = No
     embeddings resampled to ``exp.image_size``."""
     import torch
 
-    from model import create_model
+    from model import VisionTransformer
     from model.weights import load_weights
 
     torch.manual_seed(exp.train.seed)
-    model = create_model(exp.variant, num_classes=num_classes, image_size=exp.image_size, **exp.model_overrides)
+    model = VisionTransformer(exp.model_config(num_classes))
     if init_weights:
         with tempfile.TemporaryDirectory() as tmp:
             load_weights(model, fetch(init_weights, Path(tmp) / "init.safetensors"), ignore_head=True)
@@ -81,10 +80,10 @@ def build_run(
 ) -> tuple[Trainer, Loaders]:
     """Loaders, model and ``training.Trainer`` of ``exp`` on this rank (not yet restored).
 
-    ``exp.data.url`` is the dataset and ``exp.eval_split`` the eval split (None: no evaluation);
+    ``exp.data.source.url`` is the dataset and ``exp.eval.split`` the eval split (None: no evaluation);
     checkpoints go to ``checkpoint_url`` (path or ``s3://``, staged locally under
     ``checkpoint_key``). ``make_sink(model)`` gives this rank's ``MetricsSink`` (None: no-op).
-    ``exp.fewshot_data`` adds the few-shot evaluator as a periodic Trainer evaluation.
+    ``exp.eval.fewshot_data`` adds the few-shot evaluator as a periodic Trainer evaluation.
     """
     from orchestration.evaluation.during import fewshot_hooks
     from training import Trainer
@@ -122,11 +121,11 @@ def timed_fit(trainer: Trainer) -> tuple[dict[str, Any], float]:
 
 def probe_batch(exp: Experiment, n: int) -> Any:
     """A few normalised eval images for attention maps (rank 0), or None."""
-    if not n or not exp.eval_split:
+    if not n or not exp.eval.split:
         return None
     from pipeline import build_loader
 
-    cfg = replace(exp.data, split=exp.eval_split, train=False, batch_size=n, num_workers=0, output="float")
+    cfg = exp.data.for_eval(exp.eval.split, batch_size=n, output="float", **{"io.num_workers": 0})
     try:
         for batch in build_loader(cfg, rank=0, world_size=1):
             return batch[0][:n].clone()

@@ -52,7 +52,7 @@ def register_from_run(
     tags = {
         "git_commit": tracking.git_commit(),
         "recipe": exp.name,
-        "variant": exp.variant,
+        "variant": exp.model.variant,
         "image_size": exp.image_size,
         "dataset": exp.dataset_name,
         "dataset_url": lineage.get("data_url", ""),
@@ -64,7 +64,7 @@ def register_from_run(
     }
     return tracking.log_and_register_model(
         model, run_id=run_id, name=exp.model_name, tags=tags,
-        description=f"{exp.variant} trained by recipe {exp.name} on {exp.dataset_name}", uri=uri,
+        description=f"{exp.model.variant} trained by recipe {exp.name} on {exp.dataset_name}", uri=uri,
     )
 
 
@@ -95,10 +95,10 @@ def launch(
     the same run raises LeaseHeldError and changes nothing. ``force`` takes over an expired lease.
     """
     lineage = {**dataset_lineage(data_url), "data_url": data_url}
-    eval_split = exp.eval_split if exp.eval_split in lineage["splits"] else None
-    if exp.eval_split and eval_split is None:
-        log.warning("dataset %s has no %r split: no evaluation", data_url, exp.eval_split)
-    tags = {"recipe": exp.name, "variant": exp.variant, "dataset": exp.dataset_name,
+    eval_split = exp.eval.split if exp.eval.split in lineage["splits"] else None
+    if exp.eval.split and eval_split is None:
+        log.warning("dataset %s has no %r split: no evaluation", data_url, exp.eval.split)
+    tags = {"recipe": exp.name, "variant": exp.model.variant, "dataset": exp.dataset_name,
             "git_commit": tracking.git_commit(), "dataset_index_sha256": lineage["index_sha256"],
             "data_url": data_url, **(extra_tags or {})}
     run_id, lease = _open_run(exp, storage=storage, uri=uri, experiment=experiment, run_name=run_name,
@@ -165,9 +165,9 @@ def _log_run_inputs(
     from training.deepspeed_config import deepspeed_config
 
     sink = tracking.MLflowSink(run_id, uri=uri, system_metrics=False)
-    sink.log_params({**flatten_experiment(exp), "data.url": data_url, **(extra_params or {})})
+    sink.log_params({**flatten_experiment(exp), "data.source.url": data_url, **(extra_params or {})})
     sink.log_dict({**experiment_to_dict(exp), "data_url": data_url}, "config/experiment.json")
-    sink.log_dict(deepspeed_config(exp.train, exp.workers), "config/deepspeed_config.json")
+    sink.log_dict(deepspeed_config(exp.train, exp.resources.workers), "config/deepspeed_config.json")
     sink.log_dict(lineage["dataset"], "dataset/dataset.json")
     sink.log_dict({"index_sha256": lineage["index_sha256"], "url": data_url}, "dataset/index_sha256.json")
 

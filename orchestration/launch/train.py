@@ -82,7 +82,7 @@ def worker_config(exp: Experiment, *, data_url: str, run_id: str, run_dir: str, 
         "experiment": experiment_to_dict(exp),
         "data_url": data_url,
         # Resolved once here, so every rank (and restart) reads the same dataset version.
-        "dataset_version": exp.data.dataset_version or dataset_lineage(data_url)["version"],
+        "dataset_version": exp.data.source.dataset_version or dataset_lineage(data_url)["version"],
         "eval_split": eval_split,
         "run_id": run_id,
         # Ray persists this config: no password in it; workers take theirs from their own
@@ -112,27 +112,27 @@ def run_training(
     it must be reachable from every worker. ``init_weights`` (a URL/path of safetensors written
     by :func:`train_worker`) initialises the backbone for fine-tuning: new zero-init head, position
     embeddings resampled to ``exp.image_size``. Raises ``RuntimeError`` if training failed after
-    ``exp.max_failures`` worker-group restarts.
+    ``exp.resources.max_failures`` worker-group restarts.
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     config = worker_config(exp, data_url=data_url, run_id=run_id, run_dir=run_dir, tracking_uri=tracking_uri,
                            eval_split=eval_split, init_weights=init_weights, probe_images=probe_images)
-    use_gpu = exp.gpus_per_worker > 0
-    resources: dict[str, float] = {"CPU": float(exp.cpus_per_worker)}
+    use_gpu = exp.resources.gpus_per_worker > 0
+    resources: dict[str, float] = {"CPU": float(exp.resources.cpus_per_worker)}
     if use_gpu:
-        resources["GPU"] = float(exp.gpus_per_worker)
+        resources["GPU"] = float(exp.resources.gpus_per_worker)
     storage = ray_storage or os.environ.get("VITSCALE_RAY_STORAGE") or str(Path(tempfile.gettempdir()) / "vitscale-ray")
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=_num_workers(exp), use_gpu=use_gpu, resources_per_worker=resources,
-                                     elastic_resize_monitor_interval_s=float(exp.elastic_resize_s)),
+                                     elastic_resize_monitor_interval_s=float(exp.resources.elastic_resize_s)),
         run_config=RunConfig(
             name=f"{exp.name}-{run_id[:8]}-{int(time.time())}",
             storage_path=storage,
-            failure_config=FailureConfig(max_failures=exp.max_failures),
+            failure_config=FailureConfig(max_failures=exp.resources.max_failures),
         ),
     )
     try:
@@ -157,11 +157,11 @@ def ray_train_env(exp: Experiment) -> Iterator[None]:
     """The experiment's Ray Train settings that Ray only takes from the environment, set for one
     ``fit()`` (and put back after: a Tune trial or a notebook runs several). A value the user
     exported stays when the experiment leaves the field at None."""
-    if exp.group_start_timeout_s is None:
+    if exp.resources.group_start_timeout_s is None:
         yield
         return
     old = os.environ.get(GROUP_START_TIMEOUT_ENV)
-    os.environ[GROUP_START_TIMEOUT_ENV] = f"{float(exp.group_start_timeout_s):g}"
+    os.environ[GROUP_START_TIMEOUT_ENV] = f"{float(exp.resources.group_start_timeout_s):g}"
     try:
         yield
     finally:
@@ -175,9 +175,9 @@ def _num_workers(exp: Experiment) -> int | tuple[int, int]:
     """Ray Train's worker count: fixed, or (min, max) for elastic training (a lost node shrinks
     the group, returning capacity grows it; each change restarts from the newest checkpoint,
     resharded by the Trainer, with accumulation re-derived so the global batch stays)."""
-    if exp.min_workers is not None and exp.min_workers < exp.workers:
-        return (exp.min_workers, exp.workers)
-    return exp.workers
+    if exp.resources.min_workers is not None and exp.resources.min_workers < exp.resources.workers:
+        return (exp.resources.min_workers, exp.resources.workers)
+    return exp.resources.workers
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -290,8 +290,8 @@ def leave_preempted(trainer: Any, stopped: Preempted, rank: int, sink: Any) -> N
 def worker_experiment(config: dict[str, Any]) -> Experiment:
     """The worker's experiment: the driver's, on the resolved dataset version and eval split."""
     exp = experiment_from_dict(config["experiment"])
-    data = replace(exp.data, url=config["data_url"], dataset_version=config.get("dataset_version"))
-    return replace(exp, data=data, eval_split=config.get("eval_split"))
+    data = exp.data.replace(**{"source.url": config["data_url"], "source.dataset_version": config.get("dataset_version")})
+    return replace(exp, data=data, eval=replace(exp.eval, split=config.get("eval_split")))
 
 
 def _export(trainer: Any, config: dict[str, Any], rank: int, sink: Any) -> None:

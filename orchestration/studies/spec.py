@@ -40,7 +40,7 @@ class StudySpec:
 
     ``variants`` are size specs (see :func:`parse_size`): ``"Ti"``, ``"B/16"`` or
     ``"mu/4:width=64:mlp_dim=128"``. ``samples`` entries of ``None`` use the whole train split.
-    ``overrides`` are ``--set`` items applied to ``recipe`` (``data.url=...``, ``train.lr=3e-3``,
+    ``overrides`` are ``--set`` items applied to ``recipe`` (``data.source.url=...``, ``train.optim.lr=3e-3``,
     ``image_size=16``); the result is :attr:`base`. ``hparams`` maps a size to
     ``{"lr": .., "weight_decay": ..}`` for that size's trials.
     """
@@ -85,7 +85,7 @@ class StudySpec:
 
     @property
     def data_url(self) -> str:
-        return self.base.data.url
+        return self.base.data.source.url
 
     # Where things go --------------------------------------------------------------------------
     @property
@@ -137,7 +137,7 @@ class StudySpec:
         return hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:8]
 
     def changed_settings(self, other: StudySpec) -> list[str]:
-        """Names of the settings that differ from ``other``'s (``["train.lr"]``)."""
+        """Names of the settings that differ from ``other``'s (``["train.optim.lr"]``)."""
         mine, theirs = self.settings(), other.settings()
         return sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
 
@@ -155,15 +155,16 @@ def trial_overrides(spec: StudySpec, *, variant: str, steps: int, samples: int |
     lr = lr if lr is not None else tuned.get("lr")
     weight_decay = weight_decay if weight_decay is not None else tuned.get("weight_decay")
     every = max(1, steps // spec.evals_per_trial) if spec.evals_per_trial >= 1 else steps
-    warmup = min(base.warmup_steps * steps // max(1, base.total_steps), steps - 1)
-    items = [f"variant={name}", *(f"model.{k}={v}" for k, v in shape.items()), f"train.total_steps={steps}",
-             f"train.warmup_steps={max(0, warmup)}", f"train.eval_every={every}", f"train.checkpoint_every={every}",
+    warmup = min(base.schedule.warmup_steps * steps // max(1, base.schedule.total_steps), steps - 1)
+    items = [f"model.variant={name}", *(f"model.{k}={v}" for k, v in shape.items()),
+             f"train.schedule.total_steps={steps}", f"train.schedule.warmup_steps={max(0, warmup)}",
+             f"train.eval_every={every}", f"train.checkpoint.every={every}",
              f"train.log_every={max(1, min(50, every))}", f"train.seed={seed}", f"data.seed={seed}",
-             f"data.limit_samples={samples}"]
-    if spec.base.fewshot_data:  # few-shot at each of the trial's evaluations: one point each
-        items.append(f"fewshot_every={every}")
-    items += [f"train.lr={float(lr)!r}"] if lr is not None else []
-    items += [f"train.weight_decay={float(weight_decay)!r}"] if weight_decay is not None else []
+             f"data.source.limit_samples={samples}"]
+    if spec.base.eval.fewshot_data:  # few-shot at each of the trial's evaluations: one point each
+        items.append(f"eval.fewshot_every={every}")
+    items += [f"train.optim.lr={float(lr)!r}"] if lr is not None else []
+    items += [f"train.optim.weight_decay={float(weight_decay)!r}"] if weight_decay is not None else []
     return items
 
 
@@ -219,13 +220,13 @@ def _fewshot_metric_errors(s: StudySpec) -> list[str]:
         return []  # the base's own problems are reported by the caller
     from orchestration.evaluation.during import split_datasets
 
-    names, _ = split_datasets(base.fewshot_data)
-    valid = [f"fewshot/{n}/{k}shot" for n in names for k in base.fewshot_shots]
+    names, _ = split_datasets(base.eval.fewshot_data)
+    valid = [f"fewshot/{n}/{k}shot" for n in names for k in base.eval.fewshot_shots]
     if s.metric in valid:
         return []
     if not valid:
         return [f"metric {s.metric!r}: the trials run no few-shot evaluation; add --fewshot-data NAME=URL "
-                "(or --set fewshot_data=NAME=URL)"]
+                "(or --set eval.fewshot_data=NAME=URL)"]
     return [f"metric {s.metric!r} is not logged by the trials; choose one of {valid}"]
 
 

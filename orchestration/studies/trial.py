@@ -93,8 +93,8 @@ def _device_experiment(exp: Any) -> Any:
     from training import get_profile
 
     profile = get_profile("auto")
-    return dataclasses.replace(exp, train=dataclasses.replace(exp.train, precision=profile.precision,
-                                                              zero_stage=profile.zero_stage))
+    return dataclasses.replace(exp, train=exp.train.replace(**{"engine.precision": profile.precision,
+                                                               "engine.zero_stage": profile.zero_stage}))
 
 
 def _trial_sink(spec: StudySpec, exp: Any, model: Any, *, key: str, variant: str, steps: int,
@@ -104,7 +104,7 @@ def _trial_sink(spec: StudySpec, exp: Any, model: Any, *, key: str, variant: str
     from model.flops import train_flops_per_image
 
     info = TrialInfo(study=spec.name, trial=key, variant=variant, params=sum(p.numel() for p in model.parameters()),
-                     steps=steps, samples=samples, seed=seed, lr=exp.train.lr, weight_decay=exp.train.weight_decay)
+                     steps=steps, samples=samples, seed=seed, lr=exp.train.optim.lr, weight_decay=exp.train.optim.weight_decay)
     mlflow_sink, run_id = _trial_run(spec, info, study_run_id) if study_run_id else (None, None)
     sink = StudySink(info, global_batch=exp.train.global_batch, flops_per_image=train_flops_per_image(model.cfg),
                      report=report, inner=mlflow_sink, metric=spec.metric,

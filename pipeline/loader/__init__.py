@@ -30,12 +30,12 @@ One module per concern:
 """
 
 from .bad_samples import WARN_Z, BadDataError, BadSampleLimit, wilson_lower
-from .config import DataConfig
+from .config import AugmentConfig, DataConfig, IOConfig, PreprocessConfig, SourceConfig
 from .dataset import LOG_FIRST_BAD, ShardStream
 from .loader import STATE_VERSION, Loader, Segment, build_loader
 from .meta import Meta, load_meta
 from .worker_signals import PARENT_CHECK_S, leave_sigterm_to_the_parent
 
 __all__ = ["LOG_FIRST_BAD", "PARENT_CHECK_S", "STATE_VERSION", "WARN_Z", "BadDataError", "BadSampleLimit",
-           "DataConfig", "Loader", "Meta", "Segment", "ShardStream", "build_loader", "leave_sigterm_to_the_parent",
+           "AugmentConfig", "DataConfig", "IOConfig", "Loader", "PreprocessConfig", "SourceConfig", "Meta", "Segment", "ShardStream", "build_loader", "leave_sigterm_to_the_parent",
            "load_meta", "wilson_lower"]

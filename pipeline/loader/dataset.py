@@ -151,8 +151,8 @@ class ShardStream(IterableDataset):
         logical = self._logical_worker()
         slot = self.rank * plan.num_workers + logical
         done, emission, runs = self.slot_work(logical)
-        source = iter_runs(open_storage(self.meta.root_url, s3=cfg.s3_settings()), runs, prefetch=cfg.prefetch_shards,
-                           retries=cfg.read_retries, backoff=cfg.read_backoff_s)
+        source = iter_runs(open_storage(self.meta.root_url, s3=cfg.s3_settings()), runs, prefetch=cfg.io.prefetch_shards,
+                           retries=cfg.io.read_retries, backoff=cfg.io.read_backoff_s)
         samples = self._samples(self._checked(_in_order(source, emission)))
         last_good: _Sample | None = None
         for k, batch in enumerate(_batched(samples, cfg.batch_size)):
@@ -201,15 +201,15 @@ class ShardStream(IterableDataset):
         target = self._target(i)
         sseed = mix(cfg.seed, self.plan.epoch, i)
         if cfg.train:
-            arr = decode_train(data, size=cfg.image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, hflip=cfg.hflip,
-                               rng=random.Random(sseed), max_pixels=cfg.max_image_pixels)
+            arr = decode_train(data, size=cfg.image_size, scale=cfg.augment.crop_scale, ratio=cfg.augment.crop_ratio, hflip=cfg.augment.hflip,
+                               rng=random.Random(sseed), max_pixels=cfg.io.max_image_pixels)
         else:
-            arr = decode_eval(data, size=cfg.image_size, crop_pct=cfg.eval_crop_pct, max_pixels=cfg.max_image_pixels)
+            arr = decode_eval(data, size=cfg.image_size, crop_pct=cfg.preprocess.eval_crop_pct, max_pixels=cfg.io.max_image_pixels)
         return _Sample(i, image=sample_transform(arr, self._randaug, sseed), target=target)
 
     @functools.cached_property
     def _randaug(self) -> Any:
-        return make_randaugment(self.cfg.randaugment) if self.cfg.train else None
+        return make_randaugment(self.cfg.augment.randaugment) if self.cfg.train else None
 
     def _collate(self, batch: list[_Sample], batch_idx: int, slot: int, last_good: _Sample | None) -> tuple:
         cfg, S, C = self.cfg, self.cfg.image_size, self.num_classes
@@ -243,13 +243,13 @@ class ShardStream(IterableDataset):
                     tgts[k] = np.zeros(C, np.float32) if self.multi_label else 0
             stats["padded"] = sum(1 for i in ids if i < 0)
         in_worker = get_worker_info() is not None
-        mixing = cfg.train and (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0)
+        mixing = cfg.train and (cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0)
         if (in_worker or cfg.output == "uint8") and not mixing:
             # uint8 across the process boundary; Loader.__iter__ normalizes in the main process
             # unless the consumer does it on its device (output="uint8").
             x = stack_uint8(imgs, shared=in_worker)  # type: ignore[arg-type]
         else:
-            x = to_float_batch(imgs, cfg.mean, cfg.std, shared=in_worker)  # type: ignore[arg-type]
+            x = to_float_batch(imgs, cfg.preprocess.mean, cfg.preprocess.std, shared=in_worker)  # type: ignore[arg-type]
         if self.multi_label:
             y = torch.from_numpy(np.stack(tgts))  # (B, C) float32 multi-hot
         else:
@@ -257,7 +257,7 @@ class ShardStream(IterableDataset):
         if mixing:
             if y.dtype == torch.int64:
                 y = torch.nn.functional.one_hot(y, C).float()
-            x, y = mix_batch(x, y, mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
+            x, y = mix_batch(x, y, mixup_alpha=cfg.augment.mixup_alpha, cutmix_alpha=cfg.augment.cutmix_alpha,
                              seed=mix(cfg.seed, self.plan.epoch, self.plan.segment, slot, batch_idx, 0x313))
         if cfg.train:
             return x, y, stats

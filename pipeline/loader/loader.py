@@ -50,14 +50,14 @@ class Loader:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self._plan_cache: tuple[tuple, EpochPlan] | None = None
-        self._pin(load_meta(cfg.url, cfg.split, cfg.limit_samples, cfg.dataset_version, s3=cfg.s3_settings()))
+        self._pin(load_meta(cfg.source.url, cfg.source.split, cfg.source.limit_samples, cfg.source.dataset_version, s3=cfg.s3_settings()))
         self.epoch = epoch
         self._batches = 0  # yielded in the current segment of the current epoch
         self._segments: list[Segment] = []
         self._stats: Counter[str] = Counter()
         self._bad_shards: Counter[str] = Counter()
         self._affine: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._limit = BadSampleLimit(max_fraction=cfg.max_bad_fraction, planned=0)  # set per pass in __iter__
+        self._limit = BadSampleLimit(max_fraction=cfg.io.max_bad_fraction, planned=0)  # set per pass in __iter__
         self._check_size()
 
     def _pin(self, meta: Meta) -> None:
@@ -75,13 +75,13 @@ class Loader:
 
     @property
     def workers(self) -> int:
-        return max(1, self.cfg.num_workers)
+        return max(1, self.cfg.io.num_workers)
 
     def _check_size(self) -> None:
         p = self.plan()
         if p.batches_per_slot == 0 and not self._segments:
             T, S, B = len(p.order), p.num_slots, self.cfg.batch_size
-            raise ValueError(f"split {self.cfg.split!r} has {T} samples, fewer than world_size*num_workers*"
+            raise ValueError(f"split {self.cfg.source.split!r} has {T} samples, fewer than world_size*num_workers*"
                              f"batch_size = {S}*{B} = {S * B}: lower batch_size or num_workers")
 
     # ---------------------------------------------------------------- plan
@@ -94,10 +94,10 @@ class Loader:
         order = epoch_order(self.meta.shard_start, seed=cfg.seed, epoch=self.epoch, train=cfg.train)
         for s, seg in enumerate(self._segments):
             p = EpochPlan(order, seg.world_size, seg.num_workers, seg.batch_size, cfg.train, cfg.seed,
-                          self.epoch, s, cfg.shuffle_buffer)
+                          self.epoch, s, cfg.io.shuffle_buffer)
             order = order[~np.isin(order, consumed_ids(p, seg.batches))]
         plan = EpochPlan(order, self.world_size, self.workers, cfg.batch_size, cfg.train, cfg.seed, self.epoch,
-                         len(self._segments), cfg.shuffle_buffer)
+                         len(self._segments), cfg.io.shuffle_buffer)
         self._plan_cache = (key, plan)
         return plan
 
@@ -111,18 +111,18 @@ class Loader:
         if self._batches >= plan.batches_per_rank:
             self._advance_epoch()
             plan = self.plan()
-        self._limit = BadSampleLimit(max_fraction=self.cfg.max_bad_fraction, planned=self._planned(plan))
+        self._limit = BadSampleLimit(max_fraction=self.cfg.io.max_bad_fraction, planned=self._planned(plan))
         ds = ShardStream(self.cfg, self.meta, plan, self.rank, self._batches, frozenset(self._verified))
         checking = ds.whole_checked()
-        nw = self.cfg.num_workers
-        dl = DataLoader(ds, batch_size=None, num_workers=nw, prefetch_factor=self.cfg.prefetch_batches if nw else None,
+        nw = self.cfg.io.num_workers
+        dl = DataLoader(ds, batch_size=None, num_workers=nw, prefetch_factor=self.cfg.io.prefetch_batches if nw else None,
                         multiprocessing_context="fork" if nw else None, persistent_workers=False,
                         worker_init_fn=leave_sigterm_to_the_parent if nw else None)
         for item in dl:
             *batch, stats = item
             self._account(stats)
             if batch[0].dtype == torch.uint8 and self.cfg.output == "float":  # normalize once per batch
-                batch[0] = to_float_batch(batch[0], self.cfg.mean, self.cfg.std)
+                batch[0] = to_float_batch(batch[0], self.cfg.preprocess.mean, self.cfg.preprocess.std)
             self._batches += 1
             yield tuple(batch)
         if self._batches >= plan.batches_per_rank:
@@ -138,7 +138,7 @@ class Loader:
             return images
         affine = self._affine.get(images.device)
         if affine is None:  # built once per device: no small host->device copies per step
-            affine = self._affine[images.device] = affine_for(self.cfg.mean, self.cfg.std, images.shape[1],
+            affine = self._affine[images.device] = affine_for(self.cfg.preprocess.mean, self.cfg.preprocess.std, images.shape[1],
                                                               images.device)
         return normalize_uint8(images, affine)
 
@@ -172,16 +172,16 @@ class Loader:
         lim.add(n_bad, stats["samples"])
         if n_bad and lim.over():
             raise BadDataError(
-                f"{lim.bad} bad samples of the {lim.planned} this pass of split {self.cfg.split!r} reads "
-                f"({lim.seen} read so far) already exceed max_bad_fraction {self.cfg.max_bad_fraction:.1%}; "
+                f"{lim.bad} bad samples of the {lim.planned} this pass of split {self.cfg.source.split!r} reads "
+                f"({lim.seen} read so far) already exceed max_bad_fraction {self.cfg.io.max_bad_fraction:.1%}; "
                 f"worst shards: {self._worst()}; reasons: {self._reasons()}. Rewrite the dataset "
                 "(python -m pipeline.write_shards) or raise max_bad_fraction")
         if n_bad and not lim.warned and lim.likely():
             lim.warned = True
             log.warning("bad samples: %d of %d read in split %r, likely above max_bad_fraction %.1f%%; the "
                         "loader raises once %d of the %d planned are bad; worst shards: %s", lim.bad, lim.seen,
-                        self.cfg.split, 100 * self.cfg.max_bad_fraction,
-                        int(self.cfg.max_bad_fraction * lim.planned) + 1, lim.planned, self._worst())
+                        self.cfg.source.split, 100 * self.cfg.io.max_bad_fraction,
+                        int(self.cfg.io.max_bad_fraction * lim.planned) + 1, lim.planned, self._worst())
 
     def _worst(self) -> str:
         return ", ".join(f"{s} ({n} bad)" for s, n in self._bad_shards.most_common(5))
@@ -199,7 +199,7 @@ class Loader:
         return {
             "version": STATE_VERSION, "epoch": self.epoch, "batches": self._batches,
             "world_size": self.world_size, "num_workers": self.workers, "batch_size": self.cfg.batch_size,
-            "seed": self.cfg.seed, "split": self.cfg.split, "num_samples": self.meta.num_samples,
+            "seed": self.cfg.seed, "split": self.cfg.source.split, "num_samples": self.meta.num_samples,
             "dataset_version": self.meta.version,
             "segments": [vars(s).copy() for s in self._segments],
         }
@@ -213,8 +213,8 @@ class Loader:
         pinned = state.get("dataset_version")
         if pinned is not None and pinned != self.meta.version:
             log.warning("loader state pins dataset version %s of %s (published now: %s); reading the pinned version",
-                        pinned, self.cfg.url, self.meta.version)
-            self._pin(load_meta(self.cfg.url, self.cfg.split, self.cfg.limit_samples, pinned,
+                        pinned, self.cfg.source.url, self.meta.version)
+            self._pin(load_meta(self.cfg.source.url, self.cfg.source.split, self.cfg.source.limit_samples, pinned,
                                 s3=self.cfg.s3_settings()))
         if state.get("num_samples") != self.meta.num_samples or state.get("seed") != self.cfg.seed:
             raise ValueError(f"loader state is for a different dataset or seed (num_samples "

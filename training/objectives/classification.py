@@ -1,11 +1,33 @@
-"""Classification losses: softmax cross-entropy (hard or soft targets) and sigmoid multi-label."""
+"""Supervised classification: softmax cross-entropy (hard or soft targets) or sigmoid multi-label."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from training.config import TrainConfig
+from confkit import Checker
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassificationConfig:
+    """``loss="softmax"``: cross-entropy over classes (``label_smoothing`` applies);
+    ``"sigmoid"``: multi-label binary cross-entropy summed over classes (big_vision's I21k/JFT
+    pre-training loss)."""
+
+    kind: Literal["classification"] = "classification"
+    loss: Literal["softmax", "sigmoid"] = "softmax"
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        c = Checker(self)
+        c.choice("kind", ("classification",))
+        if c.choice("loss", ("softmax", "sigmoid")) and c.number("label_smoothing", ge=0, lt=1):
+            c.require(self.label_smoothing == 0 or self.loss == "softmax",
+                      "label_smoothing only applies to loss='softmax'; set it to 0 for 'sigmoid'")
+        c.done()
 
 
 def softmax_xent(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -31,7 +53,7 @@ def sigmoid_xent(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return bce.sum(-1).mean()
 
 
-def loss_fn(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def loss_fn(cfg: ClassificationConfig, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The loss `cfg.loss` selects, as a scalar fp32 tensor."""
     if cfg.loss == "sigmoid":
         return sigmoid_xent(logits, targets)
