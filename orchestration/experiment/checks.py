@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
 
-from orchestration.experiment.config import Experiment, name_problems
+from orchestration.experiment.config import Experiment
 
 
 class OverrideError(ValueError):

@@ -10,7 +10,6 @@ Ray resources (``resources``). ``--set`` paths follow the sections:
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -18,7 +17,6 @@ from confkit import Checker, flatten, from_dict, to_dict
 from model import ViTConfig, ViTSpec
 from pipeline import DataConfig
 from training import TrainConfig
-
 
 #: A name that is safe as one path component, an MLflow name and a Ray Train run name.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
