@@ -84,7 +84,7 @@ class DatasetExists(RuntimeError):
 #: whole key. At most 64 characters, so every member name fits USTAR's 100-byte name field.
 _PATH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 MAX_SPLIT_LEN = 64
-MAX_KEY_LEN = MAX_SPLIT_LEN + 10  # "-" and the 9-digit sample number
+MAX_KEY_LEN = MAX_SPLIT_LEN + 12  # "-" and the sample number (9 digits, more past 10**9 samples)
 MAX_CLASS_NAME_LEN = 256
 PATH_NAME_RULE = "1-{n} of A-Z a-z 0-9 _ -, starting with a letter or digit (no '/', '.', '..', spaces)"
 

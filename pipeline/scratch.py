@@ -5,7 +5,7 @@ Two kinds, both named after the process that writes them:
 * in a local DEST, :class:`~pipeline.storage.LocalStorage` writes every file as
   ``.{name}.tmp{pid}`` (or ``.tmp{pid}.{thread}``) next to it and renames it into place;
 * a shard is built as a local tar before its upload, at :func:`shard_tar_path`
-  (``$TMPDIR/vitscale-shards-{uid}/{pid}-{thread}-{shard}``) and removed after the upload.
+  (``$TMPDIR/vitscale-shards-{euid}/{pid}-{thread}-{shard}``) and removed after the upload.
 
 A writer killed mid-write (``kill -9``, the OOM killer, a lost node) cannot remove its own, so
 the next writer does: :func:`sweep_dest` when planning (both CLIs), :func:`shard_tar_path`
@@ -65,14 +65,29 @@ def sweep_dest(root: str | os.PathLike[str]) -> list[str]:
     return removed
 
 
+def _creator_uid(folder: Path) -> int:
+    """The owner of files this process creates (its fsuid, which setfsuid can set apart from its euid)."""
+    fd, probe = tempfile.mkstemp(dir=folder)
+    try:
+        return os.fstat(fd).st_uid
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
 def scratch_dir() -> Path:
-    """This user's folder for shard tars in the making (created 0700; refused if someone else owns it)."""
-    d = Path(tempfile.gettempdir()) / f"vitscale-shards-{os.getuid()}"
+    """This user's folder for shard tars in the making (created 0700).
+
+    Refused when it is a link, someone else's, or writable by others: whoever could write
+    there could swap a tar between its checksum and its upload.
+    """
+    d = Path(tempfile.gettempdir()) / f"vitscale-shards-{os.geteuid()}"
     d.mkdir(mode=0o700, exist_ok=True)
     st = os.lstat(d)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        raise OSError(f"{d} is not a folder owned by this user (uid {os.getuid()}): remove it, or set TMPDIR to "
-                      "another folder for the writer's temporary shard tars")
+    if not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o022 or (
+            st.st_uid != os.geteuid() and st.st_uid != _creator_uid(d.parent)):
+        raise OSError(f"{d} is not a folder only this user (uid {os.geteuid()}) can write: remove it, or set TMPDIR "
+                      "to another folder for the writer's temporary shard tars")
     return d
 
 

@@ -261,7 +261,10 @@ def scan_manifest(path: Path | str, *, path_column: str | None = None, labels_co
     conflicts: dict[str, list[int]] = {}
     rejects: list[dict[str, Any]] = []
     for i, (p, r) in enumerate(zip(paths, ids, strict=True)):
-        split = "train" if splits is None else fmt.check_path_name(splits[i], "split", where(i))
+        split = "train"
+        if splits is not None:  # a CSV column of numbers ("2021") is read as ints: still a name
+            raw = splits[i]
+            split = fmt.check_path_name(str(raw) if type(raw) is int else raw, "split", where(i))
         if p is None or not str(p).strip():
             rejects.append(_reject(f"{path}#{where(i)}", "missing_path", f"{where(i)} has no image path"))
             continue
