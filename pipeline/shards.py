@@ -159,8 +159,9 @@ def plan_shards(items: list[Item], *, seed: int, val_fraction: float, samples_pe
     may come out smaller); otherwise by ``samples_per_shard``.
     """
     fmt.check_path_name(val_split, "split", "the validation split")
-    for it in items:  # a scanned source checked its splits; a Source built by a caller may not have
-        fmt.check_path_name(it.split, "split", printable(it.src))
+    for split in {it.split for it in items}:  # scanned sources checked theirs; one built in code may not
+        if fmt.path_name_problem(split) is not None:
+            fmt.check_path_name(split, "split", printable(next(it.src for it in items if it.split == split)))
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(items))
     items = [items[i] for i in order]

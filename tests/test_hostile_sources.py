@@ -77,7 +77,8 @@ def _manifest(tmp_path: Path, splits: list[Any], fmt_: str = "csv") -> Path:
     return out
 
 
-@pytest.mark.parametrize("bad", ["{victim}", "x" * 95, None, "/abs/train", "..", "a/b", "val.v2", " train"])
+@pytest.mark.parametrize("bad", ["{victim}", "x" * 95, None, "/abs/train", "..", "a/b", "val.v2", " train"],
+                         ids=["victim", "95-chars", "null", "absolute", "dotdot", "slash", "dot", "space"])
 def test_bad_split_is_refused_naming_the_row_and_nothing_leaves_dest(tmp_path: Path, victim: tuple[Path, str],
                                                                       bad: str | None) -> None:
     vroot, v = victim
