@@ -21,7 +21,6 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -33,6 +32,8 @@ import numpy as np
 from . import format as fmt
 from .encode import Reject, prepare_image
 from .format import FORMAT_VERSION
+from .labels import LabelError
+from .scratch import shard_tar_path, sweep_dest
 from .sources import (
     Item,
     Source,
@@ -44,7 +45,7 @@ from .sources import (
     scan_manifest,
     scan_s3_folder,
 )
-from .storage import Storage, open_storage, url_join
+from .storage import LocalStorage, Storage, open_storage, url_join
 from .synset_tars import is_synset_release, scan_synset_tars
 
 
@@ -88,6 +89,11 @@ def write_shard(job: ShardJob, dest: str, options: dict[str, Any]) -> dict[str, 
 
     Returns ``{"shard": index row, "samples": [rows], "rejects": [rows], "resumed": bool}``.
     """
+    # Checked again here, not only when scanning: a job may come from any caller (a Ray task's
+    # argument), and a bad name would become a path outside the version folder or a broken tar.
+    fmt.check_path_name(job.split, "split", f"shard job {job.index}")
+    for key, it in job.members:
+        fmt.check_path_name(key, "sample key", printable(it.src), max_len=fmt.MAX_KEY_LEN)
     storage = open_storage(dest)
     marker_key = f"{fmt.MARKERS_DIR}/{Path(job.name).name}.json"
     plan = job.plan_hash(options)
@@ -102,8 +108,7 @@ def write_shard(job: ShardJob, dest: str, options: dict[str, Any]) -> dict[str, 
     multi = options["multi_label"]
     samples: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
-    with tempfile.NamedTemporaryFile(suffix=".tar", delete=False) as tmp:
-        tmp_path = tmp.name
+    tmp_path = shard_tar_path(job.name)
     try:
         with tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT) as tf:
             for key, it in job.members:
@@ -137,7 +142,7 @@ def write_shard(job: ShardJob, dest: str, options: dict[str, Any]) -> dict[str, 
         nbytes = os.path.getsize(tmp_path)
         storage.upload_file(tmp_path, job.name)
     finally:
-        os.unlink(tmp_path)
+        tmp_path.unlink(missing_ok=True)
     shard = {"split": job.split, "shard": job.name, "samples": len(samples), "bytes": nbytes, "sha256": h.hexdigest()}
     result = {"shard": shard, "samples": samples, "rejects": rejects, "plan": plan}
     storage.write_bytes(marker_key, json.dumps(result).encode())
@@ -153,6 +158,10 @@ def plan_shards(items: list[Item], *, seed: int, val_fraction: float, samples_pe
     With ``shard_bytes`` shards are cut by source file size (an estimate: re-encoded images
     may come out smaller); otherwise by ``samples_per_shard``.
     """
+    fmt.check_path_name(val_split, "split", "the validation split")
+    for split in {it.split for it in items}:  # scanned sources checked theirs; one built in code may not
+        if fmt.path_name_problem(split) is not None:
+            fmt.check_path_name(split, "split", printable(next(it.src for it in items if it.split == split)))
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(items))
     items = [items[i] for i in order]
@@ -226,6 +235,8 @@ def scan_source(src: str | Path, *, path_column: str | None = None, labels_colum
             try:
                 source = scan_manifest(srcp, path_column=path_column, labels_column=labels_column,
                                        multi_label=multi_label)
+            except (fmt.UnsafeName, LabelError) as exc:  # a bad row: name it, no traceback
+                raise WriterError(f"manifest {shown} {exc}") from exc
             except (ValueError, OSError) as exc:  # pyarrow's parse errors are ValueErrors
                 raise WriterError(f"cannot read manifest {shown}: {' '.join(str(exc).split())}") from exc
         else:
@@ -244,6 +255,8 @@ def _scan_s3(src: str, **manifest_kw: Any) -> Source:
         return scan_manifest(src, **manifest_kw)
     except FileNotFoundError as exc:
         raise WriterError(f"SRC {src} does not exist: give an s3:// manifest object, prefix or release .tar") from exc
+    except (fmt.UnsafeName, LabelError) as exc:
+        raise WriterError(f"manifest {src} {exc}") from exc
     except (ValueError, OSError) as exc:  # pyarrow's parse errors are ValueErrors
         raise WriterError(f"cannot read manifest {src}: {' '.join(str(exc).split())}") from exc
 
@@ -281,11 +294,13 @@ def plan_from_source(source: Source, src: str, dest: str, settings: WriteSetting
                      started: float | None = None) -> DatasetPlan:
     """:func:`plan_dataset` for an already scanned (or built) ``source``; ``src`` is what the manifest names."""
     t0 = time.monotonic() if started is None else started
-    storage = open_storage(dest)
-    storage.ensure_bucket()  # a missing bucket fails now, not after encoding every image
     jobs = plan_shards(source.items, seed=settings.seed, val_fraction=settings.val_fraction,
                        samples_per_shard=None if settings.shard_bytes else settings.samples_per_shard,
                        shard_bytes=settings.shard_bytes)
+    storage = open_storage(dest)
+    storage.ensure_bucket()  # a missing bucket fails now, not after encoding every image
+    if isinstance(storage, LocalStorage):  # a killed writer's half-written files (S3 has none to see)
+        sweep_dest(storage.root)
     options = {"max_side": settings.max_side, "quality": settings.quality, "multi_label": source.multi_label,
                "version": FORMAT_VERSION}
     version = fmt.version_id([j.plan_hash(options) for j in jobs], source.classes, options)

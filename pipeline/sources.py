@@ -10,13 +10,16 @@ Three layouts (:func:`scan_source` picks by SRC):
   ``s3://``/``http(s)://``) and a labels column with one or many labels per image.
 
 Class indices are stable: synset ids / class names sorted (``classes.json`` keeps the names,
-index i is ``classes[i]``); integer labels in a manifest are used as they are. Everything that
-cannot be used is a reject row ``{src, reason, detail}`` (rejects.parquet), never a crash.
+index i is ``classes[i]``); integer labels in a manifest are class indices as they are
+(``classes[i] == str(i)``, :mod:`pipeline.labels`). Every input that is not used is a reject row
+``{src, reason, detail}`` (rejects.parquet), never a crash and never silently dropped. Names
+that become paths (a manifest's splits) are checked where they are read
+(:func:`pipeline.format.check_path_name`): a bad one stops the scan naming its row. A folder
+walk never follows a symlink out of SRC or out of its class folder.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import urllib.request
@@ -25,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from . import format as fmt
+from .labels import label_ids
 from .storage import open_storage
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -91,8 +94,30 @@ def _stat_problem(path: str) -> tuple[str, str] | None:
     return None
 
 
-def _walk_class(folder: str, rejects: list[dict[str, Any]], seen: set[tuple[int, int]]) -> list[str]:
-    """Image files under ``folder`` (recursive, sorted); everything unreadable becomes a reject."""
+HIDDEN = "names starting with '.' are not read (hidden or temporary files)"
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _link_problem(path: str, src_root: str, class_root: str) -> tuple[str, str] | None:
+    """Why the symlink ``path`` must not be followed: it leads out of SRC or out of its class folder.
+
+    Following it would read files that are not part of SRC, or label another class's images
+    with this class (``SRC/a/up -> ..`` would put every image of b and c into a).
+    """
+    target = os.path.realpath(path)
+    if not _within(target, src_root):
+        return "symlink_outside_src", f"points to {target}, outside SRC {src_root}"
+    if not _within(target, class_root):
+        return "symlink_outside_class", f"points to {target}, outside its class folder {class_root}"
+    return None
+
+
+def _walk_class(folder: str, rejects: list[dict[str, Any]], seen: set[tuple[int, int]], src_root: str,
+                class_root: str) -> list[str]:
+    """Image files under ``folder`` (recursive, sorted); everything unused becomes a reject."""
     try:
         st = os.stat(folder)
         if (st.st_dev, st.st_ino) in seen:  # a symlink cycle, or a second link to a walked folder
@@ -106,13 +131,12 @@ def _walk_class(folder: str, rejects: list[dict[str, Any]], seen: set[tuple[int,
         return []
     files: list[str] = []
     for e in entries:
-        if e.name.startswith("."):
-            continue
-        problem = _stat_problem(e.path)
+        problem = (("hidden", HIDDEN) if e.name.startswith(".") else _stat_problem(e.path)) or \
+            (_link_problem(e.path, src_root, class_root) if e.is_symlink() else None)
         if problem is not None:
             rejects.append(_reject(e.path, *problem))
         elif os.path.isdir(e.path):
-            files += _walk_class(e.path, rejects, seen)
+            files += _walk_class(e.path, rejects, seen, src_root, class_root)
         elif os.path.splitext(e.name)[1].lower() not in IMAGE_EXTS:
             rejects.append(_reject(e.path, "not_an_image", os.path.splitext(e.name)[1]))
         else:
@@ -120,38 +144,66 @@ def _walk_class(folder: str, rejects: list[dict[str, Any]], seen: set[tuple[int,
     return files
 
 
+def _class_folders(root: Path, rejects: list[dict[str, Any]]) -> list[tuple[os.DirEntry[str], str]]:
+    """The class folders of ``root`` with their real paths; every other entry becomes a reject.
+
+    A class folder may be a symlink to a folder inside SRC that is not (and holds no) other
+    class folder; one leading out of SRC or into another class is rejected.
+    """
+    src_root = os.path.realpath(root)
+    try:
+        with os.scandir(root) as it:
+            top = sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        raise WriterError(f"cannot list SRC {printable(str(root))}: {exc.strerror}") from exc
+    roots = [os.path.realpath(e.path) for e in top if not e.name.startswith(".") and not e.is_symlink()
+             and e.is_dir()]
+    out: list[tuple[os.DirEntry[str], str]] = []
+    for e in top:
+        problem = ("hidden", HIDDEN) if e.name.startswith(".") else _stat_problem(e.path)
+        if problem is not None and problem[0] == "unreadable":
+            problem = ("unreadable_folder", problem[1])
+        real = os.path.realpath(e.path)
+        if problem is None and e.is_symlink() and os.path.isdir(e.path):
+            if not _within(real, src_root):
+                problem = ("symlink_outside_src", f"points to {real}, outside SRC {src_root}")
+            elif real == src_root or any(_within(real, r) or _within(r, real) for r in roots):
+                problem = ("symlink_outside_class", f"points to {real}: SRC itself, or into (or above) another "
+                           "class folder")
+            else:
+                roots.append(real)
+        if problem is None and os.path.isdir(e.path) and (bad := fmt.class_name_problem(printable(e.name))):
+            problem = ("bad_class_name", f"class folder name {bad}")
+        if problem is not None:
+            rejects.append(_reject(e.path, *problem))
+        elif os.path.isdir(e.path):
+            out.append((e, real))
+        else:
+            rejects.append(_reject(e.path, "outside_class_folder", "files must be in SRC/<class>/"))
+    return out
+
+
 def scan_folder(root: Path) -> Source:
     """An I21k-style folder: ``root/<class>/<file>``; classes are the sorted sub-folders.
 
     Every entry the walk cannot use is a reject with its reason, never silently dropped: an
     unreadable class folder (``unreadable_folder``), a broken symlink (``unreadable``), a FIFO
-    or device (``not_a_regular_file``), a file outside any class folder. Names need not be
-    UTF-8 (see :func:`printable`).
+    or device (``not_a_regular_file``), a file outside any class folder, a hidden entry
+    (``hidden``: ``.DS_Store``, ``..jpg``), a symlink leading out of SRC (``symlink_outside_src``)
+    or out of its class folder (``symlink_outside_class``). Names need not be UTF-8 (see
+    :func:`printable`).
     """
-    try:
-        with os.scandir(root) as it:
-            top = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
-    except OSError as exc:
-        raise WriterError(f"cannot list SRC {printable(str(root))}: {exc.strerror}") from exc
     rejects: list[dict[str, Any]] = []
-    class_dirs: list[os.DirEntry[str]] = []
-    for e in top:
-        problem = _stat_problem(e.path)
-        if problem is not None:
-            rejects.append(_reject(e.path, problem[0] + ("_folder" if problem[0] == "unreadable" else ""),
-                                   problem[1]))
-        elif os.path.isdir(e.path):
-            class_dirs.append(e)
-        else:
-            rejects.append(_reject(e.path, "outside_class_folder", "files must be in SRC/<class>/"))
+    class_dirs = _class_folders(root, rejects)
     if not class_dirs:
         raise WriterError(f"SRC {printable(str(root))} has no class sub-folders (expected "
                           f"SRC/<synset>/<image>.JPEG){reject_note(rejects)}")
     items: list[Item] = []
     seen: set[tuple[int, int]] = set()
-    for ci, d in enumerate(class_dirs):
-        items += [Item(f, [ci]) for f in _walk_class(d.path, rejects, seen)]
-    return Source(items, [printable(d.name) for d in class_dirs], multi_label=False, rejects=rejects)
+    src_root = os.path.realpath(root)
+    for ci, (d, real) in enumerate(class_dirs):
+        items += [Item(f, [ci]) for f in _walk_class(d.path, rejects, seen, src_root, real)]
+    return Source(items, [printable(d.name) for d, _ in class_dirs], multi_label=False, rejects=rejects)
 
 
 def reject_note(rejects: list[dict[str, Any]]) -> str:
@@ -161,24 +213,6 @@ def reject_note(rejects: list[dict[str, Any]]) -> str:
     first = rejects[0]
     return (f"; {len(rejects)} rejected ({', '.join(f'{k}={v}' for k, v in sorted(reasons.items()))}), "
             f"e.g. {first['src']}: {first['reason']} {first['detail']}")
-
-
-def _parse_label_cell(v: Any) -> list[Any] | None:
-    if v is None:
-        return None
-    if isinstance(v, float) and np.isnan(v):
-        return None
-    if isinstance(v, list | tuple | np.ndarray):
-        return [x for x in v if x is not None and str(x) != ""]
-    s = str(v).strip()
-    if not s:
-        return None
-    if s.startswith("["):
-        return list(json.loads(s))
-    for sep in ("|", ";", ","):
-        if sep in s:
-            return [x.strip() for x in s.split(sep) if x.strip()]
-    return [s]
 
 
 def _read_table(path: Path | str) -> Any:
@@ -198,9 +232,13 @@ def scan_manifest(path: Path | str, *, path_column: str | None = None, labels_co
                   multi_label: bool | None = None) -> Source:
     """A JFT-style manifest (parquet or csv, local or ``s3://``): an image URI column and a labels column.
 
-    Labels may be lists or scalars, strings (class names; vocabulary = sorted names) or ints
-    (class ids; ``num_classes = max + 1``). Relative paths are relative to the manifest.
-    An optional ``split`` column assigns splits explicitly.
+    Labels (:mod:`pipeline.labels`) are integer class indices as they are (``classes[i] == str(i)``)
+    or class names (vocabulary = sorted names). Relative paths are relative to the manifest. An
+    optional ``split`` column assigns splits; a split must be a safe name
+    (:func:`pipeline.format.check_path_name`). A bad split or label stops the scan with an error
+    naming the row (rows count from 1 after the header). Rows naming the same image: exact
+    repeats are kept once (``duplicate_row`` rejects), repeats with other labels or split are all
+    rejected (``conflicting_duplicate``): which one is right cannot be known.
     """
     table = _read_table(path)
     cols = table.column_names
@@ -209,33 +247,51 @@ def scan_manifest(path: Path | str, *, path_column: str | None = None, labels_co
     if pc is None or lc is None:
         raise ValueError(f"{path}: need an image path column and a labels column; found {cols} "
                          "(use --path-column / --labels-column)")
+    csv = not str(path).endswith(".parquet")
+
+    def where(i: int) -> str:
+        return f"row {i + 1}" + (f" (line {i + 2})" if csv else "")
+
     paths = table.column(pc).to_pylist()
-    raw = [_parse_label_cell(v) for v in table.column(lc).to_pylist()]
+    classes, ids = label_ids(table.column(lc).to_pylist(), where)
     splits = table.column("split").to_pylist() if "split" in cols else None
-    flat = [x for r in raw if r for x in r]
-    if flat and all(isinstance(x, int | np.integer) or (isinstance(x, str) and x.isdigit()) for x in flat) \
-            and not any(isinstance(x, str) for x in flat):
-        classes = [str(i) for i in range(max(int(x) for x in flat) + 1)]
-        to_id = {str(i): i for i in range(len(classes))}
-    else:
-        classes = sorted({str(x) for x in flat})
-        to_id = {c: i for i, c in enumerate(classes)}
-    ml = multi_label if multi_label is not None else any(r is not None and len(r) != 1 for r in raw)
-    items, rejects = [], []
-    for i, (p, r) in enumerate(zip(paths, raw, strict=True)):
+    ml = multi_label if multi_label is not None else any(r is not None and len(r) != 1 for r in ids)
+    base = str(path).rsplit("/", 1)[0] if str(path).startswith("s3://") else str(Path(path).parent)
+    items: dict[str, tuple[int, Item]] = {}  # image -> (first row, item)
+    conflicts: dict[str, list[int]] = {}
+    rejects: list[dict[str, Any]] = []
+    for i, (p, r) in enumerate(zip(paths, ids, strict=True)):
+        split = "train"
+        if splits is not None:  # a CSV column of numbers ("2021") is read as ints: still a name
+            raw = splits[i]
+            split = fmt.check_path_name(str(raw) if type(raw) is int else raw, "split", where(i))
+        if p is None or not str(p).strip():
+            rejects.append(_reject(f"{path}#{where(i)}", "missing_path", f"{where(i)} has no image path"))
+            continue
         src = str(p)
         if "://" not in src and not os.path.isabs(src):
-            src = f"{str(path).rsplit('/', 1)[0]}/{src}" if str(path).startswith("s3://") else str(Path(path).parent / src)
+            src = f"{base}/{src}"
         if not r:
-            rejects.append({"src": src, "reason": "missing_label", "detail": ""})
+            rejects.append(_reject(src, "missing_label", where(i)))
             continue
-        ids = sorted({to_id[str(x)] for x in r})
-        if not ml and len(ids) != 1:
-            rejects.append({"src": src, "reason": "multiple_labels", "detail": str(r)})
+        if not ml and len(r) != 1:
+            rejects.append(_reject(src, "multiple_labels", f"{where(i)}: {r}"))
             continue
-        items.append(Item(src, ids, split=str(splits[i]) if splits else "train"))
-    return Source(items, classes, multi_label=ml, rejects=rejects)
-
+        key = src if "://" in src else os.path.normpath(src)
+        if key not in items:
+            items[key] = (i, Item(src, r, split=split))
+            continue
+        first, it = items[key]
+        if (it.labels, it.split) == (r, split):
+            rejects.append(_reject(src, "duplicate_row", f"{where(i)} repeats {where(first)}"))
+        else:
+            conflicts.setdefault(key, [first]).append(i)
+    for key, rows in conflicts.items():
+        seen = "; ".join(f"{where(i)}: labels {ids[i]} split {'train' if splits is None else splits[i]}" for i in rows)
+        src = items.pop(key)[1].src
+        rejects += [_reject(src, "conflicting_duplicate", f"{where(i)} of rows that disagree on this image ({seen}); "
+                            "fix the manifest") for i in rows]
+    return Source([it for _, it in items.values()], classes, multi_label=ml, rejects=rejects)
 
 
 def read_source_bytes(src: str) -> bytes:
@@ -283,6 +339,10 @@ def scan_s3_folder(url: str) -> Source:
         cls, sep, rest = key.partition("/")
         if not sep:
             rejects.append(_reject(st.url_for(key), "outside_class_folder", "keys must be PREFIX/<class>/<image>"))
+        elif any(part.startswith(".") for part in key.split("/")):
+            rejects.append(_reject(st.url_for(key), "hidden", HIDDEN))
+        elif (bad := fmt.class_name_problem(cls)) is not None:
+            rejects.append(_reject(st.url_for(key), "bad_class_name", f"class {cls!r} {bad}"))
         elif os.path.splitext(rest)[1].lower() not in IMAGE_EXTS:
             rejects.append(_reject(st.url_for(key), "not_an_image", os.path.splitext(rest)[1]))
         else:

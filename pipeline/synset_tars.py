@@ -13,8 +13,10 @@ Classes are the synset ids (the synset tar names without ``.tar``), sorted: clas
 ``classes[i]`` in ``classes.json``, the same order a processed folder of the same synsets gets.
 Rejects (never a crash): an outer member that is not a ``.tar`` (``not_a_synset_tar``), a synset
 tar that cannot be parsed (``unreadable_tar_member``, e.g. truncated or not a tar), a member
-that is not an image file (``not_an_image``); a truncated release tar ends the scan with an
-``unreadable_tar_member`` reject for the rest.
+that is not an image file (``not_an_image``), a symlink, hardlink or special member, inner or
+outer (``not_a_regular_member``: a link is never followed), a synset tar whose name cannot be a
+class name (``bad_class_name``); a truncated release tar ends the scan with an
+``unreadable_tar_member`` reject for the rest. Folder entries carry no data and are skipped.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import tarfile
 from typing import IO, Any
 
+from .format import class_name_problem
 from .sources import IMAGE_EXTS, Item, Source, WriterError, printable
 from .storage import open_storage
 
@@ -48,6 +51,15 @@ def _reject(src: str, reason: str, detail: str) -> dict[str, Any]:
     return {"src": printable(src), "reason": reason, "detail": printable(detail[:500])}
 
 
+def _kind(m: tarfile.TarInfo) -> str:
+    """What a non-regular tar member is; links are not followed (their target may be anywhere)."""
+    if m.issym():
+        return f"symlink -> {m.linkname} (links are not followed)"
+    if m.islnk():
+        return f"hardlink -> {m.linkname} (links are not followed)"
+    return f"tar member type {m.type!r} (a device, FIFO or other special file)"
+
+
 def _scan_synset(outer: tarfile.TarFile, member: tarfile.TarInfo, src: str, stream: bool,
                  rejects: list[dict[str, Any]]) -> list[tuple[str, tuple[int, int]]]:
     """(member src, (offset in the outer file, size)) of every image in one synset tar."""
@@ -60,8 +72,11 @@ def _scan_synset(outer: tarfile.TarFile, member: tarfile.TarInfo, src: str, stre
         with tarfile.open(fileobj=f, mode="r|" if stream else "r:") as inner:
             for m in inner:
                 msrc = f"{where}/{m.name}"
+                if m.isdir():
+                    continue  # a folder entry carries no bytes; its files are members of their own
                 if not m.isfile():
-                    continue  # folders inside a synset tar carry no image
+                    rejects.append(_reject(msrc, "not_a_regular_member", _kind(m)))
+                    continue
                 if os.path.splitext(m.name)[1].lower() not in IMAGE_EXTS:
                     rejects.append(_reject(msrc, "not_an_image", os.path.splitext(m.name)[1]))
                     continue
@@ -82,11 +97,17 @@ def scan_synset_tars(src: str) -> Source:
             try:
                 for member in outer:
                     name = os.path.basename(member.name)
+                    where = f"{src}#{member.name}"
+                    if member.isdir():
+                        continue
                     if not member.isfile():
+                        rejects.append(_reject(where, "not_a_regular_member", _kind(member)))
                         continue
                     if not name.endswith(".tar"):
-                        rejects.append(_reject(f"{src}#{member.name}", "not_a_synset_tar",
-                                               "release members must be <synset>.tar"))
+                        rejects.append(_reject(where, "not_a_synset_tar", "release members must be <synset>.tar"))
+                        continue
+                    if (bad := class_name_problem(name[: -len(".tar")])) is not None:
+                        rejects.append(_reject(where, "bad_class_name", f"synset name {bad}"))
                         continue
                     found = _scan_synset(outer, member, src, mode == "r|", rejects)
                     by_synset.setdefault(name[: -len(".tar")], []).extend(found)

@@ -33,8 +33,10 @@ JPEG bytes are kept unless ``--max-side`` asks for a resize; other formats are r
 Re-running with the same arguments resumes the same version: a shard whose marker matches the plan and whose
 stored bytes hash to the recorded sha256 is not re-encoded. Images that cannot be read or
 decoded, and every entry of SRC the walk cannot use (an unreadable folder, a broken link, a
-FIFO), are skipped and listed in ``rejects.parquet`` with the reason. File names need not be
-UTF-8. The CLI exits 2 with one line for a missing SRC or bucket and 1 when nothing could be
+FIFO, a hidden file, a symlink leading out of SRC or out of its class folder), are skipped and
+listed in ``rejects.parquet`` with the reason. File names need not be UTF-8. Integer manifest
+labels are class indices; a manifest split that is not a safe name (``pipeline.format``) or a
+label that cannot be a class index stops the writer naming the row (docs/data.md, "Hostile input"). The CLI exits 2 with one line for a missing SRC or bucket and 1 when nothing could be
 written (no images, or all rejected); images above ``pipeline.decode.DEFAULT_MAX_PIXELS`` (the
 loader's limit too) are rejected as ``too_many_pixels``.
 """
