@@ -9,6 +9,8 @@ Usage::
 Writes ``<out>/<stem>_cls_attention.png`` and ``<out>/<stem>_rollout.png`` per image
 (:func:`orchestration.tracking.attention.attention_figures`). Models load through
 :func:`orchestration.tracking.load_model` (safetensors + config only; pickles are refused).
+A model with NaN/Inf weights, or whose attention comes out NaN/Inf, is refused (one ``error:``
+line, exit 2) rather than drawn as blank maps.
 """
 
 from __future__ import annotations
@@ -24,8 +26,14 @@ import os
 from pathlib import Path
 
 from orchestration import tracking
+from orchestration.evaluation.checks import EvaluationError, check_finite_weights
 from orchestration.experiment import validation
-from orchestration.tracking.attention import attention_figures, compute_attention, load_image
+from orchestration.tracking.attention import (
+    NonFiniteAttention,
+    attention_figures,
+    compute_attention,
+    load_image,
+)
 
 __all__ = ["attention_figures", "compute_attention", "load_image", "main"]
 
@@ -44,15 +52,25 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 <= args.discard_ratio < 1.0:  # also false for nan
         problems.append(f"--discard-ratio {args.discard_ratio} must be in [0, 1)")
     problems += validation.storage_problems(args.out, "--out")
+    model = None
     try:
         model = tracking.load_model(args.model, args.tracking_uri).float().eval()
     except Exception as e:  # noqa: BLE001 - missing file, unknown registry name, not a model: one line
         problems.insert(0, f"--model {args.model}: {validation.one_line(e)}")
-    if problems:
+    try:
+        if model is not None:
+            check_finite_weights(model, f"--model {args.model}")
+    except EvaluationError as e:  # NaN/Inf weights would be drawn as blank maps
+        problems.insert(0, validation.one_line(e))
+    if problems or model is None:
         return validation.report(problems)
     for path in args.image:
         x = load_image(path, model.cfg.image_size)
-        for out in attention_figures(model, x, Path(args.out), stem=Path(path).stem, discard_ratio=args.discard_ratio):
+        try:
+            outs = attention_figures(model, x, Path(args.out), stem=Path(path).stem, discard_ratio=args.discard_ratio)
+        except (NonFiniteAttention, EvaluationError) as e:
+            return validation.report([f"--model {args.model} on --image {path}: {validation.one_line(e)}"])
+        for out in outs:
             print(out)
     return 0
 

@@ -7,10 +7,14 @@
 * ``classes`` (sample counts per class name, all samples) and ``image_size`` (decoded fraction);
 * ``exact_duplicates``: images with the same content sha256, within a split and across splits;
 * ``near_duplicates``: pHash within ``hamming`` bits, across the dataset's splits (decoded
-  samples) and against every ``--against`` dataset (all of whose images are decoded).
+  samples) and against every ``--against`` dataset (all of whose images are decoded);
+* ``complete`` / ``incomplete``: whether the duplicate search saw every image it should have,
+  and if not, why (:func:`comparison_gaps`: a partial decode fraction, damaged or unreadable
+  ``--against`` images). A report never presents a partial comparison as a complete one.
 
 :func:`write_filtered` writes a new dataset without the flagged samples (train copies of eval
-images, anything matching an ``--against`` set) through the same pipeline steps as prepare.
+images, anything matching an ``--against`` set) and without the samples it could not check
+(corrupt shards, unreadable images) through the same pipeline steps as prepare.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from orchestration.data.distribute import Progress, TaskSettings, run_tasks
 from pipeline import format as fmt
 from pipeline.audit import DEFAULT_HAMMING, NearIndex, ShardAudit, audit_shard, decode_choice
 from pipeline.shards import WriteSettings, finish_dataset, plan_from_source, write_shard
-from pipeline.sources import Item, Source
+from pipeline.sources import Item, Source, WriterError
 
 TRAIN = "train"
 
@@ -118,6 +122,37 @@ def _size_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
         a.mean()), 1), "max": int(a.max())} for name, a in (("width", w), ("height", h))}}
 
 
+def _gaps_of_against(o: Scanned) -> list[str]:
+    """Why ``--against`` set ``o`` was not compared in full: damaged shards, unreadable images."""
+    gaps = []
+    if o.bad_shards:
+        bad = {b["shard"] for b in o.bad_shards}
+        lost = sum(1 for s in o.samples if s["shard"] in bad)
+        gaps.append(f"--against {o.url}: {len(bad)} of {len(o.index)} shards are damaged, so {lost} of its "
+                    f"{len(o.samples)} images were not compared (copies of them may remain in the dataset); "
+                    "repair or rewrite it and audit again")
+    unreadable = sum(1 for r in o.rows if r["phash"] is None)
+    if unreadable:
+        gaps.append(f"--against {o.url}: {unreadable} images could not be decoded, so they were not compared")
+    return gaps
+
+
+def comparison_gaps(main: Scanned, others: dict[str, Scanned], fraction: float) -> list[str]:
+    """Every reason the near-duplicate search did not compare all images it is meant to, one line each.
+
+    The main dataset's corrupt shards and unreadable images are not gaps here: they are reported
+    on their own and :func:`write_filtered` leaves them out of a filtered copy.
+    """
+    gaps = []
+    if fraction < 1.0:
+        decoded = sum(1 for r in main.rows if r["phash"] is not None)
+        gaps.append(f"near duplicates across splits were looked for among the decoded {fraction:.0%} of the images "
+                    f"only ({decoded} of {len(main.rows)}); --decode-fraction 1 compares them all")
+    for o in others.values():
+        gaps += _gaps_of_against(o)
+    return gaps
+
+
 def audit_dataset(url: str, against: list[str], settings: AuditSettings) -> tuple[dict[str, Any], Scanned, dict]:
     """The report (see module docstring), the scanned dataset and the scanned ``--against`` sets."""
     fraction = 1.0 if against else settings.decode_fraction  # near-dups need every image's pHash
@@ -140,6 +175,8 @@ def audit_dataset(url: str, against: list[str], settings: AuditSettings) -> tupl
                                         for u, o in others.items()}},
         "against_bad_shards": {u: o.bad_shards for u, o in others.items() if o.bad_shards},
     }
+    gaps = comparison_gaps(main, others, fraction)
+    report.update(complete=not gaps, incomplete=gaps)
     return report, main, others
 
 
@@ -159,19 +196,44 @@ def flagged_keys(report: dict[str, Any]) -> set[str]:
 
 def write_filtered(main: Scanned, report: dict[str, Any], dest: str, tasks: TaskSettings,
                    *, overwrite: bool = False) -> dict[str, Any]:
-    """A new dataset at ``dest`` with the samples of ``main``'s good shards minus :func:`flagged_keys`."""
-    drop = flagged_keys(report)
+    """A new dataset at ``dest``: the samples of ``main`` minus :func:`flagged_keys`, its corrupt
+    shards and its unreadable images.
+
+    Returns ``{"dest", "written", "kept", "dropped", "dropped_by_reason", ...}``; when nothing is
+    left to write (every sample dropped, or an empty dataset) or the writer refuses, nothing is
+    published and ``written`` is False with the ``reason`` (the caller still saves the report).
+    """
+    flagged = flagged_keys(report)
     bad = {b["shard"] for b in main.bad_shards}
+    unreadable = {f"{r['split']}/{r['key']}" for r in main.rows if r["problem"]}
     multi = bool(main.res.manifest.get("multi_label"))
     root = main.res.root_url
-    items = [Item(f"{root.rstrip('/')}/{s['shard']}#{s['key']}", list(s["labels"]) if multi else [s["label"]],
-                  split=s["split"], span=(s["offset"], s["size"]))
-             for s in main.samples if s["shard"] not in bad and f"{s['split']}/{s['key']}" not in drop]
+    why: Counter[str] = Counter()
+    items = []
+    for s in main.samples:
+        name = f"{s['split']}/{s['key']}"
+        reason = ("corrupt shard" if s["shard"] in bad else "duplicate" if name in flagged
+                  else "unreadable" if name in unreadable else "")
+        if reason:
+            why[reason] += 1
+            continue
+        items.append(Item(f"{root.rstrip('/')}/{s['shard']}#{s['key']}", list(s["labels"]) if multi else [s["label"]],
+                          split=s["split"], span=(s["offset"], s["size"])))
+    out: dict[str, Any] = {"dest": dest, "written": False, "kept": len(items), "dropped": len(main.samples) - len(items),
+                           "dropped_by_reason": dict(why), "complete": bool(report.get("complete", True))}
+    if not items:
+        out["reason"] = (f"nothing left to write: all {len(main.samples)} samples were dropped "
+                         f"({', '.join(f'{k}: {v}' for k, v in sorted(why.items())) or 'the dataset is empty'})")
+        return out
     per_shard = max((i["samples"] for i in main.index), default=1000)
-    plan = plan_from_source(Source(items, main.classes, multi_label=multi), f"{main.url} (audited, filtered)", dest,
+    src = f"{main.url} (audited, filtered{'' if out['complete'] else '; INCOMPLETE comparison, see audit.json'})"
+    plan = plan_from_source(Source(items, main.classes, multi_label=multi), src, dest,
                             WriteSettings(samples_per_shard=per_shard, seed=int(main.res.manifest.get("seed", 0))),
                             overwrite=overwrite)
     results = run_tasks(write_shard, plan.jobs, (plan.vdest, plan.options), tasks)
-    info = finish_dataset(plan, results)
-    return {"dest": dest, "dataset_version": info["dataset_version"], "kept": len(items),
-            "dropped": len(main.samples) - len(items), "counts": info["counts"]}
+    try:
+        info = finish_dataset(plan, results)
+    except WriterError as exc:  # every kept image rejected by the writer: nothing published
+        out["reason"] = " ".join(str(exc).split())
+        return out
+    return {**out, "written": True, "dataset_version": info["dataset_version"], "counts": info["counts"]}

@@ -7,7 +7,9 @@ model folder, on one or more datasets written by ``pipeline.write_shards`` (trai
 support pool / probe training set, ``val`` = test). Prints one ``<key> <top-1> (l2
 <regulariser>)`` line per result (``fewshot/<dataset>/<K>shot``, ``linear_probe/<dataset>/full``)
 and writes the JSON report with ``--out``. Invalid arguments, an unloadable model or an unusable dataset exit 2
-with one ``error:`` line per problem, before any image is read.
+with one ``error:`` line per problem, before any image is read: a model with NaN/Inf weights, a dataset
+with fewer than 2 classes or a class without train images (none of those is a measurement). NaN/Inf
+features found during the evaluation (:class:`~.checks.EvaluationError`) are one ``error:`` line, exit 2.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import sys
 
 from orchestration.experiment.validation import EXIT_USAGE, location_problems, one_line, report
 
+from .checks import EvaluationError, check_finite_weights
 from .during import split_datasets
 from .fewshot import DEFAULT_SHOTS, FewShotConfig, evaluate_fewshot, open_pools
 from .linear import evaluate_linear
-from .support import FewShotDataError, open_pool
+from .support import check_classes, open_pool
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -85,9 +88,9 @@ def _pool_problems(cfg: FewShotConfig, command: str) -> list[str]:
             if command == "fewshot":
                 open_pools(FewShotConfig(**{**cfg.__dict__, "datasets": (url,), "names": ()}))
             else:
-                open_pool(url, cfg.support_split)
+                check_classes(open_pool(url, cfg.support_split))
             open_pool(url, cfg.test_split)
-        except FewShotDataError as e:
+        except EvaluationError as e:
             problems.append(f"--data {one_line(e)}")
         except Exception as e:  # noqa: BLE001 - missing split, damaged metadata
             problems.append(f"--data {url}: {one_line(e)}")
@@ -104,17 +107,25 @@ def evaluate_main(a: argparse.Namespace) -> int:
         model = load_model(a.model, a.tracking_uri)
     except Exception as e:  # noqa: BLE001 - missing file, unsafe pickle, bad config: one line each
         problems.append(f"--model {a.model}: {one_line(e)}")
+    try:
+        if model is not None:
+            check_finite_weights(model, f"--model {a.model}")
+    except EvaluationError as e:
+        problems.append(one_line(e))
     if cfg is not None:
         problems += _pool_problems(cfg, a.command)
     if problems or cfg is None or model is None:
         return report(problems)
     model = model.to(a.device)
-    if a.command == "fewshot":
-        res = evaluate_fewshot(model, cfg, device=a.device, model_name=a.model)
-        rep, l2 = res.report, res.l2
-    else:
-        rep = evaluate_linear(model, cfg, device=a.device, model_name=a.model)
-        l2 = {r.key: float(r.details["l2"]) for r in rep.rows}
+    try:
+        if a.command == "fewshot":
+            res = evaluate_fewshot(model, cfg, device=a.device, model_name=a.model)
+            rep, l2 = res.report, res.l2
+        else:
+            rep = evaluate_linear(model, cfg, device=a.device, model_name=a.model)
+            l2 = {r.key: float(r.details["l2"]) for r in rep.rows}
+    except EvaluationError as e:  # NaN/Inf features: not a measurement, nothing printed as one
+        return report([one_line(e)])
     for key, acc in rep.metrics().items():
         print(f"{key} {acc:.4f} (l2 {l2[key]:g})")
     if a.out:

@@ -5,18 +5,27 @@ become a :class:`training.PeriodicEval` that :func:`orchestration.launch.build.b
 to the Trainer: every rank calls :func:`~.fewshot.evaluate_fewshot` on its share with the full
 (ZeRO-3-gathered) model, features are all-gathered, and rank 0's sink logs
 ``fewshot/<NAME>/<K>shot``. The datasets are checked on the driver by
-:func:`fewshot_data_problems` before anything starts (a class with fewer train images than the
-largest shot count is named there).
+:func:`fewshot_data_problems` before anything starts (fewer than 2 classes, or a class with
+fewer train images than the largest shot count, is named there: the launch fails with exit 2).
+
+When the features turn out NaN/Inf during training (:class:`~.checks.NonFiniteError`, decided
+the same way on every rank), the evaluation is not a measurement: no accuracy is logged for that
+step, a warning names the reason and ``fewshot/failed`` = 1 is logged instead, and training goes
+on. The run is not stopped here on purpose: divergence is the Trainer's to judge (its
+``max_bad_steps`` guard on the loss), and a side measurement must not end a long run, nor pass
+off a meaningless number (before: ``LinAlgError`` from deep in the ridge solver, ending the run).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from orchestration.experiment.config import Experiment
 from orchestration.experiment.validation import location_problems, one_line
 
+from .checks import EvaluationError
 from .fewshot import FewShotConfig, evaluate_fewshot, open_pools
 from .support import FewShotDataError, open_pool
 
@@ -25,8 +34,12 @@ if TYPE_CHECKING:
 
     from training import PeriodicEval
 
+log = logging.getLogger(__name__)
+
 #: The ``PeriodicEval`` name (its run time is logged as ``fewshot/seconds``).
 HOOK_NAME = "fewshot"
+#: Logged (= 1) instead of the accuracies when an evaluation during training was not a measurement.
+FAILED_METRIC = f"{HOOK_NAME}/failed"
 
 
 def split_datasets(items: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -89,6 +102,11 @@ def fewshot_hooks(exp: Experiment, *, rank: int, world: int) -> list[PeriodicEva
     pools = open_pools(cfg)
 
     def run(model: nn.Module, step: int) -> dict[str, float]:
-        return evaluate_fewshot(model, cfg, rank=rank, world_size=world, pools=pools).metrics
+        try:
+            return evaluate_fewshot(model, cfg, rank=rank, world_size=world, pools=pools).metrics
+        except EvaluationError as e:  # raised on every rank alike (gathered/summed checks): no rank left waiting
+            if rank == 0:
+                log.warning("few-shot evaluation at step %d is not a measurement, no accuracy logged: %s", step, e)
+            return {FAILED_METRIC: 1.0}
 
     return [PeriodicEval(name=HOOK_NAME, fn=run, every=exp.eval.fewshot_every)]

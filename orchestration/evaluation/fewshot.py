@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from pipeline import DataConfig, IOConfig, PreprocessConfig, SourceConfig, build_loader
 
+from .checks import NonFiniteError, check_finite, nonfinite_message
 from .report import EvalReport, ResultRow
 from .ridge import L2_GRID, LinearClassifier, fit_fewshot
 from .support import SupportPool, check_shots, open_pool, read_images, select_support, support_digest
@@ -129,11 +130,16 @@ def _sum(values: Tensor, world_size: int) -> Tensor:
 
 def ranked_accuracy(clf: LinearClassifier, x: Tensor, y: Tensor, world_size: int, where: str) -> tuple[float, int]:
     """(accuracy, images) of `clf` on every rank's test rows `x, y`, summed over the ranks; an
-    empty test split (over all ranks) raises, naming `where`."""
+    empty test split or NaN/Inf test features (on any rank: every rank raises together, none is
+    left waiting in a collective) raise, naming `where`."""
     correct = (clf.predict(x) == y.to(clf.w.device)).sum().to(torch.float64)
-    counts = _sum(torch.stack([correct, torch.tensor(float(len(y)), dtype=torch.float64, device=correct.device)]),
+    bad = (~torch.isfinite(x)).sum().to(device=correct.device, dtype=torch.float64)
+    counts = _sum(torch.stack([correct, torch.tensor(float(len(y)), dtype=torch.float64, device=correct.device),
+                               bad, torch.tensor(float(x.numel()), dtype=torch.float64, device=correct.device)]),
                   world_size)
     total = int(counts[1].item())
+    if counts[2].item():
+        raise NonFiniteError(nonfinite_message(f"{where} (test features)", int(counts[2].item()), int(counts[3].item())))
     if total == 0:
         raise ValueError(f"{where} has no readable images to test on")
     return counts[0].item() / total, total
@@ -188,6 +194,7 @@ def _evaluate_one(model: nn.Module, pool: SupportPool, name: str, cfg: FewShotCo
     kmax = max(cfg.shots)
     ids = select_support(pool, kmax, cfg.seed)  # class-major: class c's shots at [c*kmax, (c+1)*kmax)
     feats = support_features(model, pool, ids, cfg, rank=rank, world_size=world_size, device=device)
+    check_finite(feats, f"{pool.url}: split {cfg.support_split!r} (support features)")  # the same on every rank
     feats = feats.view(pool.num_classes, kmax, -1)
     test_x, test_y = eval_features(model, pool.url, cfg, rank=rank, world_size=world_size, device=device)
     rows = []
@@ -210,8 +217,10 @@ def evaluate_fewshot(model: nn.Module, cfg: FewShotConfig, *, rank: int = 0, wor
                      pools: Sequence[SupportPool] | None = None) -> FewShotResult:
     """Few-shot top-1 of ``model`` on every dataset of ``cfg``; call it on every rank (see module doc).
 
-    Raises :class:`~.support.FewShotDataError` (before any image is read) when a dataset has a
-    class with fewer train images than ``max(cfg.shots)``. ``pools``: from :func:`open_pools`,
+    Raises :class:`~.support.FewShotDataError` (before any image is read) when a dataset has
+    fewer than 2 classes or a class with fewer train images than ``max(cfg.shots)``, and
+    :class:`~.checks.NonFiniteError` when the features hold NaN/Inf (both :class:`~.checks.EvaluationError`).
+    ``pools``: from :func:`open_pools`,
     to check the datasets once at launch and reuse them at every evaluation.
     """
     t0 = time.monotonic()

@@ -15,10 +15,11 @@ import time
 import torch
 from torch import Tensor, nn
 
+from .checks import check_finite
 from .fewshot import FewShotConfig, eval_features, ranked_accuracy
 from .report import EvalReport, ResultRow
 from .ridge import fit_fewshot
-from .support import open_pool
+from .support import check_classes, open_pool
 
 #: The report's method name and setting for a probe on the whole train split.
 METHOD, SETTING = "linear_probe", "full"
@@ -43,18 +44,25 @@ def _gather_rows(t: Tensor, world_size: int) -> Tensor:
 def evaluate_linear(model: nn.Module, cfg: FewShotConfig, *, rank: int = 0, world_size: int = 1,
                     device: torch.device | str | None = None, model_name: str = "") -> EvalReport:
     """Linear-probe top-1 of ``model`` on every dataset of ``cfg`` (``cfg.shots`` is not used);
-    call it on every rank. Rows: ``linear_probe/<name>/full`` with the chosen l2 and counts."""
+    call it on every rank. Rows: ``linear_probe/<name>/full`` with the chosen l2 and counts.
+
+    Raises :class:`~.checks.EvaluationError` (every dataset checked before any image is read)
+    for fewer than 2 classes or a class without train images, and when features hold NaN/Inf."""
     t0 = time.monotonic()
     device = torch.device(device) if device is not None else next(getattr(model, "module", model).parameters()).device
     was_training = model.training
     model.eval()
     rows = []
+    pools = [open_pool(url, cfg.support_split) for url in cfg.datasets]
+    for pool in pools:
+        check_classes(pool)
     try:
-        for url, name in zip(cfg.datasets, cfg.dataset_names(), strict=True):
-            classes = open_pool(url, cfg.support_split).num_classes
+        for pool, url, name in zip(pools, cfg.datasets, cfg.dataset_names(), strict=True):
+            classes = pool.num_classes
             x, y = eval_features(model, url, cfg, rank=rank, world_size=world_size, device=device,
                                  split=cfg.support_split)
             x, y = _gather_rows(x, world_size), _gather_rows(y, world_size)
+            check_finite(x, f"{url}: split {cfg.support_split!r} (probe training features)")  # gathered: every rank
             clf = fit_fewshot(x, y, classes, cfg.l2_grid)
             tx, ty = eval_features(model, url, cfg, rank=rank, world_size=world_size, device=device)
             acc, total = ranked_accuracy(clf, tx, ty, world_size, f"{url}: split {cfg.test_split!r}")

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .checks import check_finite
+
 #: The constant feature that stands for the bias (big_vision ``fewshot_lsr.BIAS_CONSTANT``).
 BIAS_CONSTANT = 100.0
 #: big_vision's regulariser grid: 2**-10 .. 2**19.
@@ -118,7 +120,11 @@ class LinearClassifier:
 
 def fit_fewshot(feats: Tensor, labels: Tensor, num_classes: int, grid: tuple[float, ...] = L2_GRID,
                 l2: float | None = None) -> LinearClassifier:
-    """Fit on support features (N, D) with labels (N,); ``l2=None`` picks it from ``grid``."""
+    """Fit on support features (N, D) with labels (N,); ``l2=None`` picks it from ``grid``.
+
+    NaN/Inf features raise :class:`~.checks.NonFiniteError` (an eigendecomposition of them would
+    fail with an unrelated ``LinAlgError``)."""
+    check_finite(feats, "fit_fewshot")
     white = whitening(feats)
     solver = RidgeSolver(white(feats), targets(labels.to(feats.device), num_classes))
     chosen = choose_l2(solver, labels.to(feats.device), grid) if l2 is None else float(l2)

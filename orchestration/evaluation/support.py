@@ -26,9 +26,11 @@ from pipeline.loader import Meta, load_meta
 from pipeline.storage import open_storage, url_join
 from pipeline.transforms import to_float_batch
 
+from .checks import EvaluationError
 
-class FewShotDataError(ValueError):
-    """A downstream dataset cannot be used for few-shot evaluation; the message says why."""
+
+class FewShotDataError(EvaluationError):
+    """A downstream dataset cannot be used for few-shot evaluation or a linear probe; the message says why."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,15 +62,37 @@ def class_counts(pool: SupportPool) -> np.ndarray:
     return np.bincount(labels[labels >= 0], minlength=pool.num_classes)[: pool.num_classes]
 
 
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
+
+
+def check_classes(pool: SupportPool) -> None:
+    """Raise :class:`FewShotDataError` when ``pool`` cannot give a measurement whatever the
+    model: fewer than 2 classes (top-1 would be 1.0), or a class without train images (never
+    predicted: its test images count as errors by construction)."""
+    if pool.num_classes < 2:
+        raise FewShotDataError(
+            f"{pool.url}: {pool.num_classes} class(es) {pool.classes}: top-1 over fewer than 2 classes is 1.0 "
+            "whatever the model; evaluate on a dataset with at least 2 classes")
+    empty = [repr(pool.classes[c]) for c, n in enumerate(class_counts(pool)) if n == 0]
+    if empty:
+        raise FewShotDataError(
+            f"{pool.url}: {len(empty)} of {pool.num_classes} classes have no train images: {_names(empty)}; a "
+            "classifier can never predict them; write the dataset so every class has train images")
+
+
 def check_shots(pool: SupportPool, shots: tuple[int, ...]) -> None:
-    """Raise :class:`FewShotDataError` naming every class with fewer images than ``max(shots)``."""
+    """Raise :class:`FewShotDataError` for fewer than 2 classes (:func:`check_classes`) and naming
+    every class with fewer images than ``max(shots)``."""
+    if pool.num_classes < 2:
+        check_classes(pool)
     k = max(shots)
     counts = class_counts(pool)
     short = [f"{pool.classes[c]!r} ({int(n)})" for c, n in enumerate(counts) if n < k]
     if short:
         raise FewShotDataError(
             f"{pool.url}: {len(short)} of {pool.num_classes} classes have fewer than {k} train images (the largest "
-            f"shot count): {', '.join(short[:20])}{' ...' if len(short) > 20 else ''}; lower --shots or use a "
+            f"shot count): {_names(short)}; lower --shots or use a "
             "dataset with more images per class")
 
 

@@ -25,6 +25,11 @@ from PIL import Image  # noqa: E402
 
 from model import VisionTransformer, attention_rollout, cls_attention_maps  # noqa: E402
 
+
+class NonFiniteAttention(ValueError):
+    """The model's attention or logits hold NaN/Inf (damaged or diverged weights): no map to draw."""
+
+
 DEFAULT_MEAN = (0.5, 0.5, 0.5)
 DEFAULT_STD = (0.5, 0.5, 0.5)
 
@@ -67,13 +72,19 @@ def compute_attention(model: VisionTransformer, images: torch.Tensor, discard_ra
 
     Returns ``{"logits": (B, C), "cls": (L, B, heads, gh, gw), "rollout": (B, gh, gw)}``.
     The rollout map is the class token's row (or, for ``pool="gap"``, the mean row) of
-    :func:`model.attention_rollout` over the patch tokens.
+    :func:`model.attention_rollout` over the patch tokens. NaN/Inf attention or logits raise
+    :class:`NonFiniteAttention` (normalising them would draw blank maps that look like results).
     """
     was_training = model.training
     model.eval()
     p = next(model.parameters())
     logits, attns = model.forward_with_attention(images.to(device=p.device, dtype=p.dtype))
     model.train(was_training)
+    bad = [f"layer {i}" for i, a in enumerate(attns) if not bool(torch.isfinite(a).all())]
+    if bad or not bool(torch.isfinite(logits).all()):
+        raise NonFiniteAttention(
+            f"the model's attention holds NaN/Inf values ({', '.join(bad[:4]) or 'logits only'}{' ...' * (len(bad) > 4)}): "
+            "its weights are damaged or it diverged; use an earlier checkpoint")
     gh, gw = model.cfg.grid
     cls = cls_attention_maps(attns, (gh, gw))  # (L, B, heads, gh, gw)
     roll = attention_rollout(attns, discard_ratio=discard_ratio)  # (B, N, N)
