@@ -312,7 +312,7 @@ def test_fewshot_during_training_logs_failure_instead_of_crashing(
 
     url = _digits(tmp_path / "three", classes=(0, 1, 2), limit=120)
     exp = get_recipe("vit_mu_smoke")
-    exp = replace(exp, fewshot_data=(f"d={url}",), fewshot_shots=(1,))
+    exp = replace(exp, eval=replace(exp.eval, fewshot_data=(f"d={url}",), fewshot_shots=(1,)))
     (hook,) = fewshot_hooks(exp, rank=0, world=1)
     ok = hook.fn(load_model(str(models["ok"])), 3)
     assert set(ok) == {"fewshot/d/1shot"}
@@ -320,5 +320,5 @@ def test_fewshot_during_training_logs_failure_instead_of_crashing(
         assert hook.fn(load_model(str(models["nan"])), 4) == {"fewshot/failed": 1.0}
     assert "step 4 is not a measurement" in caplog.text and "NaN/Inf" in caplog.text
     one = _digits(tmp_path / "one", classes=(5,))
-    problems = fewshot_data_problems(replace(exp, fewshot_data=(one,)))
+    problems = fewshot_data_problems(replace(exp, eval=replace(exp.eval, fewshot_data=(one,))))
     assert len(problems) == 1 and "fewer than 2 classes" in problems[0], problems

@@ -13,7 +13,6 @@ from orchestration.experiment.checks import (
     ConfigError,
     OverrideError,
     experiment_problems,
-    name_problems,
     validate,
     with_workers,
 )
@@ -24,6 +23,7 @@ from orchestration.experiment.config import (
     experiment_from_dict,
     experiment_to_dict,
     flatten_experiment,
+    name_problems,
 )
 from orchestration.experiment.overrides import apply_overrides, parse_typed
 from orchestration.experiment.recipes import RECIPES, get_recipe
