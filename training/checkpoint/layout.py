@@ -4,7 +4,8 @@ Layout of `checkpoint_dir` (the same relative keys in a remote `CheckpointStore`
 
     step{N}/                      DeepSpeed files (model/optimizer shards) written by all ranks
     step{N}/trainer_rank{R}.json  per-rank client state as JSON: step, loader cursor, RNG, config
-    step{N}/complete.json         written by rank 0 after a barrier: the commit marker
+    step{N}/complete.json         written by rank 0 after a barrier: the commit marker, with every
+                                  file's size and sha256 (training.checkpoint.integrity)
     latest_complete.json          pointer {"tag", "step"} to the newest committed checkpoint
 
 A checkpoint counts only once `complete.json` exists, and that file is written (temp file +
@@ -23,6 +24,7 @@ from pathlib import Path
 MARKER = "complete.json"
 PROGRESS = "progress.json"  # training.faults: the step a run reached (not a checkpoint)
 POINTER = "latest_complete.json"
+SUPERSEDED = "superseded.json"  # a marker set aside by resuming an older step on purpose (commit.supersede_newer)
 _TAG = re.compile(r"^step(\d+)$")
 
 #: What a client-state file of an older vitscale was called (a pickle; never loaded now).

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from training.checkpoint.integrity import CheckpointDamaged
+
 
 def _safe_globals() -> list[Any]:
     """Classes DeepSpeed 0.19 pickles into its optimizer-state files, beyond torch's defaults.
@@ -52,16 +54,25 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu", *, mmap: bool =
 
 def scan_checkpoint(tag_dir: str | Path) -> int:
     """Check every `.pt` file of a checkpoint with the safe loader (memory-mapped, so only the
-    pickle part is read); raises UnsafeCheckpointError on the first bad one. Returns the count.
+    pickle part is read); raises UnsafeCheckpointError on the first bad one, CheckpointDamaged
+    on one that cannot be read at all (truncated, not a torch file). Returns the count.
 
     Done before DeepSpeed loads anything, so a tampered file fails every rank at the same
     agreement point instead of one rank raising inside DeepSpeed's collective load.
     """
     import zipfile
 
-    files = sorted(Path(tag_dir).rglob("*.pt"))
+    tag_dir = Path(tag_dir)
+    files = sorted(tag_dir.rglob("*.pt"))
     for f in files:
-        safe_torch_load(f, mmap=zipfile.is_zipfile(f))  # torch can mmap only its zip format
+        try:
+            safe_torch_load(f, mmap=zipfile.is_zipfile(f))  # torch can mmap only its zip format
+        except UnsafeCheckpointError:
+            raise
+        except (OSError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
+            raise CheckpointDamaged(f"checkpoint {tag_dir.name} is damaged: {tag_dir.name}/"
+                                    f"{f.relative_to(tag_dir).as_posix()} cannot be read ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from e
     return len(files)
 
 

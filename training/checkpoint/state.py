@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.checkpoint.integrity import CheckpointDamaged
 from training.checkpoint.layout import LEGACY_RANK_FILE, atomic_write, rank_file
 
 
@@ -70,11 +71,12 @@ def load_rank_state(tag_dir: str | Path, rank: int) -> dict[str, Any]:
             f"{path} missing: checkpoint {tag_dir.name} was written by {n} ranks; resume with the "
             f"same world size (loader cursors are per rank)"
         )
+    where = f"checkpoint {tag_dir.name} is damaged: {tag_dir.name}/{path.name}"
     try:
         state = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); the checkpoint is damaged: resume from an older one") from e
+        raise CheckpointDamaged(f"{where} is not valid JSON ({e})") from e
     missing = {"step", "loader", "rng", "config", "config_hash"} - set(state if isinstance(state, dict) else {})
     if missing:
-        raise ValueError(f"{path} lacks {sorted(missing)}; the checkpoint is damaged: resume from an older one")
+        raise CheckpointDamaged(f"{where} lacks {sorted(missing)}")
     return state

@@ -42,6 +42,10 @@ class CheckpointStore(Protocol):
         """Delete every key under `prefix/`."""
         ...
 
+    def delete(self, key: str) -> None:
+        """Delete one key (no error if it does not exist)."""
+        ...
+
 
 class LocalDirStore:
     """CheckpointStore on a local/shared directory (tests, NFS mirrors)."""
@@ -78,6 +82,9 @@ class LocalDirStore:
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self.root / prefix, ignore_errors=True)
+
+    def delete(self, key: str) -> None:
+        (self.root / key).unlink(missing_ok=True)
 
 
 def remote_tags(store: CheckpointStore, names: list[str] | None = None) -> list[str]:
