@@ -66,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "same as --set eval.fewshot_data=...")
     p.add_argument("--workers", type=_workers, default=None,
                    help="Ray Train workers (one per GPU), N or MIN-MAX for elastic training; keeps the global batch")
-    p.add_argument("--resume", choices=["auto"], default=None,
-                   help="auto: continue the recipe's latest run (same MLflow run, newest complete checkpoint)")
+    p.add_argument("--resume", type=_resume, default=None, metavar="auto|STEP",
+                   help="continue the recipe's latest run (same MLflow run) from its newest intact checkpoint "
+                        "(auto; a damaged one is reported and skipped) or from checkpoint STEP (newer ones are "
+                        "set aside)")
     p.add_argument("--force", action="store_true",
                    help="take over the run folder's lease if it has expired (its driver died without "
                         "releasing it); a live lease is never taken over")
@@ -83,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved experiment, then exit")
     p.add_argument("--list-recipes", action="store_true", help="print the recipe names and exit")
     return p
+
+
+def _resume(text: str) -> str:
+    """``--resume``: ``auto`` or a checkpoint step (``500`` or ``step500``), kept as text."""
+    step = text.strip().removeprefix("step")
+    if text.strip() == "auto" or step.isdigit():
+        return "auto" if text.strip() == "auto" else str(int(step))
+    raise argparse.ArgumentTypeError(f"{text!r}: use auto or a checkpoint step such as 500")
 
 
 def _workers(text: str) -> int | str:

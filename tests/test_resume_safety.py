@@ -162,16 +162,29 @@ def _failed_download(trainer: Any, store: Any, rank: int, staging: Path) -> dict
 
 
 def _evil_checkpoint(trainer: Any, store: Any, rank: int, staging: Path, marker: Path) -> dict[str, Any]:
-    """DeepSpeed's model-state file in the store replaced by a code-running pickle."""
+    """DeepSpeed's model-state file in the store replaced by a code-running pickle: caught by its
+    checksum; then with complete.json forged to match it (whoever can write the store can), the
+    safe unpickler still refuses it."""
+    import hashlib
+
     import torch.distributed as dist
 
+    evil = staging.parent / "evil.pt"
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
-        evil = staging.parent / "evil.pt"
         write_evil(evil, marker)
         store.storage.upload_file(evil, "step4/mp_rank_00_model_states.pt")
     dist.barrier()
     res = _expect_error(lambda: trainer.restore("auto"))
+    res["checksum_error"] = res.pop("error")
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        committed = json.loads(store.read_text("step4/complete.json"))
+        committed["files"]["mp_rank_00_model_states.pt"] = {
+            "size": evil.stat().st_size, "sha256": hashlib.sha256(evil.read_bytes()).hexdigest()}
+        store.write_text("step4/complete.json", json.dumps(committed))
+    dist.barrier()
+    res.update(_expect_error(lambda: trainer.restore("auto")))
     res["marker_written"] = marker.exists()
     return res
 
@@ -255,6 +268,9 @@ def test_tampered_deepspeed_file_is_refused_on_every_rank(race: list[dict[str, A
     for rank, rec in enumerate(race):
         evil = rec["evil"]
         assert evil["marker_written"] is False, f"rank {rank} ran the checkpoint's code"
+        assert "CheckpointDamaged" in evil["checksum_error"], evil
+        assert "step4/mp_rank_00_model_states.pt" in evil["checksum_error"], evil
+        assert "recorded at commit" in evil["checksum_error"], evil
         assert evil["error"] is not None and "mp_rank_00_model_states.pt" in evil["error"], evil
         assert "outside the allow-list" in evil["error"], evil
 

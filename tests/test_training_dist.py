@@ -155,19 +155,20 @@ def scenario_dp(out: Path, rank: int, world: int) -> None:
 def scenario_kill(out: Path, phase: str) -> None:
     """Phase 1 dies (os._exit) while saving step 6, after DeepSpeed wrote its files; phase 2 resumes."""
     import training.checkpoint as ckpt
+    import training.checkpoint.manager as ckpt_manager
     from training import NonFiniteLossError
 
     cfg = make_cfg(1, **{"checkpoint.every": 3})
     ckdir = out / "ck_kill"
     if phase == "1":
-        real = ckpt.save_rank_state
+        real = ckpt_manager.save_rank_state  # the name the commit protocol calls
 
         def dying_save(tag_dir: Any, rank: int, state: dict) -> None:
             if state["step"] == 6:
                 os._exit(17)  # like SIGKILL: no cleanup, no marker
             real(tag_dir, rank, state)
 
-        ckpt.save_rank_state = dying_save
+        ckpt_manager.save_rank_state = dying_save
         run_fit(cfg, 0, 1, str(ckdir))
         raise AssertionError("unreachable: the process should have died in the step-6 save")
     assert ckpt.latest_complete(ckdir) == "step3", ckpt.complete_tags(ckdir)

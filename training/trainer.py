@@ -168,11 +168,12 @@ class Trainer:
         """The wrapped module (partitioned under ZeRO-3; use export_weights for full weights)."""
         return self.engine.module
 
-    def fit(self, resume: str | None = None, *, max_steps: int | None = None) -> dict[str, float]:
+    def fit(self, resume: str | int | None = None, *, max_steps: int | None = None) -> dict[str, float]:
         """Train until `cfg.schedule.total_steps` (or `max_steps`, for time-boxed jobs); return final metrics.
 
-        `resume`: None (fresh), "auto" (newest complete checkpoint in checkpoint_dir / the store,
-        fresh if none), a tag ("step500") or a checkpoint directory path.
+        `resume`: None (fresh), "auto" (newest intact committed checkpoint in checkpoint_dir / the
+        store, fresh if none; a damaged one is reported and the next older one tried), a step
+        (500, "500"), a tag ("step500") or a checkpoint directory path.
         """
         self.watchdog.start()
         self.preemption.install()
@@ -182,7 +183,7 @@ class Trainer:
             self.preemption.uninstall()
             self.watchdog.stop()
 
-    def _fit(self, resume: str | None, max_steps: int | None) -> dict[str, float]:
+    def _fit(self, resume: str | int | None, max_steps: int | None) -> dict[str, float]:
         if resume is not None:
             self.watchdog.beat("checkpoint", self._step)
             self.restore(resume)
@@ -491,7 +492,7 @@ class Trainer:
         set_tags(where) if callable(set_tags) else self.sink.log_params(where)
         self.sink.log_artifact(str(path), "faults")
 
-    def restore(self, resume: str) -> bool:
+    def restore(self, resume: str | int) -> bool:
         """Load a checkpoint (see `fit`; `CheckpointManager.restore`); False when "auto" finds none."""
         state = self.checkpoints.restore(resume, self.cfg)
         if state is None:
@@ -501,7 +502,8 @@ class Trainer:
         self.bad_steps = int(state.get("bad_steps", 0))
         self.faults = FaultStats.restored(state.get("faults"), saved_world=int(state.get("world_size", 0)),
                                           world=self.dist.world_size, step=self._step, progress=state["progress"])
-        self.sink.log_metrics(self.faults.metrics(), self._step)
+        self.sink.log_metrics({**self.faults.metrics(), "fault/damaged_checkpoints_skipped": float(len(state["damaged"]))},
+                              self._step)
         if state["loader"] is not None:
             self.train_loader.load_state_dict(state["loader"])
         self._epoch_iter = None

@@ -21,7 +21,8 @@ from typing import Any
 from orchestration import tracking
 from orchestration.experiment.config import Experiment, experiment_to_dict, flatten_experiment
 from orchestration.launch.lease import Lease, LeaseLostError, hold_run_lease
-from orchestration.launch.train import EXPORT_KEY, dataset_lineage, run_training
+from orchestration.launch.store import rewind_checkpoints
+from orchestration.launch.train import CHECKPOINT_PREFIX, EXPORT_KEY, dataset_lineage, run_training
 from pipeline.storage import open_storage, url_join
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ def launch(
                               resume=resume, tags=tags, parent_run_id=parent_run_id, force=force)
     run_dir = url_join(storage, exp.name, run_id)
     try:
+        if resume not in (None, "auto"):  # a step: every attempt of this launch resumes "auto" from it
+            rewind_checkpoints(url_join(run_dir, CHECKPOINT_PREFIX), int(resume))
         pointer_store, pointer_key = _run_pointer(storage, exp)
         pointer_store.write_bytes(pointer_key, json.dumps({"run_id": run_id, "run_dir": run_dir}).encode())
         _log_run_inputs(exp, run_id=run_id, uri=uri, data_url=data_url, lineage=lineage, extra_params=extra_params)
@@ -132,14 +135,14 @@ def launch(
 
 def _open_run(exp: Experiment, *, storage: str, uri: str, experiment: str, run_name: str, resume: str | None,
               tags: dict[str, Any], parent_run_id: str | None, force: bool) -> tuple[str, Lease]:
-    """(run id, held lease): the recipe's latest run with ``resume="auto"``, else a new one.
+    """(run id, held lease): the recipe's latest run with ``resume`` ("auto" or a step), else a new one.
 
     The run folder's lease is taken before a resumed MLflow run is touched: a second launch on a
     live run raises LeaseHeldError and changes nothing.
     """
     pointer_store, pointer_key = _run_pointer(storage, exp)
     previous = None
-    if resume == "auto" and pointer_store.exists(pointer_key):
+    if resume is not None and pointer_store.exists(pointer_key):
         previous = json.loads(pointer_store.read_bytes(pointer_key)).get("run_id")
     leases: list[Lease] = []
 

@@ -8,11 +8,14 @@ when it lands on another node.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from pathlib import Path
 
 from pipeline.storage import LocalStorage, Storage, open_storage
+
+log = logging.getLogger(__name__)
 
 
 class StorageCheckpointStore:
@@ -78,6 +81,24 @@ class StorageCheckpointStore:
         prefix = prefix.strip("/") + "/"
         for key in self.storage.list(prefix):
             self.storage.delete(key)
+
+    def delete(self, key: str) -> None:
+        """Delete ``key`` (no error if it does not exist)."""
+        self.storage.delete(key)
+
+
+def rewind_checkpoints(url: str, step: int) -> list[str]:
+    """Make checkpoint ``step`` at ``url`` the newest committed one, before a launch resumes it
+    (``--resume STEP``): newer ones are set aside (:func:`training.checkpoint.supersede_newer`),
+    so the workers, and every restart of them, resume "auto" from it. Returns the set-aside tags;
+    FileNotFoundError names the committed steps when ``step`` is not one of them."""
+    from training.checkpoint import supersede_newer
+
+    newer = supersede_newer(StorageCheckpointStore(url), step)
+    if newer:
+        log.warning("resuming checkpoint step%d of %s: newer checkpoint(s) %s set aside (their complete.json is "
+                    "renamed superseded.json; rename it back to resume one of them)", step, url, ", ".join(newer))
+    return newer
 
 
 def local_path(url: str) -> str:
