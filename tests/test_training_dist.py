@@ -318,7 +318,7 @@ def test_lr_schedule_in_a_run(runs: Path) -> None:
 
     k = json.loads((runs / "kill.json").read_text())
     cfg = make_cfg(1, **{"checkpoint.every": 3})
-    assert k["lr"][str(TOTAL)] == pytest.approx(lr_at(cfg, TOTAL - 1)) == pytest.approx(cfg.min_lr)
+    assert k["lr"][str(TOTAL)] == pytest.approx(lr_at(cfg, TOTAL - 1)) == pytest.approx(cfg.schedule.min_lr)
     assert k["lr"]["4"] == pytest.approx(lr_at(cfg, 3))
 
 
