@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     before, experiment = _source_run(source, args.experiment, uri)
     storage = args.storage or default_storage()
-    init_url = _stage_weights(src_model, url_join(storage, exp.name, "init", f"{uuid.uuid4().hex[:12]}.safetensors"))
+    init_url = _stage_weights(src_model, url_join(storage, exp.name, "init", f"{uuid.uuid4().hex[:12]}.safetensors"),
+                              exp.image_size)
     log.info("Ray: %s", cluster.connect_ray(args.address))
     summary = launch(
         exp, data_url=args.data, storage=storage, uri=uri, experiment=experiment,
@@ -244,10 +245,20 @@ def _source_run(source: dict[str, Any], experiment: str | None, uri: str) -> tup
     return before, experiment or "finetune"
 
 
-def _stage_weights(model: Any, init_url: str) -> str:
-    """Upload the source weights to ``init_url``, where every worker can read them."""
-    from model.weights import save_weights
+def _stage_weights(model: Any, init_url: str, image_size: int) -> str:
+    """Upload the source weights, at the fine-tuning resolution, to ``init_url`` (every worker reads them).
 
+    A learnt position embedding is resampled to the new patch grid here, explicitly and once
+    (``allow_resample``: the paper's recipe; ``--image-size`` asked for it), so the workers load a
+    file whose grid is the model's and their loader never converts anything silently.
+    """
+    from model import VisionTransformer
+    from model.weights import load_weights, save_weights
+
+    if model.cfg.image_size != image_size:
+        log.info("staging the source weights at %d px (trained at %d px)", image_size, model.cfg.image_size)
+        at_size = VisionTransformer(replace(model.cfg, image_size=image_size))
+        model = load_weights(at_size, model.state_dict(), allow_resample=True)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "init.safetensors"
         save_weights(model, local)
