@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from orchestration.evaluation.during import fewshot_data_problems
     from orchestration.experiment import flatten_experiment
-    from orchestration.launch import cluster
     from orchestration.launch.driver import default_storage, emit, launch
+    from orchestration.launch.lease import LeaseHeldError
 
     args = build_parser().parse_args(argv)
     tracking.install_log_redaction()
@@ -171,13 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     storage = args.storage or default_storage()
     init_url = _stage_weights(src_model, url_join(storage, exp.name, "init", f"{uuid.uuid4().hex[:12]}.safetensors"),
                               exp.image_size)
-    log.info("Ray: %s", cluster.connect_ray(args.address))
-    summary = launch(
-        exp, data_url=args.data, storage=storage, uri=uri, experiment=experiment,
-        run_name=f"{exp.name} <- {source['uri']}", register=not args.no_register, init_weights=init_url,
-        parent_run_id=source.get("run_id"), extra_tags=_lineage_tags(source, src_model.cfg),
-        extra_params={"finetune.source": source["uri"], "finetune.source_image_size": src_model.cfg.image_size},
-    )
+    try:  # Ray starts inside launch, once the run folder's lease is held
+        summary = launch(
+            exp, data_url=args.data, storage=storage, uri=uri, experiment=experiment, address=args.address,
+            run_name=f"{exp.name} <- {source['uri']}", register=not args.no_register, init_weights=init_url,
+            parent_run_id=source.get("run_id"), extra_tags=_lineage_tags(source, src_model.cfg),
+            extra_params={"finetune.source": source["uri"], "finetune.source_image_size": src_model.cfg.image_size},
+        )
+    except LeaseHeldError as e:  # another run owns the run folder: nothing was changed
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     summary.update(source=source["uri"], source_run_id=source.get("run_id"), top1_before=before,
                    top1_after=summary["metrics"].get("eval_top1"), image_size_before=src_model.cfg.image_size,
                    image_size_after=exp.image_size)

@@ -20,6 +20,7 @@ from typing import Any
 
 from orchestration import tracking
 from orchestration.experiment.config import Experiment, experiment_to_dict, flatten_experiment
+from orchestration.launch import cluster
 from orchestration.launch.lease import Lease, LeaseLostError, hold_run_lease
 from orchestration.launch.train import EXPORT_KEY, dataset_lineage, run_training
 from pipeline.storage import open_storage, url_join
@@ -89,10 +90,11 @@ def launch(
     extra_params: dict[str, Any] | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Create/continue the MLflow run, train on Ray, register; returns the summary dict.
+    """Create/continue the MLflow run, connect to Ray, train, register; returns the summary dict.
 
-    The run folder's lease is taken before a resumed MLflow run is touched: a second launch on
-    the same run raises LeaseHeldError and changes nothing. ``force`` takes over an expired lease.
+    The run folder's lease is taken before a resumed MLflow run is touched and before Ray is
+    started or joined (``address``: see :func:`cluster.connect_ray`): a second launch on the same
+    run raises LeaseHeldError at once and changes nothing. ``force`` takes over a stale lease.
     """
     lineage = {**dataset_lineage(data_url), "data_url": data_url}
     eval_split = exp.eval_split if exp.eval_split in lineage["splits"] else None
@@ -105,6 +107,7 @@ def launch(
                               resume=resume, tags=tags, parent_run_id=parent_run_id, force=force)
     run_dir = url_join(storage, exp.name, run_id)
     try:
+        log.info("Ray: %s", cluster.connect_ray(address))  # after the lease: a refused launch starts nothing
         pointer_store, pointer_key = _run_pointer(storage, exp)
         pointer_store.write_bytes(pointer_key, json.dumps({"run_id": run_id, "run_dir": run_dir}).encode())
         _log_run_inputs(exp, run_id=run_id, uri=uri, data_url=data_url, lineage=lineage, extra_params=extra_params)
