@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from model import create_model
-from model.weights import check_weights_file, load_weights, read_config, save_weights
+from model.weights import load_weights, read_config, save_weights
 from orchestration.launch.lease import Lease, LeaseHeldError, hold_run_lease
 from orchestration.tracking import load_model
 
@@ -88,6 +88,8 @@ def test_config_claiming_a_huge_model_is_refused_before_allocation(tmp_path: Pat
 
 
 def test_depth_and_size_bounds_are_checked_from_the_header(tmp_path: Path) -> None:
+    from model.weights import check_weights_file
+
     small = create_model("mu/8", num_classes=5, image_size=32)
     deep = _save_with_config(small.state_dict(), {**dataclasses.asdict(small.cfg), "depth": 10**9},
                              tmp_path / "deep.safetensors")
@@ -188,7 +190,7 @@ def test_holder_killed_on_this_host_is_stale_at_once(tmp_path: Path) -> None:
     (time.time() + 10 * 365 * 86400, "its expiry is more than 24 h away"),
     ("soon", "not a usable lease (expires_at 'soon' is not a time)"),
     (float("nan"), "not a usable lease (expires_at nan is not a time)"),
-])
+], ids=["1e300", "in-10-years", "soon", "nan"])
 def test_absurd_or_malformed_lease_is_stale_and_reported_in_one_line(tmp_path: Path, expires_at: Any,
                                                                       reason: str) -> None:
     """Finding 8: expires_at 1e300 locked the folder for ever (even with --force) with a
