@@ -268,6 +268,33 @@ def test_lease_is_checked_before_ray_starts(tmp_path: Path, digits: str, lease: 
 
 # ------------------------------------------------------------------- private Ray (finding 9, #30)
 
+def test_sweep_removes_only_the_folders_of_gone_drivers(tmp_path: Path) -> None:
+    """Finding 9: /tmp/vitscale-ray-auth-* token folders stayed for ever. The next private start
+    removes what drivers that are gone left behind, and nothing of a live one."""
+    from orchestration.launch.cluster import sweep_stale_private_folders
+    from orchestration.launch.lease import host_id, process_started_at
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    me = {"pid": os.getpid(), "started_at": process_started_at(os.getpid()), "host_id": host_id()}
+    host, boot, ns = host_id().split("|")
+    owners = {
+        "vitscale-ray-killed01": {**me, "pid": int(gone.stdout), "started_at": 1.0},
+        "vitscale-ray-reboot01": {**me, "host_id": f"{host}|another-boot|{ns}"},
+        "vitscale-ray-live0001": me,
+        "vitscale-ray-elsewher": {**me, "pid": int(gone.stdout), "host_id": f"other-host|{boot}|{ns}"},
+    }
+    for name, owner in owners.items():
+        (tmp_path / name).mkdir(mode=0o700)
+        (tmp_path / name / "owner.json").write_text(json.dumps(owner))
+    (tmp_path / "vitscale-ray-auth-old00001").mkdir(mode=0o700)  # an earlier version's token folder
+    (tmp_path / "vitscale-ray-auth-old00001" / "auth_token").write_text("x" * 64)
+    removed = sweep_stale_private_folders(str(tmp_path))
+    assert sorted(p.name for p in removed) == ["vitscale-ray-auth-old00001", "vitscale-ray-killed01",
+                                               "vitscale-ray-reboot01"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vitscale-ray-elsewher", "vitscale-ray-live0001"]
+
+
 _DRIVER = """
 import json, os, sys, time
 import psutil

@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import socket
+import stat
 import tempfile
 from pathlib import Path
 
@@ -166,11 +167,11 @@ def sweep_stale_private_folders(tmp: str | None = None) -> list[Path]:
     """Remove the private-instance folders of ours whose driver is gone (and end their processes).
 
     A folder counts as gone when ``owner.json`` names a process of this host that no longer
-    runs; a token-only folder of an earlier version when no process of ours uses its token.
-    Returns the folders removed.
+    runs (or ran before the last reboot); a token-only folder of an earlier version when no
+    process of ours uses its token. Returns the folders removed.
     """
     root, uid, removed = Path(tmp or tempfile.gettempdir()), os.getuid(), []
-    candidates = [p for p in root.glob(f"{_PREFIX}*") if not p.is_symlink() and p.is_dir() and p.stat().st_uid == uid]
+    candidates = [p for p in root.glob(f"{_PREFIX}*") if _owned_dir(p, uid)]
     old = [p for p in candidates if p.name.startswith(_OLD_PREFIX) and not (p / "owner.json").exists()]
     in_use: set[str] = set()
     if old:  # the earlier versions' instances carry the token path in their environment only
@@ -184,8 +185,7 @@ def sweep_stale_private_folders(tmp: str | None = None) -> list[Path]:
                 continue
         else:
             try:
-                owner = json.loads((folder / "owner.json").read_text())
-                if owner["host_id"] != host_id() or process_alive(int(owner["pid"]), float(owner["started_at"])):
+                if not _owner_gone(json.loads((folder / "owner.json").read_text())):
                     continue
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # being created right now, or not ours to judge
@@ -196,3 +196,23 @@ def sweep_stale_private_folders(tmp: str | None = None) -> list[Path]:
         log.info("removed %d private Ray folder(s) left by runs that ended without cleaning up: %s",
                  len(removed), [p.name for p in removed])
     return removed
+
+
+def _owned_dir(path: Path, uid: int) -> bool:
+    try:
+        st = path.lstat()
+    except OSError:  # swept by another process meanwhile
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == uid
+
+
+def _owner_gone(owner: dict[str, object]) -> bool:
+    """Whether the driver ``owner.json`` names is certainly gone: same host, and a reboot since, or
+    the same pid namespace and that process no longer runs. Another host or namespace: unknown."""
+    host, boot, pidns = str(owner["host_id"]).split("|")
+    my_host, my_boot, my_pidns = host_id().split("|")
+    if host != my_host:
+        return False
+    if boot != my_boot:
+        return True
+    return pidns == my_pidns and not process_alive(int(owner["pid"]), float(owner["started_at"]))  # type: ignore[arg-type]
