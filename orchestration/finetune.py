@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from orchestration.evaluation.during import fewshot_data_problems
     from orchestration.experiment import flatten_experiment
-    from orchestration.launch import cluster
     from orchestration.launch.driver import default_storage, emit, launch
+    from orchestration.launch.lease import LeaseHeldError
 
     args = build_parser().parse_args(argv)
     tracking.install_log_redaction()
@@ -166,14 +166,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     before, experiment = _source_run(source, args.experiment, uri)
     storage = args.storage or default_storage()
-    init_url = _stage_weights(src_model, url_join(storage, exp.name, "init", f"{uuid.uuid4().hex[:12]}.safetensors"))
-    log.info("Ray: %s", cluster.connect_ray(args.address))
-    summary = launch(
-        exp, data_url=args.data, storage=storage, uri=uri, experiment=experiment,
-        run_name=f"{exp.name} <- {source['uri']}", register=not args.no_register, init_weights=init_url,
-        parent_run_id=source.get("run_id"), extra_tags=_lineage_tags(source, src_model.cfg),
-        extra_params={"finetune.source": source["uri"], "finetune.source_image_size": src_model.cfg.image_size},
-    )
+    init_url = _stage_weights(src_model, url_join(storage, exp.name, "init", f"{uuid.uuid4().hex[:12]}.safetensors"),
+                              exp.image_size)
+    try:  # Ray starts inside launch, once the run folder's lease is held
+        summary = launch(
+            exp, data_url=args.data, storage=storage, uri=uri, experiment=experiment, address=args.address,
+            run_name=f"{exp.name} <- {source['uri']}", register=not args.no_register, init_weights=init_url,
+            parent_run_id=source.get("run_id"), extra_tags=_lineage_tags(source, src_model.cfg),
+            extra_params={"finetune.source": source["uri"], "finetune.source_image_size": src_model.cfg.image_size},
+        )
+    except LeaseHeldError as e:  # another run owns the run folder: nothing was changed
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     summary.update(source=source["uri"], source_run_id=source.get("run_id"), top1_before=before,
                    top1_after=summary["metrics"].get("eval_top1"), image_size_before=src_model.cfg.image_size,
                    image_size_after=exp.image_size)
@@ -241,10 +245,20 @@ def _source_run(source: dict[str, Any], experiment: str | None, uri: str) -> tup
     return before, experiment or "finetune"
 
 
-def _stage_weights(model: Any, init_url: str) -> str:
-    """Upload the source weights to ``init_url``, where every worker can read them."""
-    from model.weights import save_weights
+def _stage_weights(model: Any, init_url: str, image_size: int) -> str:
+    """Upload the source weights, at the fine-tuning resolution, to ``init_url`` (every worker reads them).
 
+    A learnt position embedding is resampled to the new patch grid here, explicitly and once
+    (``allow_resample``: the paper's recipe; ``--image-size`` asked for it), so the workers load a
+    file whose grid is the model's and their loader never converts anything silently.
+    """
+    from model import VisionTransformer
+    from model.weights import load_weights, save_weights
+
+    if model.cfg.image_size != image_size:
+        log.info("staging the source weights at %d px (trained at %d px)", image_size, model.cfg.image_size)
+        at_size = VisionTransformer(replace(model.cfg, image_size=image_size))
+        model = load_weights(at_size, model.state_dict(), allow_resample=True)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "init.safetensors"
         save_weights(model, local)

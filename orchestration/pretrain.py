@@ -143,9 +143,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({**flatten_experiment(exp), "data.source.url": args.data}, indent=2, default=str))
         return 0
     uri = args.tracking_uri or tracking.tracking_uri()
-    from orchestration.launch.cluster import connect_ray
-
-    log.info("Ray: %s", connect_ray(args.address))
     try:
         summary = _launch_cli(args, exp, uri)
     except LeaseHeldError as e:  # another run owns the run folder: nothing was changed
@@ -164,6 +161,7 @@ def _launch_cli(args: argparse.Namespace, exp: Experiment, uri: str) -> dict[str
         experiment=args.experiment or exp.name,
         run_name=args.run_name or exp.name,
         resume=args.resume,
+        address=args.address,
         register=not args.no_register,
         force=args.force,
     )

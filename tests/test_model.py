@@ -344,7 +344,9 @@ def test_224_checkpoint_loads_into_384_model(tmp_path) -> None:
     save_weights(src, path, metadata={"step": "100"})
     assert read_config(path) == src.cfg
 
-    dst = load_weights(create_model("mu/16", num_classes=4, image_size=384), path)
+    with pytest.raises(ValueError, match=r"pos_embed: checkpoint is for a 14x14 patch grid.*allow_resample=True"):
+        load_weights(create_model("mu/16", num_classes=4, image_size=384), path)  # never converted silently
+    dst = load_weights(create_model("mu/16", num_classes=4, image_size=384), path, allow_resample=True)
     torch.testing.assert_close(dst.pos_embed, resample_pos_embed(src.pos_embed.detach(), (24, 24)))
     torch.testing.assert_close(dst.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
     assert dst(torch.randn(1, 3, 384, 384)).shape == (1, 4)

@@ -20,6 +20,7 @@ from typing import Any
 
 from orchestration import tracking
 from orchestration.experiment.config import Experiment, experiment_to_dict, flatten_experiment
+from orchestration.launch import cluster
 from orchestration.launch.lease import Lease, LeaseLostError, hold_run_lease
 from orchestration.launch.store import rewind_checkpoints
 from orchestration.launch.train import CHECKPOINT_PREFIX, EXPORT_KEY, dataset_lineage, run_training
@@ -90,10 +91,11 @@ def launch(
     extra_params: dict[str, Any] | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Create/continue the MLflow run, train on Ray, register; returns the summary dict.
+    """Create/continue the MLflow run, connect to Ray, train, register; returns the summary dict.
 
-    The run folder's lease is taken before a resumed MLflow run is touched: a second launch on
-    the same run raises LeaseHeldError and changes nothing. ``force`` takes over an expired lease.
+    The run folder's lease is taken before a resumed MLflow run is touched and before Ray is
+    started or joined (``address``: see :func:`cluster.connect_ray`): a second launch on the same
+    run raises LeaseHeldError at once and changes nothing. ``force`` takes over a stale lease.
     """
     lineage = {**dataset_lineage(data_url), "data_url": data_url}
     eval_split = exp.eval.split if exp.eval.split in lineage["splits"] else None
@@ -108,6 +110,7 @@ def launch(
     try:
         if resume not in (None, "auto"):  # a step: every attempt of this launch resumes "auto" from it
             rewind_checkpoints(url_join(run_dir, CHECKPOINT_PREFIX), int(resume))
+        log.info("Ray: %s", cluster.connect_ray(address))  # after the lease: a refused launch starts nothing
         pointer_store, pointer_key = _run_pointer(storage, exp)
         pointer_store.write_bytes(pointer_key, json.dumps({"run_id": run_id, "run_dir": run_dir}).encode())
         _log_run_inputs(exp, run_id=run_id, uri=uri, data_url=data_url, lineage=lineage, extra_params=extra_params)

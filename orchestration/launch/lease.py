@@ -11,9 +11,11 @@ MLflow run or starts Ray, and holds it for the whole run:
   it being unchanged since our last write (``put_if`` with the token of that write: S3
   ``If-Match: <etag>``, locally its content hash), moving ``expires_at`` forward. A lease that
   is not renewed expires.
-* **expiry / takeover**: a live lease is never taken over. An expired one (its driver died
-  without releasing) is taken over only with ``force=True`` (``pretrain.py --force``), by the
-  same conditional replace, so two forcing launches cannot both win.
+* **expiry / takeover**: a live lease is never taken over. A stale one is taken over only with
+  ``force=True`` (``pretrain.py --force``), by the same conditional replace, so two forcing
+  launches cannot both win. Stale means: expired (its driver died without releasing); or held
+  by a process of this host (same boot, same pid namespace) that is no longer running, at once;
+  or unusable (unreadable, or an expiry further away than any lease's ttl, MAX_TTL_S).
 * **release** deletes the lease if it is still ours.
 
 Expiry compares the holder's wall clock (``expires_at``) with the reader's: clocks must agree to
@@ -25,12 +27,14 @@ from __future__ import annotations
 import getpass
 import json
 import logging
+import math
 import os
 import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from functools import cache
 
 from pipeline.storage import Storage, open_storage, url_join
 
@@ -38,6 +42,8 @@ log = logging.getLogger(__name__)
 
 LEASE_KEY = "lease.json"
 DEFAULT_TTL_S = 120.0
+MAX_TTL_S = 24 * 3600.0  # a lease further from expiry than this was not written by a live Lease
+_LATEST_TIME = 2.0**35  # year ~3000: any later timestamp is garbage, not a time
 
 
 class LeaseHeldError(RuntimeError):
@@ -50,7 +56,11 @@ class LeaseLostError(RuntimeError):
 
 @dataclass(frozen=True, kw_only=True)
 class LeaseInfo:
-    """The contents of ``lease.json``: who holds it and until when (holder's clock)."""
+    """The contents of ``lease.json``: who holds it and until when (holder's clock).
+
+    ``host_id``/``pid``/``pid_started_at`` let a reader on the holder's host see at once that the
+    holder is gone (absent in leases written by older versions: those only expire).
+    """
 
     holder: str
     run_id: str
@@ -58,25 +68,60 @@ class LeaseInfo:
     acquired_at: float
     expires_at: float
     ttl_s: float
+    host_id: str = ""
+    pid: int = 0
+    pid_started_at: float = 0.0
+    invalid: str = ""  # why the stored bytes are not a usable lease (never written)
 
     def to_json(self) -> bytes:
-        return json.dumps(self.__dict__, sort_keys=True).encode()
+        return json.dumps({k: v for k, v in self.__dict__.items() if k != "invalid"}, sort_keys=True).encode()
 
     @staticmethod
     def from_json(data: bytes, where: str) -> LeaseInfo:
+        """The lease in ``data``; an unusable one (bad JSON, a missing field, a wrong type, a
+        non-finite or absurd time) comes back with ``invalid`` saying why: a stale lease."""
         try:
             d = json.loads(data)
-            return LeaseInfo(**{k: d[k] for k in LeaseInfo.__dataclass_fields__})
-        except (ValueError, KeyError, TypeError) as e:
-            # Unreadable: treat as held by an unknown run that expired at time 0 (needs --force).
-            log.warning("unreadable lease %s (%s): treating it as expired", where, e)
-            return LeaseInfo(holder=f"unknown (unreadable {where})", run_id="?", token="?",
-                             acquired_at=0.0, expires_at=0.0, ttl_s=0.0)
+            if not isinstance(d, dict):
+                raise ValueError(f"a JSON {type(d).__name__}, not an object")
+            for k in ("holder", "run_id", "token"):
+                if not isinstance(d[k], str):
+                    raise ValueError(f"{k} {d[k]!r:.40} is not a string")
+            for k in ("acquired_at", "expires_at", "ttl_s", "pid_started_at"):
+                v = d.get(k, 0.0)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < _LATEST_TIME:
+                    raise ValueError(f"{k} {v!r:.40} is not a time")
+            pid = d.get("pid", 0)
+            if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < 2**31:
+                raise ValueError(f"pid {pid!r:.40} is not a process id")
+            if not isinstance(d.get("host_id", ""), str):
+                raise ValueError("host_id is not a string")
+            return LeaseInfo(**{k: d[k] for k in LeaseInfo.__dataclass_fields__ if k in d and k != "invalid"})
+        except (ValueError, KeyError) as e:
+            why = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+            log.warning("unreadable lease %s (%s): treating it as stale", where, why)
+            return LeaseInfo(holder="?", run_id="?", token="?", acquired_at=0.0, expires_at=0.0, ttl_s=0.0,
+                             invalid=why)
+
+    def stale_reason(self, now: float) -> str | None:
+        """Why this lease may be taken over (with --force), or None while its holder may be alive."""
+        if self.invalid:
+            return f"it is unreadable ({self.invalid})"
+        if self.expires_at - now > MAX_TTL_S:
+            return f"its expiry is more than {MAX_TTL_S / 3600:.0f} h away, beyond any lease's ttl"
+        if self.pid and self.host_id == host_id() and not process_alive(self.pid, self.pid_started_at):
+            return f"its process (pid {self.pid}) is no longer running on this host"
+        if self.expires_at <= now:
+            return "its run stopped renewing it (crashed or killed)"
+        return None
 
     def describe(self, now: float) -> str:
-        state = (f"expires in {self.expires_at - now:.0f} s" if self.expires_at > now
-                 else f"expired {now - self.expires_at:.0f} s ago")
-        return f"{self.holder} (run {self.run_id}, acquired {_iso(self.acquired_at)}, {state})"
+        if self.invalid:
+            return f"an unreadable lease ({self.invalid})"
+        left = self.expires_at - now
+        state = ("expires implausibly far in the future" if left > MAX_TTL_S
+                 else f"expires in {left:.0f} s" if left > 0 else f"expired {-left:.0f} s ago")
+        return f"{self.holder:.200} (run {self.run_id:.100}, acquired {_iso(self.acquired_at)}, {state})"
 
 
 def default_holder() -> str:
@@ -86,6 +131,55 @@ def default_holder() -> str:
     except (KeyError, OSError):
         user = "?"
     return f"{user}@{socket.gethostname()} pid {os.getpid()}"
+
+
+@cache
+def host_id() -> str:
+    """This host and pid namespace, as far as pids are comparable: hostname, boot id (a reboot
+    reuses pids) and pid namespace (containers on one host share a hostname, not their pids)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        import psutil
+
+        boot = str(int(psutil.boot_time()))
+    try:
+        pidns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pidns = ""
+    return f"{socket.gethostname()}|{boot}|{pidns}"
+
+
+def process_started_at(pid: int) -> float:
+    """The start time of process ``pid`` of this host (0.0 if it is not running)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0
+
+
+def process_alive(pid: int, started_at: float = 0.0) -> bool:
+    """Whether process ``pid`` of this host runs (not a zombie) and, given ``started_at``, is still
+    the process that started then (pids are reused)."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return not started_at or math.isclose(p.create_time(), started_at, abs_tol=1.0)
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # exists, but not ours to inspect
+        return True
+
+
+@cache
+def _own_start(pid: int) -> float:  # keyed by pid: a forked child is another process
+    return process_started_at(pid)
 
 
 def _iso(t: float) -> str:
@@ -106,8 +200,8 @@ class Lease:
 
     def __init__(self, prefix_url: str, *, run_id: str, holder: str | None = None, ttl_s: float = DEFAULT_TTL_S,
                  force: bool = False) -> None:
-        if not ttl_s > 0:
-            raise ValueError(f"lease ttl_s={ttl_s} must be > 0")
+        if not 0 < ttl_s <= MAX_TTL_S:
+            raise ValueError(f"lease ttl_s={ttl_s} must be > 0 and <= {MAX_TTL_S:.0f} s")
         self.url = url_join(prefix_url, LEASE_KEY)
         self.storage: Storage = open_storage(prefix_url)
         self.run_id, self.ttl_s, self.force = run_id, float(ttl_s), force
@@ -138,20 +232,24 @@ class Lease:
                     return self._start()
                 current, version = self._read()
                 assert current is not None, f"{self.url} vanished twice while acquiring"
-            if current.expires_at > now:
+            stale = current.stale_reason(now)
+            if current.invalid and not self.force:
+                raise LeaseHeldError(f"{self.url} is not a usable lease ({current.invalid}). If no run is using "
+                                     "this run folder, rerun with --force to replace it")
+            if stale is None:
                 raise LeaseHeldError(
                     f"{self.url} is held by {current.describe(now)}: another run is using this run folder "
                     "(the same MLflow run, checkpoints and staging folder). Wait for it to finish or stop that "
-                    "process; --force takes over only an expired lease"
+                    "process; --force takes over only a stale lease"
                 )
             if not self.force:
                 raise LeaseHeldError(
-                    f"{self.url} is held by {current.describe(now)}: its run stopped renewing it (crashed or "
-                    "killed). If that process is gone, rerun with --force to take the lease over"
+                    f"{self.url} is held by {current.describe(now)}, but {stale}. If that process is gone, "
+                    "rerun with --force to take the lease over"
                 )
             if not self._replace(version):
                 raise LeaseHeldError(f"{self.url} was taken over by another run while we tried to: rerun to see by whom")
-            log.warning("took over the expired lease %s of %s", self.url, current.describe(now))
+            log.warning("took over the lease %s of %s (%s)", self.url, current.describe(now), stale)
         self._start()
 
     def release(self) -> bool:
@@ -185,8 +283,10 @@ class Lease:
 
     # ---------------------------------------------------------------- internals
     def _info(self) -> LeaseInfo:
+        pid = os.getpid()
         return LeaseInfo(holder=self.holder, run_id=self.run_id, token=self.token, acquired_at=self._acquired_at,
-                         expires_at=time.time() + self.ttl_s, ttl_s=self.ttl_s)
+                         expires_at=time.time() + self.ttl_s, ttl_s=self.ttl_s, host_id=host_id(), pid=pid,
+                         pid_started_at=_own_start(pid))
 
     def _start(self) -> None:
         self._stop.clear()

@@ -119,17 +119,20 @@ def log_and_register_model(
         return register_model_dir(local, run_id=run_id, name=name, tags=tags, description=description, uri=uri)
 
 
-def load_model(source: str, uri: str | None = None) -> VisionTransformer:
+def load_model(source: str, uri: str | None = None, *, allow_resample: bool = False,
+               allow_cast: bool = False) -> VisionTransformer:
     """A VisionTransformer from ``models:/NAME/VERSION``, ``models:/m-<id>``, ``runs:/ID/PATH`` or a path.
 
     The artifacts are downloaded through MLflow's artifact API (``file://``, proxied
     ``mlflow-artifacts:/`` and S3 alike) and must be ``model.safetensors`` (+ ``config.json``) or
     a single ``.safetensors`` file with ``vitscale.config`` metadata. Nothing is unpickled: a
     pickled model (an ``mlflow.pytorch`` ``data/model.pth``, any ``.pt``/``.pkl``) raises
-    :class:`UnsafeModelError` without its bytes ever reaching ``pickle``.
+    :class:`UnsafeModelError` without its bytes ever reaching ``pickle``. The tensors are checked
+    against the config before the model is built (:func:`model_from_path`).
     """
+    conv = {"allow_resample": allow_resample, "allow_cast": allow_cast}
     if not source.startswith(("models:/", "runs:/")):
-        return model_from_path(Path(source), source)
+        return model_from_path(Path(source), source, **conv)
     uri = resolve_uri(uri)
     client(uri)  # sets the fluent API's tracking/registry URI for the artifact download
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,13 +140,19 @@ def load_model(source: str, uri: str | None = None) -> VisionTransformer:
             local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri)
         except mlflow.exceptions.MlflowException as e:
             raise FileNotFoundError(f"could not download model {source}: {redact_text(e.message)}") from e
-        return model_from_path(Path(local), source)
+        return model_from_path(Path(local), source, **conv)
 
 
-def model_from_path(path: Path, source: str) -> VisionTransformer:
-    """Rebuild a model from a downloaded model folder or ``.safetensors`` file (see :func:`load_model`)."""
+def model_from_path(path: Path, source: str, *, allow_resample: bool = False,
+                    allow_cast: bool = False) -> VisionTransformer:
+    """Rebuild a model from a downloaded model folder or ``.safetensors`` file (see :func:`load_model`).
+
+    The file's tensors (names, shapes, dtypes: its header) are checked against the config before
+    the model is built, so a file that only claims a huge model is refused without allocating it.
+    ``allow_resample`` / ``allow_cast`` are ``model.weights.load_weights``'s opt-in conversions.
+    """
     from model import VisionTransformer, ViTConfig
-    from model.weights import load_weights, read_config
+    from model.weights import check_weights_file, load_weights, read_header
 
     if not path.exists():
         raise FileNotFoundError(f"model source {source!r}: not a models:/ or runs:/ URI and no such file")
@@ -154,9 +163,14 @@ def model_from_path(path: Path, source: str) -> VisionTransformer:
     if not weights.is_file() or weights.suffix != ".safetensors":
         _refuse_non_safetensors(path, source)
     try:
-        meta_cfg = read_config(weights)  # parses the safetensors header only: no code runs
+        _, meta = read_header(weights)  # the safetensors header only: no code runs, no tensor is read
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise UnsafeModelError(f"{source}: {weights.name} is not a valid safetensors file ({e})") from e
+    raw = meta.get("vitscale.config")
+    try:
+        meta_cfg = ViTConfig(**json.loads(raw)) if raw else None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: the 'vitscale.config' inside {weights.name} is not a valid ViTConfig ({e})") from e
     cfg = meta_cfg
     if config_file is not None and config_file.is_file():
         try:
@@ -169,7 +183,8 @@ def model_from_path(path: Path, source: str) -> VisionTransformer:
     if meta_cfg is not None and meta_cfg != cfg:
         raise ValueError(f"{source}: {MODEL_CONFIG_FILE} and the config inside {weights.name} disagree "
                          f"({cfg} vs {meta_cfg}); the artifact was modified after registration")
-    return load_weights(VisionTransformer(cfg), weights)
+    check_weights_file(weights, cfg, allow_resample=allow_resample, allow_cast=allow_cast)  # before allocating
+    return load_weights(VisionTransformer(cfg), weights, allow_resample=allow_resample, allow_cast=allow_cast)
 
 
 def _refuse_non_safetensors(path: Path, source: str) -> None:
