@@ -9,7 +9,7 @@ Examples::
     # Directly (a private local Ray instance when $RAY_ADDRESS is unset):
     python orchestration/audit.py ./ds --decode-fraction 1
 
-What it checks (:mod:`orchestration.data.audit`, per-shard work in :mod:`pipeline.audit`): every
+What it checks (:mod:`orchestration.data.dataset_audit`, per-shard work in :mod:`pipeline.shard_audit`): every
 shard's size and sha256 against ``index.parquet``; every image member's sha256 (exact
 duplicates within and across splits); a ``--decode-fraction`` of the images decoded (image-size
 statistics; pHash, 64 bits, for near-duplicates across the dataset's splits within
@@ -50,11 +50,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from orchestration.data.audit import AuditSettings, audit_dataset, write_filtered
+from orchestration.data.dataset_audit import AuditSettings, audit_dataset, write_filtered
 from orchestration.data.distribute import TaskSettings, connect
 from orchestration.experiment.validation import storage_problems
 from pipeline import format as fmt
-from pipeline.audit import DEFAULT_HAMMING
+from pipeline.shard_audit import DEFAULT_HAMMING
 from pipeline.storage import StorageError, open_storage
 
 ROOT = Path(__file__).resolve().parents[1]

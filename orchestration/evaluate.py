@@ -12,8 +12,15 @@ Examples::
 ``--model``: ``models:/NAME/VERSION``, ``runs:/ID/PATH``, a ``.safetensors`` file or a model
 folder. ``--data``: one or more datasets written by ``pipeline.write_shards`` (train split =
 support / probe training set, ``val`` = test), ``NAME=URL`` to name one in the report. Every
-result is a row of the shared report format (:mod:`orchestration.evaluation.report`). The code
-lives in :mod:`orchestration.evaluation`; this file is the command users run.
+result is a row of the shared report format (:mod:`orchestration.evaluation.results`). The
+evaluators live in :mod:`orchestration.evaluation`; this file is their one command line.
+
+Prints one ``<key> <top-1> (l2 <regulariser>)`` line per result (``fewshot/<dataset>/<K>shot``,
+``linear_probe/<dataset>/full``) and writes the JSON report with ``--out``. Invalid arguments, an
+unloadable model or an unusable dataset exit 2 with one ``error:`` line per problem, before any
+image is read: a model with NaN/Inf weights, a dataset with fewer than 2 classes or a class
+without train images (none of those is a measurement). NaN/Inf features found during the
+evaluation (``EvaluationError``) are one ``error:`` line, exit 2.
 """
 
 from __future__ import annotations
@@ -24,9 +31,131 @@ if __package__ in (None, ""):  # run as a file: python orchestration/evaluate.py
 
     sys.path.insert(0, str(_P(__file__).resolve().parents[1]))
 
+import argparse
 import sys
 
-from orchestration.evaluation.cli import main
+from orchestration.evaluation.checks import EvaluationError, check_finite_weights
+from orchestration.evaluation.fewshot import DEFAULT_SHOTS, FewShotConfig, evaluate_fewshot, open_pools
+from orchestration.evaluation.in_training import split_datasets
+from orchestration.evaluation.linear import evaluate_linear
+from orchestration.evaluation.support_sets import check_classes, open_pool
+from orchestration.experiment.validation import EXIT_USAGE, location_problems, one_line, report
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    fs = sub.add_parser("fewshot", help="few-shot linear evaluation (ViT paper / big_vision fewshot_lsr)")
+    lin = sub.add_parser("linear", help="linear probe: frozen features of the whole train split, the same ridge")
+    for p in (fs, lin):
+        p.add_argument("--model", required=True, help="models:/NAME/VERSION, runs:/ID/PATH, a .safetensors file "
+                                                      "or a model folder (model.safetensors + config.json)")
+        p.add_argument("--data", required=True, help="dataset URL(s), comma-separated; NAME=URL sets the report name")
+        p.add_argument("--out", default=None, help="write the JSON report here")
+        p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+        p.add_argument("--batch-size", default="128")
+        p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ and runs:/ sources")
+    fs.add_argument("--shots", default=",".join(map(str, DEFAULT_SHOTS)), help="comma-separated shot counts")
+    fs.add_argument("--seed", default="0", help="support-set seed (the same images for the same seed)")
+    lin.set_defaults(shots="1", seed="0")  # unused by the probe; keeps one config path
+    return ap
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _ints(text: str, key: str, problems: list[str], low: int) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        vals = ()
+    if not vals or any(v < low for v in vals):
+        problems.append(f"{key} {text!r}: want comma-separated integers >= {low}")
+    return vals
+
+
+def _config(a: argparse.Namespace, problems: list[str]) -> FewShotConfig | None:
+    shots = _ints(a.shots, "--shots", problems, 1)
+    seed = _ints(a.seed, "--seed", problems, 0)
+    batch = _ints(a.batch_size, "--batch-size", problems, 1)
+    names, urls = split_datasets(a.data.split(","))
+    for url in urls:
+        problems += location_problems(url)
+    if not urls:
+        problems.append("--data: give at least one dataset URL")
+    if problems:
+        return None
+    try:
+        return FewShotConfig(datasets=urls, names=names, shots=shots, seed=seed[0],
+                             batch_size=batch[0])
+    except ValueError as e:
+        problems += [ln.strip() for ln in str(e).splitlines()[1:]]
+        return None
+
+
+def _pool_problems(cfg: FewShotConfig, command: str) -> list[str]:
+    """Every dataset's problem at once, before any image is read (few-shot: images per class)."""
+    problems = []
+    for url in cfg.datasets:
+        try:
+            if command == "fewshot":
+                open_pools(FewShotConfig(**{**cfg.__dict__, "datasets": (url,), "names": ()}))
+            else:
+                check_classes(open_pool(url, cfg.support_split))
+            open_pool(url, cfg.test_split)
+        except EvaluationError as e:
+            problems.append(f"--data {one_line(e)}")
+        except Exception as e:  # noqa: BLE001 - missing split, damaged metadata
+            problems.append(f"--data {url}: {one_line(e)}")
+    return problems
+
+
+def evaluate_main(a: argparse.Namespace) -> int:
+    from orchestration.tracking import load_model
+
+    problems: list[str] = []
+    cfg = _config(a, problems)
+    model = None
+    try:
+        model = load_model(a.model, a.tracking_uri)
+    except Exception as e:  # noqa: BLE001 - missing file, unsafe pickle, bad config: one line each
+        problems.append(f"--model {a.model}: {one_line(e)}")
+    try:
+        if model is not None:
+            check_finite_weights(model, f"--model {a.model}")
+    except EvaluationError as e:
+        problems.append(one_line(e))
+    if cfg is not None:
+        problems += _pool_problems(cfg, a.command)
+    if problems or cfg is None or model is None:
+        return report(problems)
+    model = model.to(a.device)
+    try:
+        if a.command == "fewshot":
+            res = evaluate_fewshot(model, cfg, device=a.device, model_name=a.model)
+            rep, l2 = res.report, res.l2
+        else:
+            rep = evaluate_linear(model, cfg, device=a.device, model_name=a.model)
+            l2 = {r.key: float(r.details["l2"]) for r in rep.rows}
+    except EvaluationError as e:  # NaN/Inf features: not a measurement, nothing printed as one
+        return report([one_line(e)])
+    for key, acc in rep.metrics().items():
+        print(f"{key} {acc:.4f} (l2 {l2[key]:g})")
+    if a.out:
+        rep.write(a.out)
+        print(f"report: {a.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None, prog: str = "orchestration/evaluate.py") -> int:
+    a = _parser(prog).parse_args(argv)
+    if a.command in ("fewshot", "linear"):
+        return evaluate_main(a)
+    return EXIT_USAGE
+
 
 if __name__ == "__main__":
-    sys.exit(main(prog="orchestration/evaluate.py"))
+    sys.exit(main())

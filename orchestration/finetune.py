@@ -39,7 +39,7 @@ from typing import Any
 
 from model import ViTConfig, ViTSpec
 from orchestration import tracking
-from orchestration.evaluation.report import EvalReport, ResultRow
+from orchestration.evaluation.results import EvalReport, ResultRow
 from orchestration.experiment import (
     RECIPES,
     Experiment,
@@ -140,10 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import json
 
-    from orchestration.evaluation.during import fewshot_data_problems
+    from orchestration.evaluation.in_training import fewshot_data_problems
     from orchestration.experiment import flatten_experiment
-    from orchestration.launch.driver import default_storage, emit, launch
     from orchestration.launch.lease import LeaseHeldError
+    from orchestration.launch.pretrain_run import default_storage, emit, launch
 
     args = build_parser().parse_args(argv)
     tracking.install_log_redaction()

@@ -12,7 +12,7 @@ Examples::
 
 Every ``--set`` key/value is checked against the config dataclasses before Ray starts
 (``--dry-run`` stops right there and prints the resolved experiment). The run itself (MLflow
-run, lease, Ray Train, registry; storage layout) is :func:`orchestration.launch.driver.launch`.
+run, lease, Ray Train, registry; storage layout) is :func:`orchestration.launch.pretrain_run.launch`.
 
 The last stdout line is ``VITSCALE_RESULT {json}`` (run id, registered name/version, metrics).
 """
@@ -32,7 +32,7 @@ import sys
 from typing import Any
 
 from orchestration import tracking
-from orchestration.evaluation.during import fewshot_data_problems
+from orchestration.evaluation.in_training import fewshot_data_problems
 from orchestration.experiment import (
     RECIPES,
     Experiment,
@@ -42,8 +42,8 @@ from orchestration.experiment import (
     get_recipe,
     validation,
 )
-from orchestration.launch.driver import RESULT_PREFIX, default_storage, emit, launch
 from orchestration.launch.lease import LeaseHeldError
+from orchestration.launch.pretrain_run import RESULT_PREFIX, default_storage, emit, launch
 
 __all__ = ["RESULT_PREFIX", "build_parser", "check_launch", "default_storage", "emit", "launch", "main",
            "resolve_experiment"]

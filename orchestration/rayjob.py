@@ -17,7 +17,7 @@ a recipe that asks for more CPUs per rank than the pod advertises, or a dataload
 not fit in the pod's ``/dev/shm`` fail with a message that names the fix.
 
 It lives in ``orchestration/`` (which may import every package) rather than ``infra/``
-(which holds no Python imports, DESIGN.md); it reads the pod shapes from ``infra/k8s/``.
+(which holds no Python imports, docs/design.md); it reads the pod shapes from ``infra/k8s/``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Zhai et al. 2021's saturating power law E = a·(C + d)^(−b) + c, fitted to the compute-efficient
 frontier (:mod:`orchestration.studies.law`); plots and ``fit_<metric>.json`` by
-:func:`orchestration.studies.report.analyze`. Pure numpy/scipy/matplotlib/pyarrow: runs on a
+:func:`orchestration.studies.scaling_report.analyze`. Pure numpy/scipy/matplotlib/pyarrow: runs on a
 laptop on a table copied off the cluster::
 
     python -m orchestration.scaling study/points.parquet --out study/analysis
@@ -20,7 +20,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from orchestration.studies.report import analyze, format_report
+from orchestration.studies.scaling_report import analyze, format_report
 from orchestration.studies.table import METRICS, read_points
 
 

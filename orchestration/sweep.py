@@ -54,9 +54,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from orchestration.experiment import RECIPES, validation
-from orchestration.studies.driver import check_existing_study, run_study
 from orchestration.studies.spec import STUDIES, StudySpec, grid_size
 from orchestration.studies.table import METRICS
+from orchestration.studies.tune_study import check_existing_study, run_study
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def _spec_of(args: argparse.Namespace, gpus: float, hparams: dict[str, dict[str,
 
 def check_study(args: argparse.Namespace) -> tuple[StudySpec | None, list[str]]:
     """The study and every problem with it and its dataset, before Ray or MLflow start."""
-    from orchestration.evaluation.during import fewshot_data_problems
+    from orchestration.evaluation.in_training import fewshot_data_problems
     from orchestration.studies.spec import trial_experiment
 
     spec, problems = None, []

@@ -7,7 +7,7 @@ Usage::
     python orchestration/visualize.py --model weights/model.safetensors --image cat.jpg --out attn/
 
 Writes ``<out>/<stem>_cls_attention.png`` and ``<out>/<stem>_rollout.png`` per image
-(:func:`orchestration.tracking.attention.attention_figures`). Models load through
+(:func:`orchestration.tracking.attention_figures.attention_figures`). Models load through
 :func:`orchestration.tracking.load_model` (safetensors + config only; pickles are refused).
 A model with NaN/Inf weights, or whose attention comes out NaN/Inf, is refused (one ``error:``
 line, exit 2) rather than drawn as blank maps.
@@ -28,7 +28,7 @@ from pathlib import Path
 from orchestration import tracking
 from orchestration.evaluation.checks import EvaluationError, check_finite_weights
 from orchestration.experiment import validation
-from orchestration.tracking.attention import (
+from orchestration.tracking.attention_figures import (
     NonFiniteAttention,
     attention_figures,
     compute_attention,

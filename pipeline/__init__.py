@@ -8,7 +8,7 @@ Public API:
   (plan, write one shard, finish) in :mod:`pipeline.shards`, the source layouts in
   :mod:`pipeline.sources` and :mod:`pipeline.synset_tars` (orchestration/prepare.py runs the
   same steps on Ray);
-* :mod:`pipeline.audit`: per-shard integrity check, content and perceptual hashes;
+* :mod:`pipeline.shard_audit`: per-shard integrity check, content and perceptual hashes;
 * :mod:`pipeline.demo_data`: ``make_digits_folder`` and friends (``python -m pipeline.demo_data``).
 """
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: real local services, never hand-written mocks (DESIGN.md)."""
+"""Shared fixtures: real local services, never hand-written mocks (docs/design.md)."""
 
 from __future__ import annotations
 

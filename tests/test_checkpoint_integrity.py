@@ -244,7 +244,7 @@ def checkpoints_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def _fake_checkpoints(url: str, steps: list[int]) -> Any:
-    from orchestration.launch.store import StorageCheckpointStore
+    from orchestration.launch.checkpoint_store import StorageCheckpointStore
 
     store = StorageCheckpointStore(url)
     for s in steps:
@@ -254,7 +254,7 @@ def _fake_checkpoints(url: str, steps: list[int]) -> Any:
 
 
 def test_rewind_sets_newer_checkpoints_aside(checkpoints_url: str) -> None:
-    from orchestration.launch.store import rewind_checkpoints
+    from orchestration.launch.checkpoint_store import rewind_checkpoints
     from training.checkpoint import latest_remote
 
     store = _fake_checkpoints(checkpoints_url, [2, 4, 6])

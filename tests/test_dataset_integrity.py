@@ -324,7 +324,7 @@ def test_resume_reads_the_pinned_version_and_says_when_it_is_gone(tmp_path: Path
 
 
 def test_s3_swapped_sample_and_lineage_record_the_version(s3_bucket: str, id_src: Path) -> None:
-    from orchestration.launch.train import dataset_lineage
+    from orchestration.launch.ray_train import dataset_lineage
 
     url = f"s3://{s3_bucket}/ds"
     info = write(id_src, url)

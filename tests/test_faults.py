@@ -117,7 +117,7 @@ def _make_loader(rank: int, world: int, out: Path, delay: float) -> Any:
 def _trainer(out: Path, bucket: str, rank: int, world: int, delay: float, **kw: Any) -> Any:
     from test_training_dist import make_cfg, make_model
 
-    from orchestration.launch.store import StorageCheckpointStore
+    from orchestration.launch.checkpoint_store import StorageCheckpointStore
     from training import Trainer
 
     store = StorageCheckpointStore(f"s3://{bucket}/run/checkpoints")
@@ -237,7 +237,7 @@ def _signal_when(procs: list[subprocess.Popen], out: Path, name: str, rank: int,
 
 
 def _store_state(bucket: str) -> dict[str, Any]:
-    from orchestration.launch.store import StorageCheckpointStore
+    from orchestration.launch.checkpoint_store import StorageCheckpointStore
     from training import checkpoint as ckpt
 
     store = StorageCheckpointStore(f"s3://{bucket}/run/checkpoints")

@@ -80,7 +80,7 @@ def _write_digits(dst: Path, classes: range, limit: int | None = None) -> str:
 @pytest.mark.integration
 def test_fewshot_during_zero3_training_lands_in_mlflow_and_equals_standalone(tmp_path: Path) -> None:
     from orchestration.evaluation import evaluate_fewshot
-    from orchestration.evaluation.during import fewshot_config
+    from orchestration.evaluation.in_training import fewshot_config
     from orchestration.tracking import load_model
     from orchestration.tracking.runs import client
 

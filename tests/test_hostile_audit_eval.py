@@ -236,7 +236,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _evaluate(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    from orchestration.evaluation.cli import main
+    from orchestration.evaluate import main
 
     code = main([*args, "--device", "cpu", "--batch-size", "64"])
     cap = capsys.readouterr()
@@ -275,7 +275,7 @@ def test_nan_checkpoint_is_refused_by_fewshot_linear_and_visualize(
     """Finding 6c: NaN weights ended few-shot in a LinAlgError traceback; visualize drew blank maps, exit 0."""
     from orchestration.evaluation import FewShotConfig, evaluate_fewshot, evaluate_linear
     from orchestration.tracking import load_model
-    from orchestration.tracking.attention import attention_figures, load_image
+    from orchestration.tracking.attention_figures import attention_figures, load_image
     from orchestration.visualize import main as visualize
 
     url = _digits(tmp_path, classes=(0, 1, 2), limit=120)
@@ -306,7 +306,7 @@ def test_fewshot_during_training_logs_failure_instead_of_crashing(
         models: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The few-shot hook on a model gone NaN: no accuracy, fewshot/failed = 1 and a warning, no crash;
     a 1-class downstream set is named before launch."""
-    from orchestration.evaluation.during import fewshot_data_problems, fewshot_hooks
+    from orchestration.evaluation.in_training import fewshot_data_problems, fewshot_hooks
     from orchestration.experiment import get_recipe
     from orchestration.tracking import load_model
 
@@ -316,7 +316,7 @@ def test_fewshot_during_training_logs_failure_instead_of_crashing(
     (hook,) = fewshot_hooks(exp, rank=0, world=1)
     ok = hook.fn(load_model(str(models["ok"])), 3)
     assert set(ok) == {"fewshot/d/1shot"}
-    with caplog.at_level(logging.WARNING, logger="orchestration.evaluation.during"):
+    with caplog.at_level(logging.WARNING, logger="orchestration.evaluation.in_training"):
         assert hook.fn(load_model(str(models["nan"])), 4) == {"fewshot/failed": 1.0}
     assert "step 4 is not a measurement" in caplog.text and "NaN/Inf" in caplog.text
     one = _digits(tmp_path / "one", classes=(5,))

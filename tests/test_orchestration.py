@@ -106,7 +106,7 @@ def test_resume_or_start_run_is_one_function(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_storage_checkpoint_store_on_s3(s3_bucket: str, tmp_path: Path) -> None:
-    from orchestration.launch.store import StorageCheckpointStore
+    from orchestration.launch.checkpoint_store import StorageCheckpointStore
     from training.checkpoint import CheckpointStore, latest_remote
 
     src = tmp_path / "step10"

@@ -20,7 +20,7 @@ from PIL import Image
 
 from pipeline import format as fmt
 from pipeline import write_dataset
-from pipeline.audit import NearIndex, hamming, phash
+from pipeline.shard_audit import NearIndex, hamming, phash
 
 pytestmark = pytest.mark.integration
 

@@ -177,7 +177,7 @@ def test_image_size_and_per_rank_batch_are_stored_once() -> None:
 
 def test_workers_range_is_elastic_and_every_size_must_fit_the_global_batch() -> None:
     """`--workers MIN-MAX` -> Ray Train's (min, max); the global batch must divide at every size."""
-    from orchestration.launch.train import _num_workers
+    from orchestration.launch.ray_train import _num_workers
     from orchestration.pretrain import resolve_experiment
 
     exp = resolve_experiment("vit_mu_smoke", [], "1-2")
@@ -198,7 +198,7 @@ def test_group_start_timeout_reaches_ray_train_through_its_environment(monkeypat
 
     from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
 
-    from orchestration.launch.train import GROUP_START_TIMEOUT_ENV, ray_train_env
+    from orchestration.launch.ray_train import GROUP_START_TIMEOUT_ENV, ray_train_env
     from orchestration.pretrain import resolve_experiment
 
     assert GROUP_START_TIMEOUT_ENV in ENV_VARS_TO_PROPAGATE  # Ray still forwards it to the controller

@@ -76,7 +76,7 @@ def test_register_load_and_resolve_a_version(store_uri: str) -> None:
     sink.log_metrics({"loss": 0.5}, step=3)
     sink.log_dict({"hello": "world"}, "config/experiment.json")
     model = _tiny_model()
-    with tempfile.TemporaryDirectory() as tmp:  # what every training run logs (orchestration.launch.train.train_worker)
+    with tempfile.TemporaryDirectory() as tmp:  # what every training run logs (orchestration.launch.ray_train.train_worker)
         sink.log_artifact(str(tracking.write_model_dir(model, Path(tmp)) / tracking.MODEL_WEIGHTS_FILE), "weights")
     lineage = {"recipe": "vit_mu_smoke", "dataset_index_sha256": "ab" * 32, "steps": 3, "source_run_id": run_id}
     v1 = tracking.log_and_register_model(model, run_id=run_id, name=name, tags=lineage, uri=store_uri)
@@ -202,7 +202,7 @@ def test_registered_pickle_is_refused_never_executed(store_uri: str, tmp_path: P
 def test_url_credentials_are_redacted_in_text_and_result_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from orchestration.launch import driver
+    from orchestration.launch import pretrain_run as driver
 
     uri = f"http://alice:{PASSWORD}@127.0.0.1:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -257,7 +257,8 @@ def test_password_in_tracking_uri_never_printed(store_uri: str, tmp_path: Path) 
 @pytest.mark.integration
 def test_sweep_tracking_on_every_store(store_uri: str, tmp_path: Path) -> None:
     """What orchestration/sweep.py does in MLflow, minus Ray: the Ray part is store-agnostic."""
-    from orchestration.studies import driver, points, trial
+    from orchestration.studies import points, trial
+    from orchestration.studies import tune_study as driver
     from orchestration.studies.spec import StudySpec
 
     spec = StudySpec(name=f"s-{uuid.uuid4().hex[:6]}", overrides=(f"data.source.url={tmp_path}",), variants=("mu/4",),
@@ -304,9 +305,9 @@ def test_configs_ray_persists_hold_no_password(monkeypatch: pytest.MonkeyPatch, 
     """Ray Train's train_loop_config and Tune's param_space (-> params.json, study.json) carry the
     password-less URI; a worker resolving it in its own environment gets the full one back."""
     from orchestration.experiment import get_recipe
-    from orchestration.launch.train import worker_config
-    from orchestration.studies.driver import tracked_spec
+    from orchestration.launch.ray_train import worker_config
     from orchestration.studies.spec import StudySpec, param_space
+    from orchestration.studies.tune_study import tracked_spec
     from pipeline import write_dataset
     from pipeline.demo_data import make_digits_folder
 

@@ -1,7 +1,7 @@
 """Resume safety (issue #12 items 1-3): no deadlock, no code from checkpoints, one run per folder.
 
 * Deadlock: two gloo ranks sharing one node-local staging folder resume 5 times from
-  checkpoints on moto S3 (through orchestration.launch.store.StorageCheckpointStore) while the
+  checkpoints on moto S3 (through orchestration.launch.checkpoint_store.StorageCheckpointStore) while the
   download is slowed down after the marker lands and rank 1 arrives late: the race that hung
   `--resume auto` with 2 workers. Each resume is timed; failures and stalls fail every rank
   with a message instead of hanging. The worker side is this file's `main()`.
@@ -72,7 +72,7 @@ def scenario_race(out: Path, bucket: str, rank: int) -> None:
     import torch.distributed as dist
     from test_training_dist import ListSink, MemLoader, make_cfg, make_model
 
-    from orchestration.launch.store import StorageCheckpointStore
+    from orchestration.launch.checkpoint_store import StorageCheckpointStore
     from training import Trainer
 
     staging = out / "staging"  # node-local staging shared by both local ranks (one "node")

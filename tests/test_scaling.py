@@ -19,7 +19,7 @@ import pytest
 
 from orchestration.scaling import main
 from orchestration.studies.law import PowerLaw, fit_frontier, fit_power_law, frontier_indices
-from orchestration.studies.report import analyze
+from orchestration.studies.scaling_report import analyze
 from orchestration.studies.sizes import fit_per_size, optimal_size, optimal_sizes
 from orchestration.studies.table import points_from_table, points_table, read_points, write_points
 

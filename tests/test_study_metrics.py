@@ -18,7 +18,7 @@ import pytest
 
 from orchestration.studies.law import PowerLaw
 from orchestration.studies.points import StudySink, TrialInfo, points_from_rows
-from orchestration.studies.report import analyze
+from orchestration.studies.scaling_report import analyze
 from orchestration.studies.spec import StudySpec, trial_overrides
 from orchestration.studies.table import (
     higher_is_better,

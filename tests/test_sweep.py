@@ -16,10 +16,10 @@ import pytest
 
 from model import vit_config
 from model.flops import macs_per_image, train_flops_per_image
-from orchestration.studies.driver import run_study
 from orchestration.studies.points import StudySink, TrialInfo, best_hparams, make_point, points_from_rows
 from orchestration.studies.spec import StudySpec, grid_size, param_space, parse_size, size_label, trial_key
 from orchestration.studies.table import POINTS_SCHEMA
+from orchestration.studies.tune_study import run_study
 from orchestration.sweep import build_parser, spec_from_args
 from training import JsonlSink
 

@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO training of ViTs: config, profiles, optimizer/schedule, losses, checkpoints, metrics.
 
-Imports only `model` from the project (never ray, mlflow, boto3); see DESIGN.md.
+Imports only `model` and `confkit` from the project (never ray, mlflow, boto3); see docs/design.md.
 DeepSpeed itself is imported lazily, when a Trainer is built.
 """
 

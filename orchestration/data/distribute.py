@@ -1,6 +1,6 @@
 """Run a pipeline function once per work item as Ray tasks spread over the cluster.
 
-The pipeline owns the work (``pipeline.shards.write_shard``, ``pipeline.audit.audit_shard``);
+The pipeline owns the work (``pipeline.shards.write_shard``, ``pipeline.shard_audit.audit_shard``);
 this module only schedules it: SPREAD over the nodes, at most ``max_in_flight`` tasks at once
 (so a 14k-shard plan does not queue 14k task specs on the head), each task retried by Ray when
 its worker or node dies (``max_retries``), results handed back as they finish. A task that

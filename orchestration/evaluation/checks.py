@@ -5,7 +5,7 @@ can never be predicted; NaN/Inf features give a classifier of NaNs (``torch.lina
 obscurely, or ``argmax`` picks class 0 for everything). Each of these raises an
 :class:`EvaluationError` (a ``ValueError``) naming the dataset or model and the fix; the CLIs
 print it as one ``error:`` line and exit 2. Inside training see
-:mod:`orchestration.evaluation.during` for what happens instead.
+:mod:`orchestration.evaluation.in_training` for what happens instead.
 """
 
 from __future__ import annotations

@@ -30,9 +30,9 @@ from torch import Tensor, nn
 from pipeline import DataConfig, IOConfig, PreprocessConfig, SourceConfig, build_loader
 
 from .checks import NonFiniteError, check_finite, nonfinite_message
-from .report import EvalReport, ResultRow
+from .results import EvalReport, ResultRow
 from .ridge import L2_GRID, LinearClassifier, fit_fewshot
-from .support import SupportPool, check_shots, open_pool, read_images, select_support, support_digest
+from .support_sets import SupportPool, check_shots, open_pool, read_images, select_support, support_digest
 
 log = logging.getLogger(__name__)
 

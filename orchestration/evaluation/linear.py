@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 from .checks import check_finite
 from .fewshot import FewShotConfig, eval_features, ranked_accuracy
-from .report import EvalReport, ResultRow
+from .results import EvalReport, ResultRow
 from .ridge import fit_fewshot
-from .support import check_classes, open_pool
+from .support_sets import check_classes, open_pool
 
 #: The report's method name and setting for a probe on the whole train split.
 METHOD, SETTING = "linear_probe", "full"

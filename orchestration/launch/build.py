@@ -1,6 +1,6 @@
 """One way to build a training run from an :class:`Experiment`: loaders, model, Trainer, resume.
 
-Pre-training and fine-tuning workers (:mod:`orchestration.launch.train`) and every Tune trial
+Pre-training and fine-tuning workers (:mod:`orchestration.launch.ray_train`) and every Tune trial
 (:mod:`orchestration.studies.trial`) call :func:`build_run` and :func:`resume`; they differ only
 in the sink they pass (MLflow on rank 0, or the study's points sink) and where the checkpoints go.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestration.experiment.config import Experiment
-from orchestration.launch.store import checkpoint_location, fetch
+from orchestration.launch.checkpoint_store import checkpoint_location, fetch
 
 if TYPE_CHECKING:
     from model import VisionTransformer
@@ -85,7 +85,7 @@ def build_run(
     ``checkpoint_key``). ``make_sink(model)`` gives this rank's ``MetricsSink`` (None: no-op).
     ``exp.eval.fewshot_data`` adds the few-shot evaluator as a periodic Trainer evaluation.
     """
-    from orchestration.evaluation.during import fewshot_hooks
+    from orchestration.evaluation.in_training import fewshot_hooks
     from training import Trainer
 
     loaders = build_loaders(exp, rank=rank, world=world)

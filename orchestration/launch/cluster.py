@@ -100,7 +100,7 @@ def _private_auth_token(folder: Path) -> None:
     """Give a private local Ray instance its own token (token auth stays on).
 
     Without one, ``ray.init()`` would create and keep ``~/.ray/auth_token``: state outside the
-    project that later runs silently depend on (DESIGN.md rule 13). The token lives in the
+    project that later runs silently depend on (docs/design.md, convention 13). The token lives in the
     instance's 0700 folder; Ray's processes inherit the path, never the value. A token the
     caller configured (``RAY_AUTH_TOKEN[_PATH]``, not one of ours) is used as it is.
     """

@@ -2,7 +2,7 @@
 (``--recipe``, default ``vit_study``, with the study's ``--set`` overrides) with the trial's size,
 length, training-set size, seed (and, in an hparams study, learning rate / weight decay) applied
 through the same typed overrides as ``pretrain.py --set``. Everything a trial needs travels in the
-spec (DESIGN.md rule 9).
+spec (docs/design.md, convention 9).
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def _fewshot_metric_errors(s: StudySpec) -> list[str]:
         base = s.base
     except (ConfigError, ValueError):
         return []  # the base's own problems are reported by the caller
-    from orchestration.evaluation.during import split_datasets
+    from orchestration.evaluation.in_training import split_datasets
 
     names, _ = split_datasets(base.eval.fewshot_data)
     valid = [f"fewshot/{n}/{k}shot" for n in names for k in base.eval.fewshot_shots]

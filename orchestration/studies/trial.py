@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestration.launch.build import build_run, resume, timed_fit
-from orchestration.launch.store import checkpoint_location, delete_tree
+from orchestration.launch.checkpoint_store import checkpoint_location, delete_tree
 from orchestration.studies.points import StudySink, TrialInfo
 from orchestration.studies.spec import StudySpec, trial_experiment, trial_key
 from pipeline.storage import open_storage, url_join

@@ -4,7 +4,7 @@
 * ``runs``      - tracking URI, experiments, :func:`resume_or_start_run` / end a run, metrics
 * ``sink``      - :class:`MLflowSink`, the ``training.MetricsSink`` of rank 0
 * ``registry``  - register a model as safetensors + config; :func:`load_model` by URI or path
-* ``attention`` - [CLS] attention / rollout figures (logged at evals, drawn by ``visualize.py``)
+* ``attention_figures`` - [CLS] attention / rollout figures (logged at evals, drawn by ``visualize.py``)
 
 The names below are this package's public API (``from orchestration import tracking``).
 """

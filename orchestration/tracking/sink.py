@@ -108,7 +108,7 @@ class MLflowSink:
         if self.attention_images is None:
             return
         try:
-            from orchestration.tracking.attention import attention_figures
+            from orchestration.tracking.attention_figures import attention_figures
 
             with tempfile.TemporaryDirectory() as tmp:
                 attention_figures(_unwrap(model), self.attention_images, Path(tmp), max_images=1)

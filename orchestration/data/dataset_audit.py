@@ -1,6 +1,6 @@
 """Audit a dataset on Ray: per-shard checks as tasks, duplicates and statistics on the driver.
 
-:func:`audit_dataset` runs :func:`pipeline.audit.audit_shard` once per shard (Ray tasks, see
+:func:`audit_dataset` runs :func:`pipeline.shard_audit.audit_shard` once per shard (Ray tasks, see
 :mod:`orchestration.data.distribute`) and builds the report:
 
 * ``shards``: every shard's size and sha256 against ``index.parquet``; the bad ones by name;
@@ -25,7 +25,7 @@ from typing import Any
 
 from orchestration.data.distribute import Progress, TaskSettings, run_tasks
 from pipeline import format as fmt
-from pipeline.audit import DEFAULT_HAMMING, NearIndex, ShardAudit, audit_shard, decode_choice
+from pipeline.shard_audit import DEFAULT_HAMMING, NearIndex, ShardAudit, audit_shard, decode_choice
 from pipeline.shards import WriteSettings, finish_dataset, plan_from_source, write_shard
 from pipeline.sources import Item, Source, WriterError
 

@@ -4,11 +4,11 @@ the per-worker :func:`train_worker`.
 :func:`run_training` launches a Ray Train ``TorchTrainer`` (Train V2 API in Ray 2.60:
 ``ray.train.torch.TorchTrainer``, ``ScalingConfig``, ``RunConfig(failure_config=FailureConfig(
 max_failures=...))``). Each worker runs :func:`train_worker`, which takes ALL of its state from
-the config dict (no module globals, DESIGN.md rule 9) and builds its run with
+the config dict (no module globals, docs/design.md, convention 9) and builds its run with
 :func:`orchestration.launch.build.build_run` (DeepSpeed on the process group Ray Train already
 created: nccl on GPUs, gloo on CPUs), with the :class:`~orchestration.tracking.MLflowSink` on
 rank 0. Checkpoints go to a run-specific folder on shared storage (a path, or ``s3://`` through
-:class:`~orchestration.launch.store.StorageCheckpointStore`), and every attempt resumes: when Ray
+:class:`~orchestration.launch.checkpoint_store.StorageCheckpointStore`), and every attempt resumes: when Ray
 restarts the worker group after a failure, training continues from the newest complete
 checkpoint, not from step 0.
 """
@@ -31,7 +31,7 @@ from typing import Any
 
 from orchestration.experiment.config import Experiment, experiment_from_dict, experiment_to_dict
 from orchestration.launch.build import build_run, probe_batch, resume, timed_fit
-from orchestration.launch.store import checkpoint_location, read_run_file
+from orchestration.launch.checkpoint_store import checkpoint_location, read_run_file
 from pipeline.storage import open_storage, url_join
 from training.preempt import Preempted
 

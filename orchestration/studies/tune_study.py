@@ -14,9 +14,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from orchestration.launch.store import delete_tree
+from orchestration.launch.checkpoint_store import delete_tree
 from orchestration.studies.points import best_hparams, points_from_rows
-from orchestration.studies.report import analyze, format_report
+from orchestration.studies.scaling_report import analyze, format_report
 from orchestration.studies.spec import StudySpec, grid_size, param_space
 from orchestration.studies.table import write_points
 from orchestration.studies.trial import run_trial

@@ -21,9 +21,9 @@ from typing import Any
 from orchestration import tracking
 from orchestration.experiment.config import Experiment, experiment_to_dict, flatten_experiment
 from orchestration.launch import cluster
+from orchestration.launch.checkpoint_store import rewind_checkpoints
 from orchestration.launch.lease import Lease, LeaseLostError, hold_run_lease
-from orchestration.launch.store import rewind_checkpoints
-from orchestration.launch.train import CHECKPOINT_PREFIX, EXPORT_KEY, dataset_lineage, run_training
+from orchestration.launch.ray_train import CHECKPOINT_PREFIX, EXPORT_KEY, dataset_lineage, run_training
 from pipeline.storage import open_storage, url_join
 
 log = logging.getLogger(__name__)

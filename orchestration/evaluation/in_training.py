@@ -27,7 +27,7 @@ from orchestration.experiment.validation import location_problems, one_line
 
 from .checks import EvaluationError
 from .fewshot import FewShotConfig, evaluate_fewshot, open_pools
-from .support import FewShotDataError, open_pool
+from .support_sets import FewShotDataError, open_pool
 
 if TYPE_CHECKING:
     from torch import nn
