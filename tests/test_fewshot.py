@@ -244,9 +244,9 @@ def _rank_main(model_file: str, url: str, out: str) -> None:
 
 
 # ----------------------------------------------------------------------------- CLI + report
-#: The command users run (a file, as the issue names it) and the package's ``-m`` entry point.
+#: The command users run (a file, as the issue names it) and the same file as a module.
 CLI_FILE = [str(ROOT / "orchestration" / "evaluate.py")]
-CLI_MODULE = ["-m", "orchestration.evaluation"]
+CLI_MODULE = ["-m", "orchestration.evaluate"]
 
 
 def _cli(*args: str, entry: list[str] = CLI_FILE) -> subprocess.CompletedProcess[str]:
