@@ -51,7 +51,7 @@ class ViTSpec:
         for name in ("patch_size", "width", "depth", "heads", "mlp_dim", "representation_size"):
             c.int(name, ge=1, optional=True)
         c.int("in_chans", ge=1)
-        c.choice("pool", ("cls", "gap"))
+        c.choice("pool", ("cls", "gap", "avg"))
         c.choice("posemb", ("learn", "sincos2d"))
         for name in ("dropout", "attention_dropout", "drop_path"):
             c.number(name, ge=0, lt=1)

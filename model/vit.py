@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from .layers import Block, PatchEmbed, PreLogits, layer_norm, posemb_sincos_2d
 from .variants import parse_variant
 
-Pool = Literal["cls", "gap"]
+Pool = Literal["cls", "gap", "avg"]
 PosEmb = Literal["learn", "sincos2d"]
 
 
@@ -30,7 +30,9 @@ class ViTConfig:
 
     ``pool="cls"`` prepends a class token and classifies from it (the paper);
     ``pool="gap"`` has no class token and averages the normalised patch tokens
-    (big_vision's ``gap``). ``posemb="learn"`` is a trained (1, seq_len, D) parameter that
+    (big_vision's ``gap``); ``pool="avg"`` keeps the class token but averages the patch tokens
+    and normalises the average instead of the tokens (MAE's fine-tuning head: timm's
+    ``global_pool="avg", fc_norm=True``; the LayerNorm is called ``fc_norm``). ``posemb="learn"`` is a trained (1, seq_len, D) parameter that
     also covers the class token (timm / paper layout); ``"sincos2d"`` is a fixed buffer over
     the patches only. ``representation_size`` adds the paper's pre-training tanh layer.
     ``head_bias_init=-10`` is big_vision's setting for sigmoid training on multi-label data.
@@ -70,8 +72,8 @@ class ViTConfig:
             )
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
-        if self.pool not in ("cls", "gap"):
-            raise ValueError(f"pool must be 'cls' or 'gap', got {self.pool!r}")
+        if self.pool not in ("cls", "gap", "avg"):
+            raise ValueError(f"pool must be 'cls', 'gap' or 'avg', got {self.pool!r}")
         if self.posemb not in ("learn", "sincos2d"):
             raise ValueError(f"posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
         if self.posemb == "sincos2d" and self.width % 4:
@@ -97,9 +99,14 @@ class ViTConfig:
         return gh * gw
 
     @property
+    def class_token(self) -> bool:
+        """Whether the sequence starts with a class token (``pool`` "cls" or "avg")."""
+        return self.pool in ("cls", "avg")
+
+    @property
     def num_prefix_tokens(self) -> int:
-        """Tokens before the patches: 1 (class token) for ``pool="cls"``, else 0."""
-        return 1 if self.pool == "cls" else 0
+        """Tokens before the patches: 1 (class token) for ``pool`` "cls" and "avg", else 0."""
+        return 1 if self.class_token else 0
 
     @property
     def seq_len(self) -> int:
@@ -141,7 +148,7 @@ class VisionTransformer(nn.Module):
         D = cfg.width
         self.grad_checkpointing = cfg.activation_checkpointing
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.pool == "cls" else None
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
         if cfg.posemb == "learn":
             self.pos_embed = nn.Parameter(torch.zeros(1, cfg.seq_len, D))  # covers the cls slot
         else:
@@ -156,7 +163,9 @@ class VisionTransformer(nn.Module):
                 for p in dpr
             )
         )
-        self.norm = layer_norm(D)
+        # pool="avg" normalises the pooled patch tokens (fc_norm), not the tokens (norm).
+        self.norm: nn.Module = nn.Identity() if cfg.pool == "avg" else layer_norm(D)
+        self.fc_norm: nn.Module = layer_norm(D) if cfg.pool == "avg" else nn.Identity()
         rep = cfg.representation_size
         self.pre_logits: nn.Module = PreLogits(D, rep) if rep else nn.Identity()
         self.head: nn.Module = self._new_head(cfg.num_classes)
@@ -184,8 +193,10 @@ class VisionTransformer(nn.Module):
             self.pos_embed.copy_(posemb_sincos_2d(cfg.grid, cfg.width))
         for blk in self.blocks:
             blk.init_weights()
-        nn.init.ones_(self.norm.weight)
-        nn.init.zeros_(self.norm.bias)
+        for norm in (self.norm, self.fc_norm):
+            if isinstance(norm, nn.LayerNorm):
+                nn.init.ones_(norm.weight)
+                nn.init.zeros_(norm.bias)
         if isinstance(self.pre_logits, PreLogits):
             self.pre_logits.init_weights()
         self._init_head()
@@ -240,23 +251,25 @@ class VisionTransformer(nn.Module):
                 "checkpoint with model.weights.load_weights (it resamples the position embedding)"
             )
 
-    def _embed(self, x: Tensor) -> Tensor:
+    def _embed(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Patch tokens plus position, only those in ``keep`` (B, K) if given, class token first."""
         self._check_input(x)
         x = self.patch_embed(x)  # (B, N_p, D)
-        cls = self.cls_token.expand(x.shape[0], -1, -1) if self.cls_token is not None else None  # (B, 1, D)
-        if self.cfg.posemb == "learn":
-            if cls is not None:
-                x = torch.cat([cls, x], dim=1)
-            x = x + self.pos_embed  # (B, N, D)
-        else:
-            x = x + self.pos_embed  # patches only (big_vision): the cls token gets no position
-            if cls is not None:
-                x = torch.cat([cls, x], dim=1)
+        pos, cls = self.pos_embed, self.cls_token  # learn: (1, N, D) with the cls slot first
+        if self.cfg.posemb == "learn" and cls is not None:
+            cls, pos = cls + pos[:, :1], pos[:, 1:]
+        x = x + pos  # sincos2d covers the patches only (big_vision): the cls token gets no position
+        if keep is not None:  # MAE: the encoder sees the visible patches only
+            x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
+        if cls is not None:
+            x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N_p or K, D)
         return self.pos_drop(x)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Images (B, C, H, W) -> token features (B, N, D) after the final LayerNorm."""
-        x = self._embed(x)
+    def forward_features(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Images (B, C, H, W) -> token features (B, N, D) after the final LayerNorm (none for
+        ``pool="avg"``). ``keep`` (B, K) int64 patch indices: encode only those patches (MAE's
+        visible set), giving (B, prefix + K, D)."""
+        x = self._embed(x, keep)
         if self.grad_checkpointing and torch.is_grad_enabled():
             for blk in self.blocks:
                 x = checkpoint(blk, x, use_reentrant=False)
@@ -270,7 +283,10 @@ class VisionTransformer(nn.Module):
         With ``pre_logits=True`` returns the pooled representation (B, R or D) the head
         would see (after the tanh layer if any): the input of a linear probe.
         """
-        x = feats[:, 0] if self.cfg.pool == "cls" else feats.mean(dim=1)  # (B, D)
+        if self.cfg.pool == "cls":
+            x = feats[:, 0]  # (B, D)
+        else:  # gap / avg: the patch tokens' mean
+            x = self.fc_norm(feats[:, self.cfg.num_prefix_tokens:].mean(dim=1))
         x = self.pre_logits(x)
         return x if pre_logits else self.head(x)
 

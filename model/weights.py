@@ -31,12 +31,10 @@ StateDict = dict[str, Tensor]
 log = logging.getLogger(__name__)
 
 # timm features with parameters that have no counterpart here (layer scale, registers,
-# qk-norm, post-pool fc_norm, attention pooling, pre-encoder norm).
+# qk-norm, attention pooling, pre-encoder norm).
 _UNSUPPORTED_TIMM = (
     ("reg_token", "register tokens"),
     ("norm_pre.", "a pre-encoder norm (pre_norm=True, CLIP style)"),
-    ("fc_norm.", "a norm after pooling (timm's global_pool='avg' default; ours normalises before pooling, "
-                 "as big_vision: build the timm model with fc_norm=False)"),
     ("attn_pool.", "attention pooling (MAP head)"),
     (".ls1.", "layer scale"),
     (".ls2.", "layer scale"),
@@ -116,8 +114,8 @@ def timm_kwargs(cfg: ViTConfig) -> dict[str, Any]:
     return dict(
         img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
         embed_dim=cfg.width, depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=cfg.mlp_dim / cfg.width,
-        qkv_bias=cfg.qkv_bias, class_token=cfg.pool == "cls", global_pool="token" if cfg.pool == "cls" else "avg",
-        fc_norm=False, no_embed_class=cfg.posemb == "sincos2d", proj_drop_rate=cfg.dropout,
+        qkv_bias=cfg.qkv_bias, class_token=cfg.class_token, global_pool="token" if cfg.pool == "cls" else "avg",
+        fc_norm=cfg.pool == "avg", no_embed_class=cfg.posemb == "sincos2d", proj_drop_rate=cfg.dropout,
         pos_drop_rate=cfg.dropout, attn_drop_rate=cfg.attention_dropout, drop_path_rate=cfg.drop_path,
     )
 

@@ -149,7 +149,7 @@ def test_logits_equal_timm_both_directions(timm_name: str, variant: str, batch: 
         torch.testing.assert_close(ref(x), ours(x), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("pool", ["cls", "gap"])
+@pytest.mark.parametrize("pool", ["cls", "gap", "avg"])
 @pytest.mark.parametrize("posemb", ["learn", "sincos2d"])
 def test_timm_kwargs_build_the_same_function(pool: str, posemb: str) -> None:
     from timm.models.vision_transformer import VisionTransformer as TimmViT
