@@ -73,7 +73,7 @@ def test_unknown_variant_lists_known_names() -> None:
     [
         (dict(image_size=230), "image_size 230 is not divisible by patch_size 16"),
         (dict(width=30, heads=4), "width 30 is not divisible by heads 4"),
-        (dict(pool="max"), "pool must be 'cls' or 'gap'"),
+        (dict(pool="max"), "pool must be 'cls', 'gap' or 'avg'"),
         (dict(posemb="rope"), "posemb must be 'learn' or 'sincos2d'"),
         (dict(posemb="sincos2d", width=18, heads=2), "divisible by 4"),
         (dict(drop_path=1.0), r"drop_path must be in \[0, 1\)"),
