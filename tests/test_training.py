@@ -233,3 +233,27 @@ def test_export_weights_plain_module(tmp_path: Path) -> None:
         assert f.metadata()["variant"] == "mu/8"
     with pytest.raises(ValueError, match="dtype 'int8'"):
         export_weights(model, tmp_path / "x.safetensors", dtype="int8")
+
+
+def test_layer_wise_lr_decay_follows_mae_and_beit() -> None:
+    """MAE's util/lr_decay.py (from BEiT): embeddings layer 0, block i layer i + 1, the rest layer
+    L + 1; scale decay ** (L + 1 - layer). Weight decay still skips 1-d params and no_weight_decay."""
+    from model import create_model
+    from training.optim import set_lr
+
+    model = create_model("mu/4", num_classes=10, image_size=32)  # 2 blocks: 4 lr layers
+    groups = param_groups(model, 0.05, layer_decay=0.5)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    want = {"pos_embed": 0.125, "cls_token": 0.125, "patch_embed.proj.weight": 0.125,
+            "blocks.0.attn.qkv.weight": 0.25, "blocks.1.mlp.fc2.bias": 0.5, "norm.weight": 1.0, "head.weight": 1.0}
+    assert {n: scale_of[id(names[n])] for n in want} == want
+    assert decay_of[id(names["blocks.0.attn.qkv.weight"])] == 0.05 and decay_of[id(names["pos_embed"])] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(names)
+    opt = torch.optim.AdamW(groups, lr=1.0)
+    set_lr(opt, 2e-3)
+    assert sorted({g["lr"] for g in opt.param_groups}) == [2.5e-4, 5e-4, 1e-3, 2e-3]
+    assert all("lr_scale" not in g for g in param_groups(model, 0.05))  # off: two plain groups
+    with pytest.raises(ValueError, match="optim.layer_decay=1.5 must be a finite number in"):
+        TrainConfig().replace(**{"optim.layer_decay": 1.5})

@@ -37,6 +37,8 @@ class OptimConfig:
 
     ``weight_decay`` is decoupled (AdamW's ``p *= 1 - lr_t * wd``; see the recipes' note on the
     paper's mapping); ``momentum`` is SGD's; ``grad_clip`` is the global norm (0: off).
+    ``layer_decay``: layer-wise learning-rate decay (BEiT, MAE fine-tuning: block i of L trains
+    at ``lr * layer_decay ** (L + 1 - (i + 1))``; ``training.optim.param_groups``); None: off.
     """
 
     name: Literal["adamw", "sgd"] = "adamw"
@@ -46,10 +48,12 @@ class OptimConfig:
     weight_decay: float = 0.1
     momentum: float = 0.9
     grad_clip: float = 1.0
+    layer_decay: float | None = None
 
     def __post_init__(self) -> None:
         c = Checker(self)
         c.choice("name", ("adamw", "sgd"))
+        c.number("layer_decay", gt=0, le=1, optional=True, why=" (None: every layer at the same rate)")
         c.number("lr", gt=0)
         c.numbers("betas", 2, ge=0, lt=1)
         c.number("eps", gt=0)

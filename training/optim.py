@@ -1,29 +1,64 @@
-"""Parameter groups, optimizers and the learning-rate schedule."""
+"""Parameter groups (weight decay, layer-wise lr decay), optimizers and the learning-rate schedule."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
 
 from training.config import TrainConfig
 
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+_EMBEDDING = ("cls_token", "pos_embed", "patch_embed.", "dist_token", "mask_token", "rel_pos_bias.")
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed weights, and no decay for `model.no_weight_decay()` names + 1-d params.
 
-    Biases and norm scales (1-d) never get weight decay (as in timm / big_vision); the model's
-    own `no_weight_decay()` adds position embeddings and the class token.
+def vit_layer_id(name: str, num_layers: int) -> int:
+    """The lr layer of parameter ``name`` of a ViT with ``num_layers - 1`` blocks (BEiT's and MAE's
+    ``get_layer_id_for_vit``): the embeddings are layer 0, block i is layer i + 1, everything
+    after the blocks (final norm, pooling norm, head) is layer ``num_layers``. A leading
+    ``encoder.`` (an MAE / BEiT wrapper) is ignored."""
+    bare = name.removeprefix("encoder.")
+    if bare.startswith(_EMBEDDING):
+        return 0
+    m = _BLOCK.search(bare)
+    return int(m.group(1)) + 1 if m else num_layers
+
+
+def _num_blocks(model: nn.Module) -> int:
+    blocks = getattr(model, "blocks", None) or getattr(getattr(model, "encoder", None), "blocks", None)
+    if blocks is None:
+        raise ValueError(f"layer-wise lr decay needs a ViT-like model with .blocks; {type(model).__name__} has none")
+    return len(blocks)
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """Parameter groups: decayed weights, and no decay for ``model.no_weight_decay()`` names and
+    1-d params (biases and norm scales never get weight decay, as in timm / big_vision; the
+    model's own ``no_weight_decay()`` adds position embeddings and the class token).
+
+    ``layer_decay`` (e.g. 0.65, MAE's fine-tuning of ViT-B; BEiT, ELECTRA): each group also gets
+    ``lr_scale = layer_decay ** (num_layers - layer_id)`` (:func:`vit_layer_id`), so the head
+    trains at the full rate and each block below it at ``layer_decay`` times the one above;
+    :func:`set_lr` applies the scale. None or 1.0: two groups, no scaling.
     """
     skip: set[str] = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    scaled = layer_decay is not None and layer_decay != 1.0
+    num_layers = _num_blocks(model) + 1 if scaled else 0
+    groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if name in skip or p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        no_decay = name in skip or p.ndim <= 1
+        layer = vit_layer_id(name, num_layers) if scaled else 0
+        key = (layer, no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay}
+            if scaled:
+                groups[key]["lr_scale"] = float(layer_decay ** (num_layers - layer))  # type: ignore[operator]
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], k[1]))]
 
 
 def build_optimizer(cfg: TrainConfig, groups: list[dict], device_type: str) -> torch.optim.Optimizer:
@@ -53,9 +88,10 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set `lr` on every param group (DeepSpeed's ZeRO wrappers share the torch groups)."""
+    """Set ``lr`` (times the group's ``lr_scale``, layer-wise decay) on every param group
+    (DeepSpeed's ZeRO wrappers share the torch groups)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def drop_repeated_norm_checks(ds_optimizer: object) -> bool:

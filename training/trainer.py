@@ -119,7 +119,7 @@ class Trainer:
         model.to(self.dist.device)
         self._broadcast_params(model)  # ZeRO-3 partitions each rank's own copy: make them equal
         self.flops_per_image = _train_flops_per_image(model)
-        optimizer = build_optimizer(cfg, param_groups(model, cfg.optim.weight_decay), self.dist.device.type)
+        optimizer = build_optimizer(cfg, param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay), self.dist.device.type)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.dist.world_size)
         )
