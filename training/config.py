@@ -2,7 +2,7 @@
 
 ``TrainConfig`` holds the batch, the seed and the log/eval cadence, and one section per concern:
 ``optim`` (optimizer and its hyper-parameters), ``schedule`` (warm-up, length, decay),
-``objective`` (what is learnt and its loss: classification today), ``engine`` (precision,
+``objective`` (what is learnt and its loss: classification or MAE, told apart by ``kind``), ``engine`` (precision,
 ZeRO, offload, activation checkpointing, compile), ``checkpoint`` (cadence, retention, I/O
 timeout) and ``faults`` (bad steps, preemption grace, hang watchdog). A new objective or engine
 feature adds a section or a field of one, never a flat field here.
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from confkit import Checker, flatten, replace_paths, to_dict
-from training.objectives.classification import ClassificationConfig
+from training.objectives import ClassificationConfig, ObjectiveConfig
 
 #: Paths that may change between a checkpoint and its resumption: they count steps, say how
 #: often to log or how long to wait, not what is optimised. Everything else is in the config hash.
@@ -170,7 +170,7 @@ class TrainConfig:
     profile: str = "auto"
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    objective: ClassificationConfig = field(default_factory=ClassificationConfig)
+    objective: ObjectiveConfig = field(default_factory=ClassificationConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
