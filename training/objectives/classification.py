@@ -7,7 +7,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-
 from torch import Tensor, nn
 
 from confkit import Checker

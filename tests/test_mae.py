@@ -1,0 +1,103 @@
+"""MAE (model/mae.py, training/objectives/mae.py): the algorithm of facebookresearch/mae's
+``models_mae.py``, checked against a step-by-step re-statement of it in this file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import VisionTransformer, ViTConfig
+from model.mae import MAEDecoderConfig, MaskedAutoencoder, mask_order, patchify, unpatchify
+
+
+def _mae(norm_pix: bool = True) -> MaskedAutoencoder:
+    torch.manual_seed(0)
+    enc = VisionTransformer(ViTConfig(image_size=32, patch_size=4, width=32, depth=2, heads=2, mlp_dim=64,
+                                      num_classes=0, posemb="sincos2d"))
+    return MaskedAutoencoder(enc, MAEDecoderConfig(width=16, depth=2, heads=2, mlp_dim=32), norm_pix_loss=norm_pix).eval()
+
+
+def _reference(m: MaskedAutoencoder, imgs: torch.Tensor, noise: torch.Tensor, ratio: float) -> tuple:
+    """models_mae.py's forward with its random_masking driven by ``noise``: the visible tokens
+    go through the encoder in noise order (not position order), then are unshuffled."""
+    enc = m.encoder
+    x = enc.patch_embed(imgs) + enc.pos_embed  # our sincos covers the patches only (MAE's cls pos is 0)
+    B, L, D = x.shape
+    keep_n = int(L * (1 - ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    x = torch.gather(x, 1, ids_shuffle[:, :keep_n, None].repeat(1, 1, D))
+    mask = torch.ones(B, L)
+    mask[:, :keep_n] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    x = torch.cat([enc.cls_token.expand(B, -1, -1), x], dim=1)
+    x = enc.norm(enc.blocks(x))
+    x = m.decoder_embed(x)
+    tokens = m.mask_token.repeat(B, L + 1 - x.shape[1], 1)
+    x_ = torch.gather(torch.cat([x[:, 1:], tokens], 1), 1, ids_restore[..., None].repeat(1, 1, x.shape[2]))
+    x = torch.cat([x[:, :1], x_], 1) + m.decoder_pos_embed
+    for blk in m.decoder_blocks:
+        x = blk(x)
+    pred = m.decoder_pred(m.decoder_norm(x))[:, 1:]
+    target = patchify(imgs, 4)
+    if m.norm_pix_loss:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    loss = ((pred - target) ** 2).mean(-1)
+    return (loss * mask).sum() / mask.sum(), pred, mask.bool()
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_matches_the_reference_algorithm_whatever_the_order_of_visible_tokens(norm_pix: bool) -> None:
+    m = _mae(norm_pix)
+    imgs = torch.randn(4, 3, 32, 32)
+    noise = torch.rand(4, 64)
+    with torch.no_grad():
+        want_loss, want_pred, mask = _reference(m, imgs, noise, 0.75)
+        loss, pred = m(imgs, mask)
+    assert int(mask.sum(1)[0]) == 64 - int(64 * 0.25) and (mask.sum(1) == mask.sum(1)[0]).all()
+    torch.testing.assert_close(pred, want_pred, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, want_loss, atol=1e-6, rtol=1e-5)
+
+
+def test_loss_counts_only_masked_patches_and_gradients_reach_both_halves() -> None:
+    m = _mae().train()
+    imgs = torch.randn(2, 3, 32, 32)
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[:, 16:] = True
+    loss, pred = m(imgs, mask)
+    loss.backward()
+    assert all(p.grad is not None for p in m.parameters())
+    # A visible patch's pixels never enter the loss: changing them moves the loss only through the encoder.
+    with torch.no_grad():
+        target = m.target(imgs)
+        per_patch = ((pred - target) ** 2).mean(-1)
+        torch.testing.assert_close(loss, per_patch[:, 16:].mean(), atol=1e-6, rtol=1e-6)
+
+
+def test_patchify_round_trip_and_mask_order() -> None:
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(unpatchify(patchify(x, 4), 4), x)
+    mask = torch.tensor([[True, False, True, False], [False, False, True, True]])
+    keep, restore, k = mask_order(mask)
+    assert k == 2 and keep.tolist() == [[1, 3], [0, 1]]
+    with pytest.raises(ValueError, match="same number of patches"):
+        mask_order(torch.tensor([[True, False], [True, True]]))
+    with pytest.raises(ValueError, match="no visible patch"):
+        mask_order(torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_encoder_must_be_maes() -> None:
+    enc = VisionTransformer(ViTConfig(image_size=32, patch_size=4, width=32, depth=1, heads=2, mlp_dim=64,
+                                      num_classes=10))
+    with pytest.raises(ValueError, match="pool='cls', posemb='sincos2d' and num_classes=0"):
+        MaskedAutoencoder(enc, MAEDecoderConfig(width=16, depth=1, heads=2, mlp_dim=32))
+
+
+def test_mae_flops_are_below_supervised_at_224() -> None:
+    from model import vit_config
+    from model.flops import macs_per_image, mae_macs_per_image
+
+    enc = vit_config("B/16", num_classes=0, image_size=224)
+    mae = mae_macs_per_image(enc, 512, 8, 2048, visible=49)
+    sup = macs_per_image(vit_config("B/16", num_classes=1000, image_size=224))
+    assert 0.5 < mae / sup < 0.6  # the decoder (8 x 512 on all 197 tokens) is ~a third of MAE's compute
