@@ -40,7 +40,7 @@ class MAEConfig:
                                                           "decoder_mlp_dim")])
         if decoder_ok:
             try:
-                self.decoder
+                _ = self.decoder  # MAEDecoderConfig checks the combination
             except ValueError as e:
                 for line in str(e).splitlines()[1:]:
                     c.fail(f"decoder: {line.strip()}")
