@@ -101,3 +101,37 @@ def test_mae_flops_are_below_supervised_at_224() -> None:
     mae = mae_macs_per_image(enc, 512, 8, 2048, visible=49)
     sup = macs_per_image(vit_config("B/16", num_classes=1000, image_size=224))
     assert 0.5 < mae / sup < 0.6  # the decoder (8 x 512 on all 197 tokens) is ~a third of MAE's compute
+
+
+def test_masks_hide_an_exact_count_and_blocks_are_blocks() -> None:
+    import numpy as np
+
+    from pipeline.masking import MaskConfig, draw_mask, masked_count
+
+    rng = np.random.default_rng(0)
+    rand = [draw_mask(MaskConfig(kind="random", ratio=0.75), 14, rng) for _ in range(50)]
+    assert {int(m.sum()) for m in rand} == {masked_count(196, 0.75)} == {147}
+    assert np.mean(rand, axis=0).min() > 0.4  # every position gets hidden sometimes (uniform)
+    block_cfg = MaskConfig(kind="block", ratio=75 / 196 + 1e-9, min_block=16)
+    blocks = [draw_mask(block_cfg, 14, rng) for _ in range(50)]
+    assert {int(m.sum()) for m in blocks} == {masked_count(196, block_cfg.ratio)}
+    # Blockwise masks are spatially clumped: a hidden patch's right neighbour is hidden far more
+    # often than under random masking of the same count.
+    def neighbours(ms: list) -> float:
+        g = np.stack(ms).reshape(-1, 14, 14)
+        return float((g[:, :, :-1] & g[:, :, 1:]).sum() / g[:, :, :-1].sum())
+    same_count = [draw_mask(MaskConfig(kind="random", ratio=block_cfg.ratio), 14, rng) for _ in range(50)]
+    assert neighbours(blocks) > neighbours(same_count) + 0.25
+    # The same seed draws the same mask.
+    assert np.array_equal(draw_mask(block_cfg, 14, np.random.default_rng(7)),
+                          draw_mask(block_cfg, 14, np.random.default_rng(7)))
+
+
+def test_mask_configs_that_cannot_work_say_why() -> None:
+    from pipeline.masking import MaskConfig
+
+    with pytest.raises(ValueError, match=r"ratio=1.0 must be a finite number in \(0, 1\)"):
+        MaskConfig(kind="random", ratio=1.0)
+    assert "no visible patch" in MaskConfig(kind="random", ratio=0.99, patch_size=16).problems(32)[0]
+    assert "no block fits" in MaskConfig(kind="block", ratio=0.2, patch_size=16, min_block=16).problems(64)[0]
+    assert MaskConfig(kind="random", ratio=0.75, patch_size=16).problems(224) == []
