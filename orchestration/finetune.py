@@ -48,6 +48,7 @@ from orchestration.experiment import (
     apply_overrides,
     validation,
 )
+from orchestration.state import state_dir
 from pipeline import DataConfig, SourceConfig
 from pipeline.storage import open_storage, url_join
 from training import TrainConfig
@@ -126,8 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-name", default=None, help="name used in the registry (default: source's dataset)")
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: the source run's, so the "
                    "fine-tune nests under it)")
-    p.add_argument("--storage", default=None, help="run storage root (default $VITSCALE_STORAGE or ~/.vitscale/runs)")
-    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--storage", default=None, help="run storage root (default $VITSCALE_STORAGE or "
+                   f"{state_dir() / 'runs'})")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI of the source model and the new run "
+                   f"(default $MLFLOW_TRACKING_URI or sqlite:///{state_dir() / 'mlflow.db'})")
     p.add_argument("--address", default=None, help="Ray address (default $RAY_ADDRESS; else a local Ray)")
     p.add_argument("--no-register", action="store_true")
     p.add_argument("--summary-json", default=None)
@@ -143,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     from orchestration.evaluation.in_training import fewshot_data_problems
     from orchestration.experiment import flatten_experiment
     from orchestration.launch.lease import LeaseHeldError
-    from orchestration.launch.pretrain_run import default_storage, emit, launch
+    from orchestration.launch.pretrain_run import emit, launch
+    from orchestration.state import default_storage
 
     args = build_parser().parse_args(argv)
     tracking.install_log_redaction()

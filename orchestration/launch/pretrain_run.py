@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,11 +27,6 @@ from pipeline.storage import open_storage, url_join
 
 log = logging.getLogger(__name__)
 RESULT_PREFIX = "VITSCALE_RESULT "
-
-
-def default_storage() -> str:
-    """``$VITSCALE_STORAGE`` or ``~/.vitscale/runs`` (use s3:// on a multi-node cluster)."""
-    return os.environ.get("VITSCALE_STORAGE") or str(Path.home() / ".vitscale" / "runs")
 
 
 def register_from_run(

@@ -1,8 +1,9 @@
 """MLflow runs: the tracking URI, experiments, creating/continuing/ending runs, reading metrics.
 
-Tracking URI: ``$MLFLOW_TRACKING_URI``, else an embedded ``sqlite:///<project>/mlflow.db`` (the
-model registry works on sqlite). Artifacts of sqlite stores go to ``mlruns/`` next to the
-database file, so a ``ray job submit --working-dir`` copy of the repo never swallows them.
+Tracking URI: ``$MLFLOW_TRACKING_URI``, else an embedded ``sqlite:///<state>/mlflow.db`` in the
+project's state dir (:mod:`orchestration.state`; the model registry works on sqlite). Artifacts
+of sqlite stores go to ``mlruns/`` next to the database file, so a ``ray job submit
+--working-dir`` copy of the repo never swallows them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from mlflow import MlflowClient
 
 if TYPE_CHECKING:
     pass
+from orchestration import state
 from orchestration.tracking.redact import add_url_secrets, redact, redact_text
 
 log = logging.getLogger(__name__)
@@ -28,21 +30,13 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI`` or ``sqlite:///<project>/mlflow.db``.
+    """``$MLFLOW_TRACKING_URI`` or ``sqlite:///<state>/mlflow.db`` (:func:`orchestration.state.state_dir`).
 
-    Under ``ray job submit --working-dir`` the "project" is a temporary unpacked copy, so a
-    default sqlite store there would vanish with the job: set MLFLOW_TRACKING_URI on the cluster
-    (infra/local/start_services.sh does) or pass ``--tracking-uri``.
+    Under ``ray job submit --working-dir`` the code is a temporary unpacked copy: the cluster
+    must give jobs MLFLOW_TRACKING_URI or VITSCALE_HOME (infra/local/start_services.sh does), or
+    pass ``--tracking-uri``.
     """
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    if "runtime_resources" in str(PROJECT_ROOT):
-        log.warning(
-            "MLFLOW_TRACKING_URI is not set and this code runs from a Ray working_dir copy (%s): "
-            "the default sqlite store there is deleted with the job", PROJECT_ROOT,
-        )
-    return f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or state.default_tracking_uri()
 
 
 def public_uri(uri: str) -> str:
