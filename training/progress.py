@@ -181,8 +181,12 @@ class ConsoleProgress:
         return f"{step:>{width}}/{self._stop}"
 
     def _say(self, line: str) -> None:
+        # The stream's write, not print(): Ray Train patches print() in its workers to go to its
+        # logger and, when stdout is wrapped (our redacting stream), to stdout as well: twice.
         if self.enabled:
-            print(line, file=self._out or sys.stdout, flush=True)
+            out = self._out or sys.stdout
+            out.write(line + "\n")
+            out.flush()
 
 
 def _num(value: float | None, fmt: str = ".4g") -> str:

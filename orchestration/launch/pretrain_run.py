@@ -101,6 +101,8 @@ def launch(
     run_id, lease = _open_run(exp, storage=storage, uri=uri, experiment=experiment, run_name=run_name,
                               resume=resume, tags=tags, parent_run_id=parent_run_id, force=force)
     run_dir = url_join(storage, exp.name, run_id)
+    print(f"[run] MLflow run {run_id} (experiment {experiment!r}) in {tracking.redact_text(tracking.public_uri(uri))}; "
+          f"run folder {tracking.redact_text(run_dir)} (checkpoints/, export/model.safetensors)", flush=True)
     try:
         if resume not in (None, "auto"):  # a step: every attempt of this launch resumes "auto" from it
             rewind_checkpoints(url_join(run_dir, CHECKPOINT_PREFIX), int(resume))
