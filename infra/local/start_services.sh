@@ -200,5 +200,5 @@ log "environment written to $ENV_FILE"
 for ((i = 1; i <= WORKER_NODES; i++)); do
   VITSCALE_STATE_DIR="$STATE" PYTHON="$PY" RAY_BIN="$RAY_BIN" bash "$ROOT/infra/local/start_worker_node.sh" "$i"
 done
-log "ready: S3 ${AWS_ENDPOINT_URL}, Ray jobs ${RAY_ADDRESS}; state (pids, logs, env.sh) in $STATE"
+log "ready: S3 ${AWS_ENDPOINT_URL:-(AWS)}, Ray jobs http://127.0.0.1:$DASH_PORT; state (pids, logs, env.sh) in $STATE"
 env_hint
