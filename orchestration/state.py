@@ -27,8 +27,10 @@ HOME_ENV = "VITSCALE_HOME"
 STORAGE_ENV = "VITSCALE_STORAGE"
 
 
-def is_checkout(root: Path = PACKAGE_ROOT) -> bool:
-    """Whether ``root`` is a source checkout of the project (its pyproject.toml next to the packages)."""
+def is_checkout(root: Path | None = None) -> bool:
+    """Whether ``root`` (default: where this code is) is a source checkout of the project (its
+    pyproject.toml next to the packages)."""
+    root = root or PACKAGE_ROOT
     return (root / "pyproject.toml").is_file() and (root / "orchestration").is_dir()
 
 

@@ -150,7 +150,7 @@ class ConsoleProgress:
         per_step = took / steps if steps else math.nan
         images = steps * self.cfg.global_batch / took if took > 0 else math.nan
         evals = "".join(f", {k} {_num(v)}" for k, v in result.items() if k.startswith("eval_") and k != "eval_samples")
-        self._say(f"[train] done: step {self._of(step)}, {steps} steps in {duration(took)} "
+        self._say(f"[train] done: step {step}/{self._stop}, {steps} steps in {duration(took)} "
                   f"({per_step:.3g} s/step, {images:.1f} img/s), loss {_num(result.get('loss'))}{evals}, "
                   f"bad steps {int(result.get('bad_steps', 0))}")
 
