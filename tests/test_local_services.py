@@ -50,10 +50,10 @@ def test_services_make_their_own_token_on_a_fresh_home(tmp_path: Path) -> None:
         "print('JOB-HOME', os.environ['VITSCALE_HOME'], os.environ['VITSCALE_CHECKOUT'])\n"
     )
     env = _clean_env(home, state)
-    started = subprocess.run(["bash", str(ROOT / "infra/local/start_services.sh")], env=env, check=True,
-                             timeout=300, capture_output=True, text=True)
     token_file = state / "ray_auth_token"
-    try:
+    try:  # a start that fails half-way still has its services stopped
+        started = subprocess.run(["bash", str(ROOT / "infra/local/start_services.sh")], env=env, check=True,
+                                 timeout=300, capture_output=True, text=True)
         assert f"source {state.resolve()}/env.sh" in started.stderr, started.stderr  # what to do next
         plain = dict(env)
         env = _load_env_sh(env, state)
