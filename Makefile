@@ -29,6 +29,15 @@ test-fast: $(STAMP)
 smoke: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash infra/local/smoke.sh
 
+## Local services for the README's commands: a moto S3 server (bucket s3://vitscale) and a Ray head on
+## 127.0.0.1, state in .vitscale/ (or $VITSCALE_HOME). Then, in each shell: source .vitscale/env.sh
+services-up: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash infra/local/start_services.sh
+
+## Stop exactly the processes services-up started (by pid).
+services-down:
+	bash infra/local/stop_services.sh
+
 ## Every measured claim in BENCHMARKS.md, each printing a ratio against its named baseline.
 bench: $(STAMP)
 	$(PY) bench/model_step.py
@@ -39,4 +48,5 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check model pipeline training orchestration bench tests
 
 clean:
-	rm -rf $(VENV) .smoke .pytest_cache .ruff_cache
+	@if compgen -G '.vitscale/*.pid' > /dev/null; then VITSCALE_STATE_DIR=.vitscale bash infra/local/stop_services.sh; fi
+	rm -rf $(VENV) .vitscale .smoke .pytest_cache .ruff_cache

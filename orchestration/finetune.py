@@ -48,12 +48,16 @@ from orchestration.experiment import (
     apply_overrides,
     validation,
 )
+from orchestration.state import state_dir
 from pipeline import DataConfig, SourceConfig
 from pipeline.storage import open_storage, url_join
 from training import TrainConfig
 from training.config import CheckpointConfig, EngineConfig, OptimConfig, ScheduleConfig
 
 log = logging.getLogger("orchestration.finetune")
+
+#: Fine-tuning without GPUs: a few minutes for the small (mu, Ti) models on a laptop's CPU.
+CPU_SCHEDULE = {"global_batch": 64, "total_steps": 300, "warmup_steps": 30, "eval_every": 100, "checkpoint_every": 100}
 
 
 def finetune_experiment(
@@ -69,9 +73,12 @@ def finetune_experiment(
     """The paper's fine-tuning experiment for a source model ``src`` at ``image_size``.
 
     Data augmentation settings are inherited from the source recipe when it is known (e.g.
-    no flips for digits), with the resolution replaced.
+    no flips for digits), with the resolution replaced. Without GPUs (``gpus_per_worker=0``) the
+    run is sized for a CPU machine (:data:`CPU_SCHEDULE`: minutes for a small model, not the
+    paper's 10k steps at batch 512, which would take hours); ``--set`` restores any of it.
     """
     mb = 32
+    cpu = not gpus_per_worker
     data = (
         replace(RECIPES[source_recipe]().data, image_size=image_size, batch_size=mb)
         if source_recipe in RECIPES
@@ -86,7 +93,7 @@ def finetune_experiment(
         model=model,
         data=data,
         train=TrainConfig(
-            global_batch=512,  # Table 4 caption: "a batch size of 512"
+            global_batch=CPU_SCHEDULE["global_batch"] if cpu else 512,  # Table 4 caption: "a batch size of 512"
             micro_batch=mb,
             optim=OptimConfig(
                 name="sgd",  # B.1.1: "SGD with a momentum of 0.9"
@@ -96,14 +103,14 @@ def finetune_experiment(
                 grad_clip=1.0,  # Table 4 caption: "grad clipping at global norm 1"
             ),
             schedule=ScheduleConfig(
-                warmup_steps=500,
-                total_steps=10_000,  # Table 4: 10k (CIFAR) .. 20k (ImageNet)
+                warmup_steps=CPU_SCHEDULE["warmup_steps"] if cpu else 500,
+                total_steps=CPU_SCHEDULE["total_steps"] if cpu else 10_000,  # Table 4: 10k (CIFAR) .. 20k (ImageNet)
                 decay="cosine",  # Table 4 caption: "cosine learning rate decay"
             ),
-            engine=EngineConfig(precision="bf16" if gpus_per_worker else "fp32", zero_stage=1),
+            engine=EngineConfig(precision="fp32" if cpu else "bf16", zero_stage=1),
             log_every=10,
-            eval_every=500,
-            checkpoint=CheckpointConfig(every=1000),
+            eval_every=CPU_SCHEDULE["eval_every"] if cpu else 500,
+            checkpoint=CheckpointConfig(every=CPU_SCHEDULE["checkpoint_every"] if cpu else 1000),
         ),
         resources=Resources(workers=workers, cpus_per_worker=1, gpus_per_worker=gpus_per_worker),
         dataset_name=dataset_name,
@@ -126,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-name", default=None, help="name used in the registry (default: source's dataset)")
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: the source run's, so the "
                    "fine-tune nests under it)")
-    p.add_argument("--storage", default=None, help="run storage root (default $VITSCALE_STORAGE or ~/.vitscale/runs)")
-    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--storage", default=None, help="run storage root (default $VITSCALE_STORAGE or "
+                   f"{state_dir() / 'runs'})")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI of the source model and the new run "
+                   f"(default $MLFLOW_TRACKING_URI or sqlite:///{state_dir() / 'mlflow.db'})")
     p.add_argument("--address", default=None, help="Ray address (default $RAY_ADDRESS; else a local Ray)")
     p.add_argument("--no-register", action="store_true")
     p.add_argument("--summary-json", default=None)
@@ -143,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     from orchestration.evaluation.in_training import fewshot_data_problems
     from orchestration.experiment import flatten_experiment
     from orchestration.launch.lease import LeaseHeldError
-    from orchestration.launch.pretrain_run import default_storage, emit, launch
+    from orchestration.launch.pretrain_run import emit, launch
+    from orchestration.state import default_storage
 
     args = build_parser().parse_args(argv)
     tracking.install_log_redaction()
@@ -164,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(json.dumps(flatten_experiment(exp), indent=2, default=str))
         return 0
+    if not exp.resources.gpus_per_worker:
+        print(f"finetune: no GPU: {exp.train.schedule.total_steps} steps at global batch {exp.train.global_batch} "
+              f"(sized for a CPU; the paper's recipe is --set train.schedule.total_steps=10000 --set "
+              "train.global_batch=512, hours here); the run prints its progress and ETA", flush=True)
     before, experiment = _source_run(source, args.experiment, uri)
     storage = args.storage or default_storage()
     init_url = _stage_weights(src_model, url_join(storage, exp.name, "init", f"{uuid.uuid4().hex[:12]}.safetensors"),

@@ -43,7 +43,8 @@ from orchestration.experiment import (
     validation,
 )
 from orchestration.launch.lease import LeaseHeldError
-from orchestration.launch.pretrain_run import RESULT_PREFIX, default_storage, emit, launch
+from orchestration.launch.pretrain_run import RESULT_PREFIX, emit, launch
+from orchestration.state import default_storage, state_dir
 
 __all__ = ["RESULT_PREFIX", "build_parser", "check_launch", "default_storage", "emit", "launch", "main",
            "resolve_experiment"]
@@ -75,9 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "releasing it); a live lease is never taken over")
     p.add_argument("--experiment", default=None, help="MLflow experiment name (default: the recipe name)")
     p.add_argument("--storage", default=None, help="run storage root, path or s3:// (default $VITSCALE_STORAGE "
-                   "or ~/.vitscale/runs); must be shared by all nodes")
+                   f"or {state_dir() / 'runs'}); must be shared by all nodes. A run's files: "
+                   "<storage>/<recipe>/<run_id>/{checkpoints/,export/model.safetensors}")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or "
-                   "sqlite:///<repo>/mlflow.db)")
+                   f"sqlite:///{state_dir() / 'mlflow.db'})")
     p.add_argument("--address", default=None, help="Ray address (default $RAY_ADDRESS; else a local Ray)")
     p.add_argument("--run-name", default=None, help="MLflow run name (default: <recipe>)")
     p.add_argument("--no-register", action="store_true", help="skip the model registry")

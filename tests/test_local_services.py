@@ -1,8 +1,10 @@
 """The local services start on a clean machine: fresh HOME, no Ray/AWS/MLflow variables.
 
-`infra/local/start_services.sh` makes the Ray cluster's auth token itself, inside its state
-dir; `ray job submit` and the job's driver authenticate with it; the token never reaches a log
-or stdout, nothing is written to HOME, and `stop_services.sh` removes it.
+`infra/local/start_services.sh` (`make services-up`) makes the Ray cluster's auth token itself,
+inside the state dir ($VITSCALE_HOME here, as a user's shell has it); `ray job submit` and the
+job's driver authenticate with it; the token never reaches a log or stdout, nothing is written to
+HOME, and `stop_services.sh` removes it. env.sh gives jobs the same state dir and MLflow store as
+a shell without it, and the bucket the README writes to exists.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ VENV_BIN = Path(sys.executable).parent
 def _clean_env(home: Path, state: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_", "AWS_", "MLFLOW_", "VITSCALE_"))}
-    env.update(HOME=str(home), VITSCALE_STATE_DIR=str(state), PYTHON=sys.executable,
+    env.update(HOME=str(home), VITSCALE_HOME=str(state), PYTHON=sys.executable,
                RAY_BIN=str(VENV_BIN / "ray"), VITSCALE_RAY_CPUS="1",
                PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     return env
@@ -45,13 +47,27 @@ def test_services_make_their_own_token_on_a_fresh_home(tmp_path: Path) -> None:
         "import os, ray\n"
         "ray.init()\n"  # the job's driver joins the cluster with the token too
         "print('JOB-OK', int(ray.cluster_resources()['CPU']), os.environ['RAY_AUTH_MODE'])\n"
+        "print('JOB-HOME', os.environ['VITSCALE_HOME'], os.environ['VITSCALE_CHECKOUT'])\n"
     )
     env = _clean_env(home, state)
-    subprocess.run(["bash", str(ROOT / "infra/local/start_services.sh")], env=env, check=True,
-                   timeout=300, capture_output=True, text=True)
     token_file = state / "ray_auth_token"
-    try:
+    try:  # a start that fails half-way still has its services stopped
+        started = subprocess.run(["bash", str(ROOT / "infra/local/start_services.sh")], env=env, check=True,
+                                 timeout=300, capture_output=True, text=True)
+        assert f"source {state.resolve()}/env.sh" in started.stderr, started.stderr  # what to do next
+        plain = dict(env)
         env = _load_env_sh(env, state)
+        assert env["VITSCALE_HOME"] == str(state.resolve()) and env["RAY_ADDRESS"].startswith("http://127.0.0.1:")
+        # One tracking store: the URI env.sh exports is the one the code picks without it.
+        default = subprocess.run([sys.executable, "-c", "from orchestration import tracking; print(tracking.tracking_uri())"],
+                                 env={**plain, "PYTHONPATH": str(ROOT)}, cwd=ROOT, capture_output=True, text=True,
+                                 timeout=120, check=True).stdout.strip()
+        assert env["MLFLOW_TRACKING_URI"] == default == f"sqlite:///{state.resolve()}/mlflow.db"
+        import boto3  # the bucket of the README's commands
+
+        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+        assert "vitscale" in [b["Name"] for b in s3.list_buckets()["Buckets"]]
         assert env["RAY_AUTH_MODE"] == "token" and Path(env["RAY_AUTH_TOKEN_PATH"]) == token_file
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
         token = token_file.read_text()
@@ -62,6 +78,7 @@ def test_services_make_their_own_token_on_a_fresh_home(tmp_path: Path) -> None:
         ok = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
         assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
         assert "JOB-OK 1 token" in ok.stdout
+        assert f"JOB-HOME {state.resolve()} {ROOT}" in ok.stdout  # jobs keep the checkout's state dir
         assert token not in ok.stdout + ok.stderr
 
         # Auth is really on: a client without the token is refused.

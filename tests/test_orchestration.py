@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -331,7 +332,9 @@ def test_ray_job_pretraining_is_tracked_and_registered(pretrained: dict[str, Any
     mv = c.get_model_version("vit-mu4-digits", str(res["model_version"]))
     assert mv.run_id == res["run_id"]
     assert mv.tags["recipe"] == "vit_mu_smoke" and mv.tags["steps"] == "90"
-    assert mv.tags["dataset_index_sha256"] == run.data.tags["dataset_index_sha256"] and mv.tags["git_commit"]
+    assert mv.tags["dataset_index_sha256"] == run.data.tags["dataset_index_sha256"]
+    # The job ran from Ray's copy of the checkout, without .git: the commit is still the checkout's.
+    assert mv.tags["git_commit"] == run.data.tags["git_commit"] == tracking.git_commit() != "unknown"
     model = tracking.load_model(res["model_uri"], uri)  # safetensors + config.json, no pickle
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
     assert mv.source.startswith("models:/m-")  # a logged model: what the server validates against model_id
@@ -339,6 +342,24 @@ def test_ray_job_pretraining_is_tracked_and_registered(pretrained: dict[str, Any
     # The password in MLFLOW_TRACKING_URI never reaches the job's output (result line included).
     assert MLFLOW_PASSWORD not in pretrained["output"]
     assert res["tracking_uri"] == uri.replace(f"vitscale:{MLFLOW_PASSWORD}@", "***@")
+
+
+@pytest.mark.integration
+def test_ray_job_logs_show_training_progress(pretrained: dict[str, Any], ray_cluster: dict[str, str]) -> None:
+    """Rank 0's progress lines (training.progress) reach `ray job logs`, each once."""
+    job = re.search(r"Job '(raysubmit_\w+)' submitted successfully", pretrained["output"])
+    assert job, pretrained["output"][-3000:]
+    logs = subprocess.run([str(VENV_BIN / "ray"), "job", "logs", job[1]], env=ray_cluster, capture_output=True,
+                          text=True, timeout=120)
+    assert logs.returncode == 0, logs.stderr[-3000:]
+    out = logs.stdout
+    for pattern in (r"\[train\] steps 0 -> 90 of 90, on 2 x cpu \(cpu profile",
+                    r"\[train\] step +5/90 +\d+%  loss [\d.]+  lr \S+  [\d.]+ img/s  data-wait \d+%  elapsed \S+  ETA \S+",
+                    r"\[train\] resuming at step \d+: steps \d+ -> 90",  # the attempt after the killed worker
+                    r"\[eval\] step 45/90  eval_top1 [\d.]+", r"\[checkpoint\] step 15/90  step15 saved"):
+        assert re.search(pattern, out), f"{pattern!r} not in the job's log:\n{out[-6000:]}"
+    done = re.findall(r"\[train\] done: step 90/90, \d+ steps in \S+ .*eval_top1 [\d.]+", out)
+    assert len(done) == 1, out[-6000:]  # rank 0 only, once (not doubled by Ray Train's print patch)
 
 
 @pytest.mark.integration

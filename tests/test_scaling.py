@@ -128,6 +128,11 @@ def test_compute_optimal_size_picks_the_lowest_curve() -> None:
     budgets = np.geomspace(1e12, 1e16, 60)
     true_errs = np.stack([law(budgets) for _, law in truth.values()])  # (3, M)
     names = list(truth)
+    # Only the sizes measured at a budget compete there (the nearest measured ones beyond every range).
+    lo = np.log10([curves[n].compute_range[0] for n in names])[:, None]
+    hi = np.log10([curves[n].compute_range[1] for n in names])[:, None]
+    dist = np.maximum(lo - np.log10(budgets), 0) + np.maximum(np.log10(budgets) - hi, 0)
+    true_errs = np.where(dist <= dist.min(axis=0) + 1e-9, true_errs, np.inf)
     true_best = [names[i] for i in np.argmin(true_errs, axis=0)]
     srt = np.sort(true_errs, axis=0)
     clear = srt[1] / srt[0] > 1.05  # away from cross-overs

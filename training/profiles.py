@@ -105,3 +105,12 @@ def from_profile(name: str = "auto", **paths: Any) -> TrainConfig:
         accum = defaults.get("grad_accum") or 1
         defaults["global_batch"] = defaults["micro_batch"] * accum
     return TrainConfig().replace(**defaults)
+
+
+def set_sdpa(kind: str) -> None:
+    """Enable the attention kernels a profile's ``sdpa`` asks for (CUDA only)."""
+    if not torch.cuda.is_available() or kind == "auto":
+        return
+    torch.backends.cuda.enable_flash_sdp(kind == "flash")
+    torch.backends.cuda.enable_mem_efficient_sdp(kind in ("flash", "mem_efficient"))
+    torch.backends.cuda.enable_math_sdp(True)

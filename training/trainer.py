@@ -44,7 +44,8 @@ from training.optim import build_optimizer, drop_repeated_norm_checks, lr_at, pa
 from training.periodic import PeriodicEval, full_module
 from training.preempt import SAVE, STOP, Preempted, Preemption, say
 from training.prefetch import DevicePrefetcher
-from training.profiles import get_profile
+from training.profiles import get_profile, set_sdpa
+from training.progress import ConsoleProgress, LogWindow
 from training.watchdog import Watchdog
 
 
@@ -64,15 +65,6 @@ def _train_flops_per_image(model: nn.Module) -> float | None:
         return None
 
 
-def _set_sdpa(kind: str) -> None:
-    """Enable the attention kernels a profile asks for (CUDA only)."""
-    if not torch.cuda.is_available() or kind == "auto":
-        return
-    torch.backends.cuda.enable_flash_sdp(kind == "flash")
-    torch.backends.cuda.enable_mem_efficient_sdp(kind in ("flash", "mem_efficient"))
-    torch.backends.cuda.enable_math_sdp(True)
-
-
 class Trainer:
     """Pre-train / fine-tune `model` with DeepSpeed ZeRO according to `cfg`.
 
@@ -84,6 +76,7 @@ class Trainer:
     `checkpoint_dir` is a local (or shared) directory; `checkpoint_store` mirrors it remotely
     (needs checkpoint_dir). `periodic`: extra evaluations (`training.periodic.PeriodicEval`, e.g.
     orchestration's few-shot evaluator) run on every rank at their own interval and at the end.
+    `console`: rank 0 prints its progress on stdout (`training.progress.ConsoleProgress`).
     """
 
     def __init__(
@@ -97,6 +90,7 @@ class Trainer:
         checkpoint_dir: str | None = None,
         checkpoint_store: ckpt.CheckpointStore | None = None,
         periodic: Sequence[PeriodicEval] = (),
+        console: bool = True,
     ) -> None:
         import deepspeed
 
@@ -112,7 +106,7 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self._seed(cfg.seed + self.dist.rank)
         if cfg.profile in ("auto", "cpu", "t4", "a100", "h100"):
-            _set_sdpa(get_profile(cfg.profile).sdpa)
+            set_sdpa(get_profile(cfg.profile).sdpa)
 
         if hasattr(model, "set_grad_checkpointing"):
             model.set_grad_checkpointing(cfg.engine.activation_checkpointing)
@@ -132,6 +126,8 @@ class Trainer:
         self.input_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.engine.precision, torch.float32)
         self.device_name = device_name(self.dist.device)
         self.peak = peak_tflops(self.device_name, cfg.engine.precision)
+        self.console = ConsoleProgress(cfg, world_size=self.dist.world_size, accum=self.accum,
+                                       device=self.device_name, enabled=console and self.dist.is_main)
 
         # DeepSpeed checks gradients for overflow in ZeRO 1-3, in bf16 and fp16; not in ZeRO-0 fp32.
         self._own_overflow_check = cfg.engine.zero_stage == 0 and cfg.engine.precision == "fp32"
@@ -192,10 +188,12 @@ class Trainer:
             {**self.cfg.to_dict(), "world_size": self.dist.world_size, "grad_accum": self.accum, "device": self.device_name}
         )
         result: dict[str, float] = {"step": float(self._step)}
-        window = _Window(self.dist.device)
+        window = LogWindow(self.dist.device)
+        self.console.started(self._step, stop)
         while self._step < stop:
             loss, wait = self.train_step()  # batch -> step
             window.add(loss, wait)
+            self.console.stepped(self._step)
             self.watchdog.beat("collective", self._step)
             self.preemption.step = self._step
             decided = self.preemption.poll()
@@ -205,11 +203,13 @@ class Trainer:
                 self._save_on_notice()
             if loss is None:  # skipped for a NaN/Inf: nothing to log, eval or save
                 continue
-            if self._step % self.cfg.log_every == 0 or self._step == stop:  # log
-                self.sink.log_metrics(self._log_metrics(window), self._step)
+            if self._step % self.cfg.log_every == 0 or self._step == stop:  # log: the sink and the console
+                metrics = self._log_metrics(window)
+                self.sink.log_metrics(metrics, self._step)
+                self.console.logged(self._step, metrics)
                 if self._progress is not None:
                     self._progress.record(self._step, (time.perf_counter() - window.start) / max(window.steps, 1))
-                window = _Window(self.dist.device)
+                window = LogWindow(self.dist.device)
             if self.eval_loader is not None and self._due(self.cfg.eval_every, stop):  # eval
                 result.update(self.evaluate())
             for p in self.periodic:  # e.g. few-shot: every rank, its own interval, and at the end
@@ -225,6 +225,7 @@ class Trainer:
             self.last_loss = all_reduce_sum(self._last_loss.reshape(1).clone()).item() / self.dist.world_size
         result.update(step=float(self._step), loss=self.last_loss, bad_steps=float(self.bad_steps),
                       **self.faults.metrics())
+        self.console.finished(self._step, result)
         return result
 
     # ------------------------------------------------------------------ steps
@@ -332,7 +333,7 @@ class Trainer:
         return self._step == stop or (every > 0 and self._step % every == 0)
 
     # ------------------------------------------------------------------ metrics
-    def _log_metrics(self, window: _Window) -> dict[str, float]:
+    def _log_metrics(self, window: LogWindow) -> dict[str, float]:
         elapsed = max(time.perf_counter() - window.start, 1e-9)
         images_per_s = window.steps * self.cfg.global_batch / elapsed
         grad_norm = self.engine.get_global_grad_norm()
@@ -368,6 +369,7 @@ class Trainer:
         each sample of the exactly-once eval loader counts once.
         """
         assert self.eval_loader is not None
+        t0 = time.perf_counter()
         self.engine.eval()
         sums = torch.zeros(4, dtype=torch.float64)  # top1, top5, loss, n
         for batch in self.eval_loader:
@@ -400,6 +402,7 @@ class Trainer:
         if self.cfg.objective.loss == "softmax":
             out["eval_top5"] = sums[1].item() / n
         self.sink.log_metrics(out, self._step)
+        self.console.evaluated(self._step, out, time.perf_counter() - t0)
         self._on_eval()
         return out
 
@@ -416,6 +419,7 @@ class Trainer:
             out = {k: float(v) for k, v in p.fn(module, self._step).items()}
         out[f"{p.name}/seconds"] = time.perf_counter() - t0
         self.sink.log_metrics(out, self._step)
+        self.console.evaluated(self._step, out, out[f"{p.name}/seconds"], name=p.name)
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -431,6 +435,7 @@ class Trainer:
         t0 = time.monotonic()
         tag = self.checkpoints.save(self._step, cfg or self.cfg, state)
         self.preemption.save_s = max(self.preemption.save_s, time.monotonic() - t0)  # for a notice's last save
+        self.console.saved(self._step, tag, time.monotonic() - t0)
         self._saved_step = self._step
         self.watchdog.beat("collective", self._step)
         return tag
@@ -536,18 +541,3 @@ def _poison(loss: torch.Tensor) -> torch.Tensor:
     bad = torch.where(torch.isfinite(loss.detach()), 0.0, float("nan"))
     return loss * (1.0 + bad)
 
-
-class _Window:
-    """Accumulates step losses (on the device) and data-wait time between two log lines."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.start = time.perf_counter()
-        self.steps = 0
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.wait = 0.0
-
-    def add(self, loss: torch.Tensor | None, wait: float) -> None:
-        self.wait += wait
-        if loss is not None:
-            self.steps += 1
-            self.loss_sum += loss

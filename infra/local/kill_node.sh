@@ -13,7 +13,7 @@ set -uo pipefail
 I="${1:?usage: kill_node.sh INDEX [SIGNAL]}"
 SIG="${2:-KILL}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-STATE="${VITSCALE_STATE_DIR:-$ROOT/.smoke}"
+STATE="${VITSCALE_STATE_DIR:-${VITSCALE_HOME:-$ROOT/.vitscale}}"
 FILE="$STATE/ray_worker_$I.pid"
 
 descendants() {

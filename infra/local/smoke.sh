@@ -4,7 +4,8 @@
 # registry -> `ray job submit` fine-tuning of the registered model at a higher resolution ->
 # attention maps -> summary. Stops the services it started on exit (trap), whatever happens.
 #
-# Knobs: VITSCALE_STATE_DIR (default .smoke/; wiped at start, kept at the end for the MLflow UI),
+# Knobs: VITSCALE_STATE_DIR (default .vitscale/smoke/, its own services and MLflow store next to
+#        those of `make services-up`; wiped at start, kept at the end for the MLflow UI),
 #        SMOKE_STEPS / SMOKE_FT_STEPS (pre-training / fine-tuning steps), AWS_ENDPOINT_URL
 #        (use a real S3/MinIO instead of moto; the bucket SMOKE_BUCKET must be writable).
 # Tracking: the embedded sqlite store in the state dir by default;
@@ -16,7 +17,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
-export VITSCALE_STATE_DIR="${VITSCALE_STATE_DIR:-$ROOT/.smoke}"
+export VITSCALE_STATE_DIR="${VITSCALE_STATE_DIR:-${VITSCALE_HOME:-$ROOT/.vitscale}/smoke}"
 STATE="$VITSCALE_STATE_DIR"
 PY="${PYTHON:-python}"
 export PYTHON="$PY"

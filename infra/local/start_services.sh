@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Start the local services vitscale needs: an S3 endpoint and a Ray head, both on 127.0.0.1.
 #
-#   infra/local/start_services.sh            # state (pids, logs, env.sh) in $VITSCALE_STATE_DIR or .smoke/
-#   source .smoke/env.sh                     # AWS_ENDPOINT_URL, RAY_ADDRESS, MLFLOW_TRACKING_URI, ...
-#   infra/local/stop_services.sh             # stops exactly what this script started (by pid)
+#   infra/local/start_services.sh     # `make services-up`; state (pids, logs, env.sh) in the state dir
+#   source .vitscale/env.sh           # AWS_*, RAY_ADDRESS, MLFLOW_TRACKING_URI, VITSCALE_HOME, ...
+#   infra/local/stop_services.sh      # `make services-down`: stops exactly what this script started (by pid)
+#
+# State dir: $VITSCALE_STATE_DIR (tests, `make smoke`), else $VITSCALE_HOME, else .vitscale/ in the
+# checkout: the project's state dir (orchestration/state.py), whose mlflow.db and runs/ are also
+# the defaults without env.sh, so a shell with env.sh and one without share one tracking store.
+# A bucket s3://$VITSCALE_BUCKET (default vitscale; empty: none) is created if it is missing.
 #
 # S3: a moto server (real S3 wire protocol) unless AWS_ENDPOINT_URL already points at a real
 # store (MinIO, S3), which is then used as is with the caller's credentials.
@@ -20,14 +25,21 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-STATE="${VITSCALE_STATE_DIR:-$ROOT/.smoke}"
+STATE="${VITSCALE_STATE_DIR:-${VITSCALE_HOME:-$ROOT/.vitscale}}"
 PY="${PYTHON:-python}"
 RAY_BIN="${RAY_BIN:-ray}"
 mkdir -p "$STATE/logs"
-STATE="$(cd "$STATE" && pwd)"  # absolute: env.sh is sourced from anywhere
+STATE="$(cd "$STATE" && pwd -P)"  # absolute, as Python resolves it: env.sh is sourced from anywhere
 ENV_FILE="$STATE/env.sh"
 
 log() { printf '[services] %s\n' "$*" >&2; }
+# The env.sh to source, as short as it can be said from here.
+env_hint() {
+  local rel="$ENV_FILE" here
+  here="$(pwd -P)"
+  [[ "$ENV_FILE" == "$here"/* ]] && rel="${ENV_FILE#"$here"/}"
+  log "in every shell that uses them: source $rel   (stop them: make services-down)"
+}
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 # wait_http URL SECONDS NAME PID: poll until URL answers (any HTTP status), or fail if PID died.
 wait_http() {
@@ -62,6 +74,7 @@ case "${VITSCALE_RAY_NODE_ISOLATION:-auto}" in
 esac
 if [[ -f "$STATE/ray.pid" ]] && kill -0 "$(cat "$STATE/ray.pid")" 2>/dev/null; then
   log "services already running (state in $STATE); stop them with infra/local/stop_services.sh"
+  env_hint
   exit 0
 fi
 : > "$ENV_FILE"
@@ -86,11 +99,31 @@ EOT
 fi
 
 # ---- MLflow / storage defaults (inherited by the Ray head, hence by every job and worker) ----
+# VITSCALE_HOME: jobs run from a copy of the checkout (ray job submit --working-dir), whose own
+# default state dir would vanish with the job. VITSCALE_CHECKOUT: where such a job finds the git
+# commit of the code it runs (Ray leaves .git out of the copy; orchestration/tracking/runs.py).
+echo "export VITSCALE_HOME='$STATE'" >> "$ENV_FILE"
+echo "export VITSCALE_CHECKOUT='$ROOT'" >> "$ENV_FILE"
 echo "export MLFLOW_TRACKING_URI='${MLFLOW_TRACKING_URI:-sqlite:///$STATE/mlflow.db}'" >> "$ENV_FILE"
 echo "export VITSCALE_STORAGE='${VITSCALE_STORAGE:-$STATE/runs}'" >> "$ENV_FILE"
 echo "export VITSCALE_RAY_STORAGE='${VITSCALE_RAY_STORAGE:-$STATE/ray_results}'" >> "$ENV_FILE"
 # shellcheck disable=SC1090
 source "$ENV_FILE"
+BUCKET="${VITSCALE_BUCKET-vitscale}"
+if [[ -n "$BUCKET" ]]; then
+  if "$PY" - "$BUCKET" <<'PYEOF'; then log "bucket s3://$BUCKET ready"; else log "could not create bucket s3://$BUCKET (continuing)"; fi
+import sys
+
+import boto3
+from botocore.exceptions import ClientError
+
+s3 = boto3.client("s3")
+try:
+    s3.head_bucket(Bucket=sys.argv[1])
+except ClientError:
+    s3.create_bucket(Bucket=sys.argv[1])
+PYEOF
+fi
 
 # ---- Ray head -------------------------------------------------------------------------------
 GCS_PORT=$(free_port); DASH_PORT=$(free_port); CLIENT_PORT=$(free_port)
@@ -167,3 +200,5 @@ log "environment written to $ENV_FILE"
 for ((i = 1; i <= WORKER_NODES; i++)); do
   VITSCALE_STATE_DIR="$STATE" PYTHON="$PY" RAY_BIN="$RAY_BIN" bash "$ROOT/infra/local/start_worker_node.sh" "$i"
 done
+log "ready: S3 ${AWS_ENDPOINT_URL:-(AWS)}, Ray jobs http://127.0.0.1:$DASH_PORT; state (pids, logs, env.sh) in $STATE"
+env_hint

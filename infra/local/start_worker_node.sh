@@ -2,7 +2,7 @@
 # Start (or restart, after kill_node.sh) Ray worker node I of the cluster that
 # infra/local/start_services.sh started, and wait until the head lists it as ALIVE.
 #
-#   infra/local/start_worker_node.sh 1        # state dir: $VITSCALE_STATE_DIR or .smoke/
+#   infra/local/start_worker_node.sh 1        # state dir: $VITSCALE_STATE_DIR, $VITSCALE_HOME or .vitscale/
 #
 # The node is a separate raylet joined with `ray start --address <gcs> --block`, as on a real
 # cluster, with its own:
@@ -26,7 +26,7 @@ if ! [[ "$I" =~ ^[0-9]+$ ]] || ((I < 1 || I > 253)); then
   exit 2
 fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-STATE="$(cd "${VITSCALE_STATE_DIR:-$ROOT/.smoke}" && pwd)"
+STATE="$(cd "${VITSCALE_STATE_DIR:-${VITSCALE_HOME:-$ROOT/.vitscale}}" && pwd -P)"
 PY="${PYTHON:-python}"
 RAY_BIN="${RAY_BIN:-ray}"
 NAME="ray_worker_$I"

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Stop the services started by infra/local/start_services.sh, by pid only (never `ray stop`,
-# which would also kill other people's Ray instances on a shared machine).
+# Stop the services started by infra/local/start_services.sh (`make services-down`), by pid only
+# (never `ray stop`, which would also kill other people's Ray instances on a shared machine).
+# State dir: $VITSCALE_STATE_DIR, else $VITSCALE_HOME, else .vitscale/ in the checkout.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-STATE="${VITSCALE_STATE_DIR:-$ROOT/.smoke}"
+STATE="${VITSCALE_STATE_DIR:-${VITSCALE_HOME:-$ROOT/.vitscale}}"
 
 log() { printf '[services] %s\n' "$*" >&2; }
+if ! compgen -G "$STATE/*.pid" > /dev/null; then
+  log "no local services recorded in $STATE: nothing to stop"
+fi
 
 # descendants PID: every process below PID (recursively), printed one pid per line.
 descendants() {

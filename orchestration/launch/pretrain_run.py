@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,11 +27,6 @@ from pipeline.storage import open_storage, url_join
 
 log = logging.getLogger(__name__)
 RESULT_PREFIX = "VITSCALE_RESULT "
-
-
-def default_storage() -> str:
-    """``$VITSCALE_STORAGE`` or ``~/.vitscale/runs`` (use s3:// on a multi-node cluster)."""
-    return os.environ.get("VITSCALE_STORAGE") or str(Path.home() / ".vitscale" / "runs")
 
 
 def register_from_run(
@@ -107,6 +101,8 @@ def launch(
     run_id, lease = _open_run(exp, storage=storage, uri=uri, experiment=experiment, run_name=run_name,
                               resume=resume, tags=tags, parent_run_id=parent_run_id, force=force)
     run_dir = url_join(storage, exp.name, run_id)
+    print(f"[run] MLflow run {run_id} (experiment {experiment!r}) in {tracking.redact_text(tracking.public_uri(uri))}; "
+          f"run folder {tracking.redact_text(run_dir)} (checkpoints/, export/model.safetensors)", flush=True)
     try:
         if resume not in (None, "auto"):  # a step: every attempt of this launch resumes "auto" from it
             rewind_checkpoints(url_join(run_dir, CHECKPOINT_PREFIX), int(resume))

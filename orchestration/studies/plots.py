@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from orchestration.studies.law import FrontierFit, frontier_of
-from orchestration.studies.sizes import SizeCurve, optimal_sizes
+from orchestration.studies.sizes import SizeCurve, measured_budgets, optimal_sizes
 from orchestration.studies.table import Points, fitted_label
 
 #: The x axis unit of the plots (the ViT paper plots pre-training exaFLOPs; 1 PFLOP-day = 86.4 exaFLOPs).
@@ -100,24 +101,44 @@ def plot_error_vs_compute(
 def plot_optimal_size(
     curves: Mapping[str, SizeCurve], compute: np.ndarray, path: str | Path, *, title: str = ""
 ) -> Path:
-    """Compute-optimal model size (by parameter count where known) against budget."""
+    """Compute-optimal model size (by parameter count where known) against budget
+    (:func:`optimal_size_figure`), written to ``path``."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = optimal_size_figure(curves, compute, title=title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def optimal_size_figure(curves: Mapping[str, SizeCurve], compute: np.ndarray, *, title: str = "") -> Any:
+    """The compute-optimal size plot as a matplotlib Figure.
+
+    Solid where some size was measured at that budget, dashed where none was (the nearest
+    measured size, an extrapolation); the legend sits below the axes, clear of every bar.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     best = optimal_sizes(curves, compute)
     ordered = [v for v in sorted(curves, key=lambda v: (curves[v].params or 0, v)) if curves[v].law is not None]
     use_params = all(curves[v].params for v in ordered)
     ypos = {v: float(curves[v].params) if use_params else float(i) for i, v in enumerate(ordered)}  # type: ignore[arg-type]
     y = np.array([ypos[v] for v in best])
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    x = np.asarray(compute, dtype=float) / EXA
+    measured = measured_budgets(curves, compute)
+    fig, ax = plt.subplots(figsize=(9, 5))
     for v in ordered:  # where each size was measured
-        ax.plot(np.asarray(curves[v].compute_range) / EXA, [ypos[v], ypos[v]], color="gray", alpha=0.35, lw=7, solid_capstyle="butt")
-    ax.step(np.asarray(compute) / EXA, y, where="post", color="tab:blue", lw=2, label="compute-optimal size")
-    ax.plot([], [], color="gray", alpha=0.35, lw=7, label="measured compute range of the size")
+        ax.plot(np.asarray(curves[v].compute_range) / EXA, [ypos[v], ypos[v]], color="gray", alpha=0.35, lw=7,
+                solid_capstyle="butt", label="measured compute range of the size" if v == ordered[0] else None)
+    ax.step(x, np.where(measured, y, np.nan), where="post", color="tab:blue", lw=2, label="compute-optimal size")
+    if not measured.all():  # budgets no size reached: the nearest measured size, dashed
+        ax.step(x, np.where(measured, np.nan, y), where="post", color="tab:blue", lw=1.5, ls="--",
+                label="no size measured there: the nearest one")
     ax.set_xscale("log")
     if use_params:
         ax.set_yscale("log")
@@ -128,8 +149,6 @@ def plot_optimal_size(
     ax.set_xlabel("pre-training compute budget (exaFLOPs)")
     ax.set_title(title or "compute-optimal model size (lowest per-size fitted curve)")
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))  # the bottom strip: the legend, below the axes and their labels
+    return fig

@@ -56,9 +56,12 @@ def optimal_size(curves: Mapping[str, SizeCurve], compute: float) -> str:
 def optimal_sizes(curves: Mapping[str, SizeCurve], compute: np.ndarray) -> list[str]:
     """Vectorised ``optimal_size`` over a grid of budgets.
 
-    A size competes from the compute of its first measured point on: below that its curve
-    is an extrapolation towards zero training, not a measurement. (Budgets below every
-    size's first point fall back to the plain lowest curve.)
+    A size competes only inside its measured compute range: below its first point its curve is
+    an extrapolation towards zero training, beyond its last one a guess at training it longer
+    than anyone did. So a budget only one size reached names that size, never a smaller one
+    whose extrapolated curve happens to lie lower. A budget no size reached (beyond or below
+    every range) goes to the sizes measured nearest to it (log distance), lowest curve first:
+    :func:`measured_budgets` tells those apart.
     """
     fitted = [c for c in curves.values() if c.law is not None]
     if not fitted:
@@ -67,7 +70,21 @@ def optimal_sizes(curves: Mapping[str, SizeCurve], compute: np.ndarray) -> list[
     if np.any(compute <= 0):
         raise ValueError("compute budgets must be > 0")
     errs = np.stack([c.law(compute) for c in fitted])  # (S, M)  # type: ignore[union-attr]
-    starts = np.array([c.compute_range[0] for c in fitted])[:, None]  # (S, 1)
-    masked = np.where(compute[None, :] >= starts * (1 - 1e-9), errs, np.inf)
-    best = np.where(np.isfinite(masked.min(axis=0)), np.argmin(masked, axis=0), np.argmin(errs, axis=0))
+    dist = _log_distance(fitted, compute)  # (S, M): 0 inside a size's measured range
+    nearest = dist <= dist.min(axis=0, keepdims=True) + 1e-12
+    best = np.argmin(np.where(nearest, errs, np.inf), axis=0)
     return [fitted[i].variant for i in best]
+
+
+def measured_budgets(curves: Mapping[str, SizeCurve], compute: np.ndarray) -> np.ndarray:
+    """Which budgets lie inside some fitted size's measured compute range (bool per budget)."""
+    fitted = [c for c in curves.values() if c.law is not None]
+    return (_log_distance(fitted, np.asarray(compute, dtype=float)) == 0).any(axis=0)
+
+
+def _log_distance(fitted: list[SizeCurve], compute: np.ndarray) -> np.ndarray:
+    """(S, M) distance in log10 compute from each budget to each size's measured range (0 inside)."""
+    lo = np.log10([c.compute_range[0] * (1 - 1e-9) for c in fitted])[:, None]
+    hi = np.log10([c.compute_range[1] * (1 + 1e-9) for c in fitted])[:, None]
+    x = np.log10(compute)[None, :]
+    return np.maximum(lo - x, 0) + np.maximum(x - hi, 0)

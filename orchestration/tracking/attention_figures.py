@@ -66,6 +66,18 @@ def _upsample(m: torch.Tensor, size: int) -> np.ndarray:
     return (up / up.max().clamp_min(1e-12)).cpu().numpy()
 
 
+def overlay(img: np.ndarray, heat: np.ndarray, alpha: float = 0.7, cmap: str = "inferno") -> np.ndarray:
+    """``img`` (S, S, 3) in [0, 1] with ``heat`` (S, S) in [0, 1] painted over it in colour.
+
+    Each pixel is blended towards the colour map in proportion to its attention: where the model
+    does not look the image stays as it is (not darkened, as ``img * heat`` would: a dim grey
+    picture for grey digits), where it looks the map's colour shows.
+    """
+    colour = plt.get_cmap(cmap)(heat)[..., :3]  # (S, S, 3)
+    a = alpha * np.clip(heat, 0, 1)[..., None]
+    return np.clip(img * (1 - a) + colour * a, 0, 1)
+
+
 @torch.no_grad()
 def compute_attention(model: VisionTransformer, images: torch.Tensor, discard_ratio: float = 0.0) -> dict[str, Any]:
     """Run ``forward_with_attention`` and reduce it to plottable maps.
@@ -144,7 +156,7 @@ def attention_figures(
         axes[0].set_title("image")
         axes[1].imshow(roll, cmap="inferno")
         axes[1].set_title("attention rollout")
-        axes[2].imshow(img * roll[..., None])
+        axes[2].imshow(overlay(img, roll))
         axes[2].set_title("overlay")
         for ax in axes:
             ax.axis("off")

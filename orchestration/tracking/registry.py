@@ -26,7 +26,7 @@ import mlflow
 if TYPE_CHECKING:
     from model import VisionTransformer
 from orchestration.tracking.redact import redact, redact_text
-from orchestration.tracking.runs import client, resolve_uri
+from orchestration.tracking.runs import client, public_uri, resolve_uri
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,10 @@ def load_model(source: str, uri: str | None = None, *, allow_resample: bool = Fa
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri)
         except mlflow.exceptions.MlflowException as e:
-            raise FileNotFoundError(f"could not download model {source}: {redact_text(e.message)}") from e
+            if source.startswith("models:/"):
+                _model_version(source, uri)  # an unknown name/version/alias: what the store has instead
+            raise FileNotFoundError(f"could not download model {source} from tracking store {store_name(uri)}: "
+                                    f"{redact_text(e.message)}") from e
         return model_from_path(Path(local), source, **conv)
 
 
@@ -200,22 +203,16 @@ def _refuse_non_safetensors(path: Path, source: str) -> None:
 
 
 def resolve_model_source(source: str, uri: str | None = None) -> dict[str, Any]:
-    """Describe a ``models:/NAME/VERSION``, ``runs:/ID/PATH`` or local ``.safetensors`` source.
+    """Describe a ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/ID/PATH`` or local
+    ``.safetensors`` source.
 
     Returns ``{"kind", "run_id" (or None), "tags" (version/run lineage tags), "uri"}``.
-    ``models:/NAME/latest`` picks the highest version.
+    ``models:/NAME/latest`` picks the highest version. A name, version, alias or run the tracking
+    store does not have raises LookupError naming the store searched and what it does have.
     """
     if source.startswith("models:/"):
-        c = client(uri)
-        parts = source[len("models:/") :].strip("/").split("/")
-        name = parts[0]
-        if len(parts) < 2 or parts[1] in ("latest", ""):
-            versions = c.search_model_versions(f"name='{name}'")
-            if not versions:
-                raise ValueError(f"registered model {name!r} has no versions (source {source!r})")
-            mv = max(versions, key=lambda v: int(v.version))
-        else:
-            mv = c.get_model_version(name, parts[1])
+        mv = _model_version(source, uri)
+        name = mv.name
         return {
             "kind": "registry",
             "run_id": mv.run_id,
@@ -226,9 +223,67 @@ def resolve_model_source(source: str, uri: str | None = None) -> dict[str, Any]:
         }
     if source.startswith("runs:/"):
         run_id = source[len("runs:/") :].split("/")[0]
-        tags = dict(client(uri).get_run(run_id).data.tags)
+        try:
+            tags = dict(client(uri).get_run(run_id).data.tags)
+        except mlflow.exceptions.MlflowException as e:
+            if not _missing(e):
+                raise
+            raise LookupError(f"{source}: run {run_id!r} not found in tracking store {store_name(uri)}; "
+                              f"{_WHICH_STORE}") from e
         return {"kind": "run", "run_id": run_id, "tags": tags, "uri": source}
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"model source {source!r}: not a models:/ or runs:/ URI and no such file")
     return {"kind": "file", "run_id": None, "tags": {}, "uri": str(path.resolve())}
+
+
+_WHICH_STORE = ("point --tracking-uri (or MLFLOW_TRACKING_URI) at the store that has it: runs started without "
+                "it use sqlite:///<state dir>/mlflow.db, orchestration.state")
+
+
+def store_name(uri: str | None = None) -> str:
+    """The tracking store ``uri`` resolves to, fit for a message (no password, secrets masked)."""
+    return redact_text(public_uri(resolve_uri(uri)))
+
+
+def _missing(e: mlflow.exceptions.MlflowException) -> bool:
+    return e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in str(e.message).lower()
+
+
+def _model_version(source: str, uri: str | None) -> Any:
+    """The ModelVersion ``models:/NAME/VERSION|latest`` or ``models:/NAME@ALIAS`` names; LookupError
+    (with the store and what it holds) when the store has no such model, version or alias."""
+    c = client(uri)
+    ref = source[len("models:/") :].strip("/")
+    name, _, alias = ref.partition("@") if "@" in ref.split("/")[0] else (ref.split("/")[0], "", "")
+    version = "" if alias else (ref.split("/") + [""])[1]
+    try:
+        if alias:
+            return c.get_model_version_by_alias(name, alias)
+        if version in ("latest", ""):
+            versions = c.search_model_versions(f"name='{name}'")
+            if versions:
+                return max(versions, key=lambda v: int(v.version))
+        else:
+            return c.get_model_version(name, version)
+    except mlflow.exceptions.MlflowException as e:
+        if not _missing(e):
+            raise
+    raise LookupError(f"{source}: {_what_store_has(c, name, version, alias)} in tracking store {store_name(uri)}; "
+                      f"{_WHICH_STORE}")
+
+
+def _what_store_has(c: Any, name: str, version: str, alias: str) -> str:
+    """'registered model X not found (it has: ...)' / 'model X has no version 3 (versions: 1, 2)' ..."""
+    try:
+        model = c.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        names = sorted(m.name for m in c.search_registered_models(max_results=20))
+        return f"registered model {name!r} not found (registered models there: {', '.join(names) or 'none'})"
+    versions = sorted(int(v.version) for v in c.search_model_versions(f"name='{name}'"))
+    if alias:
+        aliases = sorted(getattr(model, "aliases", {}) or {})
+        return f"registered model {name!r} has no alias {alias!r} (aliases: {', '.join(aliases) or 'none'})"
+    if not versions:
+        return f"registered model {name!r} has no versions"
+    return f"registered model {name!r} has no version {version} (versions: {', '.join(map(str, versions))})"

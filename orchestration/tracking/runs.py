@@ -1,12 +1,14 @@
 """MLflow runs: the tracking URI, experiments, creating/continuing/ending runs, reading metrics.
 
-Tracking URI: ``$MLFLOW_TRACKING_URI``, else an embedded ``sqlite:///<project>/mlflow.db`` (the
-model registry works on sqlite). Artifacts of sqlite stores go to ``mlruns/`` next to the
-database file, so a ``ray job submit --working-dir`` copy of the repo never swallows them.
+Tracking URI: ``$MLFLOW_TRACKING_URI``, else an embedded ``sqlite:///<state>/mlflow.db`` in the
+project's state dir (:mod:`orchestration.state`; the model registry works on sqlite). Artifacts
+of sqlite stores go to ``mlruns/`` next to the database file, so a ``ray job submit
+--working-dir`` copy of the repo never swallows them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import subprocess
@@ -20,6 +22,7 @@ from mlflow import MlflowClient
 
 if TYPE_CHECKING:
     pass
+from orchestration import state
 from orchestration.tracking.redact import add_url_secrets, redact, redact_text
 
 log = logging.getLogger(__name__)
@@ -28,21 +31,13 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI`` or ``sqlite:///<project>/mlflow.db``.
+    """``$MLFLOW_TRACKING_URI`` or ``sqlite:///<state>/mlflow.db`` (:func:`orchestration.state.state_dir`).
 
-    Under ``ray job submit --working-dir`` the "project" is a temporary unpacked copy, so a
-    default sqlite store there would vanish with the job: set MLFLOW_TRACKING_URI on the cluster
-    (infra/local/start_services.sh does) or pass ``--tracking-uri``.
+    Under ``ray job submit --working-dir`` the code is a temporary unpacked copy: the cluster
+    must give jobs MLFLOW_TRACKING_URI or VITSCALE_HOME (infra/local/start_services.sh does), or
+    pass ``--tracking-uri``.
     """
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    if "runtime_resources" in str(PROJECT_ROOT):
-        log.warning(
-            "MLFLOW_TRACKING_URI is not set and this code runs from a Ray working_dir copy (%s): "
-            "the default sqlite store there is deleted with the job", PROJECT_ROOT,
-        )
-    return f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or state.default_tracking_uri()
 
 
 def public_uri(uri: str) -> str:
@@ -132,18 +127,57 @@ def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> No
 
 
 def git_commit(root: Path = PROJECT_ROOT) -> str:
-    """HEAD commit of the checkout (``+dirty`` when modified), or "unknown" outside git."""
+    """The commit of the code in ``root`` (``+dirty`` when it differs from that commit), or "unknown".
+
+    In order: ``root`` is a git checkout: its HEAD. ``$VITSCALE_GIT_COMMIT`` (for a job on a remote
+    cluster, given in its runtime env). ``root`` is a copy without ``.git`` (``ray job submit
+    --working-dir``: Ray never uploads ``.git``) of the checkout ``$VITSCALE_CHECKOUT`` (the local
+    services' env.sh sets it for every job): that checkout's HEAD when the copy's files are HEAD's,
+    ``+dirty`` when some differ (see :func:`commit_of_copy`).
+    """
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root, capture_output=True, text=True, timeout=10,
-        ).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
+        top = _git(root, "rev-parse", "--show-toplevel")
+        if Path(top).resolve() == root.resolve():  # not a parent repository the copy happens to sit in
+            dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
+            return _git(root, "rev-parse", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("VITSCALE_GIT_COMMIT", "unknown")
+        pass
+    if os.environ.get("VITSCALE_GIT_COMMIT"):
+        return os.environ["VITSCALE_GIT_COMMIT"]
+    checkout = os.environ.get("VITSCALE_CHECKOUT")
+    return (commit_of_copy(root, Path(checkout)) if checkout else None) or "unknown"
+
+
+def commit_of_copy(copy: Path, checkout: Path) -> str | None:
+    """HEAD of ``checkout`` when ``copy`` holds its files (``+dirty`` if any tracked file differs).
+
+    Every tracked file of HEAD that the copy has is compared by its git blob hash; files the copy
+    lacks are ignored (Ray leaves out what .gitignore and its own excludes name). None when
+    ``checkout`` is no git checkout or the copy is not one of it (most files differ).
+    """
+    try:
+        head = _git(checkout, "rev-parse", "HEAD")
+        listing = _git(checkout, "ls-tree", "-r", "-z", "HEAD")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    same = differ = 0
+    for entry in filter(None, listing.split("\0")):
+        meta, path = entry.split("\t", 1)
+        mode, kind, sha = meta.split()
+        f = copy / path
+        if kind != "blob" or mode == "120000" or not f.is_file():
+            continue
+        data = f.read_bytes()
+        blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # what `git hash-object` gives
+        same, differ = same + (blob == sha), differ + (blob != sha)
+    if same <= differ:
+        return None
+    return head + ("+dirty" if differ else "")
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
+                          check=True).stdout.strip("\n")
 
 
 def run_metrics(run_id: str, uri: str | None = None) -> dict[str, float]:

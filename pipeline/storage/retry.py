@@ -13,6 +13,7 @@ reader. The classification lives here, in one place, so the reader and
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,17 @@ DEFAULT_RETRIES = 6
 
 class StorageError(IOError):
     """An object could not be read or written after all retries; the message names it."""
+
+
+class NoCredentialsStorageError(StorageError, PermissionError):
+    """No S3 credentials were found: a set-up problem, never retried (a PermissionError)."""
+
+    def __init__(self, target: str) -> None:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+        super().__init__(
+            f"no S3 credentials for {target} (endpoint: {endpoint or 'AWS, AWS_ENDPOINT_URL is not set'}): for "
+            "the project's local S3 run `make services-up && source .vitscale/env.sh`; for another store set "
+            "AWS_ENDPOINT_URL and AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or an AWS profile)")
 
 
 class DamagedResponse(Exception):
@@ -77,11 +89,13 @@ def _parsed(what: str, call: Callable[[], Any]) -> Any:
     30 Nov 2026 2`` raises ``ValueError: Invalid timestamp``); botocore does not retry that.
     Only the call is wrapped, so a KeyError of our own code is never mistaken for one.
     """
-    from botocore.exceptions import BotoCoreError
+    from botocore.exceptions import BotoCoreError, NoCredentialsError
     from botocore.parsers import ResponseParserError
 
     try:
         return call()
+    except NoCredentialsError as exc:
+        raise NoCredentialsStorageError(what) from exc
     except (ResponseParserError, KeyError, ValueError, IndexError) as exc:
         if isinstance(exc, BotoCoreError):  # e.g. UnknownEndpointError: configuration, not a response
             raise

@@ -107,13 +107,10 @@ class S3Storage(Storage):
 
     def ensure_bucket(self) -> None:
         """Fail with a clear message when the bucket is missing or not ours (before any work)."""
-        from botocore.exceptions import ClientError, NoCredentialsError
+        from botocore.exceptions import ClientError
 
         try:
             self._call(f"head bucket s3://{self.bucket}", lambda: self.client.head_bucket(Bucket=self.bucket))
-        except NoCredentialsError as exc:
-            raise StorageError(f"no S3 credentials for s3://{self.bucket}: set AWS_ACCESS_KEY_ID and "
-                               "AWS_SECRET_ACCESS_KEY (or an AWS profile)") from exc
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in {"404", "NoSuchBucket", "NotFound"}:
