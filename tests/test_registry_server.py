@@ -138,7 +138,7 @@ def test_finetune_source_loads_from_registry_and_visualize_runs(store_uri: str, 
     src = tracking.load_model(source["uri"], store_uri)
     exp = finetune.finetune_experiment(src.cfg, image_size=48, source_recipe=source["tags"]["recipe"],
                                        dataset_name=source["tags"]["dataset"], source_model_name=source["name"])
-    assert exp.registered_model_name == f"{name}-ft48" and exp.model_overrides["width"] == src.cfg.width
+    assert exp.registered_model_name == f"{name}-ft48" and exp.model_config(10).width == src.cfg.width
 
     Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype("uint8")).save(tmp_path / "x.jpg")
     rc = visualize.main(["--model", source["uri"], "--tracking-uri", store_uri, "--image", str(tmp_path / "x.jpg"),
