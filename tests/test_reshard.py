@@ -36,7 +36,7 @@ def _partition_everything() -> None:
 
     def config(cfg: Any, world: int) -> dict[str, Any]:
         ds = real(cfg, world)
-        if cfg.zero_stage == 3:
+        if cfg.engine.zero_stage == 3:
             ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         return ds
 

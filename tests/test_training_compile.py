@@ -67,7 +67,7 @@ def test_compile_keeps_keys_and_results(tmp_path: Path) -> None:
 
     from training import Trainer, export_weights
 
-    cfg = td.make_cfg(1, total_steps=4, checkpoint_every=3)
+    cfg = td.make_cfg(1, **{"schedule.total_steps": 4, "checkpoint.every": 3})
     out = {}
     for compiled in (False, True):
         c = cfg.replace(**{"engine.compile": compiled, "engine.compile_backend": "aot_eager"})
