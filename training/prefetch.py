@@ -9,7 +9,8 @@ import torch
 
 
 class DevicePrefetcher:
-    """Hands out `(images, targets)` training batches; on CUDA the copy runs one batch ahead.
+    """Hands out training batches (``(images, targets[, mask])``: every tensor of the tuple);
+    on CUDA the copy runs one batch ahead.
 
     CUDA: `preload()` takes batch k+1 from the loader, pins it (uint8 images are a quarter of
     float's bytes) and copies it on a side stream while batch k computes; `take()` makes the
@@ -25,35 +26,33 @@ class DevicePrefetcher:
                  state: Callable[[], Any] | None = None) -> None:
         self.fetch, self.device, self.state = fetch, device, state
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending: tuple[torch.Tensor, ...] | None = None
         self._state_before: Any = None
 
-    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def take(self) -> tuple[torch.Tensor, ...]:
         """The next batch (on the device under CUDA; as the loader made it on CPU)."""
         if self.stream is None:
-            images, targets = self.fetch()[:2]
-            return images, targets
+            return tuple(self.fetch())
         if self._pending is None:
             self.preload()
         assert self._pending is not None
-        (images, targets), self._pending = self._pending, None
+        batch, self._pending = self._pending, None
         current = torch.cuda.current_stream(self.device)
         current.wait_stream(self.stream)
         # The tensors were allocated on the side stream: tell the allocator the compute stream
         # uses them, or their memory could be reused while the step still reads it.
-        images.record_stream(current)
-        targets.record_stream(current)
-        return images, targets
+        for t in batch:
+            t.record_stream(current)
+        return batch
 
     def preload(self) -> None:
         """CUDA: start copying the next batch (no-op on CPU, or when one is already pending)."""
         if self.stream is None or self._pending is not None:
             return
         self._state_before = self.state() if self.state is not None else None
-        images, targets = self.fetch()[:2]
+        batch = self.fetch()
         with torch.cuda.stream(self.stream):
-            self._pending = (_pinned(images).to(self.device, non_blocking=True),
-                             _pinned(targets).to(self.device, non_blocking=True))
+            self._pending = tuple(_pinned(t).to(self.device, non_blocking=True) for t in batch)
 
     def loader_state(self) -> Any:
         """The loader's cursor as of the batches handed out so far (what a checkpoint saves)."""

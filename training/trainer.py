@@ -39,7 +39,7 @@ from training.deepspeed_config import deepspeed_config
 from training.dist import DistInfo, all_reduce_sum, init_distributed
 from training.faults import FaultStats, ProgressLog
 from training.metrics import MetricsSink, NullSink, device_name, mfu, peak_tflops
-from training.objectives.classification import loss_fn
+from training.objectives import objective_for
 from training.optim import build_optimizer, drop_repeated_norm_checks, lr_at, param_groups, set_lr
 from training.periodic import PeriodicEval, full_module
 from training.preempt import SAVE, STOP, Preempted, Preemption, say
@@ -51,18 +51,6 @@ from training.watchdog import Watchdog
 
 class NonFiniteLossError(RuntimeError):
     """Raised after `max_bad_steps` consecutive micro-batches with a NaN/Inf loss."""
-
-
-def _train_flops_per_image(model: nn.Module) -> float | None:
-    cfg = getattr(model, "cfg", None)
-    if cfg is None:
-        return None
-    try:
-        from model.flops import train_flops_per_image
-
-        return float(train_flops_per_image(cfg))
-    except Exception:  # a stand-in module without a ViTConfig: no MFU
-        return None
 
 
 class Trainer:
@@ -108,14 +96,17 @@ class Trainer:
         if cfg.profile in ("auto", "cpu", "t4", "a100", "h100"):
             set_sdpa(get_profile(cfg.profile).sdpa)
 
-        if hasattr(model, "set_grad_checkpointing"):
-            model.set_grad_checkpointing(cfg.engine.activation_checkpointing)
-        model.to(self.dist.device)
-        self._broadcast_params(model)  # ZeRO-3 partitions each rank's own copy: make them equal
-        self.flops_per_image = _train_flops_per_image(model)
-        optimizer = build_optimizer(cfg, param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay), self.dist.device.type)
+        self.objective = objective_for(cfg.objective)
+        module = self.objective.wrap(model)  # the model plus the objective's own modules (MAE's decoder)
+        if hasattr(module, "set_grad_checkpointing"):
+            module.set_grad_checkpointing(cfg.engine.activation_checkpointing)
+        module.to(self.dist.device)
+        self._broadcast_params(module)  # ZeRO-3 partitions each rank's own copy: make them equal
+        self.flops_per_image = self.objective.flops_per_image(module)
+        groups = param_groups(module, cfg.optim.weight_decay, cfg.optim.layer_decay)
+        optimizer = build_optimizer(cfg, groups, self.dist.device.type)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.dist.world_size)
+            model=module, optimizer=optimizer, config=deepspeed_config(cfg, self.dist.world_size)
         )
         drop_repeated_norm_checks(self.optimizer)  # host syncs DeepSpeed's ZeRO-1/2 step repeats
         self.checkpoints = ckpt.CheckpointManager(self.engine, self.dist, self.checkpoint_dir, checkpoint_store)
@@ -245,12 +236,10 @@ class Trainer:
         for i in range(self.accum):
             t0 = time.perf_counter()
             self.watchdog.beat("data")
-            images, targets = self._batches.take()
+            batch = self._batches.take()
             wait += time.perf_counter() - t0
             self.watchdog.beat("forward_backward")
-            images = self._to_device(images, self.train_loader, non_blocking=True)
-            targets = targets.to(self.dist.device, non_blocking=True)
-            loss = loss_fn(self.cfg.objective, self.engine(images), targets)
+            loss = self.objective.loss(self.engine, self._to_device(batch, self.train_loader, non_blocking=True))
             loss_sum += loss.detach()
             self.engine.backward(_poison(loss))
             t0 = time.perf_counter()
@@ -306,17 +295,19 @@ class Trainer:
             del opt.step
         self.engine.skipped_steps += 1
 
-    def _to_device(self, images: torch.Tensor, loader: Any, *, non_blocking: bool = False) -> torch.Tensor:
-        """Move a batch to the device; uint8 batches (``DataConfig(output="uint8")``) are
-        normalized there by the loader's ``normalize``: a quarter of the bytes on the host and
-        through the copy, and no float conversion on the host."""
+    def _to_device(self, batch: tuple, loader: Any, *, non_blocking: bool = False) -> tuple:
+        """A batch on the device, images in the model's input dtype; uint8 images
+        (``DataConfig(output="uint8")``) are normalized there by the loader's ``normalize``: a
+        quarter of the bytes on the host and through the copy, and no float conversion on the host."""
+        images, *rest = batch
+        rest = [t.to(self.dist.device, non_blocking=non_blocking) if isinstance(t, torch.Tensor) else t for t in rest]
         if images.dtype != torch.uint8:  # one copy, converting to the input dtype on the way
-            return images.to(self.dist.device, self.input_dtype, non_blocking=non_blocking)
+            return (images.to(self.dist.device, self.input_dtype, non_blocking=non_blocking), *rest)
         normalize = getattr(loader, "normalize", None)
         if normalize is None:
             raise TypeError(f"{type(loader).__name__} yielded uint8 images but has no normalize(images) "
                             "method to turn them into model inputs; yield float images instead")
-        return normalize(images.to(self.dist.device, non_blocking=non_blocking)).to(self.input_dtype)
+        return (normalize(images.to(self.dist.device, non_blocking=non_blocking)).to(self.input_dtype), *rest)
 
     def _next_batch(self) -> tuple:
         """Next training batch; a new epoch starts when the loader's epoch is exhausted."""
@@ -363,44 +354,22 @@ class Trainer:
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Top-1/top-5 (softmax) or precision@1 (sigmoid) over the whole eval set, all ranks.
+        """The objective's evaluation over the whole eval set, all ranks (classification: top-1 /
+        top-5 or precision@1 and the loss; MAE: the reconstruction loss).
 
-        Counts are summed over ranks with all_reduce; padding rows (valid=False) are ignored, so
-        each sample of the exactly-once eval loader counts once.
+        The objective's sums are summed over ranks with all_reduce; padding rows (valid=False)
+        are ignored, so each sample of the exactly-once eval loader counts once.
         """
         assert self.eval_loader is not None
         t0 = time.perf_counter()
         self.engine.eval()
-        sums = torch.zeros(4, dtype=torch.float64)  # top1, top5, loss, n
+        sums = torch.zeros(len(self.objective.eval_keys), dtype=torch.float64)
         for batch in self.eval_loader:
             self.watchdog.beat("eval")
-            images, targets, valid = batch
-            images = self._to_device(images, self.eval_loader)
-            targets, valid = targets.to(self.dist.device), valid.to(self.dist.device).bool()
-            logits = self.engine(images).float()  # (B, C)
-            if valid.sum() == 0:
-                continue
-            logits, targets = logits[valid], targets[valid]
-            if targets.dtype.is_floating_point:  # multi-hot / soft targets: precision@1
-                top1 = targets.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1) > 0
-                top5 = top1
-                label = targets.argmax(-1)
-            else:
-                top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (B, 5)
-                top1 = top[:, 0] == targets
-                top5 = (top == targets[:, None]).any(-1)
-                label = targets
-            loss = torch.nn.functional.cross_entropy(logits, label, reduction="sum") if self.cfg.objective.loss == "softmax" else (
-                loss_fn(self.cfg.objective, logits, targets) * len(targets)
-            )
-            sums += torch.tensor([top1.sum().item(), top5.sum().item(), loss.item(), len(targets)], dtype=torch.float64)
+            sums += self.objective.eval_sums(self.engine, self._to_device(batch, self.eval_loader))
         all_reduce_sum(sums)
         self.engine.train()
-        n = max(sums[3].item(), 1.0)
-        key = "eval_prec1" if self.cfg.objective.loss == "sigmoid" else "eval_top1"
-        out = {key: sums[0].item() / n, "eval_loss": sums[2].item() / n, "eval_samples": sums[3].item()}
-        if self.cfg.objective.loss == "softmax":
-            out["eval_top5"] = sums[1].item() / n
+        out = self.objective.eval_metrics(sums)
         self.sink.log_metrics(out, self._step)
         self.console.evaluated(self._step, out, time.perf_counter() - t0)
         self._on_eval()
@@ -416,7 +385,7 @@ class Trainer:
         """Run ``p`` now on every rank with the full model; rank 0's sink logs what it returns."""
         t0 = time.perf_counter()
         with full_module(self.engine) as module:
-            out = {k: float(v) for k, v in p.fn(module, self._step).items()}
+            out = {k: float(v) for k, v in p.fn(self.objective.exported(module), self._step).items()}
         out[f"{p.name}/seconds"] = time.perf_counter() - t0
         self.sink.log_metrics(out, self._step)
         self.console.evaluated(self._step, out, out[f"{p.name}/seconds"], name=p.name)
