@@ -298,12 +298,15 @@ def _export(trainer: Any, config: dict[str, Any], rank: int, sink: Any) -> None:
     """Export consolidated weights (collective under ZeRO-3) with the config for rebuilding."""
     from training.checkpoint import export_weights
 
-    cfg_json = json.dumps(dataclasses.asdict(trainer.model.cfg)) if hasattr(trainer.model, "cfg") else "{}"
+    exported = trainer.objective.exported(trainer.model)  # the model (an MAE's encoder)
+    cfg_json = json.dumps(dataclasses.asdict(exported.cfg)) if hasattr(exported, "cfg") else "{}"
     with tempfile.TemporaryDirectory() as tmp:
         path = export_weights(
             trainer.engine,
             Path(tmp) / "model.safetensors",
-            metadata={"vitscale.config": cfg_json, "run_id": config["run_id"], "step": str(trainer.step)},
+            metadata={"vitscale.config": cfg_json, "run_id": config["run_id"], "step": str(trainer.step),
+                      "vitscale.objective": trainer.cfg.objective.kind},
+            prefix=trainer.objective.exported_prefix,
         )
         if rank == 0 and path is not None:
             open_storage(config["run_dir"]).upload_file(path, EXPORT_KEY)

@@ -12,13 +12,15 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def export_weights(
-    engine_or_model: Any, path: str | Path, dtype: str = "fp32", metadata: dict[str, str] | None = None
+    engine_or_model: Any, path: str | Path, dtype: str = "fp32", metadata: dict[str, str] | None = None,
+    prefix: str = "",
 ) -> Path | None:
     """Write consolidated weights as safetensors (param names as in `model.named_parameters()`).
 
     Accepts a plain nn.Module or a DeepSpeed engine; under ZeRO-3 the partitioned parameters
     are gathered first, so every rank must call this (collective). Rank 0 writes the file and
-    gets its path; other ranks get None. `dtype` is "fp32", "bf16" or "fp16".
+    gets its path; other ranks get None. `dtype` is "fp32", "bf16" or "fp16". `prefix` keeps only
+    the tensors under it, named without it (``"encoder."``: an MAE's encoder on its own).
     """
     from safetensors.torch import save_file
 
@@ -30,7 +32,8 @@ def export_weights(
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
     def snapshot() -> dict[str, torch.Tensor]:
-        return {k: v.detach().to("cpu", torch_dtype).contiguous().clone() for k, v in module.state_dict().items()}
+        return {k[len(prefix):]: v.detach().to("cpu", torch_dtype).contiguous().clone()
+                for k, v in module.state_dict().items() if k.startswith(prefix)}
 
     if stage == 3:
         import deepspeed

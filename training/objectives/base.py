@@ -25,6 +25,8 @@ class Objective(ABC):
 
     #: Names of the eval sums (the order of :meth:`eval_sums`' vector).
     eval_keys: tuple[str, ...] = ()
+    #: Where the part that leaves the run sits in the trained module ("": all of it; MAE: "encoder.").
+    exported_prefix: str = ""
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -38,8 +40,10 @@ class Objective(ABC):
         return model
 
     def exported(self, module: nn.Module) -> nn.Module:
-        """The part of the trained module that leaves the run (registry, fine-tuning)."""
-        return module
+        """The part of the trained module that leaves the run (registry, fine-tuning, few-shot):
+        the submodule at :attr:`exported_prefix`."""
+        name = self.exported_prefix.rstrip(".")
+        return module.get_submodule(name) if name and hasattr(module, name) else module
 
     def flops_per_image(self, module: nn.Module) -> float | None:
         """Training FLOPs per image (forward + backward, no recomputation), None when unknown."""

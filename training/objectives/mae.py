@@ -58,15 +58,13 @@ class MAEObjective(Objective):
     split, its masks fixed per sample."""
 
     eval_keys = ("loss", "samples")
+    exported_prefix = "encoder."
 
     def num_classes(self, dataset_classes: int) -> int:
         return 0
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return MaskedAutoencoder(model, self.cfg.decoder, norm_pix_loss=self.cfg.norm_pix_loss)
-
-    def exported(self, module: nn.Module) -> nn.Module:
-        return module.encoder if isinstance(module, MaskedAutoencoder) else module
 
     def flops_per_image(self, module: nn.Module) -> float | None:
         encoder = self.exported(module)
