@@ -17,6 +17,7 @@ from confkit import Checker, flatten, from_dict, to_dict
 from model import ViTConfig, ViTSpec
 from pipeline import DataConfig
 from training import TrainConfig
+from training.objectives import objective_for
 
 #: A name that is safe as one path component, an MLflow name and a Ray Train run name.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -133,8 +134,11 @@ class Experiment:
 
     @property
     def model_name(self) -> str:
-        """Registry name: ``vit-<variant>-<dataset>`` unless the recipe set one."""
-        return self.registered_model_name or f"vit-{self.model.slug}-{self.dataset_name}"
+        """Registry name: ``vit-<variant>-<dataset>`` (``mae-vit-...`` for another objective's
+        model) unless the recipe set one."""
+        kind = self.train.objective.kind
+        prefix = "" if kind == "classification" else f"{kind}-"
+        return self.registered_model_name or f"{prefix}vit-{self.model.slug}-{self.dataset_name}"
 
     @property
     def global_batch(self) -> int:
@@ -146,8 +150,10 @@ class Experiment:
         return self.train.accum_for(self.resources.workers)
 
     def model_config(self, num_classes: int) -> ViTConfig:
-        """The ViTConfig this experiment trains, for a dataset with ``num_classes`` labels."""
-        return self.model.config(num_classes=num_classes, image_size=self.image_size)
+        """The ViTConfig this experiment trains, for a dataset with ``num_classes`` labels (the
+        objective decides the head: MAE's encoder has none)."""
+        head = objective_for(self.train.objective).num_classes(num_classes)
+        return self.model.config(num_classes=head, image_size=self.image_size)
 
 
 def flatten_experiment(exp: Experiment) -> dict[str, Any]:
