@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -296,6 +297,25 @@ def parse_parquet(data: bytes, where: str, columns: tuple[str, ...], read: list[
         raise DatasetFormatError(f"{where} is damaged: missing columns {missing} (has {f.schema_arrow.names}); "
                                  f"{REWRITE_HINT}")
     return table
+
+
+def iter_parquet(data: bytes, where: str, columns: tuple[str, ...], rows: int = 1 << 16) -> Iterator[Any]:
+    """Checked parquet bytes as record batches of ``columns`` (at most ``rows`` rows each): decoded a
+    batch at a time, so a large table never exists twice in memory."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        f = pq.ParquetFile(pa.BufferReader(data))
+        missing = [c for c in columns if c not in f.schema_arrow.names]
+        if missing:
+            raise DatasetFormatError(f"{where} is damaged: missing columns {missing} (has {f.schema_arrow.names}); "
+                                     f"{REWRITE_HINT}")
+        yield from f.iter_batches(batch_size=rows, columns=list(columns), use_threads=False)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        if isinstance(exc, DatasetFormatError):
+            raise
+        raise DatasetFormatError(f"{where} is damaged (not a readable parquet file: {exc}); {REWRITE_HINT}") from exc
 
 
 def read_parquet(res: Resolved, name: str, columns: tuple[str, ...], *, cache: ContentCache | None = None) -> Any:

@@ -15,28 +15,32 @@ from . import format as fmt
 from .storage import Storage
 
 
-def write_metadata(vst: Storage, *, index: list[dict[str, Any]], rejects: list[dict[str, Any]], classes: list[str],
-                   multi_label: bool, version: str, about: dict[str, Any]) -> dict[str, Any]:
+def write_metadata(vst: Storage, *, index: list[dict[str, Any]] | Any, rejects: list[dict[str, Any]],
+                   classes: list[str], multi_label: bool, version: str, about: dict[str, Any]) -> dict[str, Any]:
     """rejects/index parquet, classes.json, then the version's dataset.json (last), into ``vst``.
 
     ``index``: one row per shard (split, shard order; the shards and their rows files are
-    already written); ``about``: the manifest's descriptive fields (source, seed, max_side).
-    Returns the manifest.
+    already written), as dicts or a pyarrow Table of :func:`~pipeline.format.index_schema`;
+    ``about``: the manifest's descriptive fields (source, seed, max_side). Returns the manifest.
     """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = index if isinstance(index, pa.Table) else pa.Table.from_pylist(index, schema=fmt.index_schema())
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
     files: dict[str, dict[str, Any]] = {}
     for name, data in (
         (fmt.REJECTS, fmt.parquet_bytes(rejects, fmt.rejects_schema())),
         (fmt.CLASSES, json.dumps(classes).encode()),
-        (fmt.INDEX, fmt.parquet_bytes(index, fmt.index_schema())),
+        (fmt.INDEX, buf.getvalue().to_pybytes()),
     ):
         vst.write_bytes(name, data)
         files[name] = fmt.file_entry(data)
     splits: dict[str, dict[str, int]] = {}
-    for r in index:
-        s = splits.setdefault(r["split"], {"samples": 0, "shards": 0, "bytes": 0})
-        s["samples"] += r["samples"]
-        s["shards"] += 1
-        s["bytes"] += r["bytes"]
+    for r in table.group_by("split", use_threads=False).aggregate(
+            [("samples", "sum"), ("shard", "count"), ("bytes", "sum")]).to_pylist():
+        splits[r["split"]] = {"samples": r["samples_sum"], "shards": r["shard_count"], "bytes": r["bytes_sum"]}
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:  # a resumed version keeps its creation time, so its manifest bytes do not change
         created = json.loads(vst.read_bytes(fmt.MANIFEST)).get("created", created)

@@ -198,7 +198,10 @@ def _concat(parts: list[ShardRows]) -> ShardRows:
 
 def _unhex(col: Any, where: str) -> np.ndarray:
     """A column of sha256 hex strings as ``(n, 32)`` uint8, without a Python object per row."""
-    col = col.combine_chunks()
+    import pyarrow as pa
+
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
     width = np.int64 if col.type == "large_string" else np.int32
     offs = np.frombuffer(col.buffers()[1], width)[col.offset: col.offset + len(col) + 1]
     if col.null_count or not (np.diff(offs) == 64).all():
@@ -225,26 +228,62 @@ def load_meta(url: str, split: str, limit: int | None = None, version: str | Non
 
     res = fmt.resolve(url, version, s3=s3)
     info = res.manifest
-    node_cache = ContentCache.default() if cache and res.root_url.startswith("s3://") else None
-    index = fmt.read_index(res, cache=node_cache)
-    index = index.filter(pc.equal(index["split"], split))
-    if index.num_rows == 0:
-        raise ValueError(f"split {split!r} not in {url} (has {sorted(info.get('counts', {}))})")
-    where = url_join(res.root_url, fmt.INDEX)
     if fmt.format_of(info) < 3:
+        index = fmt.read_index(res)
+        index = index.filter(pc.equal(index["split"], split))
+        if index.num_rows == 0:
+            raise ValueError(f"split {split!r} not in {url} (has {sorted(info.get('counts', {}))})")
         return _load_whole(res, index, split, limit)
-    counts = index["samples"].to_numpy().astype(np.int64)
+    node_cache = ContentCache.default() if cache and res.root_url.startswith("s3://") else None
+    t = _shard_table(res, split, node_cache)
+    counts = t["samples"]
+    if len(counts) == 0:
+        raise ValueError(f"split {split!r} not in {url} (has {sorted(info.get('counts', {}))})")
     shard_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     n = len(counts)
     if limit is not None and limit < shard_start[-1]:
         n = int(np.searchsorted(shard_start, limit, side="left"))
         shard_start = np.minimum(shard_start[: n + 1], limit)
-    return Meta(shard_names=ShardNames(index["shard"].combine_chunks().slice(0, n)), shard_start=shard_start,
-                info=info, version=res.version, root_url=res.root_url, shard_samples=counts[:n],
-                shard_bytes=index["bytes"].to_numpy()[:n].astype(np.int64),
-                shard_sha256=_unhex(index["sha256"], where)[:n],
-                rows_bytes=index["rows_bytes"].to_numpy()[:n].astype(np.int64),
-                rows_sha256=_unhex(index["rows_sha256"], where)[:n], s3=s3)
+    return Meta(shard_names=ShardNames(t["shard"].slice(0, n)), shard_start=shard_start, info=info,
+                version=res.version, root_url=res.root_url, shard_samples=counts[:n], shard_bytes=t["bytes"][:n],
+                shard_sha256=t["sha256"][:n], rows_bytes=t["rows_bytes"][:n], rows_sha256=t["rows_sha256"][:n],
+                s3=s3)
+
+
+def _shard_table(res: fmt.Resolved, split: str, cache: ContentCache | None) -> dict[str, Any]:
+    """The split's rows of index.parquet (checked) as compact arrays, decoded a batch at a time
+    into arrays allocated once (the hex digests become ``(n, 32)`` uint8 as they arrive), so the
+    peak stays near the file plus the result."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    data = fmt.read_checked(res, fmt.INDEX, cache=cache)
+    where = url_join(res.root_url, fmt.INDEX)
+    try:
+        total = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise fmt.DatasetFormatError(f"{where} is damaged (not a readable parquet file: {exc}); "
+                                     f"{fmt.REWRITE_HINT}") from exc
+    out: dict[str, Any] = {k: np.zeros(total, np.int64) for k in ("samples", "bytes", "rows_bytes")}
+    out |= {k: np.zeros((total, 32), np.uint8) for k in ("sha256", "rows_sha256")}
+    names, n = [], 0
+    for batch in fmt.iter_parquet(data, where, fmt.INDEX_COLUMNS + fmt.ROWS_COLUMNS):
+        b = batch.filter(pc.equal(batch.column("split"), split))
+        m = b.num_rows
+        if not m:
+            continue
+        names.append(b.column("shard"))
+        for k in ("samples", "bytes", "rows_bytes"):
+            out[k][n:n + m] = b.column(k).to_numpy()
+        for k in ("sha256", "rows_sha256"):
+            out[k][n:n + m] = _unhex(b.column(k), where)
+        n += m
+    del data
+    out = {k: v[:n].copy() if n < total else v for k, v in out.items()}  # a split of a bigger table: own its rows
+    out["shard"] = pa.concat_arrays(names) if names else pa.array([], pa.string())
+    pa.default_memory_pool().release_unused()  # decoding buffers back to the OS, not kept for the run
+    return out
 
 
 def _load_whole(res: fmt.Resolved, index: Any, split: str, limit: int | None) -> Meta:
