@@ -167,14 +167,15 @@ class ShuffleBuffer:
 
     def _main_steps(self, n: int) -> Iterator[int]:
         """Up to ``n`` emissions of the main phase (one stream id in, one buffered id out)."""
-        buf, rnd, k = self.buf, self.rnd, self.k
+        buf, rand, k = self.buf, self.rnd.random, self.k
         end = min(len(self.stream), self.pos + n)
         while self.pos < end:
-            for x in self.stream.ids(self.pos, min(end, self.pos + CHUNK)).tolist():
-                j = int(rnd.random() * k)
+            ids = self.stream.ids(self.pos, min(end, self.pos + CHUNK)).tolist()
+            self.pos += len(ids)  # a chunk is taken in whole (skip ends on a chunk's end)
+            for x in ids:
+                j = int(rand() * k)
                 out = buf[j]
                 buf[j] = x
-                self.pos += 1
                 yield out
 
     def _final(self) -> list[int]:

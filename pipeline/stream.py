@@ -75,6 +75,7 @@ def _read_run(storage: Storage, run: Run, locate: Callable[[Run], Run] | None, q
             run = locate(run)
         assert run.offsets is not None and run.sizes is not None
         local = run.local if run.local is not None else np.arange(len(run.ids))
+        rows = run.rows
         digest = hashlib.sha256() if run.expect_sha256 else None
         start = 0 if digest else int(run.offsets[0])
         end = None if digest else int(run.offsets[-1] + run.sizes[-1])
@@ -96,7 +97,7 @@ def _read_run(storage: Storage, run: Run, locate: Callable[[Run], Run] | None, q
                     _check_size(storage, run, f.size)
                     if digest:
                         digest.update(data)
-                chunk.append((i, Truncated() if truncated else data, run.rows, k))
+                chunk.append((i, Truncated() if truncated else data, rows, k))
                 chunk_bytes += size
                 # Hand samples over in chunks: one queue operation (and thread wake-up) per
                 # CHUNK_ITEMS samples instead of per sample.

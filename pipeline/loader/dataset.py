@@ -57,16 +57,15 @@ Item = tuple[int, "bytes | Truncated | None", "ShardRows | None", int]
 def _in_order(source: Iterator[tuple[int, bytes | Truncated, Any, int]], emission: Iterator[int]) -> Iterator[Item]:
     """The slot's samples in emission order (-1 = eval padding -> None) from the shard runs, which
     arrive in read order: a small reorder buffer (a shuffle buffer's worth at most)."""
-    fetched: dict[int, tuple[bytes | Truncated, Any, int]] = {}
+    fetched: dict[int, Item] = {}
     for i in emission:
         if i < 0:
             yield i, None, None, -1
             continue
         while i not in fetched:
-            j, data, rows, k = next(source)
-            fetched[j] = (data, rows, k)
-        data, rows, k = fetched.pop(i)
-        yield i, data, rows, k
+            item = next(source)
+            fetched[item[0]] = item  # type: ignore[assignment]
+        yield fetched.pop(i)
 
 
 def _batched(items: Iterator[_Sample], size: int) -> Iterator[list[_Sample]]:
@@ -200,11 +199,10 @@ class ShardStream(IterableDataset):
 
     def _checked(self, items: Iterator[Item]) -> Iterator[Item]:
         """Raises IntegrityError (never a skipped sample) when bytes differ from the recorded sha256."""
-        for i, data, rows, k in items:
-            if isinstance(data, bytes):
-                assert rows is not None
-                self._verify(i, data, rows, k)
-            yield i, data, rows, k
+        for item in items:
+            if isinstance(item[1], bytes):
+                self._verify(*item)  # type: ignore[arg-type]
+            yield item
 
     def _samples(self, items: Iterator[Item]) -> Iterator[_Sample]:
         """Decoded samples; a bad one carries its reason (the first LOG_FIRST_BAD are logged)."""
