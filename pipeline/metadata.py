@@ -38,9 +38,11 @@ def write_metadata(vst: Storage, *, index: list[dict[str, Any]] | Any, rejects: 
         vst.write_bytes(name, data)
         files[name] = fmt.file_entry(data)
     splits: dict[str, dict[str, int]] = {}
-    for r in table.group_by("split", use_threads=False).aggregate(
-            [("samples", "sum"), ("shard", "count"), ("bytes", "sum")]).to_pylist():
-        splits[r["split"]] = {"samples": r["samples_sum"], "shards": r["shard_count"], "bytes": r["bytes_sum"]}
+    for split, samples, nbytes in zip(*(table[c].to_pylist() for c in ("split", "samples", "bytes")), strict=True):
+        s = splits.setdefault(split, {"samples": 0, "shards": 0, "bytes": 0})
+        s["samples"] += samples
+        s["shards"] += 1
+        s["bytes"] += nbytes
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:  # a resumed version keeps its creation time, so its manifest bytes do not change
         created = json.loads(vst.read_bytes(fmt.MANIFEST)).get("created", created)
