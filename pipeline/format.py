@@ -68,6 +68,14 @@ from .keys import (  # noqa: F401 - part of the layout, re-exported
     version_root,
 )
 from .publish import PublishConflict, Published, publish, published  # noqa: F401 - re-exported
+from .schemas import (  # noqa: F401 - part of the layout, re-exported
+    file_entry,
+    index_schema,
+    parquet_bytes,
+    rejects_schema,
+    samples_schema,
+    sha256_hex,
+)
 from .storage import S3Settings, Storage, open_storage, url_join
 
 FORMAT = "vitscale-webdataset"
@@ -102,58 +110,9 @@ class DatasetExists(RuntimeError):
     """DEST already publishes a different version and ``--overwrite`` was not given."""
 
 
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def format_of(manifest: dict[str, Any]) -> int:
     """The layout a manifest describes: 1 (no versions), 2 (one samples.parquet) or 3 (rows per shard)."""
     return int(manifest["version"]) if "dataset_version" in manifest else 1
-
-
-# ----------------------------------------------------------------------------- schemas
-def index_schema(rows: bool = True) -> Any:
-    """index.parquet's schema; ``rows=False``: format 2's (no rows file columns)."""
-    import pyarrow as pa
-
-    fields = [("split", pa.string()), ("shard", pa.string()), ("samples", pa.int64()), ("bytes", pa.int64()),
-              ("sha256", pa.string())]
-    if rows:
-        fields += [("rows_bytes", pa.int64()), ("rows_sha256", pa.string())]
-    return pa.schema(fields)
-
-
-def samples_schema(multi_label: bool) -> Any:
-    """The sample rows' schema: a shard's rows file (format 3), samples.parquet (format 2)."""
-    import pyarrow as pa
-
-    fields = [("split", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("offset", pa.int64()),
-              ("size", pa.int64()), ("label", pa.int32()), ("src", pa.string()), ("sha256", pa.binary(32))]
-    if multi_label:
-        fields.append(("labels", pa.list_(pa.int32())))
-    return pa.schema(fields)
-
-
-def rejects_schema() -> Any:
-    import pyarrow as pa
-
-    return pa.schema([("src", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
-
-
-def parquet_bytes(rows: list[dict[str, Any]], schema: Any) -> bytes:
-    """``rows`` as a parquet file with exactly ``schema``'s columns."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table({f.name: [r[f.name] for r in rows] for f in schema}, schema=schema)
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf)
-    return buf.getvalue().to_pybytes()
-
-
-def file_entry(data: bytes) -> dict[str, Any]:
-    """The manifest's record of one metadata file."""
-    return {"bytes": len(data), "sha256": sha256_hex(data)}
 
 
 def version_id(plan_hashes: list[str], classes: list[str], options: dict[str, Any]) -> str:
