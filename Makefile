@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) bench/model_step.py
 	$(PY) bench/train_step.py
 	$(PY) bench/loader.py
+	$(PY) bench/metadata.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check model pipeline training orchestration bench tests

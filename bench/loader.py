@@ -117,7 +117,7 @@ def s3_bench(local_ds: Path, shards: list[str], rounds: int, prefetch: int) -> t
 
             runs = [Run(k, np.array([0]), np.array([0]), np.array([st.size(k)])) for k in shards]
             t0 = time.perf_counter()
-            got = sum(len(d) for _, d in iter_runs(st, runs, prefetch=prefetch))  # type: ignore[arg-type]
+            got = sum(len(d) for _, d, *_ in iter_runs(st, runs, prefetch=prefetch))  # type: ignore[arg-type]
             assert got == total
             return total / (time.perf_counter() - t0) / 1e6
 

@@ -6,12 +6,15 @@
   (``manifest.parquet`` with ``path`` and ``labels`` columns: the digit, parity, and "big").
 * :func:`make_photo_folder` - realistic ~500x375 photo JPEGs (random crops, resizes, flips and
   colour shifts of the bundled sample photographs), for decode tests and loader benchmarks.
+* ``metadata``: a metadata-only dataset of any size (shard table and per-sample rows, no
+  images) for planning and scale tests: :func:`pipeline.demo_metadata.make_metadata_dataset`.
 
 CLI::
 
     python -m pipeline.demo_data digits /tmp/digits --image-size 32
     python -m pipeline.demo_data photos /tmp/photos --n 1500
     python -m pipeline.demo_data manifest /tmp/digits_ml
+    python -m pipeline.demo_data metadata /tmp/i21k-meta --samples 14000000 --samples-per-shard 1000
 """
 
 from __future__ import annotations
@@ -166,20 +169,35 @@ def decode_index(images: np.ndarray | object, mean: tuple[float, ...] = (0.5, 0.
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pipeline.demo_data", description=__doc__.split("\n\n")[0])
-    ap.add_argument("kind", choices=["digits", "photos", "manifest"])
+    ap.add_argument("kind", choices=["digits", "photos", "manifest", "metadata"])
     ap.add_argument("dst")
     ap.add_argument("--image-size", type=int, default=32, help="digits: side in pixels")
     ap.add_argument("--limit", type=int, default=None, help="digits: at most this many images")
     ap.add_argument("--n", type=int, default=1000, help="photos: number of images")
-    ap.add_argument("--num-classes", type=int, default=10, help="photos: number of classes")
+    ap.add_argument("--num-classes", type=int, default=None, help="photos (10), metadata (1000): number of classes")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--samples", type=int, default=1_000_000, help="metadata: number of samples")
+    ap.add_argument("--samples-per-shard", type=int, default=1000, help="metadata: samples per shard")
+    ap.add_argument("--val-fraction", type=float, default=0.0, help="metadata: fraction in split 'val'")
+    ap.add_argument("--multi-label", action="store_true", help="metadata: 1-3 labels per sample")
+    ap.add_argument("--layout", type=int, choices=[2, 3], default=3, help="metadata: dataset format (2: one "
+                    "samples.parquet, as written before format 3)")
+    ap.add_argument("--index-only", action="store_true", help="metadata: the shard table only, no rows files")
     a = ap.parse_args(argv)
     if a.kind == "digits":
         out = make_digits_folder(a.dst, image_size=a.image_size, limit=a.limit)
     elif a.kind == "manifest":
         out = make_digits_manifest(a.dst, image_size=a.image_size, limit=a.limit)
+    elif a.kind == "metadata":
+        from .demo_metadata import make_metadata_dataset
+
+        info = make_metadata_dataset(a.dst, samples=a.samples, samples_per_shard=a.samples_per_shard,
+                                     val_fraction=a.val_fraction, num_classes=a.num_classes or 1000,
+                                     multi_label=a.multi_label, seed=a.seed, layout=a.layout,
+                                     index_only=a.index_only)
+        out = f"{a.dst} (version {info['dataset_version']}, format {info['version']}, {info['counts']})"
     else:
-        out = make_photo_folder(a.dst, n=a.n, num_classes=a.num_classes, seed=a.seed)
+        out = make_photo_folder(a.dst, n=a.n, num_classes=a.num_classes or 10, seed=a.seed)
     print(out)
 
 

@@ -8,14 +8,20 @@ the names and functions here, so the layout is defined once. At ``DEST``::
                                   start here and pin the version it names
     versions/<version>/           one immutable version of the dataset
         shards/{split}-NNNNNN.tar plain tars, members {key}.jpg + {key}.cls | {key}.json
-        markers/{shard}.json      writer resume markers (plan hash, shard sha256, sample rows)
-        samples.parquet           one row per sample: split, shard, key, offset, size, label(s),
-                                  src, sha256 (of the image bytes)
-        index.parquet             one row per shard: split, shard, samples, bytes, sha256
+        samples/{split}-NNNNNN.parquet   the shard's sample rows, in file order: split, shard,
+                                  key, offset, size, label(s), src, sha256 (of the image bytes)
+        markers/{shard}.json      writer resume markers (plan hash, the shard's index row)
+        index.parquet             one row per shard: split, shard, samples, bytes, sha256 (of
+                                  the tar), rows_bytes, rows_sha256 (of its samples/ file)
         classes.json, rejects.parquet
         dataset.json              this version's manifest: counts, num_classes, ...,
                                   ``dataset_version`` and ``files`` (bytes + sha256 of
-                                  index.parquet, samples.parquet and classes.json)
+                                  index.parquet, classes.json and rejects.parquet)
+
+Every byte a reader uses chains to the manifest: ``dataset.json`` -> ``index.parquet`` (sha256
+in ``files``) -> a shard's ``samples/`` file (``rows_sha256``) -> each image (``sha256`` row) and
+the whole tar (``sha256``). A reader needs ``index.parquet`` (O(shards)) to plan an epoch and a
+shard's rows file only when it opens that shard, so start-up cost does not grow with samples.
 
 ``<version>`` is a hash of the write plan (source items, labels, seed, options), so re-running
 the writer with the same arguments resumes the same version, and any other arguments write a
@@ -23,42 +29,73 @@ different one: two writers never write into each other's files. Publishing swaps
 ``dataset.json`` only if it is still what the writer saw when it started (S3 ``If-Match`` /
 ``If-None-Match``, locally an ``flock``), so of two racing writers the second fails clearly.
 
-Format 1 datasets (written before versions: ``index.parquet`` etc. at ``DEST`` itself, no
-``dataset_version``, no per-sample sha256) still load, as version :data:`LEGACY_VERSION`,
-with shard size/sha256 checks but without per-sample checks.
+Older formats still load, reading every sample row at start (O(samples) per rank; the loader
+logs it): format 2 (one ``samples.parquet`` for the whole version; ``python -m pipeline.reindex
+DEST`` rewrites its metadata as format 3, the shards stay) and format 1 (written before
+versions: metadata at ``DEST`` itself, no ``dataset_version``, no per-sample sha256), as
+version :data:`LEGACY_VERSION`, with shard size/sha256 checks but without per-sample checks.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .cache import ContentCache
+from .keys import (  # noqa: F401 - part of the layout, re-exported
+    CLASSES,
+    INDEX,
+    LEGACY_VERSION,
+    MANIFEST,
+    MARKERS_DIR,
+    MAX_CLASS_NAME_LEN,
+    MAX_KEY_LEN,
+    MAX_SPLIT_LEN,
+    PATH_NAME_RULE,
+    REJECTS,
+    ROWS_DIR,
+    SAMPLES,
+    SHARDS_DIR,
+    VERSIONS_DIR,
+    UnsafeName,
+    check_path_name,
+    class_name_problem,
+    path_name_problem,
+    rows_key,
+    version_root,
+)
+from .publish import PublishConflict, Published, publish, published  # noqa: F401 - re-exported
+from .schemas import (  # noqa: F401 - part of the layout, re-exported
+    file_entry,
+    index_schema,
+    parquet_bytes,
+    rejects_schema,
+    samples_schema,
+    sha256_hex,
+)
 from .storage import S3Settings, Storage, open_storage, url_join
 
 FORMAT = "vitscale-webdataset"
-FORMAT_VERSION = 2
-MANIFEST = "dataset.json"
-INDEX = "index.parquet"
-SAMPLES = "samples.parquet"
-CLASSES = "classes.json"
-REJECTS = "rejects.parquet"
-SHARDS_DIR = "shards"
-MARKERS_DIR = "markers"
-VERSIONS_DIR = "versions"
-#: Files whose size and sha256 the manifest records (and readers check).
-CHECKED_FILES = (INDEX, SAMPLES, CLASSES)
-#: The version name of a format-1 dataset (metadata at the dataset root).
-LEGACY_VERSION = "legacy"
+FORMAT_VERSION = 3
+#: What decides a shard's bytes and its sample rows; part of every version id and shard plan
+#: hash. Format 3 changed only where the rows are stored, so it keeps format 2's value: a format-2
+#: write resumes as format 3, and ``pipeline.reindex`` upgrades a version in place under its id.
+CONTENT_VERSION = 2
+#: Files whose size and sha256 the manifest records (and readers check), by format.
+CHECKED_FILES = {2: (INDEX, SAMPLES, CLASSES), 3: (INDEX, CLASSES)}
 #: Manifest fields every format has; format 2 adds ``dataset_version`` and ``files``.
 MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
     "format": str, "version": int, "num_classes": int, "multi_label": bool, "counts": dict, "splits": dict,
 }
 INDEX_COLUMNS = ("split", "shard", "samples", "bytes", "sha256")
+#: Format 3's index columns naming each shard's rows file (``samples/``) by size and sha256.
+ROWS_COLUMNS = ("rows_bytes", "rows_sha256")
 SAMPLE_COLUMNS = ("split", "shard", "key", "offset", "size", "label", "src", "sha256")
 REWRITE_HINT = "rewrite it with python -m pipeline.write_shards SRC DEST --overwrite"
+REINDEX_HINT = "python -m pipeline.reindex {url} rewrites its metadata as format 3 (the shards stay)"
 
 
 class DatasetFormatError(ValueError):
@@ -69,121 +106,18 @@ class IntegrityError(RuntimeError):
     """Stored bytes differ from the size/sha256 recorded at write time; names shard (and key)."""
 
 
-class PublishConflict(RuntimeError):
-    """Another writer published a different version while this one was writing."""
-
-
 class DatasetExists(RuntimeError):
     """DEST already publishes a different version and ``--overwrite`` was not given."""
 
 
-# ----------------------------------------------------------------------------- names
-#: A split becomes storage keys (``shards/{split}-NNNNNN.tar``) and sample keys (``{split}-NNNNNNNNN``,
-#: tar members ``{key}.jpg``): letters, digits, ``_`` and ``-`` only, so a key never leaves its folder
-#: (no ``/``, ``..``, absolute path) and webdataset, which cuts a member name at its first dot, sees the
-#: whole key. At most 64 characters, so every member name fits USTAR's 100-byte name field.
-_PATH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-MAX_SPLIT_LEN = 64
-MAX_KEY_LEN = MAX_SPLIT_LEN + 12  # "-" and the sample number (9 digits, more past 10**9 samples)
-MAX_CLASS_NAME_LEN = 256
-PATH_NAME_RULE = "1-{n} of A-Z a-z 0-9 _ -, starting with a letter or digit (no '/', '.', '..', spaces)"
-
-
-class UnsafeName(ValueError):
-    """A split, sample key or class name that could leave DEST or break a shard; names where it came from."""
-
-
-def path_name_problem(name: object, max_len: int = MAX_SPLIT_LEN) -> str | None:
-    """Why ``name`` cannot be part of a storage key or tar member name (None: it can)."""
-    if not isinstance(name, str):
-        return "is null" if name is None else f"is a {type(name).__name__}, not text"
-    if not name:
-        return "is empty"
-    if len(name) > max_len:
-        return f"is {len(name)} characters long (at most {max_len})"
-    if not _PATH_NAME.fullmatch(name):
-        return "has a character outside the allowed set"
-    return None
-
-
-def check_path_name(name: object, what: str, where: str, max_len: int = MAX_SPLIT_LEN) -> str:
-    """``name`` if it is safe as (part of) a key under DEST, else :class:`UnsafeName` naming ``where``."""
-    problem = path_name_problem(name, max_len)
-    if problem is not None:
-        raise UnsafeName(f"{where}: {what} {name!r} {problem}; a {what} must be {PATH_NAME_RULE.format(n=max_len)}")
-    return str(name)
-
-
-def class_name_problem(name: object) -> str | None:
-    """Why ``name`` cannot be a class name in ``classes.json`` (None: it can).
-
-    Class names are never used as paths (labels are stored as indices), so ``/`` is allowed
-    (Freebase ids such as ``/m/0bt9lr`` are common JFT-style labels); empty, ``.``/``..``,
-    control characters and very long names are not.
-    """
-    if not isinstance(name, str):
-        return "is null" if name is None else f"is a {type(name).__name__}, not text"
-    if name.strip() in ("", ".", ".."):
-        return "is empty" if not name.strip() else "is '.' or '..'"
-    if len(name) > MAX_CLASS_NAME_LEN:
-        return f"is {len(name)} characters long (at most {MAX_CLASS_NAME_LEN})"
-    if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in name):
-        return "has a control character"
-    return None
-
-
-def version_root(version: str) -> str:
-    """Key prefix of ``version`` under the dataset root ("" for a format-1 dataset)."""
-    return "" if version == LEGACY_VERSION else f"{VERSIONS_DIR}/{version}"
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-# ----------------------------------------------------------------------------- schemas
-def index_schema() -> Any:
-    import pyarrow as pa
-
-    return pa.schema([("split", pa.string()), ("shard", pa.string()), ("samples", pa.int64()),
-                      ("bytes", pa.int64()), ("sha256", pa.string())])
-
-
-def samples_schema(multi_label: bool) -> Any:
-    import pyarrow as pa
-
-    fields = [("split", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("offset", pa.int64()),
-              ("size", pa.int64()), ("label", pa.int32()), ("src", pa.string()), ("sha256", pa.binary(32))]
-    if multi_label:
-        fields.append(("labels", pa.list_(pa.int32())))
-    return pa.schema(fields)
-
-
-def rejects_schema() -> Any:
-    import pyarrow as pa
-
-    return pa.schema([("src", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
-
-
-def parquet_bytes(rows: list[dict[str, Any]], schema: Any) -> bytes:
-    """``rows`` as a parquet file with exactly ``schema``'s columns."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table({f.name: [r[f.name] for r in rows] for f in schema}, schema=schema)
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf)
-    return buf.getvalue().to_pybytes()
-
-
-def file_entry(data: bytes) -> dict[str, Any]:
-    """The manifest's record of one metadata file."""
-    return {"bytes": len(data), "sha256": sha256_hex(data)}
+def format_of(manifest: dict[str, Any]) -> int:
+    """The layout a manifest describes: 1 (no versions), 2 (one samples.parquet) or 3 (rows per shard)."""
+    return int(manifest["version"]) if "dataset_version" in manifest else 1
 
 
 def version_id(plan_hashes: list[str], classes: list[str], options: dict[str, Any]) -> str:
     """The version name: a hash of everything that decides the dataset's content."""
-    h = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, "options": options, "classes": classes},
+    h = hashlib.sha256(json.dumps({"format": CONTENT_VERSION, "options": options, "classes": classes},
                                   sort_keys=True).encode())
     for p in plan_hashes:
         h.update(p.encode())
@@ -221,12 +155,16 @@ def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
            if not isinstance(info.get(k), t)]
     if info.get("format", FORMAT) != FORMAT:
         bad.append(f"format {info.get('format')!r} (want {FORMAT!r})")
-    if "dataset_version" in info:
+    if "dataset_version" in info and isinstance(info.get("version"), int):
+        if info["version"] > FORMAT_VERSION:
+            raise DatasetFormatError(f"{where} is format {info['version']}, newer than this reader's "
+                                     f"{FORMAT_VERSION}: update vitscale to read it")
+        need = CHECKED_FILES[max(2, info["version"])]
         files = info.get("files")
         if not isinstance(info["dataset_version"], str) or not isinstance(files, dict) or any(
                 not isinstance(files.get(f), dict) or not isinstance(files[f].get("sha256"), str)
-                or not isinstance(files[f].get("bytes"), int) for f in CHECKED_FILES):
-            bad.append(f"dataset_version/files (want a version id and bytes+sha256 of {', '.join(CHECKED_FILES)})")
+                or not isinstance(files[f].get("bytes"), int) for f in need):
+            bad.append(f"dataset_version/files (want a version id and bytes+sha256 of {', '.join(need)})")
     if bad:
         raise DatasetFormatError(f"{where} is damaged: missing or wrong fields {', '.join(bad)}; {REWRITE_HINT}")
     return info
@@ -275,53 +213,124 @@ def resolve(url: str, version: str | None = None, *, s3: S3Settings | None = Non
     return Resolved(url=url, version=version, manifest=parse_manifest(st.read_bytes(key), st.url_for(key)), s3=s3)
 
 
-def read_checked(res: Resolved, name: str) -> bytes:
-    """A metadata file of ``res``, checked against the manifest's size and sha256."""
-    st = res.storage()
-    data = _read(st, name, f"dataset version {res.version} is incomplete; {REWRITE_HINT}")
-    want = res.manifest.get("files", {}).get(name)
-    if want is not None and (len(data) != want["bytes"] or sha256_hex(data) != want["sha256"]):
+def check_bytes(data: bytes, want_bytes: int, want_sha256: str, where: str, recorded_in: str) -> None:
+    """Raise :class:`DatasetFormatError` naming ``where`` unless ``data`` has the recorded size and sha256."""
+    got = sha256_hex(data)
+    if len(data) != want_bytes or got != want_sha256:
         raise DatasetFormatError(
-            f"{st.url_for(name)} is damaged: {len(data)} bytes with sha256 {sha256_hex(data)[:12]}..., but "
-            f"{url_join(res.root_url, MANIFEST)} records {want['bytes']} bytes, sha256 {want['sha256'][:12]}...; "
-            f"{REWRITE_HINT}")
-    return data
+            f"{where} is damaged: {len(data)} bytes with sha256 {got[:12]}..., but {recorded_in} records "
+            f"{want_bytes} bytes, sha256 {want_sha256[:12]}...; {REWRITE_HINT}")
 
 
-def read_parquet(res: Resolved, name: str, columns: tuple[str, ...]) -> Any:
-    """A checked parquet metadata file as a pyarrow Table with at least ``columns``."""
+def read_checked(res: Resolved, name: str, *, cache: ContentCache | None = None) -> bytes:
+    """A metadata file of ``res``, checked against the manifest's size and sha256.
+
+    ``cache``: the node's :class:`~pipeline.cache.ContentCache` (one download per node).
+    """
+    st = res.storage()
+    want = res.manifest.get("files", {}).get(name)
+
+    def download() -> bytes:
+        data = _read(st, name, f"dataset version {res.version} is incomplete; {REWRITE_HINT}")
+        if want is not None:
+            check_bytes(data, want["bytes"], want["sha256"], st.url_for(name), url_join(res.root_url, MANIFEST))
+        return data
+
+    if cache is None or want is None:
+        return download()
+    return cache.fetch(want["sha256"], download)
+
+
+def parse_parquet(data: bytes, where: str, columns: tuple[str, ...], read: list[str] | None = None) -> Any:
+    """Checked parquet bytes as a pyarrow Table with at least ``columns`` (only ``read``, if given)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    data = read_checked(res, name)
-    where = url_join(res.root_url, name)
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        f = pq.ParquetFile(pa.BufferReader(data))
+        missing = [c for c in columns if c not in f.schema_arrow.names]
+        table = None if missing else f.read(columns=read)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise DatasetFormatError(f"{where} is damaged (not a readable parquet file: {exc}); {REWRITE_HINT}") from exc
-    missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise DatasetFormatError(f"{where} is damaged: missing columns {missing} (has {table.column_names}); "
+        raise DatasetFormatError(f"{where} is damaged: missing columns {missing} (has {f.schema_arrow.names}); "
                                  f"{REWRITE_HINT}")
     return table
 
 
-def read_index(res: Resolved) -> Any:
-    return read_parquet(res, INDEX, INDEX_COLUMNS)
+def iter_parquet(data: bytes, where: str, columns: tuple[str, ...], rows: int = 1 << 16) -> Iterator[Any]:
+    """Checked parquet bytes as record batches of ``columns`` (at most ``rows`` rows each): decoded a
+    batch at a time, so a large table never exists twice in memory."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        f = pq.ParquetFile(pa.BufferReader(data))
+        missing = [c for c in columns if c not in f.schema_arrow.names]
+        if missing:
+            raise DatasetFormatError(f"{where} is damaged: missing columns {missing} (has {f.schema_arrow.names}); "
+                                     f"{REWRITE_HINT}")
+        yield from f.iter_batches(batch_size=rows, columns=list(columns), use_threads=False)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        if isinstance(exc, DatasetFormatError):
+            raise
+        raise DatasetFormatError(f"{where} is damaged (not a readable parquet file: {exc}); {REWRITE_HINT}") from exc
 
 
-def read_samples(res: Resolved) -> Any:
-    """samples.parquet; format 1 has no ``sha256`` column (samples are then not verified)."""
-    cols = SAMPLE_COLUMNS if res.version != LEGACY_VERSION else SAMPLE_COLUMNS[:-1]
-    if res.manifest.get("multi_label"):
-        cols = (*cols, "labels")
-    return read_parquet(res, res.manifest.get("samples_file", SAMPLES), cols)
+def read_parquet(res: Resolved, name: str, columns: tuple[str, ...], *, cache: ContentCache | None = None) -> Any:
+    """A checked parquet metadata file as a pyarrow Table with at least ``columns``."""
+    return parse_parquet(read_checked(res, name, cache=cache), url_join(res.root_url, name), columns)
 
 
-def read_classes(res: Resolved) -> list[str]:
+def read_index(res: Resolved, *, cache: ContentCache | None = None) -> Any:
+    """index.parquet: one row per shard (format 3 adds the rows file's ``rows_bytes``, ``rows_sha256``)."""
+    cols = INDEX_COLUMNS + (ROWS_COLUMNS if format_of(res.manifest) >= 3 else ())
+    return read_parquet(res, INDEX, cols, cache=cache)
+
+
+def sample_columns(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The sample-row columns a dataset has (format 1: no ``sha256``; multi-label: ``labels``)."""
+    cols = SAMPLE_COLUMNS if format_of(manifest) >= 2 else SAMPLE_COLUMNS[:-1]
+    return (*cols, "labels") if manifest.get("multi_label") else cols
+
+
+def read_rows(st: Storage, shard: str, nbytes: int, sha256: str, columns: tuple[str, ...],
+              read: list[str] | None = None) -> Any:
+    """The rows file of ``shard`` (format 3), checked against its ``index.parquet`` size and sha256."""
+    key = rows_key(shard)
+    data = _read(st, key, f"the rows of shard {shard} are missing; {REWRITE_HINT}")
+    check_bytes(data, nbytes, sha256, st.url_for(key), f"{st.url_for(INDEX)} (shard {shard})")
+    return parse_parquet(data, st.url_for(key), columns, read)
+
+
+def read_samples(res: Resolved, *, check: bool = True) -> Any:
+    """Every sample row of ``res`` as one Table, in index order (shard, then file order).
+
+    O(samples): for tools and tests on whole datasets (audits, few-shot pools); the loader reads
+    one shard's rows at a time. Format 1 has no ``sha256`` column. ``check=False`` skips the
+    checksums (:func:`reseal`).
+    """
+    import pyarrow as pa
+
+    cols = sample_columns(res.manifest)
+    if format_of(res.manifest) < 3:
+        return read_parquet(res, res.manifest.get("samples_file", SAMPLES), cols)
+    index = read_index(res).to_pylist()
+    st = res.storage()
+    parts = []
+    for r in index:
+        if check:
+            parts.append(read_rows(st, r["shard"], r["rows_bytes"], r["rows_sha256"], cols))
+        else:
+            key = rows_key(r["shard"])
+            parts.append(parse_parquet(_read(st, key, "a rows file is missing"), st.url_for(key), cols))
+    return pa.concat_tables(parts) if parts else samples_schema(bool(res.manifest.get("multi_label"))).empty_table()
+
+
+def read_classes(res: Resolved, *, cache: ContentCache | None = None) -> list[str]:
     where = url_join(res.root_url, CLASSES)
     try:
-        classes = json.loads(read_checked(res, CLASSES))
+        classes = json.loads(read_checked(res, CLASSES, cache=cache))
     except ValueError as exc:
         raise DatasetFormatError(f"{where} is damaged (not JSON: {exc}); {REWRITE_HINT}") from exc
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
@@ -329,70 +338,41 @@ def read_classes(res: Resolved) -> list[str]:
     return classes
 
 
-# ----------------------------------------------------------------------------- publishing
-@dataclass(frozen=True, kw_only=True)
-class Published:
-    """What DEST published when a writer started: the version (None: nothing) and a CAS token."""
-
-    version: str | None
-    token: str | None  # S3 ETag / local file content hash of dataset.json; None when absent
-
-
-def published(st: Storage) -> Published:
-    """The currently published version of the dataset root ``st`` (format 1 counts)."""
-    seen = st.read_versioned(MANIFEST)  # body and token from ONE read: the token is what we looked at
-    if seen is None:
-        return Published(version=None, token=None)
-    data, token = seen
-    try:
-        version = json.loads(data).get("dataset_version", LEGACY_VERSION)
-    except (ValueError, AttributeError):
-        version = "damaged"  # a damaged manifest is replaced only with --overwrite
-    return Published(version=str(version), token=token)
-
-
-def publish(st: Storage, manifest: bytes, version: str, seen: Published) -> None:
-    """Make ``manifest`` (of ``version``) the published ``dataset.json`` of ``st``, atomically.
-
-    Succeeds only if the published manifest is still ``seen`` (or already names ``version``);
-    otherwise raises :class:`PublishConflict` and leaves the other writer's version published.
-    """
-    if st.put_if(MANIFEST, manifest, token=seen.token) is not None:
-        return
-    now = published(st)
-    if now.version == version:
-        return  # a writer with the same plan (or our own retried PUT) published the same version
-    raise PublishConflict(
-        f"another writer published dataset version {now.version} at {st.url} while this writer was writing "
-        f"version {version}; {st.url_for(version_root(version))} is complete but NOT published. Re-run with "
-        "--overwrite to publish it (readers pinned to the other version keep reading it)")
-
-
 # ----------------------------------------------------------------------------- repair (tests)
-def reseal(url: str) -> None:
+def reseal(url: str, samples: list[dict[str, Any]] | None = None) -> None:
     """Re-record the checksums of the published version after a DELIBERATE in-place edit.
 
     For tests that simulate data which was bad when written (a corrupt JPEG, a truncated
-    member): without this, such edits are caught as tampering (:class:`IntegrityError`).
+    member, a wrong label): without this, such edits are caught as tampering
+    (:class:`IntegrityError`). ``samples``: edited sample rows (:func:`read_samples`' form) to
+    record instead of the stored ones. Reads whole shards: small test datasets only.
     """
     import pyarrow as pa
 
     res = resolve(url)
     edited = Resolved(url=url, version=res.version, manifest={k: v for k, v in res.manifest.items() if k != "files"})
     st = res.storage()
-    samples = read_samples(edited).to_pylist()
-    shard_bytes = {}
-    for r in samples:
+    multi = bool(res.manifest.get("multi_label"))
+    rows = samples if samples is not None else read_samples(edited, check=False).to_pylist()
+    shard_bytes: dict[str, bytes] = {}
+    for r in rows:
         data = shard_bytes.setdefault(r["shard"], st.read_bytes(r["shard"]))
         r["sha256"] = hashlib.sha256(data[r["offset"]: r["offset"] + r["size"]]).digest()
     index = read_index(edited).to_pylist()
+    fmt3 = format_of(res.manifest) >= 3
     for r in index:
         data = st.read_bytes(r["shard"])
         r["bytes"], r["sha256"] = len(data), sha256_hex(data)
+        if fmt3:
+            part = parquet_bytes([x for x in rows if x["shard"] == r["shard"]], samples_schema(multi))
+            st.write_bytes(rows_key(r["shard"]), part)
+            r["rows_bytes"], r["rows_sha256"] = len(part), sha256_hex(part)
     files = dict(res.manifest.get("files", {}))
-    for name, rows, schema in ((SAMPLES, samples, samples_schema(bool(res.manifest.get("multi_label")))),
-                               (INDEX, index, index_schema())):
-        data = parquet_bytes(rows, pa.schema([f for f in schema if f.name in rows[0]]) if rows else schema)
+    rewrite = [(INDEX, index, index_schema(fmt3))]
+    if not fmt3:
+        rewrite.insert(0, (res.manifest.get("samples_file", SAMPLES), rows, samples_schema(multi)))
+    for name, table, schema in rewrite:
+        data = parquet_bytes(table, pa.schema([f for f in schema if f.name in table[0]]) if table else schema)
         st.write_bytes(name, data)
         files[name] = file_entry(data)
     manifest = json.dumps({**res.manifest, "files": files}, indent=2).encode()

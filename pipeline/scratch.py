@@ -75,20 +75,25 @@ def _creator_uid(folder: Path) -> int:
         os.unlink(probe)
 
 
-def scratch_dir() -> Path:
-    """This user's folder for shard tars in the making (created 0700).
+def private_dir(name: str, what: str) -> Path:
+    """This user's folder ``$TMPDIR/{name}-{euid}`` (created 0700), node-local.
 
     Refused when it is a link, someone else's, or writable by others: whoever could write
-    there could swap a tar between its checksum and its upload.
+    there could swap a file between its checksum and its use. ``what`` says what it holds.
     """
-    d = Path(tempfile.gettempdir()) / f"vitscale-shards-{os.geteuid()}"
+    d = Path(tempfile.gettempdir()) / f"{name}-{os.geteuid()}"
     d.mkdir(mode=0o700, exist_ok=True)
     st = os.lstat(d)
     if not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o022 or (
             st.st_uid != os.geteuid() and st.st_uid != _creator_uid(d.parent)):
         raise OSError(f"{d} is not a folder only this user (uid {os.geteuid()}) can write: remove it, or set TMPDIR "
-                      "to another folder for the writer's temporary shard tars")
+                      f"to another folder for {what}")
     return d
+
+
+def scratch_dir() -> Path:
+    """This user's folder for shard tars in the making (created 0700)."""
+    return private_dir("vitscale-shards", "the writer's temporary shard tars")
 
 
 def shard_tar_path(shard: str) -> Path:

@@ -43,7 +43,7 @@ class ShardAudit:
     shard: str  # key relative to the version folder
     bytes: int
     sha256: str
-    samples: list[dict[str, Any]]  # samples.parquet rows of this shard: key, split, offset, size, label, sha256
+    samples: list[dict[str, Any]]  # this shard's sample rows: key, split, offset, size, label, sha256
     decode: list[bool]  # per sample: decode it (size stats, pHash)
 
 
@@ -118,7 +118,7 @@ def _audit_sample(row: dict[str, Any], shard: bytes, decode: bool) -> dict[str, 
                            "sha256": hashlib.sha256(img).hexdigest(), "width": None, "height": None,
                            "phash": None, "problem": ""}
     if row.get("sha256") is not None and out["sha256"] != _hex(row["sha256"]):
-        out["problem"] = "sha256 differs from samples.parquet"
+        out["problem"] = "sha256 differs from its sample row"
     if decode:
         try:
             out["width"], out["height"] = _image_size(img)

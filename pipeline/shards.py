@@ -3,12 +3,14 @@
 1. :func:`plan_dataset` (driver): scan SRC, shuffle with the seed, cut the samples into
    :class:`ShardJob` s, name the version (a hash of the plan) and note what DEST publishes.
 2. :func:`write_shard` (anywhere, once per job, independent of every other job): read, check and
-   encode the job's images, upload the tar and its marker; returns the shard's index row, its
-   sample rows and its rejects. A shard already complete at DEST (marker plan + size + sha256)
-   is verified and reused, not re-encoded. Its output depends only on the job and the options,
-   so any scheduler (a process pool, Ray tasks on many nodes) writes the same bytes.
-3. :func:`finish_dataset` (driver, last): samples/index/rejects parquet, classes.json, the
-   version manifest, then the one conditional PUT that publishes it.
+   encode the job's images, upload the tar, its rows file (``samples/``: the shard's sample
+   rows) and its marker; returns the shard's index row and its rejects -- never its sample
+   rows, so the driver holds O(shards), whatever the number of samples. A shard already
+   complete at DEST (marker plan + size + sha256 of the tar and the rows file) is verified and
+   reused, not re-encoded. Its output depends only on the job and the options, so any
+   scheduler (a process pool, Ray tasks on many nodes) writes the same bytes.
+3. :func:`finish_dataset` (driver, last): index/rejects parquet, classes.json, the version
+   manifest, then the one conditional PUT that publishes it.
 
 ``pipeline.write_shards`` runs 2. in a local process pool; ``orchestration/prepare.py`` runs it
 as Ray tasks. Nothing here imports Ray.
@@ -31,8 +33,9 @@ import numpy as np
 
 from . import format as fmt
 from .encode import Reject, prepare_image
-from .format import FORMAT_VERSION
+from .format import CONTENT_VERSION
 from .labels import LabelError
+from .metadata import write_metadata
 from .scratch import shard_tar_path, sweep_dest
 from .sources import (
     Item,
@@ -83,11 +86,47 @@ def _sha256_of(storage: Storage, key: str) -> str:
     return h.hexdigest()
 
 
-def write_shard(job: ShardJob, dest: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Encode, tar, upload one shard and its marker to ``dest`` (a version's folder); or reuse
-    it when already complete.
+def _resumable(storage: Storage, marker_key: str, job: ShardJob, plan: str,
+               multi: bool) -> dict[str, Any] | None:
+    """The marker of ``job``'s shard if the shard (and its rows file) at DEST is complete, else None.
 
-    Returns ``{"shard": index row, "samples": [rows], "rejects": [rows], "resumed": bool}``.
+    A format-2 marker (sample rows inside it, no rows file) is upgraded: its rows file is written
+    from the marker, the tar is kept.
+    """
+    if not (storage.exists(marker_key) and storage.exists(job.name)):
+        return None
+    try:
+        marker = json.loads(storage.read_bytes(marker_key))
+        shard = marker["shard"]
+        if not (marker.get("plan") == plan and storage.size(job.name) == shard["bytes"]
+                and _sha256_of(storage, job.name) == shard["sha256"]):
+            return None
+        if "rows_sha256" not in shard:  # written before rows files: keep the tar, write its rows
+            shard.update(_put_rows(storage, job.name, marker.pop("samples"), multi))
+            storage.write_bytes(marker_key, json.dumps(marker).encode())
+            return marker
+        key = fmt.rows_key(job.name)
+        if storage.exists(key) and fmt.sha256_hex(storage.read_bytes(key)) == shard["rows_sha256"]:
+            return marker
+    except (ValueError, KeyError, OSError):
+        pass  # an unreadable marker: rewrite the shard
+    return None
+
+
+def _put_rows(storage: Storage, shard: str, samples: list[dict[str, Any]], multi: bool) -> dict[str, Any]:
+    """Upload ``shard``'s rows file; returns its ``rows_bytes`` / ``rows_sha256`` (index columns)."""
+    rows = [{**r, "sha256": bytes.fromhex(r["sha256"])} for r in samples]
+    data = fmt.parquet_bytes(rows, fmt.samples_schema(multi))
+    storage.write_bytes(fmt.rows_key(shard), data)
+    return {"rows_bytes": len(data), "rows_sha256": fmt.sha256_hex(data)}
+
+
+def write_shard(job: ShardJob, dest: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Encode, tar, upload one shard, its rows file and its marker to ``dest`` (a version's
+    folder); or reuse it when already complete.
+
+    Returns ``{"shard": index row, "rejects": [rows], "plan": hash, "resumed": bool}``; the
+    sample rows go to the rows file only (O(1 shard) here, nothing per sample to the driver).
     """
     # Checked again here, not only when scanning: a job may come from any caller (a Ray task's
     # argument), and a bad name would become a path outside the version folder or a broken tar.
@@ -97,15 +136,10 @@ def write_shard(job: ShardJob, dest: str, options: dict[str, Any]) -> dict[str, 
     storage = open_storage(dest)
     marker_key = f"{fmt.MARKERS_DIR}/{Path(job.name).name}.json"
     plan = job.plan_hash(options)
-    if storage.exists(marker_key) and storage.exists(job.name):
-        try:
-            marker = json.loads(storage.read_bytes(marker_key))
-            if (marker.get("plan") == plan and storage.size(job.name) == marker["shard"]["bytes"]
-                    and _sha256_of(storage, job.name) == marker["shard"]["sha256"]):
-                return {**marker, "resumed": True}
-        except (ValueError, KeyError, OSError):
-            pass  # an unreadable marker: rewrite the shard
     multi = options["multi_label"]
+    done = _resumable(storage, marker_key, job, plan, multi)
+    if done is not None:
+        return {**done, "resumed": True}
     samples: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
     tmp_path = shard_tar_path(job.name)
@@ -143,9 +177,10 @@ def write_shard(job: ShardJob, dest: str, options: dict[str, Any]) -> dict[str, 
         storage.upload_file(tmp_path, job.name)
     finally:
         tmp_path.unlink(missing_ok=True)
-    shard = {"split": job.split, "shard": job.name, "samples": len(samples), "bytes": nbytes, "sha256": h.hexdigest()}
-    result = {"shard": shard, "samples": samples, "rejects": rejects, "plan": plan}
-    storage.write_bytes(marker_key, json.dumps(result).encode())
+    shard = {"split": job.split, "shard": job.name, "samples": len(samples), "bytes": nbytes, "sha256": h.hexdigest(),
+             **_put_rows(storage, job.name, samples, multi)}
+    result = {"shard": shard, "rejects": rejects, "plan": plan}
+    storage.write_bytes(marker_key, json.dumps(result).encode())  # last: the shard is complete
     return {**result, "resumed": False}
 
 
@@ -302,7 +337,7 @@ def plan_from_source(source: Source, src: str, dest: str, settings: WriteSetting
     if isinstance(storage, LocalStorage):  # a killed writer's half-written files (S3 has none to see)
         sweep_dest(storage.root)
     options = {"max_side": settings.max_side, "quality": settings.quality, "multi_label": source.multi_label,
-               "version": FORMAT_VERSION}
+               "version": CONTENT_VERSION}
     version = fmt.version_id([j.plan_hash(options) for j in jobs], source.classes, options)
     seen = fmt.published(storage)
     if seen.version not in (None, version) and not overwrite:
@@ -351,38 +386,7 @@ def _require_samples(src: str, source: Source, results: list[dict[str, Any]]) ->
 
 
 def _write_metadata(vst: Storage, results: list[dict[str, Any]], plan: DatasetPlan) -> dict[str, Any]:
-    """samples/rejects/index parquet, classes.json, then the version's dataset.json (last)."""
-    source, version, src = plan.source, plan.version, plan.src
-    seed, max_side = plan.settings.seed, plan.settings.max_side
-    rows = [{**s, "sha256": bytes.fromhex(s["sha256"])} for r in results for s in r["samples"]]
-    rejects = all_rejects(plan, results)
-    files: dict[str, dict[str, Any]] = {}
-    for name, data in (
-        (fmt.SAMPLES, fmt.parquet_bytes(rows, fmt.samples_schema(source.multi_label))),
-        (fmt.REJECTS, fmt.parquet_bytes(rejects, fmt.rejects_schema())),
-        (fmt.CLASSES, json.dumps(source.classes).encode()),
-        (fmt.INDEX, fmt.parquet_bytes([r["shard"] for r in results], fmt.index_schema())),
-    ):
-        vst.write_bytes(name, data)
-        files[name] = fmt.file_entry(data)
-    splits: dict[str, dict[str, int]] = {}
-    for r in results:
-        s = splits.setdefault(r["shard"]["split"], {"samples": 0, "shards": 0, "bytes": 0})
-        s["samples"] += r["shard"]["samples"]
-        s["shards"] += 1
-        s["bytes"] += r["shard"]["bytes"]
-    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    try:  # a resumed version keeps its creation time, so its manifest bytes do not change
-        created = json.loads(vst.read_bytes(fmt.MANIFEST)).get("created", created)
-    except (FileNotFoundError, ValueError, AttributeError):
-        pass
-    info = {
-        "format": fmt.FORMAT, "version": FORMAT_VERSION, "dataset_version": version,
-        "num_classes": len(source.classes), "multi_label": source.multi_label,
-        "counts": {k: v["samples"] for k, v in splits.items()}, "splits": splits,
-        "source": str(src), "seed": seed, "max_side": max_side, "image_ext": "jpg",
-        "label_ext": "json" if source.multi_label else "cls", "samples_file": fmt.SAMPLES,
-        "files": files, "created": created,
-    }
-    vst.write_bytes(fmt.MANIFEST, json.dumps(info, indent=2).encode())
-    return info
+    about = {"source": str(plan.src), "seed": plan.settings.seed, "max_side": plan.settings.max_side}
+    return write_metadata(vst, index=[r["shard"] for r in results], rejects=all_rejects(plan, results),
+                          classes=plan.source.classes, multi_label=plan.source.multi_label, version=plan.version,
+                          about=about)

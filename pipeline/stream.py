@@ -1,11 +1,13 @@
 """Read sample bytes out of tar shards by byte range, prefetching upcoming shards in threads.
 
 The writer recorded, for every sample, the byte range of its image member inside its shard
-(``samples.parquet``), so a reader never parses tar headers: for each shard a slot touches it
+(the shard's rows file), so a reader never parses tar headers: for each shard a slot touches it
 opens one streaming ``Range`` GET from the first wanted sample to the end of the last one and
 slices members out of the stream, skipping (or, for big gaps, re-ranging over) unwanted ones.
 That is what lets a slot start in the middle of a shard and resume without reading what came
-before. Up to ``prefetch`` shard runs stream concurrently, each into a bounded queue.
+before. Up to ``prefetch`` shard runs stream concurrently, each into a bounded queue; a run's
+byte ranges may be looked up in its reader thread (``locate``: the loader reads the shard's
+rows file there), so that lookup overlaps with decoding too.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -34,36 +37,28 @@ class Run:
     ``expect_bytes``: the shard's recorded size, checked when the stream opens (the size comes
     with the GET response: no extra request). ``expect_sha256``: set when the run wants every
     sample of the shard; the reader then streams the whole shard (gaps and tail too, ~1 KB per
-    sample) through sha256 and checks it at the end -- no second read.
+    sample) through sha256 and checks it at the end -- no second read. Byte ranges left None
+    are filled in by ``iter_runs``' ``locate`` (in the reader thread), which may also attach
+    ``rows`` (handed to the consumer with each sample) and each id's row number in it (``local``).
     """
 
     shard: str
     ids: np.ndarray
-    offsets: np.ndarray
-    sizes: np.ndarray
+    offsets: np.ndarray | None = None
+    sizes: np.ndarray | None = None
     expect_bytes: int | None = None
     expect_sha256: str | None = None
+    index: int = -1  # the shard's number in the caller's shard table (for ``locate``)
+    rows: Any = None
+    local: np.ndarray | None = None
 
 
 class Truncated(Exception):
     """The shard ended before this sample's bytes (a truncated member / short shard)."""
 
 
-def make_runs(ids: np.ndarray, shard_of: np.ndarray, shard_names: Sequence[str], offsets: np.ndarray,
-              sizes: np.ndarray) -> list[Run]:
-    """Group ``ids`` (already in stream order) into per-shard runs."""
-    runs: list[Run] = []
-    if len(ids) == 0:
-        return runs
-    sh = shard_of[ids]
-    cuts = np.flatnonzero(np.diff(sh)) + 1
-    for part in np.split(ids, cuts):
-        runs.append(Run(shard_names[int(shard_of[part[0]])], part, offsets[part], sizes[part]))
-    return runs
-
-
-def _read_run(storage: Storage, run: Run, q: queue.Queue, stop: threading.Event, retries: int,
-              backoff: float) -> None:
+def _read_run(storage: Storage, run: Run, locate: Callable[[Run], Run] | None, q: queue.Queue,
+              stop: threading.Event, retries: int, backoff: float) -> None:
     def put(item: object) -> bool:
         while not stop.is_set():
             try:
@@ -74,14 +69,22 @@ def _read_run(storage: Storage, run: Run, q: queue.Queue, stop: threading.Event,
         return False
 
     try:
+        if run.offsets is None:
+            if locate is None:
+                raise ValueError(f"run of {run.shard} has no byte ranges and iter_runs got no locate")
+            run = locate(run)
+        assert run.offsets is not None and run.sizes is not None
+        local = run.local if run.local is not None else np.arange(len(run.ids))
+        rows = run.rows
         digest = hashlib.sha256() if run.expect_sha256 else None
         start = 0 if digest else int(run.offsets[0])
         end = None if digest else int(run.offsets[-1] + run.sizes[-1])
         with storage.open_range(run.shard, start, end, retries=retries, backoff=backoff) as f:
             truncated = False
-            chunk: list[tuple[int, bytes | Truncated]] = []
+            chunk: list[tuple[int, bytes | Truncated, Any, int]] = []
             chunk_bytes = 0
-            for i, off, size in zip(run.ids.tolist(), run.offsets.tolist(), run.sizes.tolist(), strict=True):
+            for i, off, size, k in zip(run.ids.tolist(), run.offsets.tolist(), run.sizes.tolist(), local.tolist(),
+                                       strict=True):
                 if stop.is_set():
                     return
                 if not truncated:
@@ -94,7 +97,7 @@ def _read_run(storage: Storage, run: Run, q: queue.Queue, stop: threading.Event,
                     _check_size(storage, run, f.size)
                     if digest:
                         digest.update(data)
-                chunk.append((i, Truncated() if truncated else data))
+                chunk.append((i, Truncated() if truncated else data, rows, k))
                 chunk_bytes += size
                 # Hand samples over in chunks: one queue operation (and thread wake-up) per
                 # CHUNK_ITEMS samples instead of per sample.
@@ -124,25 +127,32 @@ def _check_size(storage: Storage, run: Run, size: int | None) -> None:
                              f"{run.expect_bytes}: it was truncated or modified after publishing; {REWRITE_HINT}")
 
 
-def iter_runs(storage: Storage, runs: list[Run], *, prefetch: int = 2, queue_items: int = 4,
-              retries: int = DEFAULT_RETRIES, backoff: float = 0.2) -> Iterator[tuple[int, bytes | Truncated]]:
-    """Yield ``(id, bytes)`` (or ``(id, Truncated())``) for every id of ``runs`` in order.
+def iter_runs(storage: Storage, runs: Iterable[Run], *, locate: Callable[[Run], Run] | None = None,
+              prefetch: int = 2, queue_items: int = 4, retries: int = DEFAULT_RETRIES,
+              backoff: float = 0.2) -> Iterator[tuple[int, bytes | Truncated, Any, int]]:
+    """Yield ``(id, bytes, rows, k)`` (or ``(id, Truncated(), rows, k)``) for every id of ``runs`` in
+    order; ``rows`` / ``k``: the run's attached rows (from ``locate``) and the id's row in them.
 
-    Shard-level failures that survived the storage retries re-raise here, naming the shard.
+    ``runs`` may be a lazy iterable (it is consumed ``prefetch`` runs ahead). Shard-level failures
+    that survived the storage retries re-raise here, naming the shard.
     """
     stop = threading.Event()
     active: list[tuple[queue.Queue, threading.Thread]] = []
-    nxt = 0
+    pending = iter(runs)
+    launched = 0
 
     def launch() -> None:
-        nonlocal nxt
-        while nxt < len(runs) and len(active) < max(1, prefetch):
+        nonlocal launched
+        while len(active) < max(1, prefetch):
+            run = next(pending, None)
+            if run is None:
+                return
             q: queue.Queue = queue.Queue(maxsize=queue_items)
-            t = threading.Thread(target=_read_run, args=(storage, runs[nxt], q, stop, retries, backoff), daemon=True,
-                                 name=f"shard-reader-{nxt}")
+            t = threading.Thread(target=_read_run, args=(storage, run, locate, q, stop, retries, backoff), daemon=True,
+                                 name=f"shard-reader-{launched}")
             t.start()
             active.append((q, t))
-            nxt += 1
+            launched += 1
 
     try:
         launch()

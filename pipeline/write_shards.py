@@ -1,4 +1,4 @@
-"""Write an image collection as WebDataset tar shards plus a per-sample index.
+"""Write an image collection as WebDataset tar shards plus per-shard sample rows and a shard index.
 
 ``python -m pipeline.write_shards SRC DEST [options]``
 
@@ -15,10 +15,12 @@ Layout written at DEST (defined in :mod:`pipeline.format`)::
 
     versions/<version>/shards/{split}-NNNNNN.tar   plain tar, members {key}.jpg + {key}.cls (int)
                                 or {key}.json (list of ints, multi-label); stock webdataset reads it
-    versions/<version>/markers/{shard}.json   per-shard completion marker (sha256, plan, rows)
-    versions/<version>/samples.parquet   one row per sample: split, shard, key, offset, size (byte
-                                range of the JPEG member inside the tar), label(s), src, sha256
-    versions/<version>/{index.parquet, classes.json, rejects.parquet, dataset.json}
+    versions/<version>/samples/{split}-NNNNNN.parquet   the shard's rows, one per sample: split,
+                                shard, key, offset, size (byte range of the JPEG member inside the
+                                tar), label(s), src, sha256 -- read by a loader when it opens the shard
+    versions/<version>/markers/{shard}.json   per-shard completion marker (plan, the shard's index row)
+    versions/<version>/index.parquet   one row per shard: counts, sizes and sha256 of tar and rows file
+    versions/<version>/{classes.json, rejects.parquet, dataset.json}
     dataset.json                the published manifest, a copy of one version's dataset.json --
                                 written LAST with one atomic conditional PUT, so a reader never
                                 sees a half-written or mixed dataset

@@ -17,13 +17,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline import DataConfig, IOConfig, SourceConfig, build_loader, open_storage, write_dataset
 from pipeline.demo_data import decode_index, make_index_folder
-from pipeline.format import DatasetFormatError, IntegrityError, resolve
+from pipeline.format import DatasetFormatError, IntegrityError, read_samples, resolve
 
 N = 300
 PER_SHARD = 30
@@ -180,7 +179,7 @@ def test_publish_is_compare_and_swap_and_idempotent_for_the_same_version(tmp_pat
 def test_same_length_swapped_sample_is_caught_naming_shard_and_key(tmp_path: Path, id_src: Path) -> None:
     ds = tmp_path / "ds"
     write(id_src, ds)
-    rows = pq.read_table(vdir(ds) / "samples.parquet").to_pylist()
+    rows = read_samples(resolve(str(ds))).to_pylist()
     a = rows[0]
     b = next(r for r in rows if r["size"] == a["size"] and r["label"] != a["label"] and r["shard"] != a["shard"])
     shard = vdir(ds) / a["shard"]
@@ -236,8 +235,9 @@ def _garble(p: Path) -> None:
     p.write_bytes(p.read_bytes()[: max(1, p.stat().st_size // 2)] + b"garbage")
 
 
-@pytest.mark.parametrize("target", ["index.parquet", "samples.parquet", "dataset.json", "version/dataset.json",
-                                    "dataset.json-field", "legacy/index.parquet", "legacy/samples.parquet"])
+@pytest.mark.parametrize("target", ["index.parquet", "samples/train-000003.parquet", "dataset.json",
+                                    "version/dataset.json", "dataset.json-field", "legacy/index.parquet",
+                                    "legacy/samples.parquet"])
 def test_damaged_metadata_errors_name_the_file(tmp_path: Path, id_src: Path, target: str) -> None:
     ds = tmp_path / "ds"
     write(id_src, ds)
@@ -262,7 +262,9 @@ def test_damaged_metadata_errors_name_the_file(tmp_path: Path, id_src: Path, tar
         _garble(path)
     cfg = DataConfig(source=SourceConfig(url=str(ds), dataset_version=version), image_size=16, batch_size=10, io=IOConfig(num_workers=0))
     with pytest.raises(DatasetFormatError) as e:
-        build_loader(cfg, rank=0, world_size=1)
+        ld = build_loader(cfg, rank=0, world_size=1)
+        assert target.startswith("samples/"), "a damaged shard table must fail before the first batch"
+        list(ld)  # a shard's rows file is read (and checked) when the shard is opened
     msg = str(e.value)
     assert str(path) in msg and "damaged" in msg and "pipeline.write_shards" in msg, msg
     if target == "dataset.json-field":
@@ -271,6 +273,7 @@ def test_damaged_metadata_errors_name_the_file(tmp_path: Path, id_src: Path, tar
 
 def _to_legacy(ds: Path) -> None:
     """Rewrite a dataset in the format-1 layout (metadata at the root, no per-sample sha256)."""
+    rows = read_samples(resolve(str(ds)))
     v = vdir(ds)
     for p in v.iterdir():
         os.replace(p, ds / p.name)
@@ -280,8 +283,7 @@ def _to_legacy(ds: Path) -> None:
         info.pop(k)
     info["version"] = 1
     (ds / "dataset.json").write_text(json.dumps(info))
-    t = pq.read_table(ds / "samples.parquet")
-    pq.write_table(t.drop_columns(["sha256"]), ds / "samples.parquet")
+    pq.write_table(rows.drop_columns(["sha256"]), ds / "samples.parquet")
 
 
 def test_format1_dataset_still_loads_and_checks_shard_size(tmp_path: Path, id_src: Path) -> None:
@@ -332,7 +334,7 @@ def test_s3_swapped_sample_and_lineage_record_the_version(s3_bucket: str, id_src
     st = open_storage(resolve(url).root_url)
     assert lin["version"] == info["dataset_version"] == lin["dataset"]["dataset_version"]
     assert lin["index_sha256"] == info["files"]["index.parquet"]["sha256"] and lin["splits"] == ["train"]
-    rows = pq.read_table(pa.BufferReader(st.read_bytes("samples.parquet"))).to_pylist()
+    rows = read_samples(resolve(url)).to_pylist()
     a = rows[5]
     b = next(r for r in rows if r["size"] == a["size"] and r["label"] != a["label"])
     raw = bytearray(st.read_bytes(a["shard"]))

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -25,7 +24,7 @@ from pipeline import (
 )
 from pipeline.decode import BadSample, decode_eval, decode_train
 from pipeline.demo_data import decode_index, make_digits_folder, make_digits_manifest, make_index_folder
-from pipeline.format import reseal, resolve
+from pipeline.format import read_samples, reseal, resolve
 from pipeline.plan import EpochPlan, consumed_ids, epoch_order
 
 N_IDS = 500
@@ -56,10 +55,14 @@ def vdir(ds: Path) -> Path:
     return Path(resolve(str(ds)).root_url)
 
 
+def sample_rows(ds: Path) -> list[dict]:
+    """Every sample row of the published version (from its per-shard rows files)."""
+    return read_samples(resolve(str(ds))).to_pylist()
+
+
 def src_index(ds: Path, split: str = "train") -> np.ndarray:
     """Source index (from the file name) of each dataset sample id, canonical order."""
-    t = pq.read_table(vdir(ds) / "samples.parquet")
-    rows = [r for r in t.to_pylist() if r["split"] == split]
+    rows = [r for r in sample_rows(ds) if r["split"] == split]
     names = pq.read_table(vdir(ds) / "index.parquet").to_pylist()
     pos = {r["shard"]: i for i, r in enumerate(n for n in names if n["split"] == split)}
     rows.sort(key=lambda r: (pos[r["shard"]], r["offset"]))
@@ -87,7 +90,7 @@ def test_roundtrip_local_bytes_and_labels(digits_ds: Path) -> None:
     index = pq.read_table(vdir(digits_ds) / "index.parquet").to_pylist()
     assert {r["shard"] for r in index} == {f"shards/{p.name}" for p in (vdir(digits_ds) / "shards").iterdir()}
     st = open_storage(vdir(digits_ds))
-    samples = pq.read_table(vdir(digits_ds) / "samples.parquet").to_pylist()
+    samples = sample_rows(digits_ds)
     for r in samples:  # byte ranges in the index are exactly the source files
         src = Path(r["src"])
         assert st.open_range(r["shard"], r["offset"], r["offset"] + r["size"]).read() == src.read_bytes()
@@ -120,7 +123,7 @@ def test_writer_rejects_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture
     assert sorted(r["reason"] for r in rej) == ["not_an_image", "undecodable"]
     info = json.loads((dest / "dataset.json").read_text())
     assert info["counts"]["train"] == 61
-    png_row = next(r for r in pq.read_table(vdir(dest) / "samples.parquet").to_pylist() if r["src"].endswith(".png"))
+    png_row = next(r for r in sample_rows(dest) if r["src"].endswith(".png"))
     data = open_storage(vdir(dest)).open_range(png_row["shard"], png_row["offset"], png_row["offset"] + png_row["size"]).read()
     assert Image.open(io.BytesIO(data)).format == "JPEG"
 
@@ -147,7 +150,7 @@ def test_max_side_resizes(tmp_path: Path) -> None:
     src.mkdir(parents=True)
     Image.new("RGB", (400, 100), (10, 200, 30)).save(src / "big.jpg")
     write_dataset(tmp_path / "src", str(tmp_path / "ds"), max_side=64, progress=False)
-    r = pq.read_table(vdir(tmp_path / "ds") / "samples.parquet").to_pylist()[0]
+    r = sample_rows(tmp_path / "ds")[0]
     data = open_storage(vdir(tmp_path / "ds")).open_range(r["shard"], r["offset"], r["offset"] + r["size"]).read()
     assert Image.open(io.BytesIO(data)).size == (64, 16)
 
@@ -259,7 +262,7 @@ def test_multilabel_targets(tmp_path: Path) -> None:
     assert ld.multi_label
     _, y, valid = next(iter(ld))
     assert y.shape == (64, 13) and y.dtype == torch.float32 and valid.all()
-    rows = pq.read_table(vdir(tmp_path / "ds") / "samples.parquet").to_pylist()
+    rows = sample_rows(tmp_path / "ds")
     want = {tuple(sorted(classes[i] for i in r["labels"])) for r in rows}
     got = {tuple(sorted(classes[i] for i in np.flatnonzero(v.numpy()))) for v in y}
     assert got == want and set(y.sum(1).tolist()) <= {2.0, 3.0}
@@ -278,8 +281,7 @@ def _corrupt(url: Path) -> dict[str, int]:
     re-record its checksums, as if the data had been bad when written (unsealed edits are
     caught as tampering: tests/test_dataset_integrity.py)."""
     ds = vdir(url)
-    samples = pq.read_table(ds / "samples.parquet")
-    rows = samples.to_pylist()
+    rows = sample_rows(url)
     train = [r for r in rows if r["split"] == "train"]
     for r in train[:3]:  # corrupt image bytes, same length
         p = ds / r["shard"]
@@ -292,8 +294,7 @@ def _corrupt(url: Path) -> dict[str, int]:
     last = [r for r in train if r["shard"] == last_shard]
     cut = last[-2]["offset"] + 10  # last two members of the last shard are cut off
     (ds / last_shard).write_bytes((ds / last_shard).read_bytes()[:cut])
-    pq.write_table(pa.Table.from_pylist(rows, schema=samples.schema), ds / "samples.parquet")
-    reseal(str(url))
+    reseal(str(url), samples=rows)
     return {"skipped_corrupt_image": 3, "skipped_missing_label": 1, "skipped_label_out_of_range": 1,
             "skipped_truncated": 2}
 

@@ -231,10 +231,12 @@ def test_stalled_connection_times_out_per_data_config(s3_ds: str, proxy_factory)
 
 
 @pytest.mark.integration
-def test_stalled_metadata_read_times_out_per_data_config(s3_ds: str, proxy_factory) -> None:
-    # The loader's first reads (dataset.json, samples.parquet) use the same timeouts as the shards.
-    p = proxy_factory(faults=[("stall", 0)], match=b"samples.parquet", stall_s=90)
-    cfg = DataConfig(source=SourceConfig(url=s3_ds), train=False, image_size=16, batch_size=16, io=IOConfig(num_workers=0, read_backoff_s=0.01, connect_timeout_s=1.0, read_timeout_s=1.0))
+@pytest.mark.parametrize("match", [b"index.parquet", b"/samples/"])
+def test_stalled_metadata_read_times_out_per_data_config(s3_ds: str, proxy_factory, match: bytes) -> None:
+    # The loader's metadata reads (the shard table at start, a shard's rows file when the shard
+    # is opened) use the same timeouts as the shards. No node cache: the shard table is fetched.
+    p = proxy_factory(faults=[("stall", 0)], match=match, stall_s=90)
+    cfg = DataConfig(source=SourceConfig(url=s3_ds), train=False, image_size=16, batch_size=16, io=IOConfig(num_workers=0, read_backoff_s=0.01, connect_timeout_s=1.0, read_timeout_s=1.0, metadata_cache=False))
     t0 = time.monotonic()
     assert sorted(_eval_ids(cfg)) == list(range(300))
     assert p.done == [("stall", 0)] and time.monotonic() - t0 < 20
@@ -304,7 +306,7 @@ def _zero_samples(ds: Path, split: str, keep: int | None = None, ids: list[int] 
     """Overwrite the image bytes of samples of ``split`` with zeros (corrupt JPEGs), as if they had
     been written that way (checksums resealed: this is bad data, not tampering)."""
     root = _root(ds)
-    rows = [r for r in pq.read_table(root / "samples.parquet").to_pylist() if r["split"] == split]
+    rows = [r for r in fmt.read_samples(fmt.resolve(str(ds))).to_pylist() if r["split"] == split]
     rows.sort(key=lambda r: (r["shard"], r["offset"]))  # the loader's canonical id order
     chosen = [rows[i] for i in ids] if ids is not None else rows[:keep]
     for r in chosen:
@@ -444,7 +446,7 @@ def test_writer_walk_rejects_what_it_cannot_read_and_keeps_non_utf8_names(shared
     assert rejects["c003"]["reason"] == "unreadable_folder" and "FileNotFoundError" in rejects["c003"]["detail"]
     assert rejects["pipe.jpg"]["reason"] == "not_a_regular_file"
     assert "rejects: 3 (not_a_regular_file=1, unreadable_folder=2)" in out
-    samples = pq.read_table(_root(dest) / "samples.parquet").to_pylist()
+    samples = fmt.read_samples(fmt.resolve(str(dest))).to_pylist()
     c001 = [i for i in range(12) if i % 3 == 1]  # the 4 images of the locked class
     assert len(samples) == 12 - len(c001) + 1
     assert any(r["src"].endswith("caf\\xe9-99.jpg") for r in samples)  # original name, escaped

@@ -23,6 +23,7 @@ from pipeline import (
     open_storage,
     write_dataset,
 )
+from pipeline import format as fmt
 from pipeline.demo_data import decode_index, make_index_folder
 
 pytestmark = pytest.mark.integration
@@ -167,7 +168,7 @@ def test_roundtrip_s3_bytes_labels_and_eval_loader(s3_ds: str, id_src: Path) -> 
     keys = st.list()
     assert "index.parquet" in keys and "dataset.json" in keys and any(k.startswith("shards/train-") for k in keys)
     classes = json.loads(st.read_bytes("classes.json"))
-    rows = _table(s3_ds, "samples.parquet")
+    rows = fmt.read_samples(fmt.resolve(s3_ds)).to_pylist()
     assert len(rows) == N_IDS
     for r in rows:
         src = Path(r["src"])

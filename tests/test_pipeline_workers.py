@@ -56,12 +56,9 @@ def test_two_ranks_two_workers_cover_epoch_exactly_once(id_ds: Path) -> None:
     # the exact set: everything but the plan's dropped remainder (< world*workers*batch)
     ref = build_loader(cfg_for(id_ds), rank=0, world_size=world)
     p = ref.plan()
-    import pyarrow.parquet as pq
+    from pipeline.format import read_samples, resolve
 
-    from pipeline.format import resolve
-
-    samples = Path(resolve(str(id_ds)).root_url) / "samples.parquet"
-    src = [int(Path(s).stem) for s in pq.read_table(samples)["src"].to_pylist()]
+    src = [int(Path(s).stem) for s in read_samples(resolve(str(id_ds)))["src"].to_pylist()]
     kept = np.concatenate([p.slot_emission(s) for s in range(p.num_slots)])
     assert sorted(ids.tolist()) == sorted(src[i] for i in kept.tolist())
     assert N_IDS - len(ids) == p.dropped < 2 * 2 * 8

@@ -104,6 +104,8 @@ class IOConfig:
     ``read_timeout_s`` and resumes). ``max_bad_fraction``: the loader raises once the bad samples
     of a pass are certain to exceed this fraction of it (``BadSampleLimit``);
     ``max_image_pixels``: larger images are refused as decompression bombs.
+    ``metadata_cache``: read a remote dataset's shard table through the node's cache
+    (``$TMPDIR/vitscale-meta-{euid}``, by sha256), so the ranks of a node download it once.
     """
 
     num_workers: int = 2
@@ -116,9 +118,11 @@ class IOConfig:
     read_timeout_s: float = 60.0
     max_bad_fraction: float = 0.01
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    metadata_cache: bool = True
 
     def __post_init__(self) -> None:
         c = Checker(self)
+        c.flag("metadata_cache")
         for name in ("prefetch_shards", "prefetch_batches", "max_image_pixels"):
             c.int(name, ge=1)
         for name in ("num_workers", "shuffle_buffer", "read_retries"):

@@ -1,9 +1,10 @@
 """``ShardStream``: one rank's epoch as an IterableDataset; each DataLoader worker plays one slot.
 
-The stages of a slot are composed in :meth:`ShardStream.__iter__`: shard runs (ranged reads,
-retries, whole-shard sha256, :mod:`pipeline.stream`) -> emission order -> per-sample sha256 ->
-label + decode + augment (or the bad sample's reason) -> batches of B -> tensors and the
-worker's stats delta. A bad train sample is replaced by a good one of the same batch (counted
+The stages of a slot are composed in :meth:`ShardStream.__iter__`: shard runs (the shard's rows
+read when it is opened, ranged reads, retries, whole-shard sha256, :mod:`pipeline.stream`) ->
+emission order (streamed from the plan's cursor: O(shuffle buffer) memory) -> per-sample
+sha256 -> label + decode + augment (or the bad sample's reason) -> batches of B -> tensors and
+the worker's stats delta. A bad train sample is replaced by a good one of the same batch (counted
 as ``filled``); in eval it is masked (``valid=False``).
 """
 
@@ -24,12 +25,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .. import format as fmt
 from ..decode import BadSample, decode_eval, decode_train
-from ..plan import EpochPlan, mix, worker_batches_done
-from ..storage import open_storage, url_join
-from ..stream import Run, Truncated, iter_runs, make_runs
+from ..plan import EpochPlan, Order, SlotCursor, mix, resume_slot, shard_pieces, slot_emitted, tail_position
+from ..storage import Storage, open_storage, url_join
+from ..stream import Run, Truncated, iter_runs
 from ..transforms import make_randaugment, mix_batch, sample_transform, stack_uint8, to_float_batch
 from .config import DataConfig
-from .meta import Meta
+from .meta import Meta, ShardRows
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +49,23 @@ class _Sample:
     shard: str | None = None  # the bad sample's shard
 
 
-def _in_order(source: Iterator[tuple[int, bytes | Truncated]], emission: np.ndarray
-              ) -> Iterator[tuple[int, bytes | Truncated | None]]:
+#: A sample as it moves through a slot's stages: id, bytes (None: eval padding), its shard's
+#: rows and its row number in them.
+Item = tuple[int, "bytes | Truncated | None", "ShardRows | None", int]
+
+
+def _in_order(source: Iterator[tuple[int, bytes | Truncated, Any, int]], emission: Iterator[int]) -> Iterator[Item]:
     """The slot's samples in emission order (-1 = eval padding -> None) from the shard runs, which
     arrive in read order: a small reorder buffer (a shuffle buffer's worth at most)."""
-    fetched: dict[int, bytes | Truncated] = {}
-    for i in emission.tolist():
+    fetched: dict[int, Item] = {}
+    for i in emission:
         if i < 0:
-            yield i, None
+            yield i, None, None, -1
             continue
         while i not in fetched:
-            j, data = next(source)
-            fetched[j] = data
-        yield i, fetched.pop(i)
+            item = next(source)
+            fetched[item[0]] = item  # type: ignore[assignment]
+        yield fetched.pop(i)
 
 
 def _batched(items: Iterator[_Sample], size: int) -> Iterator[list[_Sample]]:
@@ -86,11 +91,11 @@ class ShardStream(IterableDataset):
         self.multi_label = bool(meta.info.get("multi_label"))
 
     # ---------------------------------------------------------------- labels
-    def _target(self, i: int) -> int | np.ndarray:
+    def _target(self, rows: ShardRows, k: int) -> int | np.ndarray:
         c = self.num_classes
         if self.multi_label:
-            assert self.meta.ml_offsets is not None and self.meta.ml_values is not None
-            ids = self.meta.ml_values[self.meta.ml_offsets[i]: self.meta.ml_offsets[i + 1]]
+            assert rows.ml_offsets is not None and rows.ml_values is not None
+            ids = rows.ml_values[rows.ml_offsets[k]: rows.ml_offsets[k + 1]]
             if len(ids) == 0:
                 raise BadSample("missing_label")
             if ids.min() < 0 or ids.max() >= c:
@@ -98,7 +103,7 @@ class ShardStream(IterableDataset):
             v = np.zeros(c, np.float32)
             v[ids] = 1.0
             return v
-        y = int(self.meta.labels[i])
+        y = int(rows.labels[k])
         if y < 0:
             raise BadSample("missing_label")
         if y >= c:
@@ -106,43 +111,64 @@ class ShardStream(IterableDataset):
         return y
 
     # ---------------------------------------------------------------- integrity
-    def slot_work(self, logical: int) -> tuple[int, np.ndarray, list[Run]]:
-        """(batches already done, emission ids, shard runs with their checks) of a logical worker."""
-        plan, meta, B = self.plan, self.meta, self.cfg.batch_size
-        slot = self.rank * plan.num_workers + logical
-        done = min(worker_batches_done(self.skip, logical, plan.num_workers), plan.batches_per_slot)
-        emission = plan.slot_emission(slot)[done * B:]  # (n_batches * B,) ids, -1 = eval padding
-        wanted = emission[emission >= 0]
-        stream = plan.slot_stream(slot)
-        stream = stream[np.isin(stream, wanted)]
-        runs = make_runs(stream, meta.shard_of, meta.shard_names, meta.offsets, meta.sizes)
+    def slot_work(self, logical: int) -> tuple[int, SlotCursor]:
+        """(batches already done, the slot's cursor past them) of a logical worker."""
+        emitted = slot_emitted(self.plan, self.skip, logical)
+        return emitted // self.plan.batch_size, resume_slot(self.plan, self.rank * self.plan.num_workers + logical,
+                                                            emitted)
+
+    def _run(self, s: int, ids: np.ndarray, whole_ok: bool) -> Run:
+        """The run of shard ``s`` reading ``ids``; its byte ranges come from the shard's rows (``locate``)."""
+        meta, name = self.meta, self.meta.shard_names[s]
         if meta.shard_bytes is None or meta.shard_samples is None:
-            return done, emission, runs
-        out = []
-        for r in runs:
-            s = int(meta.shard_of[r.ids[0]])
-            whole = len(r.ids) == meta.shard_samples[s] and r.shard not in self.verified
-            out.append(dataclasses.replace(r, expect_bytes=int(meta.shard_bytes[s]),
-                                           expect_sha256=meta.shard_sha256[s] if whole else None))
-        return done, emission, out
+            return Run(name, ids, index=s)
+        whole = whole_ok and len(ids) == meta.shard_samples[s] and name not in self.verified
+        return Run(name, ids, expect_bytes=int(meta.shard_bytes[s]),
+                   expect_sha256=meta.shard_sha256_hex(s) if whole else None, index=s)
+
+    def _runs(self, cur: SlotCursor) -> Iterator[Run]:
+        """Buffered ids first (never a whole-shard check), then the rest of the stream, per shard."""
+        for s, ids in shard_pieces(Order.of_ids(cur.buffered), self.meta.shard_start):
+            yield self._run(s, ids, whole_ok=False)
+        for s, ids in shard_pieces(cur.tail, self.meta.shard_start):
+            yield self._run(s, ids, whole_ok=True)
 
     def whole_checked(self) -> set[str]:
-        """Shards this rank's epoch reads whole, and so checks against their recorded sha256."""
-        return {r.shard for w in range(self.plan.num_workers) for r in self.slot_work(w)[2] if r.expect_sha256}
+        """Shards this rank's epoch reads whole, and so checks against their recorded sha256
+        (the tails of its slots, the same runs the workers make: O(shards) here, no replay)."""
+        plan, out = self.plan, set()
+        for w in range(plan.num_workers):
+            slot = self.rank * plan.num_workers + w
+            emitted = slot_emitted(plan, self.skip, w)
+            order = plan.slot_order(slot)
+            for s, ids in shard_pieces(order.slice(tail_position(plan, slot, emitted), len(order)),
+                                       self.meta.shard_start):
+                r = self._run(s, ids, whole_ok=True)
+                if r.expect_sha256:
+                    out.add(r.shard)
+        return out
 
-    def _verify(self, i: int, data: bytes) -> None:
+    def _locate(self, storage: Storage) -> Any:
+        def locate(run: Run) -> Run:
+            rows = self.meta.rows(run.index, storage)  # the shard's rows file, checked (reader thread)
+            local = run.ids - self.meta.shard_start[run.index]
+            return dataclasses.replace(run, offsets=rows.offsets[local], sizes=rows.sizes[local], rows=rows,
+                                       local=local)
+        return locate
+
+    def _verify(self, i: int, data: bytes, rows: ShardRows, k: int) -> None:
         # The image bytes are already in memory: one sha256 (~2 us/KB, bench/verify.py), no extra read.
-        digests = self.meta.digests
-        if digests is not None and hashlib.sha256(data).digest() != digests[i].tobytes():
-            shard = self.meta.shard_names[int(self.meta.shard_of[i])]
+        if self.meta.verify_samples and rows.digests is not None and \
+                hashlib.sha256(data).digest() != rows.digests[k].tobytes():
+            shard = self.meta.shard_names[self.meta.shard_of_id(i)]
             raise fmt.IntegrityError(
-                f"sample {self.meta.keys[i].as_py()} in shard {url_join(self.meta.root_url, shard)} does not match "
-                f"the sha256 recorded in samples.parquet: the shard was modified after publishing; "
+                f"sample {rows.key(k)} in shard {url_join(self.meta.root_url, shard)} does not match the sha256 "
+                f"recorded in its rows file ({fmt.rows_key(shard)}): the shard was modified after publishing; "
                 f"{fmt.REWRITE_HINT}")
 
     # ---------------------------------------------------------------- the pipeline
     # One slot's epoch, as stages composed in __iter__ (each a small generator or function):
-    #   shard runs (pipeline.stream.iter_runs: ranged reads, retries, whole-shard sha256)
+    #   shard runs (pipeline.stream.iter_runs: the shard's rows, ranged reads, retries, whole-shard sha256)
     #   -> _in_order: the slot's emission order          -> _checked: per-sample sha256
     #   -> _samples: label + decode + augment, or the bad-sample reason
     #   -> _batched: B at a time                          -> _collate: tensors + stats
@@ -150,10 +176,11 @@ class ShardStream(IterableDataset):
         cfg, plan = self.cfg, self.plan
         logical = self._logical_worker()
         slot = self.rank * plan.num_workers + logical
-        done, emission, runs = self.slot_work(logical)
-        source = iter_runs(open_storage(self.meta.root_url, s3=cfg.s3_settings()), runs, prefetch=cfg.io.prefetch_shards,
+        done, cur = self.slot_work(logical)
+        storage = open_storage(self.meta.root_url, s3=cfg.s3_settings())
+        source = iter_runs(storage, self._runs(cur), locate=self._locate(storage), prefetch=cfg.io.prefetch_shards,
                            retries=cfg.io.read_retries, backoff=cfg.io.read_backoff_s)
-        samples = self._samples(self._checked(_in_order(source, emission)))
+        samples = self._samples(self._checked(_in_order(source, cur.emission)))
         last_good: _Sample | None = None
         for k, batch in enumerate(_batched(samples, cfg.batch_size)):
             yield self._collate(batch, k + done, slot, last_good)
@@ -170,35 +197,34 @@ class ShardStream(IterableDataset):
             torch.set_num_threads(1)
         return ((wi.id if wi is not None else 0) + self.skip) % self.plan.num_workers
 
-    def _checked(self, items: Iterator[tuple[int, bytes | Truncated | None]]
-                 ) -> Iterator[tuple[int, bytes | Truncated | None]]:
-        """Raises IntegrityError (never a skipped sample) when bytes differ from samples.parquet."""
-        for i, data in items:
-            if isinstance(data, bytes):
-                self._verify(i, data)
-            yield i, data
+    def _checked(self, items: Iterator[Item]) -> Iterator[Item]:
+        """Raises IntegrityError (never a skipped sample) when bytes differ from the recorded sha256."""
+        for item in items:
+            if isinstance(item[1], bytes):
+                self._verify(*item)  # type: ignore[arg-type]
+            yield item
 
-    def _samples(self, items: Iterator[tuple[int, bytes | Truncated | None]]) -> Iterator[_Sample]:
+    def _samples(self, items: Iterator[Item]) -> Iterator[_Sample]:
         """Decoded samples; a bad one carries its reason (the first LOG_FIRST_BAD are logged)."""
         logged = 0
-        for i, data in items:
-            if data is None:  # eval padding
+        for i, data, rows, k in items:
+            if data is None or rows is None:  # eval padding
                 yield _Sample(i)
                 continue
             try:
-                yield self._decode(i, data)
+                yield self._decode(i, data, rows, k)
             except BadSample as exc:
-                shard = self.meta.shard_names[int(self.meta.shard_of[i])]
+                shard = self.meta.shard_names[self.meta.shard_of_id(i)]
                 if logged < LOG_FIRST_BAD:
                     logged += 1
-                    log.warning("skipping bad sample: shard %s key %s: %s", shard, self.meta.keys[i].as_py(), exc)
+                    log.warning("skipping bad sample: shard %s key %s: %s", shard, rows.key(k), exc)
                 yield _Sample(i, reason=exc.reason, shard=shard)
 
-    def _decode(self, i: int, data: bytes | Truncated) -> _Sample:
+    def _decode(self, i: int, data: bytes | Truncated, rows: ShardRows, k: int) -> _Sample:
         cfg = self.cfg
         if isinstance(data, Truncated):
             raise BadSample("truncated", "shard ended inside this member")
-        target = self._target(i)
+        target = self._target(rows, k)
         sseed = mix(cfg.seed, self.plan.epoch, i)
         if cfg.train:
             arr = decode_train(data, size=cfg.image_size, scale=cfg.augment.crop_scale, ratio=cfg.augment.crop_ratio, hflip=cfg.augment.hflip,

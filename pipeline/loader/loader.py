@@ -15,11 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..plan import EpochPlan, consumed_ids, epoch_order, worker_batches_done
+from ..plan import EpochPlan, epoch_order, remaining_order, slot_emitted
 from ..transforms import affine_for, normalize_uint8, to_float_batch
 from .bad_samples import BadDataError, BadSampleLimit
 from .config import DataConfig
@@ -50,7 +49,7 @@ class Loader:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self._plan_cache: tuple[tuple, EpochPlan] | None = None
-        self._pin(load_meta(cfg.source.url, cfg.source.split, cfg.source.limit_samples, cfg.source.dataset_version, s3=cfg.s3_settings()))
+        self._pin(self._load(cfg.source.dataset_version))
         self.epoch = epoch
         self._batches = 0  # yielded in the current segment of the current epoch
         self._segments: list[Segment] = []
@@ -59,6 +58,11 @@ class Loader:
         self._affine: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._limit = BadSampleLimit(max_fraction=cfg.io.max_bad_fraction, planned=0)  # set per pass in __iter__
         self._check_size()
+
+    def _load(self, version: str | None) -> Meta:
+        src = self.cfg.source
+        return load_meta(src.url, src.split, src.limit_samples, version, s3=self.cfg.s3_settings(),
+                         cache=self.cfg.io.metadata_cache)
 
     def _pin(self, meta: Meta) -> None:
         self.meta = meta
@@ -95,7 +99,7 @@ class Loader:
         for s, seg in enumerate(self._segments):
             p = EpochPlan(order, seg.world_size, seg.num_workers, seg.batch_size, cfg.train, cfg.seed,
                           self.epoch, s, cfg.io.shuffle_buffer)
-            order = order[~np.isin(order, consumed_ids(p, seg.batches))]
+            order = remaining_order(p, seg.batches)
         plan = EpochPlan(order, self.world_size, self.workers, cfg.batch_size, cfg.train, cfg.seed, self.epoch,
                          len(self._segments), cfg.io.shuffle_buffer)
         self._plan_cache = (key, plan)
@@ -148,9 +152,8 @@ class Loader:
         if self.cfg.train:
             return (plan.batches_per_rank - self._batches) * B
         n = 0
-        for w in range(W):  # eval: emission padding (-1) is not a sample
-            done = min(worker_batches_done(self._batches, w, W), plan.batches_per_slot)
-            n += int((plan.slot_emission(self.rank * W + w)[done * B:] >= 0).sum())
+        for w in range(W):  # eval: emission padding (-1, after the slot's samples) is not a sample
+            n += max(0, len(plan.slot_order(self.rank * W + w)) - slot_emitted(plan, self._batches, w))
         return n
 
     def _advance_epoch(self) -> None:
@@ -214,8 +217,7 @@ class Loader:
         if pinned is not None and pinned != self.meta.version:
             log.warning("loader state pins dataset version %s of %s (published now: %s); reading the pinned version",
                         pinned, self.cfg.source.url, self.meta.version)
-            self._pin(load_meta(self.cfg.source.url, self.cfg.source.split, self.cfg.source.limit_samples, pinned,
-                                s3=self.cfg.s3_settings()))
+            self._pin(self._load(pinned))
         if state.get("num_samples") != self.meta.num_samples or state.get("seed") != self.cfg.seed:
             raise ValueError(f"loader state is for a different dataset or seed (num_samples "
                              f"{state.get('num_samples')} vs {self.meta.num_samples}, seed {state.get('seed')} "
