@@ -34,15 +34,43 @@ def make_randaugment(randaugment: tuple[int, int] | None) -> v2.Transform | None
     return v2.RandAugment(num_ops=int(num_ops), magnitude=int(magnitude))
 
 
-def sample_transform(img: np.ndarray, randaug: v2.Transform | None, sample_seed: int) -> torch.Tensor:
-    """``(S, S, 3)`` uint8 array -> ``(3, S, S)`` uint8 tensor, RandAugment'ed if configured."""
+def sample_transform(img: np.ndarray, randaug: v2.Transform | None, sample_seed: int,
+                     erase: float = 0.0) -> torch.Tensor:
+    """``(S, S, 3)`` uint8 array -> ``(3, S, S)`` uint8 tensor, RandAugment'ed and randomly erased
+    (probability ``erase``) if configured."""
     # pipeline.decode returns an HWC view of CHW memory, so this permute is free (no copy).
     t = torch.from_numpy(img).permute(2, 0, 1)  # (3, S, S)
     if randaug is not None:
         # v2 transforms draw from torch's global RNG: reseed it per sample (worker-local state).
         torch.manual_seed(sample_seed & ((1 << 63) - 1))
         t = randaug(t)
+    if erase > 0:
+        t = random_erase(t, erase, np.random.default_rng([sample_seed & ((1 << 63) - 1), 0x657261]))
     return t
+
+
+def random_erase(img: torch.Tensor, prob: float, rng: np.random.Generator, *,
+                 area: tuple[float, float] = (0.02, 1 / 3), log_ratio: tuple[float, float] = (-1.2, 1.2)) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2017) as DeiT and MAE fine-tuning use it (timm's
+    ``RandomErasing(prob, mode="pixel")``: one rectangle of 2-33 % of the area, aspect ratio
+    log-uniform in [0.3, 3.3], filled with per-pixel noise). timm draws the noise as N(0, 1) in
+    the normalised space; on uint8 images before normalisation that is per-channel noise around
+    mid-grey with the spread of natural images (mean 124, std 58 grey levels), clipped. Ten tries
+    to fit the rectangle, as timm; ``img`` (3, S, S) uint8 is changed in a copy."""
+    if rng.random() >= prob:
+        return img
+    c, h, w = img.shape
+    for _ in range(10):
+        target = rng.uniform(*area) * h * w
+        aspect = math.exp(rng.uniform(*log_ratio))
+        eh, ew = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < eh < h and 0 < ew < w:
+            top, left = int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1))
+            out = img.clone()
+            noise = rng.normal(124.0, 58.0, size=(c, eh, ew)).clip(0, 255).astype(np.uint8)
+            out[:, top:top + eh, left:left + ew] = torch.from_numpy(noise)
+            return out
+    return img
 
 
 def stack_uint8(samples: list[torch.Tensor], *, shared: bool = False) -> torch.Tensor:

@@ -13,9 +13,10 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from confkit import Checker, flatten, from_dict, to_dict
+from confkit import Checker, ConfigValueError, flatten, from_dict, to_dict
 from model import ViTConfig, ViTSpec
 from pipeline import DataConfig
+from pipeline.masking import MaskConfig
 from training import TrainConfig
 from training.objectives import objective_for
 
@@ -29,6 +30,10 @@ def name_problems(key: str, value: Any) -> list[str]:
         return []
     return [f"{key}={value!r} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit "
             "and without '..' (it names folders and registry entries)"]
+
+
+#: Objective kind -> the loader's mask kind (pipeline.masking): MAE hides random patches.
+_MASK_KIND = {"mae": "random"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,7 +112,8 @@ class Experiment:
 
     ``image_size`` is the one source of the resolution and ``train.micro_batch`` of the per-rank
     batch: ``data.image_size`` / ``data.batch_size`` are derived from them when the experiment is
-    built (whatever the given ``data`` said), so the two can never disagree. ``dataset_name`` and
+    built (whatever the given ``data`` said), so the two can never disagree; so is ``data.mask``,
+    from the objective (MAE: random masks of its ratio) and the model's patch size. ``dataset_name`` and
     ``registered_model_name`` ("" -> ``vit-<variant>-<dataset>``) name the MLflow entries.
     """
 
@@ -128,9 +134,23 @@ class Experiment:
                 c.fail(line)
         c.int("image_size", ge=1)
         c.done()
-        derived = {"image_size": self.image_size, "batch_size": self.train.micro_batch}
+        derived = {"image_size": self.image_size, "batch_size": self.train.micro_batch, "mask": self._mask()}
         if any(getattr(self.data, k) != v for k, v in derived.items()):
-            object.__setattr__(self, "data", replace(self.data, **derived))  # frozen: set once, here
+            try:
+                data = replace(self.data, **derived)
+            except ConfigValueError as e:  # a derived value: name the key the user sets
+                ratio = f"train.objective.mask_ratio={derived['mask'].ratio}: "
+                raise ConfigValueError("Experiment", [ratio + p.removeprefix("mask: ") if p.startswith("mask: ")
+                                                      else f"data.{p}" for p in e.problems]) from None
+            object.__setattr__(self, "data", data)  # frozen: set once, here
+
+    def _mask(self) -> MaskConfig:
+        """The patch masks the objective needs from the loader (none for classification)."""
+        obj = self.train.objective
+        kind = _MASK_KIND.get(obj.kind, "none")
+        if kind == "none":
+            return MaskConfig()
+        return replace(self.data.mask, kind=kind, ratio=obj.mask_ratio, patch_size=self.model.shape["patch_size"])
 
     @property
     def model_name(self) -> str:

@@ -112,7 +112,7 @@ def experiment_data_problems(exp: Experiment | None, url: str) -> list[str]:
     location when ``exp`` is None."""
     if exp is None:
         return location_problems(url)
-    return dataset_problems(url, exp.data, world_size=exp.resources.workers, loss=exp.train.objective.loss,
+    return dataset_problems(url, exp.data, world_size=exp.resources.workers, loss=getattr(exp.train.objective, "loss", "none"),
                             eval_split=exp.eval.split)
 
 

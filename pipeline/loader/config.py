@@ -21,6 +21,7 @@ from typing import Any
 from confkit import Checker, replace_paths
 
 from ..decode import DEFAULT_MAX_PIXELS
+from ..masking import MaskConfig
 from ..storage import S3Settings
 
 
@@ -51,8 +52,9 @@ class SourceConfig:
 @dataclass(frozen=True, kw_only=True)
 class AugmentConfig:
     """The training transform: inception crop of ``crop_scale`` of the area and ``crop_ratio``
-    aspect, horizontal flip, RandAugment ``(num_ops, magnitude)`` (None: off), mixup / cutmix
-    (alpha 0: off; with either, batches are float with soft targets)."""
+    aspect, horizontal flip, RandAugment ``(num_ops, magnitude)`` (None: off), random erasing
+    with probability ``random_erasing`` (DeiT / MAE fine-tuning: 0.25; ``transforms.random_erase``),
+    mixup / cutmix (alpha 0: off; with either, batches are float with soft targets)."""
 
     crop_scale: tuple[float, float] = (0.05, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -60,6 +62,7 @@ class AugmentConfig:
     randaugment: tuple[int, int] | None = None
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+    random_erasing: float = 0.0
 
     def __post_init__(self) -> None:
         c = Checker(self)
@@ -71,6 +74,7 @@ class AugmentConfig:
                   f"randaugment={r!r} must be None or (num_ops >= 1, magnitude in [0, 30])")
         c.number("mixup_alpha", ge=0)
         c.number("cutmix_alpha", ge=0)
+        c.number("random_erasing", ge=0, le=1, why=" (the probability of erasing a rectangle of a training image)")
         c.done()
 
 
@@ -147,7 +151,10 @@ class DataConfig:
     consumer, after its copy to the accelerator (the Trainer does this): a quarter of the bytes
     through host memory and the host-to-device copy, and no float conversion on the host, the
     way timm's PrefetchLoader and FFCV normalize on the GPU. With mixup/cutmix the batches are
-    float either way (mixing needs float; ``normalize`` passes float through).
+    float either way (mixing needs float; ``normalize`` passes float through). ``mask``: patch
+    masks for masked image modelling (``pipeline.masking``); when its kind is not "none" every
+    batch also carries a (B, N) bool mask, drawn per sample from the sample's own seed: training
+    batches are ``(images, targets, mask)``, eval batches ``(images, targets, valid, mask)``.
     """
 
     source: SourceConfig
@@ -159,6 +166,7 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     io: IOConfig = field(default_factory=IOConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
 
     def __post_init__(self) -> None:
         c = Checker(self)
@@ -167,6 +175,8 @@ class DataConfig:
         c.flag("train")
         c.int("seed", ge=0)
         c.choice("output", ("float", "uint8"))
+        for line in self.mask.problems(self.image_size) if isinstance(self.image_size, int) else []:
+            c.fail(f"mask: {line}")
         c.done()
 
     def replace(self, **paths: Any) -> DataConfig:

@@ -25,6 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .. import format as fmt
 from ..decode import BadSample, decode_eval, decode_train
+from ..masking import draw_mask
 from ..plan import EpochPlan, Order, SlotCursor, mix, resume_slot, shard_pieces, slot_emitted, tail_position
 from ..storage import Storage, open_storage, url_join
 from ..stream import Run, Truncated, iter_runs
@@ -47,6 +48,7 @@ class _Sample:
     target: Any = None
     reason: str | None = None  # BadSample reason
     shard: str | None = None  # the bad sample's shard
+    mask: np.ndarray | None = None  # (N,) bool patch mask, when the config draws them
 
 
 #: A sample as it moves through a slot's stages: id, bytes (None: eval padding), its shard's
@@ -93,6 +95,8 @@ class ShardStream(IterableDataset):
     # ---------------------------------------------------------------- labels
     def _target(self, rows: ShardRows, k: int) -> int | np.ndarray:
         c = self.num_classes
+        if c == 0:  # an unlabelled dataset (write_shards --unlabelled): images only
+            return -1
         if self.multi_label:
             assert rows.ml_offsets is not None and rows.ml_values is not None
             ids = rows.ml_values[rows.ml_offsets[k]: rows.ml_offsets[k + 1]]
@@ -231,7 +235,18 @@ class ShardStream(IterableDataset):
                                rng=random.Random(sseed), max_pixels=cfg.io.max_image_pixels)
         else:
             arr = decode_eval(data, size=cfg.image_size, crop_pct=cfg.preprocess.eval_crop_pct, max_pixels=cfg.io.max_image_pixels)
-        return _Sample(i, image=sample_transform(arr, self._randaug, sseed), target=target)
+        erase = cfg.augment.random_erasing if cfg.train else 0.0
+        return _Sample(i, image=sample_transform(arr, self._randaug, sseed, erase), target=target, mask=self._mask(i))
+
+    def _mask(self, i: int) -> np.ndarray | None:
+        """Sample ``i``'s patch mask: a function of (seed, epoch, sample) only, so the same on any
+        number of ranks and workers and after a resume (eval: of the sample alone, every pass)."""
+        m = self.cfg.mask
+        if m.kind == "none":
+            return None
+        epoch = self.plan.epoch if self.cfg.train else 0
+        rng = np.random.default_rng([self.cfg.seed, epoch, max(i, 0), 0x6D61736B])
+        return draw_mask(m, self.cfg.image_size // m.patch_size, rng)
 
     @functools.cached_property
     def _randaug(self) -> Any:
@@ -241,6 +256,7 @@ class ShardStream(IterableDataset):
         cfg, S, C = self.cfg, self.cfg.image_size, self.num_classes
         imgs: list[torch.Tensor | None] = [x.image for x in batch]
         tgts: list[Any] = [x.target for x in batch]
+        masks: list[np.ndarray | None] = [x.mask if x.mask is not None else self._mask(x.id) for x in batch]
         ids = [x.id for x in batch]
         valid = [im is not None for im in imgs]
         reasons = Counter(x.reason for x in batch if x.reason)
@@ -249,24 +265,24 @@ class ShardStream(IterableDataset):
         if cfg.train:
             # Fill bad slots with good samples of the same batch so every batch has B rows.
             good = [k for k, v in enumerate(valid) if v]
-            pool = ([(imgs[k], tgts[k]) for k in good]
-                    or ([(last_good.image, last_good.target)] if last_good is not None else []))
+            pool = ([(imgs[k], tgts[k], masks[k]) for k in good]
+                    or ([(last_good.image, last_good.target, last_good.mask)] if last_good is not None else []))
             filled = 0
             for k, v in enumerate(valid):
                 if not v:
                     filled += 1
                     if pool:
-                        imgs[k], tgts[k] = pool[filled % len(pool)]
+                        imgs[k], tgts[k], masks[k] = pool[filled % len(pool)]
                     else:  # a whole bad batch at the very start of a slot: blank rows, label 0
                         imgs[k] = torch.zeros(3, S, S, dtype=torch.uint8)
-                        tgts[k] = np.zeros(C, np.float32) if self.multi_label else 0
+                        tgts[k] = np.zeros(C, np.float32) if self.multi_label else (0 if C else -1)
             if filled:
                 stats["filled"] = filled
         else:
             for k, v in enumerate(valid):
                 if not v:
                     imgs[k] = torch.zeros(3, S, S, dtype=torch.uint8)
-                    tgts[k] = np.zeros(C, np.float32) if self.multi_label else 0
+                    tgts[k] = np.zeros(C, np.float32) if self.multi_label else (0 if C else -1)
             stats["padded"] = sum(1 for i in ids if i < 0)
         in_worker = get_worker_info() is not None
         mixing = cfg.train and (cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0)
@@ -285,6 +301,7 @@ class ShardStream(IterableDataset):
                 y = torch.nn.functional.one_hot(y, C).float()
             x, y = mix_batch(x, y, mixup_alpha=cfg.augment.mixup_alpha, cutmix_alpha=cfg.augment.cutmix_alpha,
                              seed=mix(cfg.seed, self.plan.epoch, self.plan.segment, slot, batch_idx, 0x313))
+        extra = () if masks[0] is None else (torch.from_numpy(np.stack(masks)),)  # (B, N) bool
         if cfg.train:
-            return x, y, stats
-        return x, y, torch.tensor(valid, dtype=torch.bool), stats
+            return x, y, *extra, stats
+        return x, y, torch.tensor(valid, dtype=torch.bool), *extra, stats
