@@ -72,6 +72,26 @@ class MemLoader:
         self.epoch, self.pos = d["epoch"], d["pos"]
 
 
+class MaskedMemLoader(MemLoader):
+    """MemLoader for MAE: each batch also carries the (B, 16) patch masks of its samples, drawn
+    from the sample's index and epoch as pipeline.loader does (so 1 and 2 ranks mask alike)."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        import numpy as np
+
+        from pipeline.masking import MaskConfig, draw_mask
+
+        cfg = MaskConfig(kind="random", ratio=0.75, patch_size=8)
+        perm = torch.randperm(N_SAMPLES, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        while self.pos < len(self):
+            slot = self.pos * self.world + self.rank
+            self.pos += 1
+            idx = perm[slot * self.micro : (slot + 1) * self.micro]
+            masks = [draw_mask(cfg, 4, np.random.default_rng([self.seed, self.epoch, int(i)])) for i in idx]
+            yield self.x[idx].clone(), self.y[idx], torch.from_numpy(np.stack(masks))
+        self.epoch, self.pos = self.epoch + 1, 0
+
+
 class ListSink:
     """Collects every logged metric (rank 0)."""
 
@@ -117,27 +137,49 @@ def make_model() -> torch.nn.Module:
     return create_model("mu/8", num_classes=10, image_size=32)
 
 
+def make_mae_encoder() -> torch.nn.Module:
+    from model import create_model
+
+    torch.manual_seed(0)
+    return create_model("mu/8", num_classes=0, image_size=32, posemb="sincos2d")
+
+
+def mae_cfg(stage: int, **kw: Any) -> Any:
+    """make_cfg with MAE's objective (a 1-block decoder of width 16) and MAE's optimizer betas."""
+    import dataclasses
+
+    from training.objectives import MAEConfig
+
+    objective = MAEConfig(decoder_width=16, decoder_depth=1, decoder_heads=2, decoder_mlp_dim=32)
+    return dataclasses.replace(make_cfg(stage), objective=objective).replace(**{"optim.betas": (0.9, 0.95), **kw})
+
+
 def run_fit(cfg: Any, rank: int, world: int, ckdir: str | None, resume: str | None = None,
             max_steps: int | None = None, nan_slots: frozenset = frozenset()) -> tuple[Any, ListSink, dict]:
     from training import Trainer
 
     sink = ListSink()
-    trainer = Trainer(make_model(), cfg, MemLoader(rank, world, nan_slots=nan_slots), sink=sink, checkpoint_dir=ckdir)
+    mae = cfg.objective.kind == "mae"
+    loader = MaskedMemLoader(rank, world) if mae else MemLoader(rank, world, nan_slots=nan_slots)
+    trainer = Trainer(make_mae_encoder() if mae else make_model(), cfg, loader, sink=sink, checkpoint_dir=ckdir)
     result = trainer.fit(resume=resume, max_steps=max_steps)
     return trainer, sink, result
 
 
-def scenario_dp(out: Path, rank: int, world: int) -> None:
-    """Per ZeRO stage: 10 steps straight; 5 steps + checkpoint + new Trainer resuming + 5 steps."""
+def scenario_dp(out: Path, rank: int, world: int, objective: str = "classification") -> None:
+    """Per ZeRO stage: 10 steps straight; 5 steps + checkpoint + new Trainer resuming + 5 steps.
+    ``objective="mae"``: the same with MAE (masks from the samples, an encoder + decoder)."""
     from training import export_weights
 
+    mae = objective == "mae"
     results: dict[str, Any] = {}
     for stage in STAGES:
-        cfg = make_cfg(stage)
+        cfg = mae_cfg(stage) if mae else make_cfg(stage)
         _, sink_a, _ = run_fit(cfg, rank, world, None)
-        ckdir = str(out / f"ck_w{world}_z{stage}")
+        tag = f"{'mae_' if mae else ''}w{world}_z{stage}"
+        ckdir = str(out / f"ck_{tag}")
         t_b, sink_b, _ = run_fit(cfg, rank, world, ckdir, max_steps=HALF)
-        export_weights(t_b.engine, out / f"w{world}_z{stage}.safetensors")
+        export_weights(t_b.engine, out / f"{tag}.safetensors")
         del t_b
         t_c, sink_c, res_c = run_fit(cfg, rank, world, ckdir, resume="auto")
         results[str(stage)] = {
@@ -145,11 +187,12 @@ def scenario_dp(out: Path, rank: int, world: int) -> None:
             "final_step": res_c["step"], "grad_norm": [m.get("grad_norm") for _, m in sink_a.metrics],
             "compiled": bool(getattr(t_c.engine, "is_compiled", False)),
         }
-    # NaN guard across ranks: one rank's NaN batch is skipped by every rank, training goes on.
-    _, sink_n, res_n = run_fit(make_cfg(2, **{"schedule.total_steps": 4}), rank, world, None, nan_slots=frozenset({(0, 2)}))
-    results["nan"] = {"losses": sink_n.losses(), "bad_steps": res_n["bad_steps"], "step": res_n["step"]}
+    if not mae:  # NaN guard across ranks: one rank's NaN batch is skipped by every rank, training goes on.
+        _, sink_n, res_n = run_fit(make_cfg(2, **{"schedule.total_steps": 4}), rank, world, None,
+                                   nan_slots=frozenset({(0, 2)}))
+        results["nan"] = {"losses": sink_n.losses(), "bad_steps": res_n["bad_steps"], "step": res_n["step"]}
     if rank == 0:
-        (out / f"dp_w{world}.json").write_text(json.dumps(results))
+        (out / f"{'mae' if mae else 'dp'}_w{world}.json").write_text(json.dumps(results))
 
 
 def scenario_kill(out: Path, phase: str) -> None:
@@ -198,10 +241,10 @@ def scenario_kill(out: Path, phase: str) -> None:
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if scenario in ("dp", "dpc"):
+    if scenario in ("dp", "dpc", "mae"):
         if scenario == "dpc":  # aot_eager: traced by dynamo + AOTAutograd like inductor, no C++ build
             os.environ["VITSCALE_TEST_COMPILE"] = "aot_eager"
-        scenario_dp(out, rank, world)
+        scenario_dp(out, rank, world, "mae" if scenario == "mae" else "classification")
     else:
         scenario_kill(out, scenario.removeprefix("kill"))
 
@@ -244,13 +287,15 @@ def _tail(log: Path, rank: int = 0) -> str:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Run every worker scenario once (concurrently where independent); returns the output dir."""
     out = tmp_path_factory.mktemp("train_dist")
-    logs = {name: out / f"{name}.log" for name in ("dp1", "dp2", "kill1", "kill2")}
+    logs = {name: out / f"{name}.log" for name in ("dp1", "dp2", "kill1", "kill2", "mae1", "mae2")}
     dp2 = _spawn("dp", out, 2, logs["dp2"])
     dp1 = _spawn("dp", out, 1, logs["dp1"])
     kill1 = _spawn("kill1", out, 1, logs["kill1"])
     assert _wait(kill1, logs["kill1"]) == [17], _tail(logs["kill1"])
     kill2 = _spawn("kill2", out, 1, logs["kill2"])
-    for procs, name in ((dp1, "dp1"), (dp2, "dp2"), (kill2, "kill2")):
+    mae2 = _spawn("mae", out, 2, logs["mae2"])
+    mae1 = _spawn("mae", out, 1, logs["mae1"])
+    for procs, name in ((dp1, "dp1"), (dp2, "dp2"), (kill2, "kill2"), (mae1, "mae1"), (mae2, "mae2")):
         codes = _wait(procs, logs[name])
         assert codes == [0] * len(procs), f"{name} failed {codes}:\n" + "\n".join(_tail(logs[name], r) for r in range(len(procs)))
     return out
@@ -296,6 +341,30 @@ def test_resume_equals_straight(runs: Path, stage: int, world: int) -> None:
     assert sorted(map(int, r["resumed"])) == list(range(HALF + 1, TOTAL + 1))
     assert r["final_step"] == TOTAL
     assert max(abs(a - b) for a, b in zip(straight, pieced, strict=True)) <= 1e-6, (straight, pieced)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stage", STAGES)
+def test_mae_two_ranks_match_one_rank_and_resume_exactly(runs: Path, stage: int) -> None:
+    """#24: the MAE objective under ZeRO-{1,2,3}: 2 ranks == 1 rank x accumulation 2 (same seed, same
+    masks) to fp32 round-off, and a killed-and-resumed run (new Trainer from the step-5 checkpoint)
+    is loss-for-loss the straight run."""
+    from safetensors.torch import load_file
+
+    one = json.loads((runs / "mae_w1.json").read_text())[str(stage)]
+    two = json.loads((runs / "mae_w2.json").read_text())[str(stage)]
+    l1, l2 = _losses(one["straight"]), _losses(two["straight"])
+    assert len(l1) == TOTAL and max(abs(a - b) for a, b in zip(l1, l2, strict=True)) <= 1e-5, (l1, l2)
+    assert l1[-1] < l1[0], "MAE's loss goes down"
+    w1, w2 = load_file(runs / f"mae_w1_z{stage}.safetensors"), load_file(runs / f"mae_w2_z{stage}.safetensors")
+    assert any(k.startswith("decoder_blocks.") for k in w1) and any(k.startswith("encoder.blocks.") for k in w1)
+    for k in w1:
+        atol = 1e-4 if k.endswith("qkv.bias") else 1e-5  # see test_two_ranks_match_one_rank
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=atol, msg=f"{k} differs")
+    for r in (one, two):
+        pieced = _losses(r["first"]) + _losses(r["resumed"])
+        assert max(abs(a - b) for a, b in zip(_losses(r["straight"]), pieced, strict=True)) <= 1e-6
+        assert r["final_step"] == TOTAL
 
 
 @pytest.mark.integration
