@@ -173,9 +173,9 @@ def scenario(name: str, out: Path, bucket: str) -> None:
         trainer, _ = _trainer(out, bucket, rank, world, 0.0, **{"faults.hang_timeout_s": HANG_S})
         trainer.fit()
     if name == "hang_rank":
-        import training.trainer
+        import training.objectives.classification as classification
 
-        real = training.trainer.loss_fn
+        real = classification.loss_fn
 
         def stuck_in_forward(cfg: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             while trainer.step >= 3:
@@ -183,7 +183,7 @@ def scenario(name: str, out: Path, bucket: str) -> None:
             return real(cfg, logits, targets)
 
         if rank == 1:
-            training.trainer.loss_fn = stuck_in_forward
+            classification.loss_fn = stuck_in_forward
         trainer, _ = _trainer(out, bucket, rank, world, 0.0, **{"faults.hang_timeout_s": HANG_S})
         trainer.fit()
     raise AssertionError(f"{name}: the run should have been ended by the watchdog")
