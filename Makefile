@@ -44,9 +44,10 @@ bench: $(STAMP)
 	$(PY) bench/train_step.py
 	$(PY) bench/loader.py
 	$(PY) bench/metadata.py
+	$(PY) bench/mae_step.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check model pipeline training orchestration bench tests
+	$(VENV)/bin/ruff check confkit model pipeline training orchestration bench tests
 
 clean:
 	@if compgen -G '.vitscale/*.pid' > /dev/null; then VITSCALE_STATE_DIR=.vitscale bash infra/local/stop_services.sh; fi
