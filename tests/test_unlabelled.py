@@ -191,9 +191,11 @@ def test_s3_folder_unlabelled(s3_bucket: str, tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_prepare_on_ray_writes_what_write_shards_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """prepare.py --unlabelled (local Ray) = write_shards --unlabelled: same version, index and rows."""
+    """prepare.py --unlabelled (local Ray) = write_shards --unlabelled: same version, index and rows.
+    Its audit counts the images as unlabelled, and its filtered copy is unlabelled too."""
     import ray
 
+    from orchestration.audit import main as audit_main
     from orchestration.launch.cluster import connect_ray
     from orchestration.prepare import main as prepare_main
 
@@ -204,9 +206,15 @@ def test_prepare_on_ray_writes_what_write_shards_writes(tmp_path: Path, capsys: 
     connect_ray()
     try:
         prepare_main([str(tmp_path / "src"), str(tmp_path / "ray"), *flags, "--tasks", "2", "--cpus-per-task", "0.5"])
+        out = capsys.readouterr().out
+        audit_main([str(tmp_path / "ray"), "--decode-fraction", "1", "--report", str(tmp_path / "report"),
+                    "--write-filtered", str(tmp_path / "filtered"), "--tasks", "2", "--cpus-per-task", "0.5",
+                    "--quiet"])
     finally:
         ray.shutdown()
-    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "report" / "audit.json").read_text())
+    assert report["classes"] == {"(unlabelled)": 5}
+    _check_unlabelled(str(tmp_path / "filtered"))
     result = json.loads(out.strip().splitlines()[-1].split(" ", 1)[1])
     single, on_ray = fmt.resolve(str(tmp_path / "single")), fmt.resolve(str(tmp_path / "ray"))
     assert on_ray.version == single.version == result["dataset_version"]
