@@ -252,6 +252,8 @@ def check_study(args: argparse.Namespace) -> tuple[StudySpec | None, list[str]]:
     exp = trial_experiment(spec, variant=spec.variants[0], steps=max(spec.steps), samples=min(limits, default=None),
                            seed=0)
     problems += validation.dataset_problems(spec.data_url, exp.data, world_size=1, split_key="--train-split",
+                                            loss=getattr(exp.train.objective, "loss", "softmax"),
+                                            needs_labels=exp.train.objective.kind == "classification",
                                             eval_split=exp.eval.split, eval_key="--eval-split")
     problems += fewshot_data_problems(exp, key="--fewshot-data")
     if "://" not in spec.storage or spec.storage.startswith("file://"):

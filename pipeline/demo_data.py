@@ -1,7 +1,9 @@
 """Small, real image sets built from images bundled with scikit-learn / scikit-image.
 
 * :func:`make_digits_folder` - an ImageNet-21k-style folder (``dst/<class>/<image>.jpg``) of
-  scikit-learn's 1797 handwritten digits (8x8 grayscale, upsampled, saved as RGB JPEG).
+  scikit-learn's 1797 handwritten digits (8x8 grayscale, upsampled, saved as RGB JPEG); with
+  ``unlabelled`` a plain folder of the images (``dst/<image>.jpg``, no classes) for
+  ``write_shards --unlabelled``.
 * :func:`make_digits_manifest` - the same digits as a JFT-style multi-label manifest
   (``manifest.parquet`` with ``path`` and ``labels`` columns: the digit, parity, and "big").
 * :func:`make_photo_folder` - realistic ~500x375 photo JPEGs (random crops, resizes, flips and
@@ -12,6 +14,7 @@
 CLI::
 
     python -m pipeline.demo_data digits /tmp/digits --image-size 32
+    python -m pipeline.demo_data digits /tmp/digits-raw --unlabelled   # images only, no class folders
     python -m pipeline.demo_data photos /tmp/photos --n 1500
     python -m pipeline.demo_data manifest /tmp/digits_ml
     python -m pipeline.demo_data metadata /tmp/i21k-meta --samples 14000000 --samples-per-shard 1000
@@ -38,15 +41,19 @@ def _digit_image(img8: np.ndarray, image_size: int) -> Image.Image:
     return Image.fromarray(arr, mode="L").resize((image_size, image_size), Image.BICUBIC).convert("RGB")
 
 
-def make_digits_folder(dst: str | Path, *, image_size: int = 32, limit: int | None = None) -> Path:
-    """Write scikit-learn's digits as ``dst/<digit>/<n>.jpg`` (classes "0".."9"); return ``dst``."""
+def make_digits_folder(dst: str | Path, *, image_size: int = 32, limit: int | None = None,
+                       unlabelled: bool = False) -> Path:
+    """Write scikit-learn's digits as ``dst/<digit>/<n>.jpg`` (classes "0".."9"), or as
+    ``dst/<n>.jpg`` when ``unlabelled`` (no folder tells the digit); return ``dst``."""
     dst = Path(dst)
     images, target = _digits()
     n = len(images) if limit is None else min(limit, len(images))
-    for c in range(10):
-        (dst / str(c)).mkdir(parents=True, exist_ok=True)
+    dst.mkdir(parents=True, exist_ok=True)
+    for c in range(0 if unlabelled else 10):
+        (dst / str(c)).mkdir(exist_ok=True)
     for i in range(n):
-        _digit_image(images[i], image_size).save(dst / str(int(target[i])) / f"{i:05d}.jpg", quality=95)
+        folder = dst if unlabelled else dst / str(int(target[i]))
+        _digit_image(images[i], image_size).save(folder / f"{i:05d}.jpg", quality=95)
     return dst
 
 
@@ -173,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("dst")
     ap.add_argument("--image-size", type=int, default=32, help="digits: side in pixels")
     ap.add_argument("--limit", type=int, default=None, help="digits: at most this many images")
+    ap.add_argument("--unlabelled", action="store_true", help="digits: a plain folder of images, no class "
+                    "folders (write it with python -m pipeline.write_shards SRC DEST --unlabelled)")
     ap.add_argument("--n", type=int, default=1000, help="photos: number of images")
     ap.add_argument("--num-classes", type=int, default=None, help="photos (10), metadata (1000): number of classes")
     ap.add_argument("--seed", type=int, default=0)
@@ -184,8 +193,10 @@ def main(argv: list[str] | None = None) -> None:
                     "samples.parquet, as written before format 3)")
     ap.add_argument("--index-only", action="store_true", help="metadata: the shard table only, no rows files")
     a = ap.parse_args(argv)
+    if a.unlabelled and a.kind != "digits":
+        ap.error(f"--unlabelled makes an unlabelled digits folder; not available for {a.kind!r}")
     if a.kind == "digits":
-        out = make_digits_folder(a.dst, image_size=a.image_size, limit=a.limit)
+        out = make_digits_folder(a.dst, image_size=a.image_size, limit=a.limit, unlabelled=a.unlabelled)
     elif a.kind == "manifest":
         out = make_digits_manifest(a.dst, image_size=a.image_size, limit=a.limit)
     elif a.kind == "metadata":

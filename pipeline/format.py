@@ -115,6 +115,12 @@ def format_of(manifest: dict[str, Any]) -> int:
     return int(manifest["version"]) if "dataset_version" in manifest else 1
 
 
+def is_labelled(manifest: dict[str, Any]) -> bool:
+    """False for a dataset of images only (written with ``--unlabelled``, or from a manifest without
+    labels): ``num_classes`` 0, every row's label -1, no label members in its tars."""
+    return bool(manifest.get("labelled", True)) and int(manifest.get("num_classes", 0)) > 0
+
+
 def version_id(plan_hashes: list[str], classes: list[str], options: dict[str, Any]) -> str:
     """The version name: a hash of everything that decides the dataset's content."""
     h = hashlib.sha256(json.dumps({"format": CONTENT_VERSION, "options": options, "classes": classes},

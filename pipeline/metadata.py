@@ -16,12 +16,15 @@ from .storage import Storage
 
 
 def write_metadata(vst: Storage, *, index: list[dict[str, Any]] | Any, rejects: list[dict[str, Any]],
-                   classes: list[str], multi_label: bool, version: str, about: dict[str, Any]) -> dict[str, Any]:
+                   classes: list[str], multi_label: bool, version: str, about: dict[str, Any],
+                   labelled: bool = True) -> dict[str, Any]:
     """rejects/index parquet, classes.json, then the version's dataset.json (last), into ``vst``.
 
     ``index``: one row per shard (split, shard order; the shards and their rows files are
     already written), as dicts or a pyarrow Table of :func:`~pipeline.format.index_schema`;
-    ``about``: the manifest's descriptive fields (source, seed, max_side). Returns the manifest.
+    ``about``: the manifest's descriptive fields (source, seed, max_side). ``labelled=False``:
+    images only, recorded as ``num_classes: 0``, ``labelled: false``, ``label_ext: null`` (readers
+    that predate the flag see a dataset without classes). Returns the manifest.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -50,9 +53,9 @@ def write_metadata(vst: Storage, *, index: list[dict[str, Any]] | Any, rejects: 
         pass
     info = {
         "format": fmt.FORMAT, "version": fmt.FORMAT_VERSION, "dataset_version": version,
-        "num_classes": len(classes), "multi_label": multi_label,
+        "num_classes": len(classes), "multi_label": multi_label, **({} if labelled else {"labelled": False}),
         "counts": {k: v["samples"] for k, v in splits.items()}, "splits": splits,
-        **about, "image_ext": "jpg", "label_ext": "json" if multi_label else "cls",
+        **about, "image_ext": "jpg", "label_ext": None if not labelled else "json" if multi_label else "cls",
         "files": files, "created": created,
     }
     vst.write_bytes(fmt.MANIFEST, json.dumps(info, indent=2).encode())

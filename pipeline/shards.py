@@ -14,6 +14,10 @@
 
 ``pipeline.write_shards`` runs 2. in a local process pool; ``orchestration/prepare.py`` runs it
 as Ray tasks. Nothing here imports Ray.
+
+An unlabelled source (``--unlabelled``, or a manifest without labels) is written the same way
+with ``options["labelled"] = False`` (so its version differs from the labelled write of the same
+images): tars hold only ``{key}.jpg`` members, rows have label -1, ``num_classes`` is 0.
 """
 
 from __future__ import annotations
@@ -137,6 +141,7 @@ def write_shard(job: ShardJob, dest: str, options: dict[str, Any]) -> dict[str, 
     marker_key = f"{fmt.MARKERS_DIR}/{Path(job.name).name}.json"
     plan = job.plan_hash(options)
     multi = options["multi_label"]
+    labelled = options.get("labelled", True)  # absent in labelled plans: their version ids stay as they were
     done = _resumable(storage, marker_key, job, plan, multi)
     if done is not None:
         return {**done, "resumed": True}
@@ -160,14 +165,14 @@ def write_shard(job: ShardJob, dest: str, options: dict[str, Any]) -> dict[str, 
                 tf.addfile(_tarinfo(f"{key}.jpg", len(jpg)), io.BytesIO(jpg))
                 data_off = start + tarfile.BLOCKSIZE  # USTAR, short names: one 512-byte header
                 assert tf.offset == data_off + -(-len(jpg) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-                labels = it.labels or []
-                lab = json.dumps(labels).encode() if multi else str(labels[0]).encode()
-                tf.addfile(_tarinfo(f"{key}.{'json' if multi else 'cls'}", len(lab)), io.BytesIO(lab))
                 row: dict[str, Any] = {"split": job.split, "shard": job.name, "key": key, "offset": data_off,
-                                       "size": len(jpg), "label": -1 if multi else labels[0],
-                                       "src": printable(it.src), "sha256": fmt.sha256_hex(jpg)}
-                if multi:
-                    row["labels"] = labels
+                                       "size": len(jpg), "label": -1, "src": printable(it.src),
+                                       "sha256": fmt.sha256_hex(jpg)}
+                if labelled:  # unlabelled: no label member at all, so stock readers see images only
+                    labels = it.labels or []
+                    lab = json.dumps(labels).encode() if multi else str(labels[0]).encode()
+                    tf.addfile(_tarinfo(f"{key}.{'json' if multi else 'cls'}", len(lab)), io.BytesIO(lab))
+                    row.update({"labels": labels} if multi else {"label": labels[0]})
                 samples.append(row)
         h = hashlib.sha256()
         with open(tmp_path, "rb") as f:
@@ -249,27 +254,32 @@ class WriteSettings:
     path_column: str | None = None
     labels_column: str | None = None
     multi_label: bool | None = None
+    unlabelled: bool = False  # images only: no labels, whatever SRC holds (a manifest without labels is anyway)
 
 
 def scan_source(src: str | Path, *, path_column: str | None = None, labels_column: str | None = None,
-                multi_label: bool | None = None) -> Source:
-    """Scan SRC (folder, ``s3://`` folder, release tar or manifest); nothing to write is a :class:`WriterError`."""
+                multi_label: bool | None = None, unlabelled: bool = False) -> Source:
+    """Scan SRC (folder, ``s3://`` folder, release tar or manifest); nothing to write is a :class:`WriterError`.
+
+    ``unlabelled``: a folder is a plain tree of images (no class folders), labels are ignored.
+    """
     shown = printable(str(src))
     if is_synset_release(str(src)):
-        source = scan_synset_tars(str(src))
+        source = scan_synset_tars(str(src), unlabelled=unlabelled)
     elif str(src).startswith("s3://"):
-        source = _scan_s3(str(src), path_column=path_column, labels_column=labels_column, multi_label=multi_label)
+        source = _scan_s3(str(src), path_column=path_column, labels_column=labels_column, multi_label=multi_label,
+                          unlabelled=unlabelled)
     else:
         srcp = Path(str(src).removeprefix("file://"))
         if not os.path.lexists(srcp):
             raise WriterError(f"SRC {shown} does not exist: give an image folder SRC/<class>/<image>, a "
                               ".parquet/.csv manifest or the ImageNet-21k release .tar")
         if srcp.is_dir():
-            source = scan_folder(srcp)
+            source = scan_folder(srcp, unlabelled=unlabelled)
         elif srcp.suffix in {".parquet", ".csv"}:
             try:
                 source = scan_manifest(srcp, path_column=path_column, labels_column=labels_column,
-                                       multi_label=multi_label)
+                                       multi_label=multi_label, unlabelled=unlabelled)
             except (fmt.UnsafeName, LabelError) as exc:  # a bad row: name it, no traceback
                 raise WriterError(f"manifest {shown} {exc}") from exc
             except (ValueError, OSError) as exc:  # pyarrow's parse errors are ValueErrors
@@ -284,8 +294,9 @@ def scan_source(src: str | Path, *, path_column: str | None = None, labels_colum
 
 def _scan_s3(src: str, **manifest_kw: Any) -> Source:
     """An ``s3://`` manifest object, or an ``s3://`` prefix of ``<class>/<image>`` keys."""
+    unlabelled = manifest_kw.get("unlabelled", False)
     if not src.endswith((".parquet", ".csv")):
-        return scan_s3_folder(src)
+        return scan_s3_folder(src, unlabelled=unlabelled)
     try:
         return scan_manifest(src, **manifest_kw)
     except FileNotFoundError as exc:
@@ -321,7 +332,7 @@ def plan_dataset(src: str | Path, dest: str, settings: WriteSettings, *, overwri
     when DEST publishes a different version and ``overwrite`` is false."""
     t0 = time.monotonic()
     source = scan_source(src, path_column=settings.path_column, labels_column=settings.labels_column,
-                         multi_label=settings.multi_label)
+                         multi_label=settings.multi_label, unlabelled=settings.unlabelled)
     return plan_from_source(source, str(src), dest, settings, overwrite=overwrite, started=t0)
 
 
@@ -336,8 +347,10 @@ def plan_from_source(source: Source, src: str, dest: str, settings: WriteSetting
     storage.ensure_bucket()  # a missing bucket fails now, not after encoding every image
     if isinstance(storage, LocalStorage):  # a killed writer's half-written files (S3 has none to see)
         sweep_dest(storage.root)
-    options = {"max_side": settings.max_side, "quality": settings.quality, "multi_label": source.multi_label,
-               "version": CONTENT_VERSION}
+    options: dict[str, Any] = {"max_side": settings.max_side, "quality": settings.quality,
+                               "multi_label": source.multi_label, "version": CONTENT_VERSION}
+    if not source.labelled:
+        options["labelled"] = False
     version = fmt.version_id([j.plan_hash(options) for j in jobs], source.classes, options)
     seen = fmt.published(storage)
     if seen.version not in (None, version) and not overwrite:
@@ -389,4 +402,4 @@ def _write_metadata(vst: Storage, results: list[dict[str, Any]], plan: DatasetPl
     about = {"source": str(plan.src), "seed": plan.settings.seed, "max_side": plan.settings.max_side}
     return write_metadata(vst, index=[r["shard"] for r in results], rejects=all_rejects(plan, results),
                           classes=plan.source.classes, multi_label=plan.source.multi_label, version=plan.version,
-                          about=about)
+                          about=about, labelled=plan.source.labelled)

@@ -3,11 +3,13 @@
 Three layouts (:func:`scan_source` picks by SRC):
 
 * a processed folder ``SRC/<class>/<image>`` (local path, or an ``s3://bucket/prefix`` holding
-  ``<class>/<image>`` keys); classes = the sorted sub-folder names;
+  ``<class>/<image>`` keys); classes = the sorted sub-folder names; or, unlabelled
+  (``--unlabelled``), a plain tree of images at any depth whose folders mean nothing;
 * the ImageNet-21k release: a tar of per-synset tars (``n01440764.tar`` ...), local or on S3,
   read by streaming (:mod:`pipeline.synset_tars`, never unpacked to disk);
 * a JFT-style manifest (``.parquet`` / ``.csv``): an image URI column (local path or
-  ``s3://``/``http(s)://``) and a labels column with one or many labels per image.
+  ``s3://``/``http(s)://``) and a labels column with one or many labels per image (none: the
+  manifest is unlabelled).
 
 Class indices are stable: synset ids / class names sorted (``classes.json`` keeps the names,
 index i is ``classes[i]``); integer labels in a manifest are class indices as they are
@@ -16,6 +18,9 @@ index i is ``classes[i]``); integer labels in a manifest are class indices as th
 that become paths (a manifest's splits) are checked where they are read
 (:func:`pipeline.format.check_path_name`): a bad one stops the scan naming its row. A folder
 walk never follows a symlink out of SRC or out of its class folder.
+
+An unlabelled source (``Source.labelled`` false) has no classes and items without labels; its
+dataset is written with ``num_classes: 0`` and no label members (:mod:`pipeline.shards`).
 """
 
 from __future__ import annotations
@@ -69,12 +74,23 @@ class Item:
 
 @dataclass
 class Source:
-    """A scanned SRC: items, the class vocabulary and whether labels are multi-label."""
+    """A scanned SRC: items, the class vocabulary and whether labels are multi-label.
+
+    ``labelled=False``: images only (no classes, every item's ``labels`` is None).
+    """
 
     items: list[Item]
     classes: list[str]
     multi_label: bool
     rejects: list[dict[str, Any]] = field(default_factory=list)
+    labelled: bool = True
+
+
+def unlabelled_source(items: list[Item], rejects: list[dict[str, Any]]) -> Source:
+    """Images only: ``items`` with their labels dropped, no classes."""
+    for it in items:
+        it.labels = None
+    return Source(items, [], multi_label=False, rejects=rejects, labelled=False)
 
 
 
@@ -183,8 +199,11 @@ def _class_folders(root: Path, rejects: list[dict[str, Any]]) -> list[tuple[os.D
     return out
 
 
-def scan_folder(root: Path) -> Source:
+def scan_folder(root: Path, *, unlabelled: bool = False) -> Source:
     """An I21k-style folder: ``root/<class>/<file>``; classes are the sorted sub-folders.
+
+    ``unlabelled``: ``root`` is a plain tree of images at any depth (its folders are not
+    classes), walked by the same rules with SRC as the one folder symlinks must stay in.
 
     Every entry the walk cannot use is a reject with its reason, never silently dropped: an
     unreadable class folder (``unreadable_folder``), a broken symlink (``unreadable``), a FIFO
@@ -194,13 +213,22 @@ def scan_folder(root: Path) -> Source:
     :func:`printable`).
     """
     rejects: list[dict[str, Any]] = []
-    class_dirs = _class_folders(root, rejects)
-    if not class_dirs:
-        raise WriterError(f"SRC {printable(str(root))} has no class sub-folders (expected "
-                          f"SRC/<synset>/<image>.JPEG){reject_note(rejects)}")
     items: list[Item] = []
     seen: set[tuple[int, int]] = set()
     src_root = os.path.realpath(root)
+    if unlabelled:
+        try:  # the walk would turn an unlistable SRC into a reject; it is the whole input
+            with os.scandir(root):
+                pass
+        except OSError as exc:
+            raise WriterError(f"cannot list SRC {printable(str(root))}: {exc.strerror}") from exc
+        files = _walk_class(str(root), rejects, seen, src_root, src_root)
+        return unlabelled_source([Item(f, None) for f in files], rejects)
+    class_dirs = _class_folders(root, rejects)
+    if not class_dirs:
+        raise WriterError(f"SRC {printable(str(root))} has no class sub-folders (expected "
+                          f"SRC/<synset>/<image>.JPEG; a plain tree of images without classes: pass "
+                          f"--unlabelled){reject_note(rejects)}")
     for ci, (d, real) in enumerate(class_dirs):
         items += [Item(f, [ci]) for f in _walk_class(d.path, rejects, seen, src_root, real)]
     return Source(items, [printable(d.name) for d, _ in class_dirs], multi_label=False, rejects=rejects)
@@ -229,8 +257,11 @@ def _read_table(path: Path | str) -> Any:
 
 
 def scan_manifest(path: Path | str, *, path_column: str | None = None, labels_column: str | None = None,
-                  multi_label: bool | None = None) -> Source:
+                  multi_label: bool | None = None, unlabelled: bool = False) -> Source:
     """A JFT-style manifest (parquet or csv, local or ``s3://``): an image URI column and a labels column.
+
+    Without a labels column (or with ``unlabelled``: its labels are ignored) the manifest is
+    unlabelled: images only, every row with an image path is used.
 
     Labels (:mod:`pipeline.labels`) are integer class indices as they are (``classes[i] == str(i)``)
     or class names (vocabulary = sorted names). Relative paths are relative to the manifest. An
@@ -242,18 +273,28 @@ def scan_manifest(path: Path | str, *, path_column: str | None = None, labels_co
     """
     table = _read_table(path)
     cols = table.column_names
+    for flag, name in (("--path-column", path_column), ("--labels-column", labels_column)):
+        if name is not None and name not in cols:
+            raise ValueError(f"{path}: has no column {name!r} ({flag}); its columns are {cols}")
     pc = path_column or next((c for c in ("path", "image", "image_path", "url", "file", "filename") if c in cols), None)
-    lc = labels_column or next((c for c in ("labels", "label", "classes", "class") if c in cols), None)
-    if pc is None or lc is None:
-        raise ValueError(f"{path}: need an image path column and a labels column; found {cols} "
-                         "(use --path-column / --labels-column)")
+    lc = None if unlabelled else labels_column or next(
+        (c for c in ("labels", "label", "classes", "class") if c in cols), None)
+    if pc is None:
+        raise ValueError(f"{path}: need an image path column (and a labels column, unless unlabelled); found "
+                         f"{cols} (use --path-column / --labels-column)")
+    if lc is None and multi_label:
+        raise ValueError(f"{path}: --multi-label needs a labels column, and this manifest is read without labels "
+                         f"(columns {cols}{', --unlabelled' if unlabelled else ''})")
     csv = not str(path).endswith(".parquet")
 
     def where(i: int) -> str:
         return f"row {i + 1}" + (f" (line {i + 2})" if csv else "")
 
     paths = table.column(pc).to_pylist()
-    classes, ids = label_ids(table.column(lc).to_pylist(), where)
+    classes: list[str] = []
+    ids: list[list[int] | None] = [None] * len(paths)
+    if lc is not None:
+        classes, ids = label_ids(table.column(lc).to_pylist(), where)
     splits = table.column("split").to_pylist() if "split" in cols else None
     ml = multi_label if multi_label is not None else any(r is not None and len(r) != 1 for r in ids)
     base = str(path).rsplit("/", 1)[0] if str(path).startswith("s3://") else str(Path(path).parent)
@@ -271,10 +312,10 @@ def scan_manifest(path: Path | str, *, path_column: str | None = None, labels_co
         src = str(p)
         if "://" not in src and not os.path.isabs(src):
             src = f"{base}/{src}"
-        if not r:
+        if lc is not None and not r:
             rejects.append(_reject(src, "missing_label", where(i)))
             continue
-        if not ml and len(r) != 1:
+        if r is not None and not ml and len(r) != 1:
             rejects.append(_reject(src, "multiple_labels", f"{where(i)}: {r}"))
             continue
         key = src if "://" in src else os.path.normpath(src)
@@ -291,7 +332,10 @@ def scan_manifest(path: Path | str, *, path_column: str | None = None, labels_co
         src = items.pop(key)[1].src
         rejects += [_reject(src, "conflicting_duplicate", f"{where(i)} of rows that disagree on this image ({seen}); "
                             "fix the manifest") for i in rows]
-    return Source([it for _, it in items.values()], classes, multi_label=ml, rejects=rejects)
+    kept = [it for _, it in items.values()]
+    if lc is None:
+        return unlabelled_source(kept, rejects)
+    return Source(kept, classes, multi_label=ml, rejects=rejects)
 
 
 def read_source_bytes(src: str) -> bytes:
@@ -330,18 +374,21 @@ def read_item_bytes(item: Item) -> bytes:
     return data
 
 
-def scan_s3_folder(url: str) -> Source:
-    """An ``s3://bucket/prefix`` holding ``<class>/<image>`` keys (the folder layout on S3)."""
+def scan_s3_folder(url: str, *, unlabelled: bool = False) -> Source:
+    """An ``s3://bucket/prefix`` holding ``<class>/<image>`` keys (the folder layout on S3);
+    ``unlabelled``: image keys at any depth, no classes."""
     st = open_storage(url)
     by_class: dict[str, list[str]] = {}
     rejects: list[dict[str, Any]] = []
     for key in st.list():
         cls, sep, rest = key.partition("/")
+        if unlabelled:  # one bucket of images whatever the key's folders; the checks below still apply
+            cls, sep, rest = "", "/", key
         if not sep:
             rejects.append(_reject(st.url_for(key), "outside_class_folder", "keys must be PREFIX/<class>/<image>"))
         elif any(part.startswith(".") for part in key.split("/")):
             rejects.append(_reject(st.url_for(key), "hidden", HIDDEN))
-        elif (bad := fmt.class_name_problem(cls)) is not None:
+        elif not unlabelled and (bad := fmt.class_name_problem(cls)) is not None:
             rejects.append(_reject(st.url_for(key), "bad_class_name", f"class {cls!r} {bad}"))
         elif os.path.splitext(rest)[1].lower() not in IMAGE_EXTS:
             rejects.append(_reject(st.url_for(key), "not_an_image", os.path.splitext(rest)[1]))
@@ -349,4 +396,6 @@ def scan_s3_folder(url: str) -> Source:
             by_class.setdefault(cls, []).append(st.url_for(key))
     classes = sorted(by_class)
     items = [Item(u, [ci]) for ci, c in enumerate(classes) for u in sorted(by_class[c])]
+    if unlabelled:
+        return unlabelled_source(items, rejects)
     return Source(items, classes, multi_label=False, rejects=rejects)

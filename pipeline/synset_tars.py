@@ -17,6 +17,8 @@ that is not an image file (``not_an_image``), a symlink, hardlink or special mem
 outer (``not_a_regular_member``: a link is never followed), a synset tar whose name cannot be a
 class name (``bad_class_name``); a truncated release tar ends the scan with an
 ``unreadable_tar_member`` reject for the rest. Folder entries carry no data and are skipped.
+Unlabelled (``--unlabelled``): the same images, without labels or classes (a synset tar's name
+is then not a class name, so it is not checked as one).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import tarfile
 from typing import IO, Any
 
 from .format import class_name_problem
-from .sources import IMAGE_EXTS, Item, Source, WriterError, printable
+from .sources import IMAGE_EXTS, Item, Source, WriterError, printable, unlabelled_source
 from .storage import open_storage
 
 
@@ -87,7 +89,7 @@ def _scan_synset(outer: tarfile.TarFile, member: tarfile.TarInfo, src: str, stre
     return found
 
 
-def scan_synset_tars(src: str) -> Source:
+def scan_synset_tars(src: str, *, unlabelled: bool = False) -> Source:
     """Scan the release tar at ``src`` (see module docstring); items sorted by (synset, member)."""
     fileobj, mode = _open_outer(src)
     by_synset: dict[str, list[tuple[str, tuple[int, int]]]] = {}
@@ -106,7 +108,7 @@ def scan_synset_tars(src: str) -> Source:
                     if not name.endswith(".tar"):
                         rejects.append(_reject(where, "not_a_synset_tar", "release members must be <synset>.tar"))
                         continue
-                    if (bad := class_name_problem(name[: -len(".tar")])) is not None:
+                    if not unlabelled and (bad := class_name_problem(name[: -len(".tar")])) is not None:
                         rejects.append(_reject(where, "bad_class_name", f"synset name {bad}"))
                         continue
                     found = _scan_synset(outer, member, src, mode == "r|", rejects)
@@ -123,4 +125,6 @@ def scan_synset_tars(src: str) -> Source:
     # a re-downloaded release fixes that tar.
     classes = sorted(by_synset)
     items = [Item(msrc, [ci], span=span) for ci, s in enumerate(classes) for msrc, span in sorted(by_synset[s])]
+    if unlabelled:
+        return unlabelled_source(items, rejects)
     return Source(items, classes, multi_label=False, rejects=rejects)

@@ -6,7 +6,10 @@ SRC is an ImageNet-21k-style folder (``SRC/<synset>/<image>``, local or ``s3://b
 one label per image, classes = sorted sub-folder names), the ImageNet-21k release tar (a tar of
 ``<synset>.tar`` files, local or ``s3://``, read by streaming: :mod:`pipeline.synset_tars`) or a
 JFT-style manifest (``.parquet`` or ``.csv``) with an image path/URI column (local, ``s3://``)
-and a labels column holding one or several labels per image (multi-label). DEST is a local
+and a labels column holding one or several labels per image (multi-label), or no labels column
+(unlabelled). ``--unlabelled`` writes images only: a folder SRC is then a plain tree of images at
+any depth (its folders are not classes), a manifest's labels and a release tar's synsets are
+ignored; the dataset has ``num_classes`` 0 (docs/data.md, "Unlabelled data"). DEST is a local
 folder, ``file://`` or ``s3://bucket/prefix``. The steps (plan, write one shard, finish) are
 the functions of :mod:`pipeline.shards`; ``orchestration/prepare.py`` runs the same steps as
 Ray tasks over a cluster and writes byte-identical shards.
@@ -14,7 +17,8 @@ Ray tasks over a cluster and writes byte-identical shards.
 Layout written at DEST (defined in :mod:`pipeline.format`)::
 
     versions/<version>/shards/{split}-NNNNNN.tar   plain tar, members {key}.jpg + {key}.cls (int)
-                                or {key}.json (list of ints, multi-label); stock webdataset reads it
+                                or {key}.json (list of ints, multi-label), or {key}.jpg alone
+                                (unlabelled); stock webdataset reads it
     versions/<version>/samples/{split}-NNNNNN.parquet   the shard's rows, one per sample: split,
                                 shard, key, offset, size (byte range of the JPEG member inside the
                                 tar), label(s), src, sha256 -- read by a loader when it opens the shard
@@ -77,7 +81,8 @@ __all__ = ["WRITER_MAX_PIXELS", "DatasetPlan", "Item", "Reject", "ShardJob", "So
 def write_dataset(src: str | Path, dest: str, *, samples_per_shard: int | None = 1000, shard_bytes: int | None = None,
                   val_fraction: float = 0.0, seed: int = 0, max_side: int | None = None, quality: int = 90,
                   workers: int = 1, path_column: str | None = None, labels_column: str | None = None,
-                  multi_label: bool | None = None, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+                  multi_label: bool | None = None, unlabelled: bool = False, progress: bool = True,
+                  overwrite: bool = False) -> dict[str, Any]:
     """Write SRC as a new version at DEST and publish it (see module docstring).
 
     Returns the manifest (dataset.json) dict plus a ``summary``. Raises
@@ -87,7 +92,7 @@ def write_dataset(src: str | Path, dest: str, *, samples_per_shard: int | None =
     """
     settings = WriteSettings(samples_per_shard=samples_per_shard, shard_bytes=shard_bytes, val_fraction=val_fraction,
                              seed=seed, max_side=max_side, quality=quality, path_column=path_column,
-                             labels_column=labels_column, multi_label=multi_label)
+                             labels_column=labels_column, multi_label=multi_label, unlabelled=unlabelled)
     plan = plan_dataset(src, dest, settings, overwrite=overwrite)
     results = _write_shards(plan.jobs, plan.vdest, plan.options, workers=workers, progress=progress)
     return finish_dataset(plan, results)
@@ -129,8 +134,9 @@ def _write_shards(jobs: list[ShardJob], vdest: str, options: dict[str, Any], *, 
 
 
 def summary_lines(info: dict[str, Any], dest: str) -> Iterable[str]:
-    yield (f"wrote {dest}: version {info['dataset_version']} (published), {info['num_classes']} classes, "
-           f"multi_label={info['multi_label']}")
+    labels = (f"{info['num_classes']} classes, multi_label={info['multi_label']}" if fmt.is_labelled(info)
+              else "unlabelled (images only)")
+    yield f"wrote {dest}: version {info['dataset_version']} (published), {labels}"
     for split, s in info["splits"].items():
         yield f"  {split}: {s['samples']} samples in {s['shards']} shards, {s['bytes'] / 1e6:.1f} MB"
     sm = info["summary"]
@@ -156,6 +162,9 @@ def argument_problems(a: argparse.Namespace) -> list[str]:
         p.append(f"--quality {a.quality} must be in [1, 100] (JPEG quality)")
     if getattr(a, "workers", 1) < 1:
         p.append(f"--workers {a.workers} must be >= 1")
+    if a.unlabelled:
+        p += [f"{flag} contradicts --unlabelled (which writes no labels); drop one of them"
+              for flag, v in (("--labels-column", a.labels_column), ("--multi-label", a.multi_label)) if v]
     return p
 
 
@@ -175,6 +184,9 @@ def add_write_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--labels-column", default=None)
     ap.add_argument("--multi-label", action=argparse.BooleanOptionalAction, default=None,
                     help="force (or forbid) multi-label targets for a manifest")
+    ap.add_argument("--unlabelled", action="store_true",
+                    help="images only, no labels: a folder SRC is a plain tree of images at any depth (not "
+                    "class folders); a manifest's labels column or a release tar's synsets are ignored")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--overwrite", action="store_true",
                     help="DEST already publishes a different dataset: publish this one as a new version")
@@ -183,7 +195,8 @@ def add_write_arguments(ap: argparse.ArgumentParser) -> None:
 def settings_from_args(a: argparse.Namespace) -> WriteSettings:
     return WriteSettings(samples_per_shard=a.samples_per_shard, shard_bytes=int(a.shard_bytes) if a.shard_bytes else None,
                          val_fraction=a.val_fraction, seed=a.seed, max_side=a.max_side, quality=a.quality,
-                         path_column=a.path_column, labels_column=a.labels_column, multi_label=a.multi_label)
+                         path_column=a.path_column, labels_column=a.labels_column, multi_label=a.multi_label,
+                         unlabelled=a.unlabelled)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
                              shard_bytes=int(a.shard_bytes) if a.shard_bytes else None, val_fraction=a.val_fraction,
                              seed=a.seed, max_side=a.max_side, quality=a.quality, workers=a.workers,
                              path_column=a.path_column, labels_column=a.labels_column, multi_label=a.multi_label,
-                             progress=not a.quiet, overwrite=a.overwrite)
+                             unlabelled=a.unlabelled, progress=not a.quiet, overwrite=a.overwrite)
     except (fmt.DatasetExists, fmt.PublishConflict) as exc:  # another dataset is published there
         print(f"write_shards: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

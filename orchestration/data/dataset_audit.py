@@ -77,6 +77,11 @@ def scan(url: str, fraction: float, settings: AuditSettings, what: str) -> Scann
                    samples=samples)
 
 
+def _no_label(main: Scanned) -> str:
+    """What a sample without a single-label class is counted as in the report's ``classes``."""
+    return "(multi-label)" if main.res.manifest.get("multi_label") else "(unlabelled)"
+
+
 def exact_duplicates(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Groups of samples with the same content sha256: within one split, and spanning splits."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -165,7 +170,7 @@ def audit_dataset(url: str, against: list[str], settings: AuditSettings) -> tupl
         "shards": {"total": len(main.index), "ok": len(main.index) - len(main.bad_shards), "bad": main.bad_shards},
         "samples": len(main.samples),
         "unreadable_samples": [f"{r['split']}/{r['key']}: {r['problem']}" for r in main.rows if r["problem"]],
-        "classes": dict(sorted(Counter(main.classes[s["label"]] if s["label"] >= 0 else "(multi-label)"
+        "classes": dict(sorted(Counter(main.classes[s["label"]] if s["label"] >= 0 else _no_label(main)
                                        for s in main.samples).items())),
         "splits": dict(Counter(s["split"] for s in main.samples)),
         "image_size": _size_stats(main.rows),
@@ -207,6 +212,7 @@ def write_filtered(main: Scanned, report: dict[str, Any], dest: str, tasks: Task
     bad = {b["shard"] for b in main.bad_shards}
     unreadable = {f"{r['split']}/{r['key']}" for r in main.rows if r["problem"]}
     multi = bool(main.res.manifest.get("multi_label"))
+    labelled = fmt.is_labelled(main.res.manifest)
     root = main.res.root_url
     why: Counter[str] = Counter()
     items = []
@@ -217,8 +223,9 @@ def write_filtered(main: Scanned, report: dict[str, Any], dest: str, tasks: Task
         if reason:
             why[reason] += 1
             continue
-        items.append(Item(f"{root.rstrip('/')}/{s['shard']}#{s['key']}", list(s["labels"]) if multi else [s["label"]],
-                          split=s["split"], span=(s["offset"], s["size"])))
+        labels = None if not labelled else list(s["labels"]) if multi else [s["label"]]
+        items.append(Item(f"{root.rstrip('/')}/{s['shard']}#{s['key']}", labels, split=s["split"],
+                          span=(s["offset"], s["size"])))
     out: dict[str, Any] = {"dest": dest, "written": False, "kept": len(items), "dropped": len(main.samples) - len(items),
                            "dropped_by_reason": dict(why), "complete": bool(report.get("complete", True))}
     if not items:
@@ -227,7 +234,7 @@ def write_filtered(main: Scanned, report: dict[str, Any], dest: str, tasks: Task
         return out
     per_shard = max((i["samples"] for i in main.index), default=1000)
     src = f"{main.url} (audited, filtered{'' if out['complete'] else '; INCOMPLETE comparison, see audit.json'})"
-    plan = plan_from_source(Source(items, main.classes, multi_label=multi), src, dest,
+    plan = plan_from_source(Source(items, main.classes, multi_label=multi, labelled=labelled), src, dest,
                             WriteSettings(samples_per_shard=per_shard, seed=int(main.res.manifest.get("seed", 0))),
                             overwrite=overwrite)
     results = run_tasks(write_shard, plan.jobs, (plan.vdest, plan.options), tasks)

@@ -47,8 +47,12 @@ class SupportPool:
 
 
 def open_pool(url: str, split: str = "train", version: str | None = None) -> SupportPool:
-    """Read the metadata of ``url``'s ``split`` (no images); single-label datasets only."""
+    """Read the metadata of ``url``'s ``split`` (no images); labelled single-label datasets only."""
     meta = load_meta(url, split, None, version)
+    if not fmt.is_labelled(meta.info):
+        raise FewShotDataError(f"{url}: dataset has no labels (written with --unlabelled): few-shot and linear "
+                               "evaluation fit a classifier to labelled images; evaluate on a labelled downstream "
+                               "dataset (write it from class folders, without --unlabelled)")
     if meta.info.get("multi_label"):
         raise FewShotDataError(f"{url}: a multi-label dataset; few-shot linear evaluation needs one label per "
                                "image (write the downstream dataset from class folders)")

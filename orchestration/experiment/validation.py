@@ -69,6 +69,7 @@ def dataset_problems(
     *,
     world_size: int,
     loss: str = "softmax",
+    needs_labels: bool = True,
     split_key: str = "data.source.split",
     eval_split: str | None = None,
     eval_key: str = "eval.split",
@@ -77,24 +78,34 @@ def dataset_problems(
     """What a worker's ``build_loader`` would fail on, found on the driver, one line each.
 
     ``data`` is the train split's config (``url`` is replaced by ``url``); ``eval_split``, when
-    given, must exist too. Also: the dataset has classes, and >= 2 of them for a softmax.
+    given, must exist too. Also, when the objective ``needs_labels``: the dataset has labels
+    (not written ``--unlabelled``), and >= 2 classes for a softmax. An objective that needs none
+    (MAE) trains on any dataset, labelled or not.
     """
     from pipeline import build_loader
+    from pipeline import format as fmt
 
     problems = location_problems(url, key)
     if problems:
         return problems
     cfg = data.replace(**{"source.url": url})
     num_classes = None
+    unlabelled = False
     try:
-        num_classes = int(build_loader(cfg, rank=0, world_size=world_size).num_classes)
+        loader = build_loader(cfg, rank=0, world_size=world_size)
+        num_classes = int(loader.num_classes)
+        unlabelled = not fmt.is_labelled(loader.info)
     except FileNotFoundError as e:
         return [f"{key} {url}: {one_line(e)}"]
     except ValueError as e:  # split missing, or too few samples for one batch per rank
         problems.append(f"{key} {url}, {split_key}={data.source.split!r}: {one_line(e)}")
     except Exception as e:  # noqa: BLE001 - unreadable metadata (denied, no bucket, damaged): one line
         return [f"{key} {url}: cannot read the dataset's metadata ({type(e).__name__}: {one_line(e)})"]
-    if num_classes is not None and (num_classes < 1 or (num_classes < 2 and loss == "softmax")):
+    if needs_labels and unlabelled:
+        problems.append(f"{key} {url}: dataset has no labels (written with --unlabelled): a supervised recipe "
+                        "(train.objective.kind=classification) cannot train on it; use an objective that needs "
+                        "none, e.g. --recipe mae_vit_mu_digits")
+    elif needs_labels and num_classes is not None and (num_classes < 1 or (num_classes < 2 and loss == "softmax")):
         problems.append(f"{key} {url}: num_classes={num_classes}; training needs >= 1 class, and a softmax "
                         "over one class learns nothing (use train.objective.loss=sigmoid or more classes)")
     if eval_split:
@@ -112,8 +123,10 @@ def experiment_data_problems(exp: Experiment | None, url: str) -> list[str]:
     location when ``exp`` is None."""
     if exp is None:
         return location_problems(url)
-    return dataset_problems(url, exp.data, world_size=exp.resources.workers, loss=getattr(exp.train.objective, "loss", "none"),
-                            eval_split=exp.eval.split)
+    objective = exp.train.objective
+    return dataset_problems(url, exp.data, world_size=exp.resources.workers,
+                            loss=getattr(objective, "loss", "softmax"),  # only a classification objective has one
+                            needs_labels=objective.kind == "classification", eval_split=exp.eval.split)
 
 
 def _local(url: str) -> Path:
