@@ -54,7 +54,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from orchestration.experiment import RECIPES, validation
-from orchestration.studies.spec import STUDIES, StudySpec, grid_size
+from orchestration.studies.spec import STUDIES, StudySpec, default_metric, grid_size
 from orchestration.studies.table import METRICS
 from orchestration.studies.tune_study import check_existing_study, run_study
 
@@ -114,9 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="", help="table/plots directory (default <storage>/<name>-analysis)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep trial checkpoints after they finish")
     p.add_argument("--experiment", default="vitscale-scaling", help="MLflow experiment")
-    p.add_argument("--metric", default="eval_error",
+    p.add_argument("--metric", default=None,
                    help=f"what the law is fitted to: {', '.join(METRICS)} or any logged metric, e.g. "
-                        "fewshot/NAME/10shot (accuracies are fitted as 1 - accuracy)")
+                        "fewshot/NAME/10shot (accuracies are fitted as 1 - accuracy); default eval_error, or "
+                        "eval_loss for a recipe whose trials have no top-1 (an MAE recipe: its masked "
+                        "reconstruction loss)")
     p.add_argument("--n-boot", type=int, default=200)
     p.add_argument("--max-failures", type=int, default=1, help="Tune retries per trial")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study (tune.Tuner.restore)")
@@ -232,7 +234,7 @@ def _spec_of(args: argparse.Namespace, gpus: float, hparams: dict[str, dict[str,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=float(gpus), hparams=hparams,
         num_samples=args.num_samples, lr_range=args.lr_range, wd_range=args.wd_range, storage=args.storage,
         out_dir=args.out, keep_checkpoints=args.keep_checkpoints, experiment=args.experiment,
-        metric=args.metric, n_boot=args.n_boot, max_failures=args.max_failures,
+        metric=args.metric or default_metric(args.recipe), n_boot=args.n_boot, max_failures=args.max_failures,
     )
 
 

@@ -203,8 +203,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     sink = None
     if rank == 0:
-        sink = tracking.MLflowSink(config["run_id"], uri=config["tracking_uri"],
-                                   attention_images=probe_batch(exp, int(config.get("probe_images", 1))))
+        sink = tracking.MLflowSink(config["run_id"], uri=config["tracking_uri"], **probe_settings(exp, config))
     checkpoint_url = url_join(config["run_dir"], CHECKPOINT_PREFIX)
     trainer, loaders = build_run(
         exp, rank=rank, world=world, checkpoint_url=checkpoint_url, checkpoint_key=config["run_id"],
@@ -292,6 +291,20 @@ def worker_experiment(config: dict[str, Any]) -> Experiment:
     exp = experiment_from_dict(config["experiment"])
     data = exp.data.replace(**{"source.url": config["data_url"], "source.dataset_version": config.get("dataset_version")})
     return replace(exp, data=data, eval=replace(exp.eval, split=config.get("eval_split")))
+
+
+def probe_settings(exp: Experiment, config: dict[str, Any]) -> dict[str, Any]:
+    """The sink's probe images and how to draw them: one for a classifier's attention maps, four
+    for an MAE's reconstructions (masked as its objective masks, from a fixed seed)."""
+    from pipeline.masking import MaskConfig
+
+    objective = exp.train.objective
+    mae = objective.kind == "mae"
+    n = int(config.get("probe_images", 4 if mae else 1))
+    mask = (MaskConfig(kind="random", ratio=objective.mask_ratio, patch_size=exp.model.shape["patch_size"])
+            if mae else None)
+    return {"attention_images": probe_batch(exp, n), "probe_mask": mask,
+            "probe_norm": (exp.data.preprocess.mean, exp.data.preprocess.std)}
 
 
 def _export(trainer: Any, config: dict[str, Any], rank: int, sink: Any) -> None:
