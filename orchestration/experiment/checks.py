@@ -73,11 +73,10 @@ def mae_decoder_memory(exp: Experiment) -> tuple[float, float]:
     """
     train = exp.train
     o = train.objective
-    E, L, M, H = o.decoder_width, o.decoder_depth, o.decoder_mlp_dim, o.decoder_heads
+    E, L, H = o.decoder_width, o.decoder_depth, o.decoder_heads
     shape = exp.model.shape
-    D, N = shape["width"], (exp.image_size // shape["patch_size"]) ** 2
-    S, P, b, W = N + 1, shape["patch_size"] ** 2 * exp.model.in_chans, train.micro_batch, exp.resources.workers
-    params = L * (4 * E * E + 4 * E + 2 * E * M + M + E + 4 * E) + (D + 1) * E + E + 2 * E + (E + 1) * P
+    S, b, W = (exp.image_size // shape["patch_size"]) ** 2 + 1, train.micro_batch, exp.resources.workers
+    params = mae_decoder_params(exp)
     w = 4 if train.engine.precision == "fp32" else 2
     zero = train.engine.zero_stage
     optimizer = 8 + (4 if w == 2 else 0)
@@ -86,6 +85,15 @@ def mae_decoder_memory(exp: Experiment) -> tuple[float, float]:
     attention = 0 if profile is not None and profile.sdpa in ("flash", "mem_efficient") else 5 * H * S
     activations = L * b * S * (34 * E + attention) * w / 2
     return params * per_param, float(activations)
+
+
+def mae_decoder_params(exp: Experiment) -> int:
+    """Trained parameters of ``exp``'s MAE decoder (the formula of :func:`mae_decoder_memory`)."""
+    o = exp.train.objective
+    E, L, M = o.decoder_width, o.decoder_depth, o.decoder_mlp_dim
+    shape = exp.model.shape
+    D, P = shape["width"], shape["patch_size"] ** 2 * exp.model.in_chans
+    return L * (4 * E * E + 4 * E + 2 * E * M + M + E + 4 * E) + (D + 1) * E + E + 2 * E + (E + 1) * P
 
 
 def decoder_memory_problems(exp: Experiment) -> list[str]:
