@@ -121,10 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     objective, known_from = source_objective(source["tags"], _file_metadata(args.source, source))
     protocol = choose_protocol(args.protocol, objective)
     gpus = _gpus(args)
-    exp, problems = _resolve(args, src_model.cfg, source, protocol=protocol, gpus=gpus)
+    how = {"protocol": protocol, "objective": objective}
+    exp, problems = _resolve(args, src_model.cfg, source, gpus=gpus, **how)
     train_images = _train_images(args.data, exp) if exp is not None and protocol == "mae" else None
     if train_images:  # MAE counts epochs of the fine-tuning set: again with its size
-        exp, problems = _resolve(args, src_model.cfg, source, protocol=protocol, gpus=gpus, train_images=train_images)
+        exp, problems = _resolve(args, src_model.cfg, source, gpus=gpus, train_images=train_images, **how)
     print(_protocol_note(protocol, objective, known_from, args.protocol), file=sys.stderr, flush=True)
     problems += validation.experiment_data_problems(exp, args.data)
     if exp is not None:
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(flatten_experiment(exp), indent=2, default=str))
         return 0
     if not exp.resources.gpus_per_worker:
-        full, _ = _resolve(args, src_model.cfg, source, protocol=protocol, gpus=1, train_images=train_images)
+        full, _ = _resolve(args, src_model.cfg, source, gpus=1, train_images=train_images, overrides=[], **how)
         paper = (f"--set train.schedule.total_steps={full.train.schedule.total_steps} --set "
                  f"train.schedule.warmup_steps={full.train.schedule.warmup_steps} --set "
                  f"train.global_batch={full.train.global_batch}") if full is not None else "(see docs)"
@@ -196,17 +197,19 @@ def publish_report(rep: EvalReport, run_id: str, uri: str, path: str | None) -> 
 
 
 def _resolve(args: argparse.Namespace, src_cfg: ViTConfig, source: dict[str, Any], *, protocol: str, gpus: int,
-             train_images: int | None = None) -> tuple[Experiment | None, list[str]]:
-    """The fine-tuning experiment (with ``--set``) and its problems (no I/O)."""
+             train_images: int | None = None, overrides: list[str] | None = None,
+             objective: str = "classification") -> tuple[Experiment | None, list[str]]:
+    """The fine-tuning experiment (with ``--set``, or ``overrides``) and its problems (no I/O)."""
     tags = source["tags"]
-    source_name = source.get("name") or f"vit-{ViTSpec.of(src_cfg).slug}"
+    kind = "" if objective == "classification" else f"{objective}-"  # a file's MAE encoder: mae-vit-...
+    source_name = source.get("name") or f"{kind}vit-{ViTSpec.of(src_cfg).slug}"
     try:
         exp = finetune_experiment(
             src_cfg, image_size=args.image_size, source_recipe=tags.get("recipe"),
             dataset_name=args.dataset_name or tags.get("dataset", "dataset"), source_model_name=source_name,
             workers=args.workers, gpus_per_worker=gpus, protocol=protocol, train_images=train_images,
         )
-        exp = apply_overrides(exp, args.overrides)
+        exp = apply_overrides(exp, args.overrides if overrides is None else overrides)
     except (OverrideError, ValueError) as e:
         return None, validation.problems_of(e)
     problems = source_shape_problems(exp, src_cfg, f"--from {args.source}")

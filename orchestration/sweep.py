@@ -5,7 +5,8 @@ size × seed) as one Tune trial. Each trial is a complete single-process trainin
 *function trainable* built by ``orchestration.launch.build.build_run``, like pre-training; world size 1) on the resources Tune gives it (``--cpus-per-trial`` / ``--gpus-per-trial``), so a
 cluster of N GPUs runs N trials at once. At every evaluation (``--evals-per-trial`` times per
 run) the trial reports a *point* to Tune and to its MLflow run: images seen, training FLOPs
-(``model.flops.train_flops_per_image`` × images), eval loss and eval error (1 − top-1).
+(the objective's per-image count × images), eval loss and eval error (1 − top-1; none for an MAE
+recipe, whose studies fit eval loss, the default ``--metric`` there, or a few-shot accuracy).
 
 The driver collects all points into a Parquet table (``orchestration.studies.table.POINTS_SCHEMA``),
 fits the saturating power law E = a·(C + d)^(−b) + c of Zhai et al. 2021 on the

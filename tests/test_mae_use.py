@@ -108,6 +108,7 @@ def test_an_mae_export_is_fine_tuned_with_maes_protocol(digits: str, mae_file: P
         "data.augment.crop_scale": [0.08, 1.0],
     }
     assert {k: exp[k] for k in expected} == expected
+    assert exp["registered_model_name"] == "mae-vit-mu4-ft32"
     # On a CPU: the machine's size, with MAE's optimizer.
     rc, cpu, err = _dry_run(capsys, tmp_path, mae_file, digits, gpus=0)
     assert rc == 0, err
@@ -221,8 +222,10 @@ def test_every_eval_logs_a_figure_and_the_version_names_the_last(tmp_path: Path,
     """MLflowSink.on_eval with the trained module (a MaskedAutoencoder) logs the reconstructions;
     the registered MAE encoder carries the objective (tag and file metadata) and names the last
     figure; fine-tuning it from the registry picks MAE's protocol by its tag."""
+    import mlflow
+
     from model.weights import read_header
-    from orchestration import tracking
+    from orchestration import finetune, tracking
     from orchestration.launch.pretrain_run import register_from_run
     from orchestration.launch.ray_train import EXPORT_KEY
     from pipeline.storage import open_storage
@@ -246,13 +249,9 @@ def test_every_eval_logs_a_figure_and_the_version_names_the_last(tmp_path: Path,
     local = Path(tracking.client(uri).download_artifacts(run_id, "reconstruction/step_0000010", str(tmp_path)))
     assert (local / "reconstruction.png").stat().st_size > 0
     registered = tracking.resolve_model_source(f"models:/{exp.model_name}/{version}", uri)
-    import mlflow
-
     folder = mlflow.artifacts.download_artifacts(artifact_uri=registered["uri"], dst_path=str(tmp_path / "dl"),
                                                  tracking_uri=uri)
     assert read_header(Path(folder) / "model.safetensors")[1]["vitscale.objective"] == "mae"
-    from orchestration import finetune
-
     rc = finetune.main(["--from", registered["uri"], "--data", digits, "--image-size", str(IMAGE), "--storage",
                         str(tmp_path / "runs"), "--tracking-uri", uri, "--gpus-per-worker", "0", "--dry-run"])
     cap = capsys.readouterr()
@@ -261,9 +260,10 @@ def test_every_eval_logs_a_figure_and_the_version_names_the_last(tmp_path: Path,
 
 # ------------------------------------------------------------------------------ studies
 def test_an_mae_study_fits_eval_loss_and_refuses_eval_error(digits: str, tmp_path: Path) -> None:
+    from model.flops import mae_macs_per_image
     from orchestration import sweep
-    from orchestration.studies.trial import _trial_sink
     from orchestration.studies.spec import trial_experiment
+    from orchestration.studies.trial import _trial_sink
 
     argv = ["--recipe", "mae_vit_mu_digits", "--variants", "mu", "--steps", "20", "--data", digits,
             "--storage", str(tmp_path / "studies"), "--gpus-per-trial", "0", "--no-tracking"]
@@ -280,8 +280,6 @@ def test_an_mae_study_fits_eval_loss_and_refuses_eval_error(digits: str, tmp_pat
     model = create_model("mu/4", num_classes=0, image_size=IMAGE, posemb="sincos2d")
     sink, _ = _trial_sink(spec, exp, model, key="k", variant="mu", steps=20, samples=None, seed=0,
                           study_run_id=None, report=lambda _: None, points_dir=None)
-    from model.flops import mae_macs_per_image
-
     assert sink.flops_per_image == 6.0 * mae_macs_per_image(model.cfg, 32, 1, 64, 16)
 
 
@@ -308,7 +306,7 @@ def test_a_checkpoint_of_another_objective_cannot_resume_an_mae_run(tmp_path: Pa
     both objectives and what to do instead, before DeepSpeed loads anything."""
     from test_training_dist import ListSink, MemLoader
 
-    from training import Trainer, TrainConfig
+    from training import TrainConfig, Trainer
     from training.config import CheckpointConfig, EngineConfig, OptimConfig, ScheduleConfig
     from training.objectives import MAEConfig
 

@@ -161,7 +161,9 @@ def _mae(src: ViTConfig, image_size: int, source_recipe: str | None, *, cpu: boo
     size = MAE_SIZES[mae_size(src.width)]
     # --global_pool (main_finetune.py's default): mean of the patch tokens, then a new fc_norm; the
     # encoder's final norm is dropped (models_vit.py deletes it). A model without a class token
-    # ("gap") already pools globally and keeps its own pooling.
+    # ("gap") already pools globally and keeps its own pooling. The position embedding stays the
+    # encoder's (a fixed sin-cos for an MAE encoder; MAE's PyTorch code loads it into timm's
+    # learnable pos_embed and trains it: a small deviation, docs/mae.md).
     pool = "avg" if src.class_token else src.pool
     model = ViTSpec.of(src, pool=pool, representation_size=None, dropout=0.0, drop_path=size.drop_path)
     recipe = RECIPES[source_recipe]() if source_recipe in RECIPES else None
