@@ -227,13 +227,15 @@ def test_every_eval_logs_a_figure_and_the_version_names_the_last(tmp_path: Path,
     from model.weights import read_header
     from orchestration import finetune, tracking
     from orchestration.launch.pretrain_run import register_from_run
-    from orchestration.launch.ray_train import EXPORT_KEY
+    from orchestration.launch.ray_train import EXPORT_KEY, probe_settings
     from pipeline.storage import open_storage
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = tracking.start_run("mae-use", run_name="mae", uri=uri)
-    sink = tracking.MLflowSink(run_id, uri=uri, attention_images=torch.randn(2, 3, IMAGE, IMAGE),
-                               probe_mask=MaskConfig(kind="random", ratio=0.75, patch_size=4), system_metrics=False)
+    exp = apply_overrides(get_recipe("mae_vit_mu_digits"), [f"data.source.url={digits}"])
+    probe = probe_settings(exp, {"probe_images": None})  # what rank 0 of an MAE run gives its sink
+    assert probe["attention_images"].shape == (4, 3, IMAGE, IMAGE) and probe["probe_mask"].ratio == 0.75
+    sink = tracking.MLflowSink(run_id, uri=uri, system_metrics=False, **probe)
     mae = _mae()
     for step in (5, 10):
         sink.on_eval(mae, step)
@@ -241,7 +243,6 @@ def test_every_eval_logs_a_figure_and_the_version_names_the_last(tmp_path: Path,
     assert files == ["reconstruction/step_0000010/reconstruction.png"]
     run_dir = str(tmp_path / "run")
     open_storage(run_dir).upload_file(mae_file, EXPORT_KEY)
-    exp = get_recipe("mae_vit_mu_digits")
     version = register_from_run(exp, run_id=run_id, run_dir=run_dir, report={"step": 10}, lineage={}, uri=uri)
     mv = tracking.client(uri).get_model_version(exp.model_name, str(version))
     assert mv.tags["objective"] == "mae"

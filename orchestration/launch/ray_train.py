@@ -65,7 +65,7 @@ def dataset_lineage(data_url: str) -> dict[str, Any]:
 
 
 def worker_config(exp: Experiment, *, data_url: str, run_id: str, run_dir: str, tracking_uri: str,
-                  eval_split: str | None, init_weights: str | None, probe_images: int) -> dict[str, Any]:
+                  eval_split: str | None, init_weights: str | None, probe_images: int | None) -> dict[str, Any]:
     """The JSON-able ``train_loop_config`` every worker (and every restart) builds its run from.
 
     Ray keeps and may persist it, so the tracking URI in it carries no password: workers take
@@ -103,11 +103,13 @@ def run_training(
     tracking_uri: str,
     eval_split: str | None,
     init_weights: str | None = None,
-    probe_images: int = 1,
+    probe_images: int | None = None,
     ray_storage: str | None = None,
 ) -> dict[str, Any]:
     """Run ``exp`` on Ray Train and return rank 0's final report (step, loss, eval_top1, ...).
 
+    ``probe_images``: how many eval images rank 0 draws at every evaluation (None: one for a
+    classifier's attention maps, four for an MAE's reconstructions).
     ``run_dir`` (local path or ``s3://``) holds ``checkpoints/`` and ``export/model.safetensors``;
     it must be reachable from every worker. ``init_weights`` (a URL/path of safetensors written
     by :func:`train_worker`) initialises the backbone for fine-tuning: new zero-init head, position
@@ -300,7 +302,8 @@ def probe_settings(exp: Experiment, config: dict[str, Any]) -> dict[str, Any]:
 
     objective = exp.train.objective
     mae = objective.kind == "mae"
-    n = int(config.get("probe_images", 4 if mae else 1))
+    asked = config.get("probe_images")
+    n = int(asked) if asked is not None else 4 if mae else 1  # 0: no figures
     mask = (MaskConfig(kind="random", ratio=objective.mask_ratio, patch_size=exp.model.shape["patch_size"])
             if mae else None)
     return {"attention_images": probe_batch(exp, n), "probe_mask": mask,

@@ -9,7 +9,10 @@ visible pixels back). With ``norm_pix_loss`` the decoder predicts per-patch norm
 each predicted patch is de-normalised with the mean and standard deviation of the original
 patch before it is drawn (the inverse of ``models_mae.py``'s target; MAE's own
 ``demo/mae_visualize.ipynb`` sidesteps this by showing a model "trained with pixels as targets
-for visualization", whose prediction it draws as is). The masked panel is the notebook's
+for visualization", whose prediction it draws as is). So with ``norm_pix_loss`` each patch's
+brightness and contrast in the reconstruction are the original's, whatever the model: even an
+untrained decoder draws the silhouette of the image; only the pattern inside each patch is the
+model's (compare the figures of successive steps, not one figure with the original). The masked panel is the notebook's
 ``x * (1 - mask)``: hidden patches at 0 in the model's input space, the dataset mean once drawn.
 Like :mod:`.attention_figures` it imports nothing of orchestration.
 """
