@@ -263,7 +263,9 @@ def test_every_eval_logs_a_figure_and_the_version_names_the_last(tmp_path: Path,
 def test_an_mae_study_fits_eval_loss_and_refuses_eval_error(digits: str, tmp_path: Path) -> None:
     from model.flops import mae_macs_per_image
     from orchestration import sweep
+    from orchestration.studies.points import make_point
     from orchestration.studies.spec import trial_experiment
+    from orchestration.studies.table import points_from_table, points_table
     from orchestration.studies.trial import _trial_sink
 
     argv = ["--recipe", "mae_vit_mu_digits", "--variants", "mu", "--steps", "20", "--data", digits,
@@ -282,6 +284,12 @@ def test_an_mae_study_fits_eval_loss_and_refuses_eval_error(digits: str, tmp_pat
     sink, _ = _trial_sink(spec, exp, model, key="k", variant="mu", steps=20, samples=None, seed=0,
                           study_run_id=None, report=lambda _: None, points_dir=None)
     assert sink.flops_per_image == 6.0 * mae_macs_per_image(model.cfg, 32, 1, 64, 16)
+    # Its points have eval_loss and no eval_error: a table of them fits the one and names it for the other.
+    rows = [make_point(sink.info, step=s, global_batch=64, flops_per_image=1e6, eval_metrics={"eval_loss": 1 / s})
+            for s in (5, 10, 20)]
+    assert list(points_from_table(points_table(rows), "eval_loss").error) == [0.2, 0.1, 0.05]
+    with pytest.raises(ValueError, match=r"'eval_error' has no value.*\['eval_loss'\]"):
+        points_from_table(points_table(rows), "eval_error")
 
 
 # ------------------------------------------------------------------------------ bad input
