@@ -9,8 +9,13 @@ Examples::
     # linear probe (frozen pre-logits, the whole train split, the same ridge)
     python orchestration/evaluate.py linear --model run/export/model.safetensors --data s3://vitscale/digits
 
+    # MAE's linear probe of an MAE encoder: class token, standardised by the train split's statistics
+    python orchestration/evaluate.py linear --protocol mae --model models:/mae-vit-mu4-digits/1 \\
+        --data s3://vitscale/digits
+
 ``--model``: ``models:/NAME/VERSION``, ``runs:/ID/PATH``, a ``.safetensors`` file or a model
-folder. ``--data``: one or more datasets written by ``pipeline.write_shards`` (train split =
+folder; an MAE encoder (no head) works as any model: its pre-logits are the class token after
+the final norm. ``--data``: one or more datasets written by ``pipeline.write_shards`` (train split =
 support / probe training set, ``val`` = test), ``NAME=URL`` to name one in the report. Every
 result is a row of the shared report format (:mod:`orchestration.evaluation.results`). The
 evaluators live in :mod:`orchestration.evaluation`; this file is their one command line.
@@ -57,6 +62,10 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ and runs:/ sources")
     fs.add_argument("--shots", default=",".join(map(str, DEFAULT_SHOTS)), help="comma-separated shot counts")
     fs.add_argument("--seed", default="0", help="support-set seed (the same images for the same seed)")
+    lin.add_argument("--protocol", choices=("vit", "mae"), default="vit",
+                     help="vit: the pre-logits into the ridge; mae: MAE's probe (main_linprobe.py) in closed "
+                          "form: the class token, standardised with the train split's mean and variance "
+                          "(BatchNorm1d(affine=False, eps=1e-6) in eval mode), then the same ridge")
     lin.set_defaults(shots="1", seed="0")  # unused by the probe; keeps one config path
     return ap
 
@@ -138,7 +147,7 @@ def evaluate_main(a: argparse.Namespace) -> int:
             res = evaluate_fewshot(model, cfg, device=a.device, model_name=a.model)
             rep, l2 = res.report, res.l2
         else:
-            rep = evaluate_linear(model, cfg, device=a.device, model_name=a.model)
+            rep = evaluate_linear(model, cfg, device=a.device, model_name=a.model, protocol=a.protocol)
             l2 = {r.key: float(r.details["l2"]) for r in rep.rows}
     except EvaluationError as e:  # NaN/Inf features: not a measurement, nothing printed as one
         return report([one_line(e)])

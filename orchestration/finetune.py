@@ -8,10 +8,24 @@ Examples::
     python orchestration/finetune.py --from models:/vit-mu4-digits/latest --data s3://vitscale/digits \\
         --image-size 48 --set train.schedule.total_steps=100 --set train.schedule.warmup_steps=10 --set train.global_batch=32
 
-Recipe (Dosovitskiy et al. 2020, Section 3.2 and Appendix B.1.1 / Table 4): the pre-training
-head (and its hidden "pre-logits" layer) is replaced by one zero-initialised linear layer;
-the learnt position embeddings are 2D-interpolated to the new patch grid; SGD with momentum 0.9,
-no weight decay, linear warmup then cosine decay, gradient clipping at global norm 1, batch 512.
+Two protocols (``--protocol``; ``orchestration.experiment.finetune_protocols``), chosen by how the
+source was pre-trained unless asked for:
+
+* ``vit`` (Dosovitskiy et al. 2020, Section 3.2 and Appendix B.1.1 / Table 4): the pre-training
+  head (and its hidden "pre-logits" layer) is replaced by one zero-initialised linear layer on the
+  class token; SGD with momentum 0.9, no weight decay, linear warmup then cosine decay, gradient
+  clipping at global norm 1, batch 512.
+* ``mae`` (He et al. 2021, facebookresearch/mae FINETUNE.md), the default for a model pre-trained
+  with MAE: mean pooling with a fresh ``fc_norm`` and a zero-initialised head, drop path
+  0.1/0.2/0.3 (B/L/H), AdamW with lr = blr x batch / 256 (blr 5e-4 B, 1e-3 L/H), weight decay
+  0.05, layer decay 0.65 (B) / 0.75 (L, H), 5 warm-up epochs then cosine to 1e-6, batch 1024,
+  100 (B) / 50 (L, H) epochs of the fine-tuning set, RandAugment (2, 9), mixup 0.8, cutmix 1.0,
+  label smoothing 0.1.
+
+A learnt position embedding is 2D-interpolated to the new patch grid; a fixed sin-cos one (MAE's
+encoder) is recomputed for it. The patch size and the rest of the shape are the source's (a
+``--set model.patch_size=...`` that differs is refused before anything starts). Without a GPU
+either protocol is sized for the machine (300 steps at batch 64), said before the run starts.
 The result is evaluated (top-1), logged as an MLflow run nested under the source run, and
 registered as ``<source name>-ft<size>`` with lineage tags pointing at the source model.
 
@@ -40,82 +54,19 @@ from typing import Any
 from model import ViTConfig, ViTSpec
 from orchestration import tracking
 from orchestration.evaluation.results import EvalReport, ResultRow
-from orchestration.experiment import (
-    RECIPES,
-    Experiment,
-    OverrideError,
-    Resources,
-    apply_overrides,
-    validation,
+from orchestration.experiment import Experiment, OverrideError, apply_overrides, validation
+from orchestration.experiment.finetune_protocols import (
+    CPU_SCHEDULE,  # noqa: F401 - re-exported: finetune.CPU_SCHEDULE
+    PROTOCOLS,
+    choose_protocol,
+    finetune_experiment,
+    source_objective,
+    source_shape_problems,
 )
 from orchestration.state import state_dir
-from pipeline import DataConfig, SourceConfig
 from pipeline.storage import open_storage, url_join
-from training import TrainConfig
-from training.config import CheckpointConfig, EngineConfig, OptimConfig, ScheduleConfig
 
 log = logging.getLogger("orchestration.finetune")
-
-#: Fine-tuning without GPUs: a few minutes for the small (mu, Ti) models on a laptop's CPU.
-CPU_SCHEDULE = {"global_batch": 64, "total_steps": 300, "warmup_steps": 30, "eval_every": 100, "checkpoint_every": 100}
-
-
-def finetune_experiment(
-    src: ViTConfig,
-    *,
-    image_size: int,
-    source_recipe: str | None,
-    dataset_name: str,
-    source_model_name: str,
-    workers: int = 1,
-    gpus_per_worker: int = 0,
-) -> Experiment:
-    """The paper's fine-tuning experiment for a source model ``src`` at ``image_size``.
-
-    Data augmentation settings are inherited from the source recipe when it is known (e.g.
-    no flips for digits), with the resolution replaced. Without GPUs (``gpus_per_worker=0``) the
-    run is sized for a CPU machine (:data:`CPU_SCHEDULE`: minutes for a small model, not the
-    paper's 10k steps at batch 512, which would take hours); ``--set`` restores any of it.
-    """
-    mb = 32
-    cpu = not gpus_per_worker
-    data = (
-        replace(RECIPES[source_recipe]().data, image_size=image_size, batch_size=mb)
-        if source_recipe in RECIPES
-        else DataConfig(source=SourceConfig(url=""), image_size=image_size, batch_size=mb)
-    )
-    # A single linear head, no dropout (B.1.1: "we remove the whole head ... and attach a single
-    # zero-initialized D x K feedforward layer").
-    model = ViTSpec.of(src, representation_size=None, dropout=0.0, drop_path=0.0)
-    return Experiment(
-        name=f"finetune_{model.slug}_{image_size}",
-        image_size=image_size,
-        model=model,
-        data=data,
-        train=TrainConfig(
-            global_batch=CPU_SCHEDULE["global_batch"] if cpu else 512,  # Table 4 caption: "a batch size of 512"
-            micro_batch=mb,
-            optim=OptimConfig(
-                name="sgd",  # B.1.1: "SGD with a momentum of 0.9"
-                momentum=0.9,
-                lr=0.01,  # Table 4: grid {0.001, 0.003, 0.01, 0.03}; VTAB uses 0.01
-                weight_decay=0.0,  # Table 4 caption: "no weight decay"
-                grad_clip=1.0,  # Table 4 caption: "grad clipping at global norm 1"
-            ),
-            schedule=ScheduleConfig(
-                warmup_steps=CPU_SCHEDULE["warmup_steps"] if cpu else 500,
-                total_steps=CPU_SCHEDULE["total_steps"] if cpu else 10_000,  # Table 4: 10k (CIFAR) .. 20k (ImageNet)
-                decay="cosine",  # Table 4 caption: "cosine learning rate decay"
-            ),
-            engine=EngineConfig(precision="fp32" if cpu else "bf16", zero_stage=1),
-            log_every=10,
-            eval_every=CPU_SCHEDULE["eval_every"] if cpu else 500,
-            checkpoint=CheckpointConfig(every=CPU_SCHEDULE["checkpoint_every"] if cpu else 1000),
-        ),
-        resources=Resources(workers=workers, cpus_per_worker=1, gpus_per_worker=gpus_per_worker),
-        dataset_name=dataset_name,
-        registered_model_name=f"{source_model_name}-ft{image_size}",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="typed override, repeatable (train.optim.lr=0.003, train.schedule.total_steps=500, ...)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--gpus-per-worker", type=int, default=None, help="default: 1 if CUDA is visible here, else 0")
+    p.add_argument("--protocol", choices=("auto", *PROTOCOLS), default="auto",
+                   help="vit: the ViT paper's (SGD, class token); mae: MAE's FINETUNE.md (AdamW, layer decay, "
+                        "mean pooling, mixup/cutmix); auto (default): mae for a model pre-trained with MAE, else vit")
     p.add_argument("--dataset-name", default=None, help="name used in the registry (default: source's dataset)")
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: the source run's, so the "
                    "fine-tune nests under it)")
@@ -164,7 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - missing file, unknown registry name, not a model: all one line
         return validation.report([f"--from {args.source}: {validation.one_line(e)}",
                                   *validation.location_problems(args.data)])
-    exp, problems = _resolve(args, src_model.cfg, source)
+    objective, known_from = source_objective(source["tags"], _file_metadata(args.source, source))
+    protocol = choose_protocol(args.protocol, objective)
+    gpus = _gpus(args)
+    how = {"protocol": protocol, "objective": objective}
+    exp, problems = _resolve(args, src_model.cfg, source, gpus=gpus, **how)
+    train_images = _train_images(args.data, exp) if exp is not None and protocol == "mae" else None
+    if train_images:  # MAE counts epochs of the fine-tuning set: again with its size
+        exp, problems = _resolve(args, src_model.cfg, source, gpus=gpus, train_images=train_images, **how)
+    print(_protocol_note(protocol, objective, known_from, args.protocol), file=sys.stderr, flush=True)
     problems += validation.experiment_data_problems(exp, args.data)
     if exp is not None:
         problems += fewshot_data_problems(exp)
@@ -175,19 +137,26 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(flatten_experiment(exp), indent=2, default=str))
         return 0
     if not exp.resources.gpus_per_worker:
+        full, _ = _resolve(args, src_model.cfg, source, gpus=1, train_images=train_images, overrides=[], **how)
+        paper = (f"--set train.schedule.total_steps={full.train.schedule.total_steps} --set "
+                 f"train.schedule.warmup_steps={full.train.schedule.warmup_steps} --set "
+                 f"train.global_batch={full.train.global_batch}") if full is not None else "(see docs)"
         print(f"finetune: no GPU: {exp.train.schedule.total_steps} steps at global batch {exp.train.global_batch} "
-              f"(sized for a CPU; the paper's recipe is --set train.schedule.total_steps=10000 --set "
-              "train.global_batch=512, hours here); the run prints its progress and ETA", flush=True)
+              f"(sized for a CPU; the {protocol} protocol's full length is {paper}, hours here); the run prints "
+              "its progress and ETA", flush=True)
     before, experiment = _source_run(source, args.experiment, uri)
     storage = args.storage or default_storage()
     init_url = _stage_weights(src_model, url_join(storage, exp.name, "init", f"{uuid.uuid4().hex[:12]}.safetensors"),
-                              exp.image_size)
+                              exp.image_size, pool=exp.model.pool)
     try:  # Ray starts inside launch, once the run folder's lease is held
         summary = launch(
             exp, data_url=args.data, storage=storage, uri=uri, experiment=experiment, address=args.address,
             run_name=f"{exp.name} <- {source['uri']}", register=not args.no_register, init_weights=init_url,
-            parent_run_id=source.get("run_id"), extra_tags=_lineage_tags(source, src_model.cfg),
-            extra_params={"finetune.source": source["uri"], "finetune.source_image_size": src_model.cfg.image_size},
+            parent_run_id=source.get("run_id"),
+            extra_tags={**_lineage_tags(source, src_model.cfg), "source_objective": objective,
+                        "finetune_protocol": protocol},
+            extra_params={"finetune.source": source["uri"], "finetune.source_image_size": src_model.cfg.image_size,
+                          "finetune.protocol": protocol},
         )
     except LeaseHeldError as e:  # another run owns the run folder: nothing was changed
         print(f"error: {e}", file=sys.stderr)
@@ -227,24 +196,65 @@ def publish_report(rep: EvalReport, run_id: str, uri: str, path: str | None) -> 
         rep.write(path)
 
 
-def _resolve(args: argparse.Namespace, src_cfg: ViTConfig, source: dict[str, Any]) -> tuple[Experiment | None, list[str]]:
-    """The fine-tuning experiment (with ``--set``) and its problems (no I/O)."""
+def _resolve(args: argparse.Namespace, src_cfg: ViTConfig, source: dict[str, Any], *, protocol: str, gpus: int,
+             train_images: int | None = None, overrides: list[str] | None = None,
+             objective: str = "classification") -> tuple[Experiment | None, list[str]]:
+    """The fine-tuning experiment (with ``--set``, or ``overrides``) and its problems (no I/O)."""
     tags = source["tags"]
-    gpus = args.gpus_per_worker
-    if gpus is None:
-        import torch
-
-        gpus = 1 if torch.cuda.is_available() else 0
-    source_name = source.get("name") or f"vit-{ViTSpec.of(src_cfg).slug}"
+    kind = "" if objective == "classification" else f"{objective}-"  # a file's MAE encoder: mae-vit-...
+    source_name = source.get("name") or f"{kind}vit-{ViTSpec.of(src_cfg).slug}"
     try:
         exp = finetune_experiment(
             src_cfg, image_size=args.image_size, source_recipe=tags.get("recipe"),
             dataset_name=args.dataset_name or tags.get("dataset", "dataset"), source_model_name=source_name,
-            workers=args.workers, gpus_per_worker=gpus,
+            workers=args.workers, gpus_per_worker=gpus, protocol=protocol, train_images=train_images,
         )
-        return apply_overrides(exp, args.overrides), []
+        exp = apply_overrides(exp, args.overrides if overrides is None else overrides)
     except (OverrideError, ValueError) as e:
         return None, validation.problems_of(e)
+    problems = source_shape_problems(exp, src_cfg, f"--from {args.source}")
+    return (None, problems) if problems else (exp, [])
+
+
+def _gpus(args: argparse.Namespace) -> int:
+    if args.gpus_per_worker is not None:
+        return args.gpus_per_worker
+    import torch
+
+    return 1 if torch.cuda.is_available() else 0
+
+
+def _file_metadata(path: str, source: dict[str, Any]) -> dict[str, str] | None:
+    """A local ``.safetensors`` source's metadata (the registry's and runs' tags say the rest)."""
+    if source["kind"] != "file" or not path.endswith(".safetensors"):
+        return None
+    from model.weights import read_header
+
+    return read_header(path)[1]
+
+
+def _train_images(url: str, exp: Experiment) -> int | None:
+    """Images in the fine-tuning set's train split (None when it cannot be read: validation says why)."""
+    from pipeline.loader import load_meta
+
+    src = exp.data.source
+    try:
+        return load_meta(url, src.split, limit=src.limit_samples, version=src.dataset_version).num_samples
+    except Exception:  # noqa: BLE001 - reported by the dataset checks that follow
+        return None
+
+
+def _protocol_note(protocol: str, objective: str, known_from: str, asked: str) -> str:
+    """The line that says which protocol runs and why (stderr, before anything starts)."""
+    why = f"the source was pre-trained with {objective} ({known_from})"
+    line = f"finetune: the {protocol} fine-tuning protocol ({'--protocol ' + asked if asked != 'auto' else why})"
+    if protocol == "mae" and objective != "mae":
+        line += (f"; {why}: MAE's recipe applies as is (mean pooling with a fresh fc_norm instead of the class "
+                 "token's final norm, drop path, AdamW with layer decay, RandAugment, mixup/cutmix), the "
+                 "source's own position embedding kept")
+    elif protocol == "vit" and objective == "mae":
+        line += f"; {why}: the ViT paper's recipe (class token head, SGD) on an MAE encoder"
+    return line
 
 
 def _source_run(source: dict[str, Any], experiment: str | None, uri: str) -> tuple[float | None, str]:
@@ -259,20 +269,31 @@ def _source_run(source: dict[str, Any], experiment: str | None, uri: str) -> tup
     return before, experiment or "finetune"
 
 
-def _stage_weights(model: Any, init_url: str, image_size: int) -> str:
-    """Upload the source weights, at the fine-tuning resolution, to ``init_url`` (every worker reads them).
+def _stage_weights(model: Any, init_url: str, image_size: int, *, pool: str | None = None) -> str:
+    """Upload the source weights, at the fine-tuning resolution and pooling, to ``init_url`` (every
+    worker reads them).
 
     A learnt position embedding is resampled to the new patch grid here, explicitly and once
     (``allow_resample``: the paper's recipe; ``--image-size`` asked for it), so the workers load a
-    file whose grid is the model's and their loader never converts anything silently.
+    file whose grid is the model's and their loader never converts anything silently. MAE's
+    mean pooling (``pool="avg"`` on a class-token source) drops the encoder's final ``norm`` and
+    adds a fresh ``fc_norm`` (weight 1, bias 0), as main_finetune.py's ``--global_pool`` load does
+    (its missing keys are exactly the head and fc_norm).
     """
     from model import VisionTransformer
     from model.weights import load_weights, save_weights
 
-    if model.cfg.image_size != image_size:
-        log.info("staging the source weights at %d px (trained at %d px)", image_size, model.cfg.image_size)
-        at_size = VisionTransformer(replace(model.cfg, image_size=image_size))
-        model = load_weights(at_size, model.state_dict(), allow_resample=True)
+    cfg = replace(model.cfg, image_size=image_size, pool=pool or model.cfg.pool)
+    if cfg != model.cfg:
+        log.info("staging the source weights at %d px, pool %r (trained at %d px, pool %r)", image_size, cfg.pool,
+                 model.cfg.image_size, model.cfg.pool)
+        target = VisionTransformer(cfg)
+        sd = model.state_dict()
+        if cfg.pool == "avg" and model.cfg.pool != "avg":
+            fresh = target.state_dict()
+            sd = {**{k: v for k, v in sd.items() if not k.startswith("norm.")},
+                  **{k: v for k, v in fresh.items() if k.startswith("fc_norm.")}}
+        model = load_weights(target, sd, allow_resample=True)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "init.safetensors"
         save_weights(model, local)

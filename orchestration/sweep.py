@@ -5,7 +5,8 @@ size × seed) as one Tune trial. Each trial is a complete single-process trainin
 *function trainable* built by ``orchestration.launch.build.build_run``, like pre-training; world size 1) on the resources Tune gives it (``--cpus-per-trial`` / ``--gpus-per-trial``), so a
 cluster of N GPUs runs N trials at once. At every evaluation (``--evals-per-trial`` times per
 run) the trial reports a *point* to Tune and to its MLflow run: images seen, training FLOPs
-(``model.flops.train_flops_per_image`` × images), eval loss and eval error (1 − top-1).
+(the objective's per-image count × images), eval loss and eval error (1 − top-1; none for an MAE
+recipe, whose studies fit eval loss, the default ``--metric`` there, or a few-shot accuracy).
 
 The driver collects all points into a Parquet table (``orchestration.studies.table.POINTS_SCHEMA``),
 fits the saturating power law E = a·(C + d)^(−b) + c of Zhai et al. 2021 on the
@@ -54,7 +55,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from orchestration.experiment import RECIPES, validation
-from orchestration.studies.spec import STUDIES, StudySpec, grid_size
+from orchestration.studies.spec import STUDIES, StudySpec, default_metric, grid_size
 from orchestration.studies.table import METRICS
 from orchestration.studies.tune_study import check_existing_study, run_study
 
@@ -114,9 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="", help="table/plots directory (default <storage>/<name>-analysis)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep trial checkpoints after they finish")
     p.add_argument("--experiment", default="vitscale-scaling", help="MLflow experiment")
-    p.add_argument("--metric", default="eval_error",
+    p.add_argument("--metric", default=None,
                    help=f"what the law is fitted to: {', '.join(METRICS)} or any logged metric, e.g. "
-                        "fewshot/NAME/10shot (accuracies are fitted as 1 - accuracy)")
+                        "fewshot/NAME/10shot (accuracies are fitted as 1 - accuracy); default eval_error, or "
+                        "eval_loss for a recipe whose trials have no top-1 (an MAE recipe: its masked "
+                        "reconstruction loss)")
     p.add_argument("--n-boot", type=int, default=200)
     p.add_argument("--max-failures", type=int, default=1, help="Tune retries per trial")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study (tune.Tuner.restore)")
@@ -232,7 +235,7 @@ def _spec_of(args: argparse.Namespace, gpus: float, hparams: dict[str, dict[str,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=float(gpus), hparams=hparams,
         num_samples=args.num_samples, lr_range=args.lr_range, wd_range=args.wd_range, storage=args.storage,
         out_dir=args.out, keep_checkpoints=args.keep_checkpoints, experiment=args.experiment,
-        metric=args.metric, n_boot=args.n_boot, max_failures=args.max_failures,
+        metric=args.metric or default_metric(args.recipe), n_boot=args.n_boot, max_failures=args.max_failures,
     )
 
 

@@ -33,6 +33,8 @@ class Profile:
     offload: Literal["none", "cpu"] = "none"
     activation_checkpointing: bool = False
     compile: bool = True  # torch.compile in the engine; off on CPU, where compiling costs more than it saves
+    #: The device's memory in GB, for the launch checks' estimates (None: not checked, e.g. host RAM on CPU).
+    memory_gb: float | None = None
 
     def train_overrides(self) -> dict[str, Any]:
         """The TrainConfig leaves this profile sets, by path."""
@@ -55,10 +57,15 @@ PROFILES: dict[str, Profile] = {
     # T4: no bf16, so fp16 with dynamic loss scaling; 16 GB -> ZeRO-2 and micro 32 x accum 4
     # (the T4 setting of the ViT notes); flash-attention-2 needs sm80, use the mem-efficient kernel.
     "t4": Profile(
-        name="t4", precision="fp16", zero_stage=2, micro_batch=32, grad_accum=4, backend="nccl", sdpa="mem_efficient"
+        name="t4", precision="fp16", zero_stage=2, micro_batch=32, grad_accum=4, backend="nccl", sdpa="mem_efficient",
+        memory_gb=16,
     ),
-    "a100": Profile(name="a100", precision="bf16", zero_stage=1, micro_batch=128, grad_accum=None, backend="nccl", sdpa="flash"),
-    "h100": Profile(name="h100", precision="bf16", zero_stage=1, micro_batch=256, grad_accum=None, backend="nccl", sdpa="flash"),
+    # A100 80 GB (the 40 GB part runs the same profile; its runs see the estimate against 80).
+    "a100": Profile(name="a100", precision="bf16", zero_stage=1, micro_batch=128, grad_accum=None, backend="nccl",
+                    sdpa="flash", memory_gb=80),
+    # H100 80 GB; an H200 (141 GB) is detected as this profile too, and checked against 80.
+    "h100": Profile(name="h100", precision="bf16", zero_stage=1, micro_batch=256, grad_accum=None, backend="nccl",
+                    sdpa="flash", memory_gb=80),
 }
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -174,16 +174,18 @@ def model_image_size(model: nn.Module) -> int:
 
 @torch.no_grad()
 def eval_features(model: nn.Module, url: str, cfg: FewShotConfig, *, rank: int, world_size: int,
-                  device: torch.device, split: str | None = None) -> tuple[Tensor, Tensor]:
+                  device: torch.device, split: str | None = None,
+                  features: Callable[[nn.Module, Tensor], Tensor] = pre_logits) -> tuple[Tensor, Tensor]:
     """This rank's share of ``split`` (default: the test split), read once over all ranks by the eval
-    loader (no augmentation): features (n, D) and labels (n,) of the valid rows."""
+    loader (no augmentation): ``features`` (n, D; default the pre-logits) and labels (n,) of the
+    valid rows."""
     dc = DataConfig(source=SourceConfig(url=url, split=split or cfg.test_split), image_size=model_image_size(model),
                     batch_size=cfg.batch_size, train=False, io=IOConfig(num_workers=cfg.num_workers),
                     preprocess=PreprocessConfig(eval_crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std))
     loader = build_loader(dc, rank=rank, world_size=world_size)
     feats, labels = [], []
     for x, y, valid in loader:  # the same batch count on every rank (padded, masked)
-        f = pre_logits(model, x.to(device)).float()
+        f = features(model, x.to(device)).float()
         feats.append(f[valid.to(device)])
         labels.append(y[valid].to(device))
     return torch.cat(feats), torch.cat(labels)

@@ -23,6 +23,7 @@ from orchestration.launch import cluster
 from orchestration.launch.checkpoint_store import rewind_checkpoints
 from orchestration.launch.lease import Lease, LeaseLostError, hold_run_lease
 from orchestration.launch.ray_train import CHECKPOINT_PREFIX, EXPORT_KEY, dataset_lineage, run_training
+from orchestration.tracking.sink import RECONSTRUCTION_FOLDER
 from pipeline.storage import open_storage, url_join
 
 log = logging.getLogger(__name__)
@@ -55,12 +56,18 @@ def register_from_run(
         "dataset_index_sha256": lineage.get("index_sha256", ""),
         "steps": int(metrics.get("step", 0)),
         "source_run_id": run_id,
+        # What the model was trained for: fine-tuning picks its protocol by it (an MAE encoder: MAE's).
+        "objective": exp.train.objective.kind,
         **{f"metric.{k}": f"{v:.6g}" for k, v in sorted(metrics.items())},
         **(extra_tags or {}),
     }
+    figure = tracking.latest_artifact(run_id, RECONSTRUCTION_FOLDER, uri)  # an MAE run's last eval figure
+    if figure is not None:
+        tags["reconstruction_figure"] = f"runs:/{run_id}/{figure}"
     return tracking.log_and_register_model(
         model, run_id=run_id, name=exp.model_name, tags=tags,
         description=f"{exp.model.variant} trained by recipe {exp.name} on {exp.dataset_name}", uri=uri,
+        metadata={"vitscale.objective": exp.train.objective.kind},
     )
 
 
@@ -96,7 +103,7 @@ def launch(
     if exp.eval.split and eval_split is None:
         log.warning("dataset %s has no %r split: no evaluation", data_url, exp.eval.split)
     tags = {"recipe": exp.name, "variant": exp.model.variant, "dataset": exp.dataset_name,
-            "git_commit": tracking.git_commit(), "dataset_index_sha256": lineage["index_sha256"],
+            "objective": exp.train.objective.kind, "git_commit": tracking.git_commit(), "dataset_index_sha256": lineage["index_sha256"],
             "data_url": data_url, **(extra_tags or {})}
     run_id, lease = _open_run(exp, storage=storage, uri=uri, experiment=experiment, run_name=run_name,
                               resume=resume, tags=tags, parent_run_id=parent_run_id, force=force)

@@ -65,7 +65,7 @@ def dataset_lineage(data_url: str) -> dict[str, Any]:
 
 
 def worker_config(exp: Experiment, *, data_url: str, run_id: str, run_dir: str, tracking_uri: str,
-                  eval_split: str | None, init_weights: str | None, probe_images: int) -> dict[str, Any]:
+                  eval_split: str | None, init_weights: str | None, probe_images: int | None) -> dict[str, Any]:
     """The JSON-able ``train_loop_config`` every worker (and every restart) builds its run from.
 
     Ray keeps and may persist it, so the tracking URI in it carries no password: workers take
@@ -103,11 +103,13 @@ def run_training(
     tracking_uri: str,
     eval_split: str | None,
     init_weights: str | None = None,
-    probe_images: int = 1,
+    probe_images: int | None = None,
     ray_storage: str | None = None,
 ) -> dict[str, Any]:
     """Run ``exp`` on Ray Train and return rank 0's final report (step, loss, eval_top1, ...).
 
+    ``probe_images``: how many eval images rank 0 draws at every evaluation (None: one for a
+    classifier's attention maps, four for an MAE's reconstructions).
     ``run_dir`` (local path or ``s3://``) holds ``checkpoints/`` and ``export/model.safetensors``;
     it must be reachable from every worker. ``init_weights`` (a URL/path of safetensors written
     by :func:`train_worker`) initialises the backbone for fine-tuning: new zero-init head, position
@@ -203,8 +205,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     sink = None
     if rank == 0:
-        sink = tracking.MLflowSink(config["run_id"], uri=config["tracking_uri"],
-                                   attention_images=probe_batch(exp, int(config.get("probe_images", 1))))
+        sink = tracking.MLflowSink(config["run_id"], uri=config["tracking_uri"], **probe_settings(exp, config))
     checkpoint_url = url_join(config["run_dir"], CHECKPOINT_PREFIX)
     trainer, loaders = build_run(
         exp, rank=rank, world=world, checkpoint_url=checkpoint_url, checkpoint_key=config["run_id"],
@@ -292,6 +293,21 @@ def worker_experiment(config: dict[str, Any]) -> Experiment:
     exp = experiment_from_dict(config["experiment"])
     data = exp.data.replace(**{"source.url": config["data_url"], "source.dataset_version": config.get("dataset_version")})
     return replace(exp, data=data, eval=replace(exp.eval, split=config.get("eval_split")))
+
+
+def probe_settings(exp: Experiment, config: dict[str, Any]) -> dict[str, Any]:
+    """The sink's probe images and how to draw them: one for a classifier's attention maps, four
+    for an MAE's reconstructions (masked as its objective masks, from a fixed seed)."""
+    from pipeline.masking import MaskConfig
+
+    objective = exp.train.objective
+    mae = objective.kind == "mae"
+    asked = config.get("probe_images")
+    n = int(asked) if asked is not None else 4 if mae else 1  # 0: no figures
+    mask = (MaskConfig(kind="random", ratio=objective.mask_ratio, patch_size=exp.model.shape["patch_size"])
+            if mae else None)
+    return {"attention_images": probe_batch(exp, n), "probe_mask": mask,
+            "probe_norm": (exp.data.preprocess.mean, exp.data.preprocess.std)}
 
 
 def _export(trainer: Any, config: dict[str, Any], rank: int, sink: Any) -> None:

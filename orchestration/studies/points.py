@@ -42,7 +42,8 @@ def make_point(info: TrialInfo, *, step: int, global_batch: int, flops_per_image
 
     images = step × global_batch (every optimizer step consumes one global batch);
     flops = train_flops_per_image × images (forward + backward ≈ 3 forwards, 2 FLOPs/MAC);
-    eval_error = 1 − top-1 (1 − precision@1 for sigmoid/multi-label runs); ``extra``: logged
+    eval_error = 1 − top-1 (1 − precision@1 for sigmoid/multi-label runs; NaN for an objective
+    without a top-1, such as MAE, whose studies fit eval_loss or a few-shot accuracy); ``extra``: logged
     metrics (``fewshot/<ds>/10shot``) to carry as columns (NaN when not logged at this step).
     """
     top1 = eval_metrics.get("eval_top1", eval_metrics.get("eval_prec1", math.nan))

@@ -198,7 +198,7 @@ def _study_errors(s: StudySpec) -> list[str]:
     if s.metric not in METRICS and not is_logged_metric(s.metric):
         errors.append(f"metric {s.metric!r}: choose one of {METRICS} or a logged metric such as "
                       "fewshot/<dataset>/10shot (with --fewshot-data)")
-    errors += _fewshot_metric_errors(s)
+    errors += _fewshot_metric_errors(s) + _objective_metric_errors(s)
     if s.study == "hparams":
         errors += _range_errors("lr_range", s.lr_range) + _range_errors("wd_range", s.wd_range)
     try:
@@ -228,6 +228,43 @@ def _fewshot_metric_errors(s: StudySpec) -> list[str]:
         return [f"metric {s.metric!r}: the trials run no few-shot evaluation; add --fewshot-data NAME=URL "
                 "(or --set eval.fewshot_data=NAME=URL)"]
     return [f"metric {s.metric!r} is not logged by the trials; choose one of {valid}"]
+
+
+def default_metric(recipe: str) -> str:
+    """eval_error for a classification recipe, eval_loss for one without a top-1 (MAE); an unknown
+    recipe is reported by the study's checks."""
+    try:
+        kind = get_recipe(recipe).train.objective.kind
+    except ValueError:
+        return "eval_error"
+    return "eval_error" if kind == "classification" else "eval_loss"
+
+
+def logged_metrics(base: Experiment) -> list[str]:
+    """The metrics the trials of ``base`` log that a study can fit: eval_error (1 - top-1) only
+    for a classifier, eval_loss always (an MAE's masked reconstruction error), and the few-shot
+    accuracies of its ``eval.fewshot_data``."""
+    from orchestration.evaluation.in_training import split_datasets
+
+    names, _ = split_datasets(base.eval.fewshot_data)
+    builtin = list(METRICS) if base.train.objective.kind == "classification" else ["eval_loss"]
+    return builtin + [f"fewshot/{n}/{k}shot" for n in names for k in base.eval.fewshot_shots]
+
+
+def _objective_metric_errors(s: StudySpec) -> list[str]:
+    """A built-in metric the base's objective does not log (eval_error of an MAE: it has no top-1)."""
+    if s.metric not in METRICS:
+        return []
+    try:
+        base = s.base
+    except (ConfigError, ValueError):
+        return []  # the base's own problems are reported by the caller
+    logged = logged_metrics(base)
+    if s.metric in logged:
+        return []
+    return [f"metric {s.metric!r}: the trials of recipe {s.recipe} ({base.train.objective.kind} objective) have "
+            f"no top-1 to take an error from; choose one of the metrics they log: {', '.join(logged)} (few-shot "
+            "accuracies with --fewshot-data NAME=URL)"]
 
 
 def _trial_errors(s: StudySpec) -> list[str]:

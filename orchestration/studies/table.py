@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping
@@ -147,6 +148,11 @@ def points_from_table(table: pa.Table, metric: str = "eval_error", *, drop_nonfi
     if higher_is_better(metric):  # an accuracy: fit its error, which falls with compute like eval error
         error = 1.0 - error
     bad = ~np.isfinite(error)
+    if len(error) and bad.all():  # not a diverged trial: the study never measured it (MAE: no top-1)
+        have = [n for n in table.column_names if (n in METRICS or is_logged_metric(n)) and n != metric
+                and any(v is not None and math.isfinite(v) for v in table.column(n).to_pylist())]
+        raise ValueError(f"metric {metric!r} has no value in any point of this table (an MAE study's trials have "
+                         f"no top-1, so no eval_error); choose one it has: {have}")
     if bad.any():
         trials = sorted(str(t) for t in set(trial[bad]))
         if not drop_nonfinite:

@@ -101,12 +101,14 @@ def _trial_sink(spec: StudySpec, exp: Any, model: Any, *, key: str, variant: str
                 samples: int | None, seed: int, study_run_id: str | None, report: Callable[[dict[str, Any]], None],
                 points_dir: Any) -> tuple[StudySink, str | None]:
     """The trial's points sink (over its MLflow run when the study tracks) and that run's id."""
-    from model.flops import train_flops_per_image
+    from training.objectives import objective_for
 
     info = TrialInfo(study=spec.name, trial=key, variant=variant, params=sum(p.numel() for p in model.parameters()),
                      steps=steps, samples=samples, seed=seed, lr=exp.train.optim.lr, weight_decay=exp.train.optim.weight_decay)
     mlflow_sink, run_id = _trial_run(spec, info, study_run_id) if study_run_id else (None, None)
-    sink = StudySink(info, global_batch=exp.train.global_batch, flops_per_image=train_flops_per_image(model.cfg),
+    # The objective's count: an MAE's encoder sees a quarter of the patches and its decoder all of them.
+    flops = objective_for(exp.train.objective).flops_per_image(model)
+    sink = StudySink(info, global_batch=exp.train.global_batch, flops_per_image=float(flops or 0.0),
                      report=report, inner=mlflow_sink, metric=spec.metric,
                      persist=lambda pts: points_dir.write_bytes(POINTS_FILE, json.dumps(pts).encode()))
     return sink, run_id

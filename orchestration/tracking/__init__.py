@@ -40,6 +40,7 @@ from orchestration.tracking.runs import (
     flatten,
     get_or_create_experiment,
     git_commit,
+    latest_artifact,
     metric_history,
     public_uri,
     resolve_uri,
@@ -53,7 +54,7 @@ from orchestration.tracking.sink import MLflowSink, log_params_once
 __all__ = [
     "MODEL_CONFIG_FILE", "MODEL_FORMAT", "MODEL_WEIGHTS_FILE", "REDACTED", "MLflowSink", "RedactingFilter",
     "RedactingStream", "UnsafeModelError", "artifact_root", "client", "end_run", "flatten",
-    "get_or_create_experiment", "git_commit", "install_log_redaction", "is_secret_name", "iter_secret_env",
+    "get_or_create_experiment", "git_commit", "install_log_redaction", "is_secret_name", "iter_secret_env", "latest_artifact",
     "load_model", "log_and_register_model", "log_params_once", "metric_history", "public_uri", "resolve_uri", "model_from_path", "redact",
     "redact_text", "register_model_dir", "resolve_model_source", "resume_or_start_run", "run_metrics", "secret_values", "start_run",
     "tracking_uri", "url_passwords", "write_model_dir",

@@ -47,12 +47,13 @@ class UnsafeModelError(ValueError):
     """A model artifact that could only be loaded by unpickling it (which runs arbitrary code)."""
 
 
-def write_model_dir(model: VisionTransformer, out_dir: Path) -> Path:
-    """Write ``model.safetensors`` (weights + config metadata) and ``config.json`` into ``out_dir``."""
+def write_model_dir(model: VisionTransformer, out_dir: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model.safetensors`` (weights + config metadata, plus ``metadata``: e.g. the
+    ``vitscale.objective`` it was trained with) and ``config.json`` into ``out_dir``."""
     from model.weights import save_weights
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_weights(model, out_dir / MODEL_WEIGHTS_FILE)
+    save_weights(model, out_dir / MODEL_WEIGHTS_FILE, metadata=metadata)
     (out_dir / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2, sort_keys=True))
     return out_dir
 
@@ -107,15 +108,16 @@ def log_and_register_model(
     tags: Mapping[str, Any],
     description: str = "",
     uri: str | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> int:
     """Register ``model`` (a VisionTransformer) as ``model.safetensors`` + ``config.json``.
 
     Nothing is pickled: :func:`load_model` rebuilds the network from the config with this
     repository's ``model`` package and loads the tensors with safetensors. ``tags`` (lineage)
-    go on the model version. Returns the new version number.
+    go on the model version; ``metadata`` into the safetensors file. Returns the new version number.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        local = write_model_dir(model.cpu().eval(), Path(tmp) / "model")
+        local = write_model_dir(model.cpu().eval(), Path(tmp) / "model", metadata)
         return register_model_dir(local, run_id=run_id, name=name, tags=tags, description=description, uri=uri)
 
 

@@ -191,6 +191,18 @@ def metric_history(run_id: str, key: str, uri: str | None = None) -> list[tuple[
     return sorted((m.step, m.value) for m in hist)
 
 
+def latest_artifact(run_id: str, folder: str, uri: str | None = None) -> str | None:
+    """The run's newest file under ``folder/step_<N>/`` (the highest N; per-eval figures are logged
+    that way), as an artifact path; None when there is none."""
+    c = client(uri)
+    steps = sorted((f.path for f in c.list_artifacts(run_id, folder) if f.is_dir), reverse=True)
+    for step in steps:
+        files = sorted(f.path for f in c.list_artifacts(run_id, step) if not f.is_dir)
+        if files:
+            return files[0]
+    return None
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}} -> {"a.b": 1}`` (lists/tuples stay values)."""
     out: dict[str, Any] = {}

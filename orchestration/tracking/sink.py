@@ -13,7 +13,7 @@ import math
 import re
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,15 +27,21 @@ from orchestration.tracking.runs import client, resolve_uri
 log = logging.getLogger(__name__)
 
 _MAX_PARAM_LEN = 6000  # MLflow's param value limit
+#: Where an MAE run's per-eval reconstruction figures go: ``reconstruction/step_<N>/reconstruction.png``.
+RECONSTRUCTION_FOLDER = "reconstruction"
 
 
 class MLflowSink:
     """``training.metrics.MetricsSink`` that writes to one existing MLflow run (rank 0 only).
 
     Metrics are buffered and flushed with ``log_batch`` (one sqlite transaction per log
-    interval, not one per value). ``on_eval`` renders [CLS] attention maps of a fixed image
-    batch and logs the PNGs under ``attention/step_<N>/``. System metrics (CPU, memory, GPU)
-    are sampled by MLflow's monitor thread when ``system_metrics`` is True and psutil exists.
+    interval, not one per value). ``on_eval`` gets the whole trained module: for a classifier it
+    renders [CLS] attention maps of the first probe image (``attention/step_<N>/``); for an MAE
+    (a ``model.mae.MaskedAutoencoder``) the reconstructions of every probe image under masks of
+    ``probe_mask`` drawn from a fixed seed (``reconstruction/step_<N>/reconstruction.png``).
+    ``probe_norm`` is the (mean, std) the probe images were normalised with, to draw them. System
+    metrics (CPU, memory, GPU) are sampled by MLflow's monitor thread when ``system_metrics`` is
+    True and psutil exists.
     """
 
     def __init__(
@@ -44,6 +50,8 @@ class MLflowSink:
         *,
         uri: str | None = None,
         attention_images: Any | None = None,
+        probe_norm: tuple[Sequence[float], Sequence[float]] | None = None,
+        probe_mask: Any | None = None,
         system_metrics: bool = True,
         system_metrics_interval_s: float = 10.0,
     ) -> None:
@@ -51,6 +59,8 @@ class MLflowSink:
         self.uri = resolve_uri(uri)
         self.client = client(self.uri)
         self.attention_images = attention_images  # (B, 3, S, S) tensor or None
+        self.probe_norm = probe_norm
+        self.probe_mask = probe_mask  # pipeline.masking.MaskConfig of the reconstructions, or None
         self._buffer: list[Metric] = []
         self._monitor = None
         if system_metrics:
@@ -104,17 +114,37 @@ class MLflowSink:
             self.client.log_artifact(self.run_id, local_path, artifact_path)
 
     def on_eval(self, model: Any, step: int) -> None:
-        """Log attention-map PNGs of the fixed probe images at this eval step (best effort)."""
+        """Log the figures of the fixed probe images at this eval step (best effort): attention
+        maps of a classifier, reconstructions of an MAE."""
         if self.attention_images is None:
             return
-        try:
-            from orchestration.tracking.attention_figures import attention_figures
+        from model.mae import MaskedAutoencoder
 
+        module = _unwrap(model)
+        what = "reconstructions" if isinstance(module, MaskedAutoencoder) else "attention maps"
+        try:
             with tempfile.TemporaryDirectory() as tmp:
-                attention_figures(_unwrap(model), self.attention_images, Path(tmp), max_images=1)
-                self.client.log_artifacts(self.run_id, tmp, f"attention/step_{step:07d}")
+                if isinstance(module, MaskedAutoencoder):
+                    self._reconstructions(module, step, Path(tmp))
+                    self.client.log_artifacts(self.run_id, tmp, f"{RECONSTRUCTION_FOLDER}/step_{step:07d}")
+                else:
+                    from orchestration.tracking.attention_figures import attention_figures
+
+                    kw = dict(zip(("mean", "std"), self.probe_norm, strict=True)) if self.probe_norm else {}
+                    attention_figures(module, self.attention_images, Path(tmp), max_images=1, **kw)
+                    self.client.log_artifacts(self.run_id, tmp, f"attention/step_{step:07d}")
         except Exception as e:  # noqa: BLE001 - a plot must never kill a training run
-            log.warning("attention maps at step %d failed: %s", step, redact_text(str(e)))
+            log.warning("%s at step %d failed: %s", what, step, redact_text(str(e)))
+
+    def _reconstructions(self, mae: Any, step: int, out: Path) -> Path:
+        from orchestration.tracking.attention_figures import DEFAULT_MEAN, DEFAULT_STD
+        from orchestration.tracking.reconstruction_figures import reconstruction_figure
+        from pipeline.masking import MaskConfig
+
+        mask = self.probe_mask or MaskConfig(kind="random", ratio=0.75, patch_size=mae.patch_size)
+        mean, std = self.probe_norm or (DEFAULT_MEAN, DEFAULT_STD)
+        return reconstruction_figure(mae, self.attention_images, out / "reconstruction.png", mask=mask, mean=mean,
+                                     std=std, title=f"MAE reconstructions at step {step}")
 
     def close(self) -> None:
         """Flush metrics and stop the system-metrics thread. Does not end the run (the driver does)."""

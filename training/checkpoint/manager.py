@@ -282,11 +282,7 @@ class CheckpointManager:
         state = load_rank_state(tag_dir, self.dist.rank if saved_world == self.dist.world_size else 0)
         state["world_size"] = int(saved_world)
         if state["config_hash"] != cfg.config_hash():
-            diff = config_diff(state["config"], cfg.to_dict())
-            raise ValueError(
-                f"refusing to resume from {tag_dir}: the config changed since it was written "
-                f"(only {sorted(RESUMABLE_FIELDS)} may change):\n  " + "\n  ".join(diff)
-            )
+            raise ValueError(resume_refusal(tag_dir, state["config"], cfg))
         return state
 
     def _load_engine(self, tag_dir: Path) -> None:
@@ -300,3 +296,20 @@ class CheckpointManager:
     @staticmethod
     def _agree(cfg: TrainConfig, what: str, fn: Callable[[], Any], *, share: bool = False) -> Any:
         return agree(what, fn, timeout_s=cfg.checkpoint.io_timeout_s, share=share)
+
+
+def resume_refusal(tag_dir: Path, saved: dict[str, Any], cfg: TrainConfig) -> str:
+    """Why a checkpoint written under config ``saved`` cannot resume a run of ``cfg``: the
+    differences, one per line; another objective first, in words (its modules differ: an MAE
+    run has a decoder a classifier's checkpoint never had, and no head)."""
+    current = cfg.to_dict()
+    diff = config_diff(saved, current)
+    was = (saved.get("objective") or {}).get("kind", "classification")  # before objectives: classification
+    now = current["objective"]["kind"]
+    if was != now:
+        head = (f"refusing to resume from {tag_dir}: objective: {was} -> {now}: a checkpoint of another objective "
+                "cannot resume this run; start a new run, or fine-tune from its exported weights")
+        rest = [d for d in diff if not d.startswith("objective.")]
+        return head + ("; other differences:\n  " + "\n  ".join(rest) if rest else "")
+    return (f"refusing to resume from {tag_dir}: the config changed since it was written "
+            f"(only {sorted(RESUMABLE_FIELDS)} may change):\n  " + "\n  ".join(diff))
