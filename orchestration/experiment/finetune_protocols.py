@@ -174,8 +174,8 @@ def _mae(src: ViTConfig, image_size: int, source_recipe: str | None, *, cpu: boo
     # an unknown source gets MAE's ImageNet mean / std.
     augment = AugmentConfig(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
                             hflip=recipe.data.augment.hflip if recipe is not None else True,
-                            randaugment=(2, 9), mixup_alpha=0.8, cutmix_alpha=1.0)
-    # TODO(#24): random erasing 0.25 (FINETUNE.md --reprob 0.25) once data.augment.random_erasing exists.
+                            randaugment=(2, 9), mixup_alpha=0.8, cutmix_alpha=1.0,
+                            random_erasing=0.25)  # FINETUNE.md: "--reprob 0.25"
     # util/datasets.py eval: crop_pct 224/256 up to 224 px, else 1.0 (resize straight to the size).
     crop_pct = 0.875 if image_size <= 224 else 1.0
     preprocess = (replace(recipe.data.preprocess, eval_crop_pct=crop_pct) if recipe is not None

@@ -298,14 +298,9 @@ def worker_experiment(config: dict[str, Any]) -> Experiment:
 def probe_settings(exp: Experiment, config: dict[str, Any]) -> dict[str, Any]:
     """The sink's probe images and how to draw them: one for a classifier's attention maps, four
     for an MAE's reconstructions (masked as its objective masks, from a fixed seed)."""
-    from pipeline.masking import MaskConfig
-
-    objective = exp.train.objective
-    mae = objective.kind == "mae"
+    mask = exp.data.mask if exp.data.mask.kind != "none" else None  # as the loader masks (derived by the Experiment)
     asked = config.get("probe_images")
-    n = int(asked) if asked is not None else 4 if mae else 1  # 0: no figures
-    mask = (MaskConfig(kind="random", ratio=objective.mask_ratio, patch_size=exp.model.shape["patch_size"])
-            if mae else None)
+    n = int(asked) if asked is not None else 4 if mask is not None else 1  # 0: no figures
     return {"attention_images": probe_batch(exp, n), "probe_mask": mask,
             "probe_norm": (exp.data.preprocess.mean, exp.data.preprocess.std)}
 
