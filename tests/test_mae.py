@@ -135,3 +135,41 @@ def test_mask_configs_that_cannot_work_say_why() -> None:
     assert "no visible patch" in MaskConfig(kind="random", ratio=0.99, patch_size=16).problems(32)[0]
     assert "no block fits" in MaskConfig(kind="block", ratio=0.2, patch_size=16, min_block=16).problems(64)[0]
     assert MaskConfig(kind="random", ratio=0.75, patch_size=16).problems(224) == []
+
+
+def test_mae_trains_on_an_unlabelled_dataset_through_the_real_loader(tmp_path) -> None:  # noqa: ANN001
+    """write_shards --unlabelled -> the loader serves (images, -1, mask) -> the Trainer's MAE objective
+    trains and evaluates; a supervised Experiment on the same dataset is refused before training."""
+    import dataclasses
+
+    from orchestration.experiment import apply_overrides, get_recipe
+    from orchestration.experiment.validation import experiment_data_problems
+    from orchestration.launch.build import build_loaders, build_model
+    from pipeline import write_dataset
+    from pipeline.demo_data import make_digits_folder
+    from training import Trainer
+
+    src = make_digits_folder(tmp_path / "src", image_size=16, limit=300)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, p in enumerate(sorted(src.rglob("*.jpg"))):
+        (flat / f"{i:05d}.jpg").write_bytes(p.read_bytes())
+    url = str(tmp_path / "ds")
+    write_dataset(flat, url, val_fraction=0.2, samples_per_shard=100, unlabelled=True, progress=False)
+    exp = apply_overrides(get_recipe("mae_vit_mu_digits"), [
+        f"data.source.url={url}", "image_size=16", "resources.workers=1", "data.io.num_workers=0",
+        "train.global_batch=32", "train.micro_batch=32", "train.schedule.total_steps=12", "train.schedule.warmup_steps=2",
+        "train.eval_every=12", "train.checkpoint.every=0", "train.log_every=4"])
+    assert experiment_data_problems(exp, url) == []
+    loaders = build_loaders(exp, rank=0, world=1)
+    assert loaders.num_classes == 0
+    images, targets, mask = next(iter(loaders.train))
+    assert images.shape == (32, 3, 16, 16) and (targets == -1).all()
+    assert mask.shape == (32, 16) and mask.dtype == torch.bool and (mask.sum(1) == 12).all()
+    trainer = Trainer(build_model(exp, loaders.num_classes), exp.train, loaders.train, eval_loader=loaders.eval,
+                      console=False)
+    out = trainer.fit()
+    assert out["step"] == 12 and out["eval_samples"] == 60 and 0 < out["eval_loss"] < 5
+    supervised = dataclasses.replace(get_recipe("vit_mu_smoke"), data=exp.data, image_size=16)
+    problems = experiment_data_problems(supervised, url)
+    assert any("has no labels" in p for p in problems), problems
