@@ -23,6 +23,7 @@ from orchestration.launch import cluster
 from orchestration.launch.checkpoint_store import rewind_checkpoints
 from orchestration.launch.lease import Lease, LeaseLostError, hold_run_lease
 from orchestration.launch.ray_train import CHECKPOINT_PREFIX, EXPORT_KEY, dataset_lineage, run_training
+from orchestration.serving.spec import spec_for_experiment
 from pipeline.storage import open_storage, url_join
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ def register_from_run(
     return tracking.log_and_register_model(
         model, run_id=run_id, name=exp.model_name, tags=tags,
         description=f"{exp.model.variant} trained by recipe {exp.name} on {exp.dataset_name}", uri=uri,
+        serving=spec_for_experiment(exp, model.cfg, lineage.get("data_url", "")),  # eval transform + class names
     )
 
 
