@@ -142,6 +142,16 @@ class Predictor:
             raise BadRequest(f"return_embedding={return_embedding!r} must be true or false")
         return min(k, len(self.spec.class_names)) if self.spec.class_names else k, return_embedding
 
+    def check_size(self, rows: Sequence[Any]) -> None:
+        """BadRequest unless ``rows`` is within the request limits of ``serving.json``."""
+        if len(rows) > self.spec.max_rows:
+            raise BadRequest(f"{len(rows)} rows in one request, more than the limit of {self.spec.max_rows}; "
+                             "split it")
+        total = sum(len(r) for r in rows if isinstance(r, (bytes, bytearray, memoryview, str)))
+        if total > self.spec.max_request_bytes:
+            raise BadRequest(f"{total} bytes of images in one request, more than the limit of "
+                             f"{self.spec.max_request_bytes}; split it")
+
     def predict(self, rows: Sequence[Any], *, top_k: Any = None, return_embedding: Any = False,
                 strict: bool = True) -> list[dict[str, Any]]:
         """One result per row: ``{"classes": [...], "probabilities": [...]}`` (top-k, best first),
@@ -152,9 +162,8 @@ class Predictor:
         ``{"error": "<reason>: <detail>"}`` and the other rows are still predicted.
         """
         k, want_emb = self.check_params(top_k, return_embedding)
-        if len(rows) > self.spec.max_rows:
-            raise BadRequest(f"{len(rows)} rows in one request, more than the limit of {self.spec.max_rows}; "
-                             "split it")
+        if strict:
+            self.check_size(rows)
         decoded = self.decode(rows)
         errors = [d for d in decoded if isinstance(d, RowError)]
         if errors and strict:
