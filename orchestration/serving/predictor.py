@@ -13,6 +13,7 @@ never fetched or opened.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ from pipeline.transforms import affine_for
 
 if TYPE_CHECKING:
     from model import VisionTransformer
+
+
+_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,10 @@ class Predictor:
         try:
             arr = decode_eval(data, size=spec.image_size, crop_pct=spec.crop_pct, max_pixels=spec.max_pixels)
         except BadSample as e:
-            return RowError(i, e.reason, str(e).removeprefix(f"{e.reason}: "))
+            # PIL names the buffer object ("<_io.BytesIO object at 0x7f...>"): an address would make the
+            # same bad image's message differ between runs (and batch outputs between reruns).
+            detail = _ADDRESS.sub("the image bytes", str(e).removeprefix(f"{e.reason}: "))
+            return RowError(i, e.reason, detail)
         return torch.from_numpy(arr).permute(2, 0, 1)  # (3, S, S) uint8, a free view of CHW memory
 
     def decode(self, rows: Sequence[Any]) -> list[torch.Tensor | RowError]:

@@ -1,0 +1,184 @@
+"""Batch prediction over a whole split on Ray Data (issue #27): ``orchestration/predict.py``.
+
+A digits dataset (6 val shards, one sample deliberately corrupt and resealed, as data that was
+bad when written) and a model registered with the alias ``champion``:
+
+* one clean run writes one Parquet file per shard whose rows are the shard's samples in order,
+  with the same top-k and embeddings as the Predictor on the same bytes; the corrupt sample has
+  its error and no prediction, every other sample is predicted, and the summary lists it;
+* a second run is killed (SIGKILL, the whole process group) while some shards are done and some
+  are not; the same command run again skips the finished shards and leaves the same Parquet
+  content as the clean run;
+* another job into the same ``--out`` is refused; a tampered shard stops the job (exit 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+from orchestration import tracking
+from orchestration.serving.spec import ServingSpec
+
+pytestmark = pytest.mark.integration
+
+IMG = 16
+SHARDS = 6
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from model import create_model
+    from pipeline import format as fmt
+    from pipeline import write_dataset
+    from pipeline.demo_data import make_digits_folder
+
+    tmp = tmp_path_factory.mktemp("predict")
+    url = str(tmp / "digits")
+    write_dataset(make_digits_folder(tmp / "src", image_size=IMG, limit=120), url, samples_per_shard=10,
+                  val_fraction=0.5, seed=0, progress=False)
+    res = fmt.resolve(url)
+    rows = [r for r in fmt.read_samples(res).to_pylist() if r["split"] == "val"]
+    assert len({r["shard"] for r in rows}) == SHARDS
+    bad = rows[13]  # second val shard: garbage of the same size, recorded as written (reseal)
+    shard = Path(res.root_url) / bad["shard"]
+    data = bytearray(shard.read_bytes())
+    data[bad["offset"]:bad["offset"] + bad["size"]] = b"\x00" * bad["size"]
+    shard.write_bytes(bytes(data))
+    fmt.reseal(url)
+
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    torch.manual_seed(0)
+    model = create_model("mu/4", num_classes=10, image_size=IMG).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    run_id = tracking.start_run("predict-test", run_name="src", uri=uri)
+    version = tracking.log_and_register_model(model, run_id=run_id, name="vit-digits", tags={}, uri=uri,
+                                              serving=ServingSpec(image_size=IMG, class_names=[str(i) for i in
+                                                                                               range(10)]))
+    tracking.client(uri).set_registered_model_alias("vit-digits", "champion", str(version))
+    return {"url": url, "uri": uri, "tmp": tmp, "bad_key": bad["key"], "bad_shard": bad["shard"], "rows": rows,
+            "model": model}
+
+
+def _cmd(setup: dict[str, Any], out: Path, *extra: str) -> list[str]:
+    return ["orchestration/predict.py", "--model", "models:/vit-digits@champion", "--data", setup["url"],
+            "--split", "val", "--out", str(out), "--top-k", "3", "--embedding", "--batch-size", "4", *extra]
+
+
+def _env(setup: dict[str, Any]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return {**env, "MLFLOW_TRACKING_URI": setup["uri"], "PYTHONPATH": str(ROOT)}
+
+
+def _run(setup: dict[str, Any], argv: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=_env(setup), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _tables(out: Path) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    return {p.name: pq.read_table(p) for p in sorted(out.glob("*.parquet"))}
+
+
+def test_predict_clean_run_then_killed_and_resumed_gives_the_same_parquet(setup: dict[str, Any]) -> None:
+    from orchestration.serving.predictor import Predictor
+    from orchestration.tracking.registry import write_model_dir
+
+    clean = setup["tmp"] / "clean"
+    r = _run(setup, _cmd(setup, clean))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "[predict] done: 60 images in 6 shards, 1 bad" in r.stdout and f"{SHARDS}/{SHARDS} shards" in r.stdout
+    tables = _tables(clean)
+    assert len(tables) == SHARDS
+    summary = json.loads((clean / "_summary.json").read_text())
+    assert summary["bad_samples"] == [{"shard": setup["bad_shard"], "key": setup["bad_key"],
+                                       "error": summary["bad_samples"][0]["error"]}]
+    assert summary["bad_samples"][0]["error"].startswith("corrupt_image")
+
+    # Every sample, in shard order; predictions equal the Predictor's on the same bytes.
+    from pipeline import format as fmt
+
+    res = fmt.resolve(setup["url"])
+    plain = write_model_dir(setup["model"], setup["tmp"] / "plain")
+    (plain / "serving.json").write_text(ServingSpec(image_size=IMG, class_names=[str(i) for i in range(10)]).to_json())
+    pred = Predictor.from_dir(plain)
+    st = res.storage()
+    for row_shard in sorted({r["shard"] for r in setup["rows"]}):
+        rows = [r for r in setup["rows"] if r["shard"] == row_shard]
+        t = tables[row_shard.rsplit("/", 1)[-1].replace(".tar", ".parquet")].to_pylist()
+        assert [x["key"] for x in t] == [r["key"] for r in rows]
+        blob = st.read_bytes(row_shard)
+        want = pred.predict([blob[r["offset"]:r["offset"] + r["size"]] for r in rows], top_k=3, return_embedding=True,
+                            strict=False)
+        for got, exp in zip(t, want, strict=True):
+            if "error" in exp:
+                assert got["key"] == setup["bad_key"] and got["classes"] is None and got["error"] == exp["error"]
+                continue
+            assert got["error"] is None and got["classes"] == exp["classes"]
+            np.testing.assert_allclose(got["probabilities"], exp["probabilities"], atol=1e-6)
+            np.testing.assert_allclose(got["embedding"], exp["embedding"], atol=1e-6)
+
+    # Killed half-way (slow shards, so there is a "half"), then the same command again.
+    resumed = setup["tmp"] / "resumed"
+    log = setup["tmp"] / "killed.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, "tests/predict_slow_driver.py", "1.5", *_cmd(setup, resumed)[1:]],
+                                cwd=ROOT, env=_env(setup), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = list((resumed / "_done").glob("*.json")) if (resumed / "_done").exists() else []
+            if done:
+                break
+            time.sleep(0.05)
+        done_at_kill = len(list((resumed / "_done").glob("*.json")))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert 1 <= done_at_kill < SHARDS, (done_at_kill, log.read_text()[-3000:])
+    r = _run(setup, _cmd(setup, resumed))
+    assert r.returncode == 0, r.stderr[-4000:]
+    skipped = int(r.stdout.split(" already done")[0].rsplit(";", 1)[-1].strip())
+    assert skipped >= done_at_kill and "(resumed)" in r.stdout
+    again = _tables(resumed)
+    assert sorted(again) == sorted(tables)
+    for name, t in tables.items():
+        assert again[name].equals(t), name
+    assert json.loads((resumed / "_summary.json").read_text())["bad_samples"] == summary["bad_samples"]
+
+
+def test_predict_refuses_another_job_in_the_same_out_and_tampered_data(setup: dict[str, Any]) -> None:
+    out = setup["tmp"] / "clean-2"
+    (out).mkdir()
+    (out / "_job.json").write_text(json.dumps({"model": "models:/vit-digits/9", "data": setup["url"]}))
+    r = _run(setup, _cmd(setup, out))
+    assert r.returncode == 2 and "holds predictions of another job" in r.stderr and "model: " in r.stderr
+
+    from pipeline import format as fmt
+
+    res = fmt.resolve(setup["url"])
+    row = setup["rows"][25]
+    shard = Path(res.root_url) / row["shard"]
+    original = shard.read_bytes()
+    data = bytearray(original)
+    data[row["offset"] + row["size"] // 2] ^= 0xFF  # one flipped byte, not resealed: tampering
+    try:
+        shard.write_bytes(bytes(data))
+        r = _run(setup, _cmd(setup, setup["tmp"] / "tampered"))
+    finally:
+        shard.write_bytes(original)
+    assert r.returncode == 1 and "does not match the sha256" in r.stderr, r.stderr[-3000:]
