@@ -192,3 +192,47 @@ def test_predict_refuses_another_job_in_the_same_out_and_tampered_data(setup: di
     finally:
         shard.write_bytes(original)
     assert not (out / output_name(row["shard"])).exists()
+
+
+def test_registration_records_the_recipes_eval_transform_and_the_datasets_classes(setup: dict[str, Any]) -> None:
+    """register_from_run (what every training run ends with) writes serving.json from the run's
+    Experiment: its mean/std/crop and image size, and the dataset's class names; an MAE encoder
+    (no head) serves embeddings."""
+    import dataclasses
+
+    from model.weights import save_weights
+    from orchestration.experiment.recipes import mae_vit_mu_digits, vit_mu_smoke
+    from orchestration.launch.pretrain_run import register_from_run
+    from orchestration.serving.predictor import Predictor
+    from pipeline import PreprocessConfig
+    from pipeline import format as fmt
+
+    exp = vit_mu_smoke()
+    pre = PreprocessConfig(mean=(0.4, 0.45, 0.5), std=(0.2, 0.25, 0.3), eval_crop_pct=0.8)
+    exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, preprocess=pre))
+    run_dir = setup["tmp"] / "run"
+    (run_dir / "export").mkdir(parents=True)
+    save_weights(setup["model"], run_dir / "export" / "model.safetensors")
+    run_id = tracking.start_run("predict-test", run_name="trained", uri=setup["uri"])
+    version = register_from_run(exp, run_id=run_id, run_dir=str(run_dir), report={"step": 3},
+                                lineage={"data_url": setup["url"]}, uri=setup["uri"])
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(f"models:/{exp.model_name}/{version}",
+                                                dst_path=str(setup["tmp"] / "dl"), tracking_uri=setup["uri"])
+    spec = Predictor.from_dir(local).spec
+    assert (spec.mean, spec.std, spec.crop_pct, spec.image_size) == (pre.mean, pre.std, 0.8, IMG)
+    assert list(spec.class_names) == fmt.read_classes(fmt.resolve(setup["url"])) and spec.activation == "softmax"
+
+    mae = mae_vit_mu_digits()
+    encoder = mae.model_config(10)
+    assert encoder.num_classes == 0
+    from model import VisionTransformer
+
+    save_weights(VisionTransformer(dataclasses.replace(encoder, image_size=IMG)), run_dir / "export" / "model.safetensors")
+    mae = dataclasses.replace(mae, image_size=IMG)
+    version = register_from_run(mae, run_id=run_id, run_dir=str(run_dir), report={}, lineage={"data_url": setup["url"]},
+                                uri=setup["uri"])
+    local = mlflow.artifacts.download_artifacts(f"models:/{mae.model_name}/{version}",
+                                                dst_path=str(setup["tmp"] / "dl2"), tracking_uri=setup["uri"])
+    assert Predictor.from_dir(local).spec.embedding_only
