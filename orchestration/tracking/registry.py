@@ -180,8 +180,9 @@ def model_from_path(path: Path, source: str, *, allow_resample: bool = False,
 
     if not path.exists():
         raise FileNotFoundError(f"model source {source!r}: not a models:/ or runs:/ URI and no such file")
-    if path.is_dir() and not (path / MODEL_WEIGHTS_FILE).exists() and (path / PYFUNC_ARTIFACTS / MODEL_WEIGHTS_FILE).is_file():
-        path = path / PYFUNC_ARTIFACTS  # the pyfunc layout (serving.package): the files sit under artifacts/
+    pyfunc = path / PYFUNC_ARTIFACTS
+    if path.is_dir() and not (path / MODEL_WEIGHTS_FILE).exists() and (pyfunc / MODEL_WEIGHTS_FILE).is_file():
+        path = pyfunc  # the pyfunc layout (serving.package): the two files sit under artifacts/
     if path.is_dir():
         weights, config_file = path / MODEL_WEIGHTS_FILE, path / MODEL_CONFIG_FILE
     else:
