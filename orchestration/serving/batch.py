@@ -228,7 +228,7 @@ def run_predict(cfg: PredictConfig, *, echo: Any = print) -> dict[str, Any]:
     total = int(meta.num_samples)
     echo(f"[predict] {cfg.data_url} split {cfg.split} (version {meta.version}): {len(names)} shards, {total} images; "
          f"{len(names) - len(pending)} already done{' (resumed)' if resumed else ''}; model {cfg.model_uri}")
-    t0, images, finished = time.perf_counter(), 0, len(names) - len(pending)
+    t0, images, busy, finished = time.perf_counter(), 0, 0.0, len(names) - len(pending)
     if pending:
         from ray.data import ActorPoolStrategy
 
@@ -239,12 +239,14 @@ def run_predict(cfg: PredictConfig, *, echo: Any = print) -> dict[str, Any]:
         for row in res.iter_rows():
             finished += 1
             images += int(row["samples"])
+            busy += float(row["seconds"])
             rate = images / max(time.perf_counter() - t0, 1e-9)
             echo(f"[predict] {row['shard']}: {row['samples']} images, {len(json.loads(row['bad']))} bad; "
                  f"{finished}/{len(names)} shards, {rate:.1f} images/s")
     summary = _summarise(cfg, names, out)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["images_this_run"] = images
+    summary["actor_seconds"] = round(busy, 3)  # summed per-shard time of the actors (steady-state rate)
     out.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2).encode())
     return summary
 
