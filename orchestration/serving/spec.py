@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -21,6 +22,8 @@ from pipeline.decode import DEFAULT_MAX_PIXELS
 if TYPE_CHECKING:
     from model import ViTConfig
     from orchestration.experiment.config import Experiment
+
+log = logging.getLogger(__name__)
 
 SERVING_FILE = "serving.json"
 SPEC_VERSION = 1
@@ -141,16 +144,23 @@ def spec_for_experiment(exp: Experiment, cfg: ViTConfig, data_url: str = "") -> 
     else:
         activation = "sigmoid" if getattr(obj, "loss", "softmax") == "sigmoid" else "softmax"
     names: tuple[str, ...] = ()
+    where = "indices"
     if activation != "none":
         names = tuple(str(i) for i in range(cfg.num_classes))
         if data_url:
             from pipeline import format as fmt
 
-            classes = fmt.read_classes(fmt.resolve(data_url))
+            try:  # at the end of a long run: a flaky read must not lose the registration
+                classes = fmt.read_classes(fmt.resolve(data_url))
+            except Exception as e:  # noqa: BLE001 - storage or format error: index names, said in the spec
+                log.warning("class names of %s unreadable (%s): serving class indices instead", data_url, e)
+                classes, where = [], f"indices ({data_url}/classes.json unreadable)"
             if len(classes) == cfg.num_classes:
-                names = tuple(classes)
+                names, where = tuple(classes), data_url
+            elif classes:
+                where = f"indices ({data_url} has {len(classes)} classes, the head {cfg.num_classes})"
     pre = exp.data.preprocess
     return ServingSpec(image_size=cfg.image_size, crop_pct=pre.eval_crop_pct, mean=pre.mean, std=pre.std,
                        max_pixels=exp.data.io.max_image_pixels, activation=activation, class_names=names,
-                       source={"preprocess": f"recipe {exp.name}", "classes": data_url or "indices"})
+                       source={"preprocess": f"recipe {exp.name}", "classes": where})
 
