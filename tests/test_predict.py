@@ -3,12 +3,13 @@
 A digits dataset (6 val shards, one sample deliberately corrupt and resealed, as data that was
 bad when written) and a model registered with the alias ``champion``:
 
-* one clean run writes one Parquet file per shard whose rows are the shard's samples in order,
-  with the same top-k and embeddings as the Predictor on the same bytes; the corrupt sample has
-  its error and no prediction, every other sample is predicted, and the summary lists it;
-* a second run is killed (SIGKILL, the whole process group) while some shards are done and some
-  are not; the same command run again skips the finished shards and leaves the same Parquet
-  content as the clean run;
+* a clean pass of the job (every shard through the actors' per-shard code, in-process) writes one
+  Parquet file per shard whose rows are the shard's samples in order, with the same top-k and
+  embeddings as the Predictor on the same bytes; the corrupt sample has its error and no
+  prediction, every other sample is predicted;
+* ``predict.py`` on Ray is killed (SIGKILL, the whole process group) while some shards are done
+  and some are not; the same command run again skips the finished shards, shows its progress,
+  lists the bad sample in its summary and leaves the same Parquet content as the clean pass;
 * another job into the same ``--out`` is refused; a tampered shard stops the job (exit 1).
 """
 
@@ -94,20 +95,29 @@ def _tables(out: Path) -> dict[str, Any]:
     return {p.name: pq.read_table(p) for p in sorted(out.glob("*.parquet"))}
 
 
-def test_predict_clean_run_then_killed_and_resumed_gives_the_same_parquet(setup: dict[str, Any]) -> None:
+def _clean_reference(setup: dict[str, Any], out: Path) -> None:
+    """One uninterrupted pass of the job, in-process: every shard through the per-shard code the Ray
+    actors run (ShardPredictor.predict_shard), without Ray (one Ray start fewer for the test)."""
+    from orchestration.serving.batch import PredictConfig, ShardPredictor, check_job
+    from pipeline import format as fmt
+
+    cfg = PredictConfig(model_uri="models:/vit-digits/1", data_url=setup["url"], split="val", out_url=str(out),
+                        dataset_version=fmt.resolve(setup["url"]).version, top_k=3, embedding=True, batch_size=4,
+                        tracking_uri=setup["uri"])
+    check_job(cfg)
+    worker = ShardPredictor(cfg)
+    for s in range(len(worker.meta.shard_names)):
+        worker.predict_shard(s)
+
+
+def test_predict_killed_half_way_and_rerun_gives_the_same_parquet_as_a_clean_run(setup: dict[str, Any]) -> None:
     from orchestration.serving.predictor import Predictor
     from orchestration.tracking.registry import write_model_dir
 
     clean = setup["tmp"] / "clean"
-    r = _run(setup, _cmd(setup, clean))
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert "[predict] done: 60 images in 6 shards, 1 bad" in r.stdout and f"{SHARDS}/{SHARDS} shards" in r.stdout
+    _clean_reference(setup, clean)
     tables = _tables(clean)
     assert len(tables) == SHARDS
-    summary = json.loads((clean / "_summary.json").read_text())
-    assert summary["bad_samples"] == [{"shard": setup["bad_shard"], "key": setup["bad_key"],
-                                       "error": summary["bad_samples"][0]["error"]}]
-    assert summary["bad_samples"][0]["error"].startswith("corrupt_image")
 
     # Every sample, in shard order; predictions equal the Predictor's on the same bytes.
     from pipeline import format as fmt
@@ -153,12 +163,16 @@ def test_predict_clean_run_then_killed_and_resumed_gives_the_same_parquet(setup:
     r = _run(setup, _cmd(setup, resumed))
     assert r.returncode == 0, r.stderr[-4000:]
     skipped = int(r.stdout.split(" already done")[0].rsplit(";", 1)[-1].strip())
-    assert skipped >= done_at_kill and "(resumed)" in r.stdout
+    assert skipped >= done_at_kill and "(resumed)" in r.stdout and f"{SHARDS}/{SHARDS} shards" in r.stdout
+    assert "[predict] done: 60 images in 6 shards, 1 bad" in r.stdout
     again = _tables(resumed)
     assert sorted(again) == sorted(tables)
     for name, t in tables.items():
         assert again[name].equals(t), name
-    assert json.loads((resumed / "_summary.json").read_text())["bad_samples"] == summary["bad_samples"]
+    summary = json.loads((resumed / "_summary.json").read_text())
+    assert summary["bad_samples"] == [{"shard": setup["bad_shard"], "key": setup["bad_key"],
+                                       "error": summary["bad_samples"][0]["error"]}]
+    assert summary["bad_samples"][0]["error"].startswith("corrupt_image")
 
 
 def test_predict_refuses_another_job_in_the_same_out_and_tampered_data(setup: dict[str, Any]) -> None:
