@@ -1,8 +1,10 @@
 """Model registry and loading a model by URI, without pickles.
 
-* :func:`log_and_register_model` logs the model as an MLflow *logged model* whose artifacts are
-  ``model.safetensors`` + ``config.json`` (no pickle) and registers it as ``vit-<variant>-<dataset>``
-  with lineage tags; :func:`load_model` rebuilds it from those two files and never unpickles.
+* :func:`log_and_register_model` logs the model as an MLflow *logged model* that is a pyfunc
+  ("models from code", :mod:`orchestration.serving.package`) around ``model.safetensors`` +
+  ``config.json`` + ``serving.json`` (no pickle) and registers it as ``vit-<variant>-<dataset>``
+  with lineage tags; :func:`load_model` rebuilds the network from the first two files and never
+  unpickles; ``mlflow.pyfunc.load_model`` / ``mlflow models serve`` serve it.
 * Embedded store vs ``mlflow server``: a server validates a model version's source against the
   ids sent with it (``models:/m-...`` needs ``model_id``), stores artifacts behind
   ``mlflow-artifacts:/`` (proxied, local disk or S3) instead of ``file://`` paths, and puts the
@@ -25,6 +27,7 @@ import mlflow
 
 if TYPE_CHECKING:
     from model import VisionTransformer
+    from orchestration.serving.spec import ServingSpec
 from orchestration.tracking.redact import redact, redact_text
 from orchestration.tracking.runs import client, public_uri, resolve_uri
 
@@ -37,7 +40,10 @@ MODEL_WEIGHTS_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "config.json"
 
 
-MODEL_FORMAT = "vitscale-safetensors-1"  # tag on the logged model: which loader reads it
+PYFUNC_ARTIFACTS = "artifacts"  # where a registered pyfunc keeps the two files above
+
+
+MODEL_FORMAT = "vitscale-pyfunc-1"  # tag on the logged model: which loader reads it (safetensors-1: no pyfunc)
 
 
 _PICKLE_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle", ".bin", ".ckpt", ".joblib")
@@ -109,16 +115,32 @@ def log_and_register_model(
     description: str = "",
     uri: str | None = None,
     metadata: dict[str, str] | None = None,
+    serving: ServingSpec | None = None,
 ) -> int:
-    """Register ``model`` (a VisionTransformer) as ``model.safetensors`` + ``config.json``.
+    """Register ``model`` (a VisionTransformer) as a pyfunc around ``model.safetensors`` +
+    ``config.json`` + ``serving.json``.
 
     Nothing is pickled: :func:`load_model` rebuilds the network from the config with this
-    repository's ``model`` package and loads the tensors with safetensors. ``tags`` (lineage)
-    go on the model version; ``metadata`` into the safetensors file. Returns the new version number.
+    repository's ``model`` package and loads the tensors with safetensors; the pyfunc is a code
+    file of ours. ``serving``: the eval transform and class names the model was trained with
+    (``serving.spec.spec_for_experiment``); without it the project's default transform at the
+    model's image size and index class names (tagged ``serving.preprocess=default``). ``tags``
+    (lineage) go on the model version; ``metadata`` into the safetensors file. Returns the new
+    version number.
     """
+    from orchestration.serving.package import write_pyfunc_dir
+    from orchestration.serving.spec import default_spec
+
+    spec = serving or default_spec(model.cfg)
+    spec.check_model(model.cfg, f"registering {name}")
+    serving_tags = {"serving.preprocess": "recorded" if serving else "default", "serving.image_size": spec.image_size,
+                    "serving.crop_pct": spec.crop_pct, "serving.outputs": "embedding" if spec.embedding_only
+                    else f"top-k of {len(spec.class_names)} classes ({spec.activation}) + embedding"}
     with tempfile.TemporaryDirectory() as tmp:
-        local = write_model_dir(model.cpu().eval(), Path(tmp) / "model", metadata)
-        return register_model_dir(local, run_id=run_id, name=name, tags=tags, description=description, uri=uri)
+        plain = write_model_dir(model.cpu().eval(), Path(tmp) / "plain", metadata)
+        local = write_pyfunc_dir(plain, spec, Path(tmp) / "model")
+        return register_model_dir(local, run_id=run_id, name=name, tags={**serving_tags, **tags},
+                                  description=description, uri=uri)
 
 
 def load_model(source: str, uri: str | None = None, *, allow_resample: bool = False,
@@ -161,6 +183,9 @@ def model_from_path(path: Path, source: str, *, allow_resample: bool = False,
 
     if not path.exists():
         raise FileNotFoundError(f"model source {source!r}: not a models:/ or runs:/ URI and no such file")
+    pyfunc = path / PYFUNC_ARTIFACTS
+    if path.is_dir() and not (path / MODEL_WEIGHTS_FILE).exists() and (pyfunc / MODEL_WEIGHTS_FILE).is_file():
+        path = pyfunc  # the pyfunc layout (serving.package): the two files sit under artifacts/
     if path.is_dir():
         weights, config_file = path / MODEL_WEIGHTS_FILE, path / MODEL_CONFIG_FILE
     else:
