@@ -183,7 +183,10 @@ def _digits(arch: str) -> Callable[[], Experiment]:
     return recipe
 
 
-ZOO_RECIPES: tuple[Callable[[], Experiment], ...] = (
-    deit_tiny_in1k, swin_t_in1k, pvt_v2_b0_in1k, cait_xxs24_in1k, beit_b16_in1k, resnet50_in1k,
-    *(_digits(a) for a in DIGITS_SHAPES),
-)
+_IN1K = (deit_tiny_in1k, swin_t_in1k, pvt_v2_b0_in1k, cait_xxs24_in1k, beit_b16_in1k, resnet50_in1k)
+for _f in _IN1K:  # every recipe's docstring ends with its launch line (8 GPUs, one node or several)
+    _f.__doc__ = (f"{_f.__doc__}\n\n    8 GPUs, bf16, ZeRO-1. Launch::\n\n        ray job submit --working-dir . -- "
+                  f"python orchestration/pretrain.py \\\n            --recipe {_f.__name__} --data "
+                  "s3://BUCKET/imagenet1k --resume auto\n")
+
+ZOO_RECIPES: tuple[Callable[[], Experiment], ...] = (*_IN1K, *(_digits(a) for a in DIGITS_SHAPES))
