@@ -13,6 +13,7 @@ Tiny sizes (32 px, widths of 16-32) keep the whole module to seconds per test.
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -294,3 +295,103 @@ def test_an_mae_objective_is_refused_for_a_timm_model() -> None:
     mae = get_recipe("mae_vit_mu_digits")
     with pytest.raises(ValueError, match="needs our ViT"):
         replace(mae, model=ARCHS["swin"][0])
+
+
+# ------------------------------------------------------------------------------ through the pipeline
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """160 train / 40 val digits at 32 px, 10 classes."""
+    from pipeline import write_dataset
+    from pipeline.demo_data import make_digits_folder
+
+    tmp = tmp_path_factory.mktemp("digits")
+    folder = make_digits_folder(tmp / "folder", image_size=IMAGE, limit=200)
+    write_dataset(folder, str(tmp / "ds"), val_fraction=0.2, samples_per_shard=100, workers=1, progress=False)
+    return str(tmp / "ds")
+
+
+def test_a_registered_swin_is_evaluated_and_fine_tuned_at_another_resolution(
+        digits: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run's export of a timm Swin (what ray_train._export writes) is registered with its timm
+    name and version, loads back from the registry, is evaluated few-shot and by a linear probe,
+    and is fine-tuned at 48 px with other windows: the staged weights (relative position bias
+    tables resized) are what the fine-tune's workers load; its architecture may not change."""
+    import dataclasses
+
+    import timm
+
+    from orchestration import evaluate, finetune, tracking
+    from orchestration.experiment import apply_overrides, get_recipe
+    from orchestration.launch.build import build_model
+    from orchestration.launch.pretrain_run import register_from_run
+    from orchestration.launch.ray_train import EXPORT_KEY
+    from pipeline.storage import open_storage
+    from training.checkpoint import export_weights
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = apply_overrides(get_recipe("swin_digits"), [f"data.source.url={digits}"])
+    model = build_model(exp, CLASSES)
+    meta = {"vitscale.config": json.dumps(dataclasses.asdict(model.cfg)), "vitscale.objective": "classification"}
+    export = export_weights(model, tmp_path / "export.safetensors", metadata=meta)
+    run_dir = str(tmp_path / "run")
+    open_storage(run_dir).upload_file(export, EXPORT_KEY)
+    run_id = tracking.start_run("zoo", run_name="swin", uri=uri)
+    version = register_from_run(exp, run_id=run_id, run_dir=run_dir, report={"step": 1}, lineage={}, uri=uri)
+    assert exp.model_name == "swin_tiny_patch4_window7_224-digits"
+    mv = tracking.client(uri).get_model_version(exp.model_name, str(version))
+    assert mv.tags["timm_name"] == "swin_tiny_patch4_window7_224" and mv.tags["timm_version"] == timm.__version__
+    source = f"models:/{exp.model_name}/{version}"
+    loaded = tracking.load_model(source, uri)
+    assert loaded.cfg == model.cfg and all(torch.equal(a, b) for a, b in zip(
+        loaded.state_dict().values(), model.state_dict().values(), strict=True))
+
+    base = ["--model", source, "--tracking-uri", uri, "--data", f"digits={digits}", "--device", "cpu"]
+    assert evaluate.main(["fewshot", *base, "--shots", "1,5"]) == 0
+    assert evaluate.main(["linear", *base]) == 0
+    out = capsys.readouterr().out
+    assert "fewshot/digits/5shot" in out and "linear_probe/digits/full" in out
+
+    ft = ["--from", source, "--data", digits, "--image-size", "48", "--storage", str(tmp_path / "runs"),
+          "--tracking-uri", uri, "--gpus-per-worker", "0", "--dry-run"]
+    assert finetune.main([*ft, "--set", "model.window_size=6"]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["image_size"] == 48 and resolved["model.window_size"] == 6 and resolved["model.kind"] == "timm"
+    assert finetune.main([*ft, "--set", "model.depths=1,2"]) == 2
+    assert "model.depths=(1, 2): --from" in capsys.readouterr().err
+    ft_exp = apply_overrides(get_recipe("swin_digits"), ["image_size=48", "model.window_size=6"])
+    url = finetune._stage_weights(loaded, str(tmp_path / "init" / "w.safetensors"), 48, spec=ft_exp.model)
+    worker = build_model(ft_exp, CLASSES, init_weights=url)  # what every fine-tuning worker does
+    torch.testing.assert_close(worker.layers[0].blocks[0].attn.relative_position_bias_table.shape,
+                               torch.Size([11 * 11, 1]))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_an_architecture_study_trains_vit_and_timm_trials_on_tune(digits: str, tmp_path: Path) -> None:
+    """A Tune study whose variants are a ViT size and two timm architectures: every trial trains
+    through the same build_run, and its points count its own counted FLOPs."""
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    from orchestration.studies.archs import split_variants
+    from orchestration.studies.spec import StudySpec, trial_experiment
+
+    root = Path(__file__).resolve().parents[1]
+    variants = ("mu/4,timm:swin_tiny_patch4_window7_224:patch_size=2:embed_dim=16:depths=1,1:num_heads=1,2:"
+                "window_size=4,timm:pvt_v2_b0:embed_dim=16,32:depths=1,1:num_heads=1,2:sr_ratios=4,1")
+    cmd = [sys.executable, "orchestration/sweep.py", "--variants", variants, "--steps", "10", "--data", digits,
+           "--image-size", str(IMAGE), "--batch-size", "32", "--evals-per-trial", "1", "--loader-workers", "0",
+           "--cpus-per-trial", "1", "--gpus-per-trial", "0", "--storage", str(tmp_path / "studies"), "--name", "archs",
+           "--no-tracking", "--n-boot", "5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    rows = pq.read_table(tmp_path / "studies" / "archs-analysis" / "points.parquet").to_pylist()
+    assert len(rows) == 3 and len({r["variant"] for r in rows}) == 3
+    spec = StudySpec(name="archs", variants=split_variants(variants), steps=(10,), overrides=(f"image_size={IMAGE}",))
+    for r in rows:
+        exp = trial_experiment(spec, variant=r["variant"], steps=10, samples=None, seed=0)
+        per_image = 6.0 * macs_per_image(exp.model_config(CLASSES))
+        assert r["flops"] == pytest.approx(per_image * r["images"]), r["variant"]
