@@ -368,8 +368,8 @@ def test_a_registered_swin_is_evaluated_and_fine_tuned_at_another_resolution(
 @pytest.mark.slow
 @pytest.mark.integration
 def test_an_architecture_study_trains_vit_and_timm_trials_on_tune(digits: str, tmp_path: Path) -> None:
-    """A Tune study whose variants are a ViT size and two timm architectures: every trial trains
-    through the same build_run, and its points count its own counted FLOPs."""
+    """A Tune study whose variants are a ViT size and a timm Swin: every trial trains through the
+    same build_run, and its points count its own FLOPs (counted for the Swin, analytic for the ViT)."""
     import subprocess
     import sys
 
@@ -379,8 +379,7 @@ def test_an_architecture_study_trains_vit_and_timm_trials_on_tune(digits: str, t
     from orchestration.studies.spec import StudySpec, trial_experiment
 
     root = Path(__file__).resolve().parents[1]
-    variants = ("mu/4,timm:swin_tiny_patch4_window7_224:patch_size=2:embed_dim=16:depths=1,1:num_heads=1,2:"
-                "window_size=4,timm:pvt_v2_b0:embed_dim=16,32:depths=1,1:num_heads=1,2:sr_ratios=4,1")
+    variants = "mu/4,timm:swin_tiny_patch4_window7_224:patch_size=2:embed_dim=16:depths=1,1:num_heads=1,2:window_size=4"
     cmd = [sys.executable, "orchestration/sweep.py", "--variants", variants, "--steps", "10", "--data", digits,
            "--image-size", str(IMAGE), "--batch-size", "32", "--evals-per-trial", "1", "--loader-workers", "0",
            "--cpus-per-trial", "1", "--gpus-per-trial", "0", "--storage", str(tmp_path / "studies"), "--name", "archs",
@@ -389,7 +388,7 @@ def test_an_architecture_study_trains_vit_and_timm_trials_on_tune(digits: str, t
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     rows = pq.read_table(tmp_path / "studies" / "archs-analysis" / "points.parquet").to_pylist()
-    assert len(rows) == 3 and len({r["variant"] for r in rows}) == 3
+    assert len(rows) == 2 and len({r["variant"] for r in rows}) == 2
     spec = StudySpec(name="archs", variants=split_variants(variants), steps=(10,), overrides=(f"image_size={IMAGE}",))
     for r in rows:
         exp = trial_experiment(spec, variant=r["variant"], steps=10, samples=None, seed=0)
