@@ -133,10 +133,12 @@ class Predictor:
         """
         scale, shift = self._affine
         x = images.to(self.device, non_blocking=True).float().mul_(scale).sub_(shift)  # (B, 3, S, S)
-        emb = self.model.forward_head(self.model.forward_features(x), pre_logits=True)  # (B, D)
+        feats = self.model.forward_features(x)
+        emb = self.model.forward_head(feats, pre_logits=True)  # (B, D)
         if self.spec.embedding_only:
             return None, emb.float().cpu()
-        logits = self.model.head(emb).float()  # (B, C)
+        # from the features, not head(emb): a timm network's head may pool (Swin) or hold two (DeiT)
+        logits = self.model.forward_head(feats).float()  # (B, C)
         scores = logits.softmax(-1) if self.spec.activation == "softmax" else logits.sigmoid()
         return scores.cpu(), emb.float().cpu()
 
