@@ -317,6 +317,7 @@ def test_elastic_run_survives_losing_the_worker_node(cluster: dict[str, str], di
                    "--no-register", "--set", f"train.schedule.total_steps={ELASTIC_STEPS}", "--set", "train.schedule.warmup_steps=2",
                    "--set", "train.checkpoint.every=5", "--set", f"train.eval_every={ELASTIC_STEPS}",
                    "--set", "train.log_every=5", "--set", "resources.elastic_resize_s=5", "--set", "resources.group_start_timeout_s=20")
+    t0 = time.time()
     try:
         # The group may start with 1 rank when the worker node's CPU is not free yet (it then
         # grows to 2): kill the node only once 2 ranks have committed a checkpoint.
@@ -333,8 +334,11 @@ def test_elastic_run_survives_losing_the_worker_node(cluster: dict[str, str], di
     # Grown while the run is still going: a checkpoint by 2 ranks after the node is back.
     grown = _wait_for_checkpoint(cluster, proc, back_at, world=2)
     grown_s = time.time() - back_at
+    grown_at = time.time()
     run = _watch(cluster, proc, timeout=600)
     m = _result(run["output"])["metrics"]
+    print(f"elastic phases (s from submit): killed {killed_at - t0:.0f}, node back {back_at - t0:.0f}, "
+          f"grown {grown_at - t0:.0f}, finished {time.time() - t0:.0f}")
     # The recipe's start-up timeout reached Ray Train's controller (through its environment).
     waits = re.findall(r"startup timed out after ([\d.]+) seconds", run["output"])
     assert set(waits) <= {"20.0"}, waits
