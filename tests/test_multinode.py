@@ -23,7 +23,6 @@ What is proven, from the outside:
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -117,67 +116,29 @@ def _submit(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
 
 
 def _watch(env: dict[str, str], proc: subprocess.Popen[str], timeout: float = 240) -> dict[str, Any]:
-    """Run the job to its end, sampling the nodes meanwhile.
+    """Run the job to its end (``conftest.follow_ray_job``), sampling the nodes meanwhile.
 
     Returns the output, {train-worker pid: node} from the two ``ray start`` process trees, and
     the nodes whose own TMPDIR held checkpoint staging at some point.
-
-    The job's own final status line is what counts: after a node was lost and came back, Ray's
-    ``ray job submit`` CLI was seen to print "Job '...' succeeded" and then not exit for 10+
-    minutes (session 8, the elastic test). So the output is read as it comes, and a CLI that has
-    printed the final status gets 30 s to exit before it is stopped.
     """
+    from conftest import follow_ray_job
+
     state = Path(env["STATE"])
     heads = {name: int((state / f"{name}.pid").read_text()) for name in ("ray", "ray_worker_1")}
     tmpdirs = _node_tmpdirs(env)
     workers: dict[int, str] = {}
     staged: set[str] = set()
-    deadline = time.monotonic() + timeout
-    fd = proc.stdout.fileno()  # type: ignore[union-attr]
-    os.set_blocking(fd, False)
-    buf, final, final_at = bytearray(), None, None
-    while proc.poll() is None and time.monotonic() < deadline:
+
+    def sample() -> None:
         for name, pid in heads.items():
             workers.update({p.pid: name for p in _tree(pid) if "RayTrainWorker" in _cmd(p)})
             if any((tmpdirs[name] / "vitscale-ckpt").glob("*/step*")):
                 staged.add(name)
-        buf += _read_available(fd)
-        if final is None and (m := FINAL_STATUS.search(buf)):
-            final, final_at = m.group(1).decode(), time.monotonic()
-        if final_at is not None and time.monotonic() - final_at > 30:
-            break
-        time.sleep(0.3)
-    stuck = proc.poll() is None
-    if stuck:
-        proc.kill()
-    proc.wait(timeout=60)
-    os.set_blocking(fd, True)
-    while chunk := os.read(fd, 1 << 16):  # the rest, to EOF
-        buf += chunk
-    out = buf.decode(errors="replace")
+
+    out, ok = follow_ray_job(proc, timeout, tick=sample)
     (state / "logs" / f"job-{int(time.time() * 1000)}.log").write_text(out)  # kept for diagnosis
-    if stuck and final is not None:
-        print(f"ray job submit printed the final status ({final}) but did not exit; stopped it")
-        assert final == "succeeded", f"the job {final}:\n{out[-6000:]}"
-    else:
-        assert proc.returncode == 0, f"the job failed:\n{out[-6000:]}"
+    assert ok, f"the job failed:\n{out[-6000:]}"
     return {"output": out, "workers": workers, "staged": staged}
-
-
-FINAL_STATUS = re.compile(rb"Job '[^']+' (succeeded|failed|stopped)")
-
-
-def _read_available(fd: int) -> bytes:
-    """What the pipe holds now, without waiting."""
-    out = bytearray()
-    while True:
-        try:
-            chunk = os.read(fd, 1 << 16)
-        except BlockingIOError:
-            return bytes(out)
-        if not chunk:
-            return bytes(out)
-        out += chunk
 
 
 def _result(output: str) -> dict[str, Any]:
