@@ -24,6 +24,7 @@ from orchestration.experiment import apply_overrides, get_recipe
 from orchestration.experiment.recipes import I21K_IMAGES, PAPER_BATCH
 from orchestration.planning import default_facts, get_device, plan
 from orchestration.planning.devices import S3_GET_PER_PREFIX
+from orchestration.planning.report import duration
 
 RUNS = [  # (label, recipe, overrides)
     ("B/16 I21k", "vit_b16_i21k", []),
@@ -66,8 +67,8 @@ def main() -> None:
     a = ap.parse_args()
     device = get_device(a.gpu)
     rows = []
-    print("| run | GPUs | micro x accum | ZeRO / ckpt | GB per GPU | step | img/s | days | GPU-hours | data Gbit/s "
-          "per node | decode cores per node | shards per rank | S3 GET/s | checkpoint GB, save s, share | "
+    print("| run | GPUs | micro x accum | ZeRO / ckpt | GB per GPU | step | img/s | run | GPU-hours | data Gbit/s "
+          "per node | decode cores per node | shards per rank | S3 GET/s | checkpoint: GB, save s, share of the run, GB/h | "
           "collectives not hidden | gives out first |")
     print("|" + "---|" * 16)
     for label, recipe, sets in RUNS:
@@ -79,10 +80,10 @@ def main() -> None:
             print(f"| {label} | {gpus} | {d['micro_batch']} x {d['grad_accum']} | {d['zero_stage']} / "
                   f"{'on' if d['activation_checkpointing'] else 'off'} | {m['peak'] / 1e9:.1f}"
                   f"{'' if m['fits'] else ' (no fit)'} | {c['step_s'] * 1e3:,.0f} ms | {c['images_per_s']:,.0f} | "
-                  f"{c['run_s'] / 86400:,.1f} | {d['cost']['gpu_hours']:,.0f} | "
+                  f"{duration(c['run_s'])} | {d['cost']['gpu_hours']:,.0f} | "
                   f"{data['bytes_per_s_per_node'] * 8 / 1e9:,.1f} | {data['decode_cores_per_node']:,.1f} | "
                   f"{data['shards_per_rank']:,.0f} | {data['s3_requests_per_s']:,.0f} | {ck['bytes'] / 1e9:,.1f}, "
-                  f"{ck['save_s']:,.1f}, {ck['share'] * 100:.2f} % | "
+                  f"{ck['save_s']:,.1f}, {ck['share'] * 100:.2f} %, {ck['traffic_bytes_per_hour'] / 1e9:,.0f} | "
                   f"{c['exposed_comm_s'] * 1e3:,.0f} ms | {limits(d)} |")
     if a.json:
         with open(a.json, "w") as f:

@@ -201,6 +201,17 @@ def test_h14_on_a_t4_does_not_fit_and_every_fix_it_names_does() -> None:
     assert any("zero_stage=3" in f["command"] for f in four.fixes)
 
 
+def test_a_recipe_sized_for_small_cards_is_told_what_is_faster_on_big_ones() -> None:
+    exp = get_recipe("vit_h14_jft")  # ZeRO-3 + checkpointing: on 80 GB cards neither is needed
+    h100 = get_device("h100")
+    p = plan(exp, h100, gpus=64, data=default_facts("jft"))
+    assert p.memory.fits and p.speedups
+    assert any("activation_checkpointing=false" in f["command"] for f in p.speedups)
+    for f in p.speedups:
+        faster = plan(apply_overrides(exp, f["set"]), h100, gpus=64, data=default_facts("jft"), fixes=False)
+        assert faster.memory.fits and faster.step_s < 0.95 * p.step_s
+
+
 # ----------------------------------------------------------------------------- the CLI
 def test_bad_input_gets_one_clear_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     from orchestration.plan import main
@@ -222,8 +233,20 @@ def test_bad_input_gets_one_clear_error(capsys: pytest.CaptureFixture[str], tmp_
 
 def test_the_documented_commands_run_as_written(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """Every ``python orchestration/plan.py ...`` line of README.md and docs/planning.md, run as written
-    (in process; ``--json`` paths go to a temporary folder)."""
+    (in process; ``--json`` paths go to a temporary folder, ``--data`` to a digits dataset written here,
+    whose index must give the plan its bytes per sample and classes)."""
+    import pyarrow.parquet as pq
+
     from orchestration.plan import main
+    from pipeline import write_dataset
+    from pipeline.demo_data import make_digits_folder
+
+    data = tmp_path / "digits-shards"
+    write_dataset(make_digits_folder(tmp_path / "digits", image_size=16, limit=200), str(data), val_fraction=0.2,
+                  samples_per_shard=40, workers=1, progress=False)
+    index = pq.read_table(next(data.glob("versions/*/index.parquet"))).to_pylist()
+    train = [r for r in index if r["split"] == "train"]
+    mean_bytes = sum(r["bytes"] for r in train) / sum(r["samples"] for r in train)
 
     commands = []
     for doc in (ROOT / "README.md", ROOT / "docs" / "planning.md"):
@@ -232,8 +255,12 @@ def test_the_documented_commands_run_as_written(capsys: pytest.CaptureFixture[st
     assert len(commands) >= 3, commands
     for line in commands:
         argv = shlex.split(line.split("#")[0])
-        argv = [str(tmp_path / Path(a).name) if i and argv[i - 1] == "--json" else a for i, a in enumerate(argv)]
-        assert main(argv) == 0, line
+        argv = [str(tmp_path / Path(a).name) if i and argv[i - 1] == "--json" else
+                str(data) if i and argv[i - 1] == "--data" else a for i, a in enumerate(argv)]
+        assert main([*argv, "--json", str(tmp_path / "last.json")]) == 0, line
         out = capsys.readouterr().out
         result = json.loads(out.strip().splitlines()[-1].removeprefix("VITSCALE_RESULT "))
         assert result["gpu_hours"] > 0, line
+        if "--data" in argv:
+            d = json.loads((tmp_path / "last.json").read_text())["data"]
+            assert d["sample_bytes"] == pytest.approx(mean_bytes) and d["classes"] == 10 and d["shards"] == len(train)

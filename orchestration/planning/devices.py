@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from training.metrics import PEAK_TFLOPS
 
-_GPU_BENCH = "BENCHMARKS.md, Trainer step (bench/train_step.py via bench/gpu.sh), B/16 bf16, micro batch 256"
+_GPU_BENCH = "the Trainer, B/16 bf16 micro 256 (BENCHMARKS.md, bench/gpu.sh)"
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,11 @@ _H100_MFU = dict(mfu=0.264, mfu_compiled=0.299)
 
 DEVICES: dict[str, Device] = {
     "h100": Device("h100", "NVIDIA H100 80GB SXM", 80, PEAK_TFLOPS["H100"], **_H100_MFU,
-                   mfu_source=f"{_GPU_BENCH}: compiled 29.9 % on an H100 80GB HBM3; eager 26.4 % (25.8-26.9 % "
-                              "measured on an H200, same peak: no eager Trainer run on an H100)",
+                   mfu_source=f"{_GPU_BENCH}: compiled 29.9 % on an H100; eager 26.4 % on an H200 (same peak; "
+                              "no eager Trainer run on an H100)",
                    per_node=8, intra_gbs=360.0, inter_gbs=40.0),
     "h200": Device("h200", "NVIDIA H200 141GB", 141, PEAK_TFLOPS["H200"], mfu=0.264, mfu_compiled=0.312,
-                   mfu_source=f"{_GPU_BENCH}: H200, eager 25.8-26.9 %, compiled 31.2 %",
+                   mfu_source=f"{_GPU_BENCH}: H200, eager 26.4 % (25.8-26.9), compiled 31.2 %",
                    per_node=8, intra_gbs=360.0, inter_gbs=40.0),
     "a100": Device("a100", "NVIDIA A100 80GB SXM", 80, PEAK_TFLOPS["A100"], **_H100_MFU,
                    mfu_source=f"not measured on an A100: the H100's MFU ({_GPU_BENCH})",
@@ -67,8 +67,8 @@ DEVICES: dict[str, Device] = {
                  per_node=4, intra_gbs=10.0, inter_gbs=1.5),
     # One training process on one core of the dev machine: what the CPU checks of tests/test_plan.py run.
     "cpu": Device("cpu", "one CPU core (dev-2c)", 24, {}, mfu=float("nan"), mfu_compiled=float("nan"),
-                  mfu_source="BENCHMARKS.md, Trainer step, Ti/16 224 px batch 8, 1 thread fp32, dev-2c idle: "
-                             "810 ms/step = 0.0745 TFLOP/s achieved",
+                  mfu_source="the Trainer, Ti/16 224 px batch 8, 1 thread fp32, dev-2c idle: 810 ms/step = "
+                             "0.0745 TFLOP/s achieved (BENCHMARKS.md)",
                   per_node=1, intra_gbs=10.0, inter_gbs=1.0, achieved_tflops=0.0745),
 }
 

@@ -50,6 +50,7 @@ class Plan:
     price: float | None
     notes: tuple[str, ...] = ()
     fixes: tuple[dict[str, Any], ...] = field(default=())
+    speedups: tuple[dict[str, Any], ...] = field(default=())
 
     # ------------------------------------------------------------------ derived numbers
     @property
@@ -151,7 +152,7 @@ class Plan:
             },
             "cost": {"gpu_hours": gpu_hours, "price_per_gpu_hour": self.price,
                      "total": None if self.price is None else gpu_hours * self.price},
-            "fixes": list(self.fixes), "notes": list(self.notes),
+            "fixes": list(self.fixes), "speedups": list(self.speedups), "notes": list(self.notes),
         }
 
 
@@ -232,9 +233,13 @@ def plan(exp: Experiment, device: dv.Device, *, gpus: int, data: DataFacts, stor
     p = Plan(exp=exp, device=device, gpus=gpus, data=data, trace=trace, memory=memory, flops_per_image=fpi,
              compute_s=compute, comm_s=comm, exposed_comm_s=max(0.0, comm - hidden), storage_gbs=storage_gbs,
              price=price, notes=tuple(notes))
-    if fixes and not memory.fits:
-        from orchestration.planning.fixes import find_fixes
+    if fixes:
+        from orchestration.planning.fixes import find_fixes, find_speedups
 
-        p = dataclasses.replace(p, fixes=tuple(find_fixes(exp, device, gpus=gpus, data=data,
-                                                          storage_gbs=storage_gbs)))
+        if memory.fits:
+            p = dataclasses.replace(p, speedups=tuple(find_speedups(exp, device, gpus=gpus, data=data, step_s=p.step_s,
+                                                                    storage_gbs=storage_gbs)))
+        else:
+            p = dataclasses.replace(p, fixes=tuple(find_fixes(exp, device, gpus=gpus, data=data,
+                                                              storage_gbs=storage_gbs)))
     return p

@@ -44,6 +44,9 @@ def render(d: dict[str, Any]) -> str:
     for f in d["fixes"]:
         lines.append(f"  fix: {f['command']}  -> {gb(f['peak'])} per GPU, {duration(f['step_s'])}/step, "
                      f"{f['gpu_hours']:,.0f} GPU-hours")
+    for f in d["speedups"]:
+        lines.append(f"  faster and still fits: {f['command']}  -> {gb(f['peak'])} per GPU, "
+                     f"{duration(f['step_s'])}/step, {f['gpu_hours']:,.0f} GPU-hours")
     if not m["fits"] and not d["fixes"]:
         lines.append("  no single change found that fits: use a card with more memory or a smaller model")
     mfu = f"MFU {c['mfu'] * 100:.1f} %" if c["mfu"] is not None else "achieved FLOP/s"

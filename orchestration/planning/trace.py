@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from model import build_network
 from model.network import NetConfig
@@ -86,9 +85,9 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        seen = {self._key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, Tensor) or (key := self._key(t)) in seen or key in self.live:
+        seen = {self._key(t) for t in _tensors((args, kwargs))}
+        for t in _tensors(out):
+            if (key := self._key(t)) in seen or key in self.live:
                 continue
             st = t.untyped_storage()
             self.live[key] = st.nbytes()
@@ -96,6 +95,18 @@ class LiveBytes(TorchDispatchMode):
             self.peak = max(self.peak, self.now)
             self._refs[key] = weakref.ref(st, functools.partial(_call_gone, weakref.ref(self), key))
         return out
+
+
+def _tensors(x: Any) -> Iterator[Tensor]:
+    """The tensors in an operator's arguments or results (flat lists and dicts: cheaper than pytree)."""
+    if isinstance(x, Tensor):
+        yield x
+    elif isinstance(x, list | tuple):
+        for v in x:
+            yield from _tensors(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
 
 
 def _call_gone(tracker: weakref.ref, key: int, _ref: Any) -> None:
