@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     print(RESULT_PREFIX + json.dumps({k: d[k] for k in ("recipe", "device", "gpus")} | {
         "fits": d["memory"]["fits"], "peak_bytes": d["memory"]["peak"], "step_s": d["compute"]["step_s"],
         "run_s": d["compute"]["run_s"], "gpu_hours": d["cost"]["gpu_hours"], "cost": d["cost"]["total"],
-        "fixes": [f["command"] for f in d["fixes"]]}))
+        "fixes": [f["command"] for f in d["fixes"]], "speedups": [f["command"] for f in d["speedups"]]}))
     return 0
 
 

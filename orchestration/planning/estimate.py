@@ -1,8 +1,9 @@
 """The plan of one experiment on N devices: memory, time, data, checkpoints, cost, and fixes.
 
 Pure computation (no Ray, no MLflow, no storage but the optional dataset index read by the
-caller): ``plan(exp, device, gpus=N, data=facts)`` returns a :class:`Plan`, whose ``to_dict()``
-is the JSON the CLI writes and whose fields the report prints.
+caller): ``estimate(exp, device, gpus=N, data=facts)`` returns a :class:`Plan`, whose ``to_dict()``
+is the JSON the CLI writes and whose fields the report prints (``planning.planner.plan`` adds the
+fixes of a run that does not fit and the speed-ups of one that fits with room).
 
 Time: a step's useful FLOPs (``model.flops``: the analytic ViT count, MAE's encoder on the
 visible quarter plus its decoder, timm networks through the generic counter; x3 for forward +
@@ -201,9 +202,10 @@ def _divisor_near(n: int, k: int) -> int:
     return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), d))
 
 
-def plan(exp: Experiment, device: dv.Device, *, gpus: int, data: DataFacts, storage_gbs: float = 1.0,
-         price: float | None = None, fixes: bool = True) -> Plan:
-    """The plan of ``exp`` on ``gpus`` devices of ``device`` (see the module docstring)."""
+def estimate(exp: Experiment, device: dv.Device, *, gpus: int, data: DataFacts, storage_gbs: float = 1.0,
+             price: float | None = None) -> Plan:
+    """The plan of ``exp`` on ``gpus`` devices of ``device`` (see the module docstring), without
+    fixes (``planning.planner.plan`` adds them)."""
     if gpus < 1:
         raise ValueError(f"--gpus {gpus}: need at least 1")
     exp, notes = at_scale(exp, gpus)
@@ -230,16 +232,6 @@ def plan(exp: Experiment, device: dv.Device, *, gpus: int, data: DataFacts, stor
     if exp.train.micro_batch < 64 and device.achieved_tflops is None:
         notes.append(f"the MFU was measured at micro batch 256; at {exp.train.micro_batch} kernels are smaller and "
                      "the step time is optimistic")
-    p = Plan(exp=exp, device=device, gpus=gpus, data=data, trace=trace, memory=memory, flops_per_image=fpi,
-             compute_s=compute, comm_s=comm, exposed_comm_s=max(0.0, comm - hidden), storage_gbs=storage_gbs,
-             price=price, notes=tuple(notes))
-    if fixes:
-        from orchestration.planning.fixes import find_fixes, find_speedups
-
-        if memory.fits:
-            p = dataclasses.replace(p, speedups=tuple(find_speedups(exp, device, gpus=gpus, data=data, step_s=p.step_s,
-                                                                    storage_gbs=storage_gbs)))
-        else:
-            p = dataclasses.replace(p, fixes=tuple(find_fixes(exp, device, gpus=gpus, data=data,
-                                                              storage_gbs=storage_gbs)))
-    return p
+    return Plan(exp=exp, device=device, gpus=gpus, data=data, trace=trace, memory=memory, flops_per_image=fpi,
+                compute_s=compute, comm_s=comm, exposed_comm_s=max(0.0, comm - hidden), storage_gbs=storage_gbs,
+                price=price, notes=tuple(notes))

@@ -15,6 +15,7 @@ from typing import Any
 from orchestration.experiment import Experiment, apply_overrides
 from orchestration.planning import devices as dv
 from orchestration.planning.dataset import DataFacts
+from orchestration.planning.estimate import estimate
 
 #: How many fitting fixes a plan lists.
 MAX_FIXES = 4
@@ -47,8 +48,6 @@ def find_fixes(exp: Experiment, device: dv.Device, *, gpus: int, data: DataFacts
                storage_gbs: float) -> list[dict[str, Any]]:
     """Up to MAX_FIXES changes that make ``exp`` fit on ``gpus`` x ``device``, fastest first: each
     ``{"set": [...], "gpus": N, "peak": bytes, "step_s": s, "gpu_hours": h, "command": "--set ..."}``."""
-    from orchestration.planning.estimate import plan
-
     found: list[dict[str, Any]] = []
     seen: set[tuple[str, ...]] = set()
     for sets, g in _candidates(exp, gpus):
@@ -59,7 +58,7 @@ def find_fixes(exp: Experiment, device: dv.Device, *, gpus: int, data: DataFacts
         try:
             changed = apply_overrides(exp, sets) if sets else exp
             changed = dataclasses.replace(changed, resources=dataclasses.replace(changed.resources, workers=g))
-            p = plan(changed, device, gpus=g, data=data, storage_gbs=storage_gbs, fixes=False)
+            p = estimate(changed, device, gpus=g, data=data, storage_gbs=storage_gbs)
         except ValueError:
             continue  # e.g. a micro batch that no longer splits the global batch at this size
         if not p.memory.fits:
@@ -88,8 +87,6 @@ def find_speedups(exp: Experiment, device: dv.Device, *, gpus: int, data: DataFa
                   storage_gbs: float) -> list[dict[str, Any]]:
     """Changes that still fit and are >= 5 % faster (a recipe sized for smaller cards): activation
     checkpointing off (no recomputation), a lower ZeRO stage (fewer collectives), both."""
-    from orchestration.planning.estimate import plan
-
     e = exp.train.engine
     options: list[list[str]] = []
     lower = [f"train.engine.zero_stage={z}" for z in range(max(e.zero_stage - 1, 0), 0, -1)] if e.zero_stage > 1 else []
@@ -99,7 +96,7 @@ def find_speedups(exp: Experiment, device: dv.Device, *, gpus: int, data: DataFa
     out = []
     for sets in options:
         try:
-            p = plan(apply_overrides(exp, sets), device, gpus=gpus, data=data, storage_gbs=storage_gbs, fixes=False)
+            p = estimate(apply_overrides(exp, sets), device, gpus=gpus, data=data, storage_gbs=storage_gbs)
         except ValueError:
             continue
         if p.memory.fits and p.step_s < 0.95 * step_s:
