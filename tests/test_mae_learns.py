@@ -59,7 +59,7 @@ def test_mae_pretraining_beats_random_init_on_held_out_digits(tmp_path: Path) ->
         torch.set_num_threads(threads)
     print(f"MAE vs random init on held-out digits: {row} in {time.monotonic() - t0:.0f}s")
     assert row["ft_images"] == 72  # 10 % of the 5-9 train split's labels
-    assert row["mae_eval_loss"] < 0.6, row  # it reconstructs (norm_pix targets: predicting 0 scores 47/48)
+    assert row["mae_eval_loss"] < 0.6, row  # it reconstructs (after 2 steps: 1.6; measured 0.41-0.44)
     for k in mae_learns.SHOTS:
         margin = row[f"{k}shot_mae"] - row[f"{k}shot_random"]
         assert margin >= MIN_MARGIN[f"{k}shot"], (k, margin, row)
