@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +31,8 @@ from training.config import EngineConfig, OptimConfig, ScheduleConfig
 from training.metrics import MetricsSink, peak_tflops
 from training.objectives import ClassificationConfig
 from training.objectives.classification import loss_fn, sigmoid_xent, softmax_xent
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_accumulation_is_derived_and_checked() -> None:
@@ -257,3 +262,26 @@ def test_layer_wise_lr_decay_follows_mae_and_beit() -> None:
     assert all("lr_scale" not in g for g in param_groups(model, 0.05))  # off: two plain groups
     with pytest.raises(ValueError, match="optim.layer_decay=1.5 must be a finite number in"):
         TrainConfig().replace(**{"optim.layer_decay": 1.5})
+
+
+def test_a_child_does_not_reuse_its_parents_one_process_rendezvous(tmp_path: Path) -> None:
+    """A process that trained in-process (the 1-rank fallback of init_distributed) exports RANK,
+    WORLD_SIZE, MASTER_PORT, ... and keeps listening on that port; a child it starts (a Tune trial,
+    a CLI) inherits them. The child must pick its own port, not fail with EADDRINUSE (seen: every
+    trial of a study started from such a process)."""
+    import socket
+
+    with socket.socket() as held:  # the parent's rendezvous port, still in use
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "VITSCALE_SOLO_DIST_PID": "1", "DS_ACCELERATOR": "cpu",
+               "PYTHONPATH": str(ROOT)}
+        code = ("import os; from training.dist import init_distributed; d = init_distributed(); "
+                "print(d.world_size, os.environ['MASTER_PORT'])")
+        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                             timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    world, used = out.stdout.split()[-2:]
+    assert world == "1" and used != str(port)

@@ -179,7 +179,9 @@ def _run_tune(spec: StudySpec, run_id: str | None, resume: bool) -> tuple[list[d
             trial = res.metrics.get("trial") if res.metrics else None
             if res.error is not None:
                 errored.append(str(trial or res.path))
-                log.warning("trial %s failed: %s", trial or res.path, res.error)
+                # The cause on the line itself (a Ray error's message ends with it), then the whole error.
+                cause = next((ln for ln in reversed(str(res.error).splitlines()) if ln.strip()), "?")
+                log.warning("trial %s failed: %s\n%s", trial or res.path, cause.strip(), res.error)
             if res.metrics_dataframe is not None:
                 rows.extend(res.metrics_dataframe.to_dict("records"))
         if not done:  # interrupted (Ctrl-C): leave the remaining experiments to --resume
