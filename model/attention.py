@@ -46,7 +46,8 @@ def cls_attention_maps(attns: list[Tensor], grid: tuple[int, int]) -> Tensor:
     """Per-layer, per-head attention of the class token to each patch, as images.
 
     Args:
-        attns: per layer (B, heads, N, N), with N = gh*gw + 1 (class token first) or
+        attns: per layer (B, heads, N, N), with N = gh*gw + 1 (class token first; + 2 with a
+            distillation token) or
             N = gh*gw (``pool="gap"``: there is no class token, so the mean over all
             query tokens is used instead).
         grid: (gh, gw) patch grid, e.g. ``model.cfg.grid``.
@@ -58,11 +59,11 @@ def cls_attention_maps(attns: list[Tensor], grid: tuple[int, int]) -> Tensor:
     maps = []
     for a in attns:
         B, H, N, _ = a.shape
-        if N == gh * gw + 1:
-            m = a[:, :, 0, 1:]  # (B, heads, gh*gw)
+        if N in (gh * gw + 1, gh * gw + 2):  # class token first (then DeiT's distillation token)
+            m = a[:, :, 0, N - gh * gw:]  # (B, heads, gh*gw)
         elif N == gh * gw:
             m = a.mean(dim=2)
         else:
-            raise ValueError(f"attention over {N} tokens does not match grid {grid} ({gh * gw} patches [+1 cls])")
+            raise ValueError(f"attention over {N} tokens does not match grid {grid} ({gh * gw} patches [+1 cls, +1 dist])")
         maps.append(m.float().reshape(B, H, gh, gw))
     return torch.stack(maps)
