@@ -333,7 +333,12 @@ class VisionTransformer(nn.Module):
                              "distillation token and head); this one has a single head: call forward")
         return self._two_heads(self.forward_features(x))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, both_heads: bool = False) -> Tensor:
+        """Logits (B, num_classes) (a distilled model's: the mean of its two heads). ``both_heads``:
+        :meth:`forward_heads` instead, through ``__call__``, so that a wrapper's forward (DeepSpeed's
+        engine: ZeRO-3 gathers, torch.compile) runs it as it runs any forward."""
+        if both_heads:
+            return self.forward_heads(x)  # type: ignore[return-value]
         return self.forward_head(self.forward_features(x))
 
     def forward_with_attention(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:

@@ -79,3 +79,136 @@ def test_distilled_vit_layout_and_refusals(tmp_path) -> None:
             ViTSpec(variant="mu/8", distilled=True, **bad)
     assert ViTSpec(variant="mu/8", distilled=True).config(num_classes=4, image_size=32).distilled
     assert ViTSpec.of(m.cfg).distilled
+
+
+# ----------------------------------------------------------------------------- the objective
+def _distill_cfg(**kw: object):  # noqa: ANN202 - a TrainConfig
+    from training import TrainConfig
+    from training.config import CheckpointConfig, EngineConfig, OptimConfig, ScheduleConfig
+    from training.objectives import DistillConfig
+
+    objective = DistillConfig(teacher="test:teacher", **kw)  # type: ignore[arg-type]
+    return TrainConfig(global_batch=8, micro_batch=8, log_every=2, profile="cpu", objective=objective,
+                       optim=OptimConfig(lr=2e-3, weight_decay=0.05), engine=EngineConfig(zero_stage=1),
+                       schedule=ScheduleConfig(warmup_steps=1, total_steps=4), checkpoint=CheckpointConfig(every=4))
+
+
+def _teacher(num_classes: int = 10, seed: int = 1) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    t = create_model("mu/8", num_classes=num_classes, image_size=32)
+    torch.nn.init.normal_(t.head.weight, std=0.5)  # a zero head predicts class 0 for everything
+    return t
+
+
+class _Mem:
+    """32 fixed images of 10 classes, 8 a batch; resumable; ``eval=True``: (images, targets, valid)."""
+
+    def __init__(self, eval: bool = False) -> None:  # noqa: A002
+        g = torch.Generator().manual_seed(5)
+        self.x, self.y = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
+        self.eval, self.pos = eval, 0
+
+    def __len__(self) -> int:
+        return 4
+
+    def __iter__(self):  # noqa: ANN204
+        while self.pos < 4:
+            s = slice(self.pos * 8, self.pos * 8 + 8)
+            self.pos += 1
+            yield (self.x[s], self.y[s], torch.ones(8, dtype=torch.bool)) if self.eval else (self.x[s], self.y[s])
+        self.pos = 0
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.pos = d["pos"]
+
+
+def test_distillation_losses_follow_deit_losses_py() -> None:
+    """hard: CE(dist, teacher.argmax(1)); soft: KL(log_softmax(dist/T), log_softmax(teacher/T), sum,
+    log_target) * T^2 / numel; total (1 - alpha) * base + alpha * distillation, base on the class head."""
+    import torch.nn.functional as F
+
+    from training.objectives import DistillConfig, objective_for
+    from training.objectives.distill import distillation_loss
+
+    g = torch.Generator().manual_seed(0)
+    dist, teacher = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    hard = DistillConfig(teacher="t")
+    assert distillation_loss(hard, dist, teacher) == pytest.approx(F.cross_entropy(dist, teacher.argmax(1)).item())
+    soft = DistillConfig(teacher="t", type="soft", tau=2.0)
+    p_t, log_s = (teacher / 2).softmax(1), (dist / 2).log_softmax(1)
+    ref = (p_t * (p_t.log() - log_s)).sum() * 4 / dist.numel()  # an independent spelling of the same KL
+    assert distillation_loss(soft, dist, teacher) == pytest.approx(ref.item(), rel=1e-5)
+    # the objective: both heads of the student, the teacher on the same images, alpha, smoothing
+    student = create_model("mu/8", num_classes=10, image_size=32, distilled=True)
+    torch.nn.init.normal_(student.head.weight, std=0.3)
+    torch.nn.init.normal_(student.head_dist.weight, std=0.3)
+    teach = _teacher()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
+    cfg = DistillConfig(teacher="t", alpha=0.3, label_smoothing=0.1)
+    obj = objective_for(cfg, teacher=teach)
+    assert obj.wrap(student) is student and not teach.training
+    assert all(not p.requires_grad for p in teach.parameters())
+    c, d = student.forward_heads(x)
+    want = 0.7 * F.cross_entropy(c, y, label_smoothing=0.1) + 0.3 * F.cross_entropy(d, teach(x).argmax(1))
+    assert obj.loss(student, (x, y)).item() == pytest.approx(want.item(), rel=1e-5)
+    # soft targets (mixup / cutmix) for the base criterion, as the classification objective's
+    soft_y = F.one_hot(y, 10).float() * 0.6 + 0.04
+    want = 0.7 * -(soft_y * 0.9 + 0.01).mul(c.log_softmax(1)).sum(1).mean() + 0.3 * F.cross_entropy(d, teach(x).argmax(1))
+    assert obj.loss(student, (x, soft_y)).item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_config_and_objective_refusals() -> None:
+    from confkit import ConfigValueError
+    from training.objectives import ClassificationConfig, DistillConfig, objective_for
+
+    with pytest.raises(ConfigValueError) as e:
+        DistillConfig(type="medium", alpha=1.5, tau=0, teacher="")  # type: ignore[arg-type]
+    text = str(e.value)
+    for line in ("type='medium' must be one of 'hard', 'soft'", "alpha=1.5", "tau=0", "teacher='' must be"):
+        assert line in text, text
+    obj = objective_for(DistillConfig(teacher="t"), teacher=_teacher(7))
+    with pytest.raises(ValueError, match="needs a student with DeiT's distillation token .* distilled=True"):
+        obj.wrap(create_model("mu/8", num_classes=7, image_size=32))
+    with pytest.raises(ValueError, match=r"teacher \(t\) predicts 7 classes, the student 10"):
+        obj.wrap(create_model("mu/8", num_classes=10, image_size=32, distilled=True))
+    with pytest.raises(ValueError, match="needs its teacher: Trainer"):
+        objective_for(DistillConfig(teacher="t")).wrap(create_model("mu/8", num_classes=7, image_size=32,
+                                                                    distilled=True))
+    with pytest.raises(ValueError, match="a teacher was given but train.objective.kind='classification' uses none"):
+        objective_for(ClassificationConfig(), teacher=_teacher())
+
+
+def test_trainer_distils_with_a_frozen_teacher_outside_the_engine(tmp_path) -> None:  # noqa: ANN001
+    """The teacher trains nothing of its own: unchanged, eval mode, none of its tensors in the
+    optimizer, the checkpoint or the export; evaluation reports the three heads and the teacher."""
+    from safetensors.torch import load_file
+
+    from training import Trainer, export_weights
+
+    teacher = _teacher()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    torch.manual_seed(0)
+    student = create_model("mu/8", num_classes=10, image_size=32, distilled=True)
+    trainer = Trainer(student, _distill_cfg(), _Mem(), eval_loader=_Mem(eval=True), checkpoint_dir=str(tmp_path / "ck"),
+                      console=False, teacher=teacher)
+    out = trainer.fit()
+    assert out["step"] == 4 and out["loss"] == out["loss"]
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items()) and not teacher.training
+    trained = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not trained & {id(p) for p in teacher.parameters()}
+    export_weights(trainer.engine, tmp_path / "student.safetensors")
+    assert set(load_file(tmp_path / "student.safetensors")) == set(student.state_dict())
+    saved = torch.load(next((tmp_path / "ck" / "step4").rglob("*model_states.pt")), weights_only=False)["module"]
+    assert set(saved) == set(student.state_dict())  # the teacher is not checkpointed
+    ev = _Mem(eval=True)
+    with torch.no_grad():
+        teacher_top1 = (teacher(ev.x).argmax(1) == ev.y).float().mean().item()
+        c, d = student.forward_heads(ev.x)
+    assert out["eval_top1_teacher"] == pytest.approx(teacher_top1)
+    assert out["eval_top1_cls"] == pytest.approx((c.argmax(1) == ev.y).float().mean().item())
+    assert out["eval_top1_dist"] == pytest.approx((d.argmax(1) == ev.y).float().mean().item())
+    assert out["eval_top1"] == pytest.approx((((c + d) / 2).argmax(1) == ev.y).float().mean().item())
+    assert out["eval_samples"] == 32
