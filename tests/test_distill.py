@@ -357,3 +357,80 @@ def test_each_copy_is_augmented_on_its_own(tmp_path) -> None:  # noqa: ANN001
     assert len(batches) == 24
     for (x0, y0), (x1, y1) in zip(batches[:12], batches[12:], strict=True):
         assert torch.equal(y0, y1) and not torch.equal(x0, x1)
+
+
+# ----------------------------------------------------------------------------- teachers
+def test_timm_teacher_from_safetensors_and_its_refusals(tmp_path) -> None:  # noqa: ANN001
+    """timm:ARCH=WEIGHTS.safetensors builds the architecture without a download and loads the file;
+    a pickle (whatever its name), another class count, an unknown architecture are refused by name."""
+    import timm
+    from safetensors.torch import save_file
+
+    from orchestration.launch.teacher import load_teacher, parse_teacher
+    from orchestration.tracking import UnsafeModelError
+
+    torch.manual_seed(0)
+    ref = timm.create_model("test_resnet", pretrained=False, num_classes=10).eval()
+    save_file(ref.state_dict(), tmp_path / "t.safetensors")
+    spec = f"timm:test_resnet={tmp_path / 't.safetensors'}"
+    assert parse_teacher(spec).arch == "test_resnet"
+    t = load_teacher(spec, 10)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(t(x), ref(x))
+    assert not t.training and not any(p.requires_grad for p in t.parameters())
+    with pytest.raises(ValueError, match=r"predicts 10 classes \(fc.weight is \(10, .*the dataset has 7"):
+        load_teacher(spec, 7)
+    torch.save(ref.state_dict(), tmp_path / "p.safetensors")  # a pickle behind a safe-looking name
+    torch.save(ref.state_dict(), tmp_path / "p.pth")
+    for name in ("p.safetensors", "p.pth"):
+        with pytest.raises(UnsafeModelError, match="is a pickle .* never unpickles"):
+            load_teacher(f"timm:test_resnet={tmp_path / name}", 10)
+    with pytest.raises(ValueError, match="Unknown model .*name a timm architecture"):
+        load_teacher(f"timm:no_such_net={tmp_path / 't.safetensors'}", 10)
+    with pytest.raises(ValueError, match="do not fit timm's test_byobnet"):
+        load_teacher(f"timm:test_byobnet={tmp_path / 't.safetensors'}", 10)
+    for bad in ("timm:test_resnet", "http://x/y.safetensors", ""):
+        with pytest.raises(ValueError, match="teacher"):
+            parse_teacher(bad)
+
+
+def test_vit_teachers_from_a_file_and_the_registry(tmp_path) -> None:  # noqa: ANN001
+    """Ours: a .safetensors export (a run's export) or models:/NAME@ALIAS, pinned to its version; the
+    class count, the image size and a head-less MAE encoder are checked; a pickled file refused."""
+    from orchestration import tracking
+    from orchestration.launch.teacher import load_teacher, pin_teacher
+    from orchestration.tracking import UnsafeModelError
+
+    teacher = _teacher(10)
+    save_weights(teacher, tmp_path / "model.safetensors")
+    t = load_teacher(str(tmp_path / "model.safetensors"), 10, image_size=32)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(t(x), teacher(x))
+    with pytest.raises(ValueError, match="predicts 10 classes, the dataset has 5"):
+        load_teacher(str(tmp_path / "model.safetensors"), 5)
+    with pytest.raises(ValueError, match="ViT for 32x32 images, the student sees 64x64"):
+        load_teacher(str(tmp_path / "model.safetensors"), 10, image_size=64)
+    save_weights(create_model("mu/8", num_classes=0, image_size=32, posemb="sincos2d"), tmp_path / "mae.safetensors")
+    with pytest.raises(ValueError, match="has no class head"):
+        load_teacher(str(tmp_path / "mae.safetensors"), 10)
+    torch.save(teacher.state_dict(), tmp_path / "model.pt")
+    with pytest.raises(UnsafeModelError, match="never unpickles"):
+        load_teacher(str(tmp_path / "model.pt"), 10)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.start_run("teachers", run_name="t", uri=uri)
+    tracking.log_and_register_model(teacher, run_id=run_id, name="teacher-mu8", tags={}, uri=uri)
+    tracking.client(uri).set_registered_model_alias("teacher-mu8", "champion", "1")
+    t = load_teacher("models:/teacher-mu8@champion", 10, image_size=32, tracking_uri=uri)
+    torch.testing.assert_close(t(x), teacher(x))
+    from orchestration.experiment import get_recipe
+
+    exp = get_recipe("deit_mu_distilled_digits")
+    exp = pin_teacher(dataclasses_replace_teacher(exp, "models:/teacher-mu8@champion"), uri)
+    assert exp.train.objective.teacher == "models:/teacher-mu8/1"
+
+
+def dataclasses_replace_teacher(exp, teacher: str):  # noqa: ANN001, ANN201 - an Experiment
+    from dataclasses import replace
+
+    return replace(exp, train=replace(exp.train, objective=replace(exp.train.objective, teacher=teacher)))

@@ -40,6 +40,9 @@ def experiment_problems(exp: Experiment) -> list[str]:
     except ValueError as e:
         p.append(f"model: {' '.join(str(e).split())}")
     p += decoder_memory_problems(exp)
+    if exp.train.objective.kind == "distill" and not exp.model.distilled:
+        p.append("train.objective.kind='distill' trains DeiT's distillation head: the student needs one "
+                 "(--set model.distilled=true); a model without a class head cannot be distilled into")
     r = exp.resources
     low = r.min_workers if r.min_workers is not None else r.workers
     for world in range(low, r.workers + 1):  # elastic: the global batch must fit every size

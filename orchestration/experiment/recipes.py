@@ -31,6 +31,7 @@ from typing import Any
 
 from model import ViTSpec
 from orchestration.experiment.config import EvalSpec, Experiment, Resources
+from orchestration.experiment.deit_recipes import DEIT_RECIPES
 from pipeline import AugmentConfig, DataConfig, IOConfig, PreprocessConfig, SourceConfig
 from training import TrainConfig
 from training.config import CheckpointConfig, EngineConfig, OptimConfig, ScheduleConfig
@@ -447,7 +448,7 @@ def mae_vit_mu_digits() -> Experiment:
 RECIPES: dict[str, Callable[[], Experiment]] = {
     f.__name__: f
     for f in (vit_b16_i21k, vit_l16_i21k, vit_b16_jft, vit_l16_jft, vit_h14_jft, vit_s16_t4, vit_mu_smoke, vit_study,
-              mae_vit_b16_i21k, mae_vit_l16_i21k, mae_vit_h14_i21k, mae_vit_mu_digits)
+              mae_vit_b16_i21k, mae_vit_l16_i21k, mae_vit_h14_i21k, mae_vit_mu_digits, *DEIT_RECIPES)
 }
 
 

@@ -80,7 +80,7 @@ def distillation_loss(cfg: DistillConfig, dist_logits: Tensor, teacher_logits: T
     return kl * (t * t) / dist_logits.numel()
 
 
-def _classes(module: nn.Module) -> int | None:
+def class_count(module: nn.Module) -> int | None:
     """The class count a model says it predicts (ours: ``cfg.num_classes``; timm: ``num_classes``)."""
     n = getattr(getattr(module, "cfg", None), "num_classes", None)
     n = getattr(module, "num_classes", None) if n is None else n
@@ -115,7 +115,7 @@ class DistillationObjective(Objective):
         if self.teacher is None:
             raise ValueError("the distillation objective needs its teacher: Trainer(..., teacher=module) "
                              "(orchestration loads it from train.objective.teacher)")
-        student, teacher = _classes(model), _classes(self.teacher)
+        student, teacher = class_count(model), class_count(self.teacher)
         if teacher is not None and student is not None and teacher != student:
             raise ValueError(f"the teacher ({self.cfg.teacher}) predicts {teacher} classes, the student {student}: "
                              "distil from a teacher trained on the same classes")
