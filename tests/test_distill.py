@@ -434,3 +434,43 @@ def dataclasses_replace_teacher(exp, teacher: str):  # noqa: ANN001, ANN201 - an
     from dataclasses import replace
 
     return replace(exp, train=replace(exp.train, objective=replace(exp.train.objective, teacher=teacher)))
+
+
+def test_pretrain_refuses_a_bad_teacher_before_ray(tmp_path, capsys) -> None:  # noqa: ANN001
+    """pretrain.py exits 2 with one error line, before Ray or MLflow start, for a pickled teacher, a
+    teacher of another class count, a student without the distillation head, a teacher spec of no
+    known form and a registry alias that does not exist."""
+    from orchestration import pretrain
+    from pipeline import write_dataset
+    from pipeline.demo_data import make_digits_folder
+
+    make_digits_folder(tmp_path / "src", image_size=32, limit=120)
+    data = str(tmp_path / "ds")
+    write_dataset(tmp_path / "src", data, samples_per_shard=60, val_fraction=0.2, progress=False)
+    teacher = _teacher(10)
+    save_weights(teacher, tmp_path / "ok.safetensors")
+    save_weights(_teacher(7), tmp_path / "seven.safetensors")
+    torch.save(teacher.state_dict(), tmp_path / "pickled.safetensors")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = ["--recipe", "deit_mu_distilled_digits", "--data", data, "--storage", str(tmp_path / "runs"),
+            "--tracking-uri", uri, "--dry-run"]
+
+    def errors(*sets: str) -> list[str]:
+        code = pretrain.main(base + [a for s in sets for a in ("--set", s)])
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+        assert (code == 2) == bool(lines), (code, lines)
+        return lines
+
+    assert errors(f"train.objective.teacher={tmp_path / 'ok.safetensors'}") == []
+    cases = {
+        f"train.objective.teacher={tmp_path / 'pickled.safetensors'}": "is a pickle",
+        f"train.objective.teacher=timm:test_resnet={tmp_path / 'pickled.safetensors'}": "is a pickle",
+        f"train.objective.teacher={tmp_path / 'seven.safetensors'}": "predicts 7 classes, the dataset has 10",
+        "train.objective.teacher=ftp://host/t.safetensors": "is none of models:/NAME@ALIAS",
+        "train.objective.teacher=models:/nobody@champion": "registered model 'nobody' not found",
+    }
+    for override, message in cases.items():
+        lines = errors(override)
+        assert len(lines) == 1 and message in lines[0], (override, lines)
+    lines = errors(f"train.objective.teacher={tmp_path / 'ok.safetensors'}", "model.distilled=false")
+    assert any("needs one (--set model.distilled=true)" in ln for ln in lines), lines

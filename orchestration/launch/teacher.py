@@ -131,7 +131,10 @@ def load_teacher(spec: str, num_classes: int, *, image_size: int | None = None,
         if src.kind == "registry":
             model = load_model(spec, tracking_uri)
         elif src.kind == "file":
-            model = model_from_path(_local(src.ref, Path(tmp)), spec)
+            path = _local(src.ref, Path(tmp))
+            if path.is_file():  # a folder is checked file by file by model_from_path
+                _refuse_pickle(path, spec)
+            model = model_from_path(path, spec)
         else:
             model = _timm_teacher(src, spec, num_classes, Path(tmp))
     have = class_count(model)
