@@ -1,9 +1,25 @@
-"""Whole-network attention maps from ``VisionTransformer.forward_with_attention``."""
+"""Whole-network attention maps from ``VisionTransformer.forward_with_attention`` (or, for timm's
+networks with a class token, ``model.zoo_attention``)."""
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+
+def forward_with_attention(model: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """``(logits, per-layer (B, heads, N, N) attention)`` of our ViT or a timm DeiT / CaiT / BEiT
+    (ValueError for a network without a global class token)."""
+    if hasattr(model, "forward_with_attention"):
+        return model.forward_with_attention(x)
+    from .zoo_attention import timm_forward_with_attention
+
+    return timm_forward_with_attention(model, x)
+
+
+def attention_grid(model: nn.Module) -> tuple[int, int]:
+    """The patch grid (gh, gw) the attention maps are drawn on."""
+    return tuple(model.cfg.grid)  # type: ignore[return-value]
 
 
 def attention_rollout(attns: list[Tensor], discard_ratio: float = 0.0) -> Tensor:
@@ -46,10 +62,10 @@ def cls_attention_maps(attns: list[Tensor], grid: tuple[int, int]) -> Tensor:
     """Per-layer, per-head attention of the class token to each patch, as images.
 
     Args:
-        attns: per layer (B, heads, N, N), with N = gh*gw + 1 (class token first; + 2 with a
-            distillation token) or
-            N = gh*gw (``pool="gap"``: there is no class token, so the mean over all
-            query tokens is used instead).
+        attns: per layer (B, heads, N, N), with N = gh*gw + k (class token first, then k - 1
+            other prefix tokens such as DeiT's distillation token) or N = gh*gw
+            (``pool="gap"``: there is no class token, so the mean over all query tokens is
+            used instead).
         grid: (gh, gw) patch grid, e.g. ``model.cfg.grid``.
 
     Returns:
@@ -59,11 +75,11 @@ def cls_attention_maps(attns: list[Tensor], grid: tuple[int, int]) -> Tensor:
     maps = []
     for a in attns:
         B, H, N, _ = a.shape
-        if N in (gh * gw + 1, gh * gw + 2):  # class token first (then DeiT's distillation token)
-            m = a[:, :, 0, N - gh * gw:]  # (B, heads, gh*gw)
+        if N > gh * gw:
+            m = a[:, :, 0, N - gh * gw:]  # (B, heads, gh*gw): the class token's row over the patches
         elif N == gh * gw:
             m = a.mean(dim=2)
         else:
-            raise ValueError(f"attention over {N} tokens does not match grid {grid} ({gh * gw} patches [+1 cls, +1 dist])")
+            raise ValueError(f"attention over {N} tokens does not match grid {grid} ({gh * gw} patches [+ prefix])")
         maps.append(m.float().reshape(B, H, gh, gw))
     return torch.stack(maps)

@@ -1,12 +1,25 @@
-"""Analytic compute of a ViT forward pass, for MFU and scaling-law plots.
+"""Compute of a forward pass, for MFU and the studies' compute axis, the same for every model.
 
-Counts multiply-accumulates (MACs) of the matrix products only, the convention of
-timm's / fvcore's published "GMACs" (LayerNorm, softmax, GELU and adds are < 1% for ViTs).
+Counts multiply-accumulates (MACs) of the matrix products and convolutions only, the convention
+of timm's / fvcore's published "GMACs" (LayerNorm, softmax, GELU and adds are < 1% for ViTs).
+Our ViT has an analytic formula (:func:`macs_per_image` of a ViTConfig); every other network
+(timm's zoo) is counted by one generic counter, :func:`count_forward_macs`
+(``torch.utils.flop_counter.FlopCounterMode`` over a forward on the meta device: nothing is
+allocated or computed). Both count the same operations: for our ViT they agree exactly, and for
+timm's DeiT to the equivalent ViTConfig's formula within 0.1% (tests/test_zoo.py), so MFU and a
+study's FLOPs axis mean the same thing for every architecture.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
 from .vit import ViTConfig
+from .zoo import TimmConfig, create_timm_model
 
 
 def blocks_macs(tokens: int, width: int, mlp_dim: int, depth: int) -> int:
@@ -22,12 +35,42 @@ def blocks_macs(tokens: int, width: int, mlp_dim: int, depth: int) -> int:
     return depth * per_layer
 
 
-def macs_per_image(cfg: ViTConfig) -> int:
+def count_forward_macs(build: Callable[[], nn.Module], in_chans: int, image_size: int) -> int:
+    """Multiply-adds of one image's forward through the network ``build()`` makes, counted by
+    ``FlopCounterMode`` (which counts 2 FLOPs per MAC) on the meta device.
+
+    The network is built under ``torch.device("meta")`` and run in eval mode (BatchNorm's batch
+    statistics are not a one-image problem) with autograd on: a forward under ``no_grad`` trips
+    the counter's module tracker on some timm blocks (CaiT's), and on the meta device the graph
+    costs nothing. The meta device also matters for attention: on CPU, ``scaled_dot_product_attention``
+    runs a kernel the counter does not know, and QK^T / AV would go uncounted.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = build()
+    model.eval()
+    x = torch.zeros(1, in_chans, image_size, image_size, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.enable_grad():
+        model(x)
+    return int(counter.get_total_flops()) // 2
+
+
+@functools.lru_cache(maxsize=512)
+def _timm_macs(cfg: TimmConfig) -> int:
+    return count_forward_macs(lambda: create_timm_model(cfg), cfg.in_chans, cfg.image_size)
+
+
+def macs_per_image(cfg: ViTConfig | TimmConfig) -> int:
     """Forward multiply-adds for one image.
 
-    patch embedding + per layer (qkv, QK^T, AV, output projection, 2 MLP matmuls)
-    + representation layer + head. E.g. B/16 at 224: 17.56e9 (timm lists 17.58 G).
+    Our ViT, analytically: patch embedding + per layer (qkv, QK^T, AV, output projection, 2 MLP
+    matmuls) + representation layer + head. E.g. B/16 at 224: 17.56e9 (timm lists 17.58 G). A
+    timm network: counted (:func:`count_forward_macs`, cached per config), e.g. Swin-T at 224:
+    4.49e9 (timm lists 4.51 G).
     """
+    if isinstance(cfg, TimmConfig):
+        return _timm_macs(cfg)
     D = cfg.width
     patch = cfg.num_patches * D * cfg.in_chans * cfg.patch_size**2
     rep = cfg.representation_size or 0
@@ -49,7 +92,7 @@ def mae_macs_per_image(cfg: ViTConfig, decoder_width: int, decoder_depth: int, d
     return patch + encoder + decoder + predict
 
 
-def train_flops_per_image(cfg: ViTConfig) -> float:
+def train_flops_per_image(cfg: ViTConfig | TimmConfig) -> float:
     """FLOPs of one training step per image: forward + backward ~= 3 forwards, 2 FLOPs/MAC.
 
     Activation checkpointing re-runs the forward, but that is not useful work, so MFU

@@ -170,8 +170,8 @@ def save_weights(
 ) -> None:
     """Write a state dict to a ``.safetensors`` file (tensors moved to CPU, made contiguous).
 
-    For a ``VisionTransformer`` the config is stored in the metadata as JSON under
-    ``"vitscale.config"`` (read it back with ``read_config``).
+    For a ``VisionTransformer`` (or a zoo network) the config is stored in the metadata as JSON
+    under ``"vitscale.config"`` (read it back with ``read_config`` / ``network.config_from_dict``).
     """
     from safetensors.torch import save_file
 
@@ -181,7 +181,7 @@ def save_weights(
         raise ValueError(f"safetensors metadata must map str -> str; offending keys/value types: {bad}")
     if isinstance(model_or_sd, nn.Module):
         cfg = getattr(model_or_sd, "cfg", None)
-        if isinstance(cfg, ViTConfig):
+        if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):  # a ViTConfig or a zoo TimmConfig
             meta.setdefault("vitscale.config", json.dumps(dataclasses.asdict(cfg)))
         sd: Mapping[str, Tensor] = model_or_sd.state_dict()
     else:

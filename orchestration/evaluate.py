@@ -13,9 +13,16 @@ Examples::
     python orchestration/evaluate.py linear --protocol mae --model models:/mae-vit-mu4-digits/1 \\
         --data s3://vitscale/digits
 
-``--model``: ``models:/NAME/VERSION``, ``runs:/ID/PATH``, a ``.safetensors`` file or a model
-folder; an MAE encoder (no head) works as any model: its pre-logits are the class token after
-the final norm. ``--data``: one or more datasets written by ``pipeline.write_shards`` (train split =
+    # the same, and move the alias "champion" here only if this version beats the current champion
+    python orchestration/evaluate.py fewshot --model models:/vit-mu4-digits/4 --data s3://vitscale/digits \
+        --shots 10 --promote champion --metric fewshot/digits/10shot
+
+``--model``: ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/ID/PATH``, a ``.safetensors``
+file or a model folder; an MAE encoder (no head) works as any model: its pre-logits are the class
+token after the final norm. ``--promote ALIAS`` (a registered ``--model`` only): the version the alias
+points at now is evaluated the same way, and the alias moves to ``--model`` only if its
+``--metric`` (needed when the report has more than one) is strictly higher; both numbers and the
+decision are recorded on the version as tags (:mod:`orchestration.tracking.promotion`). ``--data``: one or more datasets written by ``pipeline.write_shards`` (train split =
 support / probe training set, ``val`` = test), ``NAME=URL`` to name one in the report. Every
 result is a row of the shared report format (:mod:`orchestration.evaluation.results`). The
 evaluators live in :mod:`orchestration.evaluation`; this file is their one command line.
@@ -60,6 +67,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         p.add_argument("--device", default="cuda" if _cuda() else "cpu")
         p.add_argument("--batch-size", default="128")
         p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ and runs:/ sources")
+        p.add_argument("--promote", default=None, metavar="ALIAS",
+                       help="move this registry alias to --model if it beats the alias's current version")
+        p.add_argument("--metric", default=None, help="the report key --promote compares (e.g. fewshot/digits/10shot)")
     fs.add_argument("--shots", default=",".join(map(str, DEFAULT_SHOTS)), help="comma-separated shot counts")
     fs.add_argument("--seed", default="0", help="support-set seed (the same images for the same seed)")
     lin.add_argument("--protocol", choices=("vit", "mae"), default="vit",
@@ -139,16 +149,11 @@ def evaluate_main(a: argparse.Namespace) -> int:
         problems.append(one_line(e))
     if cfg is not None:
         problems += _pool_problems(cfg, a.command)
+    target = _promotion_target(a, cfg, problems)
     if problems or cfg is None or model is None:
         return report(problems)
-    model = model.to(a.device)
     try:
-        if a.command == "fewshot":
-            res = evaluate_fewshot(model, cfg, device=a.device, model_name=a.model)
-            rep, l2 = res.report, res.l2
-        else:
-            rep = evaluate_linear(model, cfg, device=a.device, model_name=a.model, protocol=a.protocol)
-            l2 = {r.key: float(r.details["l2"]) for r in rep.rows}
+        rep, l2 = _evaluate(a, model, cfg, a.model)
     except EvaluationError as e:  # NaN/Inf features: not a measurement, nothing printed as one
         return report([one_line(e)])
     for key, acc in rep.metrics().items():
@@ -156,6 +161,77 @@ def evaluate_main(a: argparse.Namespace) -> int:
     if a.out:
         rep.write(a.out)
         print(f"report: {a.out}")
+    if target is not None:
+        return _promote(a, cfg, target, rep.metrics())
+    return 0
+
+
+def _evaluate(a: argparse.Namespace, model: object, cfg: FewShotConfig, name: str) -> tuple[object, dict[str, float]]:
+    model = model.to(a.device)  # type: ignore[attr-defined]
+    if a.command == "fewshot":
+        res = evaluate_fewshot(model, cfg, device=a.device, model_name=name)
+        return res.report, res.l2
+    rep = evaluate_linear(model, cfg, device=a.device, model_name=name, protocol=a.protocol)
+    return rep, {r.key: float(r.details["l2"]) for r in rep.rows}
+
+
+def _expected_keys(a: argparse.Namespace, cfg: FewShotConfig) -> list[str]:
+    """The report keys this evaluation will produce (results.ResultRow.key)."""
+    if a.command == "fewshot":
+        return [f"fewshot/{n}/{k}shot" for n in cfg.names or cfg.datasets for k in cfg.shots]
+    return [f"linear_probe/{n}/full" for n in cfg.names or cfg.datasets]
+
+
+def _promotion_target(a: argparse.Namespace, cfg: FewShotConfig | None, problems: list[str]) -> dict | None:
+    """``{"name", "version", "metric"}`` for ``--promote``, checked before anything is evaluated."""
+    if a.promote is None:
+        if a.metric is not None:
+            problems.append("--metric only applies with --promote ALIAS")
+        return None
+    from orchestration.experiment.config import name_problems
+    from orchestration.tracking import resolve_model_source
+
+    problems += name_problems("--promote", a.promote)
+    if not a.model.startswith("models:/"):
+        problems.append(f"--promote needs a registered --model (models:/NAME/VERSION or models:/NAME@ALIAS), "
+                        f"got {a.model}")
+        return None
+    if cfg is None:
+        return None
+    keys = _expected_keys(a, cfg)
+    metric = a.metric or (keys[0] if len(keys) == 1 else None)
+    if metric not in keys:
+        problems.append(f"--metric {a.metric!r}: --promote compares one number; choose one of {keys}" if a.metric
+                        else f"--promote: the report has {len(keys)} numbers; choose one with --metric ({keys})")
+        return None
+    try:
+        src = resolve_model_source(a.model, a.tracking_uri)
+    except LookupError as e:
+        problems.append(f"--model {a.model}: {one_line(e)}")
+        return None
+    return {"name": src["name"], "version": src["version"], "metric": metric}
+
+
+def _promote(a: argparse.Namespace, cfg: FewShotConfig, target: dict, metrics: dict[str, float]) -> int:
+    from orchestration.tracking import load_model
+    from orchestration.tracking.promotion import promote
+
+    name, metric = target["name"], target["metric"]
+
+    def champion_value(version: int) -> float:
+        uri = f"models:/{name}/{version}"
+        print(f"evaluating the current {a.promote} {uri} the same way", flush=True)
+        rep, _ = _evaluate(a, load_model(uri, a.tracking_uri), cfg, uri)
+        return rep.metrics()[metric]
+
+    try:
+        res = promote(name, target["version"], a.promote, metric=metric, value=metrics[metric],
+                      champion_value=champion_value, uri=a.tracking_uri)
+    except EvaluationError as e:
+        return report([f"the current {a.promote}: {one_line(e)}"])
+    champ = ("" if res["champion_version"] is None else
+             f" vs version {res['champion_version']} {res['champion_value']:.4f}")
+    print(f"promote {a.promote}: {name}/{target['version']} {metric} {res['value']:.4f}{champ}: {res['decision']}")
     return 0
 
 

@@ -51,7 +51,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from model import ViTConfig, ViTSpec
+from model import TimmConfig, TimmSpec, ViTConfig, ViTSpec
 from orchestration import tracking
 from orchestration.evaluation.results import EvalReport, ResultRow
 from orchestration.experiment import Experiment, OverrideError, apply_overrides, validation
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     before, experiment = _source_run(source, args.experiment, uri)
     storage = args.storage or default_storage()
     init_url = _stage_weights(src_model, url_join(storage, exp.name, "init", f"{uuid.uuid4().hex[:12]}.safetensors"),
-                              exp.image_size, pool=exp.model.pool)
+                              exp.image_size, pool=getattr(exp.model, "pool", None), spec=exp.model)
     try:  # Ray starts inside launch, once the run folder's lease is held
         summary = launch(
             exp, data_url=args.data, storage=storage, uri=uri, experiment=experiment, address=args.address,
@@ -196,13 +196,15 @@ def publish_report(rep: EvalReport, run_id: str, uri: str, path: str | None) -> 
         rep.write(path)
 
 
-def _resolve(args: argparse.Namespace, src_cfg: ViTConfig, source: dict[str, Any], *, protocol: str, gpus: int,
+def _resolve(args: argparse.Namespace, src_cfg: ViTConfig | TimmConfig, source: dict[str, Any], *, protocol: str,
+             gpus: int,
              train_images: int | None = None, overrides: list[str] | None = None,
              objective: str = "classification") -> tuple[Experiment | None, list[str]]:
     """The fine-tuning experiment (with ``--set``, or ``overrides``) and its problems (no I/O)."""
     tags = source["tags"]
     kind = "" if objective == "classification" else f"{objective}-"  # a file's MAE encoder: mae-vit-...
-    source_name = source.get("name") or f"{kind}vit-{ViTSpec.of(src_cfg).slug}"
+    arch = src_cfg.name if isinstance(src_cfg, TimmConfig) else f"vit-{ViTSpec.of(src_cfg).slug}"
+    source_name = source.get("name") or f"{kind}{arch}"
     try:
         exp = finetune_experiment(
             src_cfg, image_size=args.image_size, source_recipe=tags.get("recipe"),
@@ -269,7 +271,8 @@ def _source_run(source: dict[str, Any], experiment: str | None, uri: str) -> tup
     return before, experiment or "finetune"
 
 
-def _stage_weights(model: Any, init_url: str, image_size: int, *, pool: str | None = None) -> str:
+def _stage_weights(model: Any, init_url: str, image_size: int, *, pool: str | None = None,
+                   spec: Any = None) -> str:
     """Upload the source weights, at the fine-tuning resolution and pooling, to ``init_url`` (every
     worker reads them).
 
@@ -278,22 +281,28 @@ def _stage_weights(model: Any, init_url: str, image_size: int, *, pool: str | No
     file whose grid is the model's and their loader never converts anything silently. MAE's
     mean pooling (``pool="avg"`` on a class-token source) drops the encoder's final ``norm`` and
     adds a fresh ``fc_norm`` (weight 1, bias 0), as main_finetune.py's ``--global_pool`` load does
-    (its missing keys are exactly the head and fc_norm).
+    (its missing keys are exactly the head and fc_norm). A timm network is staged the same way:
+    its position embeddings and relative position bias tables resized (``model.zoo_weights``),
+    for a Swin to the windows it has at the new size.
     """
-    from model import VisionTransformer
-    from model.weights import load_weights, save_weights
+    from model import build_network, load_network_weights
+    from model.weights import save_weights
 
-    cfg = replace(model.cfg, image_size=image_size, pool=pool or model.cfg.pool)
+    timm = isinstance(model.cfg, TimmConfig)
+    if timm:  # the fine-tune's architecture (a Swin may have asked for other windows) at its resolution
+        cfg = (spec.config(num_classes=model.cfg.num_classes, image_size=image_size) if isinstance(spec, TimmSpec)
+               else replace(model.cfg, image_size=image_size))
+    else:
+        cfg = replace(model.cfg, image_size=image_size, pool=pool or model.cfg.pool)
     if cfg != model.cfg:
-        log.info("staging the source weights at %d px, pool %r (trained at %d px, pool %r)", image_size, cfg.pool,
-                 model.cfg.image_size, model.cfg.pool)
-        target = VisionTransformer(cfg)
+        log.info("staging the source weights at %d px (trained at %d px)", image_size, model.cfg.image_size)
+        target = build_network(cfg)
         sd = model.state_dict()
-        if cfg.pool == "avg" and model.cfg.pool != "avg":
+        if not timm and cfg.pool == "avg" and model.cfg.pool != "avg":
             fresh = target.state_dict()
             sd = {**{k: v for k, v in sd.items() if not k.startswith("norm.")},
                   **{k: v for k, v in fresh.items() if k.startswith("fc_norm.")}}
-        model = load_weights(target, sd, allow_resample=True)
+        model = load_network_weights(target, sd, allow_resample=True)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "init.safetensors"
         save_weights(model, local)
@@ -302,7 +311,7 @@ def _stage_weights(model: Any, init_url: str, image_size: int, *, pool: str | No
     return init_url
 
 
-def _lineage_tags(source: dict[str, Any], src_cfg: ViTConfig) -> dict[str, Any]:
+def _lineage_tags(source: dict[str, Any], src_cfg: ViTConfig | TimmConfig) -> dict[str, Any]:
     tags = source["tags"]
     return {
         "finetune_from": source["uri"],

@@ -55,6 +55,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from orchestration.experiment import RECIPES, validation
+from orchestration.studies.archs import split_variants
 from orchestration.studies.spec import STUDIES, StudySpec, default_metric, grid_size
 from orchestration.studies.table import METRICS
 from orchestration.studies.tune_study import check_existing_study, run_study
@@ -92,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--study", choices=STUDIES, default="scaling")
     p.add_argument("--variants", required=True,
-                   help="comma-separated sizes: mu,Ti,S,B[/patch][:width=..:depth=..:heads=..:mlp_dim=..]")
+                   help="comma-separated sizes: mu,Ti,S,B[/patch][:width=..:depth=..:heads=..:mlp_dim=..], or "
+                        "architectures timm:<name>[:field=value...] (docs/architectures.md)")
     p.add_argument("--steps", type=_ints, required=True, help="training lengths (optimizer steps), e.g. 500,1000")
     p.add_argument("--data", required=True, help="dataset URL (path, file:// or s3://) from pipeline.write_shards")
     p.add_argument("--recipe", default="vit_study", help=f"base recipe of every trial: {', '.join(sorted(RECIPES))}")
@@ -230,7 +232,7 @@ def _spec_of(args: argparse.Namespace, gpus: float, hparams: dict[str, dict[str,
              overrides: list[str]) -> StudySpec:
     return StudySpec(
         name=args.name or "pending", study=args.study, recipe=args.recipe, overrides=tuple(overrides),
-        variants=tuple(v for v in args.variants.split(",") if v), steps=args.steps, samples=args.samples,
+        variants=split_variants(args.variants), steps=args.steps, samples=args.samples,
         seeds=args.seeds, patch_size=args.patch_size, evals_per_trial=args.evals_per_trial,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=float(gpus), hparams=hparams,
         num_samples=args.num_samples, lr_range=args.lr_range, wd_range=args.wd_range, storage=args.storage,

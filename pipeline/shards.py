@@ -38,22 +38,11 @@ import numpy as np
 from . import format as fmt
 from .encode import Reject, prepare_image
 from .format import CONTENT_VERSION
-from .labels import LabelError
 from .metadata import write_metadata
+from .scan import scan_source
 from .scratch import shard_tar_path, sweep_dest
-from .sources import (
-    Item,
-    Source,
-    WriterError,
-    printable,
-    read_item_bytes,
-    reject_note,
-    scan_folder,
-    scan_manifest,
-    scan_s3_folder,
-)
+from .sources import Item, Source, WriterError, printable, read_item_bytes, reject_note
 from .storage import LocalStorage, Storage, open_storage, url_join
-from .synset_tars import is_synset_release, scan_synset_tars
 
 
 # ----------------------------------------------------------------------------- shards
@@ -255,56 +244,6 @@ class WriteSettings:
     labels_column: str | None = None
     multi_label: bool | None = None
     unlabelled: bool = False  # images only: no labels, whatever SRC holds (a manifest without labels is anyway)
-
-
-def scan_source(src: str | Path, *, path_column: str | None = None, labels_column: str | None = None,
-                multi_label: bool | None = None, unlabelled: bool = False) -> Source:
-    """Scan SRC (folder, ``s3://`` folder, release tar or manifest); nothing to write is a :class:`WriterError`.
-
-    ``unlabelled``: a folder is a plain tree of images (no class folders), labels are ignored.
-    """
-    shown = printable(str(src))
-    if is_synset_release(str(src)):
-        source = scan_synset_tars(str(src), unlabelled=unlabelled)
-    elif str(src).startswith("s3://"):
-        source = _scan_s3(str(src), path_column=path_column, labels_column=labels_column, multi_label=multi_label,
-                          unlabelled=unlabelled)
-    else:
-        srcp = Path(str(src).removeprefix("file://"))
-        if not os.path.lexists(srcp):
-            raise WriterError(f"SRC {shown} does not exist: give an image folder SRC/<class>/<image>, a "
-                              ".parquet/.csv manifest or the ImageNet-21k release .tar")
-        if srcp.is_dir():
-            source = scan_folder(srcp, unlabelled=unlabelled)
-        elif srcp.suffix in {".parquet", ".csv"}:
-            try:
-                source = scan_manifest(srcp, path_column=path_column, labels_column=labels_column,
-                                       multi_label=multi_label, unlabelled=unlabelled)
-            except (fmt.UnsafeName, LabelError) as exc:  # a bad row: name it, no traceback
-                raise WriterError(f"manifest {shown} {exc}") from exc
-            except (ValueError, OSError) as exc:  # pyarrow's parse errors are ValueErrors
-                raise WriterError(f"cannot read manifest {shown}: {' '.join(str(exc).split())}") from exc
-        else:
-            raise WriterError(f"SRC {shown} is a file but not a .parquet/.csv manifest or a .tar release "
-                              "(or an image folder)")
-    if not source.items:
-        raise WriterError(f"SRC {shown} holds no images to write{reject_note(source.rejects)}", code=1)
-    return source
-
-
-def _scan_s3(src: str, **manifest_kw: Any) -> Source:
-    """An ``s3://`` manifest object, or an ``s3://`` prefix of ``<class>/<image>`` keys."""
-    unlabelled = manifest_kw.get("unlabelled", False)
-    if not src.endswith((".parquet", ".csv")):
-        return scan_s3_folder(src, unlabelled=unlabelled)
-    try:
-        return scan_manifest(src, **manifest_kw)
-    except FileNotFoundError as exc:
-        raise WriterError(f"SRC {src} does not exist: give an s3:// manifest object, prefix or release .tar") from exc
-    except (fmt.UnsafeName, LabelError) as exc:
-        raise WriterError(f"manifest {src} {exc}") from exc
-    except (ValueError, OSError) as exc:  # pyarrow's parse errors are ValueErrors
-        raise WriterError(f"cannot read manifest {src}: {' '.join(str(exc).split())}") from exc
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -60,6 +60,7 @@ from typing import Any
 
 from . import format as fmt
 from .encode import WRITER_MAX_PIXELS, Reject, prepare_image
+from .scan import scan_source
 from .shards import (
     DatasetPlan,
     ShardJob,
@@ -67,7 +68,6 @@ from .shards import (
     finish_dataset,
     plan_dataset,
     plan_shards,
-    scan_source,
     write_shard,
 )
 from .sources import Item, Source, WriterError, printable

@@ -373,3 +373,17 @@ def test_private_ray_next_to_another_head_is_quiet_and_leaves_nothing(
     assert not any(n == "ray" or n.startswith("vitscale-ray-") for n in leftovers), leftovers
     assert not (tmp_path / "home" / ".ray").exists()
     assert time.monotonic() - t < 300
+
+
+@pytest.mark.integration
+def test_a_second_private_ray_in_the_same_process_connects(short_tmp: Path) -> None:
+    """Ray's core keeps the first auth token a process reads: a second private instance in the same
+    process (a notebook, a test session) used to get a fresh token and fail with InvalidAuthToken."""
+    script = ("import sys, ray\nsys.path.insert(0, sys.argv[1])\nfrom orchestration.launch.cluster import connect_ray\n"
+              "for i in range(2):\n    connect_ray()\n    print('CPUS', ray.cluster_resources().get('CPU'), flush=True)\n"
+              "    ray.shutdown()\n")
+    env = {"PATH": os.environ["PATH"], "HOME": str(short_tmp / "home"), "TMPDIR": str(short_tmp)}
+    proc = subprocess.run([sys.executable, "-c", script, str(ROOT)], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0 and proc.stdout.count("CPUS") == 2, (proc.stdout + proc.stderr)[-3000:]
+    assert not (short_tmp / "home" / ".ray").exists()  # nothing under ~/.ray, either time

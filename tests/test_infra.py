@@ -616,7 +616,7 @@ def test_image_pins_equal_pyproject() -> None:
     assert dockerfile_pin_mismatches(MLFLOW_DOCKERFILE.read_text(), expected, ("mlflow",)) == []
     # ... and the check notices a drift.
     drifted = DOCKERFILE.read_text().replace(
-        f"ray[default,train,tune]=={expected['ray']}", "ray[default]==2.0.0"
+        f"ray[default,serve,train,tune]=={expected['ray']}", "ray[default]==2.0.0"
     )
     assert dockerfile_pin_mismatches(drifted, expected, IMAGE_PINS) == [
         f"ray: image 2.0.0 != pyproject {expected['ray']}"

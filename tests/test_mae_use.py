@@ -252,7 +252,8 @@ def test_every_eval_logs_a_figure_and_the_version_names_the_last(tmp_path: Path,
     registered = tracking.resolve_model_source(f"models:/{exp.model_name}/{version}", uri)
     folder = mlflow.artifacts.download_artifacts(artifact_uri=registered["uri"], dst_path=str(tmp_path / "dl"),
                                                  tracking_uri=uri)
-    assert read_header(Path(folder) / "model.safetensors")[1]["vitscale.objective"] == "mae"
+    (weights,) = Path(folder).rglob("model.safetensors")  # the pyfunc's artifacts/ folder
+    assert read_header(weights)[1]["vitscale.objective"] == "mae"
     rc = finetune.main(["--from", registered["uri"], "--data", digits, "--image-size", str(IMAGE), "--storage",
                         str(tmp_path / "runs"), "--tracking-uri", uri, "--gpus-per-worker", "0", "--dry-run"])
     cap = capsys.readouterr()

@@ -100,7 +100,8 @@ def test_register_load_and_resolve_a_version(store_uri: str) -> None:
         s3 = boto3.client("s3")
         keys = [o["Key"] for b in s3.list_buckets()["Buckets"] if b["Name"].startswith("mlflow-")
                 for o in s3.list_objects_v2(Bucket=b["Name"]).get("Contents", [])]
-        assert any(k.endswith(f"{logged.model_id}/artifacts/{tracking.MODEL_WEIGHTS_FILE}") for k in keys), keys
+        weights = f"{logged.model_id}/artifacts/{tracking.PYFUNC_ARTIFACTS}/{tracking.MODEL_WEIGHTS_FILE}"  # pyfunc layout
+        assert any(k.endswith(weights) for k in keys), keys
 
     # The run itself: metrics and artifacts through whatever artifact store the server uses.
     run = c.get_run(run_id)

@@ -269,7 +269,8 @@ def test_scaling_sweep_on_digits_survives_interruption(tmp_path: Path, digits_sh
                 break
         rc = proc.wait(timeout=120)
     first_log = (tmp_path / "first.log").read_text()
-    assert rc == 130, first_log[-3000:]  # "interrupted; run the same command with --resume"
+    failures = "\n".join(ln for ln in first_log.splitlines() if " failed: " in ln)[-6000:]
+    assert rc == 130, f"{failures}\n{first_log[-3000:]}"  # "interrupted; run the same command with --resume"
     # What Tune recorded as finished must not run again (a trial stopped at its very last report
     # is not recorded so: it restarts, restores its final checkpoint and only re-reports).
     from ray.tune import ExperimentAnalysis

@@ -2,6 +2,7 @@
 
 To fit the budget every scenario shares processes: one 1-process run and one 2-process run each
 train ZeRO stages 1, 2 and 3 (10 steps straight; 5 steps + fresh process state + resume + 5),
+the same for MAE and for a tiny timm Swin (#25: ZeRO-1 and ZeRO-3 with activation checkpointing),
 and a 1-process run is killed (os._exit) in the middle of a checkpoint save, then resumed by a
 second process. The worker side is this file's `main()`, run as `python <this file> ...`.
 """
@@ -144,6 +145,19 @@ def make_mae_encoder() -> torch.nn.Module:
     return create_model("mu/8", num_classes=0, image_size=32, posemb="sincos2d")
 
 
+#: #25: a tiny Swin from timm's zoo (8x8 patches of 4 px, windows of 4: shifted in its first stage).
+ZOO_STAGES = (1, 3)
+
+
+def make_swin() -> torch.nn.Module:
+    from model import TimmSpec, build_network
+
+    torch.manual_seed(0)
+    spec = TimmSpec(name="swin_tiny_patch4_window7_224", patch_size=4, embed_dim=(16,), depths=(1, 1),
+                    num_heads=(1, 2), window_size=4)
+    return build_network(spec.config(num_classes=10, image_size=32))
+
+
 def mae_cfg(stage: int, **kw: Any) -> Any:
     """make_cfg with MAE's objective (a 1-block decoder of width 16) and MAE's optimizer betas."""
     import dataclasses
@@ -182,14 +196,15 @@ def distill_cfg(stage: int, **kw: Any) -> Any:
 
 
 def run_fit(cfg: Any, rank: int, world: int, ckdir: str | None, resume: str | None = None,
-            max_steps: int | None = None, nan_slots: frozenset = frozenset()) -> tuple[Any, ListSink, dict]:
+            max_steps: int | None = None, nan_slots: frozenset = frozenset(),
+            make: Any = None) -> tuple[Any, ListSink, dict]:
     from training import Trainer
 
     sink = ListSink()
     kind = cfg.objective.kind
     loader = MaskedMemLoader(rank, world) if kind == "mae" else MemLoader(rank, world, nan_slots=nan_slots)
-    model = {"mae": make_mae_encoder, "distill": make_distilled_student}.get(kind, make_model)()
-    trainer = Trainer(model, cfg, loader, sink=sink, checkpoint_dir=ckdir,
+    make = make or {"mae": make_mae_encoder, "distill": make_distilled_student}.get(kind, make_model)
+    trainer = Trainer(make(), cfg, loader, sink=sink, checkpoint_dir=ckdir,
                       teacher=make_teacher() if kind == "distill" else None)
     result = trainer.fit(resume=resume, max_steps=max_steps)
     return trainer, sink, result
@@ -224,6 +239,26 @@ def scenario_dp(out: Path, rank: int, world: int, objective: str = "classificati
         results["nan"] = {"losses": sink_n.losses(), "bad_steps": res_n["bad_steps"], "step": res_n["step"]}
     if rank == 0:
         (out / f"{prefix or 'dp_'}w{world}.json").write_text(json.dumps(results))
+
+
+def scenario_zoo(out: Path, rank: int, world: int) -> None:
+    """#25: the dp scenario with a timm Swin: ZeRO-1, and ZeRO-3 with activation checkpointing."""
+    from training import export_weights
+
+    results: dict[str, Any] = {}
+    for stage in ZOO_STAGES:
+        cfg = make_cfg(stage, **({"engine.activation_checkpointing": True} if stage == 3 else {}))
+        _, sink_a, _ = run_fit(cfg, rank, world, None, make=make_swin)
+        tag = f"zoo_w{world}_z{stage}"
+        t_b, sink_b, _ = run_fit(cfg, rank, world, str(out / f"ck_{tag}"), max_steps=HALF, make=make_swin)
+        export_weights(t_b.engine, out / f"{tag}.safetensors")
+        mfu = [m.get("tflops_per_device") for _, m in sink_a.metrics if "tflops_per_device" in m]
+        del t_b
+        _, sink_c, res_c = run_fit(cfg, rank, world, str(out / f"ck_{tag}"), resume="auto", make=make_swin)
+        results[str(stage)] = {"straight": sink_a.losses(), "first": sink_b.losses(), "resumed": sink_c.losses(),
+                               "final_step": res_c["step"], "tflops": mfu}
+    if rank == 0:
+        (out / f"zoo_w{world}.json").write_text(json.dumps(results))
 
 
 def scenario_kill(out: Path, phase: str) -> None:
@@ -276,6 +311,8 @@ def main() -> None:
         if scenario == "dpc":  # aot_eager: traced by dynamo + AOTAutograd like inductor, no C++ build
             os.environ["VITSCALE_TEST_COMPILE"] = "aot_eager"
         scenario_dp(out, rank, world, scenario if scenario in ("mae", "distill") else "classification")
+    elif scenario == "zoo":
+        scenario_zoo(out, rank, world)
     else:
         scenario_kill(out, scenario.removeprefix("kill"))
 
@@ -318,8 +355,8 @@ def _tail(log: Path, rank: int = 0) -> str:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Run every worker scenario once (concurrently where independent); returns the output dir."""
     out = tmp_path_factory.mktemp("train_dist")
-    logs = {name: out / f"{name}.log" for name in ("dp1", "dp2", "kill1", "kill2", "mae1", "mae2", "distill1",
-                                                    "distill2")}
+    logs = {name: out / f"{name}.log" for name in ("dp1", "dp2", "kill1", "kill2", "mae1", "mae2", "zoo1", "zoo2",
+                                                    "distill1", "distill2")}
     dp2 = _spawn("dp", out, 2, logs["dp2"])
     dp1 = _spawn("dp", out, 1, logs["dp1"])
     kill1 = _spawn("kill1", out, 1, logs["kill1"])
@@ -327,7 +364,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     kill2 = _spawn("kill2", out, 1, logs["kill2"])
     mae2 = _spawn("mae", out, 2, logs["mae2"])
     mae1 = _spawn("mae", out, 1, logs["mae1"])
-    waves = [[(dp1, "dp1"), (dp2, "dp2")], [(kill2, "kill2"), (mae1, "mae1"), (mae2, "mae2")]]
+    zoo2 = _spawn("zoo", out, 2, logs["zoo2"])
+    zoo1 = _spawn("zoo", out, 1, logs["zoo1"])
+    waves = [[(dp1, "dp1"), (dp2, "dp2")], [(kill2, "kill2"), (mae1, "mae1"), (mae2, "mae2"), (zoo1, "zoo1"),
+                                            (zoo2, "zoo2")]]
     for i, wave in enumerate(waves):
         for procs, name in wave:
             codes = _wait(procs, logs[name])
@@ -426,6 +466,30 @@ def test_distill_two_ranks_match_one_rank_and_resume_exactly(runs: Path, stage: 
         pieced = _losses(r["first"]) + _losses(r["resumed"])
         assert max(abs(a - b) for a, b in zip(_losses(r["straight"]), pieced, strict=True)) <= 1e-6
         assert r["final_step"] == TOTAL
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stage", ZOO_STAGES)
+def test_swin_two_ranks_match_one_rank_and_resume_exactly(runs: Path, stage: int) -> None:
+    """#25: a timm Swin through our Trainer under ZeRO-{1,3} (ZeRO-3 with activation checkpointing):
+    2 ranks == 1 rank x accumulation 2 (losses and weights), a resumed run == the straight one, and
+    MFU's FLOPs are counted for it."""
+    from safetensors.torch import load_file
+
+    one = json.loads((runs / "zoo_w1.json").read_text())[str(stage)]
+    two = json.loads((runs / "zoo_w2.json").read_text())[str(stage)]
+    l1, l2 = _losses(one["straight"]), _losses(two["straight"])
+    assert len(l1) == TOTAL and max(abs(a - b) for a, b in zip(l1, l2, strict=True)) <= 1e-5, (l1, l2)
+    w1, w2 = load_file(runs / f"zoo_w1_z{stage}.safetensors"), load_file(runs / f"zoo_w2_z{stage}.safetensors")
+    assert any(k.endswith("relative_position_bias_table") for k in w1) and w1.keys() == w2.keys()
+    for k in w1:
+        atol = 1e-4 if k.endswith("qkv.bias") else 1e-5  # see test_two_ranks_match_one_rank
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=atol, msg=f"{k} differs")
+    for r in (one, two):
+        pieced = _losses(r["first"]) + _losses(r["resumed"])
+        assert max(abs(a - b) for a, b in zip(_losses(r["straight"]), pieced, strict=True)) <= 1e-6
+        assert r["final_step"] == TOTAL
+        assert r["tflops"] and all(t > 0 for t in r["tflops"])
 
 
 @pytest.mark.integration

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -26,11 +27,27 @@ def vit_layer_id(name: str, num_layers: int) -> int:
     return int(m.group(1)) + 1 if m else num_layers
 
 
-def _num_blocks(model: nn.Module) -> int:
+def lr_layers(model: nn.Module) -> tuple[Callable[[str], int], int]:
+    """(parameter name -> lr layer, the top layer: the head's) for layer-wise lr decay.
+
+    A timm network (``model.zoo``): timm's own ``group_matcher`` grouping, which knows each
+    architecture's stages (Swin's ``layers.i.blocks.j``, CaiT's class-attention blocks, PVT-v2's
+    stages); our ViT (and an objective's wrapper with an ``encoder``): :func:`vit_layer_id`. Any
+    other network is refused rather than guessed at: ViT naming would put a Swin's or a ResNet's
+    blocks on the wrong layers without a word.
+    """
+    from model.zoo import is_timm_model, lr_layer_ids
+
+    if is_timm_model(model):
+        ids, top = lr_layer_ids(model)
+        return ids.__getitem__, top
     blocks = getattr(model, "blocks", None) or getattr(getattr(model, "encoder", None), "blocks", None)
     if blocks is None:
-        raise ValueError(f"layer-wise lr decay needs a ViT-like model with .blocks; {type(model).__name__} has none")
-    return len(blocks)
+        raise ValueError(f"layer-wise lr decay (train.optim.layer_decay) maps parameters to layers by our ViT's "
+                         f"block names or a timm network's group_matcher; {type(model).__name__} has neither: set "
+                         "train.optim.layer_decay=none")
+    num_layers = len(blocks) + 1
+    return (lambda name: vit_layer_id(name, num_layers)), num_layers
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
@@ -39,24 +56,24 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     model's own ``no_weight_decay()`` adds position embeddings and the class token).
 
     ``layer_decay`` (e.g. 0.65, MAE's fine-tuning of ViT-B; BEiT, ELECTRA): each group also gets
-    ``lr_scale = layer_decay ** (num_layers - layer_id)`` (:func:`vit_layer_id`), so the head
-    trains at the full rate and each block below it at ``layer_decay`` times the one above;
-    :func:`set_lr` applies the scale. None or 1.0: two groups, no scaling.
+    ``lr_scale = layer_decay ** (top - layer_id)`` (:func:`lr_layers`), so the head trains at the
+    full rate and each block below it at ``layer_decay`` times the one above; :func:`set_lr`
+    applies the scale. None or 1.0: two groups, no scaling.
     """
     skip: set[str] = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     scaled = layer_decay is not None and layer_decay != 1.0
-    num_layers = _num_blocks(model) + 1 if scaled else 0
+    layer_of, top = lr_layers(model) if scaled else ((lambda _name: 0), 0)
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = name in skip or p.ndim <= 1
-        layer = vit_layer_id(name, num_layers) if scaled else 0
+        layer = layer_of(name)
         key = (layer, no_decay)
         if key not in groups:
             groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay}
             if scaled:
-                groups[key]["lr_scale"] = float(layer_decay ** (num_layers - layer))  # type: ignore[operator]
+                groups[key]["lr_scale"] = float(layer_decay ** (top - layer))  # type: ignore[operator]
         groups[key]["params"].append(p)
     return [groups[k] for k in sorted(groups, key=lambda k: (k[0], k[1]))]
 

@@ -1,7 +1,8 @@
 """The :class:`Experiment`: everything one training run needs, in typed sections.
 
 Only orchestration sees a whole experiment; each component gets its own small config
-(``model.ViTSpec`` -> ``ViTConfig``, ``pipeline.DataConfig``, ``training.TrainConfig``). The
+(``model.ViTSpec`` -> ``ViTConfig`` or ``model.TimmSpec`` -> ``TimmConfig``, ``pipeline.DataConfig``,
+``training.TrainConfig``). The
 experiment adds what only a launch knows: the evaluation during training (``eval``) and the
 Ray resources (``resources``). ``--set`` paths follow the sections:
 ``--set train.optim.lr=3e-4``, ``--set model.dropout=0.1``, ``--set resources.workers=4``.
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from confkit import Checker, ConfigValueError, flatten, from_dict, to_dict
-from model import ViTConfig, ViTSpec
+from model import TimmConfig, TimmSpec, ViTConfig, ViTSpec
 from pipeline import DataConfig
 from pipeline.masking import MaskConfig
 from training import TrainConfig
@@ -114,12 +115,14 @@ class Experiment:
     batch: ``data.image_size`` / ``data.batch_size`` are derived from them when the experiment is
     built (whatever the given ``data`` said), so the two can never disagree; so is ``data.mask``,
     from the objective (MAE: random masks of its ratio) and the model's patch size. ``dataset_name`` and
-    ``registered_model_name`` ("" -> ``vit-<variant>-<dataset>``) name the MLflow entries.
+    ``registered_model_name`` ("" -> ``vit-<variant>-<dataset>``, ``<timm name>-<dataset>``) name the
+    MLflow entries. ``model`` is our ViT (``kind="vit"``) or a timm architecture (``kind="timm"``,
+    docs/architectures.md), told apart by its ``kind``.
     """
 
     name: str
     image_size: int
-    model: ViTSpec
+    model: ViTSpec | TimmSpec
     data: DataConfig
     train: TrainConfig
     eval: EvalSpec = field(default_factory=EvalSpec)
@@ -133,6 +136,11 @@ class Experiment:
             for line in name_problems(key, getattr(self, key)):
                 c.fail(line)
         c.int("image_size", ge=1)
+        kind = self.train.objective.kind
+        c.require(not (isinstance(self.model, TimmSpec) and kind == "mae"),
+                  f"train.objective.kind={kind!r} needs our ViT (model.kind='vit'): MAE drops patch tokens inside "
+                  f"model.VisionTransformer, which timm's {getattr(self.model, 'name', '')} does not do; use an MAE "
+                  "recipe (mae_vit_*) or a classification objective")
         c.done()
         derived = {"image_size": self.image_size, "batch_size": self.train.micro_batch, "mask": self._mask()}
         if any(getattr(self.data, k) != v for k, v in derived.items()):
@@ -158,7 +166,8 @@ class Experiment:
         model) unless the recipe set one."""
         kind = self.train.objective.kind
         prefix = "" if kind == "classification" else f"{kind}-"
-        return self.registered_model_name or f"{prefix}vit-{self.model.slug}-{self.dataset_name}"
+        arch = self.model.slug if isinstance(self.model, TimmSpec) else f"vit-{self.model.slug}"
+        return self.registered_model_name or f"{prefix}{arch}-{self.dataset_name}"
 
     @property
     def global_batch(self) -> int:
@@ -169,9 +178,10 @@ class Experiment:
         """Accumulation steps so that micro_batch x accum x workers == train.global_batch."""
         return self.train.accum_for(self.resources.workers)
 
-    def model_config(self, num_classes: int) -> ViTConfig:
-        """The ViTConfig this experiment trains, for a dataset with ``num_classes`` labels (the
-        objective decides the head: MAE's encoder has none)."""
+    def model_config(self, num_classes: int) -> ViTConfig | TimmConfig:
+        """The network config this experiment trains, for a dataset with ``num_classes`` labels (the
+        objective decides the head: MAE's encoder has none); ValueError when the model cannot be
+        built at ``image_size``."""
         head = objective_for(self.train.objective).num_classes(num_classes)
         return self.model.config(num_classes=head, image_size=self.image_size)
 

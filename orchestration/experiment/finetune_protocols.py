@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from model import ViTConfig, ViTSpec
+from model import TimmConfig, TimmSpec, ViTConfig, ViTSpec
 from orchestration.experiment.config import Experiment, Resources
 from orchestration.experiment.recipes import IMAGENET_MEAN, IMAGENET_STD, IN1K_IMAGES, RECIPES
 from pipeline import AugmentConfig, DataConfig, PreprocessConfig, SourceConfig
@@ -57,7 +57,7 @@ def choose_protocol(asked: str, objective: str) -> str:
 
 
 def finetune_experiment(
-    src: ViTConfig,
+    src: ViTConfig | TimmConfig,
     *,
     image_size: int,
     source_recipe: str | None,
@@ -73,10 +73,15 @@ def finetune_experiment(
     Without GPUs (``gpus_per_worker=0``) the run is sized for a CPU machine
     (:data:`CPU_SCHEDULE`: minutes for a small model, not hours); ``--set`` restores any of it.
     ``train_images`` (the fine-tuning set's train split) turns MAE's epochs into steps; None:
-    ImageNet-1k's 1.28M, MAE's own fine-tuning set.
+    ImageNet-1k's 1.28M, MAE's own fine-tuning set. A timm source (``TimmConfig``) is fine-tuned
+    with the ``vit`` protocol at the new resolution (its position embeddings / relative position
+    bias tables resized by ``finetune.py``'s staging).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)} (or auto)")
+    if protocol == "mae" and isinstance(src, TimmConfig):
+        raise ValueError(f"the mae fine-tuning protocol re-pools our ViT's MAE encoders; {src.name} is a timm "
+                         "network: use --protocol vit")
     common = {"image_size": image_size, "dataset_name": dataset_name,
               "registered_model_name": f"{source_model_name}-ft{image_size}",
               "resources": Resources(workers=workers, cpus_per_worker=1, gpus_per_worker=gpus_per_worker)}
@@ -87,8 +92,8 @@ def finetune_experiment(
     return Experiment(name=f"finetune_{model.slug}_{image_size}", model=model, data=data, train=train, **common)
 
 
-def _vit(src: ViTConfig, image_size: int, source_recipe: str | None, *, cpu: bool) -> tuple[ViTSpec, DataConfig,
-                                                                                           TrainConfig]:
+def _vit(src: ViTConfig | TimmConfig, image_size: int, source_recipe: str | None, *,
+         cpu: bool) -> tuple[ViTSpec | TimmSpec, DataConfig, TrainConfig]:
     """The paper's recipe. Data augmentation is inherited from the source recipe when it is known
     (e.g. no flips for digits), with the resolution replaced."""
     mb = 32
@@ -99,7 +104,8 @@ def _vit(src: ViTConfig, image_size: int, source_recipe: str | None, *, cpu: boo
     )
     # A single linear head, no dropout (B.1.1: "we remove the whole head ... and attach a single
     # zero-initialized D x K feedforward layer").
-    model = ViTSpec.of(src, representation_size=None, dropout=0.0, drop_path=0.0)
+    model = (TimmSpec.of(src, dropout=0.0, drop_path=0.0) if isinstance(src, TimmConfig)
+             else ViTSpec.of(src, representation_size=None, dropout=0.0, drop_path=0.0))
     train = TrainConfig(
         global_batch=CPU_SCHEDULE["global_batch"] if cpu else 512,  # Table 4 caption: "a batch size of 512"
         micro_batch=mb,
@@ -213,9 +219,12 @@ def _mae(src: ViTConfig, image_size: int, source_recipe: str | None, *, cpu: boo
     return model, data, train
 
 
-def source_shape_problems(exp: Experiment, src: ViTConfig, source: str) -> list[str]:
+def source_shape_problems(exp: Experiment, src: ViTConfig | TimmConfig, source: str) -> list[str]:
     """The architecture a fine-tune cannot change (the pre-trained tensors are for it), one line each:
-    ``--set model.patch_size=8`` on a /16 source names both sizes."""
+    ``--set model.patch_size=8`` on a /16 source names both sizes. A timm source keeps its name and
+    shape; a Swin may change its ``window_size`` (its relative position bias tables are resized)."""
+    if isinstance(src, TimmConfig) or isinstance(exp.model, TimmSpec):
+        return _timm_shape_problems(exp, src, source)
     names = {"patch_size": "patch size", "width": "width", "depth": "depth", "heads": "heads",
              "mlp_dim": "MLP width", "in_chans": "input channels"}
     want = {**exp.model.shape, "in_chans": exp.model.in_chans}
@@ -223,3 +232,13 @@ def source_shape_problems(exp: Experiment, src: ViTConfig, source: str) -> list[
             f"from its weights, so the model keeps {what} {getattr(src, k)}: drop the override (or pre-train a "
             f"model with {k}={want[k]})"
             for k, what in names.items() if want[k] != getattr(src, k)]
+
+
+def _timm_shape_problems(exp: Experiment, src: ViTConfig | TimmConfig, source: str) -> list[str]:
+    if not (isinstance(src, TimmConfig) and isinstance(exp.model, TimmSpec)):
+        return [f"model.kind={exp.model.kind!r}: {source} is a {'timm' if isinstance(src, TimmConfig) else 'vit'} "
+                "model; fine-tuning starts from its weights, so the model keeps its kind"]
+    want, have = exp.model.arch_fields(), src.arch_fields()
+    keep = [k for k in want if k not in ("window_size", "dropout", "drop_path")]
+    return [f"model.{k}={want[k]!r}: {source} was pre-trained with {k}={have[k]!r}; fine-tuning starts from its "
+            f"weights, so the model keeps it: drop the override" for k in keep if want[k] != have[k]]

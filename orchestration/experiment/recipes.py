@@ -32,6 +32,8 @@ from typing import Any
 from model import ViTSpec
 from orchestration.experiment.config import EvalSpec, Experiment, Resources
 from orchestration.experiment.deit_recipes import DEIT_RECIPES
+from orchestration.experiment.imagenet import IMAGENET_MEAN, IMAGENET_STD, IN1K_IMAGES
+from orchestration.experiment.recipes_zoo import ZOO_RECIPES
 from pipeline import AugmentConfig, DataConfig, IOConfig, PreprocessConfig, SourceConfig
 from training import TrainConfig
 from training.config import CheckpointConfig, EngineConfig, OptimConfig, ScheduleConfig
@@ -320,10 +322,9 @@ def vit_study() -> Experiment:
 # facebookresearch/mae (PRETRAIN.md, main_pretrain.py, models_mae.py). MAE's schedule is counted
 # in ImageNet-1k epochs; the recipes keep its number of images seen (800 epochs of 1.28M images
 # = 250k steps of 4096), which on ImageNet-21k is ~73 of its epochs: the same compute.
-IN1K_IMAGES = 1_281_167
 MAE_BATCH = 4096  # PRETRAIN.md: "the effective batch size is 64 (batch_size per gpu) * 8 (nodes) * 8 (gpus per node) = 4096"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # main_pretrain.py: transforms.Normalize(mean=[0.485, ...], std=[0.229, ...])
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# IN1K_IMAGES, IMAGENET_MEAN / _STD (main_pretrain.py: transforms.Normalize(mean=[0.485, ...], std=[0.229, ...])):
+# orchestration.experiment.imagenet, imported above.
 
 
 def mae_lr(batch: int, blr: float = 1.5e-4) -> float:
@@ -448,7 +449,8 @@ def mae_vit_mu_digits() -> Experiment:
 RECIPES: dict[str, Callable[[], Experiment]] = {
     f.__name__: f
     for f in (vit_b16_i21k, vit_l16_i21k, vit_b16_jft, vit_l16_jft, vit_h14_jft, vit_s16_t4, vit_mu_smoke, vit_study,
-              mae_vit_b16_i21k, mae_vit_l16_i21k, mae_vit_h14_i21k, mae_vit_mu_digits, *DEIT_RECIPES)
+              mae_vit_b16_i21k, mae_vit_l16_i21k, mae_vit_h14_i21k, mae_vit_mu_digits, *ZOO_RECIPES,
+              *DEIT_RECIPES)
 }
 
 

@@ -19,7 +19,8 @@ from orchestration.experiment.config import Experiment
 from orchestration.launch.checkpoint_store import checkpoint_location, fetch
 
 if TYPE_CHECKING:
-    from model import VisionTransformer
+    from torch import nn
+
     from training import Trainer
 
 log = logging.getLogger(__name__)
@@ -51,20 +52,20 @@ def build_loaders(exp: Experiment, *, rank: int, world: int) -> Loaders:
     return Loaders(train, evl)
 
 
-def build_model(exp: Experiment, num_classes: int, init_weights: str | None = None) -> VisionTransformer:
-    """The experiment's ViT, seeded with ``train.seed``; ``init_weights`` (a path or URL of
-    safetensors) initialises the backbone for fine-tuning: new zero-init head, position
-    embeddings resampled to ``exp.image_size``."""
+def build_model(exp: Experiment, num_classes: int, init_weights: str | None = None) -> nn.Module:
+    """The experiment's network (our ViT or a timm architecture: ``model.build_network``), seeded
+    with ``train.seed``; ``init_weights`` (a path or URL of safetensors at the experiment's
+    resolution: ``finetune.py`` stages them so) initialises the backbone for fine-tuning, with the
+    network's fresh head."""
     import torch
 
-    from model import VisionTransformer
-    from model.weights import load_weights
+    from model import build_network, load_network_weights
 
     torch.manual_seed(exp.train.seed)
-    model = VisionTransformer(exp.model_config(num_classes))
+    model = build_network(exp.model_config(num_classes))
     if init_weights:
         with tempfile.TemporaryDirectory() as tmp:
-            load_weights(model, fetch(init_weights, Path(tmp) / "init.safetensors"), ignore_head=True)
+            load_network_weights(model, fetch(init_weights, Path(tmp) / "init.safetensors"), ignore_head=True)
     return model
 
 
@@ -75,7 +76,7 @@ def build_run(
     world: int,
     checkpoint_url: str,
     checkpoint_key: str,
-    make_sink: Callable[[VisionTransformer], Any] | None = None,
+    make_sink: Callable[[nn.Module], Any] | None = None,
     init_weights: str | None = None,
     tracking_uri: str | None = None,
 ) -> tuple[Trainer, Loaders]:

@@ -96,6 +96,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: The token of this process's private instances (see :func:`_private_auth_token`).
+_PROCESS_TOKEN: str | None = None
+
+
 def _private_auth_token(folder: Path) -> None:
     """Give a private local Ray instance its own token (token auth stays on).
 
@@ -110,10 +114,14 @@ def _private_auth_token(folder: Path) -> None:
     ours = Path(path).parent.name.startswith(_PREFIX)  # an earlier private instance of this process
     if os.environ.get("RAY_AUTH_TOKEN") or (path and not ours):
         return
+    global _PROCESS_TOKEN
+    # Ray's core reads the token once per process and keeps it: a second private instance of
+    # this process (a notebook, a test session) must present the same one, or its GCS refuses us.
+    _PROCESS_TOKEN = _PROCESS_TOKEN or secrets.token_hex(32)
     token = folder / "auth_token"
     fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
+        f.write(_PROCESS_TOKEN)
     # Only the path is set: with RAY_AUTH_MODE unset, ray.init() turns token mode on itself
     # (and refreshes its cached config, which an env change alone would not reach).
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)

@@ -23,6 +23,7 @@ from orchestration.launch import cluster
 from orchestration.launch.checkpoint_store import rewind_checkpoints
 from orchestration.launch.lease import Lease, LeaseLostError, hold_run_lease
 from orchestration.launch.ray_train import CHECKPOINT_PREFIX, EXPORT_KEY, dataset_lineage, run_training
+from orchestration.serving.spec import spec_for_experiment
 from orchestration.tracking.sink import RECONSTRUCTION_FOLDER
 from pipeline.storage import open_storage, url_join
 
@@ -68,6 +69,7 @@ def register_from_run(
         model, run_id=run_id, name=exp.model_name, tags=tags,
         description=f"{exp.model.variant} trained by recipe {exp.name} on {exp.dataset_name}", uri=uri,
         metadata={"vitscale.objective": exp.train.objective.kind},
+        serving=spec_for_experiment(exp, model.cfg, lineage.get("data_url", "")),  # eval transform + class names
     )
 
 

@@ -301,6 +301,8 @@ def probe_settings(exp: Experiment, config: dict[str, Any]) -> dict[str, Any]:
     mask = exp.data.mask if exp.data.mask.kind != "none" else None  # as the loader masks (derived by the Experiment)
     asked = config.get("probe_images")
     n = int(asked) if asked is not None else 4 if mask is not None else 1  # 0: no figures
+    if exp.model.kind == "timm" and not exp.model.family.class_token:  # no class token: no attention maps
+        n = 0
     return {"attention_images": probe_batch(exp, n), "probe_mask": mask,
             "probe_norm": (exp.data.preprocess.mean, exp.data.preprocess.std)}
 

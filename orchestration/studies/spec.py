@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from model import ViTSpec
 from orchestration.experiment import (
     ConfigError,
     Experiment,
@@ -25,6 +26,7 @@ from orchestration.experiment import (
     get_recipe,
     name_problems,
 )
+from orchestration.studies.archs import arch_label, arch_slug, is_arch, parse_arch
 from orchestration.studies.table import METRICS, is_logged_metric
 from pipeline.storage import url_join
 
@@ -39,7 +41,8 @@ class StudySpec:
     """One study: the grid, the base experiment every trial trains, and where things go.
 
     ``variants`` are size specs (see :func:`parse_size`): ``"Ti"``, ``"B/16"`` or
-    ``"mu/4:width=64:mlp_dim=128"``. ``samples`` entries of ``None`` use the whole train split.
+    ``"mu/4:width=64:mlp_dim=128"``, or architectures (``"timm:<name>[:field=value]..."``,
+    :mod:`orchestration.studies.archs`). ``samples`` entries of ``None`` use the whole train split.
     ``overrides`` are ``--set`` items applied to ``recipe`` (``data.source.url=...``, ``train.optim.lr=3e-3``,
     ``image_size=16``); the result is :attr:`base`. ``hparams`` maps a size to
     ``{"lr": .., "weight_decay": ..}`` for that size's trials.
@@ -150,14 +153,16 @@ def trial_overrides(spec: StudySpec, *, variant: str, steps: int, samples: int |
     length; the size's tuned (``spec.hparams``) or sampled lr / weight decay.
     """
     base = spec.base.train
-    name, shape = parse_size(variant, image_size=spec.base.image_size, patch_size=spec.patch_size)
+    model_items: list[str] = []
+    if not is_arch(variant):  # an architecture replaces the whole model section (trial_experiment)
+        name, shape = parse_size(variant, image_size=spec.base.image_size, patch_size=spec.patch_size)
+        model_items = [f"model.variant={name}", *(f"model.{k}={v}" for k, v in shape.items())]
     tuned = spec.hparams.get(variant, {})
     lr = lr if lr is not None else tuned.get("lr")
     weight_decay = weight_decay if weight_decay is not None else tuned.get("weight_decay")
     every = max(1, steps // spec.evals_per_trial) if spec.evals_per_trial >= 1 else steps
     warmup = min(base.schedule.warmup_steps * steps // max(1, base.schedule.total_steps), steps - 1)
-    items = [f"model.variant={name}", *(f"model.{k}={v}" for k, v in shape.items()),
-             f"train.schedule.total_steps={steps}", f"train.schedule.warmup_steps={max(0, warmup)}",
+    items = [*model_items, f"train.schedule.total_steps={steps}", f"train.schedule.warmup_steps={max(0, warmup)}",
              f"train.eval_every={every}", f"train.checkpoint.every={every}",
              f"train.log_every={max(1, min(50, every))}", f"train.seed={seed}", f"data.seed={seed}",
              f"data.source.limit_samples={samples}"]
@@ -169,8 +174,22 @@ def trial_overrides(spec: StudySpec, *, variant: str, steps: int, samples: int |
 
 
 def trial_experiment(spec: StudySpec, **trial: Any) -> Experiment:
-    """One trial's :class:`Experiment`: the base with :func:`trial_overrides` (same arguments)."""
-    return apply_overrides(spec.base, trial_overrides(spec, **trial))
+    """One trial's :class:`Experiment`: the base with :func:`trial_overrides` (same arguments); an
+    architecture variant first replaces the base's model section (and a ViT size the section of a
+    base recipe that trains a timm model)."""
+    base, variant = spec.base, trial["variant"]
+    if is_arch(variant):
+        base = _with_model(base, parse_arch(variant))
+    elif not isinstance(base.model, ViTSpec):
+        base = _with_model(base, ViTSpec())
+    return apply_overrides(base, trial_overrides(spec, **trial))
+
+
+def _with_model(base: Experiment, model: Any) -> Experiment:
+    try:
+        return dataclasses.replace(base, model=model)
+    except ValueError as e:  # the base's objective refuses this model (an MAE recipe and a timm network)
+        raise ConfigError([f"model: {' '.join(str(e).split())}"]) from None
 
 
 def _range_errors(name: str, rng: Any) -> list[str]:
@@ -281,7 +300,7 @@ def _trial_errors(s: StudySpec) -> list[str]:
     errors: list[str] = []
     for i, v in enumerate(s.variants):
         try:
-            parse_size(v, image_size=s.base.image_size, patch_size=s.patch_size)
+            size_label(v, image_size=s.base.image_size, patch_size=s.patch_size)
         except ValueError as e:
             errors.append(str(e))
             continue
@@ -321,13 +340,18 @@ def parse_size(spec: str, *, image_size: int, patch_size: int | None = None) -> 
 
 
 def size_label(spec: str, *, image_size: int, patch_size: int | None = None) -> str:
-    """Canonical label of a size spec for tables and plots: ``"Ti/4"``, ``"mu/4:width=64"``."""
+    """Canonical label of a size spec for tables and plots: ``"Ti/4"``, ``"mu/4:width=64"``,
+    ``"timm:swin_tiny_patch4_window7_224:depths=1,1"``."""
+    if is_arch(spec):
+        return arch_label(spec)
     name, overrides = parse_size(spec, image_size=image_size, patch_size=patch_size)
     return name + "".join(f":{k}={v}" for k, v in overrides.items())
 
 
 def size_slug(label: str) -> str:
     """Path-safe form of a size label: ``"mu/4:width=64"`` -> ``"mu4-width64"``."""
+    if is_arch(label):
+        return arch_slug(label)
     return label.replace("/", "").replace(":", "-").replace("=", "")
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from model import VisionTransformer, attention_rollout, cls_attention_maps  # noqa: E402
+from model.attention import attention_grid, forward_with_attention  # noqa: E402
 
 
 class NonFiniteAttention(ValueError):
@@ -90,14 +91,14 @@ def compute_attention(model: VisionTransformer, images: torch.Tensor, discard_ra
     was_training = model.training
     model.eval()
     p = next(model.parameters())
-    logits, attns = model.forward_with_attention(images.to(device=p.device, dtype=p.dtype))
+    logits, attns = forward_with_attention(model, images.to(device=p.device, dtype=p.dtype))
     model.train(was_training)
     bad = [f"layer {i}" for i, a in enumerate(attns) if not bool(torch.isfinite(a).all())]
     if bad or not bool(torch.isfinite(logits).all()):
         raise NonFiniteAttention(
             f"the model's attention holds NaN/Inf values ({', '.join(bad[:4]) or 'logits only'}{' ...' * (len(bad) > 4)}): "
             "its weights are damaged or it diverged; use an earlier checkpoint")
-    gh, gw = model.cfg.grid
+    gh, gw = attention_grid(model)
     cls = cls_attention_maps(attns, (gh, gw))  # (L, B, heads, gh, gw)
     roll = attention_rollout(attns, discard_ratio=discard_ratio)  # (B, N, N)
     n_prefix = roll.shape[-1] - gh * gw

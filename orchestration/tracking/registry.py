@@ -1,8 +1,12 @@
 """Model registry and loading a model by URI, without pickles.
 
-* :func:`log_and_register_model` logs the model as an MLflow *logged model* whose artifacts are
-  ``model.safetensors`` + ``config.json`` (no pickle) and registers it as ``vit-<variant>-<dataset>``
-  with lineage tags; :func:`load_model` rebuilds it from those two files and never unpickles.
+* :func:`log_and_register_model` logs the model as an MLflow *logged model* that is a pyfunc
+  ("models from code", :mod:`orchestration.serving.package`) around ``model.safetensors`` +
+  ``config.json`` + ``serving.json`` (no pickle) and registers it as ``vit-<variant>-<dataset>``
+  (a timm network: ``<timm name>-<dataset>``, its ``config.json`` carrying the timm name and the
+  timm version, also set as the version's ``timm_name`` / ``timm_version`` tags) with lineage
+  tags; :func:`load_model` rebuilds the network from the first two files and never unpickles;
+  ``mlflow.pyfunc.load_model`` / ``mlflow models serve`` serve it.
 * Embedded store vs ``mlflow server``: a server validates a model version's source against the
   ids sent with it (``models:/m-...`` needs ``model_id``), stores artifacts behind
   ``mlflow-artifacts:/`` (proxied, local disk or S3) instead of ``file://`` paths, and puts the
@@ -24,7 +28,9 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 
 if TYPE_CHECKING:
-    from model import VisionTransformer
+    from torch import nn
+
+    from orchestration.serving.spec import ServingSpec
 from orchestration.tracking.redact import redact, redact_text
 from orchestration.tracking.runs import client, public_uri, resolve_uri
 
@@ -37,7 +43,10 @@ MODEL_WEIGHTS_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "config.json"
 
 
-MODEL_FORMAT = "vitscale-safetensors-1"  # tag on the logged model: which loader reads it
+PYFUNC_ARTIFACTS = "artifacts"  # where a registered pyfunc keeps the two files above
+
+
+MODEL_FORMAT = "vitscale-pyfunc-1"  # tag on the logged model: which loader reads it (safetensors-1: no pyfunc)
 
 
 _PICKLE_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle", ".bin", ".ckpt", ".joblib")
@@ -47,7 +56,7 @@ class UnsafeModelError(ValueError):
     """A model artifact that could only be loaded by unpickling it (which runs arbitrary code)."""
 
 
-def write_model_dir(model: VisionTransformer, out_dir: Path, metadata: dict[str, str] | None = None) -> Path:
+def write_model_dir(model: nn.Module, out_dir: Path, metadata: dict[str, str] | None = None) -> Path:
     """Write ``model.safetensors`` (weights + config metadata, plus ``metadata``: e.g. the
     ``vitscale.objective`` it was trained with) and ``config.json`` into ``out_dir``."""
     from model.weights import save_weights
@@ -109,21 +118,41 @@ def log_and_register_model(
     description: str = "",
     uri: str | None = None,
     metadata: dict[str, str] | None = None,
+    serving: ServingSpec | None = None,
 ) -> int:
-    """Register ``model`` (a VisionTransformer) as ``model.safetensors`` + ``config.json``.
+    """Register ``model`` (a VisionTransformer or a timm zoo network) as a pyfunc around
+    ``model.safetensors`` + ``config.json`` + ``serving.json``.
 
     Nothing is pickled: :func:`load_model` rebuilds the network from the config with this
-    repository's ``model`` package and loads the tensors with safetensors. ``tags`` (lineage)
-    go on the model version; ``metadata`` into the safetensors file. Returns the new version number.
+    repository's ``model`` package and loads the tensors with safetensors; the pyfunc is a code
+    file of ours. ``serving``: the eval transform and class names the model was trained with
+    (``serving.spec.spec_for_experiment``); without it the project's default transform at the
+    model's image size and index class names (tagged ``serving.preprocess=default``). ``tags``
+    (lineage) go on the model version; ``metadata`` into the safetensors file. Returns the new
+    version number.
     """
+    from orchestration.serving.package import write_pyfunc_dir
+    from orchestration.serving.spec import default_spec
+
+    spec = serving or default_spec(model.cfg)
+    spec.check_model(model.cfg, f"registering {name}")
+    serving_tags = {"serving.preprocess": "recorded" if serving else "default", "serving.image_size": spec.image_size,
+                    "serving.crop_pct": spec.crop_pct, "serving.outputs": "embedding" if spec.embedding_only
+                    else f"top-k of {len(spec.class_names)} classes ({spec.activation}) + embedding"}
+    cfg = getattr(model, "cfg", None)
+    if getattr(cfg, "kind", None) == "timm":  # which timm architecture, built by which timm
+        tags = {**tags, "timm_name": cfg.name, "timm_version": cfg.timm_version}
     with tempfile.TemporaryDirectory() as tmp:
-        local = write_model_dir(model.cpu().eval(), Path(tmp) / "model", metadata)
-        return register_model_dir(local, run_id=run_id, name=name, tags=tags, description=description, uri=uri)
+        plain = write_model_dir(model.cpu().eval(), Path(tmp) / "plain", metadata)
+        local = write_pyfunc_dir(plain, spec, Path(tmp) / "model")
+        return register_model_dir(local, run_id=run_id, name=name, tags={**serving_tags, **tags},
+                                  description=description, uri=uri)
 
 
 def load_model(source: str, uri: str | None = None, *, allow_resample: bool = False,
-               allow_cast: bool = False) -> VisionTransformer:
-    """A VisionTransformer from ``models:/NAME/VERSION``, ``models:/m-<id>``, ``runs:/ID/PATH`` or a path.
+               allow_cast: bool = False) -> nn.Module:
+    """A network (our ViT or a timm zoo network) from ``models:/NAME/VERSION``, ``models:/m-<id>``,
+    ``runs:/ID/PATH`` or a path.
 
     The artifacts are downloaded through MLflow's artifact API (``file://``, proxied
     ``mlflow-artifacts:/`` and S3 alike) and must be ``model.safetensors`` (+ ``config.json``) or
@@ -149,18 +178,22 @@ def load_model(source: str, uri: str | None = None, *, allow_resample: bool = Fa
 
 
 def model_from_path(path: Path, source: str, *, allow_resample: bool = False,
-                    allow_cast: bool = False) -> VisionTransformer:
+                    allow_cast: bool = False) -> nn.Module:
     """Rebuild a model from a downloaded model folder or ``.safetensors`` file (see :func:`load_model`).
 
     The file's tensors (names, shapes, dtypes: its header) are checked against the config before
     the model is built, so a file that only claims a huge model is refused without allocating it.
     ``allow_resample`` / ``allow_cast`` are ``model.weights.load_weights``'s opt-in conversions.
     """
-    from model import VisionTransformer, ViTConfig
-    from model.weights import check_weights_file, load_weights, read_header
+    from model import build_network, config_from_dict, load_network_weights
+    from model.network import check_network_file
+    from model.weights import read_header
 
     if not path.exists():
         raise FileNotFoundError(f"model source {source!r}: not a models:/ or runs:/ URI and no such file")
+    pyfunc = path / PYFUNC_ARTIFACTS
+    if path.is_dir() and not (path / MODEL_WEIGHTS_FILE).exists() and (pyfunc / MODEL_WEIGHTS_FILE).is_file():
+        path = pyfunc  # the pyfunc layout (serving.package): the two files sit under artifacts/
     if path.is_dir():
         weights, config_file = path / MODEL_WEIGHTS_FILE, path / MODEL_CONFIG_FILE
     else:
@@ -173,23 +206,25 @@ def model_from_path(path: Path, source: str, *, allow_resample: bool = False,
         raise UnsafeModelError(f"{source}: {weights.name} is not a valid safetensors file ({e})") from e
     raw = meta.get("vitscale.config")
     try:
-        meta_cfg = ViTConfig(**json.loads(raw)) if raw else None
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{source}: the 'vitscale.config' inside {weights.name} is not a valid ViTConfig ({e})") from e
+        meta_cfg = config_from_dict(json.loads(raw)) if raw else None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{source}: the 'vitscale.config' inside {weights.name} is not a valid model config "
+                         f"({' '.join(str(e).split())})") from e
     cfg = meta_cfg
     if config_file is not None and config_file.is_file():
         try:
-            cfg = ViTConfig(**json.loads(config_file.read_text()))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {MODEL_CONFIG_FILE} is not a valid ViTConfig ({e})") from e
+            cfg = config_from_dict(json.loads(config_file.read_text()))
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{source}: {MODEL_CONFIG_FILE} is not a valid model config "
+                             f"({' '.join(str(e).split())})") from e
     if cfg is None:
         raise ValueError(f"{source}: {weights.name} carries no 'vitscale.config' metadata and there is no "
                          f"{MODEL_CONFIG_FILE}; export it with model.weights.save_weights")
     if meta_cfg is not None and meta_cfg != cfg:
         raise ValueError(f"{source}: {MODEL_CONFIG_FILE} and the config inside {weights.name} disagree "
                          f"({cfg} vs {meta_cfg}); the artifact was modified after registration")
-    check_weights_file(weights, cfg, allow_resample=allow_resample, allow_cast=allow_cast)  # before allocating
-    return load_weights(VisionTransformer(cfg), weights, allow_resample=allow_resample, allow_cast=allow_cast)
+    check_network_file(weights, cfg, allow_resample=allow_resample, allow_cast=allow_cast)  # before allocating
+    return load_network_weights(build_network(cfg), weights, allow_resample=allow_resample, allow_cast=allow_cast)
 
 
 def _refuse_non_safetensors(path: Path, source: str) -> None:
