@@ -361,8 +361,10 @@ def test_each_copy_is_augmented_on_its_own(tmp_path) -> None:  # noqa: ANN001
 
 # ----------------------------------------------------------------------------- teachers
 def test_timm_teacher_from_safetensors_and_its_refusals(tmp_path) -> None:  # noqa: ANN001
-    """timm:ARCH=WEIGHTS.safetensors builds the architecture without a download and loads the file;
-    a pickle (whatever its name), another class count, an unknown architecture are refused by name."""
+    """timm:ARCH=WEIGHTS.safetensors builds the zoo architecture without a download and loads the
+    file; a pickle (whatever its name), another class count, an unknown name (timm's closest
+    names listed), a family the zoo does not drive, another architecture's weights and an image
+    size the architecture cannot take are refused by name."""
     import timm
     from safetensors.torch import save_file
 
@@ -374,11 +376,12 @@ def test_timm_teacher_from_safetensors_and_its_refusals(tmp_path) -> None:  # no
     save_file(ref.state_dict(), tmp_path / "t.safetensors")
     spec = f"timm:test_resnet={tmp_path / 't.safetensors'}"
     assert parse_teacher(spec).arch == "test_resnet"
-    t = load_teacher(spec, 10)
+    t = load_teacher(spec, 10, image_size=32)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(t(x), ref(x))
     assert not t.training and not any(p.requires_grad for p in t.parameters())
+    assert t.cfg.name == "test_resnet" and t.cfg.num_classes == 10  # built through the zoo (model.cfg)
     with pytest.raises(ValueError, match=r"predicts 10 classes \(fc.weight is \(10, .*the dataset has 7"):
         load_teacher(spec, 7)
     torch.save(ref.state_dict(), tmp_path / "p.safetensors")  # a pickle behind a safe-looking name
@@ -386,13 +389,44 @@ def test_timm_teacher_from_safetensors_and_its_refusals(tmp_path) -> None:  # no
     for name in ("p.safetensors", "p.pth"):
         with pytest.raises(UnsafeModelError, match="is a pickle .* never unpickles"):
             load_teacher(f"timm:test_resnet={tmp_path / name}", 10)
-    with pytest.raises(ValueError, match="Unknown model .*name a timm architecture"):
-        load_teacher(f"timm:no_such_net={tmp_path / 't.safetensors'}", 10)
-    with pytest.raises(ValueError, match="do not fit timm's test_byobnet"):
+    with pytest.raises(ValueError, match="'resnet5' is not a timm .* did you mean .*resnet50"):
+        load_teacher(f"timm:resnet5={tmp_path / 't.safetensors'}", 10)
+    with pytest.raises(ValueError, match="byobnet family, which vitscale does not drive"):
         load_teacher(f"timm:test_byobnet={tmp_path / 't.safetensors'}", 10)
+    with pytest.raises(ValueError, match="pretrained-weights tag"):
+        load_teacher(f"timm:resnet50.a1_in1k={tmp_path / 't.safetensors'}", 10)
+    with pytest.raises(ValueError, match="do not fit timm's resnet18 at image_size 224"):
+        load_teacher(f"timm:resnet18={tmp_path / 't.safetensors'}", 10)
+    deit = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=4,
+                             embed_dim=32, depth=1, num_heads=2)
+    save_file(deit.state_dict(), tmp_path / "deit.safetensors")
+    with pytest.raises(ValueError, match="image_size 30 is not divisible by deit_tiny_patch16_224's patch size 16"):
+        load_teacher(f"timm:deit_tiny_patch16_224={tmp_path / 'deit.safetensors'}", 10, image_size=30)
     for bad in ("timm:test_resnet", "http://x/y.safetensors", ""):
         with pytest.raises(ValueError, match="teacher"):
             parse_teacher(bad)
+
+
+def test_zoo_convnet_teacher_exported_by_a_run_takes_other_sizes(tmp_path) -> None:  # noqa: ANN001
+    """A timm ResNet of the zoo trained here is a teacher as its run export (safetensors + config):
+    a convnet takes a student of another image size, a timm DeiT (position embeddings for one
+    size) is refused with the fix."""
+    from model import TimmSpec, build_network
+    from orchestration.launch.teacher import load_teacher
+
+    torch.manual_seed(0)
+    resnet = build_network(TimmSpec(name="resnet18", depths=(1, 1, 1, 1)).config(num_classes=10, image_size=32))
+    save_weights(resnet, tmp_path / "resnet.safetensors")
+    t = load_teacher(str(tmp_path / "resnet.safetensors"), 10, image_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(t(x), resnet.eval()(x))
+    deit = build_network(TimmSpec(name="deit_tiny_patch16_224", patch_size=4, embed_dim=(32,), depths=(1,),
+                                  num_heads=(2,)).config(num_classes=10, image_size=32))
+    save_weights(deit, tmp_path / "deit.safetensors")
+    assert load_teacher(str(tmp_path / "deit.safetensors"), 10, image_size=32) is not None
+    with pytest.raises(ValueError, match="is a deit_tiny_patch16_224 for 32x32 images, the student sees 64x64"):
+        load_teacher(str(tmp_path / "deit.safetensors"), 10, image_size=64)
 
 
 def test_vit_teachers_from_a_file_and_the_registry(tmp_path) -> None:  # noqa: ANN001

@@ -7,9 +7,10 @@ A teacher is any model the project can load, never by unpickling:
   registered model or a run's logged weights (``orchestration.tracking.load_model``);
 * a run's export or a model of ours: a ``.safetensors`` file with its config, or a model folder
   (``model.safetensors`` + ``config.json``), as a path, ``file://`` or ``s3://`` URL;
-* ``timm:ARCH=WEIGHTS.safetensors``: a timm architecture (``timm.create_model(ARCH,
-  pretrained=False, num_classes=...)``, never a hub download) with a local safetensors state
-  dict, e.g. DeiT's ``timm:regnety_160=/weights/regnety_160.safetensors``.
+* ``timm:ARCH=WEIGHTS.safetensors``: an architecture of the timm zoo (``model.zoo``: ViT/DeiT,
+  CaiT, BEiT, Swin, PVT-v2, ResNet, RegNetY; built with ``pretrained=False``, never a hub
+  download) with a local safetensors state dict in timm's layout, e.g. DeiT's
+  ``timm:regnety_160=/weights/regnety_160.safetensors``.
 
 The teacher must predict the dataset's classes and take the student's images. It is loaded on
 every rank (each holds its own copy, like the data), frozen and in eval mode; the Trainer runs it
@@ -88,11 +89,12 @@ def _refuse_pickle(path: Path, spec: str) -> None:
                                "safetensors")
 
 
-def _timm_teacher(src: TeacherSource, spec: str, num_classes: int, tmp: Path) -> nn.Module:
-    import timm
-    from safetensors.torch import load_file
-
+def _timm_teacher(src: TeacherSource, spec: str, num_classes: int, image_size: int | None, tmp: Path) -> nn.Module:
+    """A zoo network (``model.zoo``: the families vitscale builds, DeiT's RegNetY and ResNet teachers
+    among them) of ``src.arch`` with the file's weights, checked from its header before a tensor is read."""
     from model.weights import read_header
+    from model.zoo import TimmSpec, create_timm_model, name_problem
+    from model.zoo_weights import head_prefixes, load_timm_weights
 
     path = _local(src.ref, tmp)
     _refuse_pickle(path, spec)
@@ -100,28 +102,53 @@ def _timm_teacher(src: TeacherSource, spec: str, num_classes: int, tmp: Path) ->
         specs, _ = read_header(path)
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise ValueError(f"teacher {spec!r}: {path.name} is not a valid safetensors file ({e})") from e
+    problem = name_problem(src.arch)  # an unknown name lists timm's closest; a hub tag is refused
+    if problem:
+        raise ValueError(f"teacher {spec!r}: {problem}")
+    size = image_size or 224  # a caller without a student (tests, tools): timm's default input
     try:
-        model = timm.create_model(src.arch, pretrained=False, num_classes=num_classes)
-    except RuntimeError as e:  # timm: "Unknown model (...)"
-        raise ValueError(f"teacher {spec!r}: {e}; name a timm architecture (timm.list_models())") from e
-    heads = model.pretrained_cfg.get("classifier", "head")
-    for head in (heads,) if isinstance(heads, str) else heads:
-        have = specs.get(f"{head}.weight")
+        cfg = TimmSpec(name=src.arch).config(num_classes=num_classes, image_size=size)
+    except ValueError as e:  # the architecture cannot take the student's images
+        raise ValueError(f"teacher {spec!r}: {' '.join(str(e).split())}") from e
+    model = create_timm_model(cfg)
+    for head in head_prefixes(model):
+        have = specs.get(f"{head}weight")
         if have is not None and have.shape[0] != num_classes:
-            raise ValueError(f"teacher {spec!r} predicts {have.shape[0]} classes ({head}.weight is {have.shape}), "
+            raise ValueError(f"teacher {spec!r} predicts {have.shape[0]} classes ({head}weight is {have.shape}), "
                              f"the dataset has {num_classes}: distil from a teacher trained on the same classes")
     try:
-        model.load_state_dict(load_file(path))
-    except RuntimeError as e:  # missing / unexpected keys, shapes: another architecture's weights
-        lines = " ".join(str(e).split())
-        raise ValueError(f"teacher {spec!r}: the weights do not fit timm's {src.arch} ({lines[:400]})") from e
+        load_timm_weights(model, path)
+    except ValueError as e:  # missing / unexpected keys, shapes: another architecture's weights
+        raise ValueError(f"teacher {spec!r}: the weights do not fit timm's {src.arch} at image_size {size} "
+                         f"({' '.join(str(e).split())[:400]})") from e
     return model
+
+
+def _size_problem(model: nn.Module, image_size: int) -> str | None:
+    """Why ``model`` cannot take the student's ``image_size`` images (None: it can). Our ViT and
+    the timm families whose position embeddings / windows are built for one size need that size;
+    a convnet (or PVT-v2) takes any size its stages can downsample."""
+    from model.zoo import TimmConfig, probe
+
+    cfg = getattr(model, "cfg", None)
+    size = getattr(cfg, "image_size", None)
+    if size is None or size == image_size:
+        return None
+    if isinstance(cfg, TimmConfig) and not cfg.family.img_size:
+        try:
+            probe(replace(cfg, image_size=image_size))
+        except ValueError as e:
+            return " ".join(str(e).split())
+        return None
+    what = cfg.name if isinstance(cfg, TimmConfig) else "ViT"
+    return (f"is a {what} for {size}x{size} images, the student sees {image_size}x{image_size}: train the teacher "
+            f"at image_size={image_size} (or fine-tune it there: finetune.py --image-size {image_size})")
 
 
 def load_teacher(spec: str, num_classes: int, *, image_size: int | None = None,
                  tracking_uri: str | None = None) -> nn.Module:
-    """The frozen, eval-mode teacher ``spec`` names, checked to predict ``num_classes`` classes (and
-    a ViT of ours to take ``image_size`` images). Raises ValueError / UnsafeModelError /
+    """The frozen, eval-mode teacher ``spec`` names, checked to predict ``num_classes`` classes and
+    to take the student's ``image_size`` images. Raises ValueError / UnsafeModelError /
     FileNotFoundError / LookupError naming the spec and what is wrong."""
     from orchestration.tracking import load_model, model_from_path
     from training.objectives.distill import class_count
@@ -136,16 +163,15 @@ def load_teacher(spec: str, num_classes: int, *, image_size: int | None = None,
                 _refuse_pickle(path, spec)
             model = model_from_path(path, spec)
         else:
-            model = _timm_teacher(src, spec, num_classes, Path(tmp))
+            model = _timm_teacher(src, spec, num_classes, image_size, Path(tmp))
     have = class_count(model)
     if have != num_classes:
         what = "has no class head (an MAE encoder or a feature extractor)" if not have else f"predicts {have} classes"
         raise ValueError(f"teacher {spec!r} {what}, the dataset has {num_classes}: distil from a teacher trained on "
                          "the same classes")
-    size = getattr(getattr(model, "cfg", None), "image_size", None)
-    if image_size is not None and size is not None and size != image_size:
-        raise ValueError(f"teacher {spec!r} is a ViT for {size}x{size} images, the student sees {image_size}x"
-                         f"{image_size}: train the teacher at image_size={image_size} (or fine-tune it there)")
+    problem = _size_problem(model, image_size) if image_size is not None else None
+    if problem:
+        raise ValueError(f"teacher {spec!r} {problem}")
     model.eval()
     model.requires_grad_(False)
     return model
