@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) bench/loader.py
 	$(PY) bench/metadata.py
 	$(PY) bench/mae_step.py
+	$(PY) bench/plan_check.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check confkit model pipeline training orchestration bench tests

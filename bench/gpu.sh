@@ -22,3 +22,7 @@ python3 bench/model_step.py --device cuda --dtype bf16 --batch 64 --iters 20 --w
 timeout 300 python3 bench/train_step.py --device cuda --compile --batch 256 2>&1 | tee "$out/train_step.txt"
 echo "== issue #15 summary (B/16 bf16, batch 256, compiled) =="
 grep -E "^(Trainer |plain   ):|^ratio Trainer / plain" "$out/train_step.txt" || echo "train_step.py produced no summary: see $out/train_step.txt"
+# Issue #29: the plan's activation memory (torch.cuda.max_memory_allocated) and step time vs a real B/16 step.
+echo "== issue #29: plan vs measured (B/16 bf16, micro 128) =="
+timeout 300 python3 bench/plan_check.py --device cuda --variant B/16 --image-size 224 --micro 128 --precision bf16 \
+  --iters 10 2>&1 | tee "$out/plan_check.txt"

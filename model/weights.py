@@ -314,6 +314,22 @@ def _grid_of(spec: TensorSpec, prefix: int) -> tuple[int, int] | None:
     return (g, g) if n > 0 and g * g == n else None
 
 
+def check_casts(own: Mapping[str, TensorSpec], src: Mapping[str, TensorSpec], names: Mapping[str, str],
+                allow_cast: bool) -> dict[str, list[str]]:
+    """The non-float casts loading needs ({"int8 -> float32": [keys]}; ``names``: our key -> the
+    checkpoint's); refused unless ``allow_cast``: integer or boolean weights are quantised or
+    corrupt, never silently cast."""
+    casts: dict[str, list[str]] = {}
+    for k in own:
+        if k in names and src[names[k]].dtype != own[k].dtype and not (src[names[k]].floating and own[k].floating):
+            casts.setdefault(f"{src[names[k]].dtype} -> {own[k].dtype}", []).append(k)
+    if casts and not allow_cast:
+        lines = "; ".join(f"{what}: {keys[:4]}{' ...' if len(keys) > 4 else ''}" for what, keys in casts.items())
+        raise ValueError(f"checkpoint tensors are not floating point ({lines}): quantised or corrupt weights; "
+                         "pass allow_cast=True only if a plain cast is really what they mean")
+    return casts
+
+
 def _plan(
     src: Mapping[str, TensorSpec], own: Mapping[str, TensorSpec], cfg: ViTConfig, *, strict: bool,
     ignore_head: bool, allow_resample: bool, allow_cast: bool,
@@ -366,14 +382,7 @@ def _plan(
             f"{k}: checkpoint has shape {src[names[k]].shape}, model expects {own[k].shape}" for k in bad[:6])
         more = f" (+{len(bad) - 6} more)" if len(bad) > 6 else ""
         raise ValueError(f"{lines}{more}" + "".join(f"; {h}" for h in hints))
-    casts: dict[str, list[str]] = {}
-    for k in own:
-        if k in names and src[names[k]].dtype != own[k].dtype and not (src[names[k]].floating and own[k].floating):
-            casts.setdefault(f"{src[names[k]].dtype} -> {own[k].dtype}", []).append(k)
-    if casts and not allow_cast:
-        lines = "; ".join(f"{what}: {keys[:4]}{' ...' if len(keys) > 4 else ''}" for what, keys in casts.items())
-        raise ValueError(f"checkpoint tensors are not floating point ({lines}): quantised or corrupt weights; "
-                         "pass allow_cast=True only if a plain cast is really what they mean")
+    casts = check_casts(own, src, names, allow_cast)
     missing = sorted(set(own) - set(names) - skip_own)
     unexpected = sorted(set(names) - set(own))
     if strict and (missing or unexpected):

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .weights import TensorSpec, _bare_name, _spec, physical_memory_bytes, read_header
+from .weights import TensorSpec, _bare_name, _spec, check_casts, physical_memory_bytes, read_header
 from .zoo import TimmConfig, create_timm_model
 
 log = logging.getLogger(__name__)
@@ -90,14 +90,7 @@ def _plan(src: Mapping[str, TensorSpec], own: Mapping[str, TensorSpec], cfg: Tim
         lines = "; ".join(f"{k}: checkpoint has shape {src[names[k]].shape}, model expects {own[k].shape}"
                           for k in bad[:6])
         raise ValueError(f"{lines}{f' (+{len(bad) - 6} more)' if len(bad) > 6 else ''}{hint}")
-    casts: dict[str, list[str]] = {}
-    for k in own:
-        if k in names and src[names[k]].dtype != own[k].dtype and not (src[names[k]].floating and own[k].floating):
-            casts.setdefault(f"{src[names[k]].dtype} -> {own[k].dtype}", []).append(k)
-    if casts and not allow_cast:
-        lines = "; ".join(f"{what}: {keys[:4]}" for what, keys in casts.items())
-        raise ValueError(f"checkpoint tensors of another kind than the model's ({lines}): quantised or corrupt "
-                         "weights; pass allow_cast=True only if a plain cast is really what they mean")
+    casts = check_casts(own, src, names, allow_cast)
     missing = sorted(set(own) - set(names) - skip)
     unexpected = sorted(set(names) - set(own))
     if strict and (missing or unexpected):

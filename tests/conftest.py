@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -174,6 +175,59 @@ def local_services(state: Path, **extra: str) -> Iterator[dict[str, str]]:
         yield env
     finally:
         subprocess.run(["bash", str(ROOT / "infra/local/stop_services.sh")], env=env, timeout=120)
+
+
+FINAL_STATUS = re.compile(rb"Job '[^']+' (succeeded|failed|stopped)")
+
+
+def follow_ray_job(proc: subprocess.Popen, timeout: float, tick: Callable[[], None] | None = None,
+                   grace: float = 30.0) -> tuple[str, bool]:
+    """Wait for a ``ray job submit`` CLI; returns (its output, whether the job succeeded).
+
+    The job's own final status line is what counts: after a node or a worker was lost, Ray's CLI
+    was seen to print "Job '...' succeeded" and then not exit for 10+ minutes (session 8). The
+    output is read as it comes; a CLI that printed the final status gets ``grace`` seconds to exit
+    before it is stopped. ``tick`` runs between reads (sampling processes, say). At ``timeout``
+    the CLI is killed and the job counts as failed.
+    """
+    fd = proc.stdout.fileno()  # type: ignore[union-attr]
+    os.set_blocking(fd, False)
+    buf, final, final_at = bytearray(), None, None
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if tick is not None:
+            tick()
+        buf += _read_available(fd)
+        if final is None and (m := FINAL_STATUS.search(buf)):
+            final, final_at = m.group(1).decode(), time.monotonic()
+        if final_at is not None and time.monotonic() - final_at > grace:
+            break
+        time.sleep(0.3)
+    stuck = proc.poll() is None
+    if stuck:
+        proc.kill()
+    proc.wait(timeout=60)
+    os.set_blocking(fd, True)
+    while chunk := os.read(fd, 1 << 16):  # the rest, to EOF
+        buf += chunk
+    out = buf.decode(errors="replace")
+    if stuck and final is not None:
+        print(f"ray job submit printed the final status ({final}) but did not exit in {grace:.0f} s; stopped it")
+        return out, final == "succeeded"
+    return out, proc.returncode == 0
+
+
+def _read_available(fd: int) -> bytes:
+    """What the pipe holds now, without waiting."""
+    out = bytearray()
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return bytes(out)
+        if not chunk:
+            return bytes(out)
+        out += chunk
 
 
 def gloo_rank_env(rank: int, world: int, port: int | str) -> dict[str, str]:

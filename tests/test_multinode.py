@@ -116,28 +116,28 @@ def _submit(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
 
 
 def _watch(env: dict[str, str], proc: subprocess.Popen[str], timeout: float = 240) -> dict[str, Any]:
-    """Run the job to its end, sampling the nodes meanwhile.
+    """Run the job to its end (``conftest.follow_ray_job``), sampling the nodes meanwhile.
 
     Returns the output, {train-worker pid: node} from the two ``ray start`` process trees, and
     the nodes whose own TMPDIR held checkpoint staging at some point.
     """
+    from conftest import follow_ray_job
+
     state = Path(env["STATE"])
     heads = {name: int((state / f"{name}.pid").read_text()) for name in ("ray", "ray_worker_1")}
     tmpdirs = _node_tmpdirs(env)
     workers: dict[int, str] = {}
     staged: set[str] = set()
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline:
+
+    def sample() -> None:
         for name, pid in heads.items():
             workers.update({p.pid: name for p in _tree(pid) if "RayTrainWorker" in _cmd(p)})
             if any((tmpdirs[name] / "vitscale-ckpt").glob("*/step*")):
                 staged.add(name)
-        time.sleep(0.3)
-    if proc.poll() is None:
-        proc.kill()
-    out = proc.communicate(timeout=60)[0]
+
+    out, ok = follow_ray_job(proc, timeout, tick=sample)
     (state / "logs" / f"job-{int(time.time() * 1000)}.log").write_text(out)  # kept for diagnosis
-    assert proc.returncode == 0, f"the job failed:\n{out[-6000:]}"
+    assert ok, f"the job failed:\n{out[-6000:]}"
     return {"output": out, "workers": workers, "staged": staged}
 
 
@@ -317,6 +317,7 @@ def test_elastic_run_survives_losing_the_worker_node(cluster: dict[str, str], di
                    "--no-register", "--set", f"train.schedule.total_steps={ELASTIC_STEPS}", "--set", "train.schedule.warmup_steps=2",
                    "--set", "train.checkpoint.every=5", "--set", f"train.eval_every={ELASTIC_STEPS}",
                    "--set", "train.log_every=5", "--set", "resources.elastic_resize_s=5", "--set", "resources.group_start_timeout_s=20")
+    t0 = time.time()
     try:
         # The group may start with 1 rank when the worker node's CPU is not free yet (it then
         # grows to 2): kill the node only once 2 ranks have committed a checkpoint.
@@ -333,8 +334,11 @@ def test_elastic_run_survives_losing_the_worker_node(cluster: dict[str, str], di
     # Grown while the run is still going: a checkpoint by 2 ranks after the node is back.
     grown = _wait_for_checkpoint(cluster, proc, back_at, world=2)
     grown_s = time.time() - back_at
+    grown_at = time.time()
     run = _watch(cluster, proc, timeout=600)
     m = _result(run["output"])["metrics"]
+    print(f"elastic phases (s from submit): killed {killed_at - t0:.0f}, node back {back_at - t0:.0f}, "
+          f"grown {grown_at - t0:.0f}, finished {time.time() - t0:.0f}")
     # The recipe's start-up timeout reached Ray Train's controller (through its environment).
     waits = re.findall(r"startup timed out after ([\d.]+) seconds", run["output"])
     assert set(waits) <= {"20.0"}, waits

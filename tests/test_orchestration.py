@@ -306,8 +306,10 @@ def pretrained(ray_cluster: dict[str, str], digits_url: str, storage_url: str) -
     except TimeoutError:
         proc.kill()
         raise AssertionError(f"no checkpoint in time; job output:\n{proc.communicate()[0][-6000:]}") from None
-    out, _ = proc.communicate(timeout=500)
-    assert proc.returncode == 0, out[-6000:]
+    from conftest import follow_ray_job
+
+    out, ok = follow_ray_job(proc, 500)
+    assert ok, out[-6000:]
     res = _result(out)
     assert res["run_dir"] == f"{storage_url}/vit_mu_smoke/{run_id}"
     assert store.exists(f"vit_mu_smoke/{run_id}/export/model.safetensors")
@@ -384,8 +386,10 @@ def test_finetune_from_registry_at_higher_resolution(pretrained: dict[str, Any],
         "--set", "train.schedule.total_steps=20", "--set", "train.schedule.warmup_steps=2", "--set", "train.global_batch=32",
         "--set", "train.eval_every=20", "--set", "train.checkpoint.every=20",
     )
-    out, _ = proc.communicate(timeout=400)
-    assert proc.returncode == 0, out[-6000:]
+    from conftest import follow_ray_job
+
+    out, ok = follow_ray_job(proc, 400)
+    assert ok, out[-6000:]
     res = _result(out)
     assert res["model_name"] == "vit-mu4-digits-ft48" and res["image_size_after"] == 48
     assert res["top1_before"] is not None and res["top1_after"] is not None

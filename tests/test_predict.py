@@ -215,7 +215,8 @@ def test_registration_records_the_recipes_eval_transform_and_the_datasets_classe
     import dataclasses
 
     from model.weights import save_weights
-    from orchestration.experiment.recipes import mae_vit_mu_digits, vit_mu_smoke
+    from orchestration.experiment.recipes import vit_mu_smoke
+    from orchestration.experiment.recipes_mae import mae_vit_mu_digits
     from orchestration.launch.pretrain_run import register_from_run
     from orchestration.serving.predictor import Predictor
     from pipeline import PreprocessConfig

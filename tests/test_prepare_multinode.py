@@ -77,12 +77,10 @@ def test_prepare_job_survives_a_killed_node_and_matches_write_shards(cluster: di
     subprocess.run(["bash", str(ROOT / "infra/local/kill_node.sh"), "1"], env=cluster, check=True, timeout=60,
                    capture_output=True)
     killed_at = _markers(on_ray)
-    try:
-        out = proc.communicate(timeout=180)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, f"the job failed:\n{out[-6000:]}"
+    from conftest import follow_ray_job
+
+    out, ok = follow_ray_job(proc, 180)
+    assert ok, f"the job failed:\n{out[-6000:]}"
     ran_on = {(m["shard"], m["node"]) for m in SHARD_LINE.finditer(out)}
     assert {node for _, node in ran_on} == {"head", "node_1"}, out[-4000:]  # SPREAD: both nodes wrote shards
     a, b = fmt.resolve(on_ray), fmt.resolve(single)

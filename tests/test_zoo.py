@@ -417,3 +417,42 @@ def test_served_network_answers_like_its_own_forward(arch: str) -> None:
         want_emb = net.forward_head(net.forward_features(x), pre_logits=True)
     torch.testing.assert_close(scores, want, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(emb, want_emb, atol=1e-5, rtol=1e-4)
+
+
+def test_a_registered_swin_is_served_by_its_pyfunc(tmp_path: Path) -> None:
+    """End to end (#25 x #27): a timm Swin registered like any model of ours loads back as an MLflow
+    pyfunc that answers encoded images with the network's own probabilities (default transform:
+    mean/std 0.5, centre crop 0.875), and the version is tagged with the timm name and version."""
+    import io
+
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from orchestration import tracking
+    from pipeline.decode import decode_eval
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.start_run("zoo-serving", run_name="swin", uri=uri)
+    torch.manual_seed(0)
+    net = build_network(_cfg("swin")).eval()
+    version = tracking.log_and_register_model(net, run_id=run_id, name="swin-test", tags={}, uri=uri)
+    tracking.end_run(run_id, uri=uri)
+    mv = tracking.client(uri).get_model_version("swin-test", str(version))
+    assert mv.tags["timm_name"] == "swin_tiny_patch4_window7_224" and mv.tags["timm_version"]
+
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(2).random((40, 52, 3)) * 255).astype("uint8")).save(buf, "PNG")
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        got = mlflow.pyfunc.load_model(f"models:/swin-test/{version}").predict(
+            pd.DataFrame({"image": [buf.getvalue()]}), params={"top_k": 3}).iloc[0]
+    finally:
+        mlflow.set_tracking_uri(before)
+    x = torch.from_numpy(decode_eval(buf.getvalue(), size=IMAGE, crop_pct=0.875)).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        top = net((x / 255 - 0.5) / 0.5).softmax(-1)[0].topk(3)
+    assert list(got["classes"]) == [str(i) for i in top.indices.tolist()]
+    np.testing.assert_allclose(got["probabilities"], top.values.numpy(), atol=1e-5)

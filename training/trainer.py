@@ -27,7 +27,7 @@ import random
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,23 +37,23 @@ from training import checkpoint as ckpt
 from training.config import TrainConfig
 from training.deepspeed_config import deepspeed_config
 from training.dist import DistInfo, all_reduce_sum, init_distributed
-from training.faults import FaultStats, ProgressLog
+from training.faults import FaultStats
+from training.interruptions import Interruptions
 from training.metrics import MetricsSink, NullSink, device_name, mfu, peak_tflops
 from training.objectives import objective_for
 from training.optim import build_optimizer, drop_repeated_norm_checks, lr_at, param_groups, set_lr
 from training.periodic import PeriodicEval, full_module
-from training.preempt import SAVE, STOP, Preempted, Preemption, say
+from training.preempt import SAVE, STOP
 from training.prefetch import DevicePrefetcher
 from training.profiles import get_profile, set_sdpa
 from training.progress import ConsoleProgress, LogWindow
-from training.watchdog import Watchdog
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised after `max_bad_steps` consecutive micro-batches with a NaN/Inf loss."""
 
 
-class Trainer:
+class Trainer(Interruptions):
     """Pre-train / fine-tune `model` with DeepSpeed ZeRO according to `cfg`.
 
     `train_loader`: any re-iterable of `(images, targets)` batches of `cfg.micro_batch` per
@@ -135,17 +135,6 @@ class Trainer:
         self._epoch_iter: Iterator | None = None
         self._last_loss: torch.Tensor | None = None  # this rank's, on the device
         self.last_loss = float("nan")  # over all ranks; set when fit() logs or returns
-
-    def _init_fault_handling(self, cfg: TrainConfig) -> None:
-        """Preemption, hang watchdog and fault accounting (training.preempt/watchdog/faults)."""
-        self._saved_step: int | None = None  # newest checkpoint written or restored by this process
-        self.faults = FaultStats()  # restarts, world-size changes, lost steps: carried in checkpoints
-        self._progress = (ProgressLog(self.checkpoints.write_progress)
-                          if self.dist.is_main and self.checkpoint_dir is not None else None)
-        self.watchdog = Watchdog(cfg.faults.hang_timeout_s, self.dist.rank, report=self._report_hang,
-                                 slow_phases={"checkpoint": cfg.checkpoint.io_timeout_s, "startup": cfg.checkpoint.io_timeout_s})
-        self.preemption = Preemption(cfg.faults.preempt_grace_s, self.dist.rank, self.dist.world_size,
-                                     timeout_s=cfg.checkpoint.io_timeout_s, what_is_lost=self._what_a_restart_loses)
 
     # ------------------------------------------------------------------ public
     @property
@@ -411,63 +400,6 @@ class Trainer:
         self._saved_step = self._step
         self.watchdog.beat("collective", self._step)
         return tag
-
-    def _stop_preempted(self) -> NoReturn:
-        """Every rank, once they agreed to stop: checkpoint this step within the grace, exit 0."""
-        p, t0, tag = self.preemption, time.monotonic(), None
-        self.faults.preemptions += 1
-        if self.checkpoint_dir is None:
-            say(f"rank {self.dist.rank}: preempted at step {self._step}: no checkpoint_dir, nothing saved")
-        elif self._saved_step == self._step:
-            tag = ckpt.tag_for(self._step)  # this step is already saved
-        else:
-            # Collectives of this save wait at most what is left of the grace (the timer ends the
-            # process just before): a slow rank cannot keep the others past SIGKILL.
-            cfg = self.cfg.replace(**{"checkpoint.io_timeout_s": max(p.remaining_s(), 1.0)})
-            try:
-                tag = self.save_checkpoint(cfg)
-            except Exception as e:  # noqa: BLE001 - the run must still leave cleanly: exit 0
-                say(f"rank {self.dist.rank}: preemption checkpoint of step {self._step} failed ({type(e).__name__}: "
-                    f"{e}); {self._what_a_restart_loses()}")
-                if self.dist.world_size > 1:
-                    # A collective failed: a peer is gone (its grace ended first). Tearing down a
-                    # process group with a dead peer can abort (gloo: SIGABRT), so leave now, with 0.
-                    p.exit_now("exiting 0 without tearing down the broken process group")
-        p.done()
-        if tag is not None:
-            when = f"signal at step {p.signal_step}" if p.signal_step is not None else "another rank was signalled"
-            say(f"rank {self.dist.rank}: preempted at step {self._step} ({when}): "
-                f"checkpoint {tag} complete after {time.monotonic() - t0:.1f} s; exiting 0")
-        self.sink.log_metrics({"fault/preempted_at_step": float(self._step)}, self._step)
-        raise Preempted(self._step, tag)
-
-    def _save_on_notice(self) -> None:
-        """Every rank, on an agreed preemption notice: checkpoint this step now (at the notice,
-        then once more just before its deadline; training.preempt)."""
-        first = self.preemption.notice_saves == 1
-        if first:
-            self.faults.preemptions += 1
-        if self.checkpoint_dir is None or self._saved_step == self._step:
-            return
-        t0 = time.monotonic()
-        tag = self.save_checkpoint()
-        when = "at the notice" if first else "just before the deadline"
-        say(f"rank {self.dist.rank}: preemption notice: checkpoint {tag} complete {when} after "
-            f"{time.monotonic() - t0:.1f} s; training goes on until the platform stops this attempt")
-        self.sink.log_metrics({"fault/preemption_save_at_step": float(self._step)}, self._step)
-
-    def _what_a_restart_loses(self) -> str:
-        if self._saved_step is None:
-            return "no checkpoint was completed by this process: the restart resumes from the newest one in storage"
-        return (f"the previous complete checkpoint {ckpt.tag_for(self._saved_step)} stays the newest: the restart "
-                f"resumes there and recomputes {self._step - self._saved_step} step(s)")
-
-    def _report_hang(self, text: str, path: Path) -> None:
-        """Watchdog thread, on a hang: the dump to the sink (rank 0's MLflow run)."""
-        where = {"fault.hang": f"rank {self.dist.rank}, step {self.watchdog.step}, phase {self.watchdog.phase}"}
-        set_tags = getattr(self.sink, "set_tags", None)  # MLflowSink: a tag (params cannot change per attempt)
-        set_tags(where) if callable(set_tags) else self.sink.log_params(where)
-        self.sink.log_artifact(str(path), "faults")
 
     def restore(self, resume: str | int) -> bool:
         """Load a checkpoint (see `fit`; `CheckpointManager.restore`); False when "auto" finds none."""

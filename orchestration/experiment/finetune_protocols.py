@@ -21,7 +21,8 @@ from typing import Any
 
 from model import TimmConfig, TimmSpec, ViTConfig, ViTSpec
 from orchestration.experiment.config import Experiment, Resources
-from orchestration.experiment.recipes import IMAGENET_MEAN, IMAGENET_STD, IN1K_IMAGES, RECIPES
+from orchestration.experiment.imagenet import IMAGENET_MEAN, IMAGENET_STD, IN1K_IMAGES
+from orchestration.experiment.recipes import RECIPES
 from pipeline import AugmentConfig, DataConfig, PreprocessConfig, SourceConfig
 from training import TrainConfig
 from training.config import CheckpointConfig, EngineConfig, OptimConfig, ScheduleConfig
