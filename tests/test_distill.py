@@ -411,6 +411,9 @@ def test_zoo_convnet_teacher_exported_by_a_run_takes_other_sizes(tmp_path) -> No
     """A timm ResNet of the zoo trained here is a teacher as its run export (safetensors + config):
     a convnet takes a student of another image size, a timm DeiT (position embeddings for one
     size) is refused with the fix."""
+    import dataclasses
+    import json
+
     from model import TimmSpec, build_network
     from orchestration.launch.teacher import load_teacher
 
@@ -421,6 +424,17 @@ def test_zoo_convnet_teacher_exported_by_a_run_takes_other_sizes(tmp_path) -> No
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(t(x), resnet.eval()(x))
+    # the Trainer's export (training.export_weights, what a run uploads) keeps BatchNorm's integer
+    # num_batches_tracked an integer: a float one made the export of a convnet unloadable
+    from training import export_weights
+
+    export_weights(resnet, tmp_path / "export.safetensors", metadata={"vitscale.config": json.dumps(
+        dataclasses.asdict(resnet.cfg))})
+    t = load_teacher(str(tmp_path / "export.safetensors"), 10, image_size=32)
+    assert t.bn1.num_batches_tracked.dtype == torch.int64
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(t(x), resnet(x))
     deit = build_network(TimmSpec(name="deit_tiny_patch16_224", patch_size=4, embed_dim=(32,), depths=(1,),
                                   num_heads=(2,)).config(num_classes=10, image_size=32))
     save_weights(deit, tmp_path / "deit.safetensors")

@@ -120,7 +120,9 @@ def _timm_teacher(src: TeacherSource, spec: str, num_classes: int, image_size: i
         load_timm_weights(model, path)
     except ValueError as e:  # missing / unexpected keys, shapes: another architecture's weights
         raise ValueError(f"teacher {spec!r}: the weights do not fit timm's {src.arch} at image_size {size} "
-                         f"({' '.join(str(e).split())[:400]})") from e
+                         f"({' '.join(str(e).split())[:400]}); timm:ARCH builds timm's own shape of ARCH: a network "
+                         "trained here with other shape fields is a teacher as its run's export (the .safetensors "
+                         "that carries its config)") from e
     return model
 
 
@@ -205,7 +207,7 @@ def teacher_problems(exp: Experiment, data_url: str, tracking_uri: str | None = 
     from orchestration.experiment.validation import one_line
     from pipeline import build_loader
 
-    key = f"train.objective.teacher={obj.teacher!r}"
+    key = "train.objective.teacher"  # every message below names the teacher spec itself
     try:
         parse_teacher(obj.teacher)
     except ValueError as e:
