@@ -2,7 +2,7 @@
 losses.py), teacher loading and its refusals, repeated augmentation in the loader.
 
 The end-to-end claim (a pipeline-trained teacher makes a distilled student beat the same student
-trained alone) is ``test_distillation_beats_no_teacher`` (slow).
+trained alone) and the documented commands are in ``tests/test_distill_digits.py``.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from typing import Any
 
 from model import ViTSpec
 from orchestration.experiment.config import EvalSpec, Experiment, Resources
-from orchestration.experiment.deit_recipes import DEIT_RECIPES
+from orchestration.experiment.recipes_deit import DEIT_RECIPES
 from orchestration.experiment.recipes_mae import MAE_RECIPES
 from orchestration.experiment.recipes_zoo import ZOO_RECIPES
 from pipeline import AugmentConfig, DataConfig, IOConfig, SourceConfig

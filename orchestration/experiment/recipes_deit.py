@@ -15,26 +15,16 @@ from it (``docs/distillation.md``).
 
 from __future__ import annotations
 
-from model import ViTSpec
+from collections.abc import Callable
+
+from model import TimmSpec, ViTSpec
 from orchestration.experiment.config import EvalSpec, Experiment, Resources
+from orchestration.experiment.imagenet import IMAGENET_MEAN, IMAGENET_STD, epochs_to_steps
+from orchestration.experiment.recipes_zoo import DEIT_BATCH, deit_lr
 from pipeline import AugmentConfig, DataConfig, IOConfig, PreprocessConfig, SourceConfig
 from training import TrainConfig
 from training.config import CheckpointConfig, EngineConfig, OptimConfig, ScheduleConfig
 from training.objectives import ClassificationConfig, DistillConfig
-
-DEIT_IMAGES = 1_281_167  # ImageNet-1k train images: DeiT's epochs are over it
-DEIT_BATCH = 1024  # Table 9: batch size 1024 (main.py --batch-size 64 per GPU x 16 GPUs)
-DEIT_MEAN = (0.485, 0.456, 0.406)  # datasets.py: timm's IMAGENET_DEFAULT_MEAN / _STD
-DEIT_STD = (0.229, 0.224, 0.225)
-
-
-def deit_lr(batch: int, base: float = 5e-4) -> float:
-    """DeiT's scaling rule (main.py): ``lr = 5e-4 * batch / 512``."""
-    return base * batch / 512
-
-
-def _epochs(epochs: float, batch: int = DEIT_BATCH) -> int:
-    return int(round(epochs * DEIT_IMAGES / batch))
 
 
 def deit_b16_distilled_i1k() -> Experiment:
@@ -63,7 +53,7 @@ def deit_b16_distilled_i1k() -> Experiment:
                 random_erasing=0.25,  # --reprob 0.25
                 repeats=3,  # --repeated-aug (RASampler, num_repeats=3)
             ),
-            preprocess=PreprocessConfig(mean=DEIT_MEAN, std=DEIT_STD, eval_crop_pct=0.875),  # --eval-crop-ratio
+            preprocess=PreprocessConfig(mean=IMAGENET_MEAN, std=IMAGENET_STD, eval_crop_pct=0.875),  # --eval-crop-ratio
             io=IOConfig(num_workers=10),  # --num_workers 10
         ),
         train=TrainConfig(
@@ -73,8 +63,8 @@ def deit_b16_distilled_i1k() -> Experiment:
                               betas=(0.9, 0.999), eps=1e-8,  # --opt-eps 1e-8; timm's AdamW betas
                               weight_decay=0.05,  # --weight-decay 0.05
                               grad_clip=0.0),  # --clip-grad None
-            schedule=ScheduleConfig(warmup_steps=_epochs(5),  # --warmup-epochs 5
-                                    total_steps=_epochs(300),  # --epochs 300
+            schedule=ScheduleConfig(warmup_steps=epochs_to_steps(5, DEIT_BATCH),  # --warmup-epochs 5
+                                    total_steps=epochs_to_steps(300, DEIT_BATCH),  # --epochs 300
                                     decay="cosine", min_lr=1e-5),  # --sched cosine --min-lr 1e-5
             objective=DistillConfig(
                 type="hard", alpha=0.5, tau=1.0,  # --distillation-type hard --distillation-alpha 0.5 --distillation-tau 1.0
@@ -92,60 +82,77 @@ def deit_b16_distilled_i1k() -> Experiment:
     )
 
 
-def _digits_data(repeats: int) -> DataConfig:
-    return DataConfig(source=SourceConfig(url="s3://vitscale/digits"),
-                      augment=AugmentConfig(crop_scale=(0.5, 1.0), hflip=False, repeats=repeats),  # digits: no flips
-                      io=IOConfig(num_workers=1, shuffle_buffer=256))
+# ----------------------------------------------------------------------------- digits (CPU)
+#: The data-starved set-up of the digits pair (docs/distillation.md, tests/test_distill_digits.py):
+#: 16 px digits; the convnet teacher learns from the whole train split, the ViT student from its
+#: first 90 images (``data.source.limit_samples``), with crops down to a quarter of the image.
+DIGITS_SIZE = 16
+DIGITS_FEW = 90
+DIGITS_CROP = (0.25, 1.0)
+DIGITS_STEPS = 600
+
+
+def _digits(name: str, model: ViTSpec | TimmSpec, objective: ClassificationConfig | DistillConfig, *,
+            crop: tuple[float, float], steps: int, limit: int | None, registered: str) -> Experiment:
+    return Experiment(
+        name=name,
+        image_size=DIGITS_SIZE,
+        model=model,
+        data=DataConfig(source=SourceConfig(url="s3://vitscale/digits-16", limit_samples=limit),
+                        augment=AugmentConfig(crop_scale=crop, hflip=False),  # digits: no flips
+                        # 90 images are one batch an epoch: a loader process started for every epoch
+                        # would cost more than the decoding it takes off the training process
+                        io=IOConfig(num_workers=0 if limit else 1, shuffle_buffer=256)),
+        train=TrainConfig(global_batch=64, micro_batch=64, log_every=50, eval_every=0, profile="cpu",
+                          optim=OptimConfig(lr=3e-3, weight_decay=0.05),
+                          schedule=ScheduleConfig(warmup_steps=steps // 10, total_steps=steps, decay="cosine"),
+                          objective=objective, engine=EngineConfig(precision="fp32", zero_stage=1),
+                          checkpoint=CheckpointConfig(every=steps)),
+        eval=EvalSpec(split="val"),
+        resources=Resources(workers=1),
+        dataset_name="digits",
+        registered_model_name=registered,
+    )
 
 
 def deit_teacher_digits() -> Experiment:
-    """The teacher of the digits pair, trained and registered by the pipeline (``deit-teacher-digits``):
-    for now a ViT 4 blocks x 64 wide at 32 px, 600 steps (once the timm zoo is a model kind, a small
-    convnet, as DeiT's teacher is). Launch::
+    """The convnet teacher of the digits pair, as DeiT's is a convnet: timm's ``test_resnet`` (a
+    ResNet of the zoo's ResNet family: one block per stage, widths 32-48-48-96, 0.37M parameters,
+    so that a 2-core machine runs it inside every student step) at 16 px on the whole train
+    split, 300 steps, milder crops (0.6, 1). Registered as ``deit-teacher-digits``. Launch::
 
-        python orchestration/pretrain.py --recipe deit_teacher_digits --data s3://vitscale/digits
-        # then: mlflow's registry alias, e.g. client.set_registered_model_alias("deit-teacher-digits", "champion", 1)
+        python orchestration/pretrain.py --recipe deit_teacher_digits --data s3://vitscale/digits-16
+        # then alias the version the student distils from (docs/distillation.md):
+        # MlflowClient().set_registered_model_alias("deit-teacher-digits", "champion", VERSION)
     """
-    return Experiment(
-        name="deit_teacher_digits",
-        image_size=32,
-        model=ViTSpec(variant="mu/4", width=64, depth=4, heads=4, mlp_dim=128),
-        data=_digits_data(repeats=1),
-        train=TrainConfig(global_batch=64, micro_batch=64, log_every=50, eval_every=0, profile="cpu",
-                          optim=OptimConfig(lr=3e-3, weight_decay=0.05),
-                          schedule=ScheduleConfig(warmup_steps=30, total_steps=600, decay="cosine"),
-                          objective=ClassificationConfig(label_smoothing=0.1),
-                          engine=EngineConfig(precision="fp32", zero_stage=1)),
-        eval=EvalSpec(split="val"),
-        resources=Resources(workers=1),
-        dataset_name="digits",
-        registered_model_name="deit-teacher-digits",
-    )
+    return _digits("deit_teacher_digits", TimmSpec(name="test_resnet"),
+                   ClassificationConfig(label_smoothing=0.1), crop=(0.6, 1.0), steps=300, limit=None,
+                   registered="deit-teacher-digits")
 
 
 def deit_mu_distilled_digits() -> Experiment:
-    """The student of the digits pair: the mu ViT with DeiT's distillation token, distilled from
-    ``models:/deit-teacher-digits@champion`` with DeiT's objective (hard, alpha 0.5, tau 1) and
-    repeated augmentation x3, a short schedule. Launch::
+    """The student of the digits pair: the mu ViT (``mu/4``) with DeiT's distillation token, on the
+    first 90 images of the train split, distilled from ``models:/deit-teacher-digits@champion``
+    with DeiT's objective (hard, alpha 0.5, tau 1, label smoothing 0.1), 600 steps of 64 with
+    crops down to a quarter of the image. Launch::
 
-        python orchestration/pretrain.py --recipe deit_mu_distilled_digits --data s3://vitscale/digits
+        python orchestration/pretrain.py --recipe deit_mu_distilled_digits --data s3://vitscale/digits-16
     """
-    return Experiment(
-        name="deit_mu_distilled_digits",
-        image_size=32,
-        model=ViTSpec(variant="mu/4", distilled=True),
-        data=_digits_data(repeats=3),
-        train=TrainConfig(global_batch=64, micro_batch=64, log_every=50, eval_every=0, profile="cpu",
-                          optim=OptimConfig(lr=3e-3, weight_decay=0.05),
-                          schedule=ScheduleConfig(warmup_steps=15, total_steps=150, decay="cosine"),
-                          objective=DistillConfig(type="hard", alpha=0.5, tau=1.0, label_smoothing=0.1,
-                                                  teacher="models:/deit-teacher-digits@champion"),
-                          engine=EngineConfig(precision="fp32", zero_stage=1)),
-        eval=EvalSpec(split="val"),
-        resources=Resources(workers=1),
-        dataset_name="digits",
-        registered_model_name="deit-mu-distilled-digits",
-    )
+    return _digits("deit_mu_distilled_digits", ViTSpec(variant="mu/4", distilled=True),
+                   DistillConfig(type="hard", alpha=0.5, tau=1.0, label_smoothing=0.1,
+                                 teacher="models:/deit-teacher-digits@champion"),
+                   crop=DIGITS_CROP, steps=DIGITS_STEPS, limit=DIGITS_FEW, registered="deit-mu-distilled-digits")
 
 
-DEIT_RECIPES = (deit_b16_distilled_i1k, deit_teacher_digits, deit_mu_distilled_digits)
+def vit_mu_digits_few() -> Experiment:
+    """The digits pair's control: the same student without a teacher (no distillation token,
+    classification with the same smoothing), same data, steps and seed. Launch::
+
+        python orchestration/pretrain.py --recipe vit_mu_digits_few --data s3://vitscale/digits-16
+    """
+    return _digits("vit_mu_digits_few", ViTSpec(variant="mu/4"), ClassificationConfig(label_smoothing=0.1),
+                   crop=DIGITS_CROP, steps=DIGITS_STEPS, limit=DIGITS_FEW, registered="vit-mu-digits-few")
+
+
+DEIT_RECIPES: tuple[Callable[[], Experiment], ...] = (deit_b16_distilled_i1k, deit_teacher_digits,
+                                                      deit_mu_distilled_digits, vit_mu_digits_few)
