@@ -476,6 +476,31 @@ def test_vit_teachers_from_a_file_and_the_registry(tmp_path) -> None:  # noqa: A
     exp = get_recipe("deit_mu_distilled_digits")
     exp = pin_teacher(dataclasses_replace_teacher(exp, "models:/teacher-mu8@champion"), uri)
     assert exp.train.objective.teacher == "models:/teacher-mu8/1"
+    # the alias moved to version 2 before a restart: the checkpoint's config names version 1, so the
+    # resume is refused naming both (never a silent switch of teacher half-way through a run)
+    from training.checkpoint.manager import resume_refusal
+
+    moved = dataclasses_replace_teacher(exp, "models:/teacher-mu8/2").train
+    assert moved.config_hash() != exp.train.config_hash()
+    assert "objective.teacher: 'models:/teacher-mu8/1' -> 'models:/teacher-mu8/2'" in resume_refusal(
+        "ck/step5", exp.train.to_dict(), moved)
+
+
+def test_a_timm_student_is_refused_with_the_fix() -> None:
+    """The distillation token is our ViT's: a timm student is refused before Ray (it can be the teacher)."""
+    from dataclasses import replace
+
+    from model import TimmSpec
+    from orchestration.experiment import get_recipe
+    from orchestration.experiment.checks import experiment_problems
+
+    exp = get_recipe("deit_mu_distilled_digits")
+    assert experiment_problems(exp) == []
+    swin = replace(exp, model=TimmSpec(name="swin_tiny_patch4_window7_224", patch_size=2, embed_dim=(16,),
+                                       depths=(1, 1), num_heads=(1, 2), window_size=4))
+    problems = experiment_problems(swin)
+    assert len(problems) == 1 and "timm's swin_tiny_patch4_window7_224 does not" in problems[0], problems
+    assert "model.kind='vit' with model.distilled=true" in problems[0] and "timm:ARCH=WEIGHTS" in problems[0]
 
 
 def dataclasses_replace_teacher(exp, teacher: str):  # noqa: ANN001, ANN201 - an Experiment
