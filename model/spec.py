@@ -40,6 +40,7 @@ class ViTSpec:
     drop_path: float = 0.0
     qkv_bias: bool = True
     head_bias_init: float = 0.0
+    distilled: bool = False
 
     def __post_init__(self) -> None:
         c = Checker(self)
@@ -57,6 +58,11 @@ class ViTSpec:
             c.number(name, ge=0, lt=1)
         c.flag("qkv_bias")
         c.number("head_bias_init")
+        if c.flag("distilled") and self.distilled:
+            c.require(self.pool == "cls" and self.posemb == "learn" and not self.representation_size,
+                      f"distilled=True (DeiT's distillation token) needs pool='cls', posemb='learn' and no "
+                      f"representation_size, got pool={self.pool!r}, posemb={self.posemb!r}, "
+                      f"representation_size={self.representation_size!r}")
         c.done()
 
     @property
@@ -76,7 +82,7 @@ class ViTSpec:
         size = variant.split("/")[0]
         base = {name: getattr(cfg, name) for name in (
             "patch_size", "width", "depth", "heads", "mlp_dim", "in_chans", "pool", "posemb", "representation_size",
-            "dropout", "attention_dropout", "drop_path", "qkv_bias", "head_bias_init")}
+            "dropout", "attention_dropout", "drop_path", "qkv_bias", "head_bias_init", "distilled")}
         return cls(variant=f"{size}/{cfg.patch_size}", **{**base, **fields})
 
     @property
@@ -91,5 +97,5 @@ class ViTSpec:
             image_size=image_size, num_classes=num_classes, variant=self.variant, **self.shape,
             in_chans=self.in_chans, pool=self.pool, posemb=self.posemb, representation_size=self.representation_size,
             dropout=self.dropout, attention_dropout=self.attention_dropout, drop_path=self.drop_path,
-            qkv_bias=self.qkv_bias, head_bias_init=self.head_bias_init,
+            qkv_bias=self.qkv_bias, head_bias_init=self.head_bias_init, distilled=self.distilled,
         )

@@ -37,6 +37,10 @@ class ViTConfig:
     the patches only. ``representation_size`` adds the paper's pre-training tanh layer.
     ``head_bias_init=-10`` is big_vision's setting for sigmoid training on multi-label data.
     ``num_classes=0`` builds no head: ``forward`` returns pooled features.
+    ``distilled=True`` is DeiT's student (Touvron et al. 2020, and timm's ``deit_*_distilled``
+    layout): a distillation token after the class token, with its own position slot, read by a
+    second head ``head_dist``; ``forward`` returns the mean of the two heads' logits (DeiT's
+    inference), ``forward_heads`` both. It needs ``pool="cls"`` and a learnt position embedding.
     """
 
     image_size: int = 224
@@ -55,6 +59,7 @@ class ViTConfig:
     drop_path: float = 0.0
     qkv_bias: bool = True
     head_bias_init: float = 0.0
+    distilled: bool = False
     activation_checkpointing: bool = False
     variant: str = ""
 
@@ -86,6 +91,11 @@ class ViTConfig:
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+        if self.distilled and (self.pool != "cls" or self.posemb != "learn" or self.representation_size):
+            raise ValueError(
+                f"distilled=True (DeiT's distillation token) needs pool='cls', posemb='learn' and no "
+                f"representation_size, got pool={self.pool!r}, posemb={self.posemb!r}, "
+                f"representation_size={self.representation_size!r}")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -105,8 +115,9 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        """Tokens before the patches: 1 (class token) for ``pool`` "cls" and "avg", else 0."""
-        return 1 if self.class_token else 0
+        """Tokens before the patches: 1 (class token) for ``pool`` "cls" and "avg", 2 with DeiT's
+        distillation token, else 0."""
+        return (1 + int(self.distilled)) if self.class_token else 0
 
     @property
     def seq_len(self) -> int:
@@ -149,8 +160,9 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = cfg.activation_checkpointing
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.distilled else None
         if cfg.posemb == "learn":
-            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.seq_len, D))  # covers the cls slot
+            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.seq_len, D))  # covers the cls (and dist) slots
         else:
             # Persistent so checkpoints carry it (timm with no_embed_class=True loads it as is).
             self.register_buffer("pos_embed", posemb_sincos_2d(cfg.grid, D), persistent=True)  # (1, N_p, D)
@@ -169,6 +181,8 @@ class VisionTransformer(nn.Module):
         rep = cfg.representation_size
         self.pre_logits: nn.Module = PreLogits(D, rep) if rep else nn.Identity()
         self.head: nn.Module = self._new_head(cfg.num_classes)
+        if cfg.distilled:  # registered only when distilled: the state dict of a plain ViT is unchanged
+            self.head_dist: nn.Module = self._new_head(cfg.num_classes)
         self.init_weights()
 
     def _new_head(self, num_classes: int) -> nn.Module:
@@ -187,6 +201,8 @@ class VisionTransformer(nn.Module):
         self.patch_embed.init_weights()
         if self.cls_token is not None:
             nn.init.zeros_(self.cls_token)
+        if self.dist_token is not None:  # DeiT: trunc_normal(std=0.02)
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
         if cfg.posemb == "learn":
             nn.init.normal_(self.pos_embed, std=0.02)
         else:
@@ -201,21 +217,25 @@ class VisionTransformer(nn.Module):
             self.pre_logits.init_weights()
         self._init_head()
 
+    def _heads(self) -> list[nn.Module]:
+        return [self.head, self.head_dist] if self.cfg.distilled else [self.head]
+
     @torch.no_grad()
     def _init_head(self) -> None:
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.constant_(self.head.bias, self.cfg.head_bias_init)
+        for head in self._heads():
+            if isinstance(head, nn.Linear):
+                nn.init.zeros_(head.weight)
+                nn.init.constant_(head.bias, self.cfg.head_bias_init)
 
     # -- public API --------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
         """Names (as in ``named_parameters()``) to exclude from weight decay.
 
-        Position embedding, class token, every bias and every LayerNorm parameter.
+        Position embedding, class (and distillation) token, every bias and every LayerNorm parameter.
         """
         out = set()
         for name, p in self.named_parameters():
-            if name in ("pos_embed", "cls_token") or name.endswith(".bias") or p.ndim <= 1:
+            if name in ("pos_embed", "cls_token", "dist_token") or name.endswith(".bias") or p.ndim <= 1:
                 out.add(name)
         return out
 
@@ -228,6 +248,8 @@ class VisionTransformer(nn.Module):
         p = next(self.parameters())
         self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes)
         self.head = self._new_head(num_classes).to(device=p.device, dtype=p.dtype)
+        if self.cfg.distilled:
+            self.head_dist = self._new_head(num_classes).to(device=p.device, dtype=p.dtype)
         self._init_head()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -255,14 +277,17 @@ class VisionTransformer(nn.Module):
         """Patch tokens plus position, only those in ``keep`` (B, K) if given, class token first."""
         self._check_input(x)
         x = self.patch_embed(x)  # (B, N_p, D)
-        pos, cls = self.pos_embed, self.cls_token  # learn: (1, N, D) with the cls slot first
+        pos, cls = self.pos_embed, self.cls_token  # learn: (1, N, D) with the cls (and dist) slots first
+        if self.dist_token is not None:  # DeiT: [cls, dist] + their two position slots
+            cls = torch.cat([cls, self.dist_token], dim=1)  # (1, 2, D)
+        n = self.cfg.num_prefix_tokens
         if self.cfg.posemb == "learn" and cls is not None:
-            cls, pos = cls + pos[:, :1], pos[:, 1:]
+            cls, pos = cls + pos[:, :n], pos[:, n:]
         x = x + pos  # sincos2d covers the patches only (big_vision): the cls token gets no position
         if keep is not None:  # MAE: the encoder sees the visible patches only
             x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
         if cls is not None:
-            x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N_p or K, D)
+            x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)  # (B, prefix + N_p or K, D)
         return self.pos_drop(x)
 
     def forward_features(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
@@ -281,8 +306,12 @@ class VisionTransformer(nn.Module):
         """Token features (B, N, D) -> logits (B, num_classes).
 
         With ``pre_logits=True`` returns the pooled representation (B, R or D) the head
-        would see (after the tanh layer if any): the input of a linear probe.
+        would see (after the tanh layer if any): the input of a linear probe. A distilled model
+        returns the mean of its two heads' logits (DeiT's prediction), or of the two tokens.
         """
+        if self.cfg.distilled:
+            cls_logits, dist_logits = self._two_heads(feats, pre_logits)
+            return (cls_logits + dist_logits) / 2
         if self.cfg.pool == "cls":
             x = feats[:, 0]  # (B, D)
         else:  # gap / avg: the patch tokens' mean
@@ -290,7 +319,26 @@ class VisionTransformer(nn.Module):
         x = self.pre_logits(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _two_heads(self, feats: Tensor, pre_logits: bool = False) -> tuple[Tensor, Tensor]:
+        x, x_dist = feats[:, 0], feats[:, 1]  # (B, D) each: the class and distillation tokens
+        if pre_logits:
+            return x, x_dist
+        return self.head(x), self.head_dist(x_dist)
+
+    def forward_heads(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """A distilled model's (class-head logits, distillation-head logits), each (B, num_classes):
+        what DeiT's distillation loss trains (``training.objectives.distill``)."""
+        if not self.cfg.distilled:
+            raise ValueError("forward_heads needs a distilled model (ViTConfig(distilled=True): DeiT's "
+                             "distillation token and head); this one has a single head: call forward")
+        return self._two_heads(self.forward_features(x))
+
+    def forward(self, x: Tensor, *, both_heads: bool = False) -> Tensor:
+        """Logits (B, num_classes) (a distilled model's: the mean of its two heads). ``both_heads``:
+        :meth:`forward_heads` instead, through ``__call__``, so that a wrapper's forward (DeepSpeed's
+        engine: ZeRO-3 gathers, torch.compile) runs it as it runs any forward."""
+        if both_heads:
+            return self.forward_heads(x)  # type: ignore[return-value]
         return self.forward_head(self.forward_features(x))
 
     def forward_with_attention(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:

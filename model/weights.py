@@ -106,6 +106,9 @@ def timm_kwargs(cfg: ViTConfig) -> dict[str, Any]:
     network computing the same function as ``VisionTransformer(cfg)`` (and loading
     ``to_timm_state_dict`` of its weights). Dropout rates are mapped too.
 
+    A distilled config (``cfg.distilled``) maps to ``timm.models.deit.VisionTransformerDistilled``
+    with the same arguments.
+
     Raises:
         ValueError: ``cfg.representation_size`` is set (timm >= 0.6 has no such layer).
     """
@@ -336,10 +339,14 @@ def _plan(
     unexpected keys with ``strict``)."""
     names = {_bare_name(k): k for k in src}
     _refuse_unsupported_timm(names)
+    if ("dist_token" in names) != cfg.distilled:  # DeiT's distilled layout (timm deit_*_distilled) or not
+        have = "is a distilled DeiT (dist_token, head_dist)" if "dist_token" in names else "has no dist_token"
+        raise ValueError(f"checkpoint {have} but the model is built with distilled={cfg.distilled}; build it "
+                         f"with distilled={'dist_token' in names} (ViTConfig / ViTSpec)")
     skip_own: set[str] = set()
-    if ignore_head:
-        names = {k: v for k, v in names.items() if not k.startswith("head.")}
-        skip_own |= {k for k in own if k.startswith("head.")}
+    if ignore_head:  # head.* and a distilled model's head_dist.*
+        names = {k: v for k, v in names.items() if not k.startswith(("head.", "head_dist."))}
+        skip_own |= {k for k in own if k.startswith(("head.", "head_dist."))}
         if not cfg.representation_size:
             names = {k: v for k, v in names.items() if not k.startswith("pre_logits.")}
         else:

@@ -25,6 +25,22 @@ Eval (``train=False``)
     evenly as possible and every slot is padded (id ``-1``) to the same whole number of
     batches, so each sample is seen exactly once across ranks and all ranks agree on length.
 
+Repeated augmentation (``repeats = R > 1``, train only; DeiT's RASampler, Hoffer et al. 2019)
+    Every sample is planned ``R`` times per epoch, each copy its own *virtual id*
+    ``copy * T + id`` (``T`` the split's samples): its own augmentation seed, its own place in the
+    plan. The epoch's order is the shard permutation above laid out ``R`` times in a row (copy 0
+    of every sample, then copy 1, ...), so shard ``s``'s copy ``c`` is the contiguous virtual
+    shard ``c * n_shards + s`` (:func:`repeated_shard_start`) and everything below (slots, the
+    shuffle buffer, segments, resume) runs unchanged on virtual ids: every copy is planned,
+    emitted and counted exactly once, i.e. each sample exactly ``R`` times. The slots cut that
+    sequence into ``S`` equal parts, so a sample's copies sit ``T`` positions, about ``S / R``
+    slots, apart: on ``R`` different ranks whenever ``world_size >= R`` (RASampler likewise gives
+    each copy to another GPU), at about the same step. An epoch is ``R * T`` samples; the dropped
+    remainder (``< S * B`` copies) is the tail of the last copy. Unlike RASampler, which cuts every
+    epoch back to ``T`` samples (a third of the images, 3 times each, for R = 3), an epoch here is
+    every image ``R`` times: over a run the images are seen as often, and the plan's
+    exactly-``R`` accounting holds per epoch.
+
 Segments
     Restoring a mid-epoch state on a different world size / worker count / batch size starts
     a new *segment*: the rest of the epoch is the epoch's order minus every sample consumed in
@@ -126,8 +142,9 @@ class Order:
         return self.cum[k] + (ids - self.starts[k])
 
 
-def epoch_order(shard_start: np.ndarray, *, seed: int, epoch: int, train: bool) -> Order:
-    """All sample ids of one epoch in stream order.
+def epoch_order(shard_start: np.ndarray, *, seed: int, epoch: int, train: bool, repeats: int = 1) -> Order:
+    """All sample ids of one epoch in stream order (virtual ids ``copy * T + id`` when a train
+    epoch ``repeats`` every sample; see the module docstring).
 
     ``shard_start`` has ``n_shards + 1`` entries: shard ``s`` holds ids
     ``shard_start[s] .. shard_start[s+1]-1``.
@@ -137,7 +154,19 @@ def epoch_order(shard_start: np.ndarray, *, seed: int, epoch: int, train: bool) 
     if not train:
         return Order.make(shard_start[:1], shard_start[-1:] - shard_start[:1])
     perm = np.random.default_rng(mix(seed, epoch, 0x5A4D)).permutation(n)
-    return Order.make(shard_start[perm], (shard_start[1:] - shard_start[:-1])[perm])
+    starts, lens = shard_start[perm], (shard_start[1:] - shard_start[:-1])[perm]
+    total = int(shard_start[-1])
+    return Order.make(np.concatenate([starts + c * total for c in range(repeats)]), np.tile(lens, repeats))
+
+
+def repeated_shard_start(shard_start: np.ndarray, repeats: int) -> np.ndarray:
+    """The shard table of the virtual ids of ``repeats`` copies: virtual shard ``c * n_shards + s``
+    holds copy ``c`` of shard ``s`` (ids ``c * T + shard_start[s] ..``); ``repeats=1``: the table."""
+    shard_start = np.asarray(shard_start, np.int64)
+    if repeats == 1:
+        return shard_start
+    total = int(shard_start[-1])
+    return np.concatenate([shard_start[:-1] + c * total for c in range(repeats)] + [[repeats * total]])
 
 
 # ----------------------------------------------------------------------------- shuffle buffer

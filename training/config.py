@@ -2,7 +2,7 @@
 
 ``TrainConfig`` holds the batch, the seed and the log/eval cadence, and one section per concern:
 ``optim`` (optimizer and its hyper-parameters), ``schedule`` (warm-up, length, decay),
-``objective`` (what is learnt and its loss: classification or MAE, told apart by ``kind``), ``engine`` (precision,
+``objective`` (what is learnt and its loss: classification, MAE or distillation, told apart by ``kind``), ``engine`` (precision,
 ZeRO, offload, activation checkpointing, compile), ``checkpoint`` (cadence, retention, I/O
 timeout) and ``faults`` (bad steps, preemption grace, hang watchdog). A new objective or engine
 feature adds a section or a field of one, never a flat field here.

@@ -65,6 +65,8 @@ class Trainer(Interruptions):
     (needs checkpoint_dir). `periodic`: extra evaluations (`training.periodic.PeriodicEval`, e.g.
     orchestration's few-shot evaluator) run on every rank at their own interval and at the end.
     `console`: rank 0 prints its progress on stdout (`training.progress.ConsoleProgress`).
+    `teacher`: the distillation objective's teacher (`training.objectives.distill`), on every
+    rank; frozen, outside the DeepSpeed engine (no optimizer state, not in checkpoints).
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class Trainer(Interruptions):
         checkpoint_store: ckpt.CheckpointStore | None = None,
         periodic: Sequence[PeriodicEval] = (),
         console: bool = True,
+        teacher: nn.Module | None = None,
     ) -> None:
         import deepspeed
 
@@ -96,7 +99,7 @@ class Trainer(Interruptions):
         if cfg.profile in ("auto", "cpu", "t4", "a100", "h100"):
             set_sdpa(get_profile(cfg.profile).sdpa)
 
-        self.objective = objective_for(cfg.objective)
+        self.objective = objective_for(cfg.objective, teacher=teacher)
         module = self.objective.wrap(model)  # the model plus the objective's own modules (MAE's decoder)
         if hasattr(module, "set_grad_checkpointing"):
             module.set_grad_checkpointing(cfg.engine.activation_checkpointing)

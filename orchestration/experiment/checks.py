@@ -40,6 +40,13 @@ def experiment_problems(exp: Experiment) -> list[str]:
     except ValueError as e:
         p.append(f"model: {' '.join(str(e).split())}")
     p += decoder_memory_problems(exp)
+    if exp.train.objective.kind == "distill" and exp.model.kind == "timm":
+        p.append(f"train.objective.kind='distill' trains DeiT's distillation token, which our ViT has and timm's "
+                 f"{exp.model.name} does not: make the student model.kind='vit' with model.distilled=true (a timm "
+                 "network can be the teacher: train.objective.teacher=timm:ARCH=WEIGHTS.safetensors or its run's export)")
+    elif exp.train.objective.kind == "distill" and not exp.model.distilled:
+        p.append("train.objective.kind='distill' trains DeiT's distillation head: the student needs one "
+                 "(--set model.distilled=true); a model without a class head cannot be distilled into")
     r = exp.resources
     low = r.min_workers if r.min_workers is not None else r.workers
     for world in range(low, r.workers + 1):  # elastic: the global batch must fit every size

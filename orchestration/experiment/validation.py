@@ -126,7 +126,7 @@ def experiment_data_problems(exp: Experiment | None, url: str) -> list[str]:
     objective = exp.train.objective
     return dataset_problems(url, exp.data, world_size=exp.resources.workers,
                             loss=getattr(objective, "loss", "softmax"),  # only a classification objective has one
-                            needs_labels=objective.kind == "classification", eval_split=exp.eval.split)
+                            needs_labels=objective.kind != "mae", eval_split=exp.eval.split)
 
 
 def _local(url: str) -> Path:

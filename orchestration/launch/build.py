@@ -78,15 +78,19 @@ def build_run(
     checkpoint_key: str,
     make_sink: Callable[[nn.Module], Any] | None = None,
     init_weights: str | None = None,
+    tracking_uri: str | None = None,
 ) -> tuple[Trainer, Loaders]:
     """Loaders, model and ``training.Trainer`` of ``exp`` on this rank (not yet restored).
 
     ``exp.data.source.url`` is the dataset and ``exp.eval.split`` the eval split (None: no evaluation);
     checkpoints go to ``checkpoint_url`` (path or ``s3://``, staged locally under
     ``checkpoint_key``). ``make_sink(model)`` gives this rank's ``MetricsSink`` (None: no-op).
-    ``exp.eval.fewshot_data`` adds the few-shot evaluator as a periodic Trainer evaluation.
+    ``exp.eval.fewshot_data`` adds the few-shot evaluator as a periodic Trainer evaluation. A
+    distilling experiment loads its teacher on this rank (``orchestration.launch.teacher``; a
+    registered teacher from ``tracking_uri``).
     """
     from orchestration.evaluation.in_training import fewshot_hooks
+    from orchestration.launch.teacher import teacher_for
     from training import Trainer
 
     loaders = build_loaders(exp, rank=rank, world=world)
@@ -95,7 +99,8 @@ def build_run(
     checkpoint_dir, store = checkpoint_location(checkpoint_url, checkpoint_key)
     trainer = Trainer(model, exp.train, loaders.train, eval_loader=loaders.eval, sink=sink,
                       checkpoint_dir=checkpoint_dir, checkpoint_store=store,
-                      periodic=fewshot_hooks(exp, rank=rank, world=world))
+                      periodic=fewshot_hooks(exp, rank=rank, world=world),
+                      teacher=teacher_for(exp, loaders.num_classes, tracking_uri))
     return trainer, loaders
 
 

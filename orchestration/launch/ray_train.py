@@ -209,7 +209,7 @@ def train_worker(config: dict[str, Any]) -> None:
     checkpoint_url = url_join(config["run_dir"], CHECKPOINT_PREFIX)
     trainer, loaders = build_run(
         exp, rank=rank, world=world, checkpoint_url=checkpoint_url, checkpoint_key=config["run_id"],
-        make_sink=lambda _model: sink, init_weights=config.get("init_weights"),
+        make_sink=lambda _model: sink, init_weights=config.get("init_weights"), tracking_uri=config["tracking_uri"],
     )
     attach_ray_preemption(trainer)
     start_step = resume(trainer, sink.log_metrics if sink is not None else None, prefix="attempt/")

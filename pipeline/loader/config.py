@@ -54,7 +54,9 @@ class AugmentConfig:
     """The training transform: inception crop of ``crop_scale`` of the area and ``crop_ratio``
     aspect, horizontal flip, RandAugment ``(num_ops, magnitude)`` (None: off), random erasing
     with probability ``random_erasing`` (DeiT / MAE fine-tuning: 0.25; ``transforms.random_erase``),
-    mixup / cutmix (alpha 0: off; with either, batches are float with soft targets)."""
+    mixup / cutmix (alpha 0: off; with either, batches are float with soft targets).
+    ``repeats``: repeated augmentation (DeiT: 3): a training epoch plans every sample ``repeats``
+    times, each copy with its own augmentation, the copies on different ranks (``pipeline.plan``)."""
 
     crop_scale: tuple[float, float] = (0.05, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -63,6 +65,7 @@ class AugmentConfig:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     random_erasing: float = 0.0
+    repeats: int = 1
 
     def __post_init__(self) -> None:
         c = Checker(self)
@@ -75,6 +78,7 @@ class AugmentConfig:
         c.number("mixup_alpha", ge=0)
         c.number("cutmix_alpha", ge=0)
         c.number("random_erasing", ge=0, le=1, why=" (the probability of erasing a rectangle of a training image)")
+        c.int("repeats", ge=1, why=" (copies of each sample per epoch; 1: no repeated augmentation)")
         c.done()
 
 

@@ -26,7 +26,17 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .. import format as fmt
 from ..decode import BadSample, decode_eval, decode_train
 from ..masking import draw_mask
-from ..plan import EpochPlan, Order, SlotCursor, mix, resume_slot, shard_pieces, slot_emitted, tail_position
+from ..plan import (
+    EpochPlan,
+    Order,
+    SlotCursor,
+    mix,
+    repeated_shard_start,
+    resume_slot,
+    shard_pieces,
+    slot_emitted,
+    tail_position,
+)
 from ..storage import Storage, open_storage, url_join
 from ..stream import Run, Truncated, iter_runs
 from ..transforms import make_randaugment, mix_batch, sample_transform, stack_uint8, to_float_batch
@@ -91,6 +101,14 @@ class ShardStream(IterableDataset):
         self.verified = verified  # shards whose whole-shard sha256 already passed in this run
         self.num_classes = int(meta.info["num_classes"])
         self.multi_label = bool(meta.info.get("multi_label"))
+        # Repeated augmentation: the plan's ids are virtual, copy * T + id (pipeline.plan); reads,
+        # labels and integrity use the real id, the augmentation seed and mask the virtual one.
+        repeats = cfg.augment.repeats if cfg.train else 1
+        self._vstart = repeated_shard_start(meta.shard_start, repeats)
+
+    def _real(self, i: int) -> int:
+        """The sample id of virtual id ``i`` (itself without repeats)."""
+        return i % self.meta.num_samples
 
     # ---------------------------------------------------------------- labels
     def _target(self, rows: ShardRows, k: int) -> int | np.ndarray:
@@ -121,8 +139,10 @@ class ShardStream(IterableDataset):
         return emitted // self.plan.batch_size, resume_slot(self.plan, self.rank * self.plan.num_workers + logical,
                                                             emitted)
 
-    def _run(self, s: int, ids: np.ndarray, whole_ok: bool) -> Run:
-        """The run of shard ``s`` reading ``ids``; its byte ranges come from the shard's rows (``locate``)."""
+    def _run(self, vs: int, ids: np.ndarray, whole_ok: bool) -> Run:
+        """The run of (virtual) shard ``vs`` reading ``ids``; its byte ranges come from the shard's rows
+        (``locate``)."""
+        s = vs % len(self.meta.shard_names)
         meta, name = self.meta, self.meta.shard_names[s]
         if meta.shard_bytes is None or meta.shard_samples is None:
             return Run(name, ids, index=s)
@@ -132,9 +152,9 @@ class ShardStream(IterableDataset):
 
     def _runs(self, cur: SlotCursor) -> Iterator[Run]:
         """Buffered ids first (never a whole-shard check), then the rest of the stream, per shard."""
-        for s, ids in shard_pieces(Order.of_ids(cur.buffered), self.meta.shard_start):
+        for s, ids in shard_pieces(Order.of_ids(cur.buffered), self._vstart):
             yield self._run(s, ids, whole_ok=False)
-        for s, ids in shard_pieces(cur.tail, self.meta.shard_start):
+        for s, ids in shard_pieces(cur.tail, self._vstart):
             yield self._run(s, ids, whole_ok=True)
 
     def whole_checked(self) -> set[str]:
@@ -145,8 +165,7 @@ class ShardStream(IterableDataset):
             slot = self.rank * plan.num_workers + w
             emitted = slot_emitted(plan, self.skip, w)
             order = plan.slot_order(slot)
-            for s, ids in shard_pieces(order.slice(tail_position(plan, slot, emitted), len(order)),
-                                       self.meta.shard_start):
+            for s, ids in shard_pieces(order.slice(tail_position(plan, slot, emitted), len(order)), self._vstart):
                 r = self._run(s, ids, whole_ok=True)
                 if r.expect_sha256:
                     out.add(r.shard)
@@ -155,7 +174,7 @@ class ShardStream(IterableDataset):
     def _locate(self, storage: Storage) -> Any:
         def locate(run: Run) -> Run:
             rows = self.meta.rows(run.index, storage)  # the shard's rows file, checked (reader thread)
-            local = run.ids - self.meta.shard_start[run.index]
+            local = run.ids % self.meta.num_samples - self.meta.shard_start[run.index]
             return dataclasses.replace(run, offsets=rows.offsets[local], sizes=rows.sizes[local], rows=rows,
                                        local=local)
         return locate
@@ -164,7 +183,7 @@ class ShardStream(IterableDataset):
         # The image bytes are already in memory: one sha256 (~2 us/KB, bench/verify.py), no extra read.
         if self.meta.verify_samples and rows.digests is not None and \
                 hashlib.sha256(data).digest() != rows.digests[k].tobytes():
-            shard = self.meta.shard_names[self.meta.shard_of_id(i)]
+            shard = self.meta.shard_names[self.meta.shard_of_id(self._real(i))]
             raise fmt.IntegrityError(
                 f"sample {rows.key(k)} in shard {url_join(self.meta.root_url, shard)} does not match the sha256 "
                 f"recorded in its rows file ({fmt.rows_key(shard)}): the shard was modified after publishing; "
@@ -218,7 +237,7 @@ class ShardStream(IterableDataset):
             try:
                 yield self._decode(i, data, rows, k)
             except BadSample as exc:
-                shard = self.meta.shard_names[self.meta.shard_of_id(i)]
+                shard = self.meta.shard_names[self.meta.shard_of_id(self._real(i))]
                 if logged < LOG_FIRST_BAD:
                     logged += 1
                     log.warning("skipping bad sample: shard %s key %s: %s", shard, rows.key(k), exc)
@@ -229,7 +248,7 @@ class ShardStream(IterableDataset):
         if isinstance(data, Truncated):
             raise BadSample("truncated", "shard ended inside this member")
         target = self._target(rows, k)
-        sseed = mix(cfg.seed, self.plan.epoch, i)
+        sseed = mix(cfg.seed, self.plan.epoch, i)  # a virtual id: every copy its own augmentation
         if cfg.train:
             arr = decode_train(data, size=cfg.image_size, scale=cfg.augment.crop_scale, ratio=cfg.augment.crop_ratio, hflip=cfg.augment.hflip,
                                rng=random.Random(sseed), max_pixels=cfg.io.max_image_pixels)

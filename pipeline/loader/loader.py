@@ -59,6 +59,11 @@ class Loader:
         self._limit = BadSampleLimit(max_fraction=cfg.io.max_bad_fraction, planned=0)  # set per pass in __iter__
         self._check_size()
 
+    @property
+    def repeats(self) -> int:
+        """Copies of each sample per epoch (repeated augmentation; eval: 1)."""
+        return self.cfg.augment.repeats if self.cfg.train else 1
+
     def _load(self, version: str | None) -> Meta:
         src = self.cfg.source
         return load_meta(src.url, src.split, src.limit_samples, version, s3=self.cfg.s3_settings(),
@@ -85,8 +90,9 @@ class Loader:
         p = self.plan()
         if p.batches_per_slot == 0 and not self._segments:
             T, S, B = len(p.order), p.num_slots, self.cfg.batch_size
-            raise ValueError(f"split {self.cfg.source.split!r} has {T} samples, fewer than world_size*num_workers*"
-                             f"batch_size = {S}*{B} = {S * B}: lower batch_size or num_workers")
+            copies = f" ({self.repeats} copies each)" if self.repeats > 1 else ""
+            raise ValueError(f"split {self.cfg.source.split!r} has {T} samples{copies}, fewer than world_size*"
+                             f"num_workers*batch_size = {S}*{B} = {S * B}: lower batch_size or num_workers")
 
     # ---------------------------------------------------------------- plan
     def plan(self) -> EpochPlan:
@@ -95,7 +101,8 @@ class Loader:
         if self._plan_cache is not None and self._plan_cache[0] == key:
             return self._plan_cache[1]
         cfg = self.cfg
-        order = epoch_order(self.meta.shard_start, seed=cfg.seed, epoch=self.epoch, train=cfg.train)
+        order = epoch_order(self.meta.shard_start, seed=cfg.seed, epoch=self.epoch, train=cfg.train,
+                            repeats=self.repeats)
         for s, seg in enumerate(self._segments):
             p = EpochPlan(order, seg.world_size, seg.num_workers, seg.batch_size, cfg.train, cfg.seed,
                           self.epoch, s, cfg.io.shuffle_buffer)
@@ -203,6 +210,7 @@ class Loader:
             "version": STATE_VERSION, "epoch": self.epoch, "batches": self._batches,
             "world_size": self.world_size, "num_workers": self.workers, "batch_size": self.cfg.batch_size,
             "seed": self.cfg.seed, "split": self.cfg.source.split, "num_samples": self.meta.num_samples,
+            "repeats": self.repeats,
             "dataset_version": self.meta.version,
             "segments": [vars(s).copy() for s in self._segments],
         }
@@ -222,6 +230,9 @@ class Loader:
             raise ValueError(f"loader state is for a different dataset or seed (num_samples "
                              f"{state.get('num_samples')} vs {self.meta.num_samples}, seed {state.get('seed')} "
                              f"vs {self.cfg.seed})")
+        if int(state.get("repeats", 1)) != self.repeats:  # another plan: its cursor means other samples
+            raise ValueError(f"loader state is for data.augment.repeats={state.get('repeats', 1)}, this loader has "
+                             f"{self.repeats}; resume with repeats={state.get('repeats', 1)} (or start a new run)")
         self.epoch = int(state["epoch"])
         self._segments = [Segment(**s) for s in state.get("segments", [])]
         layout = (state["world_size"], state["num_workers"], state["batch_size"])

@@ -32,8 +32,10 @@ def export_weights(
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
     def snapshot() -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v.detach().to("cpu", torch_dtype).contiguous().clone()
-                for k, v in module.state_dict().items() if k.startswith(prefix)}
+        # only floating tensors take the export dtype: a BatchNorm's num_batches_tracked (int64) stays
+        # an integer, or a convnet's export would not load back (the loader refuses int <- float casts)
+        return {k[len(prefix):]: v.detach().to("cpu", torch_dtype if v.is_floating_point() else v.dtype)
+                .contiguous().clone() for k, v in module.state_dict().items() if k.startswith(prefix)}
 
     if stage == 3:
         import deepspeed
