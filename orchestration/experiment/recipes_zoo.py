@@ -8,7 +8,7 @@ facebookresearch/deit ``main.py``): AdamW, lr 5e-4 x batch / 512, weight decay 0
 with 5 warm-up epochs and cosine decay to 1e-5, label smoothing 0.1, RandAugment
 ``rand-m9-mstd0.5-inc1`` (2 ops at magnitude 9), mixup 0.8, cutmix 1.0, random erasing 0.25, no
 gradient clipping; each recipe says where it departs from it. DeiT's repeated augmentation and
-the distillation token are ours to add elsewhere (#25's distillation half).
+the distillation token are in ``recipes_deit.py`` (``data.augment.repeats``, docs/distillation.md).
 
 Launch any of them like the ViT recipes::
 
