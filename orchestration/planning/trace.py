@@ -170,22 +170,33 @@ def _mae_loss(objective: Any, module: nn.Module, images: Tensor, net: NetConfig)
     return ((pred.float() - module.target(images)) ** 2).mean()  # type: ignore[operator]
 
 
+def _distill_loss(objective: Any, module: nn.Module, images: Tensor, net: NetConfig) -> Tensor:
+    # The student's forward and backward through both heads (DeiT's class and distillation
+    # token). The teacher's forward runs under no_grad: its transient activations are freed
+    # layer by layer and its weights are not the student's (not counted here).
+    out = module(images)
+    outs = out if isinstance(out, tuple) else (out,)
+    return sum(o.float().logsumexp(-1).mean() for o in outs)  # the shape of a cross-entropy per head
+
+
 #: Objective kind -> one micro-batch's loss on the meta device. A new objective adds its step here
 #: (a teacher forward for distillation runs under ``torch.no_grad()``: weights only, no activations).
 STEPS: dict[str, Callable[[Any, nn.Module, Tensor, NetConfig], Tensor]] = {
-    "classification": _classification_loss, "mae": _mae_loss}
+    "classification": _classification_loss, "mae": _mae_loss, "distill": _distill_loss}
 
 
 def _build(net: NetConfig, objective_cfg: ObjectiveConfig, dtype: torch.dtype) -> nn.Module:
     with torch.device("meta"):
-        module = objective_for(objective_cfg).wrap(build_network(net))
+        # Distillation adds no module to the student (its teacher stays outside the engine).
+        net_module = build_network(net)
+        module = net_module if objective_cfg.kind == "distill" else objective_for(objective_cfg).wrap(net_module)
     return module.to(dtype).train()
 
 
 def _trace_step(module: nn.Module, net: NetConfig, objective_cfg: ObjectiveConfig, dtype: torch.dtype,
                 micro_batch: int) -> tuple[int, bool]:
     """(peak activation bytes, saw a masked attention) of one forward + backward of ``module``."""
-    objective = objective_for(objective_cfg)
+    objective = None if objective_cfg.kind == "distill" else objective_for(objective_cfg)  # no teacher here
     step = STEPS[objective_cfg.kind]
     size = net.image_size
     with fused_attention() as fused, LiveBytes() as live:
