@@ -375,3 +375,22 @@ def test_a_trial_is_the_base_recipe_with_overrides_and_set_works_on_sweeps(tmp_p
     with pytest.raises(ValueError, match="unknown key 'train.lrr'"):
         spec_from_args(build_parser().parse_args(["--variants", "mu", "--steps", "10", "--data", "/d",
                                                   "--set", "train.lrr=1"]))
+
+
+def test_a_stopped_trials_run_left_running_is_ended_killed(tmp_path: Path) -> None:
+    """ASHA stops a trial inside report(); under load Tune removed its actor before the trial
+    ended its MLflow run (seen in CI: a trial run left RUNNING). Once the Tune experiment is
+    done the study ends such runs KILLED; its other runs and the study run are left alone."""
+    from orchestration import tracking
+    from orchestration.studies.tune_study import _close_stale_trial_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = tracking.start_run("stale", run_name="study", uri=uri)
+    stale = tracking.start_run("stale", run_name="t0", parent_run_id=study, tags={"vitscale.trial": "t0"}, uri=uri)
+    done = tracking.start_run("stale", run_name="t1", parent_run_id=study, tags={"vitscale.trial": "t1"}, uri=uri)
+    tracking.end_run(done, "FINISHED", uri=uri)
+    spec = StudySpec(name="s", variants=("mu/4",), steps=(10,), storage=str(tmp_path / "st"), tracking_uri=uri)
+    _close_stale_trial_runs(spec, study)
+    client = tracking.client(uri)
+    assert client.get_run(stale).info.status == "KILLED"
+    assert client.get_run(done).info.status == "FINISHED" and client.get_run(study).info.status == "RUNNING"

@@ -186,7 +186,24 @@ def _run_tune(spec: StudySpec, run_id: str | None, resume: bool) -> tuple[list[d
                 rows.extend(res.metrics_dataframe.to_dict("records"))
         if not done:  # interrupted (Ctrl-C): leave the remaining experiments to --resume
             return rows, errored, False, n_done
+        _close_stale_trial_runs(spec, run_id)
     return rows, errored, True, n_done
+
+
+def _close_stale_trial_runs(spec: StudySpec, study_run_id: str | None) -> None:
+    """Every trial of a finished Tune experiment has ended; a trial run still RUNNING was stopped
+    (ASHA) and its actor removed before it could end its own run (seen under load): end it KILLED."""
+    if study_run_id is None:
+        return
+    from orchestration import tracking as tr
+
+    client = tr.client(spec.tracking_uri or None)
+    experiment_id = client.get_run(study_run_id).info.experiment_id
+    stale = client.search_runs([experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{study_run_id}' and attributes.status = 'RUNNING'"))
+    for run in stale:
+        if "vitscale.trial" in run.data.tags:
+            client.set_terminated(run.info.run_id, "KILLED")
 
 
 def _analyze(spec: StudySpec, table: pa.Table, run_id: str | None, errored: list[str], complete: bool,
