@@ -420,21 +420,19 @@ def test_resume_equals_straight(runs: Path, stage: int, world: int) -> None:
     assert max(abs(a - b) for a, b in zip(straight, pieced, strict=True)) <= 1e-6, (straight, pieced)
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("stage", STAGES)
-def test_mae_two_ranks_match_one_rank_and_resume_exactly(runs: Path, stage: int) -> None:
-    """#24: the MAE objective under ZeRO-{1,2,3}: 2 ranks == 1 rank x accumulation 2 (same seed, same
-    masks) to fp32 round-off, and a killed-and-resumed run (new Trainer from the step-5 checkpoint)
-    is loss-for-loss the straight run."""
+def _ranks_agree_and_resume_exactly(runs: Path, name: str, stage: int) -> dict[str, torch.Tensor]:
+    """The checks every objective's scenario shares: 2 ranks == 1 rank x accumulation 2 (losses to
+    1e-5, exported weights to fp32 round-off), the loss goes down, and a resumed run is the
+    straight one loss for loss. Returns the 1-rank export."""
     from safetensors.torch import load_file
 
-    one = json.loads((runs / "mae_w1.json").read_text())[str(stage)]
-    two = json.loads((runs / "mae_w2.json").read_text())[str(stage)]
+    one = json.loads((runs / f"{name}_w1.json").read_text())[str(stage)]
+    two = json.loads((runs / f"{name}_w2.json").read_text())[str(stage)]
     l1, l2 = _losses(one["straight"]), _losses(two["straight"])
     assert len(l1) == TOTAL and max(abs(a - b) for a, b in zip(l1, l2, strict=True)) <= 1e-5, (l1, l2)
-    assert l1[-1] < l1[0], "MAE's loss goes down"
-    w1, w2 = load_file(runs / f"mae_w1_z{stage}.safetensors"), load_file(runs / f"mae_w2_z{stage}.safetensors")
-    assert any(k.startswith("decoder_blocks.") for k in w1) and any(k.startswith("encoder.blocks.") for k in w1)
+    assert l1[-1] < l1[0], f"{name}: the loss goes down"
+    w1 = load_file(runs / f"{name}_w1_z{stage}.safetensors")
+    w2 = load_file(runs / f"{name}_w2_z{stage}.safetensors")
     for k in w1:
         atol = 1e-4 if k.endswith("qkv.bias") else 1e-5  # see test_two_ranks_match_one_rank
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=atol, msg=f"{k} differs")
@@ -442,6 +440,18 @@ def test_mae_two_ranks_match_one_rank_and_resume_exactly(runs: Path, stage: int)
         pieced = _losses(r["first"]) + _losses(r["resumed"])
         assert max(abs(a - b) for a, b in zip(_losses(r["straight"]), pieced, strict=True)) <= 1e-6
         assert r["final_step"] == TOTAL
+    return w1
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stage", STAGES)
+def test_mae_two_ranks_match_one_rank_and_resume_exactly(runs: Path, stage: int) -> None:
+    """#24: the MAE objective under ZeRO-{1,2,3}: 2 ranks == 1 rank x accumulation 2 (same seed, same
+    masks) to fp32 round-off, and a killed-and-resumed run (new Trainer from the step-5 checkpoint)
+    is loss-for-loss the straight run."""
+
+    w1 = _ranks_agree_and_resume_exactly(runs, "mae", stage)
+    assert any(k.startswith("decoder_blocks.") for k in w1) and any(k.startswith("encoder.blocks.") for k in w1)
 
 
 @pytest.mark.integration
@@ -450,22 +460,9 @@ def test_distill_two_ranks_match_one_rank_and_resume_exactly(runs: Path, stage: 
     """#25: DeiT's distillation objective (a frozen teacher on every rank, the student's two heads)
     under ZeRO-{1,2,3}: 2 ranks == 1 rank x accumulation 2 to fp32 round-off, a resumed run is the
     straight run loss for loss, and the exported student holds no teacher tensor."""
-    from safetensors.torch import load_file
 
-    one = json.loads((runs / "distill_w1.json").read_text())[str(stage)]
-    two = json.loads((runs / "distill_w2.json").read_text())[str(stage)]
-    l1, l2 = _losses(one["straight"]), _losses(two["straight"])
-    assert len(l1) == TOTAL and max(abs(a - b) for a, b in zip(l1, l2, strict=True)) <= 1e-5, (l1, l2)
-    assert l1[-1] < l1[0], "the distillation loss goes down"
-    w1, w2 = load_file(runs / f"distill_w1_z{stage}.safetensors"), load_file(runs / f"distill_w2_z{stage}.safetensors")
+    w1 = _ranks_agree_and_resume_exactly(runs, "distill", stage)
     assert set(w1) == set(make_distilled_student().state_dict())  # the student only: dist_token, head_dist
-    for k in w1:
-        atol = 1e-4 if k.endswith("qkv.bias") else 1e-5  # see test_two_ranks_match_one_rank
-        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=atol, msg=f"{k} differs")
-    for r in (one, two):
-        pieced = _losses(r["first"]) + _losses(r["resumed"])
-        assert max(abs(a - b) for a, b in zip(_losses(r["straight"]), pieced, strict=True)) <= 1e-6
-        assert r["final_step"] == TOTAL
 
 
 @pytest.mark.integration
