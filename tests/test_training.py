@@ -276,12 +276,27 @@ def test_a_child_does_not_reuse_its_parents_one_process_rendezvous(tmp_path: Pat
         held.listen()
         port = held.getsockname()[1]
         env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "VITSCALE_SOLO_DIST_PID": "1", "DS_ACCELERATOR": "cpu",
+               "MASTER_PORT": str(port), "VITSCALE_SOLO_DIST_PID": f"1:{port}", "DS_ACCELERATOR": "cpu",
                "PYTHONPATH": str(ROOT)}
         code = ("import os; from training.dist import init_distributed; d = init_distributed(); "
                 "print(d.world_size, os.environ['MASTER_PORT'])")
         out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
                              timeout=180)
+        assert out.returncode == 0, out.stderr[-3000:]
+        world, used = out.stdout.split()[-2:]
+        assert world == "1" and used != str(port)
+        # A launcher (torchrun, Ray Train, a test's spawner) sets a rank's variables itself, with
+        # its own port, under the same inherited marker: those are kept.
+        mine = str(_free_port())
+        out = subprocess.run([sys.executable, "-c", code], env={**env, "MASTER_PORT": mine}, cwd=ROOT,
+                             capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
-    world, used = out.stdout.split()[-2:]
-    assert world == "1" and used != str(port)
+    assert out.stdout.split()[-1] == mine
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -36,9 +36,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-#: Set (to our pid) with the 1-process fallback's variables, which child processes inherit.
+#: Set ("pid:port") with the 1-process fallback's variables, which child processes inherit.
 SOLO_ENV = "VITSCALE_SOLO_DIST_PID"
 _SOLO_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _inherited_solo_vars() -> bool:
+    """True when RANK/.../MASTER_PORT are another process's 1-process fallback, unchanged: the
+    marker names another pid and the port is still the one it picked. A launcher that sets a
+    rank's variables (torchrun, Ray Train, a test's spawner) sets another port: kept."""
+    pid, _, port = os.environ.get(SOLO_ENV, "").partition(":")
+    return bool(pid) and pid != str(os.getpid()) and os.environ.get("MASTER_PORT") == port
 
 
 def init_distributed() -> DistInfo:
@@ -59,17 +67,17 @@ def init_distributed() -> DistInfo:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     backend = "nccl" if cuda else "gloo"
     if not dist.is_initialized():
-        if os.environ.get(SOLO_ENV, str(os.getpid())) != str(os.getpid()):
-            # Inherited from a parent's 1-process fallback below, not set by a launcher: its port is
-            # the parent's (still listening; seen: every Tune trial of a study started from a
-            # process that had trained in-process failed with EADDRINUSE). Pick our own.
+        if _inherited_solo_vars():
+            # A parent's 1-process fallback below, inherited unchanged (a launcher would have set
+            # its own): its port is the parent's, still listening (seen: every Tune trial of a
+            # study started from a process that had trained in-process failed with EADDRINUSE).
             for k in (*_SOLO_VARS, SOLO_ENV):
                 os.environ.pop(k, None)
         if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
             os.environ.update(
                 RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
             )
-            os.environ[SOLO_ENV] = str(os.getpid())  # children can tell these from a launcher's
+            os.environ[SOLO_ENV] = f"{os.getpid()}:{os.environ['MASTER_PORT']}"  # children: not a launcher's
         missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
             raise RuntimeError(f"distributed env incomplete: {missing} not set (set all of RANK, WORLD_SIZE, "
