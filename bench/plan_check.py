@@ -47,20 +47,8 @@ def measured_activations(net: object, micro: int, dtype: torch.dtype, device: st
         step(objective, module, images, net).backward()  # type: ignore[arg-type]
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        images = torch.randn(micro, 3, net.image_size, net.image_size, dtype=dtype)  # type: ignore[attr-defined]
-        loss = step(objective, module, images, net)  # type: ignore[arg-type]
-        loss.backward()
-        del loss, images
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    now = peak = 0
-    for e in events:
-        now += e.nbytes()
-        peak = max(peak, now)
-    return peak
+    return tr.profiled_peak_bytes(step, objective, module,  # type: ignore[arg-type]
+                                  lambda: torch.randn(micro, 3, net.image_size, net.image_size, dtype=dtype), net)  # type: ignore[arg-type]
 
 
 def measured_step(net: object, micro: int, dtype: torch.dtype, device: str, iters: int) -> float:

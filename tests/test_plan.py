@@ -67,8 +67,6 @@ def test_model_state_bytes_match_deepspeeds_estimators(variant: str) -> None:
 def _profiled_peak(net: object, objective_cfg: object, batch: int, checkpointing: bool) -> int:
     """Peak live bytes of a real CPU forward + backward, from torch's profiler (allocations and
     frees, in time order), with the same step and gradient handling as the trace."""
-    from torch.profiler import ProfilerActivity, profile
-
     torch.manual_seed(0)
     objective = objective_for(objective_cfg)  # type: ignore[arg-type]
     module = objective.wrap(build_network(net)).train()  # type: ignore[arg-type]
@@ -76,18 +74,8 @@ def _profiled_peak(net: object, objective_cfg: object, batch: int, checkpointing
     for p in module.parameters():
         p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     step = tr.STEPS[objective_cfg.kind]  # type: ignore[attr-defined]
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        images = torch.randn(batch, net.in_chans, net.image_size, net.image_size)  # type: ignore[attr-defined]
-        loss = step(objective, module, images, net)  # type: ignore[arg-type]
-        loss.backward()
-        del loss, images
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    now = peak = 0
-    for e in events:
-        now += e.nbytes()
-        peak = max(peak, now)
-    return peak
+    return tr.profiled_peak_bytes(step, objective, module,  # type: ignore[arg-type]
+                                  lambda: torch.randn(batch, net.in_chans, net.image_size, net.image_size), net)  # type: ignore[arg-type]
 
 
 CASES = {

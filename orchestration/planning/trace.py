@@ -207,6 +207,27 @@ def _trace_step(module: nn.Module, net: NetConfig, objective_cfg: ObjectiveConfi
     return live.peak, fused.masked
 
 
+def profiled_peak_bytes(step: Callable[[Any, nn.Module, Tensor, NetConfig], Tensor], objective: Any,
+                        module: nn.Module, make_images: Callable[[], Tensor], net: NetConfig) -> int:
+    """Peak live bytes of one real CPU forward + backward (``step``) on ``make_images()`` (made
+    inside, so the batch counts as the trace counts it), from torch's profiler (allocations and
+    frees in time order): what the meta-device trace is checked against."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        images = make_images()
+        loss = step(objective, module, images, net)
+        loss.backward()
+        del loss, images
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    now = peak = 0
+    for e in events:
+        now += e.nbytes()
+        peak = max(peak, now)
+    return peak
+
+
 @functools.lru_cache(maxsize=256)
 def trace_model(net: NetConfig, objective_cfg: ObjectiveConfig, precision: str, micro_batch: int) -> ModelTrace:
     """:class:`ModelTrace` of ``net`` trained with ``objective_cfg`` at ``precision`` and ``micro_batch``."""
