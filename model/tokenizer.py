@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,7 @@ class DVAEConfig:
     embedding width; ``res_blocks``: residual blocks per stage; ``image_size``: the size it is
     trained at (BEiT checks the student's against it)."""
 
+    kind: Literal["dvae"] = "dvae"
     vocab_size: int = 8192
     patch_size: int = 16
     image_size: int = 224
@@ -62,6 +63,7 @@ class DVAEConfig:
 
     def __post_init__(self) -> None:
         c = Checker(self)
+        c.choice("kind", ("dvae",))
         c.int("vocab_size", ge=2)
         if c.int("patch_size", ge=2):
             c.require(self.patch_size & (self.patch_size - 1) == 0,
@@ -81,6 +83,42 @@ class DVAEConfig:
     def widths(self) -> list[int]:
         """Channels after each downsampling stage (the decoder mirrors them)."""
         return [self.hidden * min(2 ** (i + 1), 4) for i in range(self.stages)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DVAESpec:
+    """The experiment's model section of a tokenizer run (``model.kind="dvae"``): DVAEConfig's shape
+    fields; the image size is the experiment's and a tokenizer has no classes."""
+
+    kind: Literal["dvae"] = "dvae"
+    vocab_size: int = 8192
+    patch_size: int = 16
+    hidden: int = 64
+    embed_dim: int = 256
+    res_blocks: int = 1
+    channels: int = 3
+
+    def __post_init__(self) -> None:
+        self.config(num_classes=0, image_size=self.patch_size if isinstance(self.patch_size, int) else 16)
+
+    @classmethod
+    def of(cls, cfg: DVAEConfig, **fields: Any) -> DVAESpec:
+        base = {name: getattr(cfg, name) for name in ("vocab_size", "patch_size", "hidden", "embed_dim",
+                                                       "res_blocks", "channels")}
+        return cls(**{**base, **fields})
+
+    @property
+    def slug(self) -> str:
+        """Registered model names: ``dvae-v8192p16``."""
+        return f"v{self.vocab_size}p{self.patch_size}"
+
+    def config(self, *, num_classes: int, image_size: int) -> DVAEConfig:
+        if num_classes:
+            raise ValueError(f"a dVAE tokenizer has no classifier head (asked for {num_classes} classes): train it "
+                             "with the tokenizer objective (train.objective.kind='dvae')")
+        return DVAEConfig(vocab_size=self.vocab_size, patch_size=self.patch_size, image_size=image_size,
+                          hidden=self.hidden, embed_dim=self.embed_dim, res_blocks=self.res_blocks,
+                          channels=self.channels)
 
 
 class _ResBlock(nn.Module):
