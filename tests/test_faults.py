@@ -540,6 +540,7 @@ def test_preemption_notice_saves_at_once_and_again_just_before_the_deadline() ->
     once, and when the deadline comes within jit_margin_s(); a SIGTERM still outranks it."""
     import math
 
+    import training.preempt as preempt
     from training.preempt import GO, SAVE, STOP, Preemption
 
     deadline: list[float | None] = [None]
@@ -549,16 +550,60 @@ def test_preemption_notice_saves_at_once_and_again_just_before_the_deadline() ->
     p.save_s, now = 1.5, time.time()
     deadline[0] = now + 60.0
     assert p.poll() == SAVE and p.notice_saves == 1  # at once: the deadline may be missed
+    assert p.reclaim_expected_by() is None  # after the first save training goes on
     assert [p.poll() for _ in range(3)] == [GO, GO, GO]  # far from the deadline: train on
     assert 5.0 <= p.jit_margin_s() < 6.0, p.jit_margin_s()  # 2 x 1.5 s save + 3 steps (~0 s) + 2 s
     deadline[0] = time.time() + p.jit_margin_s() - 0.5
     assert p.poll() == SAVE and p.notice_saves == 2
+    assert p.reclaim_expected_by() == deadline[0] + preempt.RECLAIM_GRACE_S  # then hold for the reclaim
     assert [p.poll() for _ in range(3)] == [GO, GO, GO]  # never a third save
     q = Preemption(25.0, 0, 1, timeout_s=5.0, what_is_lost=lambda: "")
     q.attach(notice=lambda: math.inf)  # announced without a deadline: one save
     assert [q.poll() for _ in range(3)] == [SAVE, GO, GO]
+    assert q.reclaim_expected_by() is None  # no deadline: nothing to hold for
     q.requested_at = time.monotonic()  # as the SIGTERM handler does
     assert q.poll() == STOP
     r = Preemption(25.0, 0, 1, timeout_s=5.0, what_is_lost=lambda: "")
     r.attach(notice=lambda: 1 / 0)  # a broken notice is dropped with a message, training goes on
     assert [r.poll() for _ in range(2)] == [GO, GO] and r.notice is None
+
+
+def test_after_the_deadline_save_ranks_hold_for_the_reclaim_then_train_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    """Steps trained after the save just before a notice's deadline would be recomputed by the
+    restart (their count once depended on the box's load: a drain test lost 47 steps on a busy
+    machine). The ranks hold instead until deadline + RECLAIM_GRACE_S; when no reclaim comes (a
+    cancelled drain) training goes on to the end."""
+    from conftest import LoaderProxy
+    from test_training_dist import MemLoader, make_cfg, make_model
+
+    import training.preempt as preempt
+    from training import Trainer
+
+    monkeypatch.setattr(preempt, "RECLAIM_GRACE_S", 1.5)
+    fetched: list[float] = []
+
+    class Timed(LoaderProxy):
+        def __init__(self) -> None:
+            self.loader = MemLoader(0, 1)
+
+        def __iter__(self) -> Iterator[tuple]:
+            for batch in self.loader:
+                fetched.append(time.time())
+                yield batch
+
+    deadline = time.time() + 4.0
+    trainer = Trainer(make_model(), make_cfg(1, **{"schedule.total_steps": 12, "checkpoint.every": 0}), Timed(),
+                      sink=FileSink(tmp_path / "sink.jsonl"), checkpoint_dir=str(tmp_path / "ckpt"))
+    trainer.preemption.attach(notice=lambda: deadline)
+    final = trainer.fit()
+    out = capfd.readouterr()
+    text = out.out + out.err
+    saves = [json.loads(line)["step"] for line in (tmp_path / "sink.jsonl").read_text().splitlines()
+             if "fault/preemption_save_at_step" in line]
+    assert len(saves) == 2, (saves, text[-3000:])
+    assert "was not reclaimed by its deadline" in text, text[-3000:]
+    gaps = [b - a for a, b in zip(fetched, fetched[1:], strict=False)]
+    # The hold ends at the deadline + grace: at least the grace after the second save.
+    assert max(gaps) >= 1.4 and time.time() >= deadline + 1.5, gaps
+    assert final["step"] == 12, final

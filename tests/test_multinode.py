@@ -441,9 +441,9 @@ def test_sigterm_under_ray_job_submit_checkpoints_and_resumes(cluster: dict[str,
 def test_ray_drain_notice_saves_just_in_time_and_the_run_finishes(cluster: dict[str, str], digits_url: str) -> None:
     """Ray Train's own preemption machinery: the worker node is drained for PREEMPTION with a 20 s
     deadline (what the autoscaler does on a spot reclaim; here `ray drain-node`). Every rank saves a
-    checkpoint as soon as the notice reaches it, trains on, and saves once more just before the
-    deadline; the node is reclaimed at the deadline, a new one joins, and the restarted group resumes
-    from that last save, recomputing only the few steps after it."""
+    checkpoint as soon as the notice reaches it, trains on, saves once more just before the deadline
+    and holds; the node is reclaimed at the deadline, a new one joins, and the restarted group resumes
+    from that last save, recomputing at most the step in flight."""
     since = time.time() - 1
     proc = _submit_no_checkpoints(cluster, digits_url, total_steps=300)
     try:
@@ -479,8 +479,9 @@ def test_ray_drain_notice_saves_just_in_time_and_the_run_finishes(cluster: dict[
     assert any(first.endswith(f"/step{s}/complete.json") for s in saves), (first, saves)  # before the deadline
     assert {*saves} <= _commit_steps(cluster, res["run_id"])
     assert m["step"] == 300 and m["resumed_from_step"] == saves[1], m
-    # Only the steps between the last save and the deadline are recomputed (the margin: two saves,
-    # three steps and 2 s): far fewer than the steps since the notice, which one save at the notice
-    # (Ray's recipe) would recompute.
+    # After the save just before the deadline the ranks hold for the reclaim (training.preempt), so
+    # the restart recomputes at most the step in flight: far fewer than the steps since the notice,
+    # which one save at the notice (Ray's recipe) would recompute. (Training on after that save once
+    # lost 47 steps here on a busy box.)
     assert m["fault/preemptions"] == 1 and m["fault/restarts"] == 1, m
     assert 0 <= m["fault/lost_steps"] < (saves[1] - saves[0]) / 2, (saves, m)

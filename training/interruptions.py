@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from training import checkpoint as ckpt
 from training.faults import FaultStats, ProgressLog
-from training.preempt import Preempted, Preemption, say
+from training.preempt import RECLAIM_GRACE_S, Preempted, Preemption, say
 from training.watchdog import Watchdog
 
 if TYPE_CHECKING:
@@ -81,14 +81,31 @@ class Interruptions:
         first = self.preemption.notice_saves == 1
         if first:
             self.faults.preemptions += 1
-        if self.checkpoint_dir is None or self._saved_step == self._step:
+        if self.checkpoint_dir is None:
             return
-        t0 = time.monotonic()
-        tag = self.save_checkpoint()
-        when = "at the notice" if first else "just before the deadline"
-        say(f"rank {self.dist.rank}: preemption notice: checkpoint {tag} complete {when} after "
-            f"{time.monotonic() - t0:.1f} s; training goes on until the platform stops this attempt")
-        self.sink.log_metrics({"fault/preemption_save_at_step": float(self._step)}, self._step)
+        if self._saved_step != self._step:
+            t0 = time.monotonic()
+            tag = self.save_checkpoint()
+            when = "at the notice" if first else "just before the deadline"
+            then = "training goes on" if first else "holding for the platform to stop this attempt"
+            say(f"rank {self.dist.rank}: preemption notice: checkpoint {tag} complete {when} after "
+                f"{time.monotonic() - t0:.1f} s; {then}")
+            self.sink.log_metrics({"fault/preemption_save_at_step": float(self._step)}, self._step)
+        if not first:
+            self._hold_for_reclaim()
+
+    def _hold_for_reclaim(self) -> None:
+        """After the save just before the deadline: any step trained now would be recomputed by the
+        restart, so every rank waits (the watchdog kept fed) until the deadline plus a grace; a
+        drain that was cancelled (no reclaim by then) lets training go on."""
+        until = self.preemption.reclaim_expected_by()
+        if until is None:
+            return
+        while (left := until - time.time()) > 0:
+            self.watchdog.beat("awaiting_reclaim", self._step)
+            time.sleep(min(1.0, left))
+        say(f"rank {self.dist.rank}: the node was not reclaimed by its deadline + "
+            f"{RECLAIM_GRACE_S:.0f} s (a cancelled drain?); training goes on from step {self._step}")
 
     def _what_a_restart_loses(self) -> str:
         if self._saved_step is None:

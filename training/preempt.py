@@ -28,8 +28,10 @@ announces an imminent preemption of some rank's node (Ray Train's drain-based pr
 info), else None. On a notice every rank saves a checkpoint together at once (in case the
 deadline is missed) and training goes on; when the deadline comes within `jit_margin_s()` (two
 of the slowest saves seen plus three steps and 2 s) every rank saves once more, so the restart
-recomputes only the few steps after that. The platform tears the group down at its deadline. A
-signal (flag STOP) outranks a notice (flag SAVE) in the agreement.
+recomputes only the few steps after that. After that last save every rank holds (no more steps:
+the restart would recompute them) until the deadline plus `RECLAIM_GRACE_S`, while the platform
+tears the group down; if it does not (a cancelled drain), training goes on. A signal (flag STOP)
+outranks a notice (flag SAVE) in the agreement.
 """
 
 from __future__ import annotations
@@ -95,6 +97,11 @@ def say(msg: str) -> None:
         os.write(2, (msg.rstrip("\n") + "\n").encode())
     except OSError:
         pass
+
+
+#: How long past a notice's deadline the ranks hold after their last save before deciding the
+#: platform is not reclaiming the node after all (a cancelled drain) and training on.
+RECLAIM_GRACE_S = 15.0
 
 
 class Preemption:
@@ -259,6 +266,20 @@ class Preemption:
         if self.notice_saves == 0 or deadline - time.time() <= self.jit_margin_s():
             return SAVE
         return GO
+
+    def reclaim_expected_by(self) -> float | None:
+        """After the agreed save just before the deadline: until when (``time.time()``) to hold for
+        the reclaim, None when there is nothing to wait for (no notice, no deadline, or fewer than
+        two saves)."""
+        if self.notice is None or self.notice_saves < 2:
+            return None
+        try:
+            deadline = self.notice()
+        except Exception:  # noqa: BLE001 - a broken notice: train on (it is dropped at the next poll)
+            return None
+        if deadline is None or deadline == float("inf"):
+            return None
+        return deadline + RECLAIM_GRACE_S
 
     def jit_margin_s(self) -> float:
         """How long before a notice's deadline the last save starts: the agreement takes a step,
