@@ -249,7 +249,7 @@ def attach_ray_preemption(trainer: Any) -> None:
       every worker the PreemptionInfo. It is read locally each step (the public
       ``ray.train.get_preemption_info()`` is a barrier across workers, too dear per step); the
       Trainer's own per-step all-reduce makes the ranks agree: every rank saves at once and again
-      just before the deadline, and trains on until Ray Train stops this attempt at the deadline
+      just before the deadline, and holds until Ray Train stops this attempt at the deadline
       and restarts it.
     """
     import ray
