@@ -11,11 +11,10 @@ DALL-E's, which cannot be downloaded here). Registered models are named ``beit-.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 
 from model import TimmSpec
 from orchestration.experiment.config import Experiment, Resources
-from orchestration.experiment.imagenet import IMAGENET_MEAN, IMAGENET_STD, epochs_to_steps
+from orchestration.experiment.imagenet import epochs_to_steps
 from pipeline import AugmentConfig, DataConfig, IOConfig, PreprocessConfig, SourceConfig
 from pipeline.masking import MaskConfig
 from training import TrainConfig
@@ -102,22 +101,6 @@ def beit_b16_i21k() -> Experiment:
     )
 
 
-def beit_b16_i1k() -> Experiment:
-    """BEiT-B/16 on ImageNet-1k (README.md's "Pre-training BEiT-base on ImageNet-1k": 800 epochs,
-    "--warmup_epochs 10", ImageNet's mean / std: "--imagenet_default_mean_and_std"). Launch::
-
-        ray job submit --working-dir . -- python orchestration/pretrain.py \\
-            --recipe beit_b16_i1k --data s3://BUCKET/imagenet1k --resume auto \\
-            --set train.objective.tokenizer=models:/dvae-v8192p16-i1k/1
-    """
-    base = beit_b16_i21k()
-    train = base.train.replace(**{"schedule.warmup_steps": epochs_to_steps(10, BEIT_BATCH),
-                                  "schedule.total_steps": epochs_to_steps(800, BEIT_BATCH),
-                                  "objective.tokenizer": "models:/dvae-v8192p16-i1k/latest"})
-    return replace(base, name="beit_b16_i1k", data=_beit_data("s3://datasets/imagenet1k", IMAGENET_MEAN, IMAGENET_STD),
-                   train=train, dataset_name="i1k", registered_model_name="beit-b16-i1k")
-
-
 def beit_mu_digits() -> Experiment:
     """BEiT on the digits demo shards without their labels: a 2-block, 32-wide timm BEiT at 16 px
     (4 x 4 patches of 4 px), blocks of at least 4 patches (a 4 x 4 grid has no room for 16), a
@@ -148,4 +131,4 @@ def beit_mu_digits() -> Experiment:
     )
 
 
-BEIT_RECIPES: tuple[Callable[[], Experiment], ...] = (beit_b16_i21k, beit_b16_i1k, beit_mu_digits)
+BEIT_RECIPES: tuple[Callable[[], Experiment], ...] = (beit_b16_i21k, beit_mu_digits)
