@@ -297,3 +297,17 @@ def test_pretrain_through_the_loader_then_finetune_at_a_higher_resolution(digits
     assert scales[-1] == 1.0 and scales[0] == pytest.approx(0.65 ** 3)  # stem, 2 blocks, head
     res = trainer.fit()
     assert res["step"] == 2 and res["loss"] == res["loss"]
+
+
+def test_colour_jitter_is_seeded_per_sample() -> None:
+    """BEiT's ColorJitter(0.4, 0.4, 0.4) (AugmentConfig.color_jitter): it changes the pixels, the same
+    way for the same sample seed (a resume replays nothing), differently for another."""
+    import numpy as np
+
+    from pipeline.transforms import make_randaugment, sample_transform
+
+    img = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    jitter = make_randaugment(None, 0.4)
+    assert make_randaugment(None, 0.0) is None
+    a, b, c = (sample_transform(img, jitter, seed) for seed in (5, 5, 6))
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, torch.from_numpy(img).permute(2, 0, 1))
