@@ -8,7 +8,7 @@ Examples::
     python orchestration/finetune.py --from models:/vit-mu4-digits/latest --data s3://vitscale/digits \\
         --image-size 48 --set train.schedule.total_steps=100 --set train.schedule.warmup_steps=10 --set train.global_batch=32
 
-Two protocols (``--protocol``; ``orchestration.experiment.finetune_protocols``), chosen by how the
+Three protocols (``--protocol``; ``orchestration.experiment.finetune_protocols``), chosen by how the
 source was pre-trained unless asked for:
 
 * ``vit`` (Dosovitskiy et al. 2020, Section 3.2 and Appendix B.1.1 / Table 4): the pre-training
@@ -21,9 +21,13 @@ source was pre-trained unless asked for:
   0.05, layer decay 0.65 (B) / 0.75 (L, H), 5 warm-up epochs then cosine to 1e-6, batch 1024,
   100 (B) / 50 (L, H) epochs of the fine-tuning set, RandAugment (2, 9), mixup 0.8, cutmix 1.0,
   label smoothing 0.1.
+* ``beit`` (Bao et al. 2021, microsoft/unilm ``beit/``), the default for a BEiT backbone pre-trained
+  here: the MAE protocol's shape on timm's BEiT (mean pooling into a fresh ``fc_norm``) with BEiT's
+  numbers: lr 4e-3 (B) / 1e-3 (L) at batch 1024, layer decay 0.65 (B) / 0.75 (L), drop path 0.1 /
+  0.2, 20 / 5 warm-up epochs, 100 / 50 epochs (docs/beit.md).
 
 A learnt position embedding is 2D-interpolated to the new patch grid; a fixed sin-cos one (MAE's
-encoder) is recomputed for it. The patch size and the rest of the shape are the source's (a
+encoder) is recomputed for it; BEiT's relative position bias tables are resized to the new grid. The patch size and the rest of the shape are the source's (a
 ``--set model.patch_size=...`` that differs is refused before anything starts). Without a GPU
 either protocol is sized for the machine (300 steps at batch 64), said before the run starts.
 The result is evaluated (top-1), logged as an MLflow run nested under the source run, and
@@ -123,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     gpus = _gpus(args)
     how = {"protocol": protocol, "objective": objective}
     exp, problems = _resolve(args, src_model.cfg, source, gpus=gpus, **how)
-    train_images = _train_images(args.data, exp) if exp is not None and protocol == "mae" else None
-    if train_images:  # MAE counts epochs of the fine-tuning set: again with its size
+    train_images = _train_images(args.data, exp) if exp is not None and protocol in ("mae", "beit") else None
+    if train_images:  # MAE and BEiT count epochs of the fine-tuning set: again with its size
         exp, problems = _resolve(args, src_model.cfg, source, gpus=gpus, train_images=train_images, **how)
     print(_protocol_note(protocol, objective, known_from, args.protocol), file=sys.stderr, flush=True)
     problems += validation.experiment_data_problems(exp, args.data)

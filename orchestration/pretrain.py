@@ -126,21 +126,23 @@ def check_launch(args: argparse.Namespace) -> tuple[Experiment | None, list[str]
     problems += validation.experiment_data_problems(None if problems else exp, args.data)
     if exp is not None and not problems:  # downstream datasets: too few images per class fail here
         problems += fewshot_data_problems(exp)
-    if exp is not None and not problems:  # a distilling recipe's teacher: loads, no pickle, same classes
+    if exp is not None and not problems:  # a teacher / tokenizer: loads, no pickle, fits
         exp, problems = _checked_teacher(exp, args)
     problems += validation.storage_problems(args.storage or default_storage())
     return exp, problems
 
 
 def _checked_teacher(exp: Experiment, args: argparse.Namespace) -> tuple[Experiment, list[str]]:
-    """``exp`` with its teacher's registry alias pinned to a version, and the teacher's problems."""
-    from orchestration.launch.teacher import pin_teacher, teacher_problems
+    """``exp`` with its objective's frozen model (a teacher, BEiT's tokenizer) pinned from a registry
+    alias to a version, and that model's problems."""
+    from orchestration.launch.teacher import FROZEN_FIELD, frozen_problems, pin_frozen
 
     try:
-        exp = pin_teacher(exp, args.tracking_uri)
+        exp = pin_frozen(exp, args.tracking_uri)
     except Exception as e:  # noqa: BLE001 - an unknown alias, an unreachable store: one line, before Ray
-        return exp, [f"train.objective.teacher: {validation.one_line(e)}"]
-    return exp, teacher_problems(exp, args.data, args.tracking_uri)
+        field = FROZEN_FIELD.get(exp.train.objective.kind, "teacher")
+        return exp, [f"train.objective.{field}: {validation.one_line(e)}"]
+    return exp, frozen_problems(exp, args.data, args.tracking_uri)
 
 
 def main(argv: list[str] | None = None) -> int:

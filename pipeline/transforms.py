@@ -1,6 +1,6 @@
 """Per-sample and per-batch transforms (torchvision.transforms.v2) after decoding.
 
-* :func:`sample_transform` - optional RandAugment on the uint8 crop (seeded per sample, so
+* :func:`sample_transform` - optional colour jitter and RandAugment on the uint8 crop (seeded per sample, so
   resume never needs to replay earlier samples' randomness).
 * :func:`stack_uint8` - a worker's batch stays uint8 until it reaches the main process
   (a quarter of the bytes through shared memory).
@@ -26,12 +26,18 @@ import torch
 from torchvision.transforms import v2
 
 
-def make_randaugment(randaugment: tuple[int, int] | None) -> v2.Transform | None:
-    """``v2.RandAugment(num_ops, magnitude)`` or ``None``."""
-    if not randaugment:
-        return None
-    num_ops, magnitude = randaugment
-    return v2.RandAugment(num_ops=int(num_ops), magnitude=int(magnitude))
+def make_randaugment(randaugment: tuple[int, int] | None, color_jitter: float = 0.0) -> v2.Transform | None:
+    """The per-sample photometric transform: ``v2.ColorJitter(j, j, j)`` (brightness, contrast,
+    saturation; BEiT: 0.4) then ``v2.RandAugment(num_ops, magnitude)``, each when configured, or
+    ``None``. The jitter is applied to the crop (BEiT jitters the whole image before cropping:
+    the same per-pixel maps, contrast measured on the crop instead of the image)."""
+    steps: list[v2.Transform] = []
+    if color_jitter:
+        steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
+    if randaugment:
+        num_ops, magnitude = randaugment
+        steps.append(v2.RandAugment(num_ops=int(num_ops), magnitude=int(magnitude)))
+    return None if not steps else steps[0] if len(steps) == 1 else v2.Compose(steps)
 
 
 def sample_transform(img: np.ndarray, randaug: v2.Transform | None, sample_seed: int,

@@ -303,7 +303,7 @@ def test_vit_teachers_from_a_file_and_the_registry(tmp_path) -> None:  # noqa: A
     """Ours: a .safetensors export (a run's export) or models:/NAME@ALIAS, pinned to its version; the
     class count, the image size and a head-less MAE encoder are checked; a pickled file refused."""
     from orchestration import tracking
-    from orchestration.launch.teacher import load_teacher, pin_teacher
+    from orchestration.launch.teacher import load_teacher, pin_frozen
     from orchestration.tracking import UnsafeModelError
 
     teacher = _teacher(10)
@@ -330,7 +330,7 @@ def test_vit_teachers_from_a_file_and_the_registry(tmp_path) -> None:  # noqa: A
     from orchestration.experiment import get_recipe
 
     exp = get_recipe("deit_mu_distilled_digits")
-    exp = pin_teacher(dataclasses_replace_teacher(exp, "models:/teacher-mu8@champion"), uri)
+    exp = pin_frozen(dataclasses_replace_teacher(exp, "models:/teacher-mu8@champion"), uri)
     assert exp.train.objective.teacher == "models:/teacher-mu8/1"
     # the alias moved to version 2 before a restart: the checkpoint's config names version 1, so the
     # resume is refused naming both (never a silent switch of teacher half-way through a run)

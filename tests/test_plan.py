@@ -33,7 +33,7 @@ from orchestration.planning import default_facts, get_device, plan  # noqa: E402
 from orchestration.planning import trace as tr  # noqa: E402
 from orchestration.planning.dataset import DataFacts  # noqa: E402
 from orchestration.planning.memory import model_states  # noqa: E402
-from training.objectives import ClassificationConfig, MAEConfig, objective_for  # noqa: E402
+from training.objectives import BEiTConfig, ClassificationConfig, MAEConfig, objective_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DATA = DataFacts(images=256, classes=10, sample_bytes=1000.0, shards=4, source="test")
@@ -71,7 +71,7 @@ def _profiled_peak(net: object, objective_cfg: object, batch: int, checkpointing
     objective = objective_for(objective_cfg)  # type: ignore[arg-type]
     module = objective.wrap(build_network(net)).train()  # type: ignore[arg-type]
     module.set_grad_checkpointing(checkpointing)
-    for p in module.parameters():
+    for p in (p for p in module.parameters() if p.requires_grad):  # BEiT's fine-tuning norm is frozen
         p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     step = tr.STEPS[objective_cfg.kind]  # type: ignore[attr-defined]
     return tr.profiled_peak_bytes(step, objective, module,  # type: ignore[arg-type]
@@ -86,6 +86,9 @@ CASES = {
             MAEConfig(decoder_width=64, decoder_depth=2, decoder_heads=4, decoder_mlp_dim=256), 8),
     "swin": (TimmSpec(name="swin_tiny_patch4_window7_224", patch_size=2, embed_dim=(16,), depths=(1, 1),
                       num_heads=(1, 2), window_size=4).config(num_classes=10, image_size=32), ClassificationConfig(), 32),
+    "beit": (TimmSpec(name="beit_base_patch16_224", patch_size=4, embed_dim=(32,), depths=(2,),
+                      num_heads=(2,)).config(num_classes=0, image_size=32), BEiTConfig(mask_ratio=0.4, vocab_size=256, tokenizer="t"),
+             16),
 }
 
 

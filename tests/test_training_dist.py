@@ -93,6 +93,26 @@ class MaskedMemLoader(MemLoader):
         self.epoch, self.pos = self.epoch + 1, 0
 
 
+class BlockMaskedMemLoader(MemLoader):
+    """MemLoader for BEiT: BEiT's block masks (7 of the 16 patches of 8 px, blocks of >= 4), drawn
+    per sample like MaskedMemLoader's."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        import numpy as np
+
+        from pipeline.masking import MaskConfig, draw_mask
+
+        cfg = MaskConfig(kind="block", ratio=0.4, patch_size=8, min_block=4)
+        perm = torch.randperm(N_SAMPLES, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        while self.pos < len(self):
+            slot = self.pos * self.world + self.rank
+            self.pos += 1
+            idx = perm[slot * self.micro : (slot + 1) * self.micro]
+            masks = [draw_mask(cfg, 4, np.random.default_rng([self.seed, self.epoch, int(i)])) for i in idx]
+            yield self.x[idx].clone(), self.y[idx], torch.from_numpy(np.stack(masks))
+        self.epoch, self.pos = self.epoch + 1, 0
+
+
 class ListSink:
     """Collects every logged metric (rank 0)."""
 
@@ -195,6 +215,37 @@ def distill_cfg(stage: int, **kw: Any) -> Any:
     return dataclasses.replace(make_cfg(stage), objective=objective).replace(**kw)
 
 
+#: #26: BEiT under ZeRO-1 (its recipes') and ZeRO-3 (everything sharded; the tokenizer outside).
+BEIT_STAGES = (1, 3)
+
+
+def make_beit() -> torch.nn.Module:
+    """A tiny timm BEiT backbone (4 x 4 patches of 8 px, 1 block of width 16), no head."""
+    from model import TimmSpec, build_network
+
+    torch.manual_seed(0)
+    spec = TimmSpec(name="beit_base_patch16_224", patch_size=8, embed_dim=(16,), depths=(1,), num_heads=(2,))
+    return build_network(spec.config(num_classes=0, image_size=32))
+
+
+def make_tokenizer() -> torch.nn.Module:
+    """The same fixed dVAE tokenizer on every rank (random init: a fixed map of patches to 16 tokens)."""
+    from model.tokenizer import DiscreteVAE, DVAEConfig
+
+    torch.manual_seed(11)
+    return DiscreteVAE(DVAEConfig(vocab_size=16, patch_size=8, image_size=32, hidden=4, embed_dim=4))
+
+
+def beit_cfg(stage: int, **kw: Any) -> Any:
+    """make_cfg with BEiT's objective (block masks of ratio 0.4, a 16-token vocabulary)."""
+    import dataclasses
+
+    from training.objectives import BEiTConfig
+
+    objective = BEiTConfig(mask_ratio=0.4, vocab_size=16, tokenizer="test:make_tokenizer")
+    return dataclasses.replace(make_cfg(stage), objective=objective).replace(**kw)
+
+
 def run_fit(cfg: Any, rank: int, world: int, ckdir: str | None, resume: str | None = None,
             max_steps: int | None = None, nan_slots: frozenset = frozenset(),
             make: Any = None) -> tuple[Any, ListSink, dict]:
@@ -202,10 +253,11 @@ def run_fit(cfg: Any, rank: int, world: int, ckdir: str | None, resume: str | No
 
     sink = ListSink()
     kind = cfg.objective.kind
-    loader = MaskedMemLoader(rank, world) if kind == "mae" else MemLoader(rank, world, nan_slots=nan_slots)
-    make = make or {"mae": make_mae_encoder, "distill": make_distilled_student}.get(kind, make_model)
-    trainer = Trainer(make(), cfg, loader, sink=sink, checkpoint_dir=ckdir,
-                      teacher=make_teacher() if kind == "distill" else None)
+    loader = (MaskedMemLoader(rank, world) if kind == "mae" else BlockMaskedMemLoader(rank, world) if kind == "beit"
+              else MemLoader(rank, world, nan_slots=nan_slots))
+    make = make or {"mae": make_mae_encoder, "distill": make_distilled_student, "beit": make_beit}.get(kind, make_model)
+    frozen = {"distill": make_teacher, "beit": make_tokenizer}.get(kind)
+    trainer = Trainer(make(), cfg, loader, sink=sink, checkpoint_dir=ckdir, teacher=frozen() if frozen else None)
     result = trainer.fit(resume=resume, max_steps=max_steps)
     return trainer, sink, result
 
@@ -213,14 +265,16 @@ def run_fit(cfg: Any, rank: int, world: int, ckdir: str | None, resume: str | No
 def scenario_dp(out: Path, rank: int, world: int, objective: str = "classification") -> None:
     """Per ZeRO stage: 10 steps straight; 5 steps + checkpoint + new Trainer resuming + 5 steps.
     ``objective="mae"``: the same with MAE (masks from the samples, an encoder + decoder);
-    ``"distill"``: DeiT's distillation of a fixed teacher into a distilled student."""
+    ``"distill"``: DeiT's distillation of a fixed teacher into a distilled student; ``"beit"``: BEiT's
+    MIM of a fixed tokenizer's tokens (ZeRO stages BEIT_STAGES; run by tests/test_beit.py)."""
     from training import export_weights
 
     mae = objective == "mae"
     prefix = "" if objective == "classification" else f"{objective}_"
     results: dict[str, Any] = {}
-    for stage in STAGES:
-        cfg = mae_cfg(stage) if mae else distill_cfg(stage) if objective == "distill" else make_cfg(stage)
+    for stage in BEIT_STAGES if objective == "beit" else STAGES:
+        cfg = (mae_cfg(stage) if mae else distill_cfg(stage) if objective == "distill" else beit_cfg(stage)
+               if objective == "beit" else make_cfg(stage))
         _, sink_a, _ = run_fit(cfg, rank, world, None)
         tag = f"{prefix}w{world}_z{stage}"
         ckdir = str(out / f"ck_{tag}")
@@ -232,6 +286,7 @@ def scenario_dp(out: Path, rank: int, world: int, objective: str = "classificati
             "straight": sink_a.losses(), "first": sink_b.losses(), "resumed": sink_c.losses(),
             "final_step": res_c["step"], "grad_norm": [m.get("grad_norm") for _, m in sink_a.metrics],
             "compiled": bool(getattr(t_c.engine, "is_compiled", False)),
+            "mim_acc": [m["mim_acc"] for _, m in sink_a.metrics if "mim_acc" in m],
         }
     if objective == "classification":  # NaN guard across ranks: one rank's NaN batch is skipped by every rank.
         _, sink_n, res_n = run_fit(make_cfg(2, **{"schedule.total_steps": 4}), rank, world, None,
@@ -307,10 +362,10 @@ def scenario_kill(out: Path, phase: str) -> None:
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if scenario in ("dp", "dpc", "mae", "distill"):
+    if scenario in ("dp", "dpc", "mae", "distill", "beit"):
         if scenario == "dpc":  # aot_eager: traced by dynamo + AOTAutograd like inductor, no C++ build
             os.environ["VITSCALE_TEST_COMPILE"] = "aot_eager"
-        scenario_dp(out, rank, world, scenario if scenario in ("mae", "distill") else "classification")
+        scenario_dp(out, rank, world, scenario if scenario in ("mae", "distill", "beit") else "classification")
     elif scenario == "zoo":
         scenario_zoo(out, rank, world)
     else:

@@ -65,8 +65,9 @@ class Trainer(Interruptions):
     (needs checkpoint_dir). `periodic`: extra evaluations (`training.periodic.PeriodicEval`, e.g.
     orchestration's few-shot evaluator) run on every rank at their own interval and at the end.
     `console`: rank 0 prints its progress on stdout (`training.progress.ConsoleProgress`).
-    `teacher`: the distillation objective's teacher (`training.objectives.distill`), on every
-    rank; frozen, outside the DeepSpeed engine (no optimizer state, not in checkpoints).
+    `teacher`: the objective's frozen model, on every rank: the distillation objective's teacher
+    (`training.objectives.distill`), BEiT's tokenizer (`training.objectives.beit`); frozen,
+    outside the DeepSpeed engine (no optimizer state, not in checkpoints).
     """
 
     def __init__(
@@ -321,8 +322,14 @@ class Trainer(Interruptions):
         images_per_s = window.steps * self.cfg.global_batch / elapsed
         grad_norm = self.engine.get_global_grad_norm()
         scale = getattr(self.optimizer, "cur_scale", None) if self.cfg.engine.precision == "fp16" else 1.0
-        # The window's losses summed over ranks: the one sync and collective per log line.
-        loss = all_reduce_sum(window.loss_sum.reshape(1).clone()).item() / self.dist.world_size / max(window.steps, 1)
+        # The window's losses (and the objective's own sums: BEiT's masked-token hits) summed over
+        # ranks: the one sync and collective per log line.
+        extra = self.objective.train_sums()
+        packed = window.loss_sum.reshape(1).clone()
+        if extra is not None:
+            packed = torch.cat([packed, extra.to(packed)])
+        packed = all_reduce_sum(packed).cpu()
+        loss = packed[0].item() / self.dist.world_size / max(window.steps, 1)
         self.last_loss = loss
         out: dict[str, float] = {
             "loss": loss,
@@ -338,6 +345,8 @@ class Trainer(Interruptions):
             achieved = self.flops_per_image * images_per_s / self.dist.world_size  # per device
             out["tflops_per_device"] = achieved / 1e12
             out["mfu"] = mfu(self.flops_per_image, images_per_s / self.dist.world_size, self.peak)
+        if extra is not None:
+            out.update(self.objective.train_metrics(packed[1:]))
         stats = getattr(self.train_loader, "stats", None)
         if callable(stats):
             out.update({f"data/{k}": float(v) for k, v in stats().items()})

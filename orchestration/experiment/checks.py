@@ -47,6 +47,7 @@ def experiment_problems(exp: Experiment) -> list[str]:
     elif exp.train.objective.kind == "distill" and not exp.model.distilled:
         p.append("train.objective.kind='distill' trains DeiT's distillation head: the student needs one "
                  "(--set model.distilled=true); a model without a class head cannot be distilled into")
+    p += beit_problems(exp)
     r = exp.resources
     low = r.min_workers if r.min_workers is not None else r.workers
     for world in range(low, r.workers + 1):  # elastic: the global batch must fit every size
@@ -56,6 +57,17 @@ def experiment_problems(exp: Experiment) -> list[str]:
             p.append(f"{e} (workers={world}{' of the elastic range' if low < r.workers else ''})")
             break
     return p
+
+
+def beit_problems(exp: Experiment) -> list[str]:
+    """A BEiT objective needs timm's BEiT backbone (the masked forward is written around its modules)."""
+    if exp.train.objective.kind != "beit":
+        return []
+    if exp.model.kind != "timm" or exp.model.family.key != "beit":
+        what = exp.model.name if exp.model.kind == "timm" else f"our ViT {exp.model.variant}"
+        return [f"train.objective.kind='beit' pre-trains timm's BEiT backbone (relative position bias, LayerScale), "
+                f"not {what}: use model.kind='timm' with a beit_* name, e.g. the recipe beit_b16_i21k"]
+    return []
 
 
 def mae_decoder_memory(exp: Experiment) -> tuple[float, float]:

@@ -33,8 +33,9 @@ def name_problems(key: str, value: Any) -> list[str]:
             "and without '..' (it names folders and registry entries)"]
 
 
-#: Objective kind -> the loader's mask kind (pipeline.masking): MAE hides random patches.
-_MASK_KIND = {"mae": "random"}
+#: Objective kind -> the loader's mask kind (pipeline.masking): MAE hides random patches, BEiT
+#: blocks (of at least data.mask.min_block=16 patches, aspect in [0.3, 1/0.3]: BEiT's defaults).
+_MASK_KIND = {"mae": "random", "beit": "block"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,7 +159,21 @@ class Experiment:
         kind = _MASK_KIND.get(obj.kind, "none")
         if kind == "none":
             return MaskConfig()
-        return replace(self.data.mask, kind=kind, ratio=obj.mask_ratio, patch_size=self.model.shape["patch_size"])
+        return replace(self.data.mask, kind=kind, ratio=obj.mask_ratio, patch_size=self._patch_size())
+
+    def _patch_size(self) -> int:
+        """The model's patch size (a timm spec without one: its named model's, from a meta-device probe)."""
+        if not isinstance(self.model, TimmSpec):
+            return int(self.model.shape["patch_size"])
+        if self.model.patch_size:
+            return int(self.model.patch_size)
+        from model.zoo import probe
+
+        try:  # a size the model cannot take is the model check's to report (checks.experiment_problems)
+            cfg = TimmConfig(**self.model.arch_fields(), num_classes=0, image_size=self.image_size)
+            return int(probe(cfg).patch_size or 16)
+        except ValueError:
+            return 16
 
     @property
     def model_name(self) -> str:

@@ -7,6 +7,10 @@
   mean pooling of the patch tokens with a fresh ``fc_norm`` (``--global_pool``; the encoder's
   final norm is not used), drop path, AdamW with layer-wise lr decay, RandAugment, mixup,
   cutmix, label smoothing, batch 1024, epochs counted on the fine-tuning set.
+* ``beit`` - BEiT's (Bao et al. 2021; microsoft/unilm ``beit/get_started_for_image_classification.md``
+  and ``run_class_finetuning.py``) for a timm BEiT backbone pre-trained with BEiT's objective: the
+  same shape as MAE's (mean pooling with a fresh ``fc_norm``: timm BEiT's ``global_pool='avg'``,
+  layer-wise lr decay, RandAugment, mixup, cutmix, label smoothing) with BEiT's numbers.
 
 The protocol follows the source's pre-training objective (:func:`source_objective`) unless the
 user asks for one (``finetune.py --protocol``). Without GPUs either protocol is sized for the
@@ -30,7 +34,7 @@ from training.objectives import ClassificationConfig
 
 #: Fine-tuning without GPUs: a few minutes for the small (mu, Ti) models on a laptop's CPU.
 CPU_SCHEDULE = {"global_batch": 64, "total_steps": 300, "warmup_steps": 30, "eval_every": 100, "checkpoint_every": 100}
-PROTOCOLS = ("vit", "mae")
+PROTOCOLS = ("vit", "mae", "beit")
 
 
 def source_objective(tags: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> tuple[str, str]:
@@ -51,10 +55,11 @@ def source_objective(tags: Mapping[str, Any], metadata: Mapping[str, str] | None
 
 
 def choose_protocol(asked: str, objective: str) -> str:
-    """``asked`` ("vit", "mae" or "auto": MAE's for an MAE-pre-trained source, else the ViT paper's)."""
+    """``asked`` ("vit", "mae", "beit" or "auto": MAE's / BEiT's for a source pre-trained with that
+    objective, else the ViT paper's)."""
     if asked != "auto":
         return asked
-    return "mae" if objective == "mae" else "vit"
+    return objective if objective in ("mae", "beit") else "vit"
 
 
 def finetune_experiment(
@@ -83,11 +88,18 @@ def finetune_experiment(
     if protocol == "mae" and isinstance(src, TimmConfig):
         raise ValueError(f"the mae fine-tuning protocol re-pools our ViT's MAE encoders; {src.name} is a timm "
                          "network: use --protocol vit")
+    if protocol == "beit" and not (isinstance(src, TimmConfig) and src.family.key == "beit"):
+        what = src.name if isinstance(src, TimmConfig) else "our ViT"
+        raise ValueError(f"the beit fine-tuning protocol fine-tunes timm's BEiT backbone; the source is {what}: use "
+                         "--protocol vit (or mae for an MAE encoder)")
     common = {"image_size": image_size, "dataset_name": dataset_name,
               "registered_model_name": f"{source_model_name}-ft{image_size}",
               "resources": Resources(workers=workers, cpus_per_worker=1, gpus_per_worker=gpus_per_worker)}
     if protocol == "mae":
         model, data, train = _mae(src, image_size, source_recipe, cpu=not gpus_per_worker, train_images=train_images)
+    elif protocol == "beit":
+        model, data, train = _beit(src, image_size, source_recipe, cpu=not gpus_per_worker,  # type: ignore[arg-type]
+                                   train_images=train_images)
     else:
         model, data, train = _vit(src, image_size, source_recipe, cpu=not gpus_per_worker)
     return Experiment(name=f"finetune_{model.slug}_{image_size}", model=model, data=data, train=train, **common)
@@ -163,6 +175,28 @@ def mae_size(width: int) -> str:
     return "H" if width >= 1280 else "L" if width >= 1024 else "B"
 
 
+def _finetune_data(source_recipe: str | None, image_size: int, micro_batch: int) -> DataConfig:
+    """MAE's and BEiT's fine-tuning data (both timm's ``create_transform``, the same flags)."""
+    recipe = RECIPES[source_recipe]() if source_recipe in RECIPES else None
+    # MAE util/datasets.py, BEiT datasets.py: timm's create_transform(is_training=True,
+    # auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25): RandomResizedCrop (timm's default scale
+    # (0.08, 1.0), ratio (3/4, 4/3)), flip, RandAugment 2 ops at magnitude 9; mixup 0.8 / cutmix
+    # 1.0 (MAE FINETUNE.md; BEiT's commands for self-supervised-only checkpoints). Flips and the
+    # pixel normalisation stay the source recipe's (a dataset's property, and what the encoder
+    # saw); an unknown source gets the ImageNet mean / std.
+    augment = AugmentConfig(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
+                            hflip=recipe.data.augment.hflip if recipe is not None else True,
+                            randaugment=(2, 9), mixup_alpha=0.8, cutmix_alpha=1.0,
+                            random_erasing=0.25)  # FINETUNE.md / run_class_finetuning.py: --reprob 0.25
+    # eval: crop_pct 224/256 up to 224 px, else 1.0 (resize straight to the size).
+    crop_pct = 0.875 if image_size <= 224 else 1.0
+    preprocess = (replace(recipe.data.preprocess, eval_crop_pct=crop_pct) if recipe is not None
+                  else PreprocessConfig(mean=IMAGENET_MEAN, std=IMAGENET_STD, eval_crop_pct=crop_pct))
+    io = recipe.data.io if recipe is not None else DataConfig(source=SourceConfig(url="")).io
+    return DataConfig(source=SourceConfig(url=""), image_size=image_size, batch_size=micro_batch,
+                      augment=augment, preprocess=preprocess, io=io)
+
+
 def _mae(src: ViTConfig, image_size: int, source_recipe: str | None, *, cpu: bool,
          train_images: int | None) -> tuple[ViTSpec, DataConfig, TrainConfig]:
     size = MAE_SIZES[mae_size(src.width)]
@@ -173,23 +207,7 @@ def _mae(src: ViTConfig, image_size: int, source_recipe: str | None, *, cpu: boo
     # learnable pos_embed and trains it: a small deviation, docs/mae.md).
     pool = "avg" if src.class_token else src.pool
     model = ViTSpec.of(src, pool=pool, representation_size=None, dropout=0.0, drop_path=size.drop_path)
-    recipe = RECIPES[source_recipe]() if source_recipe in RECIPES else None
-    # util/datasets.py: timm's create_transform(is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
-    # re_prob=0.25): RandomResizedCrop (timm's default scale (0.08, 1.0), ratio (3/4, 4/3)), flip,
-    # RandAugment 2 ops at magnitude 9; mixup 0.8 / cutmix 1.0 (FINETUNE.md). Flips and the pixel
-    # normalisation stay the source recipe's (a dataset's property, and what the encoder saw);
-    # an unknown source gets MAE's ImageNet mean / std.
-    augment = AugmentConfig(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
-                            hflip=recipe.data.augment.hflip if recipe is not None else True,
-                            randaugment=(2, 9), mixup_alpha=0.8, cutmix_alpha=1.0,
-                            random_erasing=0.25)  # FINETUNE.md: "--reprob 0.25"
-    # util/datasets.py eval: crop_pct 224/256 up to 224 px, else 1.0 (resize straight to the size).
-    crop_pct = 0.875 if image_size <= 224 else 1.0
-    preprocess = (replace(recipe.data.preprocess, eval_crop_pct=crop_pct) if recipe is not None
-                  else PreprocessConfig(mean=IMAGENET_MEAN, std=IMAGENET_STD, eval_crop_pct=crop_pct))
-    io = recipe.data.io if recipe is not None else DataConfig(source=SourceConfig(url="")).io
-    data = DataConfig(source=SourceConfig(url=""), image_size=image_size, batch_size=size.micro_batch,
-                      augment=augment, preprocess=preprocess, io=io)
+    data = _finetune_data(source_recipe, image_size, size.micro_batch)
     batch = CPU_SCHEDULE["global_batch"] if cpu else MAE_FT_BATCH
     images = train_images or IN1K_IMAGES
     epoch = max(1, round(images / batch))  # optimizer steps per epoch of the fine-tuning set
@@ -218,6 +236,61 @@ def _mae(src: ViTConfig, image_size: int, source_recipe: str | None, *, cpu: boo
         checkpoint=CheckpointConfig(every=CPU_SCHEDULE["checkpoint_every"] if cpu else epoch),
     )
     return model, data, train
+
+
+# ----------------------------------------------------------------------------- BEiT
+#: BEiT's fine-tuning commands for its self-supervised-only ImageNet-22k checkpoints
+#: (get_started_for_image_classification.md): BEiT-base "--batch_size 128 --lr 4e-3 --update_freq 1
+#: --warmup_epochs 20 --epochs 100 --layer_decay 0.65 --drop_path 0.1 --weight_decay 0.05 --mixup 0.8
+#: --cutmix 1.0" on 8 GPUs, BEiT-large "--batch_size 64 --lr 1e-3 --update_freq 2 --warmup_epochs 5
+#: --epochs 50 --layer_decay 0.75 --drop_path 0.2 --weight_decay 0.05" (both an effective batch of 1024).
+BEIT_SIZES = {
+    "B": {"lr": 4e-3, "warmup_epochs": 20, "epochs": 100, "layer_decay": 0.65, "drop_path": 0.1, "micro_batch": 128},
+    "L": {"lr": 1e-3, "warmup_epochs": 5, "epochs": 50, "layer_decay": 0.75, "drop_path": 0.2, "micro_batch": 64},
+}
+BEIT_FT_BATCH = 1024
+BEIT_MIN_LR = 1e-6  # run_class_finetuning.py: --min_lr default 1e-6
+
+
+def _beit(src: TimmConfig, image_size: int, source_recipe: str | None, *, cpu: bool,
+          train_images: int | None) -> tuple[TimmSpec, DataConfig, TrainConfig]:
+    width = src.embed_dim[0] if src.embed_dim else probe_width(src)
+    size = BEIT_SIZES["L" if width >= 1024 else "B"]
+    # timm's Beit pools by the mean of the patch tokens into a fresh fc_norm (global_pool='avg',
+    # BEiT's --use_mean_pooling default); the exported backbone has no pre-training norm.
+    model = TimmSpec.of(src, dropout=0.0, drop_path=size["drop_path"])
+    mb = int(size["micro_batch"])
+    data = _finetune_data(source_recipe, image_size, mb)
+    batch = CPU_SCHEDULE["global_batch"] if cpu else BEIT_FT_BATCH
+    epoch = max(1, round((train_images or IN1K_IMAGES) / batch))
+    train = TrainConfig(
+        global_batch=batch,
+        micro_batch=min(mb, batch),
+        optim=OptimConfig(name="adamw", lr=size["lr"] * batch / BEIT_FT_BATCH,  # scaled if the batch is not 1024
+                          betas=(0.9, 0.999), eps=1e-8,  # --opt_betas None (AdamW's), --opt_eps 1e-8
+                          weight_decay=0.05, grad_clip=0.0,  # --clip_grad None
+                          layer_decay=size["layer_decay"]),
+        schedule=ScheduleConfig(
+            warmup_steps=CPU_SCHEDULE["warmup_steps"] if cpu else int(size["warmup_epochs"]) * epoch,
+            total_steps=CPU_SCHEDULE["total_steps"] if cpu else int(size["epochs"]) * epoch,
+            decay="cosine", min_lr=BEIT_MIN_LR),
+        objective=ClassificationConfig(loss="softmax", label_smoothing=0.1),  # --smoothing 0.1
+        engine=EngineConfig(precision="fp32" if cpu else "bf16", zero_stage=1),
+        log_every=10,
+        eval_every=CPU_SCHEDULE["eval_every"] if cpu else epoch,
+        checkpoint=CheckpointConfig(every=CPU_SCHEDULE["checkpoint_every"] if cpu else epoch),
+    )
+    return model, data, train
+
+
+def probe_width(src: TimmConfig) -> int:
+    """The width of a timm source whose spec keeps the named model's own (``embed_dim`` empty)."""
+    import torch
+
+    from model import create_timm_model
+
+    with torch.device("meta"):
+        return int(create_timm_model(src).embed_dim)
 
 
 def source_shape_problems(exp: Experiment, src: ViTConfig | TimmConfig, source: str) -> list[str]:

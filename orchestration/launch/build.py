@@ -86,11 +86,11 @@ def build_run(
     checkpoints go to ``checkpoint_url`` (path or ``s3://``, staged locally under
     ``checkpoint_key``). ``make_sink(model)`` gives this rank's ``MetricsSink`` (None: no-op).
     ``exp.eval.fewshot_data`` adds the few-shot evaluator as a periodic Trainer evaluation. A
-    distilling experiment loads its teacher on this rank (``orchestration.launch.teacher``; a
-    registered teacher from ``tracking_uri``).
+    distilling experiment loads its teacher on this rank, a BEiT experiment its tokenizer
+    (``orchestration.launch.teacher``; a registered one from ``tracking_uri``).
     """
     from orchestration.evaluation.in_training import fewshot_hooks
-    from orchestration.launch.teacher import teacher_for
+    from orchestration.launch.teacher import frozen_for
     from training import Trainer
 
     loaders = build_loaders(exp, rank=rank, world=world)
@@ -100,7 +100,7 @@ def build_run(
     trainer = Trainer(model, exp.train, loaders.train, eval_loader=loaders.eval, sink=sink,
                       checkpoint_dir=checkpoint_dir, checkpoint_store=store,
                       periodic=fewshot_hooks(exp, rank=rank, world=world),
-                      teacher=teacher_for(exp, loaders.num_classes, tracking_uri))
+                      teacher=frozen_for(exp, loaders.num_classes, tracking_uri))
     return trainer, loaders
 
 

@@ -1,27 +1,32 @@
-"""The distillation teacher (``train.objective.teacher``, ``training.objectives.distill``): where it
-comes from, loading it on every rank, and the checks that refuse a bad one before Ray starts.
+"""The frozen models an objective loads by URI: the distillation teacher (``train.objective.teacher``,
+``training.objectives.distill``) and BEiT's tokenizer (``train.objective.tokenizer``,
+``training.objectives.beit``): where they come from, loading them on every rank, and the checks
+that refuse a bad one before Ray starts.
 
-A teacher is any model the project can load, never by unpickling:
+A frozen model is any model the project can load, never by unpickling:
 
 * ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` (``latest`` too) or ``runs:/RUN_ID/PATH``: a
   registered model or a run's logged weights (``orchestration.tracking.load_model``);
 * a run's export or a model of ours: a ``.safetensors`` file with its config, or a model folder
   (``model.safetensors`` + ``config.json``), as a path, ``file://`` or ``s3://`` URL;
-* ``timm:ARCH=WEIGHTS.safetensors``: an architecture of the timm zoo (``model.zoo``: ViT/DeiT,
-  CaiT, BEiT, Swin, PVT-v2, ResNet, RegNetY; built with ``pretrained=False``, never a hub
+* teachers only, ``timm:ARCH=WEIGHTS.safetensors``: an architecture of the timm zoo (``model.zoo``:
+  ViT/DeiT, CaiT, BEiT, Swin, PVT-v2, ResNet, RegNetY; built with ``pretrained=False``, never a hub
   download) with a local safetensors state dict in timm's layout, e.g. DeiT's
   ``timm:regnety_160=/weights/regnety_160.safetensors``.
 
-The teacher must predict the dataset's classes and take the student's images. It is loaded on
-every rank (each holds its own copy, like the data), frozen and in eval mode; the Trainer runs it
-under ``no_grad`` on each training batch. ``pin_teacher`` resolves a registry alias once, on the
-driver, so every rank and every restart distils from the same version (and a resume after the
-alias moved is refused by the config hash, naming both versions).
+A teacher must predict the dataset's classes and take the student's images; a tokenizer must be an
+``model.tokenizer.ImageTokenizer`` (the dVAE a tokenizer run exports) with the student's patch
+size, image size and the MIM head's vocabulary. Either is loaded on every rank (each holds its
+own copy, like the data), frozen and in eval mode; the Trainer runs it under ``no_grad`` on each
+training batch. :func:`pin_frozen` resolves a registry alias once, on the driver, so every rank and
+every restart uses the same version (and a resume after the alias moved is refused by the config
+hash, naming both versions).
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -32,6 +37,8 @@ if TYPE_CHECKING:
     from orchestration.experiment.config import Experiment
 
 TIMM = "timm:"
+#: Objective kind -> the field of its section naming its frozen model.
+FROZEN_FIELD = {"distill": "teacher", "beit": "tokenizer"}
 _FORMS = ("models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH, a .safetensors file or model folder "
           "(path, file:// or s3://), or timm:ARCH=WEIGHTS.safetensors")
 #: The first bytes of the files torch.save / pickle write (a zip archive, or pickle protocol 2-5).
@@ -147,25 +154,42 @@ def _size_problem(model: nn.Module, image_size: int) -> str | None:
             f"at image_size={image_size} (or fine-tune it there: finetune.py --image-size {image_size})")
 
 
+def _load_frozen(spec: str, tracking_uri: str | None, timm: Callable[[TeacherSource, Path], nn.Module] | None,
+                 what: str = "teacher") -> nn.Module:
+    """The model ``spec`` names (registry, file of ours, or through ``timm`` for a timm:ARCH spec),
+    never unpickled."""
+    from orchestration.tracking import load_model, model_from_path
+
+    src = parse_teacher(spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        if src.kind == "registry":
+            return load_model(spec, tracking_uri)
+        if src.kind == "file":
+            path = _local(src.ref, Path(tmp))
+            if path.is_file():  # a folder is checked file by file by model_from_path
+                _refuse_pickle(path, spec)
+            return model_from_path(path, spec)
+        if timm is None:
+            raise ValueError(f"{what} {spec!r}: a timm:ARCH network cannot be a {what}; give a model of ours (a "
+                             f"run's export or a registered model: models:/NAME@ALIAS)")
+        return timm(src, Path(tmp))
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
 def load_teacher(spec: str, num_classes: int, *, image_size: int | None = None,
                  tracking_uri: str | None = None) -> nn.Module:
     """The frozen, eval-mode teacher ``spec`` names, checked to predict ``num_classes`` classes and
     to take the student's ``image_size`` images. Raises ValueError / UnsafeModelError /
     FileNotFoundError / LookupError naming the spec and what is wrong."""
-    from orchestration.tracking import load_model, model_from_path
     from training.objectives.distill import class_count
 
-    src = parse_teacher(spec)
-    with tempfile.TemporaryDirectory() as tmp:
-        if src.kind == "registry":
-            model = load_model(spec, tracking_uri)
-        elif src.kind == "file":
-            path = _local(src.ref, Path(tmp))
-            if path.is_file():  # a folder is checked file by file by model_from_path
-                _refuse_pickle(path, spec)
-            model = model_from_path(path, spec)
-        else:
-            model = _timm_teacher(src, spec, num_classes, image_size, Path(tmp))
+    model = _load_frozen(spec, tracking_uri,
+                         lambda src, tmp: _timm_teacher(src, spec, num_classes, image_size, tmp))
     have = class_count(model)
     if have != num_classes:
         what = "has no class head (an MAE encoder or a feature extractor)" if not have else f"predicts {have} classes"
@@ -174,9 +198,57 @@ def load_teacher(spec: str, num_classes: int, *, image_size: int | None = None,
     problem = _size_problem(model, image_size) if image_size is not None else None
     if problem:
         raise ValueError(f"teacher {spec!r} {problem}")
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return _freeze(model)
+
+
+def _what_it_is(model: nn.Module) -> str:
+    """A model in words, for a refusal: ``a ViT classifier (10 classes)``, ``timm's resnet18 ...``."""
+    cfg = getattr(model, "cfg", None)
+    classes = getattr(cfg, "num_classes", None)
+    name = getattr(cfg, "name", None) or ("ViT" if cfg is not None else type(model).__name__)
+    role = f"classifier ({classes} classes)" if classes else "encoder without a head"
+    return f"a {name} {role}"
+
+
+def load_tokenizer(spec: str, *, vocab_size: int, patch_size: int, image_size: int,
+                   tracking_uri: str | None = None) -> nn.Module:
+    """The frozen, eval-mode image tokenizer ``spec`` names (``model.tokenizer.ImageTokenizer``),
+    checked to give one token per ``patch_size`` patch of ``image_size`` images over ``vocab_size``
+    tokens. Only the part that tokenizes is kept (a dVAE's decoder is dropped: half the memory on
+    every rank). Raises like :func:`load_teacher`."""
+    from model.tokenizer import DiscreteVAE, ImageTokenizer
+    from training.objectives.beit import tokenizer_fit_problem
+
+    model = _load_frozen(spec, tracking_uri, None, what="tokenizer")
+    if not isinstance(model, ImageTokenizer):
+        raise ValueError(f"tokenizer {spec!r} is {_what_it_is(model)}, not an image tokenizer: give the export or "
+                         "registered model of a tokenizer run (train.objective.kind='dvae', e.g. "
+                         "models:/dvae-v8192p16-NAME@champion)")
+    problem = tokenizer_fit_problem(model, vocab_size, patch_size, image_size)
+    if problem:
+        raise ValueError(f"tokenizer {spec!r}: {problem}")
+    if isinstance(model, DiscreteVAE):
+        from torch import nn
+
+        model.decoder = nn.Identity()  # tokenize() reads the encoder only
+    return _freeze(model)
+
+
+def _patch_size(exp: Experiment) -> int:
+    from model.zoo import probe
+
+    cfg = exp.model_config(num_classes=0)
+    return int(probe(cfg).patch_size) if cfg.kind == "timm" else int(cfg.patch_size)  # type: ignore[union-attr, arg-type]
+
+
+def frozen_for(exp: Experiment, num_classes: int, tracking_uri: str | None = None) -> nn.Module | None:
+    """The frozen model of ``exp``'s objective for this rank: the distillation teacher, BEiT's
+    tokenizer (None for an objective with none)."""
+    obj = exp.train.objective
+    if obj.kind == "beit":
+        return load_tokenizer(obj.tokenizer, vocab_size=obj.vocab_size, patch_size=_patch_size(exp),
+                              image_size=exp.image_size, tracking_uri=tracking_uri)
+    return teacher_for(exp, num_classes, tracking_uri)
 
 
 def teacher_for(exp: Experiment, num_classes: int, tracking_uri: str | None = None) -> nn.Module | None:
@@ -187,15 +259,34 @@ def teacher_for(exp: Experiment, num_classes: int, tracking_uri: str | None = No
     return load_teacher(obj.teacher, num_classes, image_size=exp.image_size, tracking_uri=tracking_uri)
 
 
-def pin_teacher(exp: Experiment, tracking_uri: str | None = None) -> Experiment:
-    """``exp`` with a ``models:/NAME@ALIAS`` (or ``/latest``) teacher resolved to ``models:/NAME/VERSION``."""
+def pin_frozen(exp: Experiment, tracking_uri: str | None = None) -> Experiment:
+    """``exp`` with its objective's frozen model (teacher, tokenizer) given as ``models:/NAME@ALIAS``
+    (or ``/latest``) resolved to ``models:/NAME/VERSION``."""
     obj = exp.train.objective
-    if obj.kind != "distill" or not obj.teacher.startswith("models:/"):
+    field = FROZEN_FIELD.get(obj.kind)
+    spec = getattr(obj, field, "") if field else ""
+    if not spec.startswith("models:/"):
         return exp
     from orchestration.tracking import resolve_model_source
 
-    pinned = resolve_model_source(obj.teacher, tracking_uri)["uri"]
-    return replace(exp, train=replace(exp.train, objective=replace(obj, teacher=pinned)))
+    pinned = resolve_model_source(spec, tracking_uri)["uri"]
+    return replace(exp, train=replace(exp.train, objective=replace(obj, **{field: pinned})))
+
+
+def frozen_problems(exp: Experiment, data_url: str, tracking_uri: str | None = None) -> list[str]:
+    """On the driver, before Ray: the objective's frozen model loads (no pickle) and fits (see
+    :func:`teacher_problems`, :func:`load_tokenizer`); one line each."""
+    obj = exp.train.objective
+    if obj.kind != "beit":
+        return teacher_problems(exp, data_url, tracking_uri)
+    key = "train.objective.tokenizer"
+    try:
+        parse_teacher(obj.tokenizer)
+        load_tokenizer(obj.tokenizer, vocab_size=obj.vocab_size, patch_size=_patch_size(exp),
+                       image_size=exp.image_size, tracking_uri=tracking_uri)
+    except Exception as e:  # noqa: BLE001 - every reason a worker would fail on, as one line
+        return [f"{key}: {' '.join(str(e).split())}"]
+    return []
 
 
 def teacher_problems(exp: Experiment, data_url: str, tracking_uri: str | None = None) -> list[str]:

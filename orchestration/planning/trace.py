@@ -179,10 +179,27 @@ def _distill_loss(objective: Any, module: nn.Module, images: Tensor, net: NetCon
     return sum(o.float().logsumexp(-1).mean() for o in outs)  # the shape of a cross-entropy per head
 
 
+def _beit_loss(objective: Any, module: nn.Module, images: Tensor, net: NetConfig) -> Tensor:
+    # The masked positions come from the mask's counts (data-dependent: not on meta); every image
+    # masks as many, so the MIM head's input is a known (B, M, D). The tokenizer runs under
+    # no_grad outside the engine (its weights are not counted here, as a teacher's).
+    from model.beit import MaskedImageModel
+    from pipeline.masking import masked_count
+
+    assert isinstance(module, MaskedImageModel)
+    gh, gw = net.grid  # type: ignore[union-attr]
+    b, n = images.shape[0], gh * gw
+    m = masked_count(n, objective.cfg.mask_ratio)
+    mask = torch.zeros(b, n, dtype=torch.bool, device=images.device)
+    positions = torch.zeros(b, m, dtype=torch.long, device=images.device)
+    logits = module.logits_at(module.forward_features(images, mask), positions)
+    return logits.float().logsumexp(-1).mean()  # the shape of a cross-entropy over the vocabulary
+
+
 #: Objective kind -> one micro-batch's loss on the meta device. A new objective adds its step here
 #: (a teacher forward for distillation runs under ``torch.no_grad()``: weights only, no activations).
 STEPS: dict[str, Callable[[Any, nn.Module, Tensor, NetConfig], Tensor]] = {
-    "classification": _classification_loss, "mae": _mae_loss, "distill": _distill_loss}
+    "classification": _classification_loss, "mae": _mae_loss, "distill": _distill_loss, "beit": _beit_loss}
 
 
 def _build(net: NetConfig, objective_cfg: ObjectiveConfig, dtype: torch.dtype) -> nn.Module:
@@ -240,7 +257,7 @@ def trace_model(net: NetConfig, objective_cfg: ObjectiveConfig, precision: str, 
     state = module.state_dict()
     buffers = sum(b.numel() * b.element_size() for name, b in module.named_buffers() if name in state)
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules()), default=0)
-    for p in module.parameters():  # DeepSpeed takes each gradient into its ZeRO buffers (planning.memory)
+    for p in (p for p in module.parameters() if p.requires_grad):  # DeepSpeed takes each gradient
         p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     full, masked = _trace_step(module, net, objective_cfg, dtype, micro_batch)
     supported = hasattr(module, "set_grad_checkpointing")

@@ -55,6 +55,8 @@ class AugmentConfig:
     aspect, horizontal flip, RandAugment ``(num_ops, magnitude)`` (None: off), random erasing
     with probability ``random_erasing`` (DeiT / MAE fine-tuning: 0.25; ``transforms.random_erase``),
     mixup / cutmix (alpha 0: off; with either, batches are float with soft targets).
+    ``color_jitter``: brightness, contrast and saturation jitter of that strength (BEiT's
+    pre-training: 0.4; 0: off; ``transforms.make_randaugment``).
     ``repeats``: repeated augmentation (DeiT: 3): a training epoch plans every sample ``repeats``
     times, each copy with its own augmentation, the copies on different ranks (``pipeline.plan``)."""
 
@@ -66,10 +68,12 @@ class AugmentConfig:
     cutmix_alpha: float = 0.0
     random_erasing: float = 0.0
     repeats: int = 1
+    color_jitter: float = 0.0
 
     def __post_init__(self) -> None:
         c = Checker(self)
         c.numbers("crop_scale", 2, gt=0, le=1.0, ordered=True)
+        c.number("color_jitter", ge=0, le=1, why=" (brightness / contrast / saturation jitter; 0: off)")
         c.numbers("crop_ratio", 2, gt=0, ordered=True)
         c.flag("hflip")
         r = self.randaugment

@@ -269,7 +269,7 @@ class ShardStream(IterableDataset):
 
     @functools.cached_property
     def _randaug(self) -> Any:
-        return make_randaugment(self.cfg.augment.randaugment) if self.cfg.train else None
+        return make_randaugment(self.cfg.augment.randaugment, self.cfg.augment.color_jitter) if self.cfg.train else None
 
     def _collate(self, batch: list[_Sample], batch_idx: int, slot: int, last_good: _Sample | None) -> tuple:
         cfg, S, C = self.cfg, self.cfg.image_size, self.num_classes

@@ -61,6 +61,16 @@ class Objective(ABC):
     def loss(self, module: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
         """The scalar fp32 loss of one training micro-batch (this rank's mean)."""
 
+    def train_sums(self) -> Tensor | None:
+        """Float64 sums this rank accumulated over its training micro-batches since the last call
+        (on the device: no host sync), reset by the call; the Trainer all-reduces them with the
+        loss at each log line and logs :meth:`train_metrics` of the total. None: nothing to log."""
+        return None
+
+    def train_metrics(self, sums: Tensor) -> dict[str, float]:
+        """The logged training metrics of a log window's summed :meth:`train_sums` (on the CPU)."""
+        return {}
+
     @abstractmethod
     def eval_sums(self, module: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
         """Float64 sums over the batch's valid rows, one per :attr:`eval_keys` entry (summed over
