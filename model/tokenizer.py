@@ -77,6 +77,11 @@ class DVAEConfig:
         c.done()
 
     @property
+    def in_chans(self) -> int:
+        """The input channels, as a ViTConfig / TimmConfig names them."""
+        return self.channels
+
+    @property
     def stages(self) -> int:
         return int(math.log2(self.patch_size))
 
