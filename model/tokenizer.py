@@ -77,6 +77,11 @@ class DVAEConfig:
         c.done()
 
     @property
+    def num_classes(self) -> int:
+        """No classifier head (what code written for classifiers and encoders reads)."""
+        return 0
+
+    @property
     def in_chans(self) -> int:
         """The input channels, as a ViTConfig / TimmConfig names them."""
         return self.channels
