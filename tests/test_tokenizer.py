@@ -75,7 +75,8 @@ def test_documented_digits_run_uses_its_codebook_and_a_run_with_dead_codes_fails
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = ["--storage", str(tmp_path / "runs"), "--tracking-uri", uri]
     good = [local.get(a, a) for a in commands[2][2:]] + common
-    dead = good + ["--set", "model.vocab_size=16384", "--set", "train.schedule.total_steps=2", "--run-name", "dead"]
+    dead = good + ["--set", "model.vocab_size=16384", "--set", "train.schedule.total_steps=2",
+                   "--set", "train.schedule.warmup_steps=0", "--run-name", "dead"]
     out = tmp_path / "driver.json"
     proc = subprocess.run([sys.executable, __file__, str(out), json.dumps([good, dead])], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
