@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .tokenizer import DVAEConfig
 from .vit import ViTConfig
 from .zoo import TimmConfig, create_timm_model
 
@@ -61,7 +62,14 @@ def _timm_macs(cfg: TimmConfig) -> int:
     return count_forward_macs(lambda: create_timm_model(cfg), cfg.in_chans, cfg.image_size)
 
 
-def macs_per_image(cfg: ViTConfig | TimmConfig) -> int:
+@functools.lru_cache(maxsize=64)
+def _dvae_macs(cfg: DVAEConfig) -> int:
+    from .tokenizer import DiscreteVAE
+
+    return count_forward_macs(lambda: DiscreteVAE(cfg), cfg.channels, cfg.image_size)
+
+
+def macs_per_image(cfg: ViTConfig | TimmConfig | DVAEConfig) -> int:
     """Forward multiply-adds for one image.
 
     Our ViT, analytically: patch embedding + per layer (qkv, QK^T, AV, output projection, 2 MLP
@@ -71,6 +79,8 @@ def macs_per_image(cfg: ViTConfig | TimmConfig) -> int:
     """
     if isinstance(cfg, TimmConfig):
         return _timm_macs(cfg)
+    if isinstance(cfg, DVAEConfig):  # a tokenizer: counted like a timm network
+        return _dvae_macs(cfg)
     D = cfg.width
     patch = cfg.num_patches * D * cfg.in_chans * cfg.patch_size**2
     rep = cfg.representation_size or 0
@@ -92,7 +102,7 @@ def mae_macs_per_image(cfg: ViTConfig, decoder_width: int, decoder_depth: int, d
     return patch + encoder + decoder + predict
 
 
-def train_flops_per_image(cfg: ViTConfig | TimmConfig) -> float:
+def train_flops_per_image(cfg: ViTConfig | TimmConfig | DVAEConfig) -> float:
     """FLOPs of one training step per image: forward + backward ~= 3 forwards, 2 FLOPs/MAC.
 
     Activation checkpointing re-runs the forward, but that is not useful work, so MFU

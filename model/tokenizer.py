@@ -77,6 +77,16 @@ class DVAEConfig:
         c.done()
 
     @property
+    def num_classes(self) -> int:
+        """No classifier head (what code written for classifiers and encoders reads)."""
+        return 0
+
+    @property
+    def in_chans(self) -> int:
+        """The input channels, as a ViTConfig / TimmConfig names them."""
+        return self.channels
+
+    @property
     def stages(self) -> int:
         return int(math.log2(self.patch_size))
 
@@ -112,6 +122,16 @@ class DVAESpec:
         """Registered model names: ``dvae-v8192p16``."""
         return f"v{self.vocab_size}p{self.patch_size}"
 
+    @property
+    def variant(self) -> str:
+        """What tags and descriptions call the architecture (a ViT's "B/16"): ``dvae-v8192p16``."""
+        return f"dvae-{self.slug}"
+
+    @property
+    def shape(self) -> dict[str, int]:
+        """The fields a student (BEiT) must agree with: ``patch_size`` and ``vocab_size``."""
+        return {"patch_size": self.patch_size, "vocab_size": self.vocab_size}
+
     def config(self, *, num_classes: int, image_size: int) -> DVAEConfig:
         if num_classes:
             raise ValueError(f"a dVAE tokenizer has no classifier head (asked for {num_classes} classes): train it "
@@ -139,6 +159,21 @@ def _stage(cin: int, cout: int, blocks: int, *, down: bool) -> nn.Sequential:
     return nn.Sequential(step, *[_ResBlock(cout) for _ in range(blocks)])
 
 
+class Codebook(nn.Module):
+    """The (V, E) code embeddings. A module of its own so that its weight is only read inside its
+    own ``forward`` (ZeRO-3 gathers a partitioned parameter for its module's forward, not for a
+    parent's): one-hot or soft codes (B, V, h, w) -> (B, E, h, w), or token ids (B, N) -> (B, N, E)."""
+
+    def __init__(self, vocab_size: int, embed_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(vocab_size, embed_dim))  # nn.Embedding's init
+
+    def forward(self, codes: Tensor) -> Tensor:
+        if not codes.dtype.is_floating_point:
+            return F.embedding(codes, self.weight)
+        return torch.einsum("bvhw,ve->behw", codes.to(self.weight.dtype), self.weight)
+
+
 class DiscreteVAE(nn.Module):
     """The dVAE (see the module docstring). ``forward(images, tau)`` -> (reconstruction, logits);
     the objective owns the loss (reconstruction + KL to the uniform prior) and the schedules."""
@@ -155,7 +190,7 @@ class DiscreteVAE(nn.Module):
             cin = w
         enc += [nn.ReLU(), nn.Conv2d(cin, cfg.vocab_size, 1)]
         self.encoder = nn.Sequential(*enc)
-        self.codebook = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        self.codebook = Codebook(cfg.vocab_size, cfg.embed_dim)
         dec: list[nn.Module] = [nn.Conv2d(cfg.embed_dim, widths[-1], 1)]
         cin = widths[-1]
         for w in [*reversed(widths[:-1]), cfg.hidden]:
@@ -163,6 +198,9 @@ class DiscreteVAE(nn.Module):
             cin = w
         dec += [nn.ReLU(), nn.Conv2d(cin, cfg.channels, 3, padding=1)]
         self.decoder = nn.Sequential(*dec)
+        #: Per-token counts (V,) of the last evaluation over the whole eval split, set by the tokenizer
+        #: objective (``training.objectives.dvae``) for the usage histogram; not a weight.
+        self.usage_counts: Tensor | None = None
 
     def logits(self, images: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, V, h, w) code logits."""
@@ -174,17 +212,26 @@ class DiscreteVAE(nn.Module):
 
     def decode_codes(self, codes: Tensor) -> Tensor:
         """(B, V, h, w) one-hot or soft codes -> (B, C, H, W) reconstruction."""
-        z = torch.einsum("bvhw,ve->behw", codes.to(self.codebook.weight.dtype), self.codebook.weight)
-        return self.decoder(z)
+        return self.decoder(self.codebook(codes))
 
     def decode_tokens(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
         """(B, h*w) token ids -> (B, C, H, W) reconstruction (for figures)."""
         z = self.codebook(tokens).transpose(1, 2).reshape(tokens.shape[0], -1, *grid)  # (B, E, h, w)
         return self.decoder(z)
 
-    def forward(self, images: Tensor, tau: float, *, hard: bool = False) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor, tau: float = 1.0, *, hard: bool = False,
+                noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Gumbel-softmax relaxation of the codes at temperature ``tau``. ``noise``: the (B, V, h, w)
+        Gumbel noise to add (the objective draws it from the step and the micro-batch's place, so
+        that any number of ranks draws the same); None: drawn from the global generator."""
         logits = self.logits(images)
-        codes = F.gumbel_softmax(logits.float(), tau=tau, hard=hard, dim=1)
+        if noise is None:
+            codes = F.gumbel_softmax(logits.float(), tau=tau, hard=hard, dim=1)
+        else:
+            codes = ((logits.float() + noise) / tau).softmax(dim=1)
+            if hard:  # the argmax's one-hot codes; straight-through (the soft codes' gradient) under autograd
+                one_hot = F.one_hot(codes.argmax(dim=1), codes.shape[1]).permute(0, 3, 1, 2).to(codes.dtype)
+                codes = one_hot - codes.detach() + codes if torch.is_grad_enabled() else one_hot
         return self.decode_codes(codes), logits
 
     @torch.no_grad()

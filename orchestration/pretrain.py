@@ -15,6 +15,8 @@ Every ``--set`` key/value is checked against the config dataclasses before Ray s
 run, lease, Ray Train, registry; storage layout) is :func:`orchestration.launch.pretrain_run.launch`.
 
 The last stdout line is ``VITSCALE_RESULT {json}`` (run id, registered name/version, metrics).
+Exit status 4: a tokenizer run (docs/tokenizer.md) ended under its codebook-usage threshold; its
+MLflow run is FAILED and nothing was registered (the ``error:`` line says what to change).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from orchestration.experiment import (
 )
 from orchestration.launch.lease import LeaseHeldError
 from orchestration.launch.pretrain_run import RESULT_PREFIX, emit, launch
+from orchestration.launch.tokenizer import CodebookUsageError
 from orchestration.state import default_storage, state_dir
 
 __all__ = ["RESULT_PREFIX", "build_parser", "check_launch", "default_storage", "emit", "launch", "main",
@@ -165,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     except LeaseHeldError as e:  # another run owns the run folder: nothing was changed
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except CodebookUsageError as e:  # a tokenizer with dead codes: its MLflow run is FAILED, nothing registered
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     emit(summary, args.summary_json)
     return 0
 

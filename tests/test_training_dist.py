@@ -246,6 +246,24 @@ def beit_cfg(stage: int, **kw: Any) -> Any:
     return dataclasses.replace(make_cfg(stage), objective=objective).replace(**kw)
 
 
+def make_dvae() -> torch.nn.Module:
+    """#26: a tiny dVAE tokenizer (16 codes, 4 x 4 tokens of 8 px patches)."""
+    from model.tokenizer import DiscreteVAE, DVAEConfig
+
+    torch.manual_seed(0)
+    return DiscreteVAE(DVAEConfig(vocab_size=16, patch_size=8, image_size=32, hidden=8, embed_dim=8))
+
+
+def dvae_cfg(stage: int, **kw: Any) -> Any:
+    """make_cfg with the dVAE objective, its temperature and KL weight moving within the 10 steps."""
+    import dataclasses
+
+    from training.objectives import DVAEObjectiveConfig
+
+    objective = DVAEObjectiveConfig(tau_steps=8, kl_warmup_steps=3)
+    return dataclasses.replace(make_cfg(stage), objective=objective).replace(**kw)
+
+
 def run_fit(cfg: Any, rank: int, world: int, ckdir: str | None, resume: str | None = None,
             max_steps: int | None = None, nan_slots: frozenset = frozenset(),
             make: Any = None) -> tuple[Any, ListSink, dict]:
@@ -255,26 +273,28 @@ def run_fit(cfg: Any, rank: int, world: int, ckdir: str | None, resume: str | No
     kind = cfg.objective.kind
     loader = (MaskedMemLoader(rank, world) if kind == "mae" else BlockMaskedMemLoader(rank, world) if kind == "beit"
               else MemLoader(rank, world, nan_slots=nan_slots))
-    make = make or {"mae": make_mae_encoder, "distill": make_distilled_student, "beit": make_beit}.get(kind, make_model)
+    make = make or {"mae": make_mae_encoder, "distill": make_distilled_student, "beit": make_beit,
+                    "dvae": make_dvae}.get(kind, make_model)
     frozen = {"distill": make_teacher, "beit": make_tokenizer}.get(kind)
     trainer = Trainer(make(), cfg, loader, sink=sink, checkpoint_dir=ckdir, teacher=frozen() if frozen else None)
     result = trainer.fit(resume=resume, max_steps=max_steps)
     return trainer, sink, result
 
 
-def scenario_dp(out: Path, rank: int, world: int, objective: str = "classification") -> None:
+def scenario_dp(out: Path, rank: int, world: int, objective: str = "classification",
+                stages: tuple[int, ...] = STAGES) -> None:
     """Per ZeRO stage: 10 steps straight; 5 steps + checkpoint + new Trainer resuming + 5 steps.
     ``objective="mae"``: the same with MAE (masks from the samples, an encoder + decoder);
     ``"distill"``: DeiT's distillation of a fixed teacher into a distilled student; ``"beit"``: BEiT's
-    MIM of a fixed tokenizer's tokens (ZeRO stages BEIT_STAGES; run by tests/test_beit.py)."""
+    MIM of a fixed tokenizer's tokens (ZeRO stages BEIT_STAGES; run by tests/test_beit.py); ``"dvae"``:
+    the tokenizer objective of a tiny dVAE (#26, stages given by the caller)."""
     from training import export_weights
 
-    mae = objective == "mae"
     prefix = "" if objective == "classification" else f"{objective}_"
     results: dict[str, Any] = {}
-    for stage in BEIT_STAGES if objective == "beit" else STAGES:
-        cfg = (mae_cfg(stage) if mae else distill_cfg(stage) if objective == "distill" else beit_cfg(stage)
-               if objective == "beit" else make_cfg(stage))
+    configs = {"mae": mae_cfg, "distill": distill_cfg, "dvae": dvae_cfg, "beit": beit_cfg}
+    for stage in BEIT_STAGES if objective == "beit" else stages:
+        cfg = configs.get(objective, make_cfg)(stage)
         _, sink_a, _ = run_fit(cfg, rank, world, None)
         tag = f"{prefix}w{world}_z{stage}"
         ckdir = str(out / f"ck_{tag}")
@@ -366,6 +386,8 @@ def main() -> None:
         if scenario == "dpc":  # aot_eager: traced by dynamo + AOTAutograd like inductor, no C++ build
             os.environ["VITSCALE_TEST_COMPILE"] = "aot_eager"
         scenario_dp(out, rank, world, scenario if scenario in ("mae", "distill", "beit") else "classification")
+    elif scenario == "dvae":  # #26, tests/test_tokenizer.py: ZeRO-1 only
+        scenario_dp(out, rank, world, "dvae", stages=(1,))
     elif scenario == "zoo":
         scenario_zoo(out, rank, world)
     else:

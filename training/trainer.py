@@ -232,6 +232,8 @@ class Trainer(Interruptions):
             batch = self._batches.take()
             wait += time.perf_counter() - t0
             self.watchdog.beat("forward_backward")
+            self.objective.begin_micro_batch(step=self._step, slot=i * self.dist.world_size + self.dist.rank,
+                                             seed=self.cfg.seed)
             loss = self.objective.loss(self.engine, self._to_device(batch, self.train_loader, non_blocking=True))
             loss_sum += loss.detach()
             self.engine.backward(_poison(loss))

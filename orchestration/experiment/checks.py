@@ -48,6 +48,9 @@ def experiment_problems(exp: Experiment) -> list[str]:
         p.append("train.objective.kind='distill' trains DeiT's distillation head: the student needs one "
                  "(--set model.distilled=true); a model without a class head cannot be distilled into")
     p += beit_problems(exp)
+    if exp.model.kind == "dvae" and exp.eval.split is None:
+        p.append("eval.split=none: a tokenizer run measures its codebook usage (dead codes fail it) on an eval "
+                 "split; name one (--set eval.split=val)")
     r = exp.resources
     low = r.min_workers if r.min_workers is not None else r.workers
     for world in range(low, r.workers + 1):  # elastic: the global batch must fit every size

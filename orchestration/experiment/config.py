@@ -16,6 +16,7 @@ from typing import Any
 
 from confkit import Checker, ConfigValueError, flatten, from_dict, to_dict
 from model import TimmConfig, TimmSpec, ViTConfig, ViTSpec
+from model.tokenizer import DVAEConfig, DVAESpec
 from pipeline import DataConfig
 from pipeline.masking import MaskConfig
 from training import TrainConfig
@@ -118,12 +119,13 @@ class Experiment:
     from the objective (MAE: random masks of its ratio) and the model's patch size. ``dataset_name`` and
     ``registered_model_name`` ("" -> ``vit-<variant>-<dataset>``, ``<timm name>-<dataset>``) name the
     MLflow entries. ``model`` is our ViT (``kind="vit"``) or a timm architecture (``kind="timm"``,
-    docs/architectures.md), told apart by its ``kind``.
+    docs/architectures.md), or a dVAE tokenizer (``kind="dvae"``, trained by the dVAE objective,
+    registered as ``dvae-v<vocab>p<patch>-<dataset>``; docs/tokenizer.md), told apart by its ``kind``.
     """
 
     name: str
     image_size: int
-    model: ViTSpec | TimmSpec
+    model: ViTSpec | TimmSpec | DVAESpec
     data: DataConfig
     train: TrainConfig
     eval: EvalSpec = field(default_factory=EvalSpec)
@@ -142,6 +144,10 @@ class Experiment:
                   f"train.objective.kind={kind!r} needs our ViT (model.kind='vit'): MAE drops patch tokens inside "
                   f"model.VisionTransformer, which timm's {getattr(self.model, 'name', '')} does not do; use an MAE "
                   "recipe (mae_vit_*) or a classification objective")
+        c.require((self.model.kind == "dvae") == (kind == "dvae"),
+                  f"model.kind={self.model.kind!r} with train.objective.kind={kind!r}: a dVAE tokenizer (model.kind="
+                  "'dvae') trains with the dVAE objective (train.objective.kind='dvae') and that objective trains "
+                  "nothing else; use a tokenizer recipe (dvae_tokenizer_*)")
         c.done()
         derived = {"image_size": self.image_size, "batch_size": self.train.micro_batch, "mask": self._mask()}
         if any(getattr(self.data, k) != v for k, v in derived.items()):
@@ -178,8 +184,10 @@ class Experiment:
     @property
     def model_name(self) -> str:
         """Registry name: ``vit-<variant>-<dataset>`` (``mae-vit-...`` for another objective's
-        model) unless the recipe set one."""
+        model; ``dvae-v8192p16-<dataset>`` for a tokenizer) unless the recipe set one."""
         kind = self.train.objective.kind
+        if isinstance(self.model, DVAESpec):
+            return self.registered_model_name or f"{self.model.variant}-{self.dataset_name}"
         prefix = "" if kind == "classification" else f"{kind}-"
         arch = self.model.slug if isinstance(self.model, TimmSpec) else f"vit-{self.model.slug}"
         return self.registered_model_name or f"{prefix}{arch}-{self.dataset_name}"
@@ -193,7 +201,7 @@ class Experiment:
         """Accumulation steps so that micro_batch x accum x workers == train.global_batch."""
         return self.train.accum_for(self.resources.workers)
 
-    def model_config(self, num_classes: int) -> ViTConfig | TimmConfig:
+    def model_config(self, num_classes: int) -> ViTConfig | TimmConfig | DVAEConfig:
         """The network config this experiment trains, for a dataset with ``num_classes`` labels (the
         objective decides the head: MAE's encoder has none); ValueError when the model cannot be
         built at ``image_size``."""

@@ -34,6 +34,7 @@ from orchestration.experiment.config import EvalSpec, Experiment, Resources
 from orchestration.experiment.recipes_beit import BEIT_RECIPES
 from orchestration.experiment.recipes_deit import DEIT_RECIPES
 from orchestration.experiment.recipes_mae import MAE_RECIPES
+from orchestration.experiment.recipes_tokenizer import TOKENIZER_RECIPES
 from orchestration.experiment.recipes_zoo import ZOO_RECIPES
 from pipeline import AugmentConfig, DataConfig, IOConfig, SourceConfig
 from training import TrainConfig
@@ -320,7 +321,7 @@ def vit_study() -> Experiment:
 RECIPES: dict[str, Callable[[], Experiment]] = {
     f.__name__: f
     for f in (vit_b16_i21k, vit_l16_i21k, vit_b16_jft, vit_l16_jft, vit_h14_jft, vit_s16_t4, vit_mu_smoke, vit_study,
-              *MAE_RECIPES, *ZOO_RECIPES, *DEIT_RECIPES, *BEIT_RECIPES)
+              *MAE_RECIPES, *ZOO_RECIPES, *DEIT_RECIPES, *BEIT_RECIPES, *TOKENIZER_RECIPES)
 }
 
 

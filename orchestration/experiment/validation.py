@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from orchestration.experiment.checks import ConfigError
+from training.objectives import objective_for
 
 if TYPE_CHECKING:
     from orchestration.experiment.config import Experiment
@@ -126,7 +127,7 @@ def experiment_data_problems(exp: Experiment | None, url: str) -> list[str]:
     objective = exp.train.objective
     return dataset_problems(url, exp.data, world_size=exp.resources.workers,
                             loss=getattr(objective, "loss", "softmax"),  # only a classification objective has one
-                            needs_labels=objective.kind != "mae", eval_split=exp.eval.split)
+                            needs_labels=objective_for(objective).num_classes(2) > 0, eval_split=exp.eval.split)
 
 
 def _local(url: str) -> Path:

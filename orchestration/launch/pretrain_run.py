@@ -23,6 +23,12 @@ from orchestration.launch import cluster
 from orchestration.launch.checkpoint_store import rewind_checkpoints
 from orchestration.launch.lease import Lease, LeaseLostError, hold_run_lease
 from orchestration.launch.ray_train import CHECKPOINT_PREFIX, EXPORT_KEY, dataset_lineage, run_training
+from orchestration.launch.tokenizer import (
+    CodebookUsageError,
+    eval_split_problem,
+    registry_tags,
+    usage_verdict,
+)
 from orchestration.serving.spec import spec_for_experiment
 from orchestration.tracking.sink import RECONSTRUCTION_FOLDER
 from pipeline.storage import open_storage, url_join
@@ -60,6 +66,7 @@ def register_from_run(
         # What the model was trained for: fine-tuning picks its protocol by it (an MAE encoder: MAE's).
         "objective": exp.train.objective.kind,
         **{f"metric.{k}": f"{v:.6g}" for k, v in sorted(metrics.items())},
+        **registry_tags(exp),  # a tokenizer's vocabulary and patch size (BEiT checks them)
         **(extra_tags or {}),
     }
     figure = tracking.latest_artifact(run_id, RECONSTRUCTION_FOLDER, uri)  # an MAE run's last eval figure
@@ -104,6 +111,9 @@ def launch(
     eval_split = exp.eval.split if exp.eval.split in lineage["splits"] else None
     if exp.eval.split and eval_split is None:
         log.warning("dataset %s has no %r split: no evaluation", data_url, exp.eval.split)
+    problem = eval_split_problem(exp, eval_split, data_url)
+    if problem:  # before any run, lease or Ray
+        raise ValueError(problem)
     tags = {"recipe": exp.name, "variant": exp.model.variant, "dataset": exp.dataset_name,
             "objective": exp.train.objective.kind, "git_commit": tracking.git_commit(), "dataset_index_sha256": lineage["index_sha256"],
             "data_url": data_url, **(extra_tags or {})}
@@ -123,6 +133,12 @@ def launch(
                               eval_split=eval_split, init_weights=init_weights)
         summary: dict[str, Any] = {"run_id": run_id, "experiment": experiment, "run_dir": run_dir,
                                    "tracking_uri": uri, "metrics": report, "model_name": None, "model_version": None}
+        if exp.model.kind == "dvae":  # dead codes are a failed tokenizer: said, and not registered
+            passed, line = usage_verdict(exp, report)
+            print(line, flush=True)
+            tracking.MLflowSink(run_id, uri=uri, system_metrics=False).set_tags({"tokenizer.verdict": line})
+            if not passed:
+                raise CodebookUsageError(line)
         if register:
             version = register_from_run(exp, run_id=run_id, run_dir=run_dir, report=report, lineage=lineage,
                                         uri=uri, extra_tags=extra_tags)

@@ -300,7 +300,7 @@ def probe_settings(exp: Experiment, config: dict[str, Any]) -> dict[str, Any]:
     for an MAE's reconstructions (masked as its objective masks, from a fixed seed)."""
     mask = exp.data.mask if exp.data.mask.kind != "none" else None  # as the loader masks (derived by the Experiment)
     asked = config.get("probe_images")
-    n = int(asked) if asked is not None else 4 if mask is not None else 1  # 0: no figures
+    n = int(asked) if asked is not None else 4 if mask is not None or exp.model.kind == "dvae" else 1  # 0: none
     if exp.model.kind == "timm" and not exp.model.family.class_token:  # no class token: no attention maps
         n = 0
     return {"attention_images": probe_batch(exp, n), "probe_mask": mask,

@@ -196,10 +196,18 @@ def _beit_loss(objective: Any, module: nn.Module, images: Tensor, net: NetConfig
     return logits.float().logsumexp(-1).mean()  # the shape of a cross-entropy over the vocabulary
 
 
+def _dvae_loss(objective: Any, module: nn.Module, images: Tensor, net: NetConfig) -> Tensor:
+    # The dVAE's relaxed forward and backward: encoder, (B, V, h, w) soft codes, decoder. Its
+    # Gumbel noise is drawn on the host (not device memory): a zero of the same broadcast here.
+    recon, logits = module(images, 1.0, noise=torch.zeros((), device=images.device))
+    return recon.float().pow(2).mean() + logits.float().logsumexp(1).mean()
+
+
 #: Objective kind -> one micro-batch's loss on the meta device. A new objective adds its step here
 #: (a teacher forward for distillation runs under ``torch.no_grad()``: weights only, no activations).
 STEPS: dict[str, Callable[[Any, nn.Module, Tensor, NetConfig], Tensor]] = {
-    "classification": _classification_loss, "mae": _mae_loss, "distill": _distill_loss, "beit": _beit_loss}
+    "classification": _classification_loss, "mae": _mae_loss, "distill": _distill_loss, "beit": _beit_loss,
+    "dvae": _dvae_loss}
 
 
 def _build(net: NetConfig, objective_cfg: ObjectiveConfig, dtype: torch.dtype) -> nn.Module:

@@ -139,7 +139,7 @@ def spec_for_experiment(exp: Experiment, cfg: ViTConfig, data_url: str = "") -> 
     ``exp.image_size``, ``exp.data.io.max_image_pixels``), its loss (sigmoid for multi-label) and
     the class names of its dataset (``classes.json`` at ``data_url``, checked against the manifest)."""
     obj = exp.train.objective
-    if cfg.num_classes == 0:
+    if getattr(cfg, "num_classes", 0) == 0:  # an encoder, or a tokenizer (no head at all)
         activation: Activation = "none"
     else:
         activation = "sigmoid" if getattr(obj, "loss", "softmax") == "sigmoid" else "softmax"

@@ -27,7 +27,7 @@ from orchestration.tracking.runs import client, resolve_uri
 log = logging.getLogger(__name__)
 
 _MAX_PARAM_LEN = 6000  # MLflow's param value limit
-#: Where an MAE run's per-eval reconstruction figures go: ``reconstruction/step_<N>/reconstruction.png``.
+#: Where an MAE's or a tokenizer's per-eval figures go: ``reconstruction/step_<N>/reconstruction.png``.
 RECONSTRUCTION_FOLDER = "reconstruction"
 
 
@@ -38,7 +38,9 @@ class MLflowSink:
     interval, not one per value). ``on_eval`` gets the whole trained module: for a classifier it
     renders [CLS] attention maps of the first probe image (``attention/step_<N>/``); for an MAE
     (a ``model.mae.MaskedAutoencoder``) the reconstructions of every probe image under masks of
-    ``probe_mask`` drawn from a fixed seed (``reconstruction/step_<N>/reconstruction.png``).
+    ``probe_mask`` drawn from a fixed seed (``reconstruction/step_<N>/reconstruction.png``); for a
+    dVAE tokenizer the reconstructions from its tokens and its codebook usage over the eval split
+    (``reconstruction/step_<N>/{reconstruction,codebook_usage}.png``).
     ``probe_norm`` is the (mean, std) the probe images were normalised with, to draw them. System
     metrics (CPU, memory, GPU) are sampled by MLflow's monitor thread when ``system_metrics`` is
     True and psutil exists.
@@ -119,12 +121,16 @@ class MLflowSink:
         if self.attention_images is None:
             return
         from model.mae import MaskedAutoencoder
+        from model.tokenizer import DiscreteVAE
 
         module = _unwrap(model)
-        what = "reconstructions" if isinstance(module, MaskedAutoencoder) else "attention maps"
+        what = "reconstructions" if isinstance(module, (MaskedAutoencoder, DiscreteVAE)) else "attention maps"
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                if isinstance(module, MaskedAutoencoder):
+                if isinstance(module, DiscreteVAE):
+                    self._tokenizer_figures(module, step, Path(tmp))
+                    self.client.log_artifacts(self.run_id, tmp, f"{RECONSTRUCTION_FOLDER}/step_{step:07d}")
+                elif isinstance(module, MaskedAutoencoder):
                     self._reconstructions(module, step, Path(tmp))
                     self.client.log_artifacts(self.run_id, tmp, f"{RECONSTRUCTION_FOLDER}/step_{step:07d}")
                 else:
@@ -145,6 +151,16 @@ class MLflowSink:
         mean, std = self.probe_norm or (DEFAULT_MEAN, DEFAULT_STD)
         return reconstruction_figure(mae, self.attention_images, out / "reconstruction.png", mask=mask, mean=mean,
                                      std=std, title=f"MAE reconstructions at step {step}")
+
+    def _tokenizer_figures(self, dvae: Any, step: int, out: Path) -> None:
+        from orchestration.tracking.attention_figures import DEFAULT_MEAN, DEFAULT_STD
+        from orchestration.tracking.tokenizer_figures import reconstruction_figure, usage_figure
+
+        mean, std = self.probe_norm or (DEFAULT_MEAN, DEFAULT_STD)
+        reconstruction_figure(dvae, self.attention_images, out / "reconstruction.png", mean=mean, std=std,
+                              title=f"dVAE reconstructions from tokens at step {step}")
+        if dvae.usage_counts is not None:  # the counts of this evaluation (training.objectives.dvae)
+            usage_figure(dvae.usage_counts, out / "codebook_usage.png", title=f"step {step}")
 
     def close(self) -> None:
         """Flush metrics and stop the system-metrics thread. Does not end the run (the driver does)."""

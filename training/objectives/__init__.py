@@ -5,6 +5,7 @@ the watchdog and the metrics sink are the same for every objective (``base.Objec
 * ``classification`` - supervised softmax / sigmoid classification (the ViT paper)
 * ``mae``            - masked autoencoder pre-training without labels (He et al. 2021)
 * ``distill``        - DeiT's distillation of a teacher into a distilled ViT (Touvron et al. 2020)
+* ``dvae``           - BEiT's tokenizer stage: DALL-E's discrete VAE (Ramesh et al. 2021), no labels
 * ``beit``           - BEiT's masked image modelling of a frozen tokenizer's visual tokens (Bao et al. 2021)
 """
 
@@ -14,12 +15,14 @@ from training.objectives.base import Objective
 from training.objectives.beit import BEiTConfig, BEiTObjective
 from training.objectives.classification import ClassificationConfig, ClassificationObjective
 from training.objectives.distill import DistillationObjective, DistillConfig
+from training.objectives.dvae import DVAEObjective, DVAEObjectiveConfig
 from training.objectives.mae import MAEConfig, MAEObjective
 
 #: Every objective config a TrainConfig may hold (told apart by ``kind``).
-ObjectiveConfig = ClassificationConfig | MAEConfig | DistillConfig | BEiTConfig
+ObjectiveConfig = ClassificationConfig | MAEConfig | DistillConfig | DVAEObjectiveConfig | BEiTConfig
 
-_OBJECTIVES: dict[str, type[Objective]] = {"classification": ClassificationObjective, "mae": MAEObjective}
+_OBJECTIVES: dict[str, type[Objective]] = {"classification": ClassificationObjective, "mae": MAEObjective,
+                                         "dvae": DVAEObjective}
 
 
 def objective_for(cfg: ObjectiveConfig, *, teacher: nn.Module | None = None) -> Objective:
@@ -35,5 +38,6 @@ def objective_for(cfg: ObjectiveConfig, *, teacher: nn.Module | None = None) -> 
     return _OBJECTIVES[cfg.kind](cfg)
 
 
-__all__ = ["BEiTConfig", "BEiTObjective", "ClassificationConfig", "ClassificationObjective", "DistillConfig", "DistillationObjective", "MAEConfig",
+__all__ = ["BEiTConfig", "BEiTObjective", "ClassificationConfig", "ClassificationObjective", "DVAEObjective",
+           "DVAEObjectiveConfig", "DistillConfig", "DistillationObjective", "MAEConfig",
            "MAEObjective", "Objective", "ObjectiveConfig", "objective_for"]

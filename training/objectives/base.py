@@ -45,6 +45,15 @@ class Objective(ABC):
         name = self.exported_prefix.rstrip(".")
         return module.get_submodule(name) if name and hasattr(module, name) else module
 
+    def begin_micro_batch(self, *, step: int, slot: int, seed: int) -> None:
+        """Called by the Trainer before each training micro-batch: ``step`` is the optimizer step
+        being taken (0-based; the same for every micro-batch of an accumulation), ``slot`` the
+        micro-batch's place in the global batch (``micro_index * world + rank``: the same samples
+        have the same slot on any number of ranks), ``seed`` the run's ``train.seed``. For
+        objectives with schedules or noise of their own (the dVAE's temperature and Gumbel noise);
+        nothing by default."""
+        return None
+
     def flops_per_image(self, module: nn.Module) -> float | None:
         """Training FLOPs per image (forward + backward, no recomputation), None when unknown."""
         cfg = getattr(self.exported(module), "cfg", None)
