@@ -33,7 +33,7 @@ def _backbone(image_size: int = IMAGE, seed: int = 0) -> torch.nn.Module:
     return build_network(spec.config(num_classes=0, image_size=image_size))
 
 
-def _tokenizer(vocab: int = 64, patch: int = 4, image: int = IMAGE) -> torch.nn.Module:
+def _tokenizer(vocab: int = 32, patch: int = 4, image: int = IMAGE) -> torch.nn.Module:
     from model.tokenizer import DiscreteVAE, DVAEConfig
 
     torch.manual_seed(3)
@@ -69,7 +69,7 @@ def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "ok": _save(_tokenizer(), tmp / "ok.safetensors"),
         "patch": _save(_tokenizer(patch=8), tmp / "patch8.safetensors"),
         "size": _save(_tokenizer(image=32), tmp / "size32.safetensors"),
-        "vocab": _save(_tokenizer(vocab=32), tmp / "vocab32.safetensors"),
+        "vocab": _save(_tokenizer(vocab=64), tmp / "vocab64.safetensors"),
         "vit": _save(create_model("mu/4", num_classes=10, image_size=IMAGE), tmp / "vit.safetensors"),
     }
 
@@ -106,7 +106,7 @@ def test_loss_is_cross_entropy_on_masked_positions_against_the_frozen_tokenizer(
     from training.objectives import BEiTConfig, objective_for
 
     tok = _tokenizer()
-    obj = objective_for(BEiTConfig(mask_ratio=0.4, vocab_size=64, tokenizer="t"), teacher=tok)
+    obj = objective_for(BEiTConfig(mask_ratio=0.4, vocab_size=32, tokenizer="t"), teacher=tok)
     mim = obj.wrap(_backbone())
     x = torch.randn(3, 3, IMAGE, IMAGE)
     mask = torch.zeros(3, 16, dtype=torch.bool)
@@ -114,7 +114,7 @@ def test_loss_is_cross_entropy_on_masked_positions_against_the_frozen_tokenizer(
     loss = obj.loss(mim, (x, torch.zeros(3), mask))
     loss.backward()
     pos = masked_positions(mask)
-    ref = F.cross_entropy(mim(x, mask).reshape(-1, 64), tok.tokenize(x).gather(1, pos).reshape(-1))
+    ref = F.cross_entropy(mim(x, mask).reshape(-1, 32), tok.tokenize(x).gather(1, pos).reshape(-1))
     torch.testing.assert_close(loss, ref)
     assert all(p.grad is None for p in tok.parameters()) and mim.lm_head.weight.grad is not None
     sums = obj.train_sums()
@@ -187,7 +187,7 @@ def test_bad_tokenizers_and_masks_are_refused_before_ray(digits: str, tokenizers
     cases = {
         "patch": "one token per 8x8 patch, the student's patches are 4x4",
         "size": "trained on 32x32 images, the student sees 16x16",
-        "vocab": "vocabulary has 32 tokens, the MIM head predicts 64: set train.objective.vocab_size=32",
+        "vocab": "vocabulary has 64 tokens, the MIM head predicts 32: set train.objective.vocab_size=64",
         "vit": "is a ViT classifier (10 classes), not an image tokenizer",
     }
     for name, words in cases.items():
@@ -215,7 +215,7 @@ def test_a_checkpoint_with_another_vocabulary_cannot_resume(tmp_path: Path) -> N
     train = get_recipe("beit_mu_digits").train
     other = train.replace(**{"objective.vocab_size": 128})
     why = resume_refusal(tmp_path / "step100", train.to_dict(), other)
-    assert "objective.vocab_size" in why and "64" in why and "128" in why, why
+    assert "objective.vocab_size" in why and "32" in why and "128" in why, why
 
 
 def test_a_registered_tokenizer_is_pinned_to_its_version(digits: str, tmp_path: Path) -> None:
@@ -228,12 +228,12 @@ def test_a_registered_tokenizer_is_pinned_to_its_version(digits: str, tmp_path: 
     run_id = tracking.start_run("tokenizers", run_name="dvae", uri=uri)
     # the registry's plain layout (model.safetensors + config.json): what a tokenizer run registers
     # (its serving spec is the tokenizer stage's business, not BEiT's)
-    register_model_dir(write_model_dir(_tokenizer(), tmp_path / "tok"), run_id=run_id, name="dvae-v64p4-digits",
+    register_model_dir(write_model_dir(_tokenizer(), tmp_path / "tok"), run_id=run_id, name="dvae-v32p4-digits",
                        tags={}, uri=uri)
-    tracking.client(uri).set_registered_model_alias("dvae-v64p4-digits", "champion", "1")
-    rc, out, err = _check(digits, tmp_path, "train.objective.tokenizer=models:/dvae-v64p4-digits@champion")
+    tracking.client(uri).set_registered_model_alias("dvae-v32p4-digits", "champion", "1")
+    rc, out, err = _check(digits, tmp_path, "train.objective.tokenizer=models:/dvae-v32p4-digits@champion")
     assert rc == 0, err
-    assert json.loads(out[out.index("{"):])["train.objective.tokenizer"] == "models:/dvae-v64p4-digits/1"
+    assert json.loads(out[out.index("{"):])["train.objective.tokenizer"] == "models:/dvae-v32p4-digits/1"
 
 
 # ----------------------------------------------------------------------------- a run, then the fine-tune

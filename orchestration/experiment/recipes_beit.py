@@ -104,12 +104,12 @@ def beit_b16_i21k() -> Experiment:
 def beit_mu_digits() -> Experiment:
     """BEiT on the digits demo shards without their labels: a 2-block, 32-wide timm BEiT at 16 px
     (4 x 4 patches of 4 px), blocks of at least 4 patches (a 4 x 4 grid has no room for 16), a
-    64-token tokenizer; BEiT's optimizer, loss and schedule shape; 2 CPU workers. What the tests
+    32-token tokenizer (dvae_tokenizer_digits); BEiT's optimizer, loss and schedule shape; 2 CPU workers. What the tests
     and a laptop run. Launch::
 
         ray job submit --working-dir . -- python orchestration/pretrain.py \\
             --recipe beit_mu_digits --data s3://vitscale/digits \\
-            --set train.objective.tokenizer=models:/dvae-v64p4-digits/latest
+            --set train.objective.tokenizer=models:/dvae-v32p4-digits/latest
     """
     base = beit_b16_i21k()
     return Experiment(
@@ -122,8 +122,8 @@ def beit_mu_digits() -> Experiment:
                         io=IOConfig(num_workers=1, shuffle_buffer=256)),
         train=base.train.replace(global_batch=64, micro_batch=32, log_every=10, eval_every=100, **{
             "optim.lr": 3e-3, "schedule.warmup_steps": 20, "schedule.total_steps": 300,
-            "objective.mask_ratio": 0.4, "objective.vocab_size": 64,
-            "objective.tokenizer": "models:/dvae-v64p4-digits/latest",
+            "objective.mask_ratio": 0.4, "objective.vocab_size": 32,
+            "objective.tokenizer": "models:/dvae-v32p4-digits/latest",
             "engine.precision": "fp32", "checkpoint.every": 100}),
         resources=Resources(workers=2),
         dataset_name="digits",
