@@ -155,7 +155,9 @@ def _lit_loader(src: str, *, track: str, size: int, batch: int, workers: int, se
     if src.startswith("s3://"):
         kw = {"cache_dir": tempfile.mkdtemp(prefix="lit_cache_"),
               "storage_options": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}}
-    ds = DS(input_dir=src, shuffle=True, seed=1000 + seed, **kw)
+    # drop_last explicit: its default differs between 1 and 2 ranks, and a state saved under one
+    # value is refused under the other
+    ds = DS(input_dir=src, shuffle=True, seed=1000 + seed, drop_last=True, **kw)
     return ds, StreamingDataLoader(ds, batch_size=batch, num_workers=workers, worker_init_fn=_one_thread)
 
 
@@ -182,12 +184,13 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
                 if stop and len(batches) == stop:
                     return {"batches": batches, "state": ld.state_dict()}
         return {"batches": batches}
-    if lib == "mds":  # each rank its own node: no cross-process shared memory between the probes
-        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+    if lib == "mds":  # the ranks of one node (run at once by the caller: MDS joins them with gloo)
+        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                           "LOCAL_WORLD_SIZE": str(world)})
         _, dl = _mds_loader(spec["src"], track="B", size=16, batch=spec["batch"], workers=spec["workers"], seed=7,
                             ids_only=True)
     else:
-        os.environ.update({"WORLD_SIZE": str(world), "GLOBAL_RANK": str(rank), "NNODES": str(world)})
+        os.environ.update({"WORLD_SIZE": str(world), "GLOBAL_RANK": str(rank), "NNODES": "1"})
         _, dl = _lit_loader(spec["src"], track="B", size=16, batch=spec["batch"], workers=spec["workers"], seed=7,
                             ids_only=True)
     if state is not None:

@@ -166,7 +166,8 @@ def moto_server() -> Iterator[tuple[str, int]]:
             time.sleep(0.1)
         ep = f"http://127.0.0.1:{port}"
         os.environ.update({"AWS_ENDPOINT_URL": ep, "S3_ENDPOINT_URL": ep, "AWS_ACCESS_KEY_ID": "bench",
-                           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+                           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+                           "AWS_ALLOW_HTTP": "true"})  # LitData's obstore path refuses http:// otherwise
         yield ep, proc.pid
     finally:
         proc.terminate()
@@ -183,6 +184,14 @@ def upload_tree(local: Path, bucket: str, prefix: str) -> str:
         if p.is_file():
             client.upload_file(str(p), bucket, f"{prefix}/{p.relative_to(local).as_posix()}")
     return f"s3://{bucket}/{prefix}"
+
+
+def _presigned(key: str) -> str:
+    """A GET URL for webdataset's ``pipe:curl`` (moto checks signatures, as S3 does)."""
+    import boto3
+
+    return boto3.client("s3").generate_presigned_url("get_object", Params={"Bucket": "bench", "Key": key},
+                                                     ExpiresIn=3600)
 
 
 # ---------------------------------------------------------------- the runs
@@ -213,16 +222,24 @@ def speed(a: argparse.Namespace, data: dict[str, Any], s3: dict[str, str], exclu
     configs = [(lib, track, where) for where in (["local"] + (["s3"] if s3 else []))
                for track in ("A", "B") for lib in libs if not (lib == "ours" and track == "B")]
     runs: dict[str, list[dict[str, float]]] = {}
+    errors: dict[str, str] = {}
     torch.set_num_threads(1)
     for r in range(a.rounds):
         for lib, track, where in configs:
             kw = {"size": a.size, "batch": a.batch, "workers": a.workers, "epoch": r}
             make = _maker(lib, track, where, data, s3, kw)
-            m = measure(make, exclude)
+            try:
+                m = measure(make, exclude)
+            except Exception as exc:  # noqa: BLE001 - a peer failing on a track is a result to write down
+                msg = str(exc).splitlines()[0][:200] if str(exc) else ""
+                errors[f"{lib}|{track}|{where}"] = f"{type(exc).__name__}: {msg}"
+                print(f"  round {r} {lib:10s} track {track} {where:5s}: FAILED {errors[f'{lib}|{track}|{where}']}")
+                continue
             runs.setdefault(f"{lib}|{track}|{where}", []).append(m)
             print(f"  round {r} {lib:10s} track {track} {where:5s}: {m['img_s']:7.0f} img/s  first batch "
                   f"{m['ttfb_s']:5.2f} s  {m['cpu_ms_img']:5.2f} CPU-ms/img", flush=True)
-    return {k: {f: statistics.median(x[f] for x in v) for f in v[0]} for k, v in runs.items()}
+    out: dict[str, Any] = {k: {f: statistics.median(x[f] for x in v) for f in v[0]} for k, v in runs.items()}
+    return out | {k: {"error": e} for k, e in errors.items() if k not in out}
 
 
 def main() -> None:
@@ -258,8 +275,8 @@ def main() -> None:
                 ep, pid = stack.enter_context(moto_server())
                 exclude.add(pid)
                 s3["ours"] = upload_tree(Path(data["ours"]), "bench", "ours")
-                s3["webdataset"] = [f"pipe:curl -s -f {ep}/bench/ours/{Path(t).relative_to(data['ours']).as_posix()}"
-                                    for t in data["tars"]]
+                keys = ["ours/" + Path(t).relative_to(data["ours"]).as_posix() for t in data["tars"]]
+                s3["webdataset"] = [f"pipe:curl -s -f '{_presigned(k)}'" for k in keys]
                 for lib in ("mds", "litdata"):
                     if lib in data:
                         s3[lib] = upload_tree(Path(data[lib]), "bench", lib)
@@ -274,7 +291,8 @@ def main() -> None:
     a.table.write_text(table)
     if a.json:
         a.json.write_text(json.dumps(out, indent=1, default=str))
-    best_peer = max((v["img_s"] for k, v in res.items() if k.endswith("|A|local") and not k.startswith("ours")),
+    best_peer = max((v["img_s"] for k, v in res.items()
+                     if k.endswith("|A|local") and not k.startswith("ours") and "img_s" in v),
                     default=float("nan"))
     ours = res["ours|A|local"]["img_s"]
     print(f"loader_peers: ours {ours:.0f} img/s = R {ours / limit:.2f} of the decode limit (goal >= 0.9); "
@@ -298,16 +316,25 @@ def resume_checks(root: Path, workers: int, n: int = RESUME_N) -> dict[str, dict
 
 
 def _run_probe(spec: dict[str, Any]) -> dict[str, Any]:
-    """A peer's probe in a fresh process: each library's rank variables and shared state start clean
-    (ours takes its rank as an argument: in this process)."""
-    if spec["lib"] in ("ours", "webdataset"):
-        return peers.probe(json.loads(json.dumps(spec)))
-    p = subprocess.run([sys.executable, __file__, "--probe", json.dumps(spec)], capture_output=True, text=True,
-                       timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    for line in p.stdout.splitlines():
-        if line.startswith("PROBE "):
-            return json.loads(line[6:])
-    raise RuntimeError(f"probe {spec['lib']} rank {spec.get('rank')} failed: {(p.stderr or p.stdout)[-600:]}")
+    return _run_probes([spec])[0]
+
+
+def _run_probes(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Peer probes, each in a fresh process, all at once (the ranks of one job: MDS joins them in a
+    gloo process group); ours takes its rank as an argument and runs here."""
+    if specs[0]["lib"] in ("ours", "webdataset"):
+        return [peers.probe(json.loads(json.dumps(s))) for s in specs]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    procs = [subprocess.Popen([sys.executable, __file__, "--probe", json.dumps(s)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for s in specs]
+    out = []
+    for spec, p in zip(specs, procs, strict=True):
+        stdout, stderr = p.communicate(timeout=600)
+        got = [json.loads(line[6:]) for line in stdout.splitlines() if line.startswith("PROBE ")]
+        if not got:
+            raise RuntimeError(f"probe {spec['lib']} rank {spec.get('rank')} failed: {(stderr or stdout)[-300:]}")
+        out.append(got[0])
+    return out
 
 
 def _resume_one(base: dict[str, Any]) -> dict[str, str]:
@@ -331,7 +358,7 @@ def _resume_one(base: dict[str, Any]) -> dict[str, str]:
         same = (f"NOT exact: {len(rest)} served vs {len(want)} expected; {lost} lost, {extra} repeated/extra; "
                 f"same set: {set(rest) == set(want)}")
     try:
-        parts = [_run_probe(base | {"world": 2, "rank": r, "state": head["state"]}) for r in (0, 1)]
+        parts = _run_probes([base | {"world": 2, "rank": r, "state": head["state"]} for r in (0, 1)])
     except RuntimeError as exc:
         return {"same": same, "elastic": f"error: {str(exc)[-200:]}"}
     if any(p.get("unsupported") for p in parts):
@@ -373,6 +400,9 @@ def render(out: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|"]
     for key, m in res.items():
         lib, track, where = key.split("|")
+        if "error" in m:
+            lines.append(f"| {NAMES[lib]} | {track} | {where} | failed: {m['error']} | | | |")
+            continue
         lines.append(f"| {NAMES[lib]} | {track} | {where} | {m['img_s']:.0f} | {m['img_s'] / lim:.2f} | "
                      f"{m['ttfb_s']:.2f} | {m['cpu_ms_img']:.2f} |")
     lines += ["", "| library | resume, same layout (own state_dict) | resume on 2 ranks from a 1-rank state |",
