@@ -251,7 +251,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-s3", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="a smoke run: 256 images, 64 px, 1 round, no S3")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 128 images, 64 px, 1 round, no S3")
     ap.add_argument("--table", type=Path, default=ROOT / "bench" / "out" / "loader_peers.md")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one resume probe (a rank), JSON in/out
@@ -260,7 +260,7 @@ def main() -> None:
         print("PROBE " + json.dumps(peers.probe(json.loads(a.probe))), flush=True)
         return
     if a.quick:
-        a.images, a.shard_size, a.size, a.batch, a.rounds, a.skip_s3 = 256, 64, 64, 16, 1, True
+        a.images, a.shard_size, a.size, a.batch, a.rounds, a.skip_s3 = 128, 32, 64, 16, 1, True
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_peers_") as tmp:
         data = prepare(Path(tmp) / "photos", a.images, a.shard_size, index=False)
