@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast smoke bench lint clean services-up services-down
+.PHONY: install test test-fast smoke bench lint clean services-up services-down peers-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,28 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## The loader's peers for bench/loader_peers.py (MosaicML streaming, LitData) in .venv-peers: their pins
+## conflict with ours (mosaicml-streaming wants numpy<2.2 and, through transformers, huggingface_hub<1),
+## so they never enter .venv. .venv-peers holds only them and the few modules they add (installed with
+## --no-deps before the project's packages are visible, so pip cannot touch .venv), and a .pth adds
+## .venv's site-packages behind them: one torch, numpy and Pillow for every library in the comparison.
+PEERS := .venv-peers
+PEERS_STAMP := $(PEERS)/.installed-stamp
+PEER_PKGS := mosaicml-streaming==0.13.0 litdata==0.2.76 lightning-utilities==0.15.3 obstore==0.12.1 \
+	xxhash==3.8.2 zstd==1.5.7.2 python-snappy==0.7.3 cramjam==2.14.0 brotli==1.2.1 catalogue==2.0.10 \
+	transformers==4.57.6 huggingface_hub==0.36.2 tokenizers==0.22.2
+$(PEERS_STAMP): $(STAMP)
+	rm -rf $(PEERS)
+	$(PY) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q --no-deps $(PEER_PKGS)
+	main=$$(cd $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && pwd -P); \
+	  site=$$($(PEERS)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	  echo "import site; site.addsitedir('$$main')" > $$site/zz_vitscale_main.pth
+	$(PEERS)/bin/python -c 'import torch, streaming, litdata, pipeline'
+	touch $(PEERS_STAMP)
+
+peers-venv: $(PEERS_STAMP)
 
 ## The README's test command: unit + integration (real moto S3, Ray, MLflow, DeepSpeed gloo) + slow.
 test: $(STAMP)
@@ -39,10 +61,11 @@ services-down:
 	bash infra/local/stop_services.sh
 
 ## Every measured claim in BENCHMARKS.md, each printing a ratio against its named baseline.
-bench: $(STAMP)
+bench: $(STAMP) $(PEERS_STAMP)
 	$(PY) bench/model_step.py
 	$(PY) bench/train_step.py
 	$(PY) bench/loader.py
+	$(PEERS)/bin/python bench/loader_peers.py
 	$(PY) bench/metadata.py
 	$(PY) bench/mae_step.py
 	$(PY) bench/plan_check.py
@@ -52,4 +75,4 @@ lint: $(STAMP)
 
 clean:
 	@if compgen -G '.vitscale/*.pid' > /dev/null; then VITSCALE_STATE_DIR=.vitscale bash infra/local/stop_services.sh; fi
-	rm -rf $(VENV) .vitscale .smoke .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS) .vitscale .smoke .pytest_cache .ruff_cache

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +214,89 @@ def test_a_worker_still_obeys_its_parent_and_leaves_when_the_parent_is_gone() ->
     if running():
         os.kill(orphan, signal.SIGKILL)
         raise AssertionError("the worker outlived its parent by 10 s")
+
+
+# ------------------------------------------------------------ persistent workers
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if _alive(p)]
+
+
+def test_persistent_workers_keep_their_pids_and_serve_the_same_batches(id_ds: Path) -> None:
+    """Two epochs, an abandoned pass, a resume and eval passes in between: the same two worker
+    processes serve all of it, and every batch equals the one workers started per pass serve."""
+    import json
+
+    def passes(persistent: bool) -> tuple[list[list[np.ndarray]], list[list[int]], object]:
+        ld = build_loader(cfg_for(id_ds, **{"io.persistent_workers": persistent}), rank=1, world_size=2)
+        ev = build_loader(cfg_for(id_ds, train=False, **{"io.persistent_workers": persistent}), rank=1, world_size=2)
+        out, pids = [], []
+        out.append([ids_of(b) for b in ld])  # epoch 0
+        pids.append(ld.worker_pids())
+        out.append([ids_of(b) for b in ev])  # eval after train
+        head = []
+        for b in ld:  # epoch 1: abandoned after 3 batches (odd: worker 1 owes the next batch)
+            head.append(ids_of(b))
+            if len(head) == 3:
+                break
+        out.append(head)
+        state = json.loads(json.dumps(ld.state_dict()))
+        out.append([ids_of(b) for b in ld])  # the rest of epoch 1, same loader
+        pids.append(ld.worker_pids())
+        ld.load_state_dict(state)
+        out.append([ids_of(b) for b in ld])  # the rest of epoch 1 again, from its saved cursor
+        out.append([ids_of(b) for b in ev])  # eval again
+        pids.append(ld.worker_pids())
+        return out, pids, ld
+
+    fresh, fresh_pids, _ = passes(False)
+    assert fresh_pids == [[], [], []]
+    kept, kept_pids, ld = passes(True)
+    assert len(kept_pids[0]) == 2 and kept_pids[0] == kept_pids[1] == kept_pids[2], kept_pids
+    assert len(kept) == len(fresh)
+    for a, b in zip(kept, fresh, strict=True):
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b, strict=True):
+            assert np.array_equal(x, y)
+    with ld:  # the context manager (close()) stops them now
+        pass
+    assert ld.worker_pids() == [] and _wait_gone(kept_pids[0]) == []
+
+
+_KILLED_PARENT = r'''
+import os, signal, sys
+from pipeline import DataConfig, IOConfig, SourceConfig, build_loader
+cfg = DataConfig(source=SourceConfig(url=sys.argv[1]), image_size=16, batch_size=8,
+                 io=IOConfig(num_workers=2, shuffle_buffer=32))
+ld = build_loader(cfg, rank=0, world_size=1)
+for _ in ld:
+    pass
+print(*ld.worker_pids(), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def test_persistent_workers_leave_with_a_killed_parent(id_ds: Path) -> None:
+    """A rank killed outright (SIGKILL: no exit handler runs) between epochs leaves no loader workers."""
+    from conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-c", _KILLED_PARENT, str(id_ds)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2, out.stdout
+    left = _wait_gone(pids)
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"loader workers {left} outlived their killed parent by 10 s"

@@ -118,6 +118,9 @@ class IOConfig:
     ``max_image_pixels``: larger images are refused as decompression bombs.
     ``metadata_cache``: read a remote dataset's shard table through the node's cache
     (``$TMPDIR/vitscale-meta-{euid}``, by sha256), so the ranks of a node download it once.
+    ``persistent_workers``: keep the DataLoader worker processes from pass to pass (epochs,
+    resumes, eval after train) instead of starting ``num_workers`` new ones each time; the
+    batches are the same either way (:mod:`.workers`).
     """
 
     num_workers: int = 2
@@ -131,10 +134,12 @@ class IOConfig:
     max_bad_fraction: float = 0.01
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     metadata_cache: bool = True
+    persistent_workers: bool = True
 
     def __post_init__(self) -> None:
         c = Checker(self)
         c.flag("metadata_cache")
+        c.flag("persistent_workers")
         for name in ("prefetch_shards", "prefetch_batches", "max_image_pixels"):
             c.int(name, ge=1)
         for name in ("num_workers", "shuffle_buffer", "read_retries"):

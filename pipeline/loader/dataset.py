@@ -99,6 +99,7 @@ class ShardStream(IterableDataset):
         super().__init__()
         self.cfg, self.meta, self.plan, self.rank, self.skip = cfg, meta, plan, rank, skip
         self.verified = verified  # shards whose whole-shard sha256 already passed in this run
+        self.spec: Any = None  # a persistent worker's SpecSlot (.workers): each pass's plan, skip, verified
         self.num_classes = int(meta.info["num_classes"])
         self.multi_label = bool(meta.info.get("multi_label"))
         # Repeated augmentation: the plan's ids are virtual, copy * T + id (pipeline.plan); reads,
@@ -196,6 +197,9 @@ class ShardStream(IterableDataset):
     #   -> _samples: label + decode + augment, or the bad-sample reason
     #   -> _batched: B at a time                          -> _collate: tensors + stats
     def __iter__(self) -> Iterator[tuple]:
+        if self.spec is not None and get_worker_info() is not None:  # a persistent worker: this pass's cursor
+            p = self.spec.read()
+            self.plan, self.skip, self.verified = p.plan, p.skip, p.verified
         cfg, plan = self.cfg, self.plan
         logical = self._logical_worker()
         slot = self.rank * plan.num_workers + logical

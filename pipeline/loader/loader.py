@@ -10,6 +10,7 @@ as the pass's :class:`BadSampleLimit` is certainly exceeded. The reading itself 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from .config import DataConfig
 from .dataset import ShardStream
 from .meta import Meta, load_meta
 from .worker_signals import leave_sigterm_to_the_parent
+from .workers import SPEC_BYTES, PassSpec, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,9 @@ class Loader:
         self._bad_shards: Counter[str] = Counter()
         self._affine: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._limit = BadSampleLimit(max_fraction=cfg.io.max_bad_fraction, planned=0)  # set per pass in __iter__
+        self._pool: WorkerPool | None = None
+        self._pool_busy = False  # a pass is iterating the pool (a second live pass gets its own workers)
+        self._finalizer: weakref.finalize | None = None
         self._check_size()
 
     @property
@@ -125,11 +130,7 @@ class Loader:
         self._limit = BadSampleLimit(max_fraction=self.cfg.io.max_bad_fraction, planned=self._planned(plan))
         ds = ShardStream(self.cfg, self.meta, plan, self.rank, self._batches, frozenset(self._verified))
         checking = ds.whole_checked()
-        nw = self.cfg.io.num_workers
-        dl = DataLoader(ds, batch_size=None, num_workers=nw, prefetch_factor=self.cfg.io.prefetch_batches if nw else None,
-                        multiprocessing_context="fork" if nw else None, persistent_workers=False,
-                        worker_init_fn=leave_sigterm_to_the_parent if nw else None)
-        for item in dl:
+        for item in self._items(ds):
             *batch, stats = item
             self._account(stats)
             if batch[0].dtype == torch.uint8 and self.cfg.output == "float":  # normalize once per batch
@@ -139,6 +140,64 @@ class Loader:
         if self._batches >= plan.batches_per_rank:
             self._verified |= checking  # every run finished, so every check passed
             self._advance_epoch()
+
+    def _items(self, ds: ShardStream) -> Iterator[tuple]:
+        """The pass's worker results: from the persistent pool where it is free, else from workers
+        started for this pass (num_workers=0: in this process)."""
+        io = self.cfg.io
+        if io.num_workers and io.persistent_workers and not self._pool_busy:
+            spec = PassSpec(ds.plan, ds.skip, ds.verified)
+            items = self._pool_for(ds, spec).run(spec)
+            if items is None:  # the spec outgrew the shared slot: restart the pool with room
+                self.close()
+                items = self._pool_for(ds, spec).run(spec)
+                assert items is not None
+            self._pool_busy = True
+            try:
+                yield from items
+            except GeneratorExit:  # the consumer stopped early: the pool serves the next pass
+                raise
+            except BaseException:  # a worker failed or died: the next pass starts fresh workers
+                self.close()
+                raise
+            finally:
+                self._pool_busy = False
+            return
+        nw = io.num_workers
+        yield from DataLoader(ds, batch_size=None, num_workers=nw, prefetch_factor=io.prefetch_batches if nw else None,
+                              multiprocessing_context="fork" if nw else None, persistent_workers=False,
+                              worker_init_fn=leave_sigterm_to_the_parent if nw else None)
+
+    def _pool_for(self, ds: ShardStream, spec: PassSpec) -> WorkerPool:
+        pool = self._pool
+        if pool is not None and pool.dataset.meta is not self.meta:  # re-pinned: workers hold the old metadata
+            self.close()
+            pool = None
+        if pool is None:
+            pool = self._pool = WorkerPool(ds, num_workers=self.cfg.io.num_workers,
+                                           prefetch_batches=self.cfg.io.prefetch_batches,
+                                           capacity=max(SPEC_BYTES, WorkerPool.needed(spec)))
+            self._finalizer = weakref.finalize(self, pool.close)
+        return pool
+
+    def worker_pids(self) -> list[int]:
+        """The persistent workers' pids (empty when none are running)."""
+        return self._pool.pids() if self._pool is not None else []
+
+    def close(self) -> None:
+        """Stop the persistent workers (a later pass starts new ones). Idempotent."""
+        pool, self._pool = self._pool, None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if pool is not None:
+            pool.close()
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, 3, S, S)`` images (``output="uint8"``) -> normalized float32 on their device.
