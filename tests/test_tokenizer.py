@@ -106,6 +106,25 @@ def test_documented_digits_run_uses_its_codebook_and_a_run_with_dead_codes_fails
 
     tokenizer = tracking.load_model("models:/dvae-v32p4-digits/1", uri=uri)
     assert (tokenizer.vocab_size, tokenizer.patch_size, tokenizer.image_size) == (32, 4, 16)
+    # Served (the registered pyfunc), it answers every patch's visual token, as tokenize() does on
+    # the eval transform of its recipe.
+    import mlflow
+    import pandas as pd
+    import torch
+
+    from orchestration.experiment import get_recipe
+    from pipeline.decode import decode_eval
+
+    mlflow.set_tracking_uri(uri)
+    pyfunc = mlflow.pyfunc.load_model("models:/dvae-v32p4-digits/1")
+    images = [p.read_bytes() for p in sorted((tmp_path / "digits16-raw").rglob("*.jpg"))[:3]]
+    served = pyfunc.predict(pd.DataFrame({"image": images}))
+    assert list(served.columns) == ["tokens"], served.columns
+    pre = get_recipe("dvae_tokenizer_digits").data.preprocess
+    mean, std = torch.tensor(pre.mean).view(3, 1, 1), torch.tensor(pre.std).view(3, 1, 1)
+    for data, tokens in zip(images, served["tokens"], strict=True):
+        x = torch.from_numpy(decode_eval(data, size=16, crop_pct=pre.eval_crop_pct)).permute(2, 0, 1).float() / 255
+        assert list(tokens) == tokenizer.tokenize(((x - mean) / std)[None])[0].tolist(), tokens
 
     assert "FAILED, under train.objective.min_usage=0.5" in lines[1] and "16384" in lines[1], lines[1]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: [tokenizer]")]

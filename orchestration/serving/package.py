@@ -29,14 +29,17 @@ CONFIG_FILE = "config.json"
 _REQUIREMENTS = ("torch", "safetensors", "pillow", "numpy", "pandas", "mlflow")
 
 
-def signature(spec: ServingSpec) -> Any:
-    """The model signature MLflow validates requests against (see the module docstring)."""
+def signature(spec: ServingSpec, *, tokenizer: bool = False) -> Any:
+    """The model signature MLflow validates requests against (see the module docstring); a
+    ``tokenizer`` (BEiT's dVAE) answers ``tokens`` only: one visual token id per patch."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
     outputs = [] if spec.embedding_only else [ColSpec(Array(DataType.string), "classes"),
                                               ColSpec(Array(DataType.double), "probabilities")]
     outputs.append(ColSpec(Array(DataType.float), "embedding", required=spec.embedding_only))
+    if tokenizer:
+        outputs = [ColSpec(Array(DataType.long), "tokens")]
     params = ParamSchema([ParamSpec("top_k", DataType.long, spec.top_k),
                           ParamSpec("return_embedding", DataType.boolean, False)])
     return ModelSignature(inputs=Schema([ColSpec(DataType.binary, "image")]), outputs=Schema(outputs), params=params)
@@ -51,6 +54,12 @@ def requirements() -> list[str]:
         except metadata.PackageNotFoundError:
             out.append(name)
     return out
+
+
+def _is_tokenizer(config_file: Path) -> bool:
+    import json
+
+    return json.loads(config_file.read_text()).get("kind") == "dvae"
 
 
 def write_pyfunc_dir(plain: Path, spec: ServingSpec, out: Path) -> Path:
@@ -68,7 +77,8 @@ def write_pyfunc_dir(plain: Path, spec: ServingSpec, out: Path) -> Path:
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
         mlflow.pyfunc.save_model(
             path=str(out), python_model=str(PYFUNC_FILE), artifacts={k: str(v) for k, v in artifacts.items()},
-            signature=signature(spec), pip_requirements=requirements(),
+            signature=signature(spec, tokenizer=_is_tokenizer(plain / CONFIG_FILE)),
+            pip_requirements=requirements(),
         )
     return out
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from model.tokenizer import ImageTokenizer
 from orchestration.serving.spec import SERVING_FILE, ServingSpec
 from pipeline.decode import BadSample, decode_eval
 from pipeline.transforms import affine_for
@@ -67,6 +68,9 @@ class Predictor:
     def __init__(self, model: VisionTransformer, spec: ServingSpec, *, device: str | None = None,
                  batch_size: int = 32, decode_threads: int | None = None, where: str = "model") -> None:
         spec.check_model(model.cfg, where)
+        # A registered tokenizer (BEiT's dVAE) has no features or head: it answers with the visual
+        # token of every patch (row-major), what BEiT pre-training predicts.
+        self.tokenizer = isinstance(model, ImageTokenizer) and not hasattr(model, "forward_features")
         self.device = torch.device(device or _default_device())
         self.model = model.float().eval().to(self.device)
         self.spec = spec
@@ -133,6 +137,8 @@ class Predictor:
         """
         scale, shift = self._affine
         x = images.to(self.device, non_blocking=True).float().mul_(scale).sub_(shift)  # (B, 3, S, S)
+        if self.tokenizer:
+            return None, self.model.tokenize(x).cpu()  # (B, N) token ids
         feats = self.model.forward_features(x)
         emb = self.model.forward_head(feats, pre_logits=True)  # (B, D)
         if self.spec.embedding_only:
@@ -164,7 +170,8 @@ class Predictor:
     def predict(self, rows: Sequence[Any], *, top_k: Any = None, return_embedding: Any = False,
                 strict: bool = True) -> list[dict[str, Any]]:
         """One result per row: ``{"classes": [...], "probabilities": [...]}`` (top-k, best first),
-        plus ``"embedding"`` when asked (always, for a model without a head).
+        plus ``"embedding"`` when asked (always, for a model without a head); a tokenizer's:
+        ``{"tokens": [...]}`` (one visual token per patch, row-major).
 
         ``strict`` (a server): any bad row fails the request with :class:`BadRequest` naming
         every bad row, before any forward pass. Otherwise (batch prediction) a bad row's result is
@@ -190,6 +197,8 @@ class Predictor:
 
     def _result(self, scores: torch.Tensor | None, emb: torch.Tensor, k: int, want_emb: bool) -> dict[str, Any]:
         res: dict[str, Any] = {}
+        if self.tokenizer:
+            return {"tokens": emb.tolist()}
         if scores is not None:
             p, c = scores.topk(k)
             names = self.spec.class_names
