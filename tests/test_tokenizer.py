@@ -67,7 +67,7 @@ def test_documented_digits_run_uses_its_codebook_and_a_run_with_dead_codes_fails
 
     commands = _documented_commands()
     assert [c[1] if c[1] != "-m" else c[2] for c in commands] == [
-        "pipeline.demo_data", "pipeline.write_shards", "orchestration/pretrain.py"], commands
+        "pipeline.demo_data", "pipeline.write_shards", "orchestration/pretrain.py", "orchestration/pretrain.py"], commands
     local = {a: str(tmp_path / Path(a).name) for c in commands for a in c if a.startswith("/tmp/")}
     for argv in commands[:2]:
         {"pipeline.demo_data": demo_data.main, "pipeline.write_shards": write_shards.main}[argv[2]](
@@ -75,24 +75,33 @@ def test_documented_digits_run_uses_its_codebook_and_a_run_with_dead_codes_fails
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = ["--storage", str(tmp_path / "runs"), "--tracking-uri", uri]
     good = [local.get(a, a) for a in commands[2][2:]] + common
+    # Stage 2 as documented, shortened: BEiT on the registered tokenizer's tokens.
+    beit = [local.get(a, a) for a in commands[3][2:]] + common + [
+        "--set", "train.schedule.total_steps=20", "--set", "train.schedule.warmup_steps=2",
+        "--set", "train.eval_every=20", "--set", "train.checkpoint.every=0"]
     dead = good + ["--set", "model.vocab_size=16384", "--set", "train.schedule.total_steps=2",
                    "--set", "train.schedule.warmup_steps=0", "--run-name", "dead"]
     out = tmp_path / "driver.json"
-    proc = subprocess.run([sys.executable, __file__, str(out), json.dumps([good, dead])], cwd=ROOT,
+    proc = subprocess.run([sys.executable, __file__, str(out), json.dumps([good, beit, dead])], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     rcs = json.loads(out.read_text())
-    assert rcs == [0, 4], log[-4000:]
+    assert rcs == [0, 0, 4], log[-4000:]
 
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[tokenizer]")]
     assert len(lines) == 2 and lines[0].endswith("OK (train.objective.min_usage=0.5)"), lines
-    result = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("VITSCALE_RESULT ")][0].split(" ", 1)[1])
+    results = [json.loads(ln.split(" ", 1)[1]) for ln in proc.stdout.splitlines() if ln.startswith("VITSCALE_RESULT ")]
+    result = results[0]
     m = result["metrics"]
     print(f"digits tokenizer: codebook usage {m['eval_codebook_used']:.3f} ({32 - int(m['eval_codebook_dead'])}/32), "
           f"perplexity {m['eval_codebook_perplexity']:.1f}, recon mse {m['eval_recon_mse']:.4f}")
     assert m["eval_codebook_used"] >= MIN_DIGITS_USAGE and m["eval_codebook_perplexity"] > 8, m
     assert result["model_name"] == "dvae-v32p4-digits" and result["model_version"] == 1
+    beit_result = results[1]
+    assert beit_result["model_name"] == "beit-mu-digits", beit_result
+    bm = beit_result["metrics"]
+    assert bm["step"] == 20 and 0 <= bm["eval_mim_acc"] <= 1 and bm["eval_loss"] > 0, bm
 
     c = MlflowClient(uri)
     version = c.get_model_version("dvae-v32p4-digits", "1")
