@@ -77,12 +77,14 @@ class MaskedMemLoader(MemLoader):
     """MemLoader for MAE: each batch also carries the (B, 16) patch masks of its samples, drawn
     from the sample's index and epoch as pipeline.loader does (so 1 and 2 ranks mask alike)."""
 
+    mask_kind, mask_ratio, min_block = "random", 0.75, 16
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         import numpy as np
 
         from pipeline.masking import MaskConfig, draw_mask
 
-        cfg = MaskConfig(kind="random", ratio=0.75, patch_size=8)
+        cfg = MaskConfig(kind=self.mask_kind, ratio=self.mask_ratio, patch_size=8, min_block=self.min_block)
         perm = torch.randperm(N_SAMPLES, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
         while self.pos < len(self):
             slot = self.pos * self.world + self.rank
@@ -93,24 +95,11 @@ class MaskedMemLoader(MemLoader):
         self.epoch, self.pos = self.epoch + 1, 0
 
 
-class BlockMaskedMemLoader(MemLoader):
+class BlockMaskedMemLoader(MaskedMemLoader):
     """MemLoader for BEiT: BEiT's block masks (7 of the 16 patches of 8 px, blocks of >= 4), drawn
     per sample like MaskedMemLoader's."""
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        import numpy as np
-
-        from pipeline.masking import MaskConfig, draw_mask
-
-        cfg = MaskConfig(kind="block", ratio=0.4, patch_size=8, min_block=4)
-        perm = torch.randperm(N_SAMPLES, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
-        while self.pos < len(self):
-            slot = self.pos * self.world + self.rank
-            self.pos += 1
-            idx = perm[slot * self.micro : (slot + 1) * self.micro]
-            masks = [draw_mask(cfg, 4, np.random.default_rng([self.seed, self.epoch, int(i)])) for i in idx]
-            yield self.x[idx].clone(), self.y[idx], torch.from_numpy(np.stack(masks))
-        self.epoch, self.pos = self.epoch + 1, 0
+    mask_kind, mask_ratio, min_block = "block", 0.4, 4
 
 
 class ListSink:
