@@ -18,6 +18,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def small_digits_dataset(tmp_path_factory: pytest.TempPathFactory, image_size: int, limit: int = 200) -> str:
+    """Shards of the first ``limit`` digits at ``image_size`` px, 10 classes, a 20 % val split
+    (160 train / 40 val by default): what module-scoped ``digits`` fixtures return."""
+    from pipeline import write_dataset
+    from pipeline.demo_data import make_digits_folder
+
+    tmp = tmp_path_factory.mktemp("digits")
+    folder = make_digits_folder(tmp / "folder", image_size=image_size, limit=limit)
+    write_dataset(folder, str(tmp / "ds"), val_fraction=0.2, samples_per_shard=100, workers=1, progress=False)
+    return str(tmp / "ds")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

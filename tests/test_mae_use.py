@@ -54,13 +54,9 @@ def _export(mae: MaskedAutoencoder, path: Path) -> Path:
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> str:
     """160 train / 40 val digits at 32 px, 10 classes."""
-    from pipeline import write_dataset
-    from pipeline.demo_data import make_digits_folder
+    from conftest import small_digits_dataset
 
-    tmp = tmp_path_factory.mktemp("digits")
-    folder = make_digits_folder(tmp / "folder", image_size=IMAGE, limit=200)
-    write_dataset(folder, str(tmp / "ds"), val_fraction=0.2, samples_per_shard=100, workers=1, progress=False)
-    return str(tmp / "ds")
+    return small_digits_dataset(tmp_path_factory, IMAGE)
 
 
 @pytest.fixture(scope="module")

@@ -301,13 +301,9 @@ def test_an_mae_objective_is_refused_for_a_timm_model() -> None:
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> str:
     """160 train / 40 val digits at 32 px, 10 classes."""
-    from pipeline import write_dataset
-    from pipeline.demo_data import make_digits_folder
+    from conftest import small_digits_dataset
 
-    tmp = tmp_path_factory.mktemp("digits")
-    folder = make_digits_folder(tmp / "folder", image_size=IMAGE, limit=200)
-    write_dataset(folder, str(tmp / "ds"), val_fraction=0.2, samples_per_shard=100, workers=1, progress=False)
-    return str(tmp / "ds")
+    return small_digits_dataset(tmp_path_factory, IMAGE)
 
 
 def test_a_registered_swin_is_evaluated_and_fine_tuned_at_another_resolution(
