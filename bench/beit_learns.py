@@ -58,10 +58,18 @@ TOKENIZER_SET = ("train.schedule.total_steps=300", "train.schedule.warmup_steps=
 #: The backbone is MAE's digits encoder in timm's BEiT (width 64, 2 blocks of 4 heads, MLP 128, on
 #: 4 x 4 patches of 4 px); BEiT's pre-training on top of beit_mu_digits (AdamW (0.9, 0.999), wd 0.05,
 #: clipping 3, blocks of >= 4 patches, crops (0.5, 1) with colour jitter 0.4, no flips).
-PRETRAIN_SET = ("model.embed_dim=64", "model.num_heads=4", "model.mlp_ratio=2",
+#: 600 steps at lr 6e-3 (the recipe's 3e-3 at 600 steps: margin +0.045 on seed 0 against +0.073; 1200
+#: steps at 3e-3 reach a higher masked-token accuracy, 0.38 against 0.26, but cost 2.5 min alone).
+PRETRAIN_SET = ("model.embed_dim=64", "model.num_heads=4", "model.mlp_ratio=2", "train.optim.lr=6e-3",
                 "train.global_batch=64", "train.micro_batch=64", "train.schedule.warmup_steps=40",
-                "train.schedule.total_steps=1200", "train.eval_every=1200", "train.checkpoint.every=0",
+                "train.schedule.total_steps=600", "train.eval_every=600", "train.checkpoint.every=0",
                 "train.log_every=200", "resources.workers=1", "data.io.num_workers=0")
+
+#: The shared fine-tune (heldout_digits.FINETUNE_SET: batch 32, 300 steps, mild crops) at lr 8e-3: the
+#: timm BEiT from scratch needs a higher lr than MAE's ViT (seed 0, scratch top-1 at lr 1e-3 / 4e-3 /
+#: 8e-3 / 1.5e-2 / 3e-2: 0.559 / 0.782 / 0.855 / 0.866 / 0.777), and the pre-trained backbone loses its
+#: pre-training above it (docs/beit.md has the sweep).
+BEIT_FINETUNE_SET = tuple(o for o in FINETUNE_SET if not o.startswith("train.optim.lr=")) + ("train.optim.lr=8e-3",)
 
 
 def train_tokenizer(seen: str, workdir: Path, seed: int, overrides: tuple[str, ...] = TOKENIZER_SET
@@ -100,7 +108,7 @@ def pretrain(seen: str, tokenizer: str, workdir: Path, seed: int, overrides: tup
 
 def measure(workdir: Path, seed: int, *, datasets: tuple[str, str] | None = None,
             tokenizer_set: tuple[str, ...] = TOKENIZER_SET, pretrain_set: tuple[str, ...] = PRETRAIN_SET,
-            finetune_set: tuple[str, ...] = FINETUNE_SET, do_fewshot: bool = True) -> dict[str, Any]:
+            finetune_set: tuple[str, ...] = BEIT_FINETUNE_SET, do_fewshot: bool = True) -> dict[str, Any]:
     """One seed: the tokenizer's codebook usage, then few-shot (``do_fewshot``) and fine-tune
     accuracies of the BEiT backbone vs its random initialisation / scratch."""
     t0 = time.perf_counter()
@@ -144,7 +152,7 @@ def main() -> None:
             row = measure(Path(tmp) / f"seed{s}", s, datasets=data,
                           tokenizer_set=TOKENIZER_SET + tuple(a.tokenizer_set),
                           pretrain_set=PRETRAIN_SET + tuple(a.pretrain_set),
-                          finetune_set=FINETUNE_SET + tuple(a.finetune_set), do_fewshot=not a.no_fewshot)
+                          finetune_set=BEIT_FINETUNE_SET + tuple(a.finetune_set), do_fewshot=not a.no_fewshot)
             rows.append(row)
             print(row, flush=True)
     cols = ([] if a.no_fewshot else [f"{k}shot" for k in SHOTS]) + ["ft"]
