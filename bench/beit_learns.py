@@ -108,19 +108,22 @@ def pretrain(seen: str, tokenizer: str, workdir: Path, seed: int, overrides: tup
 
 def measure(workdir: Path, seed: int, *, datasets: tuple[str, str] | None = None,
             tokenizer_set: tuple[str, ...] = TOKENIZER_SET, pretrain_set: tuple[str, ...] = PRETRAIN_SET,
-            finetune_set: tuple[str, ...] = BEIT_FINETUNE_SET, do_fewshot: bool = True) -> dict[str, Any]:
+            finetune_set: tuple[str, ...] = BEIT_FINETUNE_SET, do_fewshot: bool = True,
+            trained_tokenizer: tuple[str, dict[str, float]] | None = None) -> dict[str, Any]:
     """One seed: the tokenizer's codebook usage, then few-shot (``do_fewshot``) and fine-tune
-    accuracies of the BEiT backbone vs its random initialisation / scratch."""
+    accuracies of the BEiT backbone vs its random initialisation / scratch. ``trained_tokenizer``
+    (a row's ``tokenizer_file`` and ``tokenizer_metrics``) skips stage 1 (a control's re-run)."""
     t0 = time.perf_counter()
     seen, held = datasets or make_datasets(workdir / "data")
-    tok_path, tok = train_tokenizer(seen, workdir, seed, tokenizer_set)
+    tok_path, tok = trained_tokenizer or train_tokenizer(seen, workdir, seed, tokenizer_set)
     t_tok = time.perf_counter() - t0
     beit, rand, exp, pre = pretrain(seen, tok_path, workdir, seed, pretrain_set)
     t_pre = time.perf_counter() - t0 - t_tok
     row: dict[str, Any] = {
         "seed": seed, "codebook_used": tok["eval_codebook_used"], "codebook_dead": int(tok["eval_codebook_dead"]),
         "codebook_perplexity": tok["eval_codebook_perplexity"], "dvae_recon_mse": tok["eval_recon_mse"],
-        "mim_acc": pre["eval_mim_acc"], "mim_loss": pre["eval_loss"]}
+        "mim_acc": pre["eval_mim_acc"], "mim_loss": pre["eval_loss"],
+        "tokenizer_file": tok_path, "tokenizer_metrics": tok}
     if do_fewshot:
         for name, enc in (("beit", beit), ("random", rand)):
             for k, v in fewshot(enc, held, exp).items():
@@ -154,7 +157,7 @@ def main() -> None:
                           pretrain_set=PRETRAIN_SET + tuple(a.pretrain_set),
                           finetune_set=BEIT_FINETUNE_SET + tuple(a.finetune_set), do_fewshot=not a.no_fewshot)
             rows.append(row)
-            print(row, flush=True)
+            print({k: v for k, v in row.items() if not k.startswith("tokenizer_")}, flush=True)
     cols = ([] if a.no_fewshot else [f"{k}shot" for k in SHOTS]) + ["ft"]
     base = {c: (f"{c}_random" if c != "ft" else "ft_scratch") for c in cols}
     names = {c: (f"{c[:-4]}-shot" if c != "ft" else f"fine-tune {LABEL_FRACTION:.0%}") for c in cols}
