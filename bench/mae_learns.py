@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -37,16 +36,24 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: the protocol shared with beit_learns.py
 
 import torch  # noqa: E402
+from heldout_digits import (  # noqa: E402, F401 - the protocol's names, as the test reads them here
+    FINETUNE_SET,
+    HELD,
+    IMAGE,
+    LABEL_FRACTION,
+    SEEN,
+    SHOTS,
+    SUPPORT_SEEDS,
+    fewshot,
+    finetune_experiment_for,
+    make_datasets,
+    run_finetune,
+)
 from torch import nn  # noqa: E402
 
-IMAGE = 16
-SEEN, HELD = range(0, 5), range(5, 10)
-SHOTS = (5, 10)
-SUPPORT_SEEDS = (0, 1, 2, 3, 4)
-LABEL_FRACTION = 0.10
 #: The encoder (width 64, 2 blocks of 4 heads on 4 x 4 patches of 4 px) and MAE's pre-training, on
 #: top of the mae_vit_mu_digits recipe (its decoder: 1 block of width 32; mask ratio 0.75,
 #: norm_pix_loss, AdamW (0.9, 0.95), wd 0.05, crops (0.5, 1), no flips).
@@ -54,39 +61,6 @@ PRETRAIN_SET = ("image_size=16", "model.width=64", "model.heads=4", "model.mlp_d
                 "train.global_batch=64", "train.micro_batch=64", "train.schedule.warmup_steps=40",
                 "train.schedule.total_steps=1600", "train.eval_every=1600", "train.checkpoint.every=0",
                 "train.log_every=200", "resources.workers=1", "data.io.num_workers=0")
-#: MAE's fine-tuning protocol (finetune_protocols._mae with its CPU schedule: 300 steps, 30 of warm-up,
-#: cosine; mean pooling + fc_norm, drop path 0.1, AdamW with layer decay 0.65, label smoothing 0.1)
-#: sized for 72 images of 16 px digits: batch 32 at lr 1e-3 (the protocol's blr x batch / 256 is
-#: 1.25e-4 at batch 64, too little for 300 steps from scratch), and the pre-training's mild crops
-#: instead of mixup / cutmix / RandAugment / random erasing (docs/mae.md has what each gives).
-FINETUNE_SET = ("train.global_batch=32", "train.micro_batch=32", "train.optim.lr=1e-3",
-                "data.augment.crop_scale=0.5,1.0", "data.augment.randaugment=none", "data.augment.mixup_alpha=0",
-                "data.augment.cutmix_alpha=0", "data.augment.random_erasing=0", "train.eval_every=300",
-                "train.checkpoint.every=0", "train.log_every=100", "resources.workers=1", "data.io.num_workers=0")
-
-
-def make_datasets(root: Path) -> tuple[str, str]:
-    """(URL of digits 0-4, URL of digits 5-9): shards with a 20 % val split each."""
-    from pipeline import write_dataset
-    from pipeline.demo_data import make_digits_folder
-
-    src = make_digits_folder(root / "src", image_size=IMAGE)
-    urls = []
-    for name, classes in (("seen", SEEN), ("held", HELD)):
-        folder = root / f"{name}-folder"
-        folder.mkdir()
-        for c in classes:
-            shutil.move(str(src / str(c)), str(folder / str(c)))
-        url = str(root / name)
-        write_dataset(folder, url, val_fraction=0.2, samples_per_shard=200, seed=0, progress=False)
-        urls.append(url)
-    return urls[0], urls[1]
-
-
-def _split_size(url: str, split: str) -> int:
-    from orchestration.evaluation.support_sets import open_pool
-
-    return len(open_pool(url, split).meta.labels)
 
 
 def pretrain(seen: str, workdir: Path, seed: int, overrides: tuple[str, ...] = PRETRAIN_SET
@@ -105,54 +79,6 @@ def pretrain(seen: str, workdir: Path, seed: int, overrides: tuple[str, ...] = P
     initial = copy.deepcopy(encoder)
     result = trainer.fit()
     return copy.deepcopy(encoder).eval(), initial.eval(), exp, result
-
-
-def fewshot(encoder: nn.Module, held: str, exp: Any) -> dict[int, float]:
-    """Mean top-1 over SUPPORT_SEEDS per shot count."""
-    from orchestration.evaluation.fewshot import FewShotConfig, evaluate_fewshot, open_pools
-
-    pre = exp.data.preprocess
-    accs: dict[int, list[float]] = {k: [] for k in SHOTS}
-    for s in SUPPORT_SEEDS:
-        cfg = FewShotConfig(datasets=(held,), names=("held",), shots=SHOTS, seed=s, mean=pre.mean, std=pre.std,
-                            crop_pct=pre.eval_crop_pct)
-        res = evaluate_fewshot(encoder, cfg, device="cpu", pools=open_pools(cfg))
-        for k in SHOTS:
-            accs[k].append(res.metrics[f"fewshot/held/{k}shot"])
-    return {k: statistics.mean(v) for k, v in accs.items()}
-
-
-def finetune_experiment_for(encoder: nn.Module, held: str, seed: int, overrides: tuple[str, ...] = FINETUNE_SET
-                            ) -> tuple[Any, int]:
-    """(MAE's fine-tuning experiment for ``encoder``'s architecture on the first LABEL_FRACTION of
-    held's train split, those images' count)."""
-    from orchestration.experiment import apply_overrides
-    from orchestration.experiment.finetune_protocols import finetune_experiment
-
-    n = max(1, round(LABEL_FRACTION * _split_size(held, "train")))
-    base = finetune_experiment(encoder.cfg, image_size=IMAGE, source_recipe="mae_vit_mu_digits", dataset_name="held",
-                               source_model_name="mae-bench", protocol="mae", train_images=n)
-    exp = apply_overrides(base, [*overrides, f"data.source.url={held}", f"data.source.limit_samples={n}",
-                                 f"train.seed={seed}", f"data.seed={seed}"])
-    return exp, n
-
-
-def run_finetune(encoder: nn.Module, held: str, workdir: Path, seed: int, *, pretrained: bool,
-                 overrides: tuple[str, ...] = FINETUNE_SET) -> dict[str, float]:
-    """Fine-tune from ``encoder``'s weights (staged as ``finetune.py`` stages them) or, when not
-    ``pretrained``, the same experiment from scratch; top-1 on held's val split."""
-    from orchestration import finetune as finetune_cli
-    from orchestration.launch.build import build_run
-
-    exp, n = finetune_experiment_for(encoder, held, seed, overrides)
-    init = None
-    if pretrained:
-        init = finetune_cli._stage_weights(encoder, str(workdir / "init" / "w.safetensors"), IMAGE,
-                                           pool=exp.model.pool)
-    trainer, _ = build_run(exp, rank=0, world=1, checkpoint_url=str(workdir / "ckpt"), checkpoint_key="ft",
-                           init_weights=init)
-    out = trainer.fit()
-    return {"top1": out["eval_top1"], "images": float(n), "samples": out["eval_samples"]}
 
 
 def measure(workdir: Path, seed: int, *, datasets: tuple[str, str] | None = None,
