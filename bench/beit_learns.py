@@ -109,10 +109,12 @@ def pretrain(seen: str, tokenizer: str, workdir: Path, seed: int, overrides: tup
 def measure(workdir: Path, seed: int, *, datasets: tuple[str, str] | None = None,
             tokenizer_set: tuple[str, ...] = TOKENIZER_SET, pretrain_set: tuple[str, ...] = PRETRAIN_SET,
             finetune_set: tuple[str, ...] = BEIT_FINETUNE_SET, do_fewshot: bool = True,
-            trained_tokenizer: tuple[str, dict[str, float]] | None = None) -> dict[str, Any]:
+            trained_tokenizer: tuple[str, dict[str, float]] | None = None,
+            scratch: float | None = None) -> dict[str, Any]:
     """One seed: the tokenizer's codebook usage, then few-shot (``do_fewshot``) and fine-tune
     accuracies of the BEiT backbone vs its random initialisation / scratch. ``trained_tokenizer``
-    (a row's ``tokenizer_file`` and ``tokenizer_metrics``) skips stage 1 (a control's re-run)."""
+    (a row's ``tokenizer_file`` and ``tokenizer_metrics``) skips stage 1, ``scratch`` (a row's
+    ``ft_scratch`` of the same seed and fine-tune set) the scratch fine-tune: a control's re-run."""
     t0 = time.perf_counter()
     seen, held = datasets or make_datasets(workdir / "data")
     tok_path, tok = trained_tokenizer or train_tokenizer(seen, workdir, seed, tokenizer_set)
@@ -128,7 +130,9 @@ def measure(workdir: Path, seed: int, *, datasets: tuple[str, str] | None = None
         for name, enc in (("beit", beit), ("random", rand)):
             for k, v in fewshot(enc, held, exp).items():
                 row[f"{k}shot_{name}"] = v
-    for name, enc, pretrained in (("beit", beit, True), ("scratch", rand, False)):
+    if scratch is not None:
+        row["ft_scratch"] = scratch
+    for name, enc, pretrained in (("beit", beit, True), ("scratch", rand, False))[:1 if scratch is not None else 2]:
         out = run_finetune(enc, held, workdir / f"ft-{name}", seed, pretrained=pretrained, overrides=finetune_set,
                            source_recipe="beit_mu_digits", protocol="beit")
         row[f"ft_{name}"] = out["top1"]

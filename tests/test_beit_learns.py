@@ -53,7 +53,8 @@ def test_beit_pretraining_with_its_own_tokenizer_beats_scratch_on_held_out_digit
                      "train.eval_every=2")
         control = beit_learns.measure(tmp_path / "control", seed=0, datasets=data, do_fewshot=False,
                                       pretrain_set=two_steps,
-                                      trained_tokenizer=(row["tokenizer_file"], row["tokenizer_metrics"]))
+                                      trained_tokenizer=(row["tokenizer_file"], row["tokenizer_metrics"]),
+                                      scratch=row["ft_scratch"])
     finally:
         torch.set_num_threads(threads)
     print(f"BEiT vs scratch on held-out digits: {row}\ncontrol (2 BEiT steps): {control} "
@@ -61,6 +62,5 @@ def test_beit_pretraining_with_its_own_tokenizer_beats_scratch_on_held_out_digit
     assert row["ft_images"] == 72  # 10 % of the 5-9 train split's labels
     assert row["codebook_used"] >= MIN_USAGE, row  # a tokenizer using few of its codes gives BEiT little to predict
     assert row["mim_acc"] > 0.15, row  # it predicts the tokens (32 codes: chance ~0.03; after 2 steps 0.09)
-    assert control["ft_scratch"] == row["ft_scratch"]  # the same scratch fine-tune: same experiment, same seed
     assert row["ft_beit"] - row["ft_scratch"] >= MIN_MARGIN, row
     assert control["ft_beit"] - control["ft_scratch"] < MIN_MARGIN, control  # the margin is BEiT's pre-training's
