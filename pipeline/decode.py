@@ -270,8 +270,14 @@ def _finish(im: Image.Image, data: bytes, box: tuple[float, float, float, float]
         # (1, 4, h, w) channels-last view of the scratch buffer; torch's uint8 resize reads it in place.
         nchw = torch.from_numpy(rgbx[y0:y1, x0:x1]).permute(2, 0, 1).unsqueeze(0)
         out = F.interpolate(nchw, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0, :3]
-        out = (out.flip(-1) if flip else out).contiguous()  # (3, S, S): X dropped, CHW memory
-        return out.permute(1, 2, 0).numpy()  # (S, S, 3) uint8 view
+        if out.is_contiguous():  # planar (the crop is a strided view): dropping X and flipping are cheap
+            return (out.flip(-1) if flip else out).permute(1, 2, 0).numpy()  # (S, S, 3) view of CHW memory
+        # A full-width crop is a dense channels-last view, so torch answers channels-last: numpy de-interleaves
+        # (and flips) in one pass, ~2-3x faster than torch's strided copy.
+        hwc = out.permute(1, 2, 0).numpy()  # (S, S, 3) view of the (S, S, 4) output
+        chw = np.empty((3, size, size), np.uint8)
+        np.copyto(chw, (hwc[:, ::-1] if flip else hwc).transpose(2, 0, 1))
+        return chw.transpose(1, 2, 0)  # (S, S, 3) view of CHW memory
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
