@@ -209,17 +209,23 @@ def ours_iter(url: str, *, size: int, batch: int, workers: int, epoch: int, seed
 
 
 @contextlib.contextmanager
-def pil_decode_path() -> Iterator[None]:
-    """Our decoder as it was before the direct RGBX path (``--baseline``): PIL image, crop copy,
-    3-channel resize. Patched in this process before the loader forks its workers; same pixels."""
+def pil_decode_path(ring: bool = True) -> Iterator[None]:
+    """Our loader as it was before (``--baseline``): the decoder's PIL path (PIL image, crop copy,
+    3-channel resize) instead of the direct RGBX one and, with ``ring=False``, a fresh shared-memory
+    batch per batch instead of the workers' recycled ones. Patched in this process before the loader
+    forks its workers; the same pixels either way."""
     from pipeline import decode
+    from pipeline.loader.workers import BatchRing
+    from pipeline.transforms import empty_shared_uint8
 
-    saved = decode._decode_direct
+    saved = decode._decode_direct, BatchRing.take
     decode._decode_direct = lambda *a: None  # type: ignore[assignment]
+    if not ring:
+        BatchRing.take = lambda self, worker, shape: (empty_shared_uint8(shape), -1)  # type: ignore[method-assign]
     try:
         yield
     finally:
-        decode._decode_direct = saved  # type: ignore[assignment]
+        decode._decode_direct, BatchRing.take = saved  # type: ignore[method-assign]
 
 
 def _maker(lib: str, track: str, where: str, data: dict[str, Any], s3: dict[str, Any],
@@ -230,7 +236,7 @@ def _maker(lib: str, track: str, where: str, data: dict[str, Any], s3: dict[str,
             return lambda: ours_iter(url, **kw)
 
         def before() -> Iterator[Any]:
-            with pil_decode_path():
+            with pil_decode_path(ring=False):
                 yield from ours_iter(url, **kw)
         return before
     src = (data["tars"] if lib == "webdataset" else data[lib]) if where == "local" else s3[lib]
@@ -275,8 +281,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-s3", action="store_true")
     ap.add_argument("--baseline", action="store_true",
-                    help="also run ours with the decoder before the direct RGBX path (PIL image + crop copy + "
-                         "3-channel resize), alternating with the others, and its decode-only cost")
+                    help="also run ours as it was before the direct RGBX decode and the recycled batch buffers "
+                         "(PIL image + crop copy + 3-channel resize; a fresh shared batch each time), alternating "
+                         "with the others, and that decoder's decode-only cost")
     ap.add_argument("--only", default="", help="comma-separated libraries to measure (default: all installed)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 128 images, 64 px, 1 round, no S3")
     ap.add_argument("--table", type=Path, default=ROOT / "bench" / "out" / "loader_peers.md")
@@ -421,7 +428,7 @@ def machine() -> str:
             f"{torch.__version__}, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the end")
 
 
-NAMES = {"ours": "ours (vitscale)", "ours_before": "ours, before (PIL decode path)", "webdataset": "webdataset", "mds": "MosaicML streaming (MDS)",
+NAMES = {"ours": "ours (vitscale)", "ours_before": "ours, before (PIL decode, fresh shm batches)", "webdataset": "webdataset", "mds": "MosaicML streaming (MDS)",
          "litdata": "LitData"}
 
 
