@@ -80,9 +80,9 @@ class SpecSlot:
         self._map.close()
 
 
-#: Shared uint8 batch buffers each pool worker recycles (:class:`BatchRing`): the DataLoader's
-#: prefetch (2 per worker) plus the batch being filled and the one being copied out, with room.
-RING_SLOTS = 6
+#: Shared uint8 batch buffers per pool worker (:class:`BatchRing`) beyond the DataLoader's prefetch:
+#: the batch being filled and the one the main process is copying out.
+RING_EXTRA = 2
 
 
 class BatchRing:
@@ -99,10 +99,11 @@ class BatchRing:
     never holds ring memory, and a slot is rewritten only after its batch was copied out. At each
     pass's start, before torch's reset discards the previous pass's unread batches, every slot is
     freed: nothing still in flight will be read. With every slot busy a worker falls back to a
-    fresh buffer (slot -1), so a slow main process never blocks a worker.
+    fresh buffer (slot -1), so a slow main process never blocks a worker. A worker keeps its
+    ``slots`` buffers (prefetch + 2 batches) in /dev/shm until the pool closes.
     """
 
-    def __init__(self, num_workers: int, slots: int = RING_SLOTS) -> None:
+    def __init__(self, num_workers: int, slots: int) -> None:
         self.slots = slots
         self._flags = mmap.mmap(-1, num_workers * slots)  # MAP_SHARED, zero-filled: every slot free
         self._bufs: dict[int, torch.Tensor] = {}  # a worker's own buffers (filled after the fork)
@@ -135,7 +136,7 @@ class WorkerPool:
 
     def __init__(self, dataset: Any, *, num_workers: int, prefetch_batches: int, capacity: int = SPEC_BYTES) -> None:
         self.slot = SpecSlot(capacity)
-        self.ring = BatchRing(num_workers)
+        self.ring = BatchRing(num_workers, prefetch_batches + RING_EXTRA)
         dataset.spec, dataset.ring = self.slot, self.ring
         self.dataset = dataset
         self._dl: DataLoader | None = DataLoader(
