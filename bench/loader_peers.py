@@ -30,6 +30,11 @@ are compared with the same uninterrupted epoch's (exact order); then the same st
 2 ranks (each library's own rank variables; a subprocess per rank) and the union of what they
 serve is compared with the ids the epoch had left (no repeats, nothing lost). Results go to
 ``--table`` (markdown) and ``--json``.
+
+``--baseline`` adds "ours, before": our loader with the decoder's PIL path and a fresh shared
+batch per batch (what it was before the direct RGBX decode and the workers' recycled buffers),
+alternating with the others in the same rounds, so a before/after is one invocation.
+``--only ours,litdata`` limits the libraries (speed and resume).
 """
 
 from __future__ import annotations
