@@ -147,6 +147,8 @@ def _decode_into_internal(im: Image.Image, data: bytes, rows: int) -> np.ndarray
     if im.format != "JPEG" or im.mode != "RGB" or len(im.tile) != 1 or rows > h:
         return None
     name, _extents, offset, args = im.tile[0]
+    if args and args[0] == "RGB":  # libjpeg-turbo writes RGBX itself (JCS_EXT_RGBX): PIL's row unpack is a memcpy
+        args = ("RGBX", *args[1:])
     arr = _scratch(rows * w * 4).reshape(rows, w, 4)  # (rows, w, RGBX)
     partial = rows < h
     if partial:
