@@ -30,6 +30,11 @@ are compared with the same uninterrupted epoch's (exact order); then the same st
 2 ranks (each library's own rank variables; a subprocess per rank) and the union of what they
 serve is compared with the ids the epoch had left (no repeats, nothing lost). Results go to
 ``--table`` (markdown) and ``--json``.
+
+``--baseline`` adds "ours, before": our loader with the decoder's PIL path and a fresh shared
+batch per batch (what it was before the direct RGBX decode and the workers' recycled buffers),
+alternating with the others in the same rounds, so a before/after is one invocation.
+``--only ours,litdata`` limits the libraries (speed and resume).
 """
 
 from __future__ import annotations
@@ -208,19 +213,48 @@ def ours_iter(url: str, *, size: int, batch: int, workers: int, epoch: int, seed
     return gen()
 
 
+@contextlib.contextmanager
+def pil_decode_path(ring: bool = True) -> Iterator[None]:
+    """Our loader as it was before (``--baseline``): the decoder's PIL path (PIL image, crop copy,
+    3-channel resize) instead of the direct RGBX one and, with ``ring=False``, a fresh shared-memory
+    batch per batch instead of the workers' recycled ones. Patched in this process before the loader
+    forks its workers; the same pixels either way."""
+    from pipeline import decode
+    from pipeline.loader.workers import BatchRing
+    from pipeline.transforms import empty_shared_uint8
+
+    saved = decode._decode_direct, BatchRing.take
+    decode._decode_direct = lambda *a: None  # type: ignore[assignment]
+    if not ring:
+        BatchRing.take = lambda self, worker, shape: (empty_shared_uint8(shape), -1)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        decode._decode_direct, BatchRing.take = saved  # type: ignore[method-assign]
+
+
 def _maker(lib: str, track: str, where: str, data: dict[str, Any], s3: dict[str, Any],
            kw: dict[str, int]) -> Callable[[], Iterator[Any]]:
-    if lib == "ours":
+    if lib in ("ours", "ours_before"):
         url = data["ours"] if where == "local" else s3["ours"]
-        return lambda: ours_iter(url, **kw)
+        if lib == "ours":
+            return lambda: ours_iter(url, **kw)
+
+        def before() -> Iterator[Any]:
+            with pil_decode_path(ring=False):
+                yield from ours_iter(url, **kw)
+        return before
     src = (data["tars"] if lib == "webdataset" else data[lib]) if where == "local" else s3[lib]
     return lambda: peers.loader_iter(lib, src, track=track, **kw)
 
 
 def speed(a: argparse.Namespace, data: dict[str, Any], s3: dict[str, str], exclude: set[int]) -> dict[str, Any]:
-    libs = ["ours", "webdataset"] + [p for p in ("mds", "litdata") if p in data]
+    libs = ["ours"] + (["ours_before"] if a.baseline else []) + ["webdataset"] + \
+        [p for p in ("mds", "litdata") if p in data]
+    if a.only:
+        libs = [lib for lib in libs if lib in a.only.split(",") or lib == "ours_before"]
     configs = [(lib, track, where) for where in (["local"] + (["s3"] if s3 else []))
-               for track in ("A", "B") for lib in libs if not (lib == "ours" and track == "B")]
+               for track in ("A", "B") for lib in libs if not (lib.startswith("ours") and track == "B")]
     runs: dict[str, list[dict[str, float]]] = {}
     errors: dict[str, str] = {}
     torch.set_num_threads(1)
@@ -251,6 +285,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-s3", action="store_true")
+    ap.add_argument("--baseline", action="store_true",
+                    help="also run ours as it was before the direct RGBX decode and the recycled batch buffers "
+                         "(PIL image + crop copy + 3-channel resize; a fresh shared batch each time), alternating "
+                         "with the others, and that decoder's decode-only cost")
+    ap.add_argument("--only", default="", help="comma-separated libraries to measure (default: all installed)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 128 images, 64 px, 1 round, no S3")
     ap.add_argument("--table", type=Path, default=ROOT / "bench" / "out" / "loader_peers.md")
     ap.add_argument("--json", type=Path, default=None)
@@ -266,6 +305,10 @@ def main() -> None:
         data = prepare(Path(tmp) / "photos", a.images, a.shard_size, index=False)
         mb = sum(len(b) for *_, b in data["samples"]) / 1e6
         ms, limit = decode_limit([b for *_, b in data["samples"][:300]], a.size)
+        ms_before = None
+        if a.baseline:
+            with pil_decode_path():
+                ms_before, _ = decode_limit([b for *_, b in data["samples"][:300]], a.size)
         print(f"data: {a.images} photo JPEGs ({mb:.1f} MB), libraries {peers.available()}; decode-only "
               f"{ms:.2f} ms/img -> limit {limit:.0f} img/s on {len(os.sched_getaffinity(0))} cores", flush=True)
         with contextlib.ExitStack() as stack:
@@ -281,9 +324,11 @@ def main() -> None:
                     if lib in data:
                         s3[lib] = upload_tree(Path(data[lib]), "bench", lib)
             res = speed(a, data, s3, exclude)
-        resume = resume_checks(Path(tmp) / "ids", a.workers, 256 if a.quick else RESUME_N)
+        resume = resume_checks(Path(tmp) / "ids", a.workers, 256 if a.quick else RESUME_N,
+                               only=a.only.split(",") if a.only else None)
     out = {"machine": machine(), "args": vars(a) | {"table": str(a.table), "json": str(a.json)},
-           "decode_ms_img": ms, "decode_limit_img_s": limit, "speed": res, "resume": resume,
+           "decode_ms_img": ms, "decode_ms_img_before": ms_before, "decode_limit_img_s": limit, "speed": res,
+           "resume": resume,
            "libraries": peers.available(), "wall_s": time.perf_counter() - t_start}
     table = render(out)
     print(table)
@@ -300,11 +345,14 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------- resume
-def resume_checks(root: Path, workers: int, n: int = RESUME_N) -> dict[str, dict[str, str]]:
+def resume_checks(root: Path, workers: int, n: int = RESUME_N,
+                  only: list[str] | None = None) -> dict[str, dict[str, str]]:
     """Per library: same-layout resume (exact order) and a 1 -> 2 rank resume (no repeat, no loss)."""
     data = prepare(root, n, 64, index=True)
     out: dict[str, dict[str, str]] = {}
     for lib in ["ours", "webdataset"] + [p for p in ("mds", "litdata") if p in data]:
+        if only and lib not in only:
+            continue
         src = data["tars"] if lib == "webdataset" else data[lib]
         base = {"lib": lib, "src": src, "batch": RESUME_BATCH, "workers": workers, "cache": str(root / "cache")}
         try:
@@ -385,7 +433,7 @@ def machine() -> str:
             f"{torch.__version__}, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the end")
 
 
-NAMES = {"ours": "ours (vitscale)", "webdataset": "webdataset", "mds": "MosaicML streaming (MDS)",
+NAMES = {"ours": "ours (vitscale)", "ours_before": "ours, before (PIL decode, fresh shm batches)", "webdataset": "webdataset", "mds": "MosaicML streaming (MDS)",
          "litdata": "LitData"}
 
 
@@ -394,7 +442,9 @@ def render(out: dict[str, Any]) -> str:
     a = out["args"]
     lines = [f"Machine: {out['machine']}. Data: {a['images']} photo JPEGs (~500x375), {a['shard_size']} per shard; "
              f"{a['size']} px, batch {a['batch']}, {a['workers']} workers, {a['rounds']} alternating rounds (median). "
-             f"Decode limit: {out['decode_ms_img']:.2f} ms/img decode-only -> **{lim:.0f} img/s**. "
+             f"Decode limit: {out['decode_ms_img']:.2f} ms/img decode-only -> **{lim:.0f} img/s**"
+             + (f" (the decoder before the direct path: {out['decode_ms_img_before']:.2f} ms/img). "
+                if out.get("decode_ms_img_before") else ". ") +
              f"Libraries: {out['libraries']}.", "",
              "| library | track | storage | img/s | R (of limit) | first batch (s) | CPU-ms/img |",
              "|---|---|---|---|---|---|---|"]

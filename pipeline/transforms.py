@@ -79,21 +79,23 @@ def random_erase(img: torch.Tensor, prob: float, rng: np.random.Generator, *,
     return img
 
 
-def stack_uint8(samples: list[torch.Tensor], *, shared: bool = False) -> torch.Tensor:
+def stack_uint8(samples: list[torch.Tensor], *, shared: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """``B`` uint8 ``(3, S, S)`` tensors -> one uint8 ``(B, 3, S, S)`` batch.
 
     With ``shared=True`` the batch is allocated in shared memory, so a DataLoader worker hands
-    it to the main process without another copy; uint8 is a quarter of float32's bytes.
+    it to the main process without another copy; uint8 is a quarter of float32's bytes. ``out``:
+    write into this ``(B, 3, S, S)`` uint8 tensor instead (a recycled shared buffer).
     """
     c, h, w = samples[0].shape
     shape = (len(samples), c, h, w)
-    out = _empty_shared_uint8(shape) if shared else torch.empty(shape, dtype=torch.uint8)
+    if out is None:
+        out = empty_shared_uint8(shape) if shared else torch.empty(shape, dtype=torch.uint8)
     for k, t in enumerate(samples):
         out[k].copy_(t)
     return out
 
 
-def _empty_shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
+def empty_shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
     """A uint8 tensor allocated in shared memory from the start, as DataLoader's default_collate
     does: ``torch.empty(...).share_memory_()`` would allocate, then copy into a new shm segment
     (~5 ms per 9.6 MB batch)."""
@@ -154,25 +156,26 @@ class BatchMemory:
         self._maps: list[_Mapping] = []
         self._lock = threading.Lock()
 
-    def empty(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """An uninitialized float32 tensor of ``shape``."""
-        nbytes = 4 * math.prod(shape)
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """An uninitialized tensor of ``shape`` and ``dtype`` (float32 batches; uint8 copies out of
+        the workers' recycled buffers, :class:`~pipeline.loader.workers.BatchRing`)."""
+        nbytes = dtype.itemsize * math.prod(shape)
         if nbytes < LARGE_BATCH_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
-            return torch.empty(shape, dtype=torch.float32)
+            return torch.empty(shape, dtype=dtype)
         with self._lock:  # check-and-hand-out must be atomic across threads
             for m in self._maps:
                 if m.nbytes == nbytes and not m.in_use():
-                    return m.hand_out(shape)
+                    return m.hand_out(shape, dtype)
             try:
                 new = _Mapping(nbytes)
             except (OSError, ValueError):
-                return torch.empty(shape, dtype=torch.float32)
+                return torch.empty(shape, dtype=dtype)
             unused = [m for m in self._maps if not m.in_use()]
             if len(self._maps) >= self.keep and unused:
                 self._maps.remove(unused[0])  # the oldest unused one goes (unmapped once unreferenced)
             if len(self._maps) < self.keep:
                 self._maps.append(new)
-            return new.hand_out(shape)
+            return new.hand_out(shape, dtype)
 
 
 class _Mapping:
@@ -187,10 +190,10 @@ class _Mapping:
     def in_use(self) -> bool:
         return self._out is not None and self._out() is not None
 
-    def hand_out(self, shape: tuple[int, ...]) -> torch.Tensor:
+    def hand_out(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         export = (ctypes.c_char * self.nbytes).from_buffer(self.map)
         self._out = weakref.ref(export)
-        return torch.frombuffer(export, dtype=torch.float32).view(shape)  # the storage keeps `export` alive
+        return torch.frombuffer(export, dtype=dtype).view(shape)  # the storage keeps `export` alive
 
 
 #: The process's batch memory (the loader's main-process float batches).

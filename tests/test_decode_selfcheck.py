@@ -1,8 +1,9 @@
-"""Partial JPEG decoding uses PIL internals: a Pillow that changed them must never look like bad data.
+"""Partial and direct JPEG decoding use PIL internals: a Pillow that changed them must never look like bad data.
 
 A simulated Pillow change (an internal attribute gone, a changed call signature, or a decode
-that silently writes other pixels; injected at our one function that touches the internals,
-since PIL's own full decode uses the same internals) turns partial decoding off with a warning
+that silently writes other pixels; injected at our two functions that touch the internals,
+``_decode_top_internal`` and ``_decode_into_internal``, since PIL's own full decode uses the same
+internals) turns both paths off with a warning
 naming why; every image then decodes fully, with the same pixels, and no sample is counted
 as corrupt.
 """
@@ -57,6 +58,7 @@ def test_missing_internal_disables_partial_decode_at_import(
         raise AttributeError("'JpegImageFile' object has no attribute 'decoderconfig'")
 
     monkeypatch.setattr(decode, "_decode_top_internal", drifted)
+    monkeypatch.setattr(decode, "_decode_into_internal", drifted)
     with caplog.at_level(logging.WARNING, logger="pipeline.decode"):
         decode._self_check_partial_decode()
     status = decode.partial_decode_status()
@@ -80,6 +82,32 @@ def test_self_check_catches_wrong_pixels(fresh_state: None, monkeypatch: pytest.
     assert "differs from the full decode" in str(decode.partial_decode_status()["reason"])
 
 
+def test_self_check_catches_wrong_pixels_of_the_direct_path(fresh_state: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = decode._decode_into_internal
+
+    def shifted(im: Image.Image, data: bytes, rows: int) -> np.ndarray | None:
+        got = real(im, data, rows)  # a changed unpacker that writes the channels in another order
+        return None if got is None else got[..., [2, 1, 0, 3]]
+
+    monkeypatch.setattr(decode, "_decode_into_internal", shifted)
+    decode._self_check_partial_decode()
+    status = decode.partial_decode_status()
+    assert status["enabled"] is False and "direct decode" in str(status["reason"])
+
+
+def test_direct_decode_reuses_one_buffer_per_thread(fresh_state: None) -> None:
+    """The RGB fast path decodes into the thread's scratch buffer (no per-image allocation) and
+    never hands that buffer out: two decodes in a row keep the first result intact."""
+    data = _jpeg()
+    first = decode.decode_train(data, size=32, scale=(0.3, 0.5), rng=random.Random(3))
+    keep = first.copy()
+    buf = decode._SCRATCH.buf
+    assert buf is not None and not np.shares_memory(first, buf)
+    decode.decode_train(_jpeg(100, 80), size=32, scale=(0.3, 0.5), rng=random.Random(4))
+    assert decode._SCRATCH.buf is buf  # reused, not reallocated
+    np.testing.assert_array_equal(first, keep)
+
+
 def test_internal_failing_at_run_time_falls_back_not_corrupt(
         fresh_state: None, monkeypatch: pytest.MonkeyPatch) -> None:
     data = _jpeg()
@@ -89,6 +117,7 @@ def test_internal_failing_at_run_time_falls_back_not_corrupt(
         raise TypeError("_getdecoder() takes 2 positional arguments but 4 were given")
 
     monkeypatch.setattr(decode, "_decode_top_internal", changed_api)
+    monkeypatch.setattr(decode, "_decode_into_internal", changed_api)
     for _ in range(3):
         np.testing.assert_array_equal(_train(data), expected)
     status = decode.partial_decode_status()

@@ -397,6 +397,7 @@ def _full_decode_only(monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline import decode as dec
 
     monkeypatch.setattr(dec, "_decode_top", lambda *a: False)
+    monkeypatch.setattr(dec, "_decode_direct", lambda *a: None)  # PIL's own full decode, for every mode
 
 
 def _outcome(fn, *args, **kw) -> np.ndarray | str:
@@ -436,14 +437,20 @@ def test_partial_decode_equals_full_decode(monkeypatch: pytest.MonkeyPatch) -> N
     cases += [(d, 224, (0.08, 1.0), 100 + i) for i, d in enumerate(damaged)]
 
     calls = {"partial": 0}
-    orig = dec._decode_top
+    orig, orig_direct = dec._decode_top, dec._decode_direct
 
     def counting(*a):
         done = orig(*a)
         calls["partial"] += bool(done)
         return done
 
+    def counting_direct(im, data, rows):  # the RGB path: partial when it stops above the bottom
+        got = orig_direct(im, data, rows)
+        calls["partial"] += got is not None and rows < im.size[1]
+        return got
+
     monkeypatch.setattr(dec, "_decode_top", counting)
+    monkeypatch.setattr(dec, "_decode_direct", counting_direct)
     partial = [[_outcome(decode_train, d, size=s, scale=sc, rng=random.Random(i)) for i in range(6)]
                for d, s, sc, _ in cases]
     assert calls["partial"] > len(cases)  # most crops end above the bottom: the partial path ran
@@ -463,6 +470,7 @@ def test_partial_decode_equals_full_decode(monkeypatch: pytest.MonkeyPatch) -> N
         _full_decode_only(monkeypatch)
         want = decode_eval(data, size=96, crop_pct=0.6)
         monkeypatch.setattr(dec, "_decode_top", orig)
+        monkeypatch.setattr(dec, "_decode_direct", orig_direct)
         assert np.array_equal(decode_eval(data, size=96, crop_pct=0.6), want)
 
 

@@ -300,3 +300,25 @@ def test_persistent_workers_leave_with_a_killed_parent(id_ds: Path) -> None:
     for p in left:
         os.kill(p, signal.SIGKILL)
     assert not left, f"loader workers {left} outlived their killed parent by 10 s"
+
+
+def test_recycled_batch_buffers_never_change_a_batch_the_consumer_holds(
+        id_ds: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pool workers rewrite their shared batch buffers (``workers.BatchRing``); the main process
+    copies each batch out before yielding it, so batches a consumer keeps stay what they were
+    (uint8 output, two epochs, every batch held) and equal fresh workers' batches."""
+    from pipeline.loader import Loader
+
+    cfg = cfg_for(id_ds, output="uint8")
+    fresh = build_loader(cfg.replace(**{"io.persistent_workers": False}), rank=0, world_size=1)
+    want = [b[0].clone() for _ in range(2) for b in fresh]
+    slots: list[int] = []
+    account = Loader._account
+    monkeypatch.setattr(Loader, "_account", lambda self, stats: slots.append(stats.get("ring_slot", -1))
+                        or account(self, stats))
+    with build_loader(cfg, rank=0, world_size=1) as ld:
+        held = [b[0] for _ in range(2) for b in ld]
+        assert len(held) == len(want)
+        for k, (got, exp) in enumerate(zip(held, want, strict=True)):
+            assert torch.equal(got, exp), f"batch {k} changed after it was yielded"
+    assert min(slots) >= 0 and len(set(slots)) < len(slots)  # every batch came from the ring, slots reused

@@ -100,6 +100,7 @@ class ShardStream(IterableDataset):
         self.cfg, self.meta, self.plan, self.rank, self.skip = cfg, meta, plan, rank, skip
         self.verified = verified  # shards whose whole-shard sha256 already passed in this run
         self.spec: Any = None  # a persistent worker's SpecSlot (.workers): each pass's plan, skip, verified
+        self.ring: Any = None  # a persistent worker's BatchRing (.workers): recycled shared batch buffers
         self.num_classes = int(meta.info["num_classes"])
         self.multi_label = bool(meta.info.get("multi_label"))
         # Repeated augmentation: the plan's ids are virtual, copy * T + id (pipeline.plan); reads,
@@ -307,12 +308,17 @@ class ShardStream(IterableDataset):
                     imgs[k] = torch.zeros(3, S, S, dtype=torch.uint8)
                     tgts[k] = np.zeros(C, np.float32) if self.multi_label else (0 if C else -1)
             stats["padded"] = sum(1 for i in ids if i < 0)
-        in_worker = get_worker_info() is not None
+        wi = get_worker_info()
+        in_worker = wi is not None
         mixing = cfg.train and (cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0)
         if (in_worker or cfg.output == "uint8") and not mixing:
             # uint8 across the process boundary; Loader.__iter__ normalizes in the main process
             # unless the consumer does it on its device (output="uint8").
-            x = stack_uint8(imgs, shared=in_worker)  # type: ignore[arg-type]
+            if in_worker and self.ring is not None:  # a pool worker: a recycled buffer, handed back by slot
+                buf, stats["ring_slot"] = self.ring.take(wi.id, (len(imgs), 3, S, S))
+                x = stack_uint8(imgs, out=buf)  # type: ignore[arg-type]
+            else:
+                x = stack_uint8(imgs, shared=in_worker)  # type: ignore[arg-type]
         else:
             x = to_float_batch(imgs, cfg.preprocess.mean, cfg.preprocess.std, shared=in_worker)  # type: ignore[arg-type]
         if self.multi_label:

@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from ..plan import EpochPlan, epoch_order, remaining_order, slot_emitted
-from ..transforms import affine_for, normalize_uint8, to_float_batch
+from ..transforms import BATCH_MEMORY, affine_for, normalize_uint8, to_float_batch
 from .bad_samples import BadDataError, BadSampleLimit
 from .config import DataConfig
 from .dataset import ShardStream
@@ -132,9 +133,16 @@ class Loader:
         checking = ds.whole_checked()
         for item in self._items(ds):
             *batch, stats = item
-            self._account(stats)
+            slot = stats.get("ring_slot", -1)  # a pool worker's recycled buffer: copy out, then hand it back
             if batch[0].dtype == torch.uint8 and self.cfg.output == "float":  # normalize once per batch
                 batch[0] = to_float_batch(batch[0], self.cfg.preprocess.mean, self.cfg.preprocess.std)
+            elif slot >= 0:  # the consumer never holds ring memory (.workers.BatchRing): a copy in reused memory
+                own = BATCH_MEMORY.empty(tuple(batch[0].shape), torch.uint8)
+                np.copyto(own.numpy(), batch[0].numpy())  # a plain memcpy; torch's copy_ is several x slower here
+                batch[0] = own
+            if slot >= 0 and self._pool is not None:
+                self._pool.ring.release(slot)
+            self._account(stats)
             self._batches += 1
             yield tuple(batch)
         if self._batches >= plan.batches_per_rank:

@@ -28,9 +28,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader
 
 from ..plan import EpochPlan
+from ..transforms import empty_shared_uint8
 from .worker_signals import leave_sigterm_to_the_parent
 
 log = logging.getLogger(__name__)
@@ -78,13 +80,64 @@ class SpecSlot:
         self._map.close()
 
 
+#: Shared uint8 batch buffers per pool worker (:class:`BatchRing`) beyond the DataLoader's prefetch:
+#: the batch being filled and the one the main process is copying out.
+RING_EXTRA = 2
+
+
+class BatchRing:
+    """Each pool worker's uint8 batch buffers in shared memory, rewritten once the main process is done.
+
+    A fresh shared-memory batch (what torch's default collate allocates, and we did) costs the
+    kernel a page fault and the zeroing of every 4 KB page on first write: ~12 ms per 9.6 MB batch
+    (B=64 at 224 px) on the 2-core dev VM, about a tenth of a worker's time (BENCHMARKS.md).
+
+    Protocol, one byte per (worker, slot) in an anonymous shared mapping made before the fork:
+    0 free, 1 busy. A worker takes a free slot for each batch (sets 1) and sends the slot number
+    with it; the main process (``Loader.__iter__``) copies the batch out (the float conversion,
+    or a private uint8 copy) before yielding it and then sets the byte back to 0. So a consumer
+    never holds ring memory, and a slot is rewritten only after its batch was copied out. At each
+    pass's start, before torch's reset discards the previous pass's unread batches, every slot is
+    freed: nothing still in flight will be read. With every slot busy a worker falls back to a
+    fresh buffer (slot -1), so a slow main process never blocks a worker. A worker keeps its
+    ``slots`` buffers (prefetch + 2 batches) in /dev/shm until the pool closes.
+    """
+
+    def __init__(self, num_workers: int, slots: int) -> None:
+        self.slots = slots
+        self._flags = mmap.mmap(-1, num_workers * slots)  # MAP_SHARED, zero-filled: every slot free
+        self._bufs: dict[int, torch.Tensor] = {}  # a worker's own buffers (filled after the fork)
+
+    def take(self, worker: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+        """A uint8 shared buffer of ``shape`` for worker ``worker`` and its slot (-1: not recycled)."""
+        for k in range(worker * self.slots, (worker + 1) * self.slots):
+            if self._flags[k] == 0:
+                buf = self._bufs.get(k)
+                if buf is None or tuple(buf.shape) != tuple(shape):
+                    buf = self._bufs[k] = empty_shared_uint8(shape)
+                self._flags[k] = 1
+                return buf, k
+        return empty_shared_uint8(shape), -1
+
+    def release(self, slot: int) -> None:
+        if slot >= 0:
+            self._flags[slot] = 0
+
+    def free_all(self) -> None:
+        self._flags[:] = bytes(len(self._flags))
+
+    def close(self) -> None:
+        self._flags.close()
+
+
 class WorkerPool:
     """``num_workers`` persistent DataLoader workers over one dataset object (a ``ShardStream``
     holding this pool's :class:`SpecSlot` as its ``spec``)."""
 
     def __init__(self, dataset: Any, *, num_workers: int, prefetch_batches: int, capacity: int = SPEC_BYTES) -> None:
         self.slot = SpecSlot(capacity)
-        dataset.spec = self.slot
+        self.ring = BatchRing(num_workers, prefetch_batches + RING_EXTRA)
+        dataset.spec, dataset.ring = self.slot, self.ring
         self.dataset = dataset
         self._dl: DataLoader | None = DataLoader(
             dataset, batch_size=None, num_workers=num_workers, prefetch_factor=prefetch_batches,
@@ -102,6 +155,7 @@ class WorkerPool:
         if not self.slot.fits(data):
             return None
         self.slot.write(data)  # before iter(): the workers' resume signal is sent by iter()
+        self.ring.free_all()  # the previous pass's unread batches are discarded by iter()'s reset
         return iter(self._dl)
 
     @staticmethod
@@ -127,3 +181,4 @@ class WorkerPool:
         dl._iterator = None  # type: ignore[attr-defined]
         del it, dl
         self.slot.close()
+        self.ring.close()
