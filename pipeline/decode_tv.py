@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -46,7 +47,7 @@ class _TorchvisionDecode:
 
     @classmethod
     def disable(cls, reason: str) -> None:
-        if cls.enabled or cls.reason == "not checked yet":
+        if cls.enabled or cls.reason != reason:
             log.warning("torchvision JPEG decoding disabled, PIL decodes every image instead (same pixels, "
                         "~20 %% slower decode): %s", reason)
         cls.enabled, cls.reason = False, reason
@@ -84,13 +85,13 @@ def _jpegs() -> list[bytes]:
     return out
 
 
-def self_check() -> None:
-    """Turn the path on if torchvision decodes the reference JPEGs to PIL's exact pixels."""
+def self_check(decoder: Callable[..., torch.Tensor] | None = None) -> None:
+    """Turn the path on if torchvision (or ``decoder``, for tests) decodes reference JPEGs to PIL's pixels."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from torchvision.io import ImageReadMode, decode_jpeg
-        _TorchvisionDecode.decode_jpeg, _TorchvisionDecode.rgb = decode_jpeg, ImageReadMode.RGB
+        _TorchvisionDecode.decode_jpeg, _TorchvisionDecode.rgb = decoder or decode_jpeg, ImageReadMode.RGB
         _TorchvisionDecode.enabled = True
         for data in _jpegs():
             want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
