@@ -437,6 +437,9 @@ def test_sigterm_under_ray_job_submit_checkpoints_and_resumes(cluster: dict[str,
     assert not victim.is_running() or victim.status() == "zombie"
 
 
+TOTAL_DRAIN = 1000
+
+
 @pytest.mark.integration
 def test_ray_drain_notice_saves_just_in_time_and_the_run_finishes(cluster: dict[str, str], digits_url: str) -> None:
     """Ray Train's own preemption machinery: the worker node is drained for PREEMPTION with a 20 s
@@ -445,7 +448,9 @@ def test_ray_drain_notice_saves_just_in_time_and_the_run_finishes(cluster: dict[
     and holds; the node is reclaimed at the deadline, a new one joins, and the restarted group resumes
     from that last save, recomputing at most the step in flight."""
     since = time.time() - 1
-    proc = _submit_no_checkpoints(cluster, digits_url, total_steps=300)
+    # Long enough to outlast the notice's 20 s deadline: 300 steps once finished before it (a
+    # faster loader), leaving nothing to reclaim.
+    proc = _submit_no_checkpoints(cluster, digits_url, total_steps=TOTAL_DRAIN)
     try:
         _wait_for_progress(cluster, proc, since, 4)
         node = [n["node_id"] for n in _ray_list(cluster, "nodes")
@@ -478,7 +483,7 @@ def test_ray_drain_notice_saves_just_in_time_and_the_run_finishes(cluster: dict[
     # marker (training.checkpoint.prune now asks the store).
     assert any(first.endswith(f"/step{s}/complete.json") for s in saves), (first, saves)  # before the deadline
     assert {*saves} <= _commit_steps(cluster, res["run_id"])
-    assert m["step"] == 300 and m["resumed_from_step"] == saves[1], m
+    assert m["step"] == TOTAL_DRAIN and m["resumed_from_step"] == saves[1], m
     # After the save just before the deadline the ranks hold for the reclaim (training.preempt), so
     # the restart recomputes at most the step in flight: far fewer than the steps since the notice,
     # which one save at the notice (Ray's recipe) would recompute. (Training on after that save once

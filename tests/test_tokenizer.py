@@ -61,7 +61,6 @@ def test_documented_digits_run_uses_its_codebook_and_a_run_with_dead_codes_fails
     histogram. Then the same recipe with a vocabulary of 16384 (more codes than the 5744 tokens of
     the eval split: at most 35 % usable) ends FAILED under min_usage 0.5: exit 4, an error naming
     what to change, nothing registered."""
-    from mlflow import MlflowClient
 
     from pipeline import demo_data, write_shards
 
@@ -103,7 +102,11 @@ def test_documented_digits_run_uses_its_codebook_and_a_run_with_dead_codes_fails
     bm = beit_result["metrics"]
     assert bm["step"] == 20 and 0 <= bm["eval_mim_acc"] <= 1 and bm["eval_loss"] > 0, bm
 
-    c = MlflowClient(uri)
+    from orchestration import tracking
+
+    # tracking.client sets the registry URI too: MlflowClient(uri) alone would read the registry an
+    # earlier test module left as mlflow's global one (seen in the full suite).
+    c = tracking.client(uri)
     version = c.get_model_version("dvae-v32p4-digits", "1")
     assert {k: version.tags[k] for k in ("vocab_size", "patch_size", "image_size", "objective")} == {
         "vocab_size": "32", "patch_size": "4", "image_size": "16", "objective": "dvae"}
@@ -111,7 +114,6 @@ def test_documented_digits_run_uses_its_codebook_and_a_run_with_dead_codes_fails
     steps = [a.path for a in c.list_artifacts(run_id, "reconstruction")]
     figures = {a.path.rsplit("/", 1)[1] for a in c.list_artifacts(run_id, steps[-1])}
     assert figures == {"reconstruction.png", "codebook_usage.png"}, figures
-    from orchestration import tracking
 
     tokenizer = tracking.load_model("models:/dvae-v32p4-digits/1", uri=uri)
     assert (tokenizer.vocab_size, tokenizer.patch_size, tokenizer.image_size) == (32, 4, 16)
@@ -124,8 +126,7 @@ def test_documented_digits_run_uses_its_codebook_and_a_run_with_dead_codes_fails
     from orchestration.experiment import get_recipe
     from pipeline.decode import decode_eval
 
-    mlflow.set_tracking_uri(uri)
-    pyfunc = mlflow.pyfunc.load_model("models:/dvae-v32p4-digits/1")
+    pyfunc = mlflow.pyfunc.load_model("models:/dvae-v32p4-digits/1")  # the URIs tracking.client set
     images = [p.read_bytes() for p in sorted((tmp_path / "digits16-raw").rglob("*.jpg"))[:3]]
     served = pyfunc.predict(pd.DataFrame({"image": images}))
     assert list(served.columns) == ["tokens"], served.columns
