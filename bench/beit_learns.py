@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -42,10 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: the protocol
 import torch  # noqa: E402
 from heldout_digits import (  # noqa: E402
     FINETUNE_SET,
-    LABEL_FRACTION,
     SHOTS,
     fewshot,
     make_datasets,
+    print_summary,
     run_finetune,
 )
 from torch import nn  # noqa: E402
@@ -163,19 +162,9 @@ def main() -> None:
             rows.append(row)
             print({k: v for k, v in row.items() if not k.startswith("tokenizer_")}, flush=True)
     cols = ([] if a.no_fewshot else [f"{k}shot" for k in SHOTS]) + ["ft"]
-    base = {c: (f"{c}_random" if c != "ft" else "ft_scratch") for c in cols}
-    names = {c: (f"{c[:-4]}-shot" if c != "ft" else f"fine-tune {LABEL_FRACTION:.0%}") for c in cols}
-    print("\n| seed | codebook used (perplexity) | MIM acc | " + " | ".join(
-        f"{names[c]} BEiT | {'scratch' if c == 'ft' else 'random'} | margin" for c in cols) + " | seconds |")
-    print("|---|---|---|" + "---|---|---|" * len(cols) + "---|")
-    for r in rows:
-        cells = [f"{r[f'{c}_beit']:.3f} | {r[base[c]]:.3f} | {r[f'{c}_beit'] - r[base[c]]:+.3f}" for c in cols]
-        print(f"| {r['seed']} | {r['codebook_used']:.3f} ({r['codebook_perplexity']:.1f}) | {r['mim_acc']:.3f} | "
-              + " | ".join(cells) + f" | {r['seconds']['total']:.0f} |")
-    for c in cols:
-        margins = [r[f"{c}_beit"] - r[base[c]] for r in rows]
-        print(f"{names[c]}: margin mean {statistics.mean(margins):+.3f}, min {min(margins):+.3f}, "
-              f"max {max(margins):+.3f} over {len(rows)} seeds")
+    print_summary(rows, cols, "beit", "BEiT", {
+        "codebook used (perplexity)": lambda r: f"{r['codebook_used']:.3f} ({r['codebook_perplexity']:.1f})",
+        "MIM acc": lambda r: f"{r['mim_acc']:.3f}"})
     print(f"codebook usage: min {min(r['codebook_used'] for r in rows):.3f}")
 
 

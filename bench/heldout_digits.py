@@ -19,6 +19,7 @@ import os
 import shutil
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +115,23 @@ def run_finetune(encoder: nn.Module, held: str, workdir: Path, seed: int, *, pre
                            init_weights=init)
     out = trainer.fit()
     return {"top1": out["eval_top1"], "images": float(n), "samples": out["eval_samples"]}
+
+
+def print_summary(rows: list[dict[str, Any]], cols: list[str], method: str, title: str,
+                  lead: dict[str, Callable[[dict], str]]) -> None:
+    """The per-seed markdown table and the margin lines: for each column ``c`` ("5shot", "10shot",
+    "ft"), ``row[f"{c}_{method}"]`` against random init (few-shot) or scratch (fine-tune); ``lead``:
+    the method's own leading columns (heading -> cell of a row); ``title``: the method as printed."""
+    base = {c: (f"{c}_random" if c != "ft" else "ft_scratch") for c in cols}
+    names = {c: (f"{c[:-4]}-shot" if c != "ft" else f"fine-tune {LABEL_FRACTION:.0%}") for c in cols}
+    print("\n| seed | " + "".join(f"{t} | " for t in lead) + " | ".join(
+        f"{names[c]} {title} | {'scratch' if c == 'ft' else 'random'} | margin" for c in cols) + " | seconds |")
+    print("|---|" + "---|" * len(lead) + "---|---|---|" * len(cols) + "---|")
+    for r in rows:
+        cells = [f"{r[f'{c}_{method}']:.3f} | {r[base[c]]:.3f} | {r[f'{c}_{method}'] - r[base[c]]:+.3f}" for c in cols]
+        print(f"| {r['seed']} | " + "".join(f"{cell(r)} | " for cell in lead.values()) + " | ".join(cells)
+              + f" | {r['seconds']['total']:.0f} |")
+    for c in cols:
+        margins = [r[f"{c}_{method}"] - r[base[c]] for r in rows]
+        print(f"{names[c]}: margin mean {statistics.mean(margins):+.3f}, min {min(margins):+.3f}, "
+              f"max {max(margins):+.3f} over {len(rows)} seeds")

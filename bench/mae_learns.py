@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -50,6 +49,7 @@ from heldout_digits import (  # noqa: E402, F401 - the protocol's names, as the 
     fewshot,
     finetune_experiment_for,
     make_datasets,
+    print_summary,
     run_finetune,
 )
 from torch import nn  # noqa: E402
@@ -122,18 +122,8 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     cols = [f"{k}shot" for k in SHOTS] + ([] if a.no_finetune else ["ft"])
-    base = {c: (f"{c}_random" if c != "ft" else "ft_scratch") for c in cols}
-    names = {c: (f"{c[:-4]}-shot" if c != "ft" else f"fine-tune {LABEL_FRACTION:.0%}") for c in cols}
-    print("\n| seed | MAE loss (eval) | " + " | ".join(
-        f"{names[c]} MAE | {'scratch' if c == 'ft' else 'random'} | margin" for c in cols) + " | seconds |")
-    print("|---|---|" + "---|---|---|" * len(cols) + "---|")
-    for r in rows:
-        cells = [f"{r[f'{c}_mae']:.3f} | {r[base[c]]:.3f} | {r[f'{c}_mae'] - r[base[c]]:+.3f}" for c in cols]
-        print(f"| {r['seed']} | {r['mae_eval_loss']:.3f} | " + " | ".join(cells) + f" | {r['seconds']['total']:.0f} |")
-    for c in cols:
-        margins = [r[f"{c}_mae"] - r[base[c]] for r in rows]
-        print(f"{names[c]}: margin mean {statistics.mean(margins):+.3f}, min {min(margins):+.3f}, "
-              f"max {max(margins):+.3f} over {len(rows)} seeds")
+    print_summary(rows, cols, "mae", "MAE", {"MAE loss (eval)": lambda r: f"{r['mae_eval_loss']:.3f}"})
+
 
 if __name__ == "__main__":
     main()
