@@ -24,8 +24,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline import decode_tv
-
 log = logging.getLogger(__name__)
 
 #: The one pixel limit of the project (decompression bombs): the writer rejects images above it
@@ -255,7 +253,7 @@ _self_check_partial_decode()
 
 
 def _finish(im: Image.Image, data: bytes, box: tuple[float, float, float, float], size: int,
-            flip: bool = False, scaled: bool = False) -> np.ndarray:
+            flip: bool = False) -> np.ndarray:
     """Decode ``im`` (down to the box's bottom), crop ``box``, resize to ``(size, size, 3)`` uint8.
 
     The result is an HWC view of CHW memory (strides ``(S, 1, S*S)``): the loader turns it back
@@ -269,13 +267,6 @@ def _finish(im: Image.Image, data: bytes, box: tuple[float, float, float, float]
     y0 = min(max(int(round(box[1])), 0), h - 1)
     x1 = max(min(int(round(box[2])), w), x0 + 1)
     y1 = max(min(int(round(box[3])), h), y0 + 1)
-    if not scaled and im.mode == "RGB" and im.format == "JPEG" and y1 > decode_tv.MIN_ROWS_FRACTION * h:
-        # Whole decode by torchvision (PIL's exact pixels, faster; None on any error: PIL then decides).
-        chw = decode_tv.decode_rgb(data, w, h)  # (3, h, w) view of HWC memory
-        if chw is not None:
-            out = F.interpolate(chw[:, y0:y1, x0:x1].unsqueeze(0), size=(size, size), mode="bilinear",
-                                antialias=True, align_corners=False)[0]
-            return (out.flip(-1) if flip else out).permute(1, 2, 0).numpy()  # (S, S, 3) view of CHW memory
     rgbx = _decode_direct(im, data, y1 if y1 <= h - 16 else h)
     if rgbx is not None:  # RGB JPEG: no PIL image, no crop copy; the same pixels as the path below
         # (1, 4, h, w) channels-last view of the scratch buffer; torch's uint8 resize reads it in place.
@@ -341,8 +332,7 @@ def decode_train(data: bytes, *, size: int, scale: tuple[float, float] = (0.05, 
     x, y, cw, ch = sample_crop(w, h, scale, ratio, rng)
     flip = hflip and rng.random() < 0.5
     fx, fy = _draft(im, w * size / cw, h * size / ch)
-    return _finish(im, data, (x * fx, y * fy, (x + cw) * fx, (y + ch) * fy), size, flip,
-                   scaled=(fx, fy) != (1.0, 1.0))  # (S, S, 3) uint8
+    return _finish(im, data, (x * fx, y * fy, (x + cw) * fx, (y + ch) * fy), size, flip)  # (S, S, 3) uint8
 
 
 def decode_eval(data: bytes, *, size: int, crop_pct: float = 0.875,
@@ -353,5 +343,4 @@ def decode_eval(data: bytes, *, size: int, crop_pct: float = 0.875,
     side = min(w, h) * crop_pct  # the center square, in original pixels
     fx, fy = _draft(im, w * size / side, h * size / side)
     x0, y0 = (w - side) / 2, (h - side) / 2
-    return _finish(im, data, (x0 * fx, y0 * fy, (x0 + side) * fx, (y0 + side) * fy), size,
-                   scaled=(fx, fy) != (1.0, 1.0))
+    return _finish(im, data, (x0 * fx, y0 * fy, (x0 + side) * fx, (y0 + side) * fy), size)

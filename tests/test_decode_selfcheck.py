@@ -34,10 +34,7 @@ def _jpeg(w: int = 120, h: int = 90) -> bytes:
 def fresh_state() -> Iterator[None]:
     saved = (decode._PartialDecode.enabled, decode._PartialDecode.reason, decode._PartialDecode.fallbacks)
     decode._PartialDecode.enabled, decode._PartialDecode.reason, decode._PartialDecode.fallbacks = True, "", 0
-    tv = decode.decode_tv._TorchvisionDecode.enabled
-    decode.decode_tv._TorchvisionDecode.enabled = False  # these tests are about PIL's paths
     yield
-    decode.decode_tv._TorchvisionDecode.enabled = tv
     decode._PartialDecode.enabled, decode._PartialDecode.reason, decode._PartialDecode.fallbacks = saved
 
 

@@ -348,7 +348,7 @@ def test_decode_modes_draft_and_caps() -> None:
 
     seen = []
     orig = dec._finish
-    dec._finish = lambda im, *rest, **kw: seen.append(im.size) or orig(im, *rest, **kw)  # type: ignore[assignment]
+    dec._finish = lambda im, *rest: seen.append(im.size) or orig(im, *rest)  # type: ignore[assignment]
     try:
         decode_train(_jpeg((1600, 1200)), size=64, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3), rng=random.Random(0))
     finally:
@@ -398,7 +398,6 @@ def _full_decode_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(dec, "_decode_top", lambda *a: False)
     monkeypatch.setattr(dec, "_decode_direct", lambda *a: None)  # PIL's own full decode, for every mode
-    monkeypatch.setattr(dec.decode_tv._TorchvisionDecode, "enabled", False)  # not torchvision's either
 
 
 def _outcome(fn, *args, **kw) -> np.ndarray | str:
