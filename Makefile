@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 .PHONY: install test test-fast smoke bench lint clean services-up services-down peers-venv
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py pipeline/_jpeg.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'

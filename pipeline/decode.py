@@ -1,11 +1,15 @@
-"""JPEG bytes -> fixed-size uint8 RGB arrays, cropping *before* decoding where it pays.
+"""JPEG bytes -> fixed-size uint8 RGB arrays, decoding only what the crop needs.
 
 The train path is the Inception crop (torchvision ``RandomResizedCrop`` parameters, sampled
-from the image size in the JPEG header, i.e. before any pixel is decoded) fused with PIL's
-JPEG *draft* mode: libjpeg scales by 1/2, 1/4 or 1/8 in the DCT domain while decoding, and we
-ask for the largest reduction that still leaves at least ``size`` pixels across the crop, so
-quality is unchanged and large images decode several times faster. Eval is resize (shorter
-side to ``size / crop_pct``) + center crop, also through draft mode.
+from the image size in the JPEG header, i.e. before any pixel is decoded). A JPEG is then
+decoded by ``_vitscale_jpeg`` (our C extension on libjpeg-turbo, pipeline/_jpeg.c) only inside the crop: no
+IDCT, upsampling or colour conversion for the rows above it or the columns beside it, nothing
+below it, and scaled in the DCT domain by 1/2, 1/4 or 1/8 when the crop still has at least
+``size`` pixels across (:func:`_scale_num`). The region's pixels are exactly those of a full
+decode at that scale, and so those of the PIL path this replaced. Eval is resize (shorter side
+to ``size / crop_pct``) + center crop, through the same region decode. The resize runs in torch on the RGBX
+rows libjpeg wrote into a reused per-thread buffer. Images that are not plain JPEGs (PNG, CMYK
+JPEGs, ...) go through PIL.
 
 Problems raise :class:`BadSample` with a short ``reason`` used as the stats key.
 """
@@ -24,7 +28,22 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+try:
+    # A top-level module, not pipeline._jpeg: `ray job submit --working-dir .` uploads the checkout
+    # without ignored files (the built .so), and the uploaded pipeline/ package shadows the installed
+    # one; a top-level module still resolves to the installed build (site-packages, or the editable
+    # install's copy).
+    import _vitscale_jpeg as _jpeg
+except ImportError as exc:  # pragma: no cover - a checkout whose extension was never built
+    raise ImportError(
+        f"_vitscale_jpeg (the loader's JPEG decoder, pipeline/_jpeg.c) is not built ({exc}): run `make install` "
+        "(or `pip install -e .`) in the repository; it needs a C compiler and libjpeg-turbo's headers "
+        "(apt-get install libjpeg62-turbo-dev)") from exc
+
 log = logging.getLogger(__name__)
+
+#: libjpeg colour spaces our decoder decodes to RGB itself (others, CMYK/YCCK, go through PIL).
+_PLAIN_SPACES = (_jpeg.JCS_GRAYSCALE, _jpeg.JCS_RGB, _jpeg.JCS_YCbCr)
 
 #: The one pixel limit of the project (decompression bombs): the writer rejects images above it
 #: (``write_shards.prepare_image``) and the loader skips them (``DataConfig.max_image_pixels``
@@ -58,53 +77,19 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return im
 
 
-def _draft(im: Image.Image, need_w: float, need_h: float) -> tuple[float, float]:
-    """Let libjpeg downscale while decoding as long as >= (need_w, need_h) remain.
+def _scale_num(w: int, h: int, need_w: float, need_h: float) -> int:
+    """M of the M/8 DCT scale at which a ``w x h`` JPEG still has >= ``need`` pixels across each side.
 
-    Returns the (x, y) factors from original to drafted coordinates.
+    PIL ``draft()``'s rule, which the loader used before its own decoder: 1/2, 1/4 or 1/8 (the
+    largest ``1/s`` with ``w // s >= need``), only when ``need`` is at most half the image; so the
+    pixels are the PIL path's, bit for bit. Any M/8 would be possible (libjpeg scales by 1/8 ... 8/8),
+    but 3/8, 5/8, 6/8 and 7/8 measured slower than 8/8 + resize (their IDCTs have no SIMD) and
+    softer (BENCHMARKS.md), so they are not used.
     """
-    w, h = im.size
-    if im.format == "JPEG" and need_w * 2 <= w and need_h * 2 <= h:
-        mode = "RGB" if im.mode in ("RGB", "YCbCr") else im.mode
-        im.draft(mode, (math.ceil(need_w), math.ceil(need_h)))
-    return im.size[0] / w, im.size[1] / h
-
-
-#: Probe pixel written before a partial decode; a decoder that really wrote the last row
-#: overwrites it (see :func:`_decode_top`).
-_MARK = {"RGB": (1, 254, 3), "L": 7, "CMYK": (1, 254, 3, 252)}
-
-
-def _decode_top_internal(im: Image.Image, data: bytes, rows: int) -> bool:
-    """Decode only rows ``[0, rows)`` of a sequential JPEG into ``im``; False if not done.
-
-    libjpeg produces scanlines top to bottom, so rows below a crop never need their IDCT,
-    upsampling or colour conversion; stopping there saves ~15 % of a 224 px train decode
-    on average (bench/loader.py). PIL has no API for it: we drive its JPEG decoder on an
-    image of ``rows`` rows. libjpeg then reports "too few scanlines" at the end, which PIL
-    returns as a broken stream; a probe pixel in the last row tells a finished decode (probe
-    overwritten: the rows are exact, equal to a full decode's) from a stream that failed
-    before reaching it, where we return False and let the full decode decide. Data that ends
-    before ``rows`` raises :class:`BadSample`, as a truncated file does in a full decode.
-    """
-    w, h = im.size
-    if im.format != "JPEG" or len(im.tile) != 1 or rows > h - 16 or im.mode not in _MARK:
-        return False
-    name, _extents, offset, args = im.tile[0]
-    core = Image.core.new(im.mode, (w, rows))
-    probes = ((0, rows - 1), (w - 1, rows - 1))
-    for xy in probes:
-        core.putpixel(xy, _MARK[im.mode])
-    decoder = Image._getdecoder(im.mode, name, args, im.decoderconfig)
-    decoder.setimage(core, (0, 0, w, rows))
-    consumed, err = decoder.decode(memoryview(data)[offset:])
-    decoder.cleanup()
-    if consumed >= 0:  # libjpeg suspended: it wants bytes the sample does not have
-        raise BadSample("corrupt_image", f"JPEG data ends before row {rows} of {h}")
-    if err < 0 and all(core.getpixel(xy) == _MARK[im.mode] for xy in probes):
-        return False  # failed before the last row we need: let a full decode decide
-    im.im, im._size, im.tile = core, (w, rows), []  # what ImageFile.load() leaves behind
-    return True
+    if not (need_w * 2 <= w and need_h * 2 <= h):
+        return 8
+    room = min(w // math.ceil(need_w), h // math.ceil(need_h))
+    return 8 // next(s for s in (8, 4, 2, 1) if room >= s)
 
 
 #: Largest scratch buffer (bytes) a thread keeps between images; a larger image gets a one-off buffer.
@@ -131,174 +116,94 @@ def _scratch(nbytes: int) -> np.ndarray:
     return buf[:nbytes]
 
 
-def _decode_into_internal(im: Image.Image, data: bytes, rows: int) -> np.ndarray | None:
-    """Decode rows ``[0, rows)`` of an RGB JPEG straight into this thread's scratch buffer.
-
-    Returns a ``(rows, w, 4)`` uint8 RGBX view of the scratch buffer (valid until this thread's
-    next decode), or None when the JPEG is not a plain RGB one or the decode did not finish cleanly
-    (the PIL path then decides, and reports corrupt data the way it always has). The pixels are
-    PIL's own (same libjpeg, same RGB unpacker: PIL stores RGB as RGBX anyway): the target is a PIL
-    image mapped onto our buffer (``Image.frombuffer``), so there is no copy out of PIL's memory
-    (``np.asarray(im)`` goes through ``tobytes``) and no fresh allocation per image; the 4th byte
-    also suits torch's uint8 resize, which works on 4 channels (3-channel input is repacked).
-    ``rows < h`` is the partial decode of :func:`_decode_top_internal` (same probe check).
-    """
-    w, h = im.size
-    if im.format != "JPEG" or im.mode != "RGB" or len(im.tile) != 1 or rows > h:
-        return None
-    name, _extents, offset, args = im.tile[0]
-    if args and args[0] == "RGB":  # libjpeg-turbo writes RGBX itself (JCS_EXT_RGBX): PIL's row unpack is a memcpy
-        args = ("RGBX", *args[1:])
-    arr = _scratch(rows * w * 4).reshape(rows, w, 4)  # (rows, w, RGBX)
-    partial = rows < h
-    if partial:
-        arr[rows - 1, [0, w - 1], :3] = _MARK["RGB"]
-    target = Image.frombuffer("RGBX", (w, rows), arr, "raw", "RGBX", 0, 1)  # shares arr's memory
-    decoder = Image._getdecoder("RGBX", name, args, im.decoderconfig)
-    decoder.setimage(target.im, (0, 0, w, rows))
-    consumed, err = decoder.decode(memoryview(data)[offset:])
-    decoder.cleanup()
-    if not partial:
-        return arr if consumed < 0 and err == 0 else None
-    if consumed >= 0:  # libjpeg suspended: it wants bytes the sample does not have
-        raise BadSample("corrupt_image", f"JPEG data ends before row {rows} of {h}")
-    if err < 0 and all((arr[rows - 1, x, :3] == _MARK["RGB"]).all() for x in (0, w - 1)):
-        return None  # failed before the last row we need: let a full decode decide
-    return arr
-
-
-class _PartialDecode:
-    """Whether :func:`_decode_top` may use PIL's internals (decided once per process).
-
-    Partial decoding drives private PIL API (``Image.core.new``, ``Image._getdecoder``,
-    ``im.im``/``im._size``/``im.tile``), tested on the Pillow major pinned in pyproject.toml. A
-    Pillow that changed them must not turn every sample into a ``corrupt_image`` skip (the
-    loader would blame the shards): an import-time self-check compares a partial decode with a
-    full one on a generated JPEG; if the API is missing or the pixels differ, partial decoding
-    is switched off with a warning naming why and every image is fully decoded (slower, same
-    pixels). The same happens if the internals fail with a non-data error at run time.
-    """
-
-    enabled: bool = True
-    reason: str = ""
-    fallbacks: int = 0  # images fully decoded because partial decoding is off
-
-    @classmethod
-    def disable(cls, reason: str) -> None:
-        if cls.enabled:
-            log.warning("partial JPEG decoding disabled, decoding whole images instead (slower, same "
-                        "pixels): %s. Pillow %s; pin the tested major in pyproject.toml.", reason,
-                        getattr(Image, "__version__", "?"))
-        cls.enabled, cls.reason = False, reason
-
-
-def partial_decode_status() -> dict[str, object]:
-    """``{"enabled", "reason", "fallbacks"}`` of partial decoding in this process."""
-    return {"enabled": _PartialDecode.enabled, "reason": _PartialDecode.reason,
-            "fallbacks": _PartialDecode.fallbacks}
-
-
-def _decode_top(im: Image.Image, data: bytes, rows: int) -> bool:
-    """:func:`_decode_top_internal` if PIL's internals work here, else False (full decode)."""
-    if not _PartialDecode.enabled:
-        _PartialDecode.fallbacks += 1
-        return False
-    try:
-        return _decode_top_internal(im, data, rows)
-    except BadSample:
-        raise
-    except (AttributeError, TypeError, NameError, ValueError) as exc:  # API drift, not bad data
-        _PartialDecode.disable(f"{type(exc).__name__}: {exc}")
-        _PartialDecode.fallbacks += 1
-        return False
-
-
-def _decode_direct(im: Image.Image, data: bytes, rows: int) -> np.ndarray | None:
-    """:func:`_decode_into_internal` while PIL's internals work here, else None (the PIL path)."""
-    if not _PartialDecode.enabled:
-        return None  # counted as a fallback by _decode_top, which the PIL path calls
-    try:
-        return _decode_into_internal(im, data, rows)
-    except BadSample:
-        raise
-    except (AttributeError, TypeError, NameError, ValueError) as exc:  # API drift, not bad data
-        _PartialDecode.disable(f"{type(exc).__name__}: {exc}")
-        return None
-
-
-def _self_check_partial_decode() -> None:
-    """Partial decode of a generated JPEG must equal the full decode's top rows, pixel for pixel."""
-    try:
-        yy, xx = np.mgrid[0:64, 0:48]
-        pixels = np.stack([xx * 5, yy * 3, (xx + yy) * 2], axis=-1).astype(np.uint8)  # (64, 48, 3)
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-        data = buf.getvalue()
-        full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-        im = Image.open(io.BytesIO(data))
-        if not _decode_top_internal(im, data, 40):
-            raise ValueError("partial decode of a valid baseline JPEG did not complete")
-        part = np.asarray(im)
-        if part.shape != (40, 48, 3) or not np.array_equal(part, full[:40]):
-            raise ValueError(f"partial decode differs from the full decode (shape {part.shape})")
-        for rows in (40, 64):  # the direct path: partial and whole, into the scratch buffer
-            got = _decode_into_internal(Image.open(io.BytesIO(data)), data, rows)
-            if got is None or got.shape != (rows, 48, 4) or not np.array_equal(got[..., :3], full[:rows]):
-                raise ValueError(f"direct decode of {rows} rows differs from the full decode")
-    except Exception as exc:  # noqa: BLE001 - any failure here means: do not use the internals
-        _PartialDecode.disable(f"self-check failed: {type(exc).__name__}: {exc}")
-
-
-_self_check_partial_decode()
-
-
-def _finish(im: Image.Image, data: bytes, box: tuple[float, float, float, float], size: int,
-            flip: bool = False) -> np.ndarray:
-    """Decode ``im`` (down to the box's bottom), crop ``box``, resize to ``(size, size, 3)`` uint8.
-
-    The result is an HWC view of CHW memory (strides ``(S, 1, S*S)``): the loader turns it back
-    into a ``(3, S, S)`` tensor without a copy. Only the crop is copied out of PIL's buffer
-    (and converted to RGB if needed), and the resize runs in torch on uint8 channels-last data
-    (bilinear with antialiasing, the same filter as PIL's ``BILINEAR`` resize): 3-4x faster
-    than PIL's resampler on 224 px crops, which otherwise costs as much as the decode itself.
-    """
-    w, h = im.size  # drafted size; pixels are whole pixels of it: at most half a pixel off the exact box
+def _pixel_box(box: tuple[float, float, float, float], w: int, h: int) -> tuple[int, int, int, int]:
+    """A float box in a ``w x h`` image -> whole pixels, at least 1x1, inside the image (at most
+    half a pixel off the exact box)."""
     x0 = min(max(int(round(box[0])), 0), w - 1)
     y0 = min(max(int(round(box[1])), 0), h - 1)
     x1 = max(min(int(round(box[2])), w), x0 + 1)
     y1 = max(min(int(round(box[3])), h), y0 + 1)
-    rgbx = _decode_direct(im, data, y1 if y1 <= h - 16 else h)
-    if rgbx is not None:  # RGB JPEG: no PIL image, no crop copy; the same pixels as the path below
-        # (1, 4, h, w) channels-last view of the scratch buffer; torch's uint8 resize reads it in place.
-        nchw = torch.from_numpy(rgbx[y0:y1, x0:x1]).permute(2, 0, 1).unsqueeze(0)
-        out = F.interpolate(nchw, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0, :3]
-        if out.is_contiguous():  # planar (the crop is a strided view): dropping X and flipping are cheap
-            return (out.flip(-1) if flip else out).permute(1, 2, 0).numpy()  # (S, S, 3) view of CHW memory
-        # A full-width crop is a dense channels-last view, so torch answers channels-last: numpy de-interleaves
-        # (and flips) in one pass, ~2-3x faster than torch's strided copy.
-        hwc = out.permute(1, 2, 0).numpy()  # (S, S, 3) view of the (S, S, 4) output
-        chw = np.empty((3, size, size), np.uint8)
-        np.copyto(chw, (hwc[:, ::-1] if flip else hwc).transpose(2, 0, 1))
-        return chw.transpose(1, 2, 0)  # (S, S, 3) view of CHW memory
+    return x0, y0, x1, y1
+
+
+def _resize(nchw: torch.Tensor, size: int, flip: bool) -> np.ndarray:
+    """``(1, C, h, w)`` uint8 (C = 3, or 4 with the X of RGBX last) -> ``(size, size, 3)`` uint8.
+
+    Bilinear with antialiasing (PIL ``BILINEAR``'s filter) in torch: 3-4x faster than PIL's
+    resampler on 224 px crops; its uint8 fast path is 4-channel (3-channel input is repacked). The
+    result is an HWC view of CHW memory (strides ``(S, 1, S*S)``): the loader turns it back into a
+    ``(3, S, S)`` tensor without a copy.
+    """
+    out = F.interpolate(nchw, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0, :3]
+    if out.is_contiguous():  # planar (the crop was a strided view): dropping X and flipping are cheap
+        return (out.flip(-1) if flip else out).permute(1, 2, 0).numpy()  # (S, S, 3) view of CHW memory
+    # A dense channels-last input gives channels-last output: numpy de-interleaves (and flips) in one
+    # pass, ~2-3x faster than torch's strided copy.
+    hwc = out.permute(1, 2, 0).numpy()  # (S, S, 3) view of the (S, S, 4) output
+    chw = np.empty((3, size, size), np.uint8)
+    np.copyto(chw, (hwc[:, ::-1] if flip else hwc).transpose(2, 0, 1))
+    return chw.transpose(1, 2, 0)  # (S, S, 3) view of CHW memory
+
+
+def _jpeg_header(data: bytes, max_pixels: int) -> tuple[int, int] | None:
+    """``(w, h)`` of a JPEG our decoder takes (grayscale, RGB, YCbCr), else None (PIL decides)."""
+    try:
+        w, h, _components, space = _jpeg.header(data)
+    except ValueError:
+        return None  # not a JPEG, or a header libjpeg refuses: the PIL path names the problem
+    if space not in _PLAIN_SPACES or w <= 0 or h <= 0:
+        return None  # CMYK/YCCK (Adobe) JPEGs: PIL converts them
+    if max_pixels and w * h > max_pixels:
+        raise BadSample("too_many_pixels", f"{w}x{h} > {max_pixels}")
+    return w, h
+
+
+def _jpeg_crop(data: bytes, w: int, h: int, m: int, box: tuple[float, float, float, float], size: int,
+               flip: bool) -> np.ndarray:
+    """Decode only ``box`` (original pixels) of the JPEG scaled by ``m/8``, resize to ``size``.
+
+    The pixels are exactly those of a full decode at that scale, cropped (tests/test_pipeline.py):
+    libjpeg skips the IDCT, upsampling and colour work of the rows above the box and the columns
+    beside it, and stops after its last row; only entropy decoding runs over the rows above.
+    """
+    sw, sh = -(-w * m // 8), -(-h * m // 8)
+    fx, fy = sw / w, sh / h
+    x0, y0, x1, y1 = _pixel_box((box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy), sw, sh)
+    buf = _scratch((y1 - y0) * sw * 4)
+    try:
+        xoff, width, rows = _jpeg.decode(data, buf, m, x0, y0, x1, y1)
+    except ValueError as exc:  # corrupt or truncated entropy data
+        raise BadSample("corrupt_image", str(exc)) from exc
+    rgbx = buf[: rows * width * 4].reshape(rows, width, 4)[:, x0 - xoff: x1 - xoff]
+    # (1, 4, h, w) channels-last view of the scratch buffer; torch's uint8 resize reads it in place.
+    return _resize(torch.from_numpy(rgbx).permute(2, 0, 1).unsqueeze(0), size, flip)
+
+
+def _pil_crop(data: bytes, box: tuple[float, float, float, float], size: int, max_pixels: int,
+              flip: bool = False) -> np.ndarray:
+    """Any other image PIL reads (PNG, CMYK JPEG, ...): full decode (JPEG: draft 1/2^k), crop, resize."""
+    im = _open(data, max_pixels)
+    w, h = im.size
+    fx = fy = 1.0
+    need_w, need_h = w * size / (box[2] - box[0]), h * size / (box[3] - box[1])  # the image's size at 1:1 crop
+    if im.format == "JPEG" and need_w * 2 <= w and need_h * 2 <= h:
+        im.draft(im.mode, (math.ceil(need_w), math.ceil(need_h)))
+        fx, fy = im.size[0] / w, im.size[1] / h
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if not _decode_top(im, data, y1):
-                im.load()  # full decode: corrupt data surfaces here
-            crop = im.crop((x0, y0, x1, y1))
+            im.load()  # corrupt data surfaces here
+            crop = im.crop(_pixel_box((box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy), *im.size))
             if crop.mode != "RGB":
                 # L, CMYK, P, RGBA, I;16 ... -> RGB (alpha dropped: JPEG carries none anyway).
                 crop = crop.convert("RGBA").convert("RGB") if crop.mode == "P" else crop.convert("RGB")
-            arr = np.asarray(crop)  # (h, w, 3) uint8, read-only; only read below
-            nchw = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w), channels-last strides
+            arr = np.asarray(crop)  # (h, w, 3) uint8, read-only; only read below (torch's warning muted)
+            nchw = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
     except BadSample:
         raise
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt entropy data surfaces here
         raise BadSample("corrupt_image", f"{type(exc).__name__}: {exc}") from exc
-    out = F.interpolate(nchw, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-    if flip:
-        out = out.flip(-1)  # (3, S, S)
-    return out.permute(1, 2, 0).numpy()  # (S, S, 3) uint8 view
+    return _resize(nchw, size, flip)
 
 
 def sample_crop(w: int, h: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -326,21 +231,59 @@ def sample_crop(w: int, h: int, scale: tuple[float, float], ratio: tuple[float, 
 def decode_train(data: bytes, *, size: int, scale: tuple[float, float] = (0.05, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True, rng: random.Random,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Inception crop + optional horizontal flip: ``(size, size, 3)`` uint8."""
-    im = _open(data, max_pixels)
-    w, h = im.size
+    """Inception crop + optional horizontal flip: ``(size, size, 3)`` uint8.
+
+    The crop (``sample_crop`` on the header's size) and the flip are drawn before any pixel is
+    decoded; a JPEG is then decoded only inside the crop (:func:`_jpeg_crop`).
+    """
+    wh = _jpeg_header(data, max_pixels)
+    w, h = wh if wh is not None else _open(data, max_pixels).size
     x, y, cw, ch = sample_crop(w, h, scale, ratio, rng)
     flip = hflip and rng.random() < 0.5
-    fx, fy = _draft(im, w * size / cw, h * size / ch)
-    return _finish(im, data, (x * fx, y * fy, (x + cw) * fx, (y + ch) * fy), size, flip)  # (S, S, 3) uint8
+    box = (x, y, x + cw, y + ch)
+    if wh is None:
+        return _pil_crop(data, box, size, max_pixels, flip)
+    m = _scale_num(w, h, w * size / cw, h * size / ch)
+    return _jpeg_crop(data, w, h, m, box, size, flip)  # (S, S, 3) uint8
 
 
 def decode_eval(data: bytes, *, size: int, crop_pct: float = 0.875,
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Resize the shorter side to ``size / crop_pct``, center crop ``size``: ``(size, size, 3)`` uint8."""
-    im = _open(data, max_pixels)
-    w, h = im.size
+    """Resize the shorter side to ``size / crop_pct``, center crop ``size``: ``(size, size, 3)`` uint8.
+
+    """
+    wh = _jpeg_header(data, max_pixels)
+    w, h = wh if wh is not None else _open(data, max_pixels).size
     side = min(w, h) * crop_pct  # the center square, in original pixels
-    fx, fy = _draft(im, w * size / side, h * size / side)
     x0, y0 = (w - side) / 2, (h - side) / 2
-    return _finish(im, data, (x0 * fx, y0 * fy, (x0 + side) * fx, (y0 + side) * fy), size)
+    box = (x0, y0, x0 + side, y0 + side)
+    if wh is None:
+        return _pil_crop(data, box, size, max_pixels)
+    m = _scale_num(w, h, w * size / side, h * size / side)
+    return _jpeg_crop(data, w, h, m, box, size, False)
+
+
+def decode_problem(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+    """Why the loader would skip this image (``"reason: detail"``), or None when every row decodes.
+
+    The writer's check (``pipeline.encode.prepare_image``), so that whatever it stores the loader
+    serves: every row is entropy-decoded, at 1/8 scale (the IDCT and colour work of the others is
+    not needed to see damaged or truncated data).
+    """
+    try:
+        wh = _jpeg_header(data, max_pixels)
+        if wh is None:
+            im = _open(data, max_pixels)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if im.format == "JPEG":
+                    im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+                im.load()
+            return None
+        sw, sh = -(-wh[0] // 8), -(-wh[1] // 8)
+        _jpeg.decode(data, _scratch(sw * sh * 4), 1, 0, 0, sw, sh)
+    except BadSample as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure: corrupt data
+        return f"corrupt_image: {type(exc).__name__}: {exc}"
+    return None

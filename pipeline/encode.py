@@ -7,7 +7,7 @@ import warnings
 
 from PIL import Image
 
-from .decode import DEFAULT_MAX_PIXELS
+from .decode import DEFAULT_MAX_PIXELS, decode_problem
 
 #: Images above this many pixels are rejected: the loader's limit (one constant, pipeline.decode),
 #: so an image the writer stores is never one the loader skips as too big.
@@ -33,9 +33,11 @@ def prepare_image(data: bytes, *, max_side: int | None, quality: int) -> bytes:
             raise Reject("too_many_pixels", f"{w}x{h}")
         resize = max_side is not None and max(w, h) > max_side
         if im.format == "JPEG" and not resize:
-            # A 1/8-scale DCT decode is enough to catch truncated or corrupt entropy data.
-            im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
-            im.load()
+            # The loader's own decoder over every row (at 1/8 scale: enough to see truncated or
+            # damaged entropy data): an image stored here is one the loader serves.
+            problem = decode_problem(data, WRITER_MAX_PIXELS)
+            if problem:
+                raise Reject("undecodable", problem)
             return data
         if resize:
             s = max_side / max(w, h)  # type: ignore[operator]

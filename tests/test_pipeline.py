@@ -347,13 +347,14 @@ def test_decode_modes_draft_and_caps() -> None:
     from pipeline import decode as dec
 
     seen = []
-    orig = dec._finish
-    dec._finish = lambda im, *rest: seen.append(im.size) or orig(im, *rest)  # type: ignore[assignment]
+    orig = dec._jpeg_crop
+    dec._jpeg_crop = lambda data, w, h, m, *rest: seen.append((w * m // 8, h * m // 8)) or orig(data, w, h, m, *rest)
     try:
         decode_train(_jpeg((1600, 1200)), size=64, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3), rng=random.Random(0))
+        decode_train(_jpeg((1600, 1200)), size=64, scale=(0.04, 0.04), ratio=(4 / 3, 4 / 3), rng=random.Random(0))
     finally:
-        dec._finish = orig  # type: ignore[assignment]
-    assert seen == [(200, 150)]
+        dec._jpeg_crop = orig  # type: ignore[assignment]
+    assert seen == [(200, 150), (800, 600)]  # a 320x240 crop: PIL draft's rule takes 1/2
 
 
 def test_csv_manifest_and_shard_bytes(tmp_path: Path) -> None:
@@ -392,12 +393,11 @@ def test_two_layout_changes_in_one_epoch_no_repeats(id_ds: Path) -> None:
     assert N_IDS - len(ids) < 2 * 8 + 3 * 5 + 1 * 8
 
 
-# ----------------------------------------------------------------------------- partial decode, uint8 output
-def _full_decode_only(monkeypatch: pytest.MonkeyPatch) -> None:
+# ----------------------------------------------------------------------------- region decode, uint8 output
+def _pil_only(monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline import decode as dec
 
-    monkeypatch.setattr(dec, "_decode_top", lambda *a: False)
-    monkeypatch.setattr(dec, "_decode_direct", lambda *a: None)  # PIL's own full decode, for every mode
+    monkeypatch.setattr(dec, "_jpeg_header", lambda *a: None)  # PIL's own full decode, for every image
 
 
 def _outcome(fn, *args, **kw) -> np.ndarray | str:
@@ -407,9 +407,11 @@ def _outcome(fn, *args, **kw) -> np.ndarray | str:
         return exc.reason
 
 
-def test_partial_decode_equals_full_decode(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Decoding only down to the crop's bottom row gives the full decode's pixels, and corrupt
-    or truncated data gets the same verdict (or valid pixels when the damage lies below the crop)."""
+def test_region_decode_equals_pil_full_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our decoder (pipeline/_jpeg.c) decodes only the crop (rows above skipped, columns beside it cropped, nothing
+    below); the pixels are PIL's full decode (+ draft for the scale) cropped, for every layout, and
+    truncated or damaged data gets the same verdict, except that damage wholly below the crop is
+    never read (valid pixels) and damage PIL only warns about is refused (see test_jpeg_decoder)."""
     import random
 
     from pipeline import decode as dec
@@ -417,61 +419,51 @@ def test_partial_decode_equals_full_decode(monkeypatch: pytest.MonkeyPatch) -> N
 
     photos = list(make_photos(12, size=(500, 375), seed=3, quality=90))
     photos.append(_jpeg((333, 517), "L"))  # grayscale, odd size
-    photos.append(_jpeg((640, 480), "CMYK"))
+    photos.append(_jpeg((640, 480), "CMYK"))  # PIL's path in both runs
     for kw in ({"progressive": True}, {"subsampling": 0}, {"restart_marker_blocks": 4}):  # other JPEG layouts
         buf = io.BytesIO()
         Image.open(io.BytesIO(photos[0])).save(buf, format="JPEG", quality=85, **kw)
         photos.append(buf.getvalue())
     cases = []
     for k, data in enumerate(photos):
-        for size, scale in ((224, (0.08, 1.0)), (64, (0.3, 1.0))):  # 64 px: draft mode too
+        for size, scale in ((224, (0.08, 1.0)), (64, (0.3, 1.0))):  # 64 px: DCT scaling too
             cases.append((data, size, scale, k))
     damaged = []
     for data in photos[:4]:
         n = len(data)
         damaged += [data[: n // 3], data[: n - 50], data[:300]]
-        flipped = bytearray(data)
-        for pos in range(n // 2, n // 2 + 40):
-            flipped[pos] ^= 0x5A
-        damaged.append(bytes(flipped))
     cases += [(d, 224, (0.08, 1.0), 100 + i) for i, d in enumerate(damaged)]
 
-    calls = {"partial": 0}
-    orig, orig_direct = dec._decode_top, dec._decode_direct
+    calls = {"region": 0}
+    orig = dec._jpeg_crop
 
     def counting(*a):
-        done = orig(*a)
-        calls["partial"] += bool(done)
-        return done
+        calls["region"] += 1
+        return orig(*a)
 
-    def counting_direct(im, data, rows):  # the RGB path: partial when it stops above the bottom
-        got = orig_direct(im, data, rows)
-        calls["partial"] += got is not None and rows < im.size[1]
-        return got
-
-    monkeypatch.setattr(dec, "_decode_top", counting)
-    monkeypatch.setattr(dec, "_decode_direct", counting_direct)
-    partial = [[_outcome(decode_train, d, size=s, scale=sc, rng=random.Random(i)) for i in range(6)]
-               for d, s, sc, _ in cases]
-    assert calls["partial"] > len(cases)  # most crops end above the bottom: the partial path ran
-    _full_decode_only(monkeypatch)
-    for (d, s, sc, k), got in zip(cases, partial, strict=True):
+    monkeypatch.setattr(dec, "_jpeg_crop", counting)
+    region = [[_outcome(decode_train, d, size=s, scale=sc, rng=random.Random(i)) for i in range(6)]
+              for d, s, sc, _ in cases]
+    assert calls["region"] > 4 * len(cases)  # the C decoder ran for (nearly) every crop
+    _pil_only(monkeypatch)
+    for (d, s, sc, k), got in zip(cases, region, strict=True):
         for i, g in enumerate(got):
             want = _outcome(decode_train, d, size=s, scale=sc, rng=random.Random(i))
             if isinstance(want, str) and not isinstance(g, str):
-                assert k >= 100, f"case {k}: partial decode accepted an image the full decode rejects"
+                assert k >= 100, f"case {k}: the region decode accepted an image the full decode rejects"
                 continue  # damage below the crop: the rows we need are intact
             assert type(g) is type(want), f"case {k} crop {i}: {g if isinstance(g, str) else 'pixels'} vs {want}"
             if isinstance(g, str):
                 assert g == want
             else:
                 assert np.array_equal(g, want), f"case {k} crop {i}: pixels differ"
-    for data in photos:  # eval: resize + center crop also stops at the crop's bottom
-        _full_decode_only(monkeypatch)
-        want = decode_eval(data, size=96, crop_pct=0.6)
-        monkeypatch.setattr(dec, "_decode_top", orig)
-        monkeypatch.setattr(dec, "_decode_direct", orig_direct)
-        assert np.array_equal(decode_eval(data, size=96, crop_pct=0.6), want)
+    monkeypatch.undo()
+    for data in photos:  # eval: resize + center crop, also a region decode
+        want_eval = None
+        with monkeypatch.context() as mp:
+            mp.setattr(dec, "_jpeg_header", lambda *a: None)
+            want_eval = decode_eval(data, size=96, crop_pct=0.6)
+        assert np.array_equal(decode_eval(data, size=96, crop_pct=0.6), want_eval)
 
 
 def test_uint8_output_normalizes_to_float_output(digits_ds: Path) -> None:
