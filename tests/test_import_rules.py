@@ -33,7 +33,8 @@ MAY_IMPORT: dict[str, set[str]] = {
 THIRD_PARTY: dict[str, set[str] | None] = {
     "confkit": set(),
     "model": {"torch", "safetensors", "timm"},
-    "pipeline": {"torch", "torchvision", "numpy", "PIL", "pyarrow", "boto3", "botocore", "urllib3", "tqdm"},
+    # _vitscale_jpeg: pipeline's own C extension (pipeline/_jpeg.c), top-level for the reason pipeline/decode.py gives
+    "pipeline": {"torch", "torchvision", "numpy", "PIL", "pyarrow", "boto3", "botocore", "urllib3", "tqdm", "_vitscale_jpeg"},
     "training": {"torch", "deepspeed", "numpy", "safetensors"},
     "orchestration": None,
 }
