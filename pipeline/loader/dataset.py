@@ -141,9 +141,23 @@ class ShardStream(IterableDataset):
         return emitted // self.plan.batch_size, resume_slot(self.plan, self.rank * self.plan.num_workers + logical,
                                                             emitted)
 
+    def samples_checked(self) -> bool:
+        """Whether every image this loader serves is checked against its own recorded sha256 (format 2
+        and 3 with ``verify_samples``): then no whole-shard sha256 is computed, since labels, keys and
+        byte ranges come from the checked rows file, never from the tar, so the whole-shard hash would
+        only cover bytes the loader never serves (tar headers, padding, other members) at the price of
+        a second hash of every image (~31 us per 55 KB JPEG). Format 3 is predicted from the metadata
+        (every rows file has a ``sha256`` column); ``locate`` keeps the whole-shard hash of a shard
+        whose rows turn out to have none."""
+        m = self.meta
+        if not m.verify_samples:
+            return False
+        return m.whole.rows.digests is not None if m.whole is not None else m.rows_sha256 is not None
+
     def _run(self, vs: int, ids: np.ndarray, whole_ok: bool) -> Run:
         """The run of (virtual) shard ``vs`` reading ``ids``; its byte ranges come from the shard's rows
-        (``locate``)."""
+        (``locate``). ``expect_sha256`` is set on a whole run of a shard not yet verified in this run;
+        ``locate`` drops it where the per-sample check covers every served byte (:meth:`samples_checked`)."""
         s = vs % len(self.meta.shard_names)
         meta, name = self.meta, self.meta.shard_names[s]
         if meta.shard_bytes is None or meta.shard_samples is None:
@@ -161,8 +175,11 @@ class ShardStream(IterableDataset):
 
     def whole_checked(self) -> set[str]:
         """Shards this rank's epoch reads whole, and so checks against their recorded sha256
-        (the tails of its slots, the same runs the workers make: O(shards) here, no replay)."""
+        (the tails of its slots, the same runs the workers make: O(shards) here, no replay); none when
+        every served image is checked on its own (:meth:`samples_checked`)."""
         plan, out = self.plan, set()
+        if self.samples_checked():
+            return out
         for w in range(plan.num_workers):
             slot = self.rank * plan.num_workers + w
             emitted = slot_emitted(plan, self.skip, w)
@@ -177,8 +194,11 @@ class ShardStream(IterableDataset):
         def locate(run: Run) -> Run:
             rows = self.meta.rows(run.index, storage)  # the shard's rows file, checked (reader thread)
             local = run.ids % self.meta.num_samples - self.meta.shard_start[run.index]
+            # One hash per served byte: with per-sample digests the whole-shard sha256 is not computed
+            # (see samples_checked); the size check (truncation) stays.
+            whole = run.expect_sha256 if rows.digests is None or not self.meta.verify_samples else None
             return dataclasses.replace(run, offsets=rows.offsets[local], sizes=rows.sizes[local], rows=rows,
-                                       local=local)
+                                       local=local, expect_sha256=whole)
         return locate
 
     def _verify(self, i: int, data: bytes, rows: ShardRows, k: int) -> None:
