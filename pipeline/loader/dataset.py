@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 #: Bad samples logged (with shard and key) per worker per epoch before going quiet.
 LOG_FIRST_BAD = 3
+#: A worker sends per-batch arrays up to this size (labels, ``valid``, patch masks) as pickled bytes;
+#: a tensor would cross as a new shared-memory segment and a file-descriptor round trip each.
+INLINE_BYTES = 256 << 10
 
 
 @dataclasses.dataclass(slots=True)
@@ -334,9 +337,12 @@ class ShardStream(IterableDataset):
         if (in_worker or cfg.output == "uint8") and not mixing:
             # uint8 across the process boundary; Loader.__iter__ normalizes in the main process
             # unless the consumer does it on its device (output="uint8").
-            if in_worker and self.ring is not None:  # a pool worker: a recycled buffer, handed back by slot
-                buf, stats["ring_slot"] = self.ring.take(wi.id, (len(imgs), 3, S, S))
+            if in_worker and self.ring is not None:  # a pool worker: a recycled buffer, sent as its slot number
+                shape = (len(imgs), 3, S, S)
+                buf, stats["ring_slot"] = self.ring.take(wi.id, shape)
                 x = stack_uint8(imgs, out=buf)  # type: ignore[arg-type]
+                if stats["ring_slot"] >= 0:  # the main process reads the slot in place (.workers.BatchRing)
+                    x, stats["ring_shape"] = None, shape
             else:
                 x = stack_uint8(imgs, shared=in_worker)  # type: ignore[arg-type]
         else:
@@ -351,6 +357,7 @@ class ShardStream(IterableDataset):
             x, y = mix_batch(x, y, mixup_alpha=cfg.augment.mixup_alpha, cutmix_alpha=cfg.augment.cutmix_alpha,
                              seed=mix(cfg.seed, self.plan.epoch, self.plan.segment, slot, batch_idx, 0x313))
         extra = () if masks[0] is None else (torch.from_numpy(np.stack(masks)),)  # (B, N) bool
-        if cfg.train:
-            return x, y, *extra, stats
-        return x, y, torch.tensor(valid, dtype=torch.bool), *extra, stats
+        out = (x, y, *extra) if cfg.train else (x, y, torch.tensor(valid, dtype=torch.bool), *extra)
+        if in_worker:  # small arrays cross to the main process as pickled bytes (.workers.as_is)
+            out = tuple(t.numpy() if isinstance(t, torch.Tensor) and t.nbytes <= INLINE_BYTES else t for t in out)
+        return *out, stats
