@@ -1,7 +1,8 @@
 """``ShardStream``: one rank's epoch as an IterableDataset; each DataLoader worker plays one slot.
 
 The stages of a slot are composed in :meth:`ShardStream.__iter__`: shard runs (the shard's rows
-read when it is opened, ranged reads, retries, whole-shard sha256, :mod:`pipeline.stream`) ->
+read when it is opened, ranged reads, retries, whole-shard sha256 only where samples carry no
+checked sha256, :mod:`pipeline.stream`) ->
 emission order (streamed from the plan's cursor: O(shuffle buffer) memory) -> per-sample
 sha256 -> label + decode + augment (or the bad sample's reason) -> batches of B -> tensors and
 the worker's stats delta. A bad train sample is replaced by a good one of the same batch (counted
@@ -216,7 +217,8 @@ class ShardStream(IterableDataset):
 
     # ---------------------------------------------------------------- the pipeline
     # One slot's epoch, as stages composed in __iter__ (each a small generator or function):
-    #   shard runs (pipeline.stream.iter_runs: the shard's rows, ranged reads, retries, whole-shard sha256)
+    #   shard runs (pipeline.stream.iter_runs: the shard's rows, ranged reads, retries, whole-shard sha256
+    #   where samples are not checked one by one)
     #   -> _in_order: the slot's emission order          -> _checked: per-sample sha256
     #   -> _samples: label + decode + augment, or the bad-sample reason
     #   -> _batched: B at a time                          -> _collate: tensors + stats
