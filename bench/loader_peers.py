@@ -19,10 +19,11 @@ worker. Two tracks:
 
 Each on local disk and on S3 (a moto server started here on 127.0.0.1; MDS and LitData download
 into a fresh cache dir per round, webdataset streams ``pipe:curl``, ours ranged reads). Per
-configuration: steady-state img/s (median over alternating rounds, the first batch excluded),
-time to first batch, CPU-seconds per image (this process and its workers, not the S3 server) and
-R = img/s / decode limit, where the limit is ``cores / (decode-only seconds per image of our
-decoder)`` measured in the same run.
+configuration: steady-state img/s (median over alternating rounds; from the arrival of the first
+round of batches, one per worker, to the arrival of the last batch: the same window for every
+library, shutdown excluded, see ``measure``), time to first batch, CPU-ms per image (whole epoch,
+this process and its workers, not the S3 server) and R = img/s / decode limit, where the limit is
+``cores / (decode-only seconds per image of our decoder)`` measured in the same run.
 
 Resume: on an id-coded dataset (640 images, batch 16, 2 workers) each library's own
 ``state_dict`` is taken after 7 batches, a new loader resumes from it and the remaining sample ids
@@ -85,23 +86,49 @@ def _cpu(exclude: set[int]) -> float:
     return total
 
 
-def measure(make: Callable[[], Iterator[Any]], exclude: set[int]) -> dict[str, float]:
-    """One epoch: time to first batch, steady img/s after it, CPU-s per image."""
+def measure(make: Callable[[], Iterator[Any]], exclude: set[int], workers: int) -> dict[str, float]:
+    """One epoch: time to first batch, steady img/s, CPU-ms per image (see :data:`COLUMNS`).
+
+    The steady window is the same for every library: from the arrival of batch ``workers - 1``
+    (the last worker's first batch: all workers are then past their start-up) to the arrival of
+    the last batch, counting the images that arrived after its start. It does not include what
+    happens after the last batch (our ``with ld:`` worker shutdown, a torch DataLoader's own
+    shutdown when its iterator is exhausted). Starting at the first batch instead would count
+    the other workers' first batches, finished within milliseconds of it, as if made inside the
+    window (+1 batch per extra worker over ~20: a few % for everyone, more for whichever library
+    happens to start its workers more in step). CPU covers the whole epoch, start-up and
+    shutdown included.
+    """
     c0, t0 = _cpu(exclude), time.perf_counter()
     it = make()
-    first = next(it)
-    t1 = time.perf_counter()
-    n0, n = len(first[0]), 0
+    arrivals: list[tuple[float, int]] = []  # (arrival time, images) of each batch
     for x, *_ in it:
-        n += len(x)
-    t2 = time.perf_counter()
+        arrivals.append((time.perf_counter(), len(x)))
     c1 = _cpu(exclude)
     del it
-    return {"ttfb_s": t1 - t0, "img_s": n / (t2 - t1), "cpu_ms_img": 1e3 * (c1 - c0) / (n + n0), "images": n + n0}
+    total = sum(n for _, n in arrivals)
+    skip = min(max(1, workers), len(arrivals) - 1)  # the first round: one batch per worker
+    t_start, t_last = arrivals[skip - 1][0], arrivals[-1][0]
+    steady = sum(n for _, n in arrivals[skip:])
+    return {"ttfb_s": arrivals[0][0] - t0, "img_s": steady / (t_last - t_start), "cpu_ms_img": 1e3 * (c1 - c0) / total,
+            "images": total, "steady_images": steady}
 
 
-def decode_limit(samples: list[bytes], size: int, repeat: int = 2) -> tuple[float, float]:
-    """(ms per image, img/s on all cores) of our train decode alone, one thread."""
+#: What each column of the speed table means (printed above it and recorded in --json).
+COLUMNS = {
+    "img/s": "steady-state throughput: images that arrived after the first batch of every worker, divided by the "
+             "time from that batch's arrival to the last batch's arrival (the same window for every library: "
+             "start-up and anything after the last batch, e.g. worker shutdown, excluded); median over rounds",
+    "R": "img/s divided by the decode limit (cores / decode-only seconds per image of our decoder, same run)",
+    "first batch (s)": "from creating the loader to the first batch's arrival (worker start-up included)",
+    "CPU-ms/img": "CPU time of this process and its workers over the whole epoch (start-up and shutdown included, "
+                  "the S3 server excluded) divided by all images of the epoch",
+}
+
+
+def decode_limit(samples: list[bytes], size: int, repeat: int = 5) -> tuple[float, float]:
+    """(ms per image, img/s on all cores) of our train decode alone, one thread: the best of ``repeat``
+    passes (other load on the machine only ever slows a pass down, so the limit errs high, R low)."""
     from pipeline.decode import decode_train
 
     torch.set_num_threads(1)
@@ -258,12 +285,13 @@ def speed(a: argparse.Namespace, data: dict[str, Any], s3: dict[str, str], exclu
     runs: dict[str, list[dict[str, float]]] = {}
     errors: dict[str, str] = {}
     torch.set_num_threads(1)
+    print("columns: " + "; ".join(f"{k}: {v}" for k, v in COLUMNS.items()), flush=True)
     for r in range(a.rounds):
         for lib, track, where in configs:
             kw = {"size": a.size, "batch": a.batch, "workers": a.workers, "epoch": r}
             make = _maker(lib, track, where, data, s3, kw)
             try:
-                m = measure(make, exclude)
+                m = measure(make, exclude, a.workers)
             except Exception as exc:  # noqa: BLE001 - a peer failing on a track is a result to write down
                 msg = str(exc).splitlines()[0][:200] if str(exc) else ""
                 errors[f"{lib}|{track}|{where}"] = f"{type(exc).__name__}: {msg}"
@@ -328,7 +356,7 @@ def main() -> None:
                                only=a.only.split(",") if a.only else None)
     out = {"machine": machine(), "args": vars(a) | {"table": str(a.table), "json": str(a.json)},
            "decode_ms_img": ms, "decode_ms_img_before": ms_before, "decode_limit_img_s": limit, "speed": res,
-           "resume": resume,
+           "resume": resume, "columns": COLUMNS,
            "libraries": peers.available(), "wall_s": time.perf_counter() - t_start}
     table = render(out)
     print(table)
@@ -446,6 +474,7 @@ def render(out: dict[str, Any]) -> str:
              + (f" (the decoder before the direct path: {out['decode_ms_img_before']:.2f} ms/img). "
                 if out.get("decode_ms_img_before") else ". ") +
              f"Libraries: {out['libraries']}.", "",
+             "Columns: " + "; ".join(f"**{k}**: {v}" for k, v in COLUMNS.items()) + ".", "",
              "| library | track | storage | img/s | R (of limit) | first batch (s) | CPU-ms/img |",
              "|---|---|---|---|---|---|---|"]
     for key, m in res.items():

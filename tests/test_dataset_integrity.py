@@ -189,33 +189,84 @@ def test_same_length_swapped_sample_is_caught_naming_shard_and_key(tmp_path: Pat
     for workers in (0, 2):
         ld = build_loader(DataConfig(source=SourceConfig(url=str(ds)), train=False, image_size=16, batch_size=10, io=IOConfig(num_workers=workers)),
                           rank=0, world_size=1)
+        served: list[int] = []
         with pytest.raises(IntegrityError, match=rf"sample {a['key']} in shard .*{a['shard']}.*sha256"):
-            list(ld)
+            for x, _y, valid in ld:  # every run here reads its shard whole: no whole-shard hash, the per-sample one
+                served += decode_index(x.numpy())[valid.numpy()].tolist()
+        # b's pixels under a's key were never served (they would show up as a second b)
+        assert len(served) == len(set(served)), "the swapped sample was served before the error"
 
 
-@pytest.mark.parametrize("damage", ["tar_header_byte", "truncated", "appended"])
-def test_damaged_shard_is_caught_naming_the_shard(tmp_path: Path, id_src: Path, damage: str) -> None:
+def _flip_tar_header_byte(ds: Path) -> str:
+    """Flip a byte inside the first tar header of the last shard (no image byte changes); its name."""
+    name = pq.read_table(vdir(ds) / "index.parquet").to_pylist()[-1]["shard"]
+    raw = bytearray((vdir(ds) / name).read_bytes())
+    raw[100] ^= 0xFF  # the first member's mode field
+    (vdir(ds) / name).write_bytes(bytes(raw))
+    return name
+
+
+def _audit(ds: Path) -> dict[str, str]:
+    """The shard audit's problems (pipeline.shard_audit, what orchestration/audit.py runs per shard)."""
+    from pipeline.shard_audit import ShardAudit, audit_shard
+
+    res = resolve(str(ds))
+    samples = read_samples(res).to_pylist()
+    out = {}
+    for i in pq.read_table(vdir(ds) / "index.parquet").to_pylist():
+        rows = [r for r in samples if r["shard"] == i["shard"]]
+        got = audit_shard(ShardAudit(shard=i["shard"], bytes=i["bytes"], sha256=i["sha256"], samples=rows,
+                                     decode=[False] * len(rows)), res.root_url)
+        if not got["ok"]:
+            out[got["shard"]] = got["problem"]
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "appended"])
+def test_damaged_shard_size_is_caught_naming_the_shard(tmp_path: Path, id_src: Path, damage: str) -> None:
     ds = tmp_path / "ds"
     write(id_src, ds)
     index = pq.read_table(vdir(ds) / "index.parquet").to_pylist()
-    shard = vdir(ds) / index[-1]["shard"]  # the last run of the slot: checked after the last batch
+    shard = vdir(ds) / index[-1]["shard"]
     raw = bytearray(shard.read_bytes())
-    if damage == "tar_header_byte":
-        raw[100] ^= 0xFF  # inside the first member's tar header: no image byte changes
-    elif damage == "truncated":
-        raw = raw[: len(raw) - 5000]
-    else:
-        raw += b"\0" * 512
+    raw = raw[: len(raw) - 5000] if damage == "truncated" else raw + b"\0" * 512
     shard.write_bytes(bytes(raw))
     cfg = DataConfig(source=SourceConfig(url=str(ds)), train=False, image_size=16, batch_size=10, io=IOConfig(num_workers=0))
     with pytest.raises(IntegrityError, match=rf"shard .*{index[-1]['shard']}.*index\.parquet records"):
         list(build_loader(cfg, rank=0, world_size=1))
 
 
-def test_whole_shard_hash_is_checked_once_per_run(tmp_path: Path, id_src: Path) -> None:
+def test_tar_header_damage_is_reported_by_the_audit_and_by_the_loader_without_sample_checks(
+        tmp_path: Path, id_src: Path) -> None:
+    """One hash per served byte: with per-sample sha256 checks the loader does not hash whole shards
+    (labels and byte ranges come from the checked rows file, never from tar headers), so a header byte
+    is the audit's to find, and the loader's whole-shard hash finds it when per-sample checks are off."""
     ds = tmp_path / "ds"
     write(id_src, ds)
-    ld = build_loader(DataConfig(source=SourceConfig(url=str(ds)), image_size=16, batch_size=10, io=IOConfig(num_workers=2)), rank=0, world_size=1)
+    name = _flip_tar_header_byte(ds)
+    assert list(_audit(ds)) == [name] and "index.parquet records" in _audit(ds)[name]
+    assert_consistent(str(ds), resolve(str(ds)).version)  # every served byte is intact: served, each checked
+    cfg = DataConfig(source=SourceConfig(url=str(ds)), train=False, image_size=16, batch_size=10, io=IOConfig(num_workers=0))
+    ld = build_loader(cfg, rank=0, world_size=1)
+    ld.meta.verify_samples = False
+    with pytest.raises(IntegrityError, match=rf"shard .*{name}.*index\.parquet records"):
+        list(ld)
+
+
+def test_whole_shard_hash_only_without_sample_checks_and_once_per_run(tmp_path: Path, id_src: Path) -> None:
+    ds = tmp_path / "ds"
+    write(id_src, ds)
+
+    def loader(verify_samples: bool) -> object:
+        ld = build_loader(DataConfig(source=SourceConfig(url=str(ds)), image_size=16, batch_size=10, io=IOConfig(num_workers=2)), rank=0,
+                          world_size=1)
+        ld.meta.verify_samples = verify_samples  # before the first pass forks the workers
+        return ld
+
+    checked = loader(True)
+    list(checked)
+    assert checked._verified == set()  # per-sample checks on: no whole-shard hash
+    ld = loader(False)
     list(ld)
     first = set(ld._verified)
     assert len(first) >= 8  # shards read whole in epoch 0 (slot boundaries may split a couple)
@@ -224,10 +275,8 @@ def test_whole_shard_hash_is_checked_once_per_run(tmp_path: Path, id_src: Path) 
     raw[100] ^= 0xFF  # header byte: only the whole-shard hash could see it
     shard.write_bytes(bytes(raw))
     list(ld)  # epoch 1 does not hash already-verified shards again (the cost is paid once per run)
-    fresh = build_loader(DataConfig(source=SourceConfig(url=str(ds)), image_size=16, batch_size=10, io=IOConfig(num_workers=2)), rank=0,
-                         world_size=1)
     with pytest.raises(IntegrityError, match=sorted(first)[0]):
-        list(fresh)
+        list(loader(False))
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -296,6 +345,11 @@ def test_format1_dataset_still_loads_and_checks_shard_size(tmp_path: Path, id_sr
     with pytest.raises(DatasetExists, match="already publishes dataset version legacy"):
         write(id_src, ds)  # upgrading an old dataset in place is explicit: --overwrite
     shard = sorted((ds / "shards").iterdir())[2]
+    raw = bytearray(shard.read_bytes())
+    raw[100] ^= 0xFF  # a tar header byte: no per-sample digests here, so the whole-shard hash is kept
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match=rf"{shard.name}.*index\.parquet records"):
+        read_all(str(ds))
     shard.write_bytes(shard.read_bytes()[:-700])
     with pytest.raises(IntegrityError, match=shard.name):
         read_all(str(ds))

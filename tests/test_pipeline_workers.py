@@ -302,23 +302,69 @@ def test_persistent_workers_leave_with_a_killed_parent(id_ds: Path) -> None:
     assert not left, f"loader workers {left} outlived their killed parent by 10 s"
 
 
-def test_recycled_batch_buffers_never_change_a_batch_the_consumer_holds(
-        id_ds: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pool workers rewrite their shared batch buffers (``workers.BatchRing``); the main process
-    copies each batch out before yielding it, so batches a consumer keeps stay what they were
-    (uint8 output, two epochs, every batch held) and equal fresh workers' batches."""
+def _ring_slots(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The ring slot of every batch the main process accounts (-1: a fresh buffer)."""
     from pipeline.loader import Loader
 
-    cfg = cfg_for(id_ds, output="uint8")
-    fresh = build_loader(cfg.replace(**{"io.persistent_workers": False}), rank=0, world_size=1)
-    want = [b[0].clone() for _ in range(2) for b in fresh]
     slots: list[int] = []
     account = Loader._account
     monkeypatch.setattr(Loader, "_account", lambda self, stats: slots.append(stats.get("ring_slot", -1))
                         or account(self, stats))
+    return slots
+
+
+def test_recycled_batch_buffers_never_change_a_batch_the_consumer_holds(
+        id_ds: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pool workers' shared batch buffers (``workers.BatchRing``) are handed to the consumer in place; a
+    consumer keeping every batch (uint8 output, two epochs) holds every slot, so the workers fall back to
+    fresh buffers and no kept batch changes: all equal fresh workers' batches."""
+    cfg = cfg_for(id_ds, output="uint8")
+    fresh = build_loader(cfg.replace(**{"io.persistent_workers": False}), rank=0, world_size=1)
+    want = [b[0].clone() for _ in range(2) for b in fresh]
+    slots = _ring_slots(monkeypatch)
     with build_loader(cfg, rank=0, world_size=1) as ld:
         held = [b[0] for _ in range(2) for b in ld]
         assert len(held) == len(want)
         for k, (got, exp) in enumerate(zip(held, want, strict=True)):
             assert torch.equal(got, exp), f"batch {k} changed after it was yielded"
-    assert min(slots) >= 0 and len(set(slots)) < len(slots)  # every batch came from the ring, slots reused
+    assert slots[0] >= 0 and -1 in slots  # the ring first, fresh buffers once every slot is held
+
+
+def test_a_kept_view_of_a_batch_is_never_overwritten_and_dropped_batches_are_recycled(
+        id_ds: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ring slot is rewritten only once no tensor, view or numpy array of its batch is alive (a weak
+    reference on the array its storage is built from): a slice of batch 5 and a numpy view of epoch 0's
+    last batch (kept across the next pass's start, which frees the discarded batches' slots) stay what
+    they were through two epochs and their slots are not reused while they live, while dropped batches'
+    slots are; once the views are dropped their slots are free again."""
+    cfg = cfg_for(id_ds, output="uint8")
+    fresh = build_loader(cfg.replace(**{"io.persistent_workers": False}), rank=0, world_size=1)
+    want = [b[0].clone() for _ in range(3) for b in fresh]
+    slots = _ring_slots(monkeypatch)
+    with build_loader(cfg, rank=0, world_size=1) as ld:
+        per_epoch = len(ld)
+        views: dict[int, tuple[object, slice]] = {}
+        k = 0
+        for _ in range(2):
+            for b in ld:
+                assert torch.equal(b[0], want[k]), f"batch {k} differs from fresh workers' batch"
+                if k == 5:
+                    views[k] = (b[0][2:5], slice(2, 5))  # a view: the same storage
+                elif k == per_epoch - 1:
+                    views[k] = (b[0].numpy()[1:3], slice(1, 3))  # a numpy array of it
+                del b
+                for j, (v, sl) in views.items():
+                    assert torch.equal(torch.as_tensor(v), want[j][sl]), f"kept view of batch {j} overwritten at {k}"
+                    assert slots[j] >= 0 and slots[j] not in slots[j + 1:], f"slot of batch {j} reused while kept"
+                    del v  # (the loop variable would keep the last view alive)
+                k += 1
+        ring_batches = [s for s in slots if s >= 0]
+        # Only the worker of both kept batches may run out of slots (2 kept + 2 in flight + 1 being read).
+        assert len(ring_batches) >= len(slots) - per_epoch // 2 and len(set(ring_batches)) < len(ring_batches)
+        kept = {slots[j] for j in views}
+        assert kept <= ld._pool.ring.held()
+        views.clear()  # the last views die: their slots go back to the workers
+        assert not kept & ld._pool.ring.held()
+        for b in ld:
+            assert torch.equal(b[0], want[k])
+            k += 1

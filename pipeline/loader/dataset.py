@@ -1,7 +1,8 @@
 """``ShardStream``: one rank's epoch as an IterableDataset; each DataLoader worker plays one slot.
 
 The stages of a slot are composed in :meth:`ShardStream.__iter__`: shard runs (the shard's rows
-read when it is opened, ranged reads, retries, whole-shard sha256, :mod:`pipeline.stream`) ->
+read when it is opened, ranged reads, retries, whole-shard sha256 only where samples carry no
+checked sha256, :mod:`pipeline.stream`) ->
 emission order (streamed from the plan's cursor: O(shuffle buffer) memory) -> per-sample
 sha256 -> label + decode + augment (or the bad sample's reason) -> batches of B -> tensors and
 the worker's stats delta. A bad train sample is replaced by a good one of the same batch (counted
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 
 #: Bad samples logged (with shard and key) per worker per epoch before going quiet.
 LOG_FIRST_BAD = 3
+#: A worker sends per-batch arrays up to this size (labels, ``valid``, patch masks) as pickled bytes;
+#: a tensor would cross as a new shared-memory segment and a file-descriptor round trip each.
+INLINE_BYTES = 256 << 10
 
 
 @dataclasses.dataclass(slots=True)
@@ -141,9 +145,23 @@ class ShardStream(IterableDataset):
         return emitted // self.plan.batch_size, resume_slot(self.plan, self.rank * self.plan.num_workers + logical,
                                                             emitted)
 
+    def samples_checked(self) -> bool:
+        """Whether every image this loader serves is checked against its own recorded sha256 (format 2
+        and 3 with ``verify_samples``): then no whole-shard sha256 is computed, since labels, keys and
+        byte ranges come from the checked rows file, never from the tar, so the whole-shard hash would
+        only cover bytes the loader never serves (tar headers, padding, other members) at the price of
+        a second hash of every image (~31 us per 55 KB JPEG). Format 3 is predicted from the metadata
+        (every rows file has a ``sha256`` column); ``locate`` keeps the whole-shard hash of a shard
+        whose rows turn out to have none."""
+        m = self.meta
+        if not m.verify_samples:
+            return False
+        return m.whole.rows.digests is not None if m.whole is not None else m.rows_sha256 is not None
+
     def _run(self, vs: int, ids: np.ndarray, whole_ok: bool) -> Run:
         """The run of (virtual) shard ``vs`` reading ``ids``; its byte ranges come from the shard's rows
-        (``locate``)."""
+        (``locate``). ``expect_sha256`` is set on a whole run of a shard not yet verified in this run;
+        ``locate`` drops it where the per-sample check covers every served byte (:meth:`samples_checked`)."""
         s = vs % len(self.meta.shard_names)
         meta, name = self.meta, self.meta.shard_names[s]
         if meta.shard_bytes is None or meta.shard_samples is None:
@@ -161,8 +179,11 @@ class ShardStream(IterableDataset):
 
     def whole_checked(self) -> set[str]:
         """Shards this rank's epoch reads whole, and so checks against their recorded sha256
-        (the tails of its slots, the same runs the workers make: O(shards) here, no replay)."""
+        (the tails of its slots, the same runs the workers make: O(shards) here, no replay); none when
+        every served image is checked on its own (:meth:`samples_checked`)."""
         plan, out = self.plan, set()
+        if self.samples_checked():
+            return out
         for w in range(plan.num_workers):
             slot = self.rank * plan.num_workers + w
             emitted = slot_emitted(plan, self.skip, w)
@@ -177,8 +198,11 @@ class ShardStream(IterableDataset):
         def locate(run: Run) -> Run:
             rows = self.meta.rows(run.index, storage)  # the shard's rows file, checked (reader thread)
             local = run.ids % self.meta.num_samples - self.meta.shard_start[run.index]
+            # One hash per served byte: with per-sample digests the whole-shard sha256 is not computed
+            # (see samples_checked); the size check (truncation) stays.
+            whole = run.expect_sha256 if rows.digests is None or not self.meta.verify_samples else None
             return dataclasses.replace(run, offsets=rows.offsets[local], sizes=rows.sizes[local], rows=rows,
-                                       local=local)
+                                       local=local, expect_sha256=whole)
         return locate
 
     def _verify(self, i: int, data: bytes, rows: ShardRows, k: int) -> None:
@@ -193,7 +217,8 @@ class ShardStream(IterableDataset):
 
     # ---------------------------------------------------------------- the pipeline
     # One slot's epoch, as stages composed in __iter__ (each a small generator or function):
-    #   shard runs (pipeline.stream.iter_runs: the shard's rows, ranged reads, retries, whole-shard sha256)
+    #   shard runs (pipeline.stream.iter_runs: the shard's rows, ranged reads, retries, whole-shard sha256
+    #   where samples are not checked one by one)
     #   -> _in_order: the slot's emission order          -> _checked: per-sample sha256
     #   -> _samples: label + decode + augment, or the bad-sample reason
     #   -> _batched: B at a time                          -> _collate: tensors + stats
@@ -314,9 +339,12 @@ class ShardStream(IterableDataset):
         if (in_worker or cfg.output == "uint8") and not mixing:
             # uint8 across the process boundary; Loader.__iter__ normalizes in the main process
             # unless the consumer does it on its device (output="uint8").
-            if in_worker and self.ring is not None:  # a pool worker: a recycled buffer, handed back by slot
-                buf, stats["ring_slot"] = self.ring.take(wi.id, (len(imgs), 3, S, S))
+            if in_worker and self.ring is not None:  # a pool worker: a recycled buffer, sent as its slot number
+                shape = (len(imgs), 3, S, S)
+                buf, stats["ring_slot"] = self.ring.take(wi.id, shape)
                 x = stack_uint8(imgs, out=buf)  # type: ignore[arg-type]
+                if stats["ring_slot"] >= 0:  # the main process reads the slot in place (.workers.BatchRing)
+                    x, stats["ring_shape"] = None, shape
             else:
                 x = stack_uint8(imgs, shared=in_worker)  # type: ignore[arg-type]
         else:
@@ -331,6 +359,7 @@ class ShardStream(IterableDataset):
             x, y = mix_batch(x, y, mixup_alpha=cfg.augment.mixup_alpha, cutmix_alpha=cfg.augment.cutmix_alpha,
                              seed=mix(cfg.seed, self.plan.epoch, self.plan.segment, slot, batch_idx, 0x313))
         extra = () if masks[0] is None else (torch.from_numpy(np.stack(masks)),)  # (B, N) bool
-        if cfg.train:
-            return x, y, *extra, stats
-        return x, y, torch.tensor(valid, dtype=torch.bool), *extra, stats
+        out = (x, y, *extra) if cfg.train else (x, y, torch.tensor(valid, dtype=torch.bool), *extra)
+        if in_worker:  # small arrays cross to the main process as pickled bytes (.workers.as_is)
+            out = tuple(t.numpy() if isinstance(t, torch.Tensor) and t.nbytes <= INLINE_BYTES else t for t in out)
+        return *out, stats

@@ -21,13 +21,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..plan import EpochPlan, epoch_order, remaining_order, slot_emitted
-from ..transforms import BATCH_MEMORY, affine_for, normalize_uint8, to_float_batch
+from ..transforms import affine_for, normalize_uint8, to_float_batch
 from .bad_samples import BadDataError, BadSampleLimit
 from .config import DataConfig
 from .dataset import ShardStream
 from .meta import Meta, load_meta
 from .worker_signals import leave_sigterm_to_the_parent
-from .workers import SPEC_BYTES, PassSpec, WorkerPool
+from .workers import SPEC_BYTES, BatchRing, PassSpec, WorkerPool, as_is
 
 log = logging.getLogger(__name__)
 
@@ -131,27 +131,33 @@ class Loader:
         self._limit = BadSampleLimit(max_fraction=self.cfg.io.max_bad_fraction, planned=self._planned(plan))
         ds = ShardStream(self.cfg, self.meta, plan, self.rank, self._batches, frozenset(self._verified))
         checking = ds.whole_checked()
-        for item in self._items(ds):
-            *batch, stats = item
-            slot = stats.get("ring_slot", -1)  # a pool worker's recycled buffer: copy out, then hand it back
-            if batch[0].dtype == torch.uint8 and self.cfg.output == "float":  # normalize once per batch
-                batch[0] = to_float_batch(batch[0], self.cfg.preprocess.mean, self.cfg.preprocess.std)
-            elif slot >= 0:  # the consumer never holds ring memory (.workers.BatchRing): a copy in reused memory
-                own = BATCH_MEMORY.empty(tuple(batch[0].shape), torch.uint8)
-                np.copyto(own.numpy(), batch[0].numpy())  # a plain memcpy; torch's copy_ is several x slower here
-                batch[0] = own
-            if slot >= 0 and self._pool is not None:
-                self._pool.ring.release(slot)
-            self._account(stats)
-            self._batches += 1
-            yield tuple(batch)
+        for item, ring in self._items(ds):
+            # No local of this frame references the batch while it is out: a ring slot goes back to its
+            # worker as soon as the consumer drops the batch, not when the next one arrives.
+            yield self._deliver(item, ring)
         if self._batches >= plan.batches_per_rank:
             self._verified |= checking  # every run finished, so every check passed
             self._advance_epoch()
 
-    def _items(self, ds: ShardStream) -> Iterator[tuple]:
-        """The pass's worker results: from the persistent pool where it is free, else from workers
-        started for this pass (num_workers=0: in this process)."""
+    def _deliver(self, item: tuple, ring: BatchRing | None) -> tuple:
+        """A worker's batch as the consumer gets it: a ring slot's memory handed out in place (recycled
+        once no view of it is left, :class:`.workers.BatchRing`), small arrays sent as bytes wrapped as
+        tensors, uint8 images normalized (``output="float"``); its stats accounted."""
+        *batch, stats = item
+        slot = stats.get("ring_slot", -1)
+        if slot >= 0:
+            assert ring is not None, "a ring slot from workers without a ring"
+            batch[0] = ring.hand_out(slot, stats["ring_shape"])
+        batch = [torch.from_numpy(b) if isinstance(b, np.ndarray) else b for b in batch]
+        if batch[0].dtype == torch.uint8 and self.cfg.output == "float":  # normalize once per batch
+            batch[0] = to_float_batch(batch[0], self.cfg.preprocess.mean, self.cfg.preprocess.std)  # the slot is free
+        self._account(stats)
+        self._batches += 1
+        return tuple(batch)
+
+    def _items(self, ds: ShardStream) -> Iterator[tuple[tuple, BatchRing | None]]:
+        """The pass's worker results and the ring their slots refer to: from the persistent pool where it
+        is free, else from workers started for this pass (num_workers=0: in this process)."""
         io = self.cfg.io
         if io.num_workers and io.persistent_workers and not self._pool_busy:
             spec = PassSpec(ds.plan, ds.skip, ds.verified)
@@ -161,8 +167,10 @@ class Loader:
                 items = self._pool_for(ds, spec).run(spec)
                 assert items is not None
             self._pool_busy = True
+            ring = self._pool.ring  # type: ignore[union-attr]
             try:
-                yield from items
+                for item in items:
+                    yield item, ring
             except GeneratorExit:  # the consumer stopped early: the pool serves the next pass
                 raise
             except BaseException:  # a worker failed or died: the next pass starts fresh workers
@@ -172,9 +180,10 @@ class Loader:
                 self._pool_busy = False
             return
         nw = io.num_workers
-        yield from DataLoader(ds, batch_size=None, num_workers=nw, prefetch_factor=io.prefetch_batches if nw else None,
-                              multiprocessing_context="fork" if nw else None, persistent_workers=False,
-                              worker_init_fn=leave_sigterm_to_the_parent if nw else None)
+        for item in DataLoader(ds, batch_size=None, num_workers=nw, prefetch_factor=io.prefetch_batches if nw else None,
+                               multiprocessing_context="fork" if nw else None, persistent_workers=False,
+                               worker_init_fn=leave_sigterm_to_the_parent if nw else None, collate_fn=as_is):
+            yield item, None
 
     def _pool_for(self, ds: ShardStream, spec: PassSpec) -> WorkerPool:
         pool = self._pool

@@ -19,11 +19,16 @@ orphans because every worker ends itself within ``PARENT_CHECK_S`` once its pare
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import logging
+import math
 import mmap
 import multiprocessing
 import pickle
 import struct
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -81,53 +86,94 @@ class SpecSlot:
 
 
 #: Shared uint8 batch buffers per pool worker (:class:`BatchRing`) beyond the DataLoader's prefetch:
-#: the batch being filled and the one the main process is copying out.
+#: the batch being filled and the one the consumer holds.
 RING_EXTRA = 2
 
 
 class BatchRing:
-    """Each pool worker's uint8 batch buffers in shared memory, rewritten once the main process is done.
+    """Each pool worker's uint8 batch buffers in one anonymous shared mapping made before the fork,
+    so the main process sees them at no cost: a worker sends a slot number, not the batch.
 
-    A fresh shared-memory batch (what torch's default collate allocates, and we did) costs the
-    kernel a page fault and the zeroing of every 4 KB page on first write: ~12 ms per 9.6 MB batch
-    (B=64 at 224 px) on the 2-core dev VM, about a tenth of a worker's time (BENCHMARKS.md).
+    Why: a fresh shared-memory batch (what torch's default collate allocates) costs the kernel a
+    page fault and the zeroing of every 4 KB page on first write, ~12 ms per 9.6 MB batch (B=64 at
+    224 px) on the 2-core dev VM; and a tensor sent through the DataLoader's queue passes its
+    storage's file descriptor (a socket connection to the worker per tensor) and is mapped (and
+    page-faulted) again in the main process on every batch.
 
-    Protocol, one byte per (worker, slot) in an anonymous shared mapping made before the fork:
-    0 free, 1 busy. A worker takes a free slot for each batch (sets 1) and sends the slot number
-    with it; the main process (``Loader.__iter__``) copies the batch out (the float conversion,
-    or a private uint8 copy) before yielding it and then sets the byte back to 0. So a consumer
-    never holds ring memory, and a slot is rewritten only after its batch was copied out. At each
-    pass's start, before torch's reset discards the previous pass's unread batches, every slot is
-    freed: nothing still in flight will be read. With every slot busy a worker falls back to a
-    fresh buffer (slot -1), so a slow main process never blocks a worker. A worker keeps its
-    ``slots`` buffers (prefetch + 2 batches) in /dev/shm until the pool closes.
+    Protocol, one byte per (worker, slot) in a second shared mapping: 0 free, 1 busy. A worker
+    takes a free slot of its own (sets 1), writes the batch and sends the slot number. The main
+    process hands the consumer the slot's memory itself (:meth:`hand_out`, no copy) through a
+    fresh ctypes array that only ``torch.frombuffer``'s storage references: every tensor, view,
+    numpy array or storage of the batch keeps that array alive, so its weak reference dies (and
+    its callback sets the byte back to 0) only once none of them is left -- the mechanism of
+    :class:`~pipeline.transforms.BatchMemory`. A slot is therefore rewritten only after the
+    consumer let go of every view of it. At each pass's start the slots of batches torch discards
+    (the previous pass's unread ones) are freed, never one the consumer still holds. With every
+    slot busy (a consumer keeping many batches) a worker falls back to a fresh shared buffer
+    (slot -1), sent the usual way, so a worker never waits on the consumer.
     """
 
-    def __init__(self, num_workers: int, slots: int) -> None:
-        self.slots = slots
+    def __init__(self, num_workers: int, slots: int, slot_bytes: int) -> None:
+        self.slots, self.slot_bytes = slots, slot_bytes
         self._flags = mmap.mmap(-1, num_workers * slots)  # MAP_SHARED, zero-filled: every slot free
-        self._bufs: dict[int, torch.Tensor] = {}  # a worker's own buffers (filled after the fork)
+        # MAP_SHARED|MAP_ANONYMOUS: inherited by the forked workers; pages are allocated when first written.
+        self._data = mmap.mmap(-1, max(1, num_workers * slots * slot_bytes))
+        self._bufs: dict[int, torch.Tensor] = {}  # a worker's views of its own slots (after the fork)
+        self._out: dict[int, weakref.ref] = {}  # main process: slots handed to the consumer, alive
 
     def take(self, worker: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:
-        """A uint8 shared buffer of ``shape`` for worker ``worker`` and its slot (-1: not recycled)."""
-        for k in range(worker * self.slots, (worker + 1) * self.slots):
-            if self._flags[k] == 0:
-                buf = self._bufs.get(k)
-                if buf is None or tuple(buf.shape) != tuple(shape):
-                    buf = self._bufs[k] = empty_shared_uint8(shape)
-                self._flags[k] = 1
-                return buf, k
+        """A uint8 shared buffer of ``shape`` for worker ``worker`` and its slot (-1: not in the ring)."""
+        nbytes = math.prod(shape)
+        if nbytes <= self.slot_bytes:
+            for k in range(worker * self.slots, (worker + 1) * self.slots):
+                if self._flags[k] == 0:
+                    buf = self._bufs.get(k)
+                    if buf is None:
+                        buf = self._bufs[k] = torch.frombuffer(self._data, dtype=torch.uint8, count=self.slot_bytes,
+                                                               offset=k * self.slot_bytes)
+                    self._flags[k] = 1
+                    return buf[:nbytes].view(shape), k
         return empty_shared_uint8(shape), -1
 
-    def release(self, slot: int) -> None:
-        if slot >= 0:
-            self._flags[slot] = 0
+    def hand_out(self, slot: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """Main process: slot ``slot``'s batch as a tensor of ``shape``, freed when its last view dies."""
+        nbytes = math.prod(shape)
+        export = (ctypes.c_char * nbytes).from_buffer(self._data, slot * self.slot_bytes)
+        self._out[slot] = weakref.ref(export, functools.partial(self._dead, slot))
+        return torch.frombuffer(export, dtype=torch.uint8).view(shape)  # the storage keeps `export` alive
+
+    def _dead(self, slot: int, ref: weakref.ref) -> None:
+        # Runs in whichever thread dropped the batch's last view; after close() the flags are gone.
+        if self._out.get(slot) is ref:
+            del self._out[slot]
+            with contextlib.suppress(ValueError):  # closed
+                self._flags[slot] = 0
+
+    def held(self) -> set[int]:
+        """Slots whose batch the consumer still holds (some view of it is alive)."""
+        return {k for k, r in list(self._out.items()) if r() is not None}
 
     def free_all(self) -> None:
-        self._flags[:] = bytes(len(self._flags))
+        """Free every slot the consumer does not hold: the previous pass's unread batches are discarded."""
+        held = self.held()
+        for k in range(len(self._flags)):
+            if k not in held:
+                self._flags[k] = 0
 
     def close(self) -> None:
         self._flags.close()
+        # A batch the consumer still holds keeps the data mapping (its ctypes arrays reference it): it is
+        # unmapped when the last one dies.
+        with contextlib.suppress(BufferError):
+            self._data.close()
+
+
+def as_is(item: Any) -> Any:
+    """The DataLoader's per-item conversion (``batch_size=None``): none. Its default turns numpy arrays
+    into tensors in the worker, and every tensor crosses to the main process as a shared-memory file
+    descriptor (a new segment and a socket round trip each); the small per-batch arrays (labels, masks,
+    ``valid``) cross as pickled bytes instead and the main process wraps them (``Loader.__iter__``)."""
+    return item
 
 
 class WorkerPool:
@@ -136,12 +182,14 @@ class WorkerPool:
 
     def __init__(self, dataset: Any, *, num_workers: int, prefetch_batches: int, capacity: int = SPEC_BYTES) -> None:
         self.slot = SpecSlot(capacity)
-        self.ring = BatchRing(num_workers, prefetch_batches + RING_EXTRA)
+        cfg = dataset.cfg
+        self.ring = BatchRing(num_workers, prefetch_batches + RING_EXTRA, cfg.batch_size * 3 * cfg.image_size ** 2)
         dataset.spec, dataset.ring = self.slot, self.ring
         self.dataset = dataset
         self._dl: DataLoader | None = DataLoader(
             dataset, batch_size=None, num_workers=num_workers, prefetch_factor=prefetch_batches,
-            multiprocessing_context="fork", persistent_workers=True, worker_init_fn=leave_sigterm_to_the_parent)
+            multiprocessing_context="fork", persistent_workers=True, worker_init_fn=leave_sigterm_to_the_parent,
+            collate_fn=as_is)
 
     @property
     def closed(self) -> bool:
