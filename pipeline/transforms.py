@@ -157,8 +157,7 @@ class BatchMemory:
         self._lock = threading.Lock()
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """An uninitialized tensor of ``shape`` and ``dtype`` (float32 batches; uint8 copies out of
-        the workers' recycled buffers, :class:`~pipeline.loader.workers.BatchRing`)."""
+        """An uninitialized tensor of ``shape`` and ``dtype`` (the main process's float32 batches)."""
         nbytes = dtype.itemsize * math.prod(shape)
         if nbytes < LARGE_BATCH_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
             return torch.empty(shape, dtype=dtype)

@@ -4,7 +4,7 @@
 the shard: a Ray Data actor pool (one GPU per actor where there are GPUs) takes shard numbers, and
 each actor reads its shard with the loader's own readers (``Meta.rows``: the shard's rows file
 checked against ``index.parquet``; ``pipeline.stream.iter_runs``: ranged reads with retries, the
-shard's size and whole-shard sha256 checked), checks every image against its recorded sha256
+shard's size checked, and its whole sha256 where images have no digests), checks every image against its recorded sha256
 (a mismatch stops the job, as in the loader: tampered data is never predicted), predicts it
 (:class:`~orchestration.serving.predictor.Predictor`, the servers' code) and writes::
 
@@ -119,7 +119,10 @@ class ShardPredictor:
         n = int(meta.shard_start[s + 1] - meta.shard_start[s])
         ids = np.arange(meta.shard_start[s], meta.shard_start[s + 1])
         local = np.arange(n)
-        whole = n == len(shard_rows) and meta.shard_sha256 is not None
+        # One hash per image, as in the loader (pipeline.loader.dataset.samples_checked): the whole-shard
+        # sha256 only where the images are not checked one by one.
+        whole = n == len(shard_rows) and meta.shard_sha256 is not None and (
+            shard_rows.digests is None or not meta.verify_samples)
         run = Run(name, ids, offsets=shard_rows.offsets[:n], sizes=shard_rows.sizes[:n],
                   expect_bytes=None if meta.shard_bytes is None else int(meta.shard_bytes[s]),
                   expect_sha256=meta.shard_sha256_hex(s) if whole else None, index=s, rows=shard_rows, local=local)
@@ -135,7 +138,7 @@ class ShardPredictor:
             if len(pending) >= cfg.batch_size:
                 results += self._predict(pending)
                 pending = []
-        results += self._predict(pending)  # iter_runs has checked the whole shard's sha256 by now
+        results += self._predict(pending)  # iter_runs has checked the shard (size, whole sha256 if due) by now
         table = _table(keys, results, cfg.embedding)
         self.out.write_bytes(output_name(name), _parquet(table, cfg, name))
         bad = [{"shard": name, "key": key, "error": r["error"]} for key, r in zip(keys, results, strict=True)
