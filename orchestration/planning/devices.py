@@ -72,11 +72,12 @@ DEVICES: dict[str, Device] = {
                   per_node=1, intra_gbs=10.0, inter_gbs=1.0, achieved_tflops=0.0745),
 }
 
-#: CPU time to decode one training image and hand it on, seconds: decode_train (a ~500x375 JPEG
-#: to a 224 px crop, 1.00 ms) + the worker loop (0.155 ms) + the main process's uint8 batch
-#: (0.05 ms); BENCHMARKS.md, "pipeline: train loader", where the time goes, session 2 (dev-2c).
-DECODE_S = 1.205e-3
-DECODE_SOURCE = "BENCHMARKS.md loader breakdown (dev-2c): decode_train 1.00 ms + worker 0.155 ms + batch 0.05 ms"
+#: CPU time to decode one training image and hand it on, seconds: the loader at num_workers=0
+#: (a ~500x375 JPEG to a 224 px crop: our region decode + resize 0.71 ms, the per-sample sha256,
+#: read and batch write 0.10-0.12 ms) + the main process (0.01 ms); BENCHMARKS.md, "the loader
+#: against its peers", session 10 (dev-2c, quiet).
+DECODE_S = 0.85e-3
+DECODE_SOURCE = "BENCHMARKS.md loader vs peers (dev-2c, session 10): loader 0.81-0.84 ms/img in-process + main 0.01 ms"
 #: Mean stored bytes of a sample when no --data is given: ImageNet-1k's training JPEGs (~138 GB /
 #: 1.28M images) plus the two tar members' 512-byte headers and padding.
 DEFAULT_SAMPLE_BYTES = 110_000
