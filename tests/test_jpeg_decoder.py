@@ -32,12 +32,13 @@ def _save(a: np.ndarray, **kw: object) -> bytes:
 @pytest.fixture(scope="module")
 def layouts() -> list[tuple[str, bytes]]:
     """One photo in every JPEG layout the decoder meets: chroma 4:4:4 / 4:2:2 / 4:2:0, progressive,
-    restart markers, grayscale, odd sizes."""
+    restart markers, grayscale, RGB (no colour transform), odd sizes."""
     photo = np.asarray(Image.open(io.BytesIO(next(iter(make_photos(1, size=(317, 243), seed=5, quality=92))))))
     out = [(f"sub{s}", _save(photo, quality=90, subsampling=s)) for s in (0, 1, 2)]
     out += [("progressive", _save(photo, quality=85, progressive=True)),
             ("restart", _save(photo, quality=85, restart_marker_blocks=3)),
             ("gray", _save(photo[..., 1])),
+            ("rgb", _save(photo, quality=90, keep_rgb=True)),  # Adobe RGB: no YCbCr transform
             ("odd", _save(photo[3:-6, 5:-2], quality=80, subsampling=2))]
     return out
 
