@@ -1,12 +1,13 @@
 """The peer libraries for ``bench/loader_peers.py``: writing each format, each loader, resume probes.
 
-Stock webdataset is in the project's environment; MosaicML streaming and LitData are in
-``.venv-peers`` (``make peers-venv``: their pins conflict with ours, see the Makefile). Every
+Stock webdataset and Ray Data are in the project's environment; MosaicML streaming and LitData are
+in ``.venv-peers`` (``make peers-venv``: their pins conflict with ours, see the Makefile). Every
 function here imports its library lazily, so a missing one is reported, not an ImportError.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import os
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
-MODULES = {"webdataset": "webdataset", "mds": "streaming", "litdata": "litdata"}
+MODULES = {"webdataset": "webdataset", "mds": "streaming", "litdata": "litdata", "raydata": "ray"}
 
 
 def have(lib: str) -> bool:
@@ -102,6 +103,8 @@ def loader_iter(lib: str, src: Any, *, track: str, size: int, batch: int, worker
         return _mds_loader(src, track=track, size=size, batch=batch, workers=workers, seed=epoch)[1].__iter__()
     if lib == "litdata":
         return _lit_loader(src, track=track, size=size, batch=batch, workers=workers, seed=epoch)[1].__iter__()
+    if lib == "raydata":
+        return _ray_data(src, track=track, size=size, batch=batch, workers=workers, epoch=epoch)
     raise ValueError(f"unknown library {lib!r}")
 
 
@@ -114,6 +117,80 @@ def _wds(urls: list[str], *, track: str, size: int, batch: int, workers: int, ep
           .map(lambda s: (dec(s[0], int(s[2].rsplit("-", 1)[1])), int(s[1]))))
     dl = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, worker_init_fn=_one_thread)
     return iter(dl)
+
+
+@contextlib.contextmanager
+def ray_instance() -> Iterator[None]:
+    """A private local Ray instance (all cores, its state in a temp folder: orchestration.launch.cluster)
+    for the Ray Data runs only, shut down after them: its processes (GCS, raylet, dashboard) would
+    otherwise take CPU from the other libraries' runs."""
+    import ray
+
+    from orchestration.launch import cluster
+
+    tmp = Path(tempfile.gettempdir())
+    before = set(tmp.glob(cluster._PREFIX + "*"))
+    saved = os.environ.pop("RAY_ADDRESS", None)  # never a cluster somebody else started
+    try:
+        cluster.connect_ray(None)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        ray.data.DataContext.get_current().print_on_execution_start = False
+        ray.data.range(8, override_num_blocks=4).map_batches(lambda b: b).take_all()  # worker processes up
+        yield
+    finally:
+        ray.shutdown()
+        for folder in set(tmp.glob(cluster._PREFIX + "*")) - before:
+            cluster.end_private(folder)
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved
+
+
+def _s3_filesystem() -> Any:
+    """pyarrow's S3 filesystem on the endpoint the bench set (``AWS_ENDPOINT_URL``: the moto server)."""
+    from urllib.parse import urlparse
+
+    import pyarrow.fs
+
+    ep = urlparse(os.environ["AWS_ENDPOINT_URL"])
+    return pyarrow.fs.S3FileSystem(endpoint_override=ep.netloc, scheme=ep.scheme, region="us-east-1",
+                                   access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+                                   secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"))
+
+
+def _ray_data(paths: list[str], *, track: str, size: int, batch: int, workers: int, epoch: int) -> Iterator[Any]:
+    """Ray Data on the same tars: ``read_webdataset`` (track A: its default decoder, PIL -> numpy, then
+    torchvision v2 crop + flip; track B: raw bytes, our decoder) in Ray tasks on all cores, files
+    shuffled per epoch, a 500-sample local shuffle buffer, ``iter_torch_batches``. ``workers`` is not
+    a Ray Data knob: it schedules as many tasks as the instance has CPUs."""
+    import ray
+    from ray.data import FileShuffleConfig
+
+    dec = Decode("B", "pil", size, epoch)
+    tf: list[Any] = []
+
+    def transform(b: dict[str, Any]) -> dict[str, Any]:
+        if track == "B":
+            imgs = [dec(bytes(x), int(str(k).rsplit("-", 1)[1])) for x, k in zip(b["jpg"], b["__key__"], strict=True)]
+            labels = [int(bytes(c)) for c in b["cls"]]
+        else:
+            if not tf:
+                from torchvision.transforms import v2
+
+                tf.append(v2.Compose([v2.RandomResizedCrop(size, scale=SCALE, ratio=RATIO, antialias=True),
+                                      v2.RandomHorizontalFlip()]))
+            imgs = [tf[0](torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)) for x in b["jpg"]]  # read only
+            labels = [int(c) for c in b["cls"]]
+        return {"image": torch.stack(imgs).numpy(), "label": np.asarray(labels)}
+
+    kw: dict[str, Any] = {"filesystem": _s3_filesystem()} if paths[0].startswith("s3://") else {}
+    if kw:
+        paths = [p.removeprefix("s3://") for p in paths]
+    ds = ray.data.read_webdataset(paths, decoder=True if track == "A" else None, suffixes=["jpg", "cls"],
+                                  shuffle=FileShuffleConfig(seed=epoch), **kw)
+    ds = ds.map_batches(transform, batch_size=batch, batch_format="numpy")
+    for b in ds.iter_torch_batches(batch_size=batch, local_shuffle_buffer_size=500, local_shuffle_seed=epoch,
+                                   drop_last=True):
+        yield b["image"], b["label"]
 
 
 def _mds_loader(src: str, *, track: str, size: int, batch: int, workers: int, seed: int,
@@ -170,6 +247,9 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     batches: list[list[int]] = []
     if lib == "webdataset":
         return {"unsupported": "no resume API (no state_dict): a restart begins the epoch again"}
+    if lib == "raydata":
+        return {"unsupported": "no resume API (Ray Data's iterators have no state_dict; Ray Train resumes "
+                               "at epoch boundaries): a restart begins the epoch again"}
     if lib == "ours":
         from pipeline import DataConfig, IOConfig, SourceConfig, build_loader
         from pipeline.demo_data import decode_index

@@ -1,7 +1,8 @@
-"""Our loader against its peers (stock WebDataset, MosaicML streaming MDS, LitData): speed and resume.
+"""Our loader against its peers (stock WebDataset, MosaicML streaming MDS, LitData, Ray Data): speed and resume.
 
     make peers-venv && .venv-peers/bin/python bench/loader_peers.py      # what `make bench` runs
     .venv/bin/python bench/loader_peers.py --quick                        # ours + webdataset only, ~20 s
+    .venv/bin/python bench/loader_peers.py --only ours,raydata            # ours + Ray Data (no .venv-peers needed)
 
 The same ~500x375 photo JPEGs are written once in each library's format with the bytes
 unchanged (read back out of our shards): our shards, which are plain WebDataset tars too, an MDS
@@ -10,15 +11,21 @@ library gets the same work: random-resized crop 224 (scale 0.08-1, ratio 3/4-4/3
 ``(B, 3, 224, 224)`` out, batch 64, 2 DataLoader workers, shuffling on, one torch thread per
 worker. Two tracks:
 
-* **A**, each library's native decode path: ours (JPEG header -> crop -> DCT-scaled partial
-  decode); webdataset ``.decode("pil")``; MDS ``PIL.Image.open`` (what its ``jpeg`` column type
-  does); LitData ``torchvision.io.decode_jpeg`` (what its JPEG serializer does); the last three
-  then torchvision ``v2.RandomResizedCrop`` + ``RandomHorizontalFlip``.
+* **A**, each library's native decode path: ours (JPEG header -> crop -> region decode of the
+  crop, pipeline/_jpeg.c); webdataset ``.decode("pil")``; MDS ``PIL.Image.open`` (what its ``jpeg``
+  column type does); LitData ``torchvision.io.decode_jpeg`` (what its JPEG serializer does); Ray
+  Data ``read_webdataset``'s default decoder (PIL -> numpy); the peers then torchvision
+  ``v2.RandomResizedCrop`` + ``RandomHorizontalFlip``.
 * **B**, every library hands the raw bytes to our decoder (``pipeline.decode.decode_train``),
   which isolates the loader from the decode.
 
-Each on local disk and on S3 (a moto server started here on 127.0.0.1; MDS and LitData download
-into a fresh cache dir per round, webdataset streams ``pipe:curl``, ours ranged reads). Per
+Ray Data reads our tars with ``read_webdataset`` in Ray tasks on all cores of a private Ray
+instance (started before its runs, stopped after them; its rounds come after the others'), files
+shuffled per epoch, a 500-sample local shuffle buffer, ``iter_torch_batches``; its tasks run ahead
+of the consumer, so its comparable number is the epoch img/s column (see :data:`COLUMNS`); not in
+``--quick``. Each on local disk and on S3 (a moto server started here on 127.0.0.1; MDS and LitData
+download into a fresh cache dir per round, webdataset streams ``pipe:curl``, Ray Data reads through
+pyarrow's S3 filesystem, ours ranged reads). Per
 configuration: steady-state img/s (median over alternating rounds; from the arrival of the first
 round of batches, one per worker, to the arrival of the last batch: the same window for every
 library, shutdown excluded, see ``measure``), time to first batch, CPU-ms per image (whole epoch,
@@ -111,7 +118,7 @@ def measure(make: Callable[[], Iterator[Any]], exclude: set[int], workers: int) 
     t_start, t_last = arrivals[skip - 1][0], arrivals[-1][0]
     steady = sum(n for _, n in arrivals[skip:])
     return {"ttfb_s": arrivals[0][0] - t0, "img_s": steady / (t_last - t_start), "cpu_ms_img": 1e3 * (c1 - c0) / total,
-            "images": total, "steady_images": steady}
+            "epoch_img_s": total / (t_last - t0), "images": total, "steady_images": steady}
 
 
 #: What each column of the speed table means (printed above it and recorded in --json).
@@ -120,9 +127,14 @@ COLUMNS = {
              "time from that batch's arrival to the last batch's arrival (the same window for every library: "
              "start-up and anything after the last batch, e.g. worker shutdown, excluded); median over rounds",
     "R": "img/s divided by the decode limit (cores / decode-only seconds per image of our decoder, same run)",
+    "epoch img/s": "all images of the epoch divided by the time from creating the loader to the last batch's "
+                   "arrival (start-up included): the comparable number for Ray Data, whose tasks run ahead of "
+                   "the consumer (much of the epoch is made before its first batch arrives, so its steady "
+                   "window overstates it: shown in brackets, no R)",
     "first batch (s)": "from creating the loader to the first batch's arrival (worker start-up included)",
     "CPU-ms/img": "CPU time of this process and its workers over the whole epoch (start-up and shutdown included, "
-                  "the S3 server excluded) divided by all images of the epoch",
+                  "the S3 server excluded; for Ray Data every process of its instance) divided by all images "
+                  "of the epoch",
 }
 
 
@@ -267,13 +279,13 @@ def _maker(lib: str, track: str, where: str, data: dict[str, Any], s3: dict[str,
             with pil_decode_path():
                 yield from ours_iter(url, **kw)
         return before
-    src = (data["tars"] if lib == "webdataset" else data[lib]) if where == "local" else s3[lib]
+    src = (data["tars"] if lib in ("webdataset", "raydata") else data[lib]) if where == "local" else s3[lib]
     return lambda: peers.loader_iter(lib, src, track=track, **kw)
 
 
 def speed(a: argparse.Namespace, data: dict[str, Any], s3: dict[str, str], exclude: set[int]) -> dict[str, Any]:
     libs = ["ours"] + (["ours_before"] if a.baseline else []) + ["webdataset"] + \
-        [p for p in ("mds", "litdata") if p in data]
+        [p for p in ("mds", "litdata") if p in data] + (["raydata"] if peers.have("raydata") and not a.quick else [])
     if a.only:
         libs = [lib for lib in libs if lib in a.only.split(",") or lib == "ours_before"]
     configs = [(lib, track, where) for where in (["local"] + (["s3"] if s3 else []))
@@ -282,20 +294,35 @@ def speed(a: argparse.Namespace, data: dict[str, Any], s3: dict[str, str], exclu
     errors: dict[str, str] = {}
     torch.set_num_threads(1)
     print("columns: " + "; ".join(f"{k}: {v}" for k, v in COLUMNS.items()), flush=True)
+    # The other libraries alternate in rounds; Ray Data's rounds come after them, all in one Ray instance
+    # started before its first run (not measured: a Ray Data user has a cluster up already; its first run
+    # still pays its workers' imports, as every library's first batch does) and stopped after its last, so
+    # that Ray's processes never take CPU from the other libraries' runs.
+    plain = [c for c in configs if c[0] != "raydata"]
+    on_ray = [c for c in configs if c[0] == "raydata"]
+
+    def one(r: int, lib: str, track: str, where: str) -> None:
+        kw = {"size": a.size, "batch": a.batch, "workers": a.workers, "epoch": r}
+        make = _maker(lib, track, where, data, s3, kw)
+        try:
+            m = measure(make, exclude, a.workers)
+        except Exception as exc:  # noqa: BLE001 - a peer failing on a track is a result to write down
+            msg = str(exc).splitlines()[0][:200] if str(exc) else ""
+            errors[f"{lib}|{track}|{where}"] = f"{type(exc).__name__}: {msg}"
+            print(f"  round {r} {lib:10s} track {track} {where:5s}: FAILED {errors[f'{lib}|{track}|{where}']}")
+            return
+        runs.setdefault(f"{lib}|{track}|{where}", []).append(m)
+        print(f"  round {r} {lib:10s} track {track} {where:5s}: {m['img_s']:7.0f} img/s  first batch "
+              f"{m['ttfb_s']:5.2f} s  {m['cpu_ms_img']:5.2f} CPU-ms/img", flush=True)
+
     for r in range(a.rounds):
-        for lib, track, where in configs:
-            kw = {"size": a.size, "batch": a.batch, "workers": a.workers, "epoch": r}
-            make = _maker(lib, track, where, data, s3, kw)
-            try:
-                m = measure(make, exclude, a.workers)
-            except Exception as exc:  # noqa: BLE001 - a peer failing on a track is a result to write down
-                msg = str(exc).splitlines()[0][:200] if str(exc) else ""
-                errors[f"{lib}|{track}|{where}"] = f"{type(exc).__name__}: {msg}"
-                print(f"  round {r} {lib:10s} track {track} {where:5s}: FAILED {errors[f'{lib}|{track}|{where}']}")
-                continue
-            runs.setdefault(f"{lib}|{track}|{where}", []).append(m)
-            print(f"  round {r} {lib:10s} track {track} {where:5s}: {m['img_s']:7.0f} img/s  first batch "
-                  f"{m['ttfb_s']:5.2f} s  {m['cpu_ms_img']:5.2f} CPU-ms/img", flush=True)
+        for c in plain:
+            one(r, *c)
+    if on_ray:
+        with peers.ray_instance():
+            for r in range(a.rounds):
+                for c in on_ray:
+                    one(r, *c)
     out: dict[str, Any] = {k: {f: statistics.median(x[f] for x in v) for f in v[0]} for k, v in runs.items()}
     return out | {k: {"error": e} for k, e in errors.items() if k not in out}
 
@@ -343,6 +370,7 @@ def main() -> None:
                 s3["ours"] = upload_tree(Path(data["ours"]), "bench", "ours")
                 keys = ["ours/" + Path(t).relative_to(data["ours"]).as_posix() for t in data["tars"]]
                 s3["webdataset"] = [f"pipe:curl -s -f '{_presigned(k)}'" for k in keys]
+                s3["raydata"] = [f"s3://bench/{k}" for k in keys]  # pyarrow's S3 filesystem on the endpoint
                 for lib in ("mds", "litdata"):
                     if lib in data:
                         s3[lib] = upload_tree(Path(data[lib]), "bench", lib)
@@ -360,8 +388,8 @@ def main() -> None:
     if a.json:
         a.json.write_text(json.dumps(out, indent=1, default=str))
     best_peer = max((v["img_s"] for k, v in res.items()
-                     if k.endswith("|A|local") and not k.startswith("ours") and "img_s" in v),
-                    default=float("nan"))
+                     if k.endswith("|A|local") and not k.startswith("ours") and "img_s" in v
+                     and k.split("|")[0] not in AHEAD), default=float("nan"))
     ours = res["ours|A|local"]["img_s"]
     vs_peer = f"{ours / best_peer:.2f}x the fastest peer in track A" if best_peer == best_peer else "no peer measured"
     print(f"loader_peers: ours {ours:.0f} img/s = R {ours / limit:.2f} of the decode limit (goal >= 0.9); "
@@ -374,10 +402,11 @@ def resume_checks(root: Path, workers: int, n: int = RESUME_N,
     """Per library: same-layout resume (exact order) and a 1 -> 2 rank resume (no repeat, no loss)."""
     data = prepare(root, n, 64, index=True)
     out: dict[str, dict[str, str]] = {}
-    for lib in ["ours", "webdataset"] + [p for p in ("mds", "litdata") if p in data]:
+    for lib in ["ours", "webdataset"] + [p for p in ("mds", "litdata") if p in data] + \
+            (["raydata"] if peers.have("raydata") else []):
         if only and lib not in only:
             continue
-        src = data["tars"] if lib == "webdataset" else data[lib]
+        src = data["tars"] if lib in ("webdataset", "raydata") else data[lib]
         base = {"lib": lib, "src": src, "batch": RESUME_BATCH, "workers": workers, "cache": str(root / "cache")}
         try:
             out[lib] = _resume_one(base)
@@ -394,7 +423,7 @@ def _run_probe(spec: dict[str, Any]) -> dict[str, Any]:
 def _run_probes(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Peer probes, each in a fresh process, all at once (the ranks of one job: MDS joins them in a
     gloo process group); ours takes its rank as an argument and runs here."""
-    if specs[0]["lib"] in ("ours", "webdataset"):
+    if specs[0]["lib"] in ("ours", "webdataset", "raydata"):
         return [peers.probe(json.loads(json.dumps(s))) for s in specs]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     procs = [subprocess.Popen([sys.executable, __file__, "--probe", json.dumps(s)], stdout=subprocess.PIPE,
@@ -457,7 +486,9 @@ def machine() -> str:
             f"{torch.__version__}, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the end")
 
 
-NAMES = {"ours": "ours (vitscale)", "ours_before": "ours, PIL decode (whole image, no region decode)", "webdataset": "webdataset", "mds": "MosaicML streaming (MDS)",
+#: Libraries whose steady window overstates them: their tasks make much of the epoch before the first batch arrives.
+AHEAD = {"raydata"}
+NAMES = {"ours": "ours (vitscale)", "ours_before": "ours, PIL decode (whole image, no region decode)", "webdataset": "webdataset", "raydata": "Ray Data", "mds": "MosaicML streaming (MDS)",
          "litdata": "LitData"}
 
 
@@ -471,14 +502,16 @@ def render(out: dict[str, Any]) -> str:
                 if out.get("decode_ms_img_before") else ". ") +
              f"Libraries: {out['libraries']}.", "",
              "Columns: " + "; ".join(f"**{k}**: {v}" for k, v in COLUMNS.items()) + ".", "",
-             "| library | track | storage | img/s | R (of limit) | first batch (s) | CPU-ms/img |",
-             "|---|---|---|---|---|---|---|"]
+             "| library | track | storage | img/s | R (of limit) | epoch img/s | first batch (s) | CPU-ms/img |",
+             "|---|---|---|---|---|---|---|---|"]
     for key, m in res.items():
         lib, track, where = key.split("|")
         if "error" in m:
-            lines.append(f"| {NAMES[lib]} | {track} | {where} | failed: {m['error']} | | | |")
+            lines.append(f"| {NAMES[lib]} | {track} | {where} | failed: {m['error']} | | | | |")
             continue
-        lines.append(f"| {NAMES[lib]} | {track} | {where} | {m['img_s']:.0f} | {m['img_s'] / lim:.2f} | "
+        steady = (f"({m['img_s']:.0f})", "-") if lib in AHEAD else (f"{m['img_s']:.0f}", f"{m['img_s'] / lim:.2f}")
+        epoch = f"{m['epoch_img_s']:.0f}" if "epoch_img_s" in m else "-"
+        lines.append(f"| {NAMES[lib]} | {track} | {where} | {steady[0]} | {steady[1]} | {epoch} | "
                      f"{m['ttfb_s']:.2f} | {m['cpu_ms_img']:.2f} |")
     lines += ["", "| library | resume, same layout (own state_dict) | resume on 2 ranks from a 1-rank state |",
               "|---|---|---|"]
