@@ -197,8 +197,23 @@ EOT
 log "environment written to $ENV_FILE"
 
 # ---- Ray worker nodes (VITSCALE_RAY_WORKER_NODES) -------------------------------------------
+# Ray gives a joining raylet 30 s to register with the GCS (ray/_private/node.py) and `ray start` exits
+# when it misses that, which a loaded machine does now and then: one more try. If a node still fails,
+# stop everything this script started (the head, moto, the nodes before it) instead of leaving it running.
 for ((i = 1; i <= WORKER_NODES; i++)); do
-  VITSCALE_STATE_DIR="$STATE" PYTHON="$PY" RAY_BIN="$RAY_BIN" bash "$ROOT/infra/local/start_worker_node.sh" "$i"
+  started=0
+  for try in 1 2; do
+    if VITSCALE_STATE_DIR="$STATE" PYTHON="$PY" RAY_BIN="$RAY_BIN" bash "$ROOT/infra/local/start_worker_node.sh" "$i"; then
+      started=1
+      break
+    fi
+    if ((try == 1)); then log "worker node $i did not start; trying once more"; fi
+  done
+  if ((started == 0)); then
+    log "worker node $i did not start twice; stopping the services this script started"
+    VITSCALE_STATE_DIR="$STATE" PYTHON="$PY" bash "$ROOT/infra/local/stop_services.sh" || true
+    exit 1
+  fi
 done
 log "ready: S3 ${AWS_ENDPOINT_URL:-(AWS)}, Ray jobs http://127.0.0.1:$DASH_PORT; state (pids, logs, env.sh) in $STATE"
 env_hint
