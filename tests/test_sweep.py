@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -230,9 +231,16 @@ def _trial_runs(client: object, exp_name: str) -> dict[str, object]:
     return {r.data.tags["vitscale.trial"]: r for r in runs}
 
 
-def _last_eval_step(client: object, run: object) -> int:
-    hist = client.get_metric_history(run.info.run_id, "eval_loss")  # type: ignore[attr-defined]
-    return max((m.step for m in hist), default=0)
+def _early_checkpointed_trials(trials_root: Path) -> list[str]:
+    """Trial keys whose newest committed checkpoint is in the first half of their steps."""
+    early = []
+    for trial in trials_root.glob("*"):
+        steps = re.search(r"_s(\d+)_n", trial.name)
+        committed = [int(m.group(1)) for c in trial.glob("step*/complete.json")
+                     if (m := re.fullmatch(r"step(\d+)", c.parent.name))]
+        if steps and committed and max(committed) <= int(steps.group(1)) // 2:
+            early.append(trial.name)
+    return early
 
 
 @pytest.mark.slow
@@ -253,20 +261,24 @@ def test_scaling_sweep_on_digits_survives_interruption(tmp_path: Path, digits_sh
     client = MlflowClient(tracking_uri=uri)
     t0 = time.monotonic()
 
-    # 1. Start the study and interrupt it (Ctrl-C) once one trial finished and another is mid-run.
+    # 1. Start the study and interrupt it (Ctrl-C) once one trial finished and another is mid-run:
+    # in its first half, with a committed checkpoint, so it resumes from a step > 0. A trial's
+    # checkpoints are deleted when it finishes, so a checkpoint at step <= steps/2 on disk means
+    # that trial still has >= steps/2 to go. Polled on the file system (fast), not MLflow: a digits
+    # trial is short, and a slow poll once let the trial finish before the signal landed.
+    trials_root = tmp_path / "studies" / "digits-trials"
+    done: list[object] = []
     with (tmp_path / "first.log").open("w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         while time.monotonic() - t0 < 300 and proc.poll() is None:
-            time.sleep(1.0)
-            runs = _trial_runs(client, "sweep-test")
-            done = [r for r in runs.values() if r.info.status == "FINISHED"]
-            # a trial in its first half, so it is still running (with a checkpoint) when Tune stops
-            early = [r for r in runs.values() if r.info.status == "RUNNING" and "eval_loss" in r.data.metrics
-                     and _last_eval_step(client, r) <= int(r.data.params["trial.steps"]) // 2]
-            if done and early:
-                time.sleep(1.0)  # let it commit the checkpoint that follows its eval
+            if not done:
+                time.sleep(0.5)
+                done = [r for r in _trial_runs(client, "sweep-test").values() if r.info.status == "FINISHED"]
+                continue
+            if _early_checkpointed_trials(trials_root):
                 proc.send_signal(signal.SIGINT)
                 break
+            time.sleep(0.02)
         rc = proc.wait(timeout=120)
     first_log = (tmp_path / "first.log").read_text()
     failures = "\n".join(ln for ln in first_log.splitlines() if " failed: " in ln)[-6000:]

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -300,3 +301,29 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_the_group_init_distributed_made_is_destroyed_before_exit(tmp_path: Path) -> None:
+    """Left to the interpreter's C++ teardown, rank 0 (host of the rendezvous store) once aborted
+    after a successful run ("terminate called without an active exception", exit -6), which a job
+    runner reads as a failure. The group is destroyed by an atexit hook: a hook registered before
+    init_distributed runs after it and must find no group; one made by someone else is left alone."""
+    from conftest import spawn_ranks, wait_ranks
+
+    code = ("import atexit, sys, torch.distributed as dist\n"
+            "from training.dist import init_distributed\n"
+            "if sys.argv[1] == 'theirs':  # the owner destroys it, after the check below\n"
+            "    atexit.register(dist.destroy_process_group)\n"
+            "atexit.register(lambda: print('group at exit:', dist.is_initialized(), flush=True))\n"
+            "if sys.argv[1] == 'theirs':\n"
+            "    dist.init_process_group('gloo')\n"
+            "d = init_distributed(); dist.barrier(); print('world', d.world_size, flush=True)\n")
+    script = tmp_path / "ranks.py"
+    script.write_text(code)
+    for owner, left in (("ours", "False"), ("theirs", "True")):
+        logs = [tmp_path / f"{owner}{rank}.log" for rank in range(2)]
+        procs = spawn_ranks([str(script), owner], 2, lambda rank, logs=logs: logs[rank])
+        wait_ranks(procs, lambda rank, logs=logs: logs[rank], time.monotonic() + 180, owner)
+        for log in logs:
+            text = log.read_text()
+            assert "world 2" in text and f"group at exit: {left}" in text, text

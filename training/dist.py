@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -38,6 +40,7 @@ def free_port() -> int:
 
 #: Set ("pid:port") with the 1-process fallback's variables, which child processes inherit.
 SOLO_ENV = "VITSCALE_SOLO_DIST_PID"
+_EXIT_DRAIN_S = 0.05  # see _destroy_at_exit
 _SOLO_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -82,9 +85,33 @@ def init_distributed() -> DistInfo:
         if missing:
             raise RuntimeError(f"distributed env incomplete: {missing} not set (set all of RANK, WORLD_SIZE, "
                                f"MASTER_ADDR, MASTER_PORT, or none of them for a single process)")
+    created = not dist.is_initialized()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if created:
+        atexit.register(_destroy_at_exit)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
+
+
+def _destroy_at_exit() -> None:
+    """Tear down the group this module created, and let gloo's threads finish, before the
+    interpreter's finalization starts.
+
+    A rank sometimes aborted *after* a successful run, "terminate called without an active
+    exception" (exit -6; a job runner reads it as a failed job). The core dump: a gloo worker
+    thread freeing its last finished all-gather, whose tensor still had a Python object, asked
+    for the GIL while the interpreter was finalizing; Python ends such a thread with
+    pthread_exit, whose unwind crossed a noexcept destructor. The worker asks for the GIL right
+    after the collective completes, so a short GIL-free wait here lets it finish first. A group
+    someone else created (Ray Train) is theirs to destroy.
+    """
+    time.sleep(_EXIT_DRAIN_S)  # GIL released: threads waiting for it run now, not in finalization
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as exc:  # exiting anyway: say why, do not mask the exit status
+            print(f"vitscale: destroy_process_group at exit failed: {exc}", flush=True)
+    time.sleep(_EXIT_DRAIN_S)
 
 
 def _plain_gloo_collectives() -> None:
