@@ -84,14 +84,17 @@ def stack_uint8(samples: list[torch.Tensor], *, shared: bool = False, out: torch
 
     With ``shared=True`` the batch is allocated in shared memory, so a DataLoader worker hands
     it to the main process without another copy; uint8 is a quarter of float32's bytes. ``out``:
-    write into this ``(B, 3, S, S)`` uint8 tensor instead (a recycled shared buffer).
+    write into this ``(B, 3, S, S)`` uint8 tensor instead (a recycled shared buffer); a sample that
+    already is its row of ``out`` (decoded in place) is not copied.
     """
     c, h, w = samples[0].shape
     shape = (len(samples), c, h, w)
     if out is None:
         out = empty_shared_uint8(shape) if shared else torch.empty(shape, dtype=torch.uint8)
     for k, t in enumerate(samples):
-        out[k].copy_(t)
+        row = out[k]
+        if t.data_ptr() != row.data_ptr() or t.stride() != row.stride() or t.shape != row.shape:
+            row.copy_(t)
     return out
 
 

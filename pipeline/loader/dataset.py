@@ -40,7 +40,14 @@ from ..plan import (
 )
 from ..storage import Storage, open_storage, url_join
 from ..stream import Run, Truncated, iter_runs
-from ..transforms import make_randaugment, mix_batch, sample_transform, stack_uint8, to_float_batch
+from ..transforms import (
+    empty_shared_uint8,
+    make_randaugment,
+    mix_batch,
+    sample_transform,
+    stack_uint8,
+    to_float_batch,
+)
 from .config import DataConfig
 from .meta import Meta, ShardRows
 
@@ -70,24 +77,25 @@ class _Sample:
 Item = tuple[int, "bytes | Truncated | None", "ShardRows | None", int]
 
 
-def _in_order(source: Iterator[tuple[int, bytes | Truncated, Any, int]], emission: Iterator[int]) -> Iterator[Item]:
-    """The slot's samples in emission order (-1 = eval padding -> None) from the shard runs, which
-    arrive in read order: a small reorder buffer (a shuffle buffer's worth at most)."""
+def _item_batches(source: Iterator[tuple[int, bytes | Truncated, Any, int]], emission: Iterator[int], size: int,
+                  check: Any) -> Iterator[list[Item]]:
+    """The slot's samples in emission order (-1 = eval padding -> None), ``size`` at a time, each
+    image's bytes passed to ``check`` (the per-sample sha256) as it is taken. The shard runs arrive in
+    read order: a small reorder buffer (a shuffle buffer's worth at most). One generator for the
+    three steps: a generator stage costs ~1 us per sample, and this loop runs for every image."""
     fetched: dict[int, Item] = {}
+    batch: list[Item] = []
     for i in emission:
         if i < 0:
-            yield i, None, None, -1
-            continue
-        while i not in fetched:
-            item = next(source)
-            fetched[item[0]] = item  # type: ignore[assignment]
-        yield fetched.pop(i)
-
-
-def _batched(items: Iterator[_Sample], size: int) -> Iterator[list[_Sample]]:
-    batch: list[_Sample] = []
-    for x in items:
-        batch.append(x)
+            batch.append((i, None, None, -1))
+        else:
+            while i not in fetched:
+                item = next(source)
+                fetched[item[0]] = item  # type: ignore[assignment]
+            item = fetched.pop(i)
+            if isinstance(item[1], bytes):
+                check(*item)
+            batch.append(item)
         if len(batch) == size:
             yield batch
             batch = []
@@ -233,11 +241,16 @@ class ShardStream(IterableDataset):
         storage = open_storage(self.meta.root_url, s3=cfg.s3_settings())
         source = iter_runs(storage, self._runs(cur), locate=self._locate(storage), prefetch=cfg.io.prefetch_shards,
                            retries=cfg.io.read_retries, backoff=cfg.io.read_backoff_s)
-        samples = self._samples(self._checked(_in_order(source, cur.emission)))
         last_good: _Sample | None = None
-        for k, batch in enumerate(_batched(samples, cfg.batch_size)):
-            yield self._collate(batch, k + done, slot, last_good)
-            last_good = next((x for x in reversed(batch) if x.image is not None), last_good)
+        self._logged = 0
+        for k, items in enumerate(_item_batches(source, cur.emission, cfg.batch_size, self._verify)):
+            buf, ring_slot = self._batch_buffer(len(items))
+            # Each image is decoded straight into its row of the batch (no per-sample array, no copy).
+            batch = [self._sample(item, None if buf is None else buf[j]) for j, item in enumerate(items)]
+            yield self._collate(batch, k + done, slot, last_good, buf, ring_slot)
+            good = next((x for x in reversed(batch) if x.image is not None), None)
+            if good is not None:  # its row may be a ring slot the next batches overwrite: keep a copy
+                last_good = dataclasses.replace(good, image=good.image.clone())  # type: ignore[union-attr]
         for _ in source:  # the last run ends with its whole-shard check: let it report (no samples left)
             pass
 
@@ -250,40 +263,35 @@ class ShardStream(IterableDataset):
             torch.set_num_threads(1)
         return ((wi.id if wi is not None else 0) + self.skip) % self.plan.num_workers
 
-    def _checked(self, items: Iterator[Item]) -> Iterator[Item]:
-        """Raises IntegrityError (never a skipped sample) when bytes differ from the recorded sha256."""
-        for item in items:
-            if isinstance(item[1], bytes):
-                self._verify(*item)  # type: ignore[arg-type]
-            yield item
+    def _sample(self, item: Item, out: torch.Tensor | None) -> _Sample:
+        """A decoded sample (into ``out`` when given); a bad one carries its reason (the first
+        LOG_FIRST_BAD of a pass are logged)."""
+        i, data, rows, k = item
+        if data is None or rows is None:  # eval padding
+            return _Sample(i)
+        try:
+            return self._decode(i, data, rows, k, out)
+        except BadSample as exc:
+            shard = self.meta.shard_names[self.meta.shard_of_id(self._real(i))]
+            if self._logged < LOG_FIRST_BAD:
+                self._logged += 1
+                log.warning("skipping bad sample: shard %s key %s: %s", shard, rows.key(k), exc)
+            return _Sample(i, reason=exc.reason, shard=shard)
 
-    def _samples(self, items: Iterator[Item]) -> Iterator[_Sample]:
-        """Decoded samples; a bad one carries its reason (the first LOG_FIRST_BAD are logged)."""
-        logged = 0
-        for i, data, rows, k in items:
-            if data is None or rows is None:  # eval padding
-                yield _Sample(i)
-                continue
-            try:
-                yield self._decode(i, data, rows, k)
-            except BadSample as exc:
-                shard = self.meta.shard_names[self.meta.shard_of_id(self._real(i))]
-                if logged < LOG_FIRST_BAD:
-                    logged += 1
-                    log.warning("skipping bad sample: shard %s key %s: %s", shard, rows.key(k), exc)
-                yield _Sample(i, reason=exc.reason, shard=shard)
-
-    def _decode(self, i: int, data: bytes | Truncated, rows: ShardRows, k: int) -> _Sample:
+    def _decode(self, i: int, data: bytes | Truncated, rows: ShardRows, k: int,
+                out: torch.Tensor | None = None) -> _Sample:
         cfg = self.cfg
         if isinstance(data, Truncated):
             raise BadSample("truncated", "shard ended inside this member")
         target = self._target(rows, k)
         sseed = mix(cfg.seed, self.plan.epoch, i)  # a virtual id: every copy its own augmentation
         if cfg.train:
-            arr = decode_train(data, size=cfg.image_size, scale=cfg.augment.crop_scale, ratio=cfg.augment.crop_ratio, hflip=cfg.augment.hflip,
-                               rng=random.Random(sseed), max_pixels=cfg.io.max_image_pixels)
+            self._rng.seed(sseed)  # the state of random.Random(sseed), without a new object per sample
+            arr = decode_train(data, size=cfg.image_size, scale=cfg.augment.crop_scale, ratio=cfg.augment.crop_ratio,
+                               hflip=cfg.augment.hflip, rng=self._rng, max_pixels=cfg.io.max_image_pixels, out=out)
         else:
-            arr = decode_eval(data, size=cfg.image_size, crop_pct=cfg.preprocess.eval_crop_pct, max_pixels=cfg.io.max_image_pixels)
+            arr = decode_eval(data, size=cfg.image_size, crop_pct=cfg.preprocess.eval_crop_pct,
+                              max_pixels=cfg.io.max_image_pixels, out=out)
         erase = cfg.augment.random_erasing if cfg.train else 0.0
         return _Sample(i, image=sample_transform(arr, self._randaug, sseed, erase), target=target, mask=self._mask(i))
 
@@ -298,10 +306,34 @@ class ShardStream(IterableDataset):
         return draw_mask(m, self.cfg.image_size // m.patch_size, rng)
 
     @functools.cached_property
+    def _rng(self) -> random.Random:
+        return random.Random()
+
+    def _uint8_out(self) -> bool:
+        """Whether batches leave as uint8 images (else float32, normalised or mixed, here)."""
+        cfg = self.cfg
+        mixing = cfg.train and (cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0)
+        return (get_worker_info() is not None or cfg.output == "uint8") and not mixing
+
+    def _batch_buffer(self, n: int) -> tuple[torch.Tensor | None, int | None]:
+        """The uint8 ``(n, 3, S, S)`` batch the images are decoded into, taken before the first one is
+        decoded, and its ring slot (None: not a pool worker's ring; -1: the ring was full): a pool
+        worker's recycled shared slot (.workers.BatchRing), another worker's fresh shared buffer, the
+        main process's plain tensor. None when batches leave as float32 (made in ``_collate``)."""
+        if not self._uint8_out():
+            return None, None
+        S, wi = self.cfg.image_size, get_worker_info()
+        shape = (n, 3, S, S)
+        if wi is not None and self.ring is not None:
+            return self.ring.take(wi.id, shape)
+        return (empty_shared_uint8(shape) if wi is not None else torch.empty(shape, dtype=torch.uint8)), None
+
+    @functools.cached_property
     def _randaug(self) -> Any:
         return make_randaugment(self.cfg.augment.randaugment, self.cfg.augment.color_jitter) if self.cfg.train else None
 
-    def _collate(self, batch: list[_Sample], batch_idx: int, slot: int, last_good: _Sample | None) -> tuple:
+    def _collate(self, batch: list[_Sample], batch_idx: int, slot: int, last_good: _Sample | None,
+                 buf: torch.Tensor | None = None, ring_slot: int | None = None) -> tuple:
         cfg, S, C = self.cfg, self.cfg.image_size, self.num_classes
         imgs: list[torch.Tensor | None] = [x.image for x in batch]
         tgts: list[Any] = [x.target for x in batch]
@@ -333,20 +365,17 @@ class ShardStream(IterableDataset):
                     imgs[k] = torch.zeros(3, S, S, dtype=torch.uint8)
                     tgts[k] = np.zeros(C, np.float32) if self.multi_label else (0 if C else -1)
             stats["padded"] = sum(1 for i in ids if i < 0)
-        wi = get_worker_info()
-        in_worker = wi is not None
+        in_worker = get_worker_info() is not None
         mixing = cfg.train and (cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0)
-        if (in_worker or cfg.output == "uint8") and not mixing:
+        if buf is not None:
             # uint8 across the process boundary; Loader.__iter__ normalizes in the main process
-            # unless the consumer does it on its device (output="uint8").
-            if in_worker and self.ring is not None:  # a pool worker: a recycled buffer, sent as its slot number
-                shape = (len(imgs), 3, S, S)
-                buf, stats["ring_slot"] = self.ring.take(wi.id, shape)
-                x = stack_uint8(imgs, out=buf)  # type: ignore[arg-type]
-                if stats["ring_slot"] >= 0:  # the main process reads the slot in place (.workers.BatchRing)
-                    x, stats["ring_shape"] = None, shape
-            else:
-                x = stack_uint8(imgs, shared=in_worker)  # type: ignore[arg-type]
+            # unless the consumer does it on its device (output="uint8"). Rows decoded in place are
+            # not copied; filled, padded and transformed ones are.
+            x = stack_uint8(imgs, out=buf)  # type: ignore[arg-type]
+            if ring_slot is not None:  # a pool worker: a recycled buffer, sent as its slot number
+                stats["ring_slot"] = ring_slot
+                if ring_slot >= 0:  # the main process reads the slot in place (.workers.BatchRing)
+                    x, stats["ring_shape"] = None, tuple(buf.shape)
         else:
             x = to_float_batch(imgs, cfg.preprocess.mean, cfg.preprocess.std, shared=in_worker)  # type: ignore[arg-type]
         if self.multi_label:
