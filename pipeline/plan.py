@@ -75,6 +75,22 @@ def mix(*xs: int) -> int:
     return h
 
 
+_GOLDEN, _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def mix_last(prefix: tuple[int, ...], last: np.ndarray | list[int]) -> list[int]:
+    """``[mix(*prefix, x) for x in last]``, vectorised (numpy's uint64 arithmetic wraps mod 2**64
+    as the masks above do): ~0.1 us per value instead of ~3 us, for a batch's sample seeds."""
+    h = np.uint64(mix(*prefix))  # the running hash after the prefix (mix() of nothing: its start value)
+    v = np.asarray(last, dtype=np.int64).astype(np.uint64)  # two's complement, as int(x) & MASK64
+    with np.errstate(over="ignore"):
+        z = (h ^ v) + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        z = z ^ (z >> np.uint64(31))
+    return z.tolist()
+
+
 # ----------------------------------------------------------------------------- orders
 @dataclass(frozen=True, eq=False)
 class Order:

@@ -25,9 +25,14 @@ from .format import REWRITE_HINT, IntegrityError
 from .storage import DEFAULT_RETRIES, Storage
 
 _DONE = object()
-#: Samples per queue item (fewer once CHUNK_BYTES are read, and at the end of a run).
+#: Samples per read and queue item (fewer once CHUNK_BYTES are spanned, at a gap over BLOCK_GAP and at
+#: the end of a run): one read call, one queue operation and one thread wake-up per CHUNK_ITEMS
+#: samples; each sample is then a slice of the block (~15 us less per sample than a read each).
 CHUNK_ITEMS = 16
 CHUNK_BYTES = 4 << 20
+#: Unwanted bytes between two samples read through as part of one block (tar headers are ~1 KB);
+#: a larger gap ends the block and is skipped (``RangeReader.skip``: read through or re-ranged).
+BLOCK_GAP = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -81,32 +86,35 @@ def _read_run(storage: Storage, run: Run, locate: Callable[[Run], Run] | None, q
         end = None if digest else int(run.offsets[-1] + run.sizes[-1])
         with storage.open_range(run.shard, start, end, retries=retries, backoff=backoff) as f:
             truncated = False
-            chunk: list[tuple[int, bytes | Truncated, Any, int]] = []
-            chunk_bytes = 0
-            for i, off, size, k in zip(run.ids.tolist(), run.offsets.tolist(), run.sizes.tolist(), local.tolist(),
-                                       strict=True):
+            ids, offs, sizes, ks = run.ids.tolist(), run.offsets.tolist(), run.sizes.tolist(), local.tolist()
+            j, n = 0, len(ids)
+            while j < n:
                 if stop.is_set():
                     return
+                e, end = _block(offs, sizes, j)
+                chunk: list[tuple[int, bytes | Truncated, Any, int]] = []
                 if not truncated:
+                    base = offs[j]
                     if digest:
-                        digest.update(f.read_exact(off - f.pos))
+                        digest.update(f.read_exact(base - f.pos))
                     else:
-                        f.skip(off - f.pos)
-                    data = f.read_exact(size) if f.pos == off else b""
-                    truncated = len(data) < size
+                        f.skip(base - f.pos)
+                    block = f.read_exact(end - base) if f.pos == base else b""
                     _check_size(storage, run, f.size)
                     if digest:
-                        digest.update(data)
-                chunk.append((i, Truncated() if truncated else data, rows, k))
-                chunk_bytes += size
-                # Hand samples over in chunks: one queue operation (and thread wake-up) per
-                # CHUNK_ITEMS samples instead of per sample.
-                if len(chunk) >= CHUNK_ITEMS or chunk_bytes >= CHUNK_BYTES:
-                    if not put(chunk):
-                        return
-                    chunk, chunk_bytes = [], 0
-            if chunk and not put(chunk):
-                return
+                        digest.update(block)
+                    for t in range(j, e):
+                        lo = offs[t] - base
+                        if truncated or lo + sizes[t] > len(block):
+                            truncated = True
+                            chunk.append((ids[t], Truncated(), rows, ks[t]))
+                        else:
+                            chunk.append((ids[t], block[lo:lo + sizes[t]], rows, ks[t]))
+                else:
+                    chunk = [(ids[t], Truncated(), rows, ks[t]) for t in range(j, e)]
+                if not put(chunk):
+                    return
+                j = e
             if digest:
                 while rest := f.read(1 << 20):
                     digest.update(rest)
@@ -119,6 +127,16 @@ def _read_run(storage: Storage, run: Run, locate: Callable[[Run], Run] | None, q
         put(exc)
         return
     put(_DONE)
+
+
+def _block(offs: list[int], sizes: list[int], j: int) -> tuple[int, int]:
+    """(e, end): samples ``j..e-1`` are read as one block, bytes ``[offs[j], end)``."""
+    e, end = j + 1, offs[j] + sizes[j]
+    while e < len(offs) and e - j < CHUNK_ITEMS and 0 <= offs[e] - end <= BLOCK_GAP \
+            and offs[e] + sizes[e] - offs[j] <= CHUNK_BYTES:
+        end = offs[e] + sizes[e]
+        e += 1
+    return e, end
 
 
 def _check_size(storage: Storage, run: Run, size: int | None) -> None:

@@ -32,6 +32,7 @@ from ..plan import (
     Order,
     SlotCursor,
     mix,
+    mix_last,
     repeated_shard_start,
     resume_slot,
     shard_pieces,
@@ -246,7 +247,8 @@ class ShardStream(IterableDataset):
         for k, items in enumerate(_item_batches(source, cur.emission, cfg.batch_size, self._verify)):
             buf, ring_slot = self._batch_buffer(len(items))
             # Each image is decoded straight into its row of the batch (no per-sample array, no copy).
-            batch = [self._sample(item, None if buf is None else buf[j]) for j, item in enumerate(items)]
+            seeds = mix_last((cfg.seed, plan.epoch), [item[0] for item in items])  # a virtual id: each copy its own
+            batch = [self._sample(item, None if buf is None else buf[j], seeds[j]) for j, item in enumerate(items)]
             yield self._collate(batch, k + done, slot, last_good, buf, ring_slot)
             good = next((x for x in reversed(batch) if x.image is not None), None)
             if good is not None:  # its row may be a ring slot the next batches overwrite: keep a copy
@@ -263,14 +265,14 @@ class ShardStream(IterableDataset):
             torch.set_num_threads(1)
         return ((wi.id if wi is not None else 0) + self.skip) % self.plan.num_workers
 
-    def _sample(self, item: Item, out: torch.Tensor | None) -> _Sample:
-        """A decoded sample (into ``out`` when given); a bad one carries its reason (the first
-        LOG_FIRST_BAD of a pass are logged)."""
+    def _sample(self, item: Item, out: torch.Tensor | None, sseed: int) -> _Sample:
+        """A decoded sample (into ``out`` when given; augmentation seed ``sseed``); a bad one carries its
+        reason (the first LOG_FIRST_BAD of a pass are logged)."""
         i, data, rows, k = item
         if data is None or rows is None:  # eval padding
             return _Sample(i)
         try:
-            return self._decode(i, data, rows, k, out)
+            return self._decode(i, data, rows, k, out, sseed)
         except BadSample as exc:
             shard = self.meta.shard_names[self.meta.shard_of_id(self._real(i))]
             if self._logged < LOG_FIRST_BAD:
@@ -278,13 +280,14 @@ class ShardStream(IterableDataset):
                 log.warning("skipping bad sample: shard %s key %s: %s", shard, rows.key(k), exc)
             return _Sample(i, reason=exc.reason, shard=shard)
 
-    def _decode(self, i: int, data: bytes | Truncated, rows: ShardRows, k: int,
-                out: torch.Tensor | None = None) -> _Sample:
+    def _decode(self, i: int, data: bytes | Truncated, rows: ShardRows, k: int, out: torch.Tensor | None = None,
+                sseed: int | None = None) -> _Sample:
         cfg = self.cfg
         if isinstance(data, Truncated):
             raise BadSample("truncated", "shard ended inside this member")
         target = self._target(rows, k)
-        sseed = mix(cfg.seed, self.plan.epoch, i)  # a virtual id: every copy its own augmentation
+        if sseed is None:
+            sseed = mix(cfg.seed, self.plan.epoch, i)  # a virtual id: every copy its own augmentation
         if cfg.train:
             self._rng.seed(sseed)  # the state of random.Random(sseed), without a new object per sample
             arr = decode_train(data, size=cfg.image_size, scale=cfg.augment.crop_scale, ratio=cfg.augment.crop_ratio,
@@ -293,6 +296,8 @@ class ShardStream(IterableDataset):
             arr = decode_eval(data, size=cfg.image_size, crop_pct=cfg.preprocess.eval_crop_pct,
                               max_pixels=cfg.io.max_image_pixels, out=out)
         erase = cfg.augment.random_erasing if cfg.train else 0.0
+        if out is not None and erase == 0 and self._randaug is None:  # decoded in place, nothing to apply
+            return _Sample(i, image=out, target=target, mask=self._mask(i))
         return _Sample(i, image=sample_transform(arr, self._randaug, sseed, erase), target=target, mask=self._mask(i))
 
     def _mask(self, i: int) -> np.ndarray | None:
