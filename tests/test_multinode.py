@@ -312,9 +312,13 @@ def test_elastic_run_survives_losing_the_worker_node(cluster: dict[str, str], di
     rank and doubles accumulation (same global batch); once the shrunk group has checkpointed, the
     node comes back, the group grows to 2 again (resharded 1 -> 2) and the run finishes its steps.
     group_start_timeout_s=20: Ray's first restart asks for 2 workers on a view that still counts the
-    dead node and gives up after 20 s instead of its default 60 s."""
+    dead node and gives up after 20 s instead of its default 60 s. Micro-batch 128 (global 256): the
+    1-rank phase must outlast the node's restart and the grow decision (~35 s under this load); at
+    the recipe's 32 it ran its ~385 steps in 24 s once the loader got faster, and the run ended
+    before the node was back."""
     proc = _submit(cluster, "--data", digits_url, "--storage", cluster["VITSCALE_STORAGE"], "--workers", "1-2",
                    "--no-register", "--set", f"train.schedule.total_steps={ELASTIC_STEPS}", "--set", "train.schedule.warmup_steps=2",
+                   "--set", "train.micro_batch=128", "--set", "train.global_batch=256",
                    "--set", "train.checkpoint.every=5", "--set", f"train.eval_every={ELASTIC_STEPS}",
                    "--set", "train.log_every=5", "--set", "resources.elastic_resize_s=5", "--set", "resources.group_start_timeout_s=20")
     t0 = time.time()
