@@ -40,8 +40,9 @@ def free_port() -> int:
 
 #: Set ("pid:port") with the 1-process fallback's variables, which child processes inherit.
 SOLO_ENV = "VITSCALE_SOLO_DIST_PID"
-_EXIT_DRAIN_S = 0.05  # see _destroy_at_exit
 _SOLO_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+#: Seconds the exit hook releases the GIL for, before and after destroying the group (_destroy_at_exit).
+_EXIT_DRAIN_S = 0.05
 
 
 def _inherited_solo_vars() -> bool:

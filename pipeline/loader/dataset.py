@@ -17,7 +17,7 @@ import hashlib
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -79,7 +79,7 @@ Item = tuple[int, "bytes | Truncated | None", "ShardRows | None", int]
 
 
 def _item_batches(source: Iterator[tuple[int, bytes | Truncated, Any, int]], emission: Iterator[int], size: int,
-                  check: Any) -> Iterator[list[Item]]:
+                  check: Callable[..., None]) -> Iterator[list[Item]]:
     """The slot's samples in emission order (-1 = eval padding -> None), ``size`` at a time, each
     image's bytes passed to ``check`` (the per-sample sha256) as it is taken. The shard runs arrive in
     read order: a small reorder buffer (a shuffle buffer's worth at most). One generator for the
@@ -280,14 +280,12 @@ class ShardStream(IterableDataset):
                 log.warning("skipping bad sample: shard %s key %s: %s", shard, rows.key(k), exc)
             return _Sample(i, reason=exc.reason, shard=shard)
 
-    def _decode(self, i: int, data: bytes | Truncated, rows: ShardRows, k: int, out: torch.Tensor | None = None,
-                sseed: int | None = None) -> _Sample:
+    def _decode(self, i: int, data: bytes | Truncated, rows: ShardRows, k: int, out: torch.Tensor | None,
+                sseed: int) -> _Sample:
         cfg = self.cfg
         if isinstance(data, Truncated):
             raise BadSample("truncated", "shard ended inside this member")
         target = self._target(rows, k)
-        if sseed is None:
-            sseed = mix(cfg.seed, self.plan.epoch, i)  # a virtual id: every copy its own augmentation
         if cfg.train:
             self._rng.seed(sseed)  # the state of random.Random(sseed), without a new object per sample
             arr = decode_train(data, size=cfg.image_size, scale=cfg.augment.crop_scale, ratio=cfg.augment.crop_ratio,
@@ -314,11 +312,15 @@ class ShardStream(IterableDataset):
     def _rng(self) -> random.Random:
         return random.Random()
 
+    @functools.cached_property
+    def _mixing(self) -> bool:
+        """Whether batches are mixed (mixup / cutmix) here, which needs float32 images."""
+        aug = self.cfg.augment
+        return self.cfg.train and (aug.mixup_alpha > 0 or aug.cutmix_alpha > 0)
+
     def _uint8_out(self) -> bool:
         """Whether batches leave as uint8 images (else float32, normalised or mixed, here)."""
-        cfg = self.cfg
-        mixing = cfg.train and (cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0)
-        return (get_worker_info() is not None or cfg.output == "uint8") and not mixing
+        return (get_worker_info() is not None or self.cfg.output == "uint8") and not self._mixing
 
     def _batch_buffer(self, n: int) -> tuple[torch.Tensor | None, int | None]:
         """The uint8 ``(n, 3, S, S)`` batch the images are decoded into, taken before the first one is
@@ -371,7 +373,6 @@ class ShardStream(IterableDataset):
                     tgts[k] = np.zeros(C, np.float32) if self.multi_label else (0 if C else -1)
             stats["padded"] = sum(1 for i in ids if i < 0)
         in_worker = get_worker_info() is not None
-        mixing = cfg.train and (cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0)
         if buf is not None:
             # uint8 across the process boundary; Loader.__iter__ normalizes in the main process
             # unless the consumer does it on its device (output="uint8"). Rows decoded in place are
@@ -387,7 +388,7 @@ class ShardStream(IterableDataset):
             y = torch.from_numpy(np.stack(tgts))  # (B, C) float32 multi-hot
         else:
             y = torch.tensor(tgts, dtype=torch.int64)  # (B,)
-        if mixing:
+        if self._mixing:
             if y.dtype == torch.int64:
                 y = torch.nn.functional.one_hot(y, C).float()
             x, y = mix_batch(x, y, mixup_alpha=cfg.augment.mixup_alpha, cutmix_alpha=cfg.augment.cutmix_alpha,
